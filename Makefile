@@ -1,0 +1,43 @@
+# Two commands set up a fresh machine and run pyinf:
+#   make demo   # creates .venv, installs pyinf (CPU torch), runs the built-in demo
+#   make test   # same set-up with the dev extras, then the test suite
+# Override PYTHON to pick another interpreter (3.10+).
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+# torch is installed first and pinned so that pip never pulls a multi-GB CUDA build on
+# a CPU machine; an already present torch (a GPU image) is kept as it is.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test install install-dev bench-smoke clean
+
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q setuptools wheel "pybind11>=2.12" cmake ninja
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base pyproject.toml setup.py CMakeLists.txt
+	$(PIP) install -q --no-build-isolation -e . "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.base pyproject.toml setup.py CMakeLists.txt
+	$(PIP) install -q --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)"
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/pyinf demo
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q tests
+
+bench-smoke: $(VENV)/.installed-dev
+	$(PY) -m benchmarks.run --smoke
+
+clean:
+	rm -rf $(VENV) build *.egg-info

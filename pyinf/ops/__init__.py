@@ -1,0 +1,118 @@
+"""The kernel contract of pyinf: one function per hot op, backend-agnostic.
+
+``backend="auto"`` picks a fused backend for CUDA tensors (measured preferences first,
+then Triton, then native) and the PyTorch reference elsewhere; ``"torch"``, ``"triton"``
+and ``"native"`` force one, and raise :class:`BackendUnavailable` when it cannot run the
+call. Inputs may be fp32, bf16 or fp16 (fp64 runs on the reference only); accumulation is
+fp32, and every result is fp32 (fp64 for fp64 inputs).
+
+Shapes: acts ``[N, T, d_in]``, grads ``[N, T, d_out]``, mask ``[N, T]`` (bool or 0/1),
+q_a ``[d_in, d_in]``, q_s ``[d_out, d_out]``, lambdas ``[d_out, d_in]``,
+left ``[Q, d_out, r]``, right ``[Q, d_in, r]``, dense ``[Q, d_out, d_in]``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _checks, _preferences, _registry
+from ._registry import BACKENDS, BackendUnavailable, available_backends
+
+__all__ = [
+    "covariance",
+    "eigen_correction",
+    "self_influence",
+    "factored_scores",
+    "dense_scores",
+    "resolve_backend",
+    "available_backends",
+    "BackendUnavailable",
+    "BACKENDS",
+]
+
+
+def resolve_backend(op: str, backend: str, tensors: Sequence[Optional[torch.Tensor]], shape=None) -> str:
+    """The backend name that will run `op` on `tensors` when asked for `backend`."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown pyinf backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
+        reason = _registry.unsupported_reason(backend, op, tensors)
+        if reason is not None:
+            raise BackendUnavailable(f"pyinf.ops.{op}: backend {backend!r} cannot run this call: {reason}")
+        return backend
+    first = next(t for t in tensors if t is not None)
+    if first.device.type != "cuda" or any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return "torch"
+    candidates = list(_registry.CUDA_ORDER)
+    measured = _preferences.preferred(op, shape or {})
+    if measured is not None:
+        candidates.insert(0, measured)
+    for name in candidates:
+        if _registry.unsupported_reason(name, op, tensors) is None:
+            return name
+    return "torch"
+
+
+def _run(op: str, backend: str, tensors, shape, *args, **kwargs):
+    name = resolve_backend(op, backend, tensors, shape)
+    return getattr(_registry.load(name), op)(*args, **kwargs)
+
+
+def covariance(x: torch.Tensor, *, mask: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """``[d, d]``: sum over unmasked token rows of ``x x^T``; x is ``[N, T, d]``."""
+    _checks.check_tensor("x", x, 3, op="covariance")
+    mask = _checks.check_mask("covariance", mask, x.shape[0], x.shape[1])
+    _checks.check_same_device("covariance", x=x, mask=mask)
+    shape = dict(n=x.shape[0], t=x.shape[1], d=x.shape[2])
+    return _run("covariance", backend, (x,), shape, x, mask=mask)
+
+
+def eigen_correction(acts, grads, q_a, q_s, *, mask=None, backend: str = "auto") -> torch.Tensor:
+    """``[d_out, d_in]``: ``sum_n (Q_S^T DW_n Q_A)^2`` with ``DW_n = sum_t mask g a^T``."""
+    op = "eigen_correction"
+    _checks.check_tokens(op, acts, grads)
+    _checks.check_eigenbases(op, acts, grads, q_a, q_s)
+    mask = _checks.check_mask(op, mask, acts.shape[0], acts.shape[1])
+    _checks.check_same_device(op, acts=acts, grads=grads, q_a=q_a, q_s=q_s, mask=mask)
+    shape = dict(n=acts.shape[0], t=acts.shape[1], d_in=acts.shape[2], d_out=grads.shape[2])
+    return _run(op, backend, (acts, grads, q_a, q_s), shape, acts, grads, q_a, q_s, mask=mask)
+
+
+def self_influence(acts, grads, q_a, q_s, lambdas, damping, *, mask=None, backend: str = "auto") -> torch.Tensor:
+    """``[N]``: ``sum_ij (Q_S^T DW_n Q_A)[i,j]^2 / (lambdas[i,j] + damping)``."""
+    op = "self_influence"
+    _checks.check_tokens(op, acts, grads)
+    _checks.check_eigenbases(op, acts, grads, q_a, q_s)
+    damping = _checks.check_lambdas(op, lambdas, damping, grads.shape[-1], acts.shape[-1])
+    mask = _checks.check_mask(op, mask, acts.shape[0], acts.shape[1])
+    _checks.check_same_device(op, acts=acts, grads=grads, q_a=q_a, q_s=q_s, lambdas=lambdas, mask=mask)
+    shape = dict(n=acts.shape[0], t=acts.shape[1], d_in=acts.shape[2], d_out=grads.shape[2])
+    return _run(op, backend, (acts, grads, q_a, q_s, lambdas), shape, acts, grads, q_a, q_s, lambdas, damping, mask=mask)
+
+
+def factored_scores(acts, grads, left, right, *, mask=None, per_token: bool = False, backend: str = "auto"):
+    """``[N, Q]`` (``[N, T, Q]`` when per_token):
+    ``sum_t mask[n,t] sum_k (grads[n,t] . left[q,:,k]) (acts[n,t] . right[q,:,k])``."""
+    op = "factored_scores"
+    _checks.check_tokens(op, acts, grads)
+    _checks.check_query_factors(op, acts, grads, left, right)
+    mask = _checks.check_mask(op, mask, acts.shape[0], acts.shape[1])
+    _checks.check_same_device(op, acts=acts, grads=grads, left=left, right=right, mask=mask)
+    shape = dict(n=acts.shape[0], t=acts.shape[1], d_in=acts.shape[2], d_out=grads.shape[2],
+                 q=left.shape[0], r=left.shape[2], per_token=int(per_token))
+    return _run(op, backend, (acts, grads, left, right), shape, acts, grads, left, right,
+                mask=mask, per_token=per_token)
+
+
+def dense_scores(acts, grads, dense, *, mask=None, per_token: bool = False, backend: str = "auto"):
+    """``[N, Q]`` (``[N, T, Q]``): ``<P_q, DW_n>`` against full-rank query matrices
+    ``dense [Q, d_out, d_in]``; the route for ``rank=None`` and for layers where the
+    factored form costs more (see :func:`pyinf.scoring.prefer_dense`)."""
+    op = "dense_scores"
+    _checks.check_tokens(op, acts, grads)
+    _checks.check_dense_queries(op, acts, grads, dense)
+    mask = _checks.check_mask(op, mask, acts.shape[0], acts.shape[1])
+    _checks.check_same_device(op, acts=acts, grads=grads, dense=dense, mask=mask)
+    shape = dict(n=acts.shape[0], t=acts.shape[1], d_in=acts.shape[2], d_out=grads.shape[2], q=dense.shape[0])
+    return _run(op, backend, (acts, grads, dense), shape, acts, grads, dense, mask=mask, per_token=per_token)

@@ -1,0 +1,74 @@
+"""Backend registry for :mod:`pyinf.ops`.
+
+A backend is a module that defines the op functions under their op names (same
+signatures as :mod:`pyinf.ops.reference`, inputs already validated, mask a bool tensor
+or None) and, optionally, ``unsupported_reason(op, tensors) -> str | None`` saying why it
+cannot run a given call (wrong device, dtype, ...). A backend that fails to import is
+unavailable; asking for it by name raises with the import error, while ``"auto"`` falls
+back to the next candidate.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Dict, Optional, Sequence
+
+import torch
+
+BACKENDS: Dict[str, str] = {
+    "torch": "pyinf.ops.reference",
+    "triton": "pyinf.ops._triton",
+    "native": "pyinf.ops._native",
+}
+
+# Order in which "auto" tries backends on a CUDA device when no measured preference
+# (pyinf.ops._preferences) covers the call. The torch reference always works.
+CUDA_ORDER: Sequence[str] = ("triton", "native", "torch")
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when a backend asked for by name cannot run the call."""
+
+
+_loaded: Dict[str, ModuleType] = {}
+_failures: Dict[str, str] = {}
+
+
+def load(name: str) -> ModuleType:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown pyinf backend {name!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    if name in _loaded:
+        return _loaded[name]
+    if name in _failures:
+        raise BackendUnavailable(_failures[name])
+    try:
+        module = importlib.import_module(BACKENDS[name])
+    except Exception as exc:  # ImportError, or a broken toolchain raising at import
+        _failures[name] = f"pyinf backend {name!r} is not available: {type(exc).__name__}: {exc}"
+        raise BackendUnavailable(_failures[name]) from exc
+    _loaded[name] = module
+    return module
+
+
+def unsupported_reason(name: str, op: str, tensors: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
+    """None when backend `name` can run `op` on these tensors, else why not."""
+    try:
+        module = load(name)
+    except BackendUnavailable as exc:
+        return str(exc)
+    if not hasattr(module, op):
+        return f"pyinf backend {name!r} does not implement {op!r}"
+    check = getattr(module, "unsupported_reason", None)
+    return check(op, [t for t in tensors if t is not None]) if check is not None else None
+
+
+def available_backends() -> Dict[str, Optional[str]]:
+    """Each backend's name -> None if it imports, else the reason it does not."""
+    out = {}
+    for name in BACKENDS:
+        try:
+            load(name)
+            out[name] = None
+        except BackendUnavailable as exc:
+            out[name] = str(exc)
+    return out
