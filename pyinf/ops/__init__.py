@@ -25,6 +25,7 @@ __all__ = [
     "self_influence",
     "factored_scores",
     "dense_scores",
+    "factored_scores_grouped",
     "resolve_backend",
     "available_backends",
     "BackendUnavailable",
@@ -116,3 +117,32 @@ def dense_scores(acts, grads, dense, *, mask=None, per_token: bool = False, back
     _checks.check_same_device(op, acts=acts, grads=grads, dense=dense, mask=mask)
     shape = dict(n=acts.shape[0], t=acts.shape[1], d_in=acts.shape[2], d_out=grads.shape[2], q=dense.shape[0])
     return _run(op, backend, (acts, grads, dense), shape, acts, grads, dense, mask=mask, per_token=per_token)
+
+
+def factored_scores_grouped(problems, *, per_token: bool = False, backend: str = "auto"):
+    """Several layers' factored scores in one call: ``problems`` is a sequence of dicts
+    with keys ``acts, grads, left, right`` and optionally ``mask`` (same meaning as
+    :func:`factored_scores`; sizes may differ between problems, N and Q may not). Returns the
+    list of per-problem results. A fused backend scores all of them in one launch, so small
+    layers (GPT-2 sized) do not pay one launch each."""
+    op = "factored_scores_grouped"
+    if len(problems) == 0:
+        return []
+    checked = []
+    for i, p in enumerate(problems):
+        try:
+            acts, grads, left, right = p["acts"], p["grads"], p["left"], p["right"]
+        except KeyError as exc:
+            raise ValueError(f"pyinf.ops.{op}: problem {i} lacks key {exc}") from None
+        _checks.check_tokens(f"{op}[{i}]", acts, grads)
+        _checks.check_query_factors(f"{op}[{i}]", acts, grads, left, right)
+        mask = _checks.check_mask(f"{op}[{i}]", p.get("mask"), acts.shape[0], acts.shape[1])
+        _checks.check_same_device(f"{op}[{i}]", acts=acts, grads=grads, left=left, right=right, mask=mask)
+        checked.append(dict(acts=acts, grads=grads, left=left, right=right, mask=mask))
+    n, q = checked[0]["acts"].shape[0], checked[0]["left"].shape[0]
+    for i, p in enumerate(checked):
+        if p["acts"].shape[0] != n or p["left"].shape[0] != q:
+            raise ValueError(f"pyinf.ops.{op}: all problems must share N={n} and Q={q}; problem {i} has "
+                             f"N={p['acts'].shape[0]}, Q={p['left'].shape[0]}")
+    tensors = [t for p in checked for t in (p["acts"], p["grads"], p["left"], p["right"])]
+    return _run(op, backend, tensors, dict(groups=len(checked), n=n, q=q), checked, per_token=per_token)

@@ -47,8 +47,9 @@ def covariance(x: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch
 def _rotated_doc_gradients(acts, grads, q_a, q_s, mask, dtype, sl):
     """(Q_S^T DW_n Q_A) for the documents in `sl`: rotate tokens first (T d^2 work),
     then one batched outer product per document."""
-    a = _masked(acts[sl], None if mask is None else mask[sl], dtype) @ q_a.to(dtype)
-    g = grads[sl].to(dtype) @ q_s.to(dtype)
+    m = None if mask is None else mask[sl]
+    a = _masked(acts[sl], m, dtype) @ q_a.to(dtype)
+    g = _masked(grads[sl], m, dtype) @ q_s.to(dtype)
     return g.transpose(1, 2) @ a  # [n, d_out, d_in]
 
 
@@ -115,3 +116,8 @@ def dense_scores(acts, grads, dense, *, mask=None, per_token=False) -> torch.Ten
         dw = _masked(grads[sl], m, dtype).transpose(1, 2) @ _masked(acts[sl], m, dtype)
         out[sl] = dw.reshape(dw.shape[0], -1) @ p_flat.T
     return out
+
+
+def factored_scores_grouped(problems, *, per_token=False):
+    return [factored_scores(p["acts"], p["grads"], p["left"], p["right"], mask=p["mask"], per_token=per_token)
+            for p in problems]

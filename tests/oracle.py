@@ -1,0 +1,62 @@
+"""Float64 oracles for the ops contract, written from the math in DESIGN.md section 1
+and independent of pyinf's own code: per-document gradients are built explicitly."""
+import torch
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), "result has NaN or Inf"
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+# DESIGN.md section 5: fp32 well under 1e-4, tf32 near 3e-4, bf16/fp16 inputs under 1e-2.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-10}
+
+
+def _mask64(mask, n, t):
+    if mask is None:
+        return torch.ones(n, t, dtype=torch.float64)
+    return (mask.cpu() != 0).double()
+
+
+def doc_gradients(acts, grads, mask=None):
+    """DW[n] = sum_t mask[n,t] g[n,t] a[n,t]^T, float64, [N, d_out, d_in]."""
+    a, g = acts.double().cpu(), grads.double().cpu()
+    m = _mask64(mask, a.shape[0], a.shape[1])
+    return torch.einsum("nt,nto,nti->noi", m, g, a)
+
+
+def covariance(x, mask=None):
+    x64 = x.double().cpu()
+    m = _mask64(mask, x.shape[0], x.shape[1])
+    return torch.einsum("nt,nti,ntj->ij", m, x64, x64)
+
+
+def eigen_correction(acts, grads, q_a, q_s, mask=None):
+    dw = doc_gradients(acts, grads, mask)
+    rot = q_s.double().cpu().T @ dw @ q_a.double().cpu()
+    return rot.square().sum(0)
+
+
+def self_influence(acts, grads, q_a, q_s, lambdas, damping, mask=None):
+    dw = doc_gradients(acts, grads, mask)
+    rot = q_s.double().cpu().T @ dw @ q_a.double().cpu()
+    return (rot.square() / (lambdas.double().cpu() + damping)).sum((1, 2))
+
+
+def factored_scores(acts, grads, left, right, mask=None, per_token=False):
+    a, g = acts.double().cpu(), grads.double().cpu()
+    m = _mask64(mask, a.shape[0], a.shape[1])
+    gl = torch.einsum("nto,qok->ntqk", g, left.double().cpu())
+    ar = torch.einsum("nti,qik->ntqk", a, right.double().cpu())
+    per_tok = (gl * ar).sum(-1) * m.unsqueeze(-1)
+    return per_tok if per_token else per_tok.sum(1)
+
+
+def dense_scores(acts, grads, dense, mask=None, per_token=False):
+    a, g = acts.double().cpu(), grads.double().cpu()
+    m = _mask64(mask, a.shape[0], a.shape[1])
+    per_tok = torch.einsum("nto,qoi,nti->ntq", g, dense.double().cpu(), a) * m.unsqueeze(-1)
+    return per_tok if per_token else per_tok.sum(1)

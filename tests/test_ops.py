@@ -1,0 +1,216 @@
+"""Every op of pyinf.ops, on every backend that can run here, against the float64 oracle:
+fresh random inputs each run, odd sizes, masks (a fully masked document included), T=1,
+Q*r not a multiple of any block size, fp32 / bf16 / fp16 inputs."""
+import pytest
+import torch
+
+import pyinf.ops as ops
+from pyinf.ops import _registry
+
+from . import oracle
+
+
+def _backend_params():
+    params = []
+    for name in ops.BACKENDS:
+        devices = ["cpu"] if name != "triton" else []
+        if torch.cuda.is_available() and name != "torch":
+            devices.append("cuda")
+        if name == "triton" and not torch.cuda.is_available():
+            devices.append("cpu")  # Triton's interpreter (TRITON_INTERPRET=1, set in conftest)
+        for dev in devices:
+            params.append(pytest.param((name, dev), id=f"{name}-{dev}"))
+    return params
+
+
+BACKEND_PARAMS = _backend_params()
+
+# (N, T, d_in, d_out, Q, r): odd sizes, T=1, a single document, Q*r off any block multiple.
+SHAPES = [
+    (3, 7, 13, 11, 3, 5),
+    (1, 1, 9, 6, 2, 3),
+    (4, 33, 20, 17, 5, 7),
+    (2, 5, 1, 3, 1, 1),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _skip_unless_runs(backend, device, op, tensors):
+    reason = _registry.unsupported_reason(backend, op, tensors)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _orthonormal(d, device):
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    return q.float().to(device)
+
+
+def _mask(n, t, kind, device):
+    if kind == "none":
+        return None
+    m = torch.rand(n, t) > 0.35
+    if n > 1:
+        m[-1] = False  # a document that is all padding
+    m[0, 0] = True
+    return (m if kind == "bool" else m.to(torch.int64)).to(device)
+
+
+def _inputs(shape, dtype, device):
+    n, t, d_in, d_out, q, r = shape
+    acts = torch.randn(n, t, d_in).to(dtype).to(device)
+    grads = torch.randn(n, t, d_out).to(dtype).to(device)
+    return acts, grads
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "int"])
+def test_covariance(backend_device, shape, dtype, mask_kind):
+    backend, device = backend_device
+    acts, _ = _inputs(shape, dtype, device)
+    mask = _mask(shape[0], shape[1], mask_kind, device)
+    _skip_unless_runs(backend, device, "covariance", [acts])
+    out = ops.covariance(acts, mask=mask, backend=backend)
+    assert out.dtype == torch.float32 and out.device.type == device
+    assert oracle.rel_err(out, oracle.covariance(acts, mask)) < oracle.TOLERANCE[dtype]
+    assert torch.allclose(out, out.T), "covariance must be exactly symmetric"
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["none", "bool"])
+def test_eigen_correction(backend_device, shape, dtype, mask_kind):
+    backend, device = backend_device
+    acts, grads = _inputs(shape, dtype, device)
+    q_a, q_s = _orthonormal(shape[2], device), _orthonormal(shape[3], device)
+    mask = _mask(shape[0], shape[1], mask_kind, device)
+    _skip_unless_runs(backend, device, "eigen_correction", [acts, grads, q_a, q_s])
+    out = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == (shape[3], shape[2])
+    assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask)) < oracle.TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["none", "bool"])
+def test_self_influence(backend_device, shape, dtype, mask_kind):
+    backend, device = backend_device
+    acts, grads = _inputs(shape, dtype, device)
+    q_a, q_s = _orthonormal(shape[2], device), _orthonormal(shape[3], device)
+    lambdas = torch.rand(shape[3], shape[2]).to(device) * 3
+    damping = 0.1 + torch.rand(()).item()
+    mask = _mask(shape[0], shape[1], mask_kind, device)
+    _skip_unless_runs(backend, device, "self_influence", [acts, grads, q_a, q_s, lambdas])
+    out = ops.self_influence(acts, grads, q_a, q_s, lambdas, damping, mask=mask, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == (shape[0],)
+    ref = oracle.self_influence(acts, grads, q_a, q_s, lambdas, damping, mask)
+    assert oracle.rel_err(out, ref) < oracle.TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "int"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_factored_scores(backend_device, shape, dtype, mask_kind, per_token):
+    backend, device = backend_device
+    n, t, d_in, d_out, q, r = shape
+    acts, grads = _inputs(shape, dtype, device)
+    left = torch.randn(q, d_out, r).to(dtype).to(device)
+    right = torch.randn(q, d_in, r).to(dtype).to(device)
+    mask = _mask(n, t, mask_kind, device)
+    _skip_unless_runs(backend, device, "factored_scores", [acts, grads, left, right])
+    out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == ((n, t, q) if per_token else (n, q))
+    ref = oracle.factored_scores(acts, grads, left, right, mask, per_token)
+    assert oracle.rel_err(out, ref) < oracle.TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+@pytest.mark.parametrize("per_token", [False, True])
+def test_factored_scores_grouped(backend_device, per_token):
+    backend, device = backend_device
+    n, q = 3, 4
+    problems = []
+    for (t, d_in, d_out, r) in [(5, 9, 12, 3), (5, 16, 7, 3), (5, 4, 4, 3)]:
+        acts, grads = torch.randn(n, t, d_in, device=device), torch.randn(n, t, d_out, device=device)
+        problems.append(dict(acts=acts, grads=grads, left=torch.randn(q, d_out, r, device=device),
+                             right=torch.randn(q, d_in, r, device=device), mask=_mask(n, t, "bool", device)))
+    tensors = [p[k] for p in problems for k in ("acts", "grads", "left", "right")]
+    _skip_unless_runs(backend, device, "factored_scores_grouped", tensors)
+    outs = ops.factored_scores_grouped(problems, per_token=per_token, backend=backend)
+    for p, out in zip(problems, outs):
+        ref = oracle.factored_scores(p["acts"], p["grads"], p["left"], p["right"], p["mask"], per_token)
+        assert oracle.rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_scores(backend_device, per_token, dtype):
+    backend, device = backend_device
+    n, t, d_in, d_out, q = 3, 6, 10, 7, 4
+    acts, grads = _inputs((n, t, d_in, d_out, q, 1), dtype, device)
+    dense = torch.randn(q, d_out, d_in).to(dtype).to(device)
+    mask = _mask(n, t, "bool", device)
+    _skip_unless_runs(backend, device, "dense_scores", [acts, grads, dense])
+    out = ops.dense_scores(acts, grads, dense, mask=mask, per_token=per_token, backend=backend)
+    assert oracle.rel_err(out, oracle.dense_scores(acts, grads, dense, mask, per_token)) < oracle.TOLERANCE[dtype]
+
+
+def test_fp64_stays_exact_on_reference():
+    acts, grads = torch.randn(2, 5, 6, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    left, right = torch.randn(3, 4, 2, dtype=torch.float64), torch.randn(3, 6, 2, dtype=torch.float64)
+    out = ops.factored_scores(acts, grads, left, right)
+    assert out.dtype == torch.float64
+    assert oracle.rel_err(out, oracle.factored_scores(acts, grads, left, right)) < 1e-12
+
+
+def test_padding_garbage_never_leaks():
+    """NaN/Inf in masked-out rows must not reach a result."""
+    acts, grads = torch.randn(2, 4, 5), torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    acts[~mask] = float("nan")
+    grads[~mask] = float("inf")
+    q_a, q_s = _orthonormal(5, "cpu"), _orthonormal(3, "cpu")
+    assert torch.isfinite(ops.covariance(acts, mask=mask)).all()
+    assert torch.isfinite(ops.eigen_correction(acts, grads, q_a, q_s, mask=mask)).all()
+    left, right = torch.randn(2, 3, 2), torch.randn(2, 5, 2)
+    assert torch.isfinite(ops.factored_scores(acts, grads, left, right, mask=mask, per_token=True)).all()
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: ops.covariance(torch.randn(3, 4)), "'x' must have 3 dimensions"),
+        (lambda: ops.covariance(torch.randn(2, 3, 4, dtype=torch.float64).long()), "'x' must be float32"),
+        (lambda: ops.covariance(torch.randn(2, 3, 4), mask=torch.ones(2, 4)), "'mask' must have shape"),
+        (lambda: ops.factored_scores(torch.randn(2, 3, 4), torch.randn(2, 5, 6), torch.randn(1, 6, 2),
+                                     torch.randn(1, 4, 2)), "must share [N, T]"),
+        (lambda: ops.factored_scores(torch.randn(2, 3, 4), torch.randn(2, 3, 6), torch.randn(1, 5, 2),
+                                     torch.randn(1, 4, 2)), "'left' must be [Q, d_out=6, r]"),
+        (lambda: ops.factored_scores(torch.randn(2, 3, 4), torch.randn(2, 3, 6), torch.randn(1, 6, 2),
+                                     torch.randn(2, 4, 2)), "must share Q and r"),
+        (lambda: ops.eigen_correction(torch.randn(2, 3, 4), torch.randn(2, 3, 6), torch.eye(5), torch.eye(6)),
+         "'q_a' must be [d_in, d_in]"),
+        (lambda: ops.self_influence(torch.randn(2, 3, 4), torch.randn(2, 3, 6), torch.eye(4), torch.eye(6),
+                                    torch.rand(6, 4), -1.0), "'damping' must be a non-negative number"),
+        (lambda: ops.covariance(torch.randn(2, 3, 4), backend="cuda-magic"), "unknown pyinf backend"),
+    ],
+)
+def test_bad_input_is_named(call, message):
+    with pytest.raises((ValueError, TypeError)) as info:
+        call()
+    assert message in str(info.value)
+
+
+def test_explicit_unavailable_backend_raises():
+    x = torch.randn(2, 3, 4)
+    for name in ("triton", "native"):
+        if _registry.unsupported_reason(name, "covariance", [x]) is not None:
+            with pytest.raises(ops.BackendUnavailable, match=name):
+                ops.covariance(x, backend=name)
