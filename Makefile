@@ -25,6 +25,9 @@ $(VENV)/.installed: $(VENV)/.base pyproject.toml setup.py CMakeLists.txt
 
 $(VENV)/.installed-dev: $(VENV)/.base pyproject.toml setup.py CMakeLists.txt
 	$(PIP) install -q --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)"
+	# kronfluence declares torchvision, but PyPI's torchvision does not load beside the CPU
+	# torch wheel and then breaks `import transformers`; kronfluence never imports it.
+	$(PIP) uninstall -q -y torchvision
 	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed

@@ -1,4 +1,17 @@
-"""pyinf: EK-FAC influence functions with fused kernels."""
-from . import ops
+"""pyinf: EK-FAC influence functions with fused kernels.
 
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask())
+    factors = engine.fit_factors(train_data)
+    queries = engine.prepare_queries(query_data, factors, rank=32)
+    scores = engine.pairwise_scores(train_data, queries)   # [n_train, n_query]
+"""
 __version__ = "0.1.0"
+
+from . import ops
+from .engine import InfluenceEngine
+from .factors import Factors
+from .queries import Queries
+from .storage import CorruptFileError
+from .task import CausalLMTask, Task, pad_collate
+
+__all__ = ["InfluenceEngine", "Task", "CausalLMTask", "Factors", "Queries", "CorruptFileError", "pad_collate", "ops"]

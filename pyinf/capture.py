@@ -1,0 +1,222 @@
+"""Capture of each tracked layer's inputs and output gradients, per batch, without ever
+computing a weight gradient.
+
+While a :class:`Capture` is active:
+
+- every parameter of the model has ``requires_grad=False``, so autograd builds no weight
+  gradient and does no backward work below the lowest tracked layer;
+- each tracked ``nn.Linear`` / ``Conv1D`` runs through :class:`_TrackedLinear`, whose output
+  requires grad through a shared zero-size "anchor" leaf, and whose backward computes only
+  the input gradient (when something below needs it) and hands ``(acts, grads)`` of the
+  layer to a consumer, then lets them go;
+- a Linear subclass with its own ``forward`` keeps it, and is wrapped in an identity
+  function that does the same hand-off.
+
+Activations reach the consumer as ``[B, T, d_in]`` (with a trailing ones column when the
+bias is tracked) and gradients as ``[B, T, d_out]``, in the model's dtype.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import ModuleSpec
+
+# consumer(spec, acts [B,T,d_in], grads [B,T,d_out], mask [B,T] bool or None)
+Consumer = Callable[[ModuleSpec, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], None]
+
+
+class CaptureError(RuntimeError):
+    pass
+
+
+class _Site:
+    """Per tracked module state for one batch."""
+
+    def __init__(self, capture: "Capture", spec: ModuleSpec):
+        self.capture = capture
+        self.spec = spec
+        self.calls = 0
+
+    def on_forward(self) -> None:
+        self.calls += 1
+        if self.calls > 1:
+            raise CaptureError(
+                f"module {self.spec.name!r} ran {self.calls} times in one forward pass (shared or recurrent "
+                f"weights); pyinf needs each tracked layer to run once per batch"
+            )
+
+    def on_backward(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        self.capture._deliver(self.spec, x, grad_out)
+
+
+class _TrackedLinear(torch.autograd.Function):
+    """``y = x W^T + b`` whose backward returns only the input gradient and hands the layer's
+    input and output gradient to the capture site."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, anchor, site):
+        del anchor  # only there to make the output require grad
+        ctx.site = site
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        ctx.site.on_backward(x, grad_out)
+        return grad_x, None, None, None, None
+
+
+class _TrackedIdentity(torch.autograd.Function):
+    """Identity on a custom layer's output; backward hands the layer's saved input and the
+    output gradient to the capture site."""
+
+    @staticmethod
+    def forward(ctx, out, anchor, x, site):
+        del anchor
+        ctx.site = site
+        ctx.save_for_backward(x)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        ctx.site.on_backward(x, grad_out)
+        return grad_out, None, None, None
+
+
+def _stock_forward(module: nn.Module) -> bool:
+    """True when the layer computes exactly a stock Linear or Conv1D, so its forward can be
+    replaced by :class:`_TrackedLinear` without changing what it computes."""
+    cls = type(module)
+    if cls.__name__ == "Conv1D":
+        return True
+    return cls.forward is nn.Linear.forward
+
+
+def _linear_forward(module, site, anchor, x):
+    site.on_forward()
+    if site.spec.transposed:  # Conv1D stores W as [d_in, d_out]
+        return _TrackedLinear.apply(x, module.weight.t(), module.bias, anchor, site)
+    return _TrackedLinear.apply(x, module.weight, module.bias, anchor, site)
+
+
+class Capture:
+    """Context manager that tracks ``modules`` of ``model`` and sends each batch's per-layer
+    activations and output gradients to ``consumer`` during ``loss.backward()``.
+
+    Call :meth:`begin_batch` before each forward with the batch's mask ``[B, T]`` (or None)
+    and the number of documents in it; after backward call :meth:`end_batch`, which raises
+    if a tracked gradient was NaN/Inf (naming module and batch).
+    """
+
+    def __init__(self, model: nn.Module, modules: Dict[str, nn.Module], specs: Dict[str, ModuleSpec],
+                 consumer: Consumer, *, check_finite: bool = True):
+        self.model = model
+        self.modules = modules
+        self.specs = specs
+        self.consumer = consumer
+        self.check_finite = check_finite
+        self.sites = {name: _Site(self, specs[name]) for name in modules}
+        self._saved_requires_grad: Dict[nn.Parameter, bool] = {}
+        self._saved_forward: Dict[str, object] = {}
+        self._handles: List[object] = []
+        self._mask: Optional[torch.Tensor] = None
+        self._n_docs = 0
+        self._batch_index = -1
+        self._nonfinite: List[tuple] = []
+        self.anchor: Optional[torch.Tensor] = None
+
+    # -- installation -------------------------------------------------------------------
+    def __enter__(self) -> "Capture":
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        self.anchor = torch.zeros((), device=device, requires_grad=True)
+        for p in self.model.parameters():
+            self._saved_requires_grad[p] = p.requires_grad
+            p.requires_grad_(False)
+        try:
+            for name, module in self.modules.items():
+                site = self.sites[name]
+                if _stock_forward(module):
+                    if "forward" in module.__dict__:
+                        self._saved_forward[name] = module.__dict__["forward"]
+                    module.forward = functools.partial(_linear_forward, module, site, self.anchor)
+                else:
+                    self._handles.append(module.register_forward_hook(
+                        functools.partial(self._identity_hook, site), with_kwargs=True))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _identity_hook(self, site, module, args, kwargs, output):
+        site.on_forward()
+        x = args[0] if args else next(iter(kwargs.values()))
+        if not isinstance(output, torch.Tensor):
+            raise CaptureError(f"module {site.spec.name!r} returned {type(output).__name__}, not a tensor")
+        return _TrackedIdentity.apply(output, self.anchor, x.detach(), site)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for name, module in self.modules.items():
+            if name in self._saved_forward:
+                module.forward = self._saved_forward.pop(name)
+            else:
+                module.__dict__.pop("forward", None)
+        for p, flag in self._saved_requires_grad.items():
+            p.requires_grad_(flag)
+        self._saved_requires_grad.clear()
+
+    # -- per batch ----------------------------------------------------------------------
+    def begin_batch(self, batch_index: int, n_docs: int, mask: Optional[torch.Tensor]) -> None:
+        self._batch_index = batch_index
+        self._n_docs = n_docs
+        self._mask = None if mask is None else (mask != 0)
+        self._nonfinite.clear()
+        for site in self.sites.values():
+            site.calls = 0
+
+    def end_batch(self) -> None:
+        for name, flag in self._nonfinite:
+            if bool(flag):
+                raise FloatingPointError(
+                    f"NaN or Inf in the output gradient of module {name!r} in batch {self._batch_index}"
+                )
+
+    def _as_tokens(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] view of a layer's input or output gradient."""
+        b = self._n_docs
+        if t.dim() >= 3 and t.shape[0] == b:
+            return t.reshape(b, -1, t.shape[-1])
+        if t.dim() == 2 and t.shape[0] == b:
+            return t.unsqueeze(1)
+        if t.dim() >= 2 and t[..., 0].numel() % b == 0:
+            # Models that flatten batch and sequence before a layer ([B*T, d]), batch-major.
+            return t.reshape(b, -1, t.shape[-1])
+        raise CaptureError(
+            f"module {name!r}: cannot split a tensor of shape {tuple(t.shape)} into the batch's {b} documents"
+        )
+
+    def _deliver(self, spec: ModuleSpec, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        acts = self._as_tokens(spec.name, x.detach())
+        grads = self._as_tokens(spec.name, grad_out.detach())
+        if acts.shape[1] != grads.shape[1]:
+            raise CaptureError(f"module {spec.name!r}: input has {acts.shape[1]} token rows but the output "
+                               f"gradient has {grads.shape[1]}")
+        if self.check_finite:
+            self._nonfinite.append((spec.name, ~torch.isfinite(grads).all()))
+        if spec.has_bias:
+            acts = torch.cat([acts, acts.new_ones(acts.shape[:-1] + (1,))], dim=-1)
+        mask = self._mask
+        if mask is not None and tuple(mask.shape) != tuple(acts.shape[:2]):
+            mask = None  # a layer that does not run per token (e.g. on pooled features)
+        self.consumer(spec, acts, grads, mask)

@@ -1,0 +1,72 @@
+"""Turning what the user passes (a Dataset or a DataLoader) into batches on the model's
+device, in a fixed order, with the number of documents in each."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
+from torch.utils.data.dataloader import default_collate
+
+
+def make_loader(data: Any, *, batch_size: int, collate_fn: Optional[Callable] = None,
+                max_examples: Optional[int] = None, what: str = "dataset") -> DataLoader:
+    if isinstance(data, DataLoader):
+        if max_examples is not None:
+            raise ValueError(f"max_examples cannot limit a DataLoader; pass the {what} as a Dataset")
+        if not isinstance(data.sampler, SequentialSampler) and data.batch_sampler is not None:
+            warnings.warn(f"the {what} DataLoader does not iterate in order; scores follow its order")
+        _check_not_empty(data.dataset, what)
+        return data
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise TypeError(f"the {what} must be a torch Dataset (with __len__ and __getitem__) or a DataLoader, "
+                        f"got {type(data).__name__}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_not_empty(data, what)
+    if max_examples is not None:
+        if max_examples < 1:
+            raise ValueError(f"max_examples must be positive, got {max_examples}")
+        data = Subset(data, range(min(max_examples, len(data))))
+    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or default_collate)
+
+
+def _check_not_empty(dataset, what: str) -> None:
+    try:
+        n = len(dataset)
+    except TypeError:
+        return  # an iterable dataset: emptiness shows up as zero batches
+    if n == 0:
+        raise ValueError(f"the {what} is empty")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(v, device) for v in batch]
+        return type(batch)(moved) if not hasattr(batch, "_fields") else type(batch)(*moved)
+    if hasattr(batch, "to") and callable(batch.to):  # e.g. transformers' BatchEncoding
+        return batch.to(device)
+    return batch
+
+
+def count_documents(batch: Any, mask: Optional[torch.Tensor]) -> int:
+    """Documents in a batch: the mask's first dimension, else the first tensor's."""
+    if mask is not None:
+        return int(mask.shape[0])
+    stack = [batch]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, torch.Tensor) and item.dim() > 0:
+            return int(item.shape[0])
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif hasattr(item, "keys") and hasattr(item, "__getitem__"):
+            stack.extend(item[k] for k in item.keys())
+    raise ValueError("cannot tell how many documents a batch holds: it has no tensor and the task gives no mask")

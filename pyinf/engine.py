@@ -1,0 +1,96 @@
+"""InfluenceEngine: the public entry point that ties a model and a task to the pipeline
+stages (factors, queries, scores)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from . import factors as factors_mod
+from . import queries as queries_mod
+from . import scoring
+from .data import make_loader
+from .factors import Factors
+from .modules import ModuleSpec, find_tracked_modules, spec_of
+from .ops import BACKENDS
+from .queries import Queries
+from .task import Task
+
+
+class InfluenceEngine:
+    """EK-FAC influence of training documents on queries.
+
+    ``score[n, q] = grad(measurement_q)^T (G + lambda I)^-1 grad(loss_n)``, summed over the
+    tracked layers, unnormalised and without a sign flip (kronfluence's convention).
+
+    Args:
+        model: any ``nn.Module``; its ``nn.Linear`` (and subclasses) and Hugging Face
+            ``Conv1D`` layers can be tracked. It is not converted: pyinf installs and removes
+            its hooks around each pass.
+        task: a :class:`pyinf.Task` (kronfluence's method names).
+        backend: ``"auto"`` (fused kernels on CUDA, PyTorch elsewhere), ``"torch"``,
+            ``"triton"`` or ``"native"``.
+        progress: tqdm bars on passes over data; None means on only when stderr is a TTY.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, *, backend: str = "auto", progress: Optional[bool] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
+        if next(model.parameters(), None) is None:
+            raise ValueError(f"{type(model).__name__} has no parameters")
+        self.model = model
+        self.task = task
+        self.backend = backend
+        self.progress = progress
+        self.modules: Dict[str, nn.Module] = find_tracked_modules(model, task.get_influence_tracked_modules())
+        self.specs: Dict[str, ModuleSpec] = {n: spec_of(n, m) for n, m in self.modules.items()}
+
+    def __repr__(self) -> str:
+        return f"InfluenceEngine({type(self.model).__name__}, {len(self.modules)} tracked modules, backend={self.backend!r})"
+
+    def _loader(self, data, batch_size, what, max_examples=None):
+        return make_loader(data, batch_size=batch_size, collate_fn=getattr(self.task, "collate_fn", None),
+                           max_examples=max_examples, what=what)
+
+    def _common(self):
+        return dict(model=self.model, task=self.task, modules=self.modules, specs=self.specs)
+
+    def fit_factors(self, data: Any, *, fisher: str = "true", batch_size: int = 8,
+                    max_examples: Optional[int] = None, seed: int = 0) -> Factors:
+        """Covariances A and S over non-padding tokens, their float64 eigenbases, and the
+        eigenvalue correction Lambda over documents. ``fisher="true"`` samples labels from the
+        model (``compute_train_loss(sample=True)``); ``"empirical"`` uses the data's labels."""
+        loader = self._loader(data, batch_size, "factor data", max_examples)
+        return factors_mod.fit_factors(**self._common(), loader=loader, fisher=fisher, backend=self.backend,
+                                       seed=seed, progress=self.progress)
+
+    def prepare_queries(self, query_data: Any, factors: Factors, *, rank: Optional[int] = 32,
+                        damping: Optional[float] = None, batch_size: int = 8) -> Queries:
+        """``P_q = H^-1 grad(measurement_q)`` per tracked layer, truncated to ``rank`` by SVD
+        (``rank=None`` keeps it full). ``damping=None`` means 0.1 x mean(Lambda) per module."""
+        loader = self._loader(query_data, batch_size, "query data")
+        return queries_mod.prepare_queries(**self._common(), loader=loader, factors=factors, rank=rank,
+                                           damping=damping, progress=self.progress)
+
+    def pairwise_scores(self, train_data: Any, queries: Queries, *, per_token: bool = False,
+                        per_module: bool = False, batch_size: int = 8,
+                        route: str = "factored") -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+        """float32 ``[n_train, n_query]`` on the CPU (``per_token``: ``[n_train, T, n_query]``, T the
+        longest padded document; ``per_module``: a dict of those by module name).
+
+        ``route="factored"`` scores low-rank queries without building any per-document
+        gradient; ``"auto"`` lets DESIGN.md's cost model pick the dense route per layer."""
+        loader = self._loader(train_data, batch_size, "training data")
+        return scoring.pairwise_scores(**self._common(), loader=loader, queries=queries, per_token=per_token,
+                                       per_module=per_module, backend=self.backend, route=route,
+                                       progress=self.progress)
+
+    def self_influence(self, train_data: Any, factors: Factors, *, damping: Optional[float] = None,
+                       batch_size: int = 8) -> torch.Tensor:
+        """float32 ``[n_train]``: ``grad(loss_n)^T (G + lambda I)^-1 grad(loss_n)``."""
+        loader = self._loader(train_data, batch_size, "training data")
+        return scoring.self_influence(**self._common(), loader=loader, factors=factors, damping=damping,
+                                      backend=self.backend, progress=self.progress)

@@ -1,0 +1,193 @@
+"""EK-FAC factors: per tracked layer, the covariances ``A = E[a a^T]`` and ``S = E[g g^T]``
+over non-padding tokens, their eigenbases (eigh in float64), and the eigenvalue
+correction ``Lambda = E_n[(Q_S^T DW_n Q_A)^2]`` over documents (DESIGN.md section 1)."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from . import ops, storage
+from .modules import ModuleSpec
+from .runner import run_pass
+
+HEURISTIC_DAMPING_SCALE = 0.1
+
+
+@dataclass
+class ModuleFactors:
+    spec: ModuleSpec
+    a_cov: torch.Tensor       # [d_in, d_in]   E[a a^T] over tokens
+    s_cov: torch.Tensor       # [d_out, d_out] E[g g^T] over tokens
+    a_eigvals: torch.Tensor   # [d_in]
+    q_a: torch.Tensor         # [d_in, d_in]   columns are eigenvectors of a_cov
+    s_eigvals: torch.Tensor   # [d_out]
+    q_s: torch.Tensor         # [d_out, d_out]
+    lambdas: torch.Tensor     # [d_out, d_in]  E_n[(Q_S^T DW_n Q_A)^2]
+
+    def damping(self, damping: Optional[float] = None) -> float:
+        """The damping to use: `damping` when given, else 0.1 x mean(Lambda)."""
+        if damping is None:
+            return HEURISTIC_DAMPING_SCALE * float(self.lambdas.double().mean())
+        if not (damping >= 0):
+            raise ValueError(f"damping must be a non-negative number, got {damping!r}")
+        return float(damping)
+
+    def inverse_hvp(self, v: torch.Tensor, damping: float) -> torch.Tensor:
+        """``H^-1 V = Q_S [(Q_S^T V Q_A) / (Lambda + damping)] Q_A^T`` for ``v [..., d_out, d_in]``,
+        computed in the factors' dtype."""
+        q_a, q_s = self.q_a.to(v.device), self.q_s.to(v.device)
+        v = v.to(q_a.dtype)
+        rotated = q_s.T @ v @ q_a
+        rotated = rotated / (self.lambdas.to(v.device) + damping)
+        return q_s @ rotated @ q_a.T
+
+
+_FIELDS = ("a_cov", "s_cov", "a_eigvals", "q_a", "s_eigvals", "q_s", "lambdas")
+
+
+class Factors:
+    """EK-FAC factors of every tracked layer, with ``save(path)`` / ``Factors.load(path)``."""
+
+    KIND = "factors"
+
+    def __init__(self, modules: Dict[str, ModuleFactors], meta: Dict):
+        self.modules = modules
+        self.meta = meta
+
+    @property
+    def id(self) -> str:
+        return self.meta["id"]
+
+    @property
+    def module_names(self):
+        return list(self.modules)
+
+    @property
+    def specs(self) -> Dict[str, ModuleSpec]:
+        return {n: m.spec for n, m in self.modules.items()}
+
+    def __getitem__(self, name: str) -> ModuleFactors:
+        return self.modules[name]
+
+    def __repr__(self) -> str:
+        return (f"Factors({len(self.modules)} modules, fisher={self.meta.get('fisher')}, "
+                f"examples={self.meta.get('n_examples')})")
+
+    def check_model(self, specs: Dict[str, ModuleSpec]) -> None:
+        """Raises unless these factors were fitted for exactly these tracked layers."""
+        check_same_modules(self.specs, specs, what="these factors")
+
+    def to(self, device) -> "Factors":
+        moved = {n: ModuleFactors(m.spec, *[getattr(m, f).to(device) for f in _FIELDS])
+                 for n, m in self.modules.items()}
+        return Factors(moved, dict(self.meta))
+
+    def save(self, path):
+        tensors = {f"{n}::{f}": getattr(m, f) for n, m in self.modules.items() for f in _FIELDS}
+        meta = dict(self.meta, modules=[m.spec.to_dict() for m in self.modules.values()])
+        return storage.save(path, self.KIND, tensors, meta)
+
+    @classmethod
+    def load(cls, path) -> "Factors":
+        tensors, meta = storage.load(path, cls.KIND)
+        modules = {}
+        for d in meta["modules"]:
+            spec = ModuleSpec(**d)
+            try:
+                fields = [tensors[f"{spec.name}::{f}"] for f in _FIELDS]
+            except KeyError as exc:
+                raise storage.CorruptFileError(f"{path}: missing tensor {exc}") from None
+            mf = ModuleFactors(spec, *fields)
+            if tuple(mf.lambdas.shape) != (spec.d_out, spec.d_in):
+                raise storage.CorruptFileError(f"{path}: module {spec.name!r} has Lambda of shape "
+                                               f"{tuple(mf.lambdas.shape)}, expected {(spec.d_out, spec.d_in)}")
+            modules[spec.name] = mf
+        meta.pop("modules")
+        return cls(modules, meta)
+
+
+def check_same_modules(have: Dict[str, ModuleSpec], want: Dict[str, ModuleSpec], *, what: str) -> None:
+    missing = [n for n in want if n not in have]
+    extra = [n for n in have if n not in want]
+    if missing or extra:
+        raise ValueError(f"{what} do not match the model's tracked modules: missing {missing[:5]}, "
+                         f"not tracked in the model {extra[:5]}")
+    for n, spec in want.items():
+        h = have[n]
+        if (h.d_out, h.d_in, h.has_bias) != (spec.d_out, spec.d_in, spec.has_bias):
+            raise ValueError(f"{what} do not match the model: module {n!r} is {spec.d_out}x{spec.d_in} "
+                             f"(bias={spec.has_bias}) in the model but {h.d_out}x{h.d_in} (bias={h.has_bias}) in "
+                             f"{what}")
+
+
+def factor_dtype(model: nn.Module) -> torch.dtype:
+    """Factors are kept in float32, or float64 for a float64 model (exact-math checks)."""
+    p = next(model.parameters(), None)
+    return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
+
+
+def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: str, seed: int,
+                progress) -> Factors:
+    if fisher not in ("true", "empirical"):
+        raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
+    sample = fisher == "true"
+    dtype = factor_dtype(model)
+    device = next(model.parameters()).device
+
+    def objective(batch, m):
+        return task.compute_train_loss(batch, m, sample=sample)
+
+    # Pass 1: covariances. Per-batch sums come from the op in fp32; across batches they
+    # add up in float64 so that long passes lose nothing to rounding.
+    sums = {n: [None, None, torch.zeros((), dtype=torch.float64, device=device)] for n in modules}
+
+    def add_covariance(spec, acts, grads, mask):
+        acc = sums[spec.name]
+        a = ops.covariance(acts, mask=mask, backend=backend).double()
+        s = ops.covariance(grads, mask=mask, backend=backend).double()
+        acc[0] = a if acc[0] is None else acc[0].add_(a)
+        acc[1] = s if acc[1] is None else acc[1].add_(s)
+        acc[2] += acts.shape[0] * acts.shape[1] if mask is None else mask.sum()
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        n_examples = run_pass(model, task, modules, specs, loader, objective=objective, consumer=add_covariance,
+                              desc="pyinf: covariances", progress=progress)
+
+    eigen = {}
+    for name, (a_sum, s_sum, n_tokens) in sums.items():
+        if a_sum is None or float(n_tokens) == 0:
+            raise RuntimeError(f"module {name!r} saw no unmasked token while fitting factors")
+        a_cov, s_cov = a_sum / n_tokens, s_sum / n_tokens
+        a_vals, q_a = torch.linalg.eigh(a_cov)  # float64, as the precision policy asks
+        s_vals, q_s = torch.linalg.eigh(s_cov)
+        eigen[name] = dict(a_cov=a_cov.to(dtype), s_cov=s_cov.to(dtype), a_eigvals=a_vals.to(dtype),
+                           q_a=q_a.to(dtype), s_eigvals=s_vals.to(dtype), q_s=q_s.to(dtype))
+
+    # Pass 2: eigenvalue correction, over documents.
+    lambda_sums = {n: None for n in modules}
+
+    def add_lambda(spec, acts, grads, mask):
+        e = eigen[spec.name]
+        lam = ops.eigen_correction(acts, grads, e["q_a"], e["q_s"], mask=mask, backend=backend).double()
+        prev = lambda_sums[spec.name]
+        lambda_sums[spec.name] = lam if prev is None else prev.add_(lam)
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed + 1)
+        n_lambda = run_pass(model, task, modules, specs, loader, objective=objective, consumer=add_lambda,
+                            desc="pyinf: eigenvalue correction", progress=progress)
+
+    out = {}
+    for name in modules:
+        lam = lambda_sums[name]
+        if lam is None:
+            raise RuntimeError(f"module {name!r} received no gradient during the eigenvalue-correction pass")
+        out[name] = ModuleFactors(specs[name], lambdas=(lam / n_lambda).to(dtype), **eigen[name])
+    meta = dict(id=uuid.uuid4().hex, fisher=fisher, n_examples=n_examples, seed=seed, dtype=str(dtype),
+                n_tokens={n: int(sums[n][2]) for n in modules})
+    return Factors(out, meta)

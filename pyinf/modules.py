@@ -1,0 +1,95 @@
+"""Which layers pyinf tracks, and their shapes in pyinf's convention.
+
+A tracked layer is an ``nn.Linear`` (subclasses too) or a Hugging Face ``Conv1D`` (GPT-2),
+seen as ``y = W x (+ b)`` with ``W`` of shape ``d_out x d_in``. When the bias is tracked the
+activations get a trailing 1 (a homogeneous coordinate), so ``d_in`` counts it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from torch import nn
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # Hugging Face's GPT-2 Conv1D: y = x @ W + b with W of shape [d_in, d_out]. Matched by
+    # name and attributes so transformers need not be installed.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_trackable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """A tracked layer: its name in the model, weight shape ``d_out x d_in`` (``d_in``
+    counts the bias column), and whether the weight is stored transposed (Conv1D)."""
+
+    name: str
+    d_out: int
+    d_in: int
+    has_bias: bool
+    transposed: bool
+
+    def to_dict(self) -> Dict[str, object]:
+        return dict(name=self.name, d_out=self.d_out, d_in=self.d_in, has_bias=self.has_bias,
+                    transposed=self.transposed)
+
+
+def spec_of(name: str, module: nn.Module) -> ModuleSpec:
+    has_bias = getattr(module, "bias", None) is not None
+    if _is_conv1d(module):
+        d_in, d_out = module.weight.shape
+        transposed = True
+    else:
+        d_out, d_in = module.weight.shape
+        transposed = False
+    return ModuleSpec(name, int(d_out), int(d_in) + int(has_bias), has_bias, transposed)
+
+
+def _output_embedding_names(model: nn.Module) -> set:
+    """Layers that play the output embedding: the model's own ``get_output_embeddings()``,
+    any layer whose weight is shared with an ``nn.Embedding``, or one named ``lm_head``."""
+    names = set()
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out_emb = None
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            out_emb = getter()
+        except Exception:  # some models raise NotImplementedError
+            out_emb = None
+    for name, module in model.named_modules():
+        if not is_trackable(module):
+            continue
+        if module is out_emb or id(module.weight) in embedding_weights or name.split(".")[-1] == "lm_head":
+            names.add(name)
+    return names
+
+
+def find_tracked_modules(model: nn.Module, names: Optional[List[str]] = None) -> Dict[str, nn.Module]:
+    """The modules to track, in the model's own order. ``names=None`` means every
+    Linear/Conv1D layer except the output embedding."""
+    by_name = dict(model.named_modules())
+    if names is None:
+        skip = _output_embedding_names(model)
+        tracked = {n: m for n, m in by_name.items() if is_trackable(m) and n not in skip}
+        if not tracked:
+            raise ValueError(
+                f"{type(model).__name__} has no trackable layer (nn.Linear or Conv1D, output embedding excluded)"
+            )
+        return tracked
+    if len(names) == 0:
+        raise ValueError("the task's tracked module list is empty")
+    tracked = {}
+    for n in names:
+        if n not in by_name:
+            near = [k for k in by_name if k.endswith(n.split(".")[-1])][:5]
+            raise ValueError(f"tracked module {n!r} is not in the model" + (f"; similar names: {near}" if near else ""))
+        if not is_trackable(by_name[n]):
+            raise ValueError(f"tracked module {n!r} is a {type(by_name[n]).__name__}; pyinf tracks nn.Linear and Conv1D")
+        tracked[n] = by_name[n]
+    order = {n: i for i, n in enumerate(by_name)}
+    return dict(sorted(tracked.items(), key=lambda kv: order[kv[0]]))

@@ -1,0 +1,134 @@
+"""Query preparation: each query's measurement gradient per tracked layer, preconditioned
+by the EK-FAC inverse ``P = H^-1 grad_q``, then truncated to rank r as ``P ~ L R^T`` so that
+one pass over the training data serves every query (DESIGN.md section 1, step 6)."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from . import storage
+from .factors import Factors, check_same_modules
+from .modules import ModuleSpec
+from .runner import run_pass
+
+
+class Queries:
+    """Preconditioned query gradients of every tracked layer: ``left [Q, d_out, r]`` and
+    ``right [Q, d_in, r]`` per module (``rank=None``: ``dense [Q, d_out, d_in]``), the damping
+    used, and the id of the factors they were made with."""
+
+    KIND = "queries"
+
+    def __init__(self, specs: Dict[str, ModuleSpec], tensors: Dict[str, Dict[str, torch.Tensor]], meta: Dict):
+        self.specs = specs
+        self.tensors = tensors
+        self.meta = meta
+
+    @property
+    def rank(self) -> Optional[int]:
+        return self.meta["rank"]
+
+    @property
+    def n_queries(self) -> int:
+        return self.meta["n_queries"]
+
+    @property
+    def factors_id(self) -> str:
+        return self.meta["factors_id"]
+
+    @property
+    def damping(self) -> Dict[str, float]:
+        return self.meta["damping"]
+
+    @property
+    def module_names(self):
+        return list(self.specs)
+
+    def __repr__(self) -> str:
+        return f"Queries({self.n_queries} queries, rank={self.rank}, {len(self.specs)} modules)"
+
+    def is_dense(self, name: str) -> bool:
+        return "dense" in self.tensors[name]
+
+    def dense_matrix(self, name: str) -> torch.Tensor:
+        """``P_q`` of module `name` as ``[Q, d_out, d_in]`` (``L R^T`` for low-rank queries)."""
+        t = self.tensors[name]
+        return t["dense"] if "dense" in t else t["left"] @ t["right"].transpose(1, 2)
+
+    def check_model(self, specs: Dict[str, ModuleSpec]) -> None:
+        check_same_modules(self.specs, specs, what="these queries")
+
+    def check_factors(self, factors: Factors) -> None:
+        if factors.id != self.factors_id:
+            raise ValueError(f"these queries were prepared with factors {self.factors_id}, not with the given "
+                             f"factors {factors.id}; prepare them again with these factors")
+
+    def save(self, path):
+        flat = {f"{n}::{k}": v for n, d in self.tensors.items() for k, v in d.items()}
+        meta = dict(self.meta, modules=[s.to_dict() for s in self.specs.values()])
+        return storage.save(path, self.KIND, flat, meta)
+
+    @classmethod
+    def load(cls, path, factors: Optional[Factors] = None) -> "Queries":
+        flat, meta = storage.load(path, cls.KIND)
+        specs = {d["name"]: ModuleSpec(**d) for d in meta.pop("modules")}
+        tensors: Dict[str, Dict[str, torch.Tensor]] = {n: {} for n in specs}
+        for key, value in flat.items():
+            name, _, field = key.rpartition("::")
+            if name not in tensors:
+                raise storage.CorruptFileError(f"{path}: tensor {key!r} names no module of the file")
+            tensors[name][field] = value
+        for name, d in tensors.items():
+            if not ({"left", "right"} <= set(d) or "dense" in d):
+                raise storage.CorruptFileError(f"{path}: module {name!r} lacks its query tensors")
+        queries = cls(specs, tensors, meta)
+        if factors is not None:
+            queries.check_factors(factors)
+        return queries
+
+
+def low_rank(p: torch.Tensor, rank: int):
+    """Truncated SVD of ``p [Q, d_out, d_in]``: ``L [Q, d_out, r]`` with the singular values
+    folded in, ``R [Q, d_in, r]``; ``r = min(rank, d_out, d_in)``."""
+    u, s, vh = torch.linalg.svd(p, full_matrices=False)
+    r = min(rank, s.shape[-1])
+    return u[..., :r] * s[..., None, :r], vh[..., :r, :].transpose(-1, -2)
+
+
+def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, rank: Optional[int],
+                    damping: Optional[float], progress) -> Queries:
+    factors.check_model(specs)
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer or None (full rank), got {rank!r}")
+    damping_by_module = {n: factors[n].damping(damping) for n in modules}
+    device = next(model.parameters()).device
+    on_device = factors.to(device).modules
+    parts: Dict[str, Dict[str, list]] = {n: {} for n in modules}
+
+    def consume(spec, acts, grads, mask):
+        f = on_device[spec.name]
+        dtype = f.q_a.dtype
+        if mask is not None:
+            m = mask.unsqueeze(-1)
+            acts = torch.where(m, acts, acts.new_zeros(()))
+            grads = torch.where(m, grads, grads.new_zeros(()))
+        # Per-query gradients of the measurement (queries are few: dense is fine here).
+        dw = grads.to(dtype).transpose(1, 2) @ acts.to(dtype)  # [B, d_out, d_in]
+        p = f.inverse_hvp(dw, damping_by_module[spec.name])
+        if rank is None:
+            parts[spec.name].setdefault("dense", []).append(p.cpu())
+        else:
+            left, right = low_rank(p, rank)
+            parts[spec.name].setdefault("left", []).append(left.contiguous().cpu())
+            parts[spec.name].setdefault("right", []).append(right.contiguous().cpu())
+
+    n_queries = run_pass(model, task, modules, specs, loader, objective=task.compute_measurement,
+                         consumer=consume, desc="pyinf: queries", progress=progress)
+    tensors = {n: {k: torch.cat(v) for k, v in d.items()} for n, d in parts.items()}
+    for n, d in tensors.items():
+        if not d or next(iter(d.values())).shape[0] != n_queries:
+            raise RuntimeError(f"module {n!r} did not receive a gradient for every query")
+    meta = dict(rank=rank, n_queries=n_queries, factors_id=factors.id, damping=damping_by_module,
+                damping_arg=damping)
+    return Queries(dict(specs), tensors, meta)

@@ -1,0 +1,70 @@
+"""One pass over data: for each batch, forward, the task's objective, backward with every
+tracked layer captured. Factor fitting, query preparation and scoring are each such a
+pass with their own objective and consumer."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from . import data as data_mod
+from .capture import Capture, Consumer
+from .modules import ModuleSpec
+from .progress import bar
+
+# objective(batch, model) -> scalar loss summed over the batch's documents
+Objective = Callable[[object, nn.Module], torch.Tensor]
+# called with (batch_index, first_document_index, n_docs, mask) after each batch's backward
+BatchEnd = Callable[[int, int, int, Optional[torch.Tensor]], None]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[str, ModuleSpec],
+             loader, *, objective: Objective, consumer: Consumer, desc: str,
+             on_batch_start: Optional[BatchEnd] = None, on_batch_end: Optional[BatchEnd] = None,
+             progress: Optional[bool] = None) -> int:
+    """Runs the pass and returns the number of documents seen. The model is put in eval
+    mode for the pass (no dropout) and restored after."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    n_seen = 0
+    try:
+        with Capture(model, modules, specs, consumer) as capture:
+            total = len(loader) if hasattr(loader, "__len__") else None
+            for batch_index, batch in enumerate(bar(loader, desc=desc, total=total, progress=progress)):
+                batch = data_mod.to_device(batch, device)
+                mask = task.get_attention_mask(batch)
+                if isinstance(mask, dict):
+                    raise NotImplementedError("per-module attention masks are not supported yet; return one [B, T] mask")
+                n_docs = data_mod.count_documents(batch, mask)
+                capture.begin_batch(batch_index, n_docs, mask)
+                if on_batch_start is not None:
+                    on_batch_start(batch_index, n_seen, n_docs, mask)
+                loss = objective(batch, model)
+                _check_loss(loss, batch_index, desc)
+                loss.backward()
+                capture.end_batch()
+                if on_batch_end is not None:
+                    on_batch_end(batch_index, n_seen, n_docs, mask)
+                n_seen += n_docs
+    finally:
+        model.train(was_training)
+    if n_seen == 0:
+        raise ValueError(f"{desc}: the data yielded no batch")
+    return n_seen
+
+
+def _check_loss(loss, batch_index: int, desc: str) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"{desc}: the task's loss must be a scalar tensor (summed over the batch), got {shape}")
+    if not loss.requires_grad:
+        raise RuntimeError(f"{desc}: the loss of batch {batch_index} does not depend on any tracked module")
+    if not torch.isfinite(loss.detach()).item():
+        raise FloatingPointError(f"{desc}: the loss of batch {batch_index} is {loss.item()}")

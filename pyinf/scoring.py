@@ -1,0 +1,132 @@
+"""Pairwise influence ``I(n, q) = <P_q, DW_n>`` and self-influence ``<H^-1 DW_n, DW_n>`` over
+a training set, streamed: each layer's contribution is computed in its backward and the
+layer's activations and gradients are let go at once (DESIGN.md section 1, steps 7-8)."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from . import ops
+from .factors import Factors
+from .queries import Queries
+from .runner import run_pass
+
+
+def prefer_dense(t: int, d_in: int, d_out: int, q: int, r: int) -> bool:
+    """DESIGN.md section 2's cost model: materialising DW_n and dotting with dense P costs
+    ``2T d_in d_out + 2 d_in d_out Q`` per document, the factored form ``2T (d_in + d_out) Q r``."""
+    return t * d_in * d_out + d_in * d_out * q < t * (d_in + d_out) * q * r
+
+
+def _pad_tokens(chunks: List[torch.Tensor], t_max: int) -> torch.Tensor:
+    """Concatenates per-batch ``[B, T_b, Q]`` results into ``[N, t_max, Q]``, zero-padded."""
+    padded = [torch.nn.functional.pad(c, (0, 0, 0, t_max - c.shape[1])) for c in chunks]
+    return torch.cat(padded)
+
+
+class _BatchScores:
+    """Per-batch accumulator of total and per-module scores, moved to CPU at batch end."""
+
+    def __init__(self, names, per_module: bool):
+        self.names = list(names)
+        self.per_module = per_module
+        self.total: Optional[torch.Tensor] = None
+        self.modules: Dict[str, torch.Tensor] = {}
+        self.done_total: List[torch.Tensor] = []
+        self.done_modules: Dict[str, List[torch.Tensor]] = {}
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.float()
+        self.total = value.clone() if self.total is None else self.total.add_(value)
+        if self.per_module:
+            self.modules[name] = value
+
+    def finish_batch(self, n_docs: int, shape_tail) -> None:
+        if self.total is None:  # no tracked layer received a gradient (the loss ignored them)
+            self.total = torch.zeros((n_docs,) + tuple(shape_tail))
+        self.done_total.append(self.total.cpu())
+        if self.per_module:
+            for name in self.names:  # a layer the batch's loss never reached scores zero
+                value = self.modules.get(name)
+                value = torch.zeros_like(self.total) if value is None else value
+                self.done_modules.setdefault(name, []).append(value.cpu())
+        self.total, self.modules = None, {}
+
+
+def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, per_token: bool,
+                    per_module: bool, backend: str, route: str, progress):
+    queries.check_model(specs)
+    if route not in ("factored", "auto", "dense"):
+        raise ValueError(f"route must be 'factored', 'auto' or 'dense', got {route!r}")
+    device = next(model.parameters()).device
+    q = queries.n_queries
+    acc = _BatchScores(modules, per_module)
+    cache: Dict[tuple, torch.Tensor] = {}  # query tensors on the device, in the activations' dtype
+    token_counts: List[int] = []
+
+    def query_tensor(name: str, field: str, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, field, dtype)
+        if key not in cache:
+            src = queries.dense_matrix(name) if field == "dense" else queries.tensors[name][field]
+            cache[key] = src.to(device=device, dtype=dtype).contiguous()
+        return cache[key]
+
+    def consume(spec, acts, grads, mask):
+        t = acts.shape[1]
+        if per_token and token_counts[-1] is None:
+            token_counts[-1] = t  # no mask: the first layer sets the batch's token count
+        if per_token and t != token_counts[-1]:
+            raise ValueError(f"per-token scores need every tracked layer to run per token; module {spec.name!r} "
+                             f"has {t} rows per document, the batch has {token_counts[-1]}")
+        dtype = acts.dtype
+        dense = queries.is_dense(spec.name) or route == "dense" or (
+            route == "auto" and prefer_dense(t, spec.d_in, spec.d_out, q, queries.rank))
+        if dense:
+            value = ops.dense_scores(acts, grads, query_tensor(spec.name, "dense", dtype), mask=mask,
+                                     per_token=per_token, backend=backend)
+        else:
+            value = ops.factored_scores(acts, grads, query_tensor(spec.name, "left", dtype),
+                                        query_tensor(spec.name, "right", dtype), mask=mask,
+                                        per_token=per_token, backend=backend)
+        acc.add(spec.name, value)
+
+    def on_start(batch_index, first, n_docs, mask):
+        if per_token:
+            token_counts.append(mask.shape[1] if mask is not None else None)
+
+    def on_end(batch_index, first, n_docs, mask):
+        acc.finish_batch(n_docs, ((token_counts[-1] or 1,) if per_token else ()) + (q,))
+
+    run_pass(model, task, modules, specs, loader, objective=lambda b, m: task.compute_train_loss(b, m, sample=False),
+             consumer=consume, desc="pyinf: pairwise scores", on_batch_start=on_start, on_batch_end=on_end,
+             progress=progress)
+
+    def assemble(chunks):
+        if per_token:
+            return _pad_tokens(chunks, max(c.shape[1] for c in chunks))
+        return torch.cat(chunks)
+
+    total = assemble(acc.done_total)
+    if per_module:
+        return {name: assemble(chunks) for name, chunks in acc.done_modules.items()}
+    return total
+
+
+def self_influence(model, task, modules, specs, loader, factors: Factors, *, damping: Optional[float],
+                   backend: str, progress) -> torch.Tensor:
+    factors.check_model(specs)
+    device = next(model.parameters()).device
+    on_device = factors.to(device).modules
+    damping_by_module = {n: factors[n].damping(damping) for n in modules}
+    acc = _BatchScores(modules, per_module=False)
+
+    def consume(spec, acts, grads, mask):
+        f = on_device[spec.name]
+        acc.add(spec.name, ops.self_influence(acts, grads, f.q_a, f.q_s, f.lambdas, damping_by_module[spec.name],
+                                              mask=mask, backend=backend))
+
+    run_pass(model, task, modules, specs, loader, objective=lambda b, m: task.compute_train_loss(b, m, sample=False),
+             consumer=consume, desc="pyinf: self-influence",
+             on_batch_end=lambda i, first, n, mask: acc.finish_batch(n, ()), progress=progress)
+    return torch.cat(acc.done_total)

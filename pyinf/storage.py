@@ -1,0 +1,87 @@
+"""Saving and loading pyinf results: one safetensors file holding the tensors, with JSON
+metadata (format, versions, module names and shapes, settings, a CRC32 per tensor) in
+its header. Files are written to a temporary name and renamed into place, so a crash
+never leaves a half-written file under the final name; loading checks the format, the
+kind and every tensor's checksum, and names what is wrong."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "pyinf/1"
+
+
+class CorruptFileError(ValueError):
+    """A saved pyinf file that cannot be trusted: truncated, altered or of another kind."""
+
+
+def versions() -> Dict[str, str]:
+    from . import __version__
+
+    return {"pyinf": __version__, "torch": torch.__version__}
+
+
+def _crc(t: torch.Tensor) -> int:
+    # Checksum of the raw bytes; bf16/fp16 go through a same-size integer view.
+    raw = t.detach().contiguous().cpu()
+    if raw.dtype in (torch.bfloat16, torch.float16):
+        raw = raw.view(torch.int16)
+    return zlib.crc32(raw.numpy().tobytes())
+
+
+def save(path, kind: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = dict(meta, format=FORMAT, kind=kind, versions=versions(),
+                  crc32={k: _crc(v) for k, v in tensors.items()})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"pyinf": json.dumps(header)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load(path, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no pyinf {kind} file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get("pyinf")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise CorruptFileError(f"{path} is not a readable pyinf {kind} file (truncated or corrupt): {exc}") from exc
+    if raw_meta is None:
+        raise CorruptFileError(f"{path} is a safetensors file without pyinf metadata")
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(f"{path}: its pyinf metadata is not valid JSON: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise CorruptFileError(f"{path}: format {meta.get('format')!r}, this pyinf reads {FORMAT!r}")
+    if meta.get("kind") != kind:
+        raise CorruptFileError(f"{path} holds pyinf {meta.get('kind')!r}, not {kind!r}")
+    expected = meta.get("crc32", {})
+    if set(expected) != set(tensors):
+        missing = sorted(set(expected) ^ set(tensors))[:5]
+        raise CorruptFileError(f"{path}: tensors do not match its metadata (differences: {missing})")
+    for k, t in tensors.items():
+        if _crc(t) != expected[k]:
+            raise CorruptFileError(f"{path}: tensor {k!r} fails its checksum (the file was altered or damaged)")
+    return tensors, meta

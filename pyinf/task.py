@@ -1,0 +1,124 @@
+"""What the user tells pyinf about a model: the training loss, the measurement, which
+modules to track and which tokens are padding.
+
+:class:`Task` has kronfluence's method names and meanings, so a kronfluence task class
+works unchanged; :class:`CausalLMTask` covers Hugging Face style causal language models.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Task(ABC):
+    """Same contract as ``kronfluence.Task``.
+
+    - :meth:`compute_train_loss` returns the loss summed over the batch and its tokens
+      (per-document gradients then come out unscaled); with ``sample=True`` the labels are
+      drawn from the model's own predictive distribution (the true Fisher).
+    - :meth:`compute_measurement` returns the measurement ``f`` summed over the batch.
+    """
+
+    @abstractmethod
+    def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    @abstractmethod
+    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def get_influence_tracked_modules(self) -> Optional[List[str]]:
+        """Names of the modules to track, or None for every Linear/Conv1D layer but the
+        output embedding."""
+        return None
+
+    def get_attention_mask(self, batch: Any) -> Optional[torch.Tensor]:
+        """``[B, T]`` with 1 for real tokens and 0 for padding, or None."""
+        return None
+
+
+def _logits(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, (tuple, list)):
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"CausalLMTask: the model returned {type(output).__name__}, with no logits tensor in it")
+    return logits
+
+
+def pad_collate(examples: Sequence[Dict[str, Any]], pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
+    """Pads a list of ``{"input_ids", "attention_mask"?, "labels"?}`` examples on the right:
+    ``input_ids`` with ``pad_token_id``, ``attention_mask`` with 0, ``labels`` with -100."""
+    if len(examples) == 0:
+        raise ValueError("pad_collate: empty batch")
+    ids = [torch.as_tensor(e["input_ids"], dtype=torch.long).reshape(-1) for e in examples]
+    length = max(x.numel() for x in ids)
+    batch = {
+        "input_ids": torch.full((len(ids), length), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros(len(ids), length, dtype=torch.long),
+        "labels": torch.full((len(ids), length), -100, dtype=torch.long),
+    }
+    for i, (e, x) in enumerate(zip(examples, ids)):
+        n = x.numel()
+        batch["input_ids"][i, :n] = x
+        mask = e.get("attention_mask")
+        batch["attention_mask"][i, :n] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long).reshape(-1)
+        labels = e.get("labels")
+        batch["labels"][i, :n] = x if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    return batch
+
+
+class CausalLMTask(Task):
+    """Next-token language modelling on dict batches with ``input_ids``, ``attention_mask``
+    and ``labels`` (-100 marks tokens that carry no loss; labels are shifted inside, as in
+    Hugging Face models).
+
+    The train loss is the summed cross-entropy. The measurement is the summed cross-entropy
+    over the labelled tokens, i.e. ``-log p(completion | prompt)`` when the prompt's labels are
+    -100 (kronfluence's language-model convention: a positive score means the training
+    document makes the query's completion more likely).
+    """
+
+    def __init__(self, tracked_modules: Optional[List[str]] = None, pad_token_id: int = 0):
+        self.tracked_modules = list(tracked_modules) if tracked_modules is not None else None
+        self.pad_token_id = pad_token_id
+
+    def collate_fn(self, examples):
+        return pad_collate(examples, self.pad_token_id)
+
+    def _logits_and_labels(self, batch, model):
+        logits = _logits(model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")))
+        labels = batch.get("labels")
+        if labels is None:
+            labels = batch["input_ids"].masked_fill(batch.get("attention_mask", 1) == 0, -100)
+        return logits[:, :-1], labels[:, 1:]
+
+    def compute_train_loss(self, batch, model, sample: bool = False):
+        logits, labels = self._logits_and_labels(batch, model)
+        logits = logits.float()
+        if sample:
+            # True Fisher: labels drawn from the model's own predictive distribution, on the
+            # positions that carry a loss.
+            with torch.no_grad():
+                probs = torch.softmax(logits.detach(), dim=-1)
+                sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(labels.shape)
+            labels = torch.where(labels == -100, labels, sampled)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model, sample=False)
+
+    def get_influence_tracked_modules(self):
+        return self.tracked_modules
+
+    def get_attention_mask(self, batch):
+        return batch.get("attention_mask")

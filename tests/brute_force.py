@@ -1,0 +1,77 @@
+"""Brute-force EK-FAC quantities for the pipeline tests: per-document gradients from
+plain autograd on the unmodified model, one document at a time, in float64."""
+import torch
+from torch.utils.data.dataloader import default_collate
+
+
+def collate(task, items):
+    fn = getattr(task, "collate_fn", None)
+    return fn(items) if fn is not None else default_collate(items)
+
+
+def doc_gradients(model, task, dataset, modules, specs, *, measurement=False):
+    """[{module: DW [d_out, d_in]}] per document, float64, bias gradient as the last column."""
+    grads = []
+    for i in range(len(dataset)):
+        batch = collate(task, [dataset[i]])
+        model.zero_grad(set_to_none=True)
+        loss = task.compute_measurement(batch, model) if measurement else task.compute_train_loss(batch, model)
+        loss.backward()
+        doc = {}
+        for name, spec in specs.items():
+            m = modules[name]
+            w = m.weight.grad.double()
+            w = w.T if spec.transposed else w
+            if spec.has_bias:
+                w = torch.cat([w, m.bias.grad.double()[:, None]], dim=1)
+            doc[name] = w.clone()
+        grads.append(doc)
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def covariances(model, task, dataset, modules, specs):
+    """Token-averaged A and S per module from plain hooks, one document at a time."""
+    a_sum = {n: 0 for n in specs}
+    s_sum = {n: 0 for n in specs}
+    count = {n: 0 for n in specs}
+    handles, store = [], {}
+    for name, m in modules.items():
+        def fwd(mod, args, out, name=name):
+            store[name] = args[0].detach().double().reshape(-1, args[0].shape[-1])
+        def bwd(mod, grad_in, grad_out, name=name):
+            store[name + ":g"] = grad_out[0].detach().double().reshape(-1, grad_out[0].shape[-1])
+        handles += [m.register_forward_hook(fwd), m.register_full_backward_hook(bwd)]
+    try:
+        for i in range(len(dataset)):
+            batch = collate(task, [dataset[i]])
+            model.zero_grad(set_to_none=True)
+            task.compute_train_loss(batch, model).backward()
+            for name, spec in specs.items():
+                a, g = store[name], store[name + ":g"]
+                if spec.has_bias:
+                    a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
+                a_sum[name] = a_sum[name] + a.T @ a
+                s_sum[name] = s_sum[name] + g.T @ g
+                count[name] += a.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    return {n: (a_sum[n] / count[n], s_sum[n] / count[n]) for n in specs}
+
+
+def dense_inverse(q_a, q_s, lambdas, damping):
+    """The dense EK-FAC inverse (Q_A kron Q_S) diag(1/(Lambda + damping)) (Q_A kron Q_S)^T,
+    acting on vec(V) with column-major vec (vec(Q_S^T V Q_A) = (Q_A kron Q_S)^T vec(V))."""
+    k = torch.kron(q_a.double(), q_s.double())
+    d = 1.0 / (lambdas.double().T.reshape(-1) + damping)  # column-major vec of Lambda
+    return k @ torch.diag(d) @ k.T
+
+
+def vec(v):
+    return v.T.reshape(-1)
+
+
+def unvec(x, d_out, d_in):
+    return x.reshape(d_in, d_out).T

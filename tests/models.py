@@ -1,0 +1,84 @@
+"""Tiny models and tasks for the pipeline tests, built in code (no downloads)."""
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import pyinf
+
+
+class MatmulLinear(nn.Linear):
+    """A Linear subclass with its own forward (as wrappers such as quantised or adapter
+    layers have): pyinf keeps that forward (the identity capture path) and, like
+    kronfluence, relies on it computing y = W x + b."""
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight.T).reshape(*x.shape[:-1], -1)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d_in=5, hidden=7, d_out=3):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, 4, bias=False)
+        self.head = MatmulLinear(4, d_out)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+class RegressionDataset(Dataset):
+    def __init__(self, n, d_in=5, d_out=3, seed=0, dtype=torch.float32):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, d_in, generator=g, dtype=torch.float64).to(dtype)
+        self.y = torch.randn(n, d_out, generator=g, dtype=torch.float64).to(dtype)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class MLPTask(pyinf.Task):
+    """Summed squared error; sample=True draws targets from N(prediction, 1)."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        pred = model(x)
+        if sample:
+            with torch.no_grad():
+                y = pred + torch.randn_like(pred)
+        return 0.5 * ((pred - y) ** 2).sum()
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+
+class TokenDataset(Dataset):
+    """Random token sequences of varied lengths; queries label only their last tokens."""
+
+    def __init__(self, n, vocab=40, min_len=3, max_len=11, seed=0, completion=None):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(n):
+            length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+            ids = torch.randint(1, vocab, (length,), generator=g)
+            labels = ids.clone()
+            if completion is not None:
+                labels[: max(1, length - completion)] = -100
+            self.items.append({"input_ids": ids, "labels": labels})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def tiny_gpt2(seed=0, dtype=torch.float32, vocab=40):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=vocab, n_positions=32, bos_token_id=0,
+                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).to(dtype).eval()

@@ -1,0 +1,213 @@
+"""The EK-FAC pipeline against exact math and brute force, in float64, and its
+consistency properties (full rank, per-token/per-module sums, self-influence, batch size
+and padding invariance)."""
+import pytest
+import torch
+
+import pyinf
+from pyinf.queries import low_rank
+
+from . import brute_force as bf
+from .models import MLPTask, RegressionDataset, TinyMLP, TokenDataset, tiny_gpt2
+
+
+def _rel(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(params=["mlp", "gpt2"])
+def setup64(request):
+    """A float64 model, its task, training set and query set."""
+    if request.param == "mlp":
+        torch.manual_seed(1)
+        model = TinyMLP().double()
+        task = MLPTask()
+        train = RegressionDataset(13, seed=2, dtype=torch.float64)
+        query = RegressionDataset(3, seed=3, dtype=torch.float64)
+    else:
+        model = tiny_gpt2(seed=1, dtype=torch.float64)
+        task = pyinf.CausalLMTask()
+        train = TokenDataset(9, seed=2)
+        query = TokenDataset(3, seed=3, completion=2)
+    return model, task, train, query
+
+
+def test_inverse_hvp_equals_dense_kronecker_inverse():
+    torch.manual_seed(0)
+    d_out, d_in = 4, 6
+    q_a, _ = torch.linalg.qr(torch.randn(d_in, d_in, dtype=torch.float64))
+    q_s, _ = torch.linalg.qr(torch.randn(d_out, d_out, dtype=torch.float64))
+    lambdas = torch.rand(d_out, d_in, dtype=torch.float64) * 2
+    spec = pyinf.modules.ModuleSpec("layer", d_out, d_in, False, False)
+    mf = pyinf.factors.ModuleFactors(spec, torch.eye(d_in, dtype=torch.float64), torch.eye(d_out, dtype=torch.float64),
+                                     torch.ones(d_in, dtype=torch.float64), q_a, torch.ones(d_out, dtype=torch.float64),
+                                     q_s, lambdas)
+    v = torch.randn(5, d_out, d_in, dtype=torch.float64)
+    damping = 0.37
+    out = mf.inverse_hvp(v, damping)
+    dense = bf.dense_inverse(q_a, q_s, lambdas, damping)
+    for i in range(v.shape[0]):
+        expected = bf.unvec(dense @ bf.vec(v[i]), d_out, d_in)
+        assert torch.allclose(out[i], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_factors_match_brute_force(setup64):
+    model, task, train, _ = setup64
+    engine = pyinf.InfluenceEngine(model, task, progress=False)
+    factors = engine.fit_factors(train, fisher="empirical", batch_size=4)
+    covs = bf.covariances(model, task, train, engine.modules, engine.specs)
+    grads = bf.doc_gradients(model, task, train, engine.modules, engine.specs)
+    for name, f in factors.modules.items():
+        a, s = covs[name]
+        assert _rel(f.a_cov, a) < 1e-10 and _rel(f.s_cov, s) < 1e-10, name
+        # the eigenbases are eigenbases of the covariances
+        assert torch.allclose(f.q_a @ torch.diag(f.a_eigvals) @ f.q_a.T, a, atol=1e-10)
+        lam = torch.stack([(f.q_s.T @ g[name] @ f.q_a) ** 2 for g in grads]).mean(0)
+        assert _rel(f.lambdas, lam) < 1e-10, name
+
+
+def _brute_scores(factors, train_grads, query_grads, damping=None, rank=None):
+    total = torch.zeros(len(train_grads), len(query_grads), dtype=torch.float64)
+    for name, f in factors.modules.items():
+        lam = f.damping(damping)
+        dense = bf.dense_inverse(f.q_a, f.q_s, f.lambdas, lam)
+        for j, qg in enumerate(query_grads):
+            p = bf.unvec(dense @ bf.vec(qg[name]), f.spec.d_out, f.spec.d_in)
+            if rank is not None:
+                u, s, vh = torch.linalg.svd(p)
+                p = (u[:, :rank] * s[:rank]) @ vh[:rank]
+            for i, tg in enumerate(train_grads):
+                total[i, j] += (p * tg[name]).sum()
+    return total
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_pairwise_scores_match_brute_force(setup64, rank):
+    model, task, train, query = setup64
+    engine = pyinf.InfluenceEngine(model, task, progress=False)
+    factors = engine.fit_factors(train, fisher="empirical", batch_size=4)
+    queries = engine.prepare_queries(query, factors, rank=rank, batch_size=2)
+    scores = engine.pairwise_scores(train, queries, batch_size=4)
+    assert scores.dtype == torch.float32 and scores.shape == (len(train), len(query))
+    train_grads = bf.doc_gradients(model, task, train, engine.modules, engine.specs)
+    query_grads = bf.doc_gradients(model, task, query, engine.modules, engine.specs, measurement=True)
+    expected = _brute_scores(factors, train_grads, query_grads, rank=rank)
+    assert _rel(scores, expected) < 1e-6  # float32 output of float64 math
+
+
+def test_self_influence_matches_brute_force(setup64):
+    model, task, train, _ = setup64
+    engine = pyinf.InfluenceEngine(model, task, progress=False)
+    factors = engine.fit_factors(train, fisher="empirical", batch_size=5)
+    damping = 0.05
+    si = engine.self_influence(train, factors, damping=damping, batch_size=3)
+    grads = bf.doc_gradients(model, task, train, engine.modules, engine.specs)
+    expected = torch.zeros(len(train), dtype=torch.float64)
+    for name, f in factors.modules.items():
+        dense = bf.dense_inverse(f.q_a, f.q_s, f.lambdas, damping)
+        for i, g in enumerate(grads):
+            expected[i] += bf.vec(g[name]) @ dense @ bf.vec(g[name])
+    assert _rel(si, expected) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def gpt2_fp32():
+    model = tiny_gpt2(seed=4)
+    task = pyinf.CausalLMTask()
+    train = TokenDataset(10, seed=5)
+    query = TokenDataset(4, seed=6, completion=3)
+    engine = pyinf.InfluenceEngine(model, task, progress=False)
+    factors = engine.fit_factors(train, batch_size=4, seed=0)
+    return engine, factors, train, query
+
+
+def test_full_rank_equals_rank_none(gpt2_fp32):
+    engine, factors, train, query = gpt2_fp32
+    full = engine.prepare_queries(query, factors, rank=None)
+    big = engine.prepare_queries(query, factors, rank=10_000)  # clipped to min(d_out, d_in) per layer
+    s_full = engine.pairwise_scores(train, full)
+    s_big = engine.pairwise_scores(train, big)
+    assert _rel(s_big, s_full) < 1e-4
+
+
+def test_per_token_and_per_module_sum_to_totals(gpt2_fp32):
+    engine, factors, train, query = gpt2_fp32
+    queries = engine.prepare_queries(query, factors, rank=4)
+    total = engine.pairwise_scores(train, queries, batch_size=3)
+    per_token = engine.pairwise_scores(train, queries, per_token=True, batch_size=3)
+    per_module = engine.pairwise_scores(train, queries, per_module=True, batch_size=3)
+    longest = max(len(x["input_ids"]) for x in train.items)
+    assert per_token.shape == (len(train), longest, len(query))
+    assert _rel(per_token.sum(1), total) < 1e-5
+    assert set(per_module) == set(engine.specs)
+    assert _rel(sum(per_module.values()), total) < 1e-5
+    # padding positions carry no influence
+    for i, item in enumerate(train.items):
+        assert torch.all(per_token[i, len(item["input_ids"]):] == 0)
+
+
+def test_self_influence_is_diagonal_of_full_rank_pairwise(gpt2_fp32):
+    engine, factors, train, _ = gpt2_fp32
+    queries = engine.prepare_queries(train, factors, rank=None, damping=0.01)
+    pairwise = engine.pairwise_scores(train, queries)
+    si = engine.self_influence(train, factors, damping=0.01)
+    assert _rel(si, torch.diagonal(pairwise)) < 1e-4
+    assert (si > 0).all()
+
+
+def test_scores_invariant_to_batch_size_and_padding(gpt2_fp32):
+    engine, factors, train, query = gpt2_fp32
+    queries = engine.prepare_queries(query, factors, rank=4)
+    one = engine.pairwise_scores(train, queries, batch_size=1)  # no padding at all
+    many = engine.pairwise_scores(train, queries, batch_size=7)  # padded batches
+    assert _rel(many, one) < 1e-5
+    si1 = engine.self_influence(train, factors, batch_size=1)
+    si7 = engine.self_influence(train, factors, batch_size=7)
+    assert _rel(si7, si1) < 1e-5
+
+
+def test_factors_invariant_to_batch_size_and_padding():
+    model, task = tiny_gpt2(seed=8), pyinf.CausalLMTask()
+    train = TokenDataset(9, seed=9)
+    engine = pyinf.InfluenceEngine(model, task, progress=False)
+    f1 = engine.fit_factors(train, fisher="empirical", batch_size=1)
+    f5 = engine.fit_factors(train, fisher="empirical", batch_size=5)
+    for name in f1.modules:
+        for field in ("a_cov", "s_cov", "lambdas"):
+            assert _rel(getattr(f5[name], field), getattr(f1[name], field)) < 1e-5, (name, field)
+
+
+def test_true_fisher_is_seeded_and_differs_from_empirical():
+    model, task = tiny_gpt2(seed=8), pyinf.CausalLMTask()
+    train = TokenDataset(6, seed=9)
+    engine = pyinf.InfluenceEngine(model, task, progress=False)
+    a = engine.fit_factors(train, fisher="true", seed=3)
+    b = engine.fit_factors(train, fisher="true", seed=3)
+    e = engine.fit_factors(train, fisher="empirical")
+    name = next(iter(a.modules))
+    assert torch.equal(a[name].s_cov, b[name].s_cov)
+    assert _rel(a[name].s_cov, e[name].s_cov) > 1e-3
+    assert torch.equal(a[name].a_cov, e[name].a_cov)  # activations do not depend on labels
+
+
+def test_low_rank_is_truncated_svd():
+    p = torch.randn(3, 7, 5, dtype=torch.float64)
+    left, right = low_rank(p, 2)
+    assert left.shape == (3, 7, 2) and right.shape == (3, 5, 2)
+    u, s, vh = torch.linalg.svd(p, full_matrices=False)
+    expected = (u[..., :2] * s[..., None, :2]) @ vh[..., :2, :]
+    assert torch.allclose(left @ right.transpose(1, 2), expected, atol=1e-12)
+
+
+def test_default_tracking_skips_output_embedding_and_keeps_conv1d():
+    engine = pyinf.InfluenceEngine(tiny_gpt2(), pyinf.CausalLMTask(), progress=False)
+    assert "lm_head" not in engine.specs
+    assert all(spec.transposed for spec in engine.specs.values())  # GPT-2's Conv1D layers
+    assert len(engine.specs) == 8  # 2 blocks x (c_attn, c_proj, c_fc, mlp c_proj)
+
+
+def test_tracked_modules_by_name():
+    names = ["transformer.h.1.mlp.c_fc", "transformer.h.0.mlp.c_fc"]
+    engine = pyinf.InfluenceEngine(tiny_gpt2(), pyinf.CausalLMTask(tracked_modules=names), progress=False)
+    assert list(engine.specs) == sorted(names)  # model order
