@@ -1,0 +1,186 @@
+"""Bad input gets a clear error naming what is wrong; saved files round-trip and a
+corrupt, truncated or mismatched file is refused; nothing half-written is left behind."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import pyinf
+from pyinf import storage
+
+from .models import MLPTask, RegressionDataset, TinyMLP, TokenDataset, tiny_gpt2
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    model = tiny_gpt2(seed=3)
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    train, query = TokenDataset(6, seed=1), TokenDataset(2, seed=2, completion=2)
+    factors = engine.fit_factors(train, batch_size=3)
+    queries = engine.prepare_queries(query, factors, rank=3)
+    return engine, factors, queries, train
+
+
+def test_factors_and_queries_round_trip(fitted, tmp_path):
+    engine, factors, queries, train = fitted
+    factors.save(tmp_path / "f.safetensors")
+    queries.save(tmp_path / "q.safetensors")
+    f2 = pyinf.Factors.load(tmp_path / "f.safetensors")
+    q2 = pyinf.Queries.load(tmp_path / "q.safetensors", factors=f2)
+    assert f2.id == factors.id and f2.meta["fisher"] == "true"
+    for name in factors.modules:
+        assert torch.equal(f2[name].lambdas, factors[name].lambdas)
+    assert torch.equal(engine.pairwise_scores(train, q2), engine.pairwise_scores(train, queries))
+    assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_queries_against_other_factors_fail(fitted, tmp_path):
+    engine, factors, queries, train = fitted
+    other = engine.fit_factors(train, batch_size=3)
+    queries.save(tmp_path / "q.safetensors")
+    with pytest.raises(ValueError, match="prepared with factors"):
+        pyinf.Queries.load(tmp_path / "q.safetensors", factors=other)
+
+
+def test_factors_for_another_model_fail(fitted):
+    _, factors, queries, train = fitted
+    bigger = tiny_gpt2(seed=3, vocab=40)
+    bigger.transformer.h[0].mlp.c_fc = type(bigger.transformer.h[0].mlp.c_fc)(32, 16)  # d_out 32 instead of 64
+    other = pyinf.InfluenceEngine(bigger, pyinf.CausalLMTask(), progress=False)
+    with pytest.raises(ValueError, match="transformer.h.0.mlp.c_fc"):
+        other.self_influence(train, factors)
+    mlp_engine = pyinf.InfluenceEngine(TinyMLP(), MLPTask(), progress=False)
+    with pytest.raises(ValueError, match="do not match the model's tracked modules"):
+        mlp_engine.pairwise_scores(RegressionDataset(3), queries)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "wrong_kind"])
+def test_corrupt_files_are_refused(fitted, tmp_path, damage):
+    _, factors, queries, _ = fitted
+    path = factors.save(tmp_path / "f.safetensors")
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "flip":
+        data[-5] ^= 0xFF  # inside the last tensor's bytes
+        path.write_bytes(bytes(data))
+    elif damage == "garbage":
+        path.write_bytes(b"not a safetensors file at all")
+    else:
+        path = queries.save(tmp_path / "f.safetensors")
+    with pytest.raises(storage.CorruptFileError):
+        pyinf.Factors.load(path)
+
+
+def test_failed_save_leaves_nothing(fitted, tmp_path, monkeypatch):
+    _, factors, _, _ = fitted
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        factors.save(tmp_path / "f.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="no pyinf factors file"):
+        pyinf.Factors.load("/nonexistent/f.safetensors")
+
+
+class _NaNGradModel(nn.Module):
+    """Finite loss, but sqrt at 0 sends an infinite gradient into fc1 for rows of zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.fc2 = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.fc2(torch.sqrt(torch.relu(self.fc1(x)) * (x.abs().sum(-1, keepdim=True) > 0)))
+
+
+class _RegressionTask(pyinf.Task):
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        return ((model(x) - y) ** 2).sum()
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+
+def test_nonfinite_gradient_names_module_and_batch():
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    x[4] = 0  # batch 2 with batch_size 2
+    data = torch.utils.data.TensorDataset(x, y)
+    engine = pyinf.InfluenceEngine(_NaNGradModel(), _RegressionTask(), progress=False)
+    with pytest.raises(FloatingPointError, match=r"module 'fc1' in batch 2"):
+        engine.fit_factors(data, batch_size=2)
+
+
+def test_nonfinite_loss_names_batch():
+    x, y = torch.randn(4, 5), torch.randn(4, 3)
+    y[3] = float("nan")
+    data = torch.utils.data.TensorDataset(x, y)
+    engine = pyinf.InfluenceEngine(TinyMLP(), MLPTask(), progress=False)
+    with pytest.raises(FloatingPointError, match="batch 1"):
+        engine.fit_factors(data, batch_size=2, fisher="empirical")
+
+
+def test_empty_dataset_and_model_without_layers():
+    engine = pyinf.InfluenceEngine(TinyMLP(), MLPTask(), progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        engine.fit_factors(RegressionDataset(0))
+    with pytest.raises(ValueError, match="no trackable layer"):
+        pyinf.InfluenceEngine(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU()), MLPTask())
+    with pytest.raises(ValueError, match="not in the model"):
+        pyinf.InfluenceEngine(TinyMLP(), pyinf.CausalLMTask(tracked_modules=["fc9"]))
+    with pytest.raises(ValueError, match="is a ReLU"):
+        pyinf.InfluenceEngine(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), pyinf.CausalLMTask(tracked_modules=["1"]))
+
+
+def test_bad_arguments():
+    engine = pyinf.InfluenceEngine(TinyMLP(), MLPTask(), progress=False)
+    data = RegressionDataset(4)
+    with pytest.raises(ValueError, match="fisher must be"):
+        engine.fit_factors(data, fisher="fake")
+    with pytest.raises(ValueError, match="batch_size"):
+        engine.fit_factors(data, batch_size=0)
+    with pytest.raises(TypeError, match="Dataset"):
+        engine.fit_factors(42)
+    factors = engine.fit_factors(data)
+    with pytest.raises(ValueError, match="rank"):
+        engine.prepare_queries(data, factors, rank=0)
+    with pytest.raises(ValueError, match="damping"):
+        engine.prepare_queries(data, factors, damping=-1.0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        pyinf.InfluenceEngine(TinyMLP(), MLPTask(), backend="cuda")
+
+
+def test_loss_that_ignores_tracked_layers():
+    class Detached(MLPTask):
+        def compute_train_loss(self, batch, model, sample=False):
+            return model(batch[0]).detach().sum() * 0 + batch[1].sum()
+
+    engine = pyinf.InfluenceEngine(TinyMLP(), Detached(), progress=False)
+    with pytest.raises(RuntimeError, match="does not depend on any tracked module"):
+        engine.fit_factors(RegressionDataset(3))
+
+
+def test_shared_module_called_twice_is_refused():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3), torch.randn(4, 3))
+    engine = pyinf.InfluenceEngine(Twice(), _RegressionTask(), progress=False)
+    with pytest.raises(RuntimeError, match="ran 2 times"):
+        engine.fit_factors(data)
+    assert "forward" not in engine.modules["fc"].__dict__  # hooks removed after the error
