@@ -11,7 +11,8 @@ from . import ops
 from .engine import InfluenceEngine
 from .factors import Factors
 from .queries import Queries
+from .normalize import normalize
 from .storage import CorruptFileError
 from .task import CausalLMTask, Task, pad_collate
 
-__all__ = ["InfluenceEngine", "Task", "CausalLMTask", "Factors", "Queries", "CorruptFileError", "pad_collate", "ops"]
+__all__ = ["InfluenceEngine", "Task", "CausalLMTask", "Factors", "Queries", "CorruptFileError", "pad_collate", "normalize", "ops"]

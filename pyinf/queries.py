@@ -42,6 +42,16 @@ class Queries:
         return self.meta["damping"]
 
     @property
+    def measurements(self) -> torch.Tensor:
+        """Each query's measurement (for CausalLMTask, the completion's -log p in nats)."""
+        return torch.tensor(self.meta["measurements"], dtype=torch.float64)
+
+    @property
+    def self_influence(self) -> torch.Tensor:
+        """``grad_q^T H^-1 grad_q`` per query (full rank, before truncation)."""
+        return torch.tensor(self.meta["self_influence"], dtype=torch.float64)
+
+    @property
     def module_names(self):
         return list(self.specs)
 
@@ -96,6 +106,26 @@ def low_rank(p: torch.Tensor, rank: int):
     return u[..., :r] * s[..., None, :r], vh[..., :r, :].transpose(-1, -2)
 
 
+def per_example_measurements(model, task, loader) -> list:
+    """Each query's own measurement (e.g. the completion's -log p), one example at a time,
+    without gradients: the task returns batch sums, so this is how per-query values come out."""
+    from .data import to_device
+
+    device = next(model.parameters()).device
+    collate = loader.collate_fn
+    values = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(len(loader.dataset)):
+                batch = to_device(collate([loader.dataset[i]]), device)
+                values.append(float(task.compute_measurement(batch, model)))
+    finally:
+        model.train(was_training)
+    return values
+
+
 def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, rank: Optional[int],
                     damping: Optional[float], progress) -> Queries:
     factors.check_model(specs)
@@ -105,6 +135,7 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
     device = next(model.parameters()).device
     on_device = factors.to(device).modules
     parts: Dict[str, Dict[str, list]] = {n: {} for n in modules}
+    self_terms: list = []  # per batch: grad_q^T H^-1 grad_q summed over modules, [B]
 
     def consume(spec, acts, grads, mask):
         f = on_device[spec.name]
@@ -116,6 +147,8 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
         # Per-query gradients of the measurement (queries are few: dense is fine here).
         dw = grads.to(dtype).transpose(1, 2) @ acts.to(dtype)  # [B, d_out, d_in]
         p = f.inverse_hvp(dw, damping_by_module[spec.name])
+        term = (p * dw).sum((1, 2))
+        self_terms[-1] = term if self_terms[-1] is None else self_terms[-1] + term
         if rank is None:
             parts[spec.name].setdefault("dense", []).append(p.cpu())
         else:
@@ -124,11 +157,13 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
             parts[spec.name].setdefault("right", []).append(right.contiguous().cpu())
 
     n_queries = run_pass(model, task, modules, specs, loader, objective=task.compute_measurement,
-                         consumer=consume, desc="pyinf: queries", progress=progress)
+                         consumer=consume, desc="pyinf: queries", progress=progress,
+                         on_batch_start=lambda *_: self_terms.append(None))
     tensors = {n: {k: torch.cat(v) for k, v in d.items()} for n, d in parts.items()}
     for n, d in tensors.items():
         if not d or next(iter(d.values())).shape[0] != n_queries:
             raise RuntimeError(f"module {n!r} did not receive a gradient for every query")
     meta = dict(rank=rank, n_queries=n_queries, factors_id=factors.id, damping=damping_by_module,
-                damping_arg=damping)
+                damping_arg=damping, self_influence=torch.cat([t.cpu() for t in self_terms]).tolist(),
+                measurements=per_example_measurements(model, task, loader))
     return Queries(dict(specs), tensors, meta)

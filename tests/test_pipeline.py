@@ -211,3 +211,27 @@ def test_tracked_modules_by_name():
     names = ["transformer.h.1.mlp.c_fc", "transformer.h.0.mlp.c_fc"]
     engine = pyinf.InfluenceEngine(tiny_gpt2(), pyinf.CausalLMTask(tracked_modules=names), progress=False)
     assert list(engine.specs) == sorted(names)  # model order
+
+
+def test_normalisations(gpt2_fp32):
+    from pyinf.normalize import normalize
+
+    engine, factors, train, query = gpt2_fp32
+    queries = engine.prepare_queries(train, factors, rank=None, damping=0.01)  # train set as its own queries
+    scores = engine.pairwise_scores(train, queries)
+    si = engine.self_influence(train, factors, damping=0.01)
+    # the queries' own H^-1 norms equal the documents' self-influence (same gradients)
+    assert _rel(queries.self_influence, si) < 1e-4
+    cos = normalize(scores, "cosine", queries=queries, train_self_influence=si)
+    assert torch.allclose(torch.diagonal(cos), torch.ones(len(train)), atol=1e-4)
+    assert cos.abs().max() <= 1 + 1e-4
+    # per-nat divides by the queries' own losses, which are the summed CE of each document
+    task = engine.task
+    with torch.no_grad():
+        losses = [float(task.compute_train_loss(pyinf.pad_collate([train[i]]), engine.model)) for i in range(len(train))]
+    assert _rel(queries.measurements, torch.tensor(losses)) < 1e-6
+    assert _rel(normalize(scores, "per_nat", queries=queries), scores / torch.tensor(losses)[None, :]) < 1e-6
+    rel = normalize(scores, "relative", train_self_influence=si)
+    assert _rel(rel, scores / si.sqrt()[:, None]) < 1e-6
+    with pytest.raises(ValueError, match="needs queries"):
+        normalize(scores, "cosine", train_self_influence=si)
