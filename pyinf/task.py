@@ -85,11 +85,20 @@ class CausalLMTask(Task):
     over the labelled tokens, i.e. ``-log p(completion | prompt)`` when the prompt's labels are
     -100 (kronfluence's language-model convention: a positive score means the training
     document makes the query's completion more likely).
+
+    With ``fused_head=True`` (Hugging Face models: ``model.base_model`` and
+    ``model.get_output_embeddings()``), the loss is computed from the final hidden states by
+    :func:`pyinf.fused_ce.linear_cross_entropy`, without materialising fp32 logits and only
+    on labelled tokens; the output embedding then cannot be a tracked module.
     """
 
-    def __init__(self, tracked_modules: Optional[List[str]] = None, pad_token_id: int = 0):
+    # config attributes that change logits after the output layer: the fused head refuses them
+    _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+    def __init__(self, tracked_modules: Optional[List[str]] = None, pad_token_id: int = 0, fused_head: bool = False):
         self.tracked_modules = list(tracked_modules) if tracked_modules is not None else None
         self.pad_token_id = pad_token_id
+        self.fused_head = fused_head
 
     def collate_fn(self, examples):
         return pad_collate(examples, self.pad_token_id)
@@ -101,7 +110,31 @@ class CausalLMTask(Task):
             labels = batch["input_ids"].masked_fill(batch.get("attention_mask", 1) == 0, -100)
         return logits[:, :-1], labels[:, 1:]
 
+    def _fused_loss(self, batch, model, sample: bool):
+        from .fused_ce import linear_cross_entropy
+
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        base = getattr(model, "base_model", None)
+        if head is None or base is None or base is model:
+            raise TypeError(f"CausalLMTask(fused_head=True) needs a Hugging Face causal LM with base_model and "
+                            f"get_output_embeddings(); {type(model).__name__} has not")
+        config = getattr(model, "config", None)
+        for attr in self._LOGIT_TRANSFORMS:
+            if getattr(config, attr, None) not in (None, 1, 1.0):
+                raise ValueError(f"CausalLMTask(fused_head=True): the model's config sets {attr}, which the fused "
+                                 f"head does not apply; use fused_head=False")
+        out = base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        labels = batch.get("labels")
+        if labels is None:
+            labels = batch["input_ids"].masked_fill(batch.get("attention_mask", 1) == 0, -100)
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        return linear_cross_entropy(h, head.weight, labels[:, 1:].reshape(-1), getattr(head, "bias", None),
+                                    sample=sample)
+
     def compute_train_loss(self, batch, model, sample: bool = False):
+        if self.fused_head:
+            return self._fused_loss(batch, model, sample)
         logits, labels = self._logits_and_labels(batch, model)
         logits = logits.float()
         if sample:

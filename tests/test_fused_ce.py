@@ -1,0 +1,61 @@
+"""The fused linear cross-entropy against plain autograd, and CausalLMTask's fused head
+against its default path on a Hugging Face model."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyinf
+from pyinf import fused_ce
+
+from .models import TokenDataset, tiny_gpt2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_loss_and_hidden_gradient_match_autograd(dtype, monkeypatch):
+    monkeypatch.setattr(fused_ce, "_CHUNK_ELEMENTS", 3 * 37)  # several chunks, a ragged last one
+    torch.manual_seed(0)
+    n, d, v = 23, 8, 37
+    hidden = torch.randn(n, d, dtype=torch.float64)
+    weight, bias = torch.randn(v, d, dtype=torch.float64), torch.randn(v, dtype=torch.float64)
+    labels = torch.randint(0, v, (n,))
+    labels[::4] = -100
+    h = hidden.to(dtype).requires_grad_()
+    loss = fused_ce.linear_cross_entropy(h, weight.to(dtype), labels, bias.to(dtype))
+    loss.backward(torch.tensor(2.0))
+    ref_h = hidden.to(dtype).double().requires_grad_()
+    ref = F.cross_entropy(ref_h @ weight.to(dtype).double().T + bias.to(dtype).double(), labels,
+                          ignore_index=-100, reduction="sum")
+    (2 * ref).backward()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert abs(loss.item() - ref.item()) / ref.item() < tol
+    assert ((h.grad.double() - ref_h.grad).norm() / ref_h.grad.norm()).item() < tol
+    assert h.grad[::4].abs().max() == 0  # unlabelled rows get no gradient
+
+
+def test_fused_head_scores_match_default_path():
+    model = tiny_gpt2(seed=2)
+    train, query = TokenDataset(8, seed=3), TokenDataset(3, seed=4, completion=2)
+    results = []
+    for fused in (False, True):
+        engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(fused_head=fused), progress=False)
+        factors = engine.fit_factors(train, fisher="empirical", batch_size=4)
+        queries = engine.prepare_queries(query, factors, rank=4)
+        results.append(engine.pairwise_scores(train, queries, batch_size=4))
+    assert ((results[0] - results[1]).norm() / results[0].norm()).item() < 1e-4
+
+
+def test_fused_head_true_fisher_is_seeded():
+    model = tiny_gpt2(seed=2)
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(fused_head=True), progress=False)
+    a = engine.fit_factors(TokenDataset(5), fisher="true", seed=1)
+    b = engine.fit_factors(TokenDataset(5), fisher="true", seed=1)
+    name = a.module_names[0]
+    assert torch.equal(a[name].s_cov, b[name].s_cov)
+
+
+def test_fused_head_refuses_plain_modules():
+    from .models import TinyMLP
+
+    with pytest.raises(TypeError, match="fused_head=True"):
+        pyinf.CausalLMTask(fused_head=True).compute_train_loss(
+            {"input_ids": torch.ones(1, 3, dtype=torch.long)}, TinyMLP())
