@@ -77,16 +77,20 @@ class InfluenceEngine:
 
     def pairwise_scores(self, train_data: Any, queries: Queries, *, per_token: bool = False,
                         per_module: bool = False, batch_size: int = 8,
-                        route: str = "factored") -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+                        route: str = "factored",
+                        group_modules: bool = False) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
         """float32 ``[n_train, n_query]`` on the CPU (``per_token``: ``[n_train, T, n_query]``, T the
         longest padded document; ``per_module``: a dict of those by module name).
 
         ``route="factored"`` scores low-rank queries without building any per-document
-        gradient; ``"auto"`` lets DESIGN.md's cost model pick the dense route per layer."""
+        gradient; ``"auto"`` lets DESIGN.md's cost model pick the dense route per layer.
+        ``group_modules=True`` keeps every layer's activations and gradients of a batch until
+        its backward ends and scores them all in one grouped launch: faster for many small
+        layers, at the cost of holding them in memory."""
         loader = self._loader(train_data, batch_size, "training data")
         return scoring.pairwise_scores(**self._common(), loader=loader, queries=queries, per_token=per_token,
                                        per_module=per_module, backend=self.backend, route=route,
-                                       progress=self.progress)
+                                       group_modules=group_modules, progress=self.progress)
 
     def self_influence(self, train_data: Any, factors: Factors, *, damping: Optional[float] = None,
                        batch_size: int = 8) -> torch.Tensor:

@@ -55,7 +55,7 @@ class _BatchScores:
 
 
 def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, per_token: bool,
-                    per_module: bool, backend: str, route: str, progress):
+                    per_module: bool, backend: str, route: str, group_modules: bool, progress):
     queries.check_model(specs)
     if route not in ("factored", "auto", "dense"):
         raise ValueError(f"route must be 'factored', 'auto' or 'dense', got {route!r}")
@@ -64,6 +64,7 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
     acc = _BatchScores(modules, per_module)
     cache: Dict[tuple, torch.Tensor] = {}  # query tensors on the device, in the activations' dtype
     token_counts: List[int] = []
+    pending: List[tuple] = []  # (name, problem) held until the batch's backward ends, when grouping
 
     def query_tensor(name: str, field: str, dtype: torch.dtype) -> torch.Tensor:
         key = (name, field, dtype)
@@ -85,6 +86,10 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
         if dense:
             value = ops.dense_scores(acts, grads, query_tensor(spec.name, "dense", dtype), mask=mask,
                                      per_token=per_token, backend=backend)
+        elif group_modules:
+            pending.append((spec.name, dict(acts=acts, grads=grads, left=query_tensor(spec.name, "left", dtype),
+                                            right=query_tensor(spec.name, "right", dtype), mask=mask)))
+            return
         else:
             value = ops.factored_scores(acts, grads, query_tensor(spec.name, "left", dtype),
                                         query_tensor(spec.name, "right", dtype), mask=mask,
@@ -96,6 +101,11 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
             token_counts.append(mask.shape[1] if mask is not None else None)
 
     def on_end(batch_index, first, n_docs, mask):
+        if pending:  # every layer of the batch in one grouped launch
+            values = ops.factored_scores_grouped([p for _, p in pending], per_token=per_token, backend=backend)
+            for (name, _), value in zip(pending, values):
+                acc.add(name, value)
+            pending.clear()
         acc.finish_batch(n_docs, ((token_counts[-1] or 1,) if per_token else ()) + (q,))
 
     run_pass(model, task, modules, specs, loader, objective=lambda b, m: task.compute_train_loss(b, m, sample=False),

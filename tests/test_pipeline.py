@@ -147,6 +147,17 @@ def test_per_token_and_per_module_sum_to_totals(gpt2_fp32):
         assert torch.all(per_token[i, len(item["input_ids"]):] == 0)
 
 
+@pytest.mark.parametrize("per_token", [False, True])
+def test_grouped_and_dense_routes_agree_with_factored(gpt2_fp32, per_token):
+    engine, factors, train, query = gpt2_fp32
+    queries = engine.prepare_queries(query, factors, rank=3)
+    base = engine.pairwise_scores(train, queries, batch_size=4, per_token=per_token)
+    grouped = engine.pairwise_scores(train, queries, batch_size=4, per_token=per_token, group_modules=True)
+    dense = engine.pairwise_scores(train, queries, batch_size=4, per_token=per_token, route="dense")
+    assert _rel(grouped, base) < 1e-6
+    assert _rel(dense, base) < 1e-4
+
+
 def test_self_influence_is_diagonal_of_full_rank_pairwise(gpt2_fp32):
     engine, factors, train, _ = gpt2_fp32
     queries = engine.prepare_queries(train, factors, rank=None, damping=0.01)
