@@ -10,6 +10,7 @@ import torch
 from . import storage
 from .factors import Factors, check_same_modules
 from .modules import ModuleSpec
+from .progress import bar
 from .runner import run_pass
 
 
@@ -106,7 +107,7 @@ def low_rank(p: torch.Tensor, rank: int):
     return u[..., :r] * s[..., None, :r], vh[..., :r, :].transpose(-1, -2)
 
 
-def per_example_measurements(model, task, loader) -> list:
+def per_example_measurements(model, task, loader, progress=None) -> list:
     """Each query's own measurement (e.g. the completion's -log p), one example at a time,
     without gradients: the task returns batch sums, so this is how per-query values come out."""
     from .data import to_device
@@ -118,7 +119,8 @@ def per_example_measurements(model, task, loader) -> list:
     model.eval()
     try:
         with torch.no_grad():
-            for i in range(len(loader.dataset)):
+            n = len(loader.dataset)
+            for i in bar(range(n), desc="pyinf: query measurements", total=n, progress=progress):
                 batch = to_device(collate([loader.dataset[i]]), device)
                 values.append(float(task.compute_measurement(batch, model)))
     finally:
@@ -165,5 +167,5 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
             raise RuntimeError(f"module {n!r} did not receive a gradient for every query")
     meta = dict(rank=rank, n_queries=n_queries, factors_id=factors.id, damping=damping_by_module,
                 damping_arg=damping, self_influence=torch.cat([t.cpu() for t in self_terms]).tolist(),
-                measurements=per_example_measurements(model, task, loader))
+                measurements=per_example_measurements(model, task, loader, progress))
     return Queries(dict(specs), tensors, meta)

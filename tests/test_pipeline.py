@@ -246,3 +246,10 @@ def test_normalisations(gpt2_fp32):
     assert _rel(rel, scores / si.sqrt()[:, None]) < 1e-6
     with pytest.raises(ValueError, match="needs queries"):
         normalize(scores, "cosine", train_self_influence=si)
+
+
+def test_dataloader_input_matches_dataset_input(gpt2_fp32):
+    engine, factors, train, query = gpt2_fp32
+    queries = engine.prepare_queries(query, factors, rank=3)
+    loader = torch.utils.data.DataLoader(train, batch_size=3, collate_fn=engine.task.collate_fn)
+    assert torch.equal(engine.pairwise_scores(loader, queries), engine.pairwise_scores(train, queries, batch_size=3))
