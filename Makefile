@@ -19,11 +19,14 @@ $(VENV)/.base:
 	$(PIP) install -q setuptools wheel "pybind11>=2.12" cmake ninja
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.base pyproject.toml setup.py CMakeLists.txt
+# The native backend is rebuilt when its sources change.
+NATIVE_SRC := $(shell find csrc cmake -type f 2>/dev/null)
+
+$(VENV)/.installed: $(VENV)/.base pyproject.toml setup.py CMakeLists.txt $(NATIVE_SRC)
 	$(PIP) install -q --no-build-isolation -e . "$(TORCH_SPEC)"
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.base pyproject.toml setup.py CMakeLists.txt
+$(VENV)/.installed-dev: $(VENV)/.base pyproject.toml setup.py CMakeLists.txt $(NATIVE_SRC)
 	$(PIP) install -q --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)"
 	# kronfluence declares torchvision, but PyPI's torchvision does not load beside the CPU
 	# torch wheel and then breaks `import transformers`; kronfluence never imports it.

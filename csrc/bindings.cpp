@@ -1,0 +1,267 @@
+// pyinf._C: a thin pybind11 layer over the C API. Tensors arrive as plain Python objects;
+// pointers, shapes, strides, dtype and device are read through their Python attributes
+// (data_ptr(), shape, stride(), dtype, device), so this module never includes or links
+// against torch's C++ API and is immune to its ABI. Every check happens before the C
+// call; failures become Python exceptions (ValueError / TypeError / RuntimeError).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "pyinf/pyinf.h"
+
+namespace py = pybind11;
+
+namespace {
+
+struct Arg {
+  pyinf_tensor t{};
+  std::string device_type;
+  int64_t device_index = -1;
+  std::string dtype_name;
+  bool present = false;
+};
+
+std::string where(const char* op, const char* name) { return std::string("pyinf._C.") + op + ": '" + name + "'"; }
+
+std::vector<int64_t> int_tuple(py::handle seq) {
+  std::vector<int64_t> out;
+  for (py::handle v : seq) out.push_back(v.cast<int64_t>());
+  return out;
+}
+
+Arg read(py::handle obj, const char* op, const char* name, int ndim, bool mask = false, bool optional = false) {
+  Arg a;
+  if (obj.is_none()) {
+    if (optional) return a;
+    throw py::type_error(where(op, name) + " must be a tensor, got None");
+  }
+  for (const char* attr : {"data_ptr", "shape", "stride", "dtype", "device"}) {
+    if (!py::hasattr(obj, attr))
+      throw py::type_error(where(op, name) + " must be a torch.Tensor-like object (missing '" + attr + "'), got " +
+                           std::string(py::str(py::type::of(obj))));
+  }
+  a.present = true;
+  a.dtype_name = py::str(obj.attr("dtype"));
+  if (mask) {
+    if (a.dtype_name != "torch.bool") throw py::type_error(where(op, name) + " must be torch.bool, got " + a.dtype_name);
+    a.t.dtype = PYINF_BOOL;
+  } else if (a.dtype_name == "torch.float32") {
+    a.t.dtype = PYINF_FLOAT32;
+  } else if (a.dtype_name == "torch.bfloat16") {
+    a.t.dtype = PYINF_BFLOAT16;
+  } else if (a.dtype_name == "torch.float16") {
+    a.t.dtype = PYINF_FLOAT16;
+  } else {
+    throw py::type_error(where(op, name) + " must be float32, bfloat16 or float16 for the native backend, got " +
+                         a.dtype_name);
+  }
+  const auto shape = int_tuple(obj.attr("shape"));
+  const auto stride = int_tuple(obj.attr("stride")());
+  if (static_cast<int>(shape.size()) != ndim)
+    throw py::value_error(where(op, name) + " must have " + std::to_string(ndim) + " dimensions, got " +
+                          std::to_string(shape.size()));
+  a.t.ndim = ndim;
+  for (int i = 0; i < ndim; ++i) {
+    a.t.shape[i] = shape[i];
+    a.t.strides[i] = stride[i];
+    if (stride[i] < 0) throw py::value_error(where(op, name) + " has a negative stride");
+  }
+  a.t.data = reinterpret_cast<const void*>(static_cast<uintptr_t>(obj.attr("data_ptr")().cast<uint64_t>()));
+  py::object dev = obj.attr("device");
+  a.device_type = py::str(dev.attr("type"));
+  py::object idx = dev.attr("index");
+  a.device_index = idx.is_none() ? -1 : idx.cast<int64_t>();
+  if (a.device_type != "cpu" && a.device_type != "cuda")
+    throw py::value_error(where(op, name) + " is on device '" + a.device_type +
+                          "'; the native backend runs on cpu and cuda tensors only");
+  return a;
+}
+
+// The output: float32, C-contiguous, exactly `shape`, on the inputs' device.
+float* read_out(py::handle obj, const char* op, const std::vector<int64_t>& shape, const Arg& like) {
+  Arg o = read(obj, op, "out", static_cast<int>(shape.size()));
+  if (o.t.dtype != PYINF_FLOAT32) throw py::type_error(where(op, "out") + " must be float32, got " + o.dtype_name);
+  int64_t expect = 1;
+  for (int i = static_cast<int>(shape.size()) - 1; i >= 0; --i) {
+    if (o.t.shape[i] != shape[i])
+      throw py::value_error(where(op, "out") + " has the wrong shape (dimension " + std::to_string(i) + " is " +
+                            std::to_string(o.t.shape[i]) + ", expected " + std::to_string(shape[i]) + ")");
+    if (shape[i] > 1 && o.t.strides[i] != expect)
+      throw py::value_error(where(op, "out") + " must be contiguous");
+    expect *= shape[i];
+  }
+  if (o.device_type != like.device_type || o.device_index != like.device_index)
+    throw py::value_error(where(op, "out") + " must be on the inputs' device");
+  return const_cast<float*>(static_cast<const float*>(o.t.data));
+}
+
+void same_device(const char* op, const std::vector<std::pair<const char*, const Arg*>>& args) {
+  const Arg* first = nullptr;
+  for (auto& kv : args) {
+    if (!kv.second->present) continue;
+    if (first == nullptr) {
+      first = kv.second;
+      continue;
+    }
+    if (kv.second->device_type != first->device_type || kv.second->device_index != first->device_index)
+      throw py::value_error(std::string("pyinf._C.") + op + ": all tensors must be on one device; '" + kv.first +
+                            "' is on " + kv.second->device_type + ":" + std::to_string(kv.second->device_index) +
+                            ", '" + args[0].first + "' on " + first->device_type + ":" +
+                            std::to_string(first->device_index));
+  }
+}
+
+void raise_status(pyinf_status s) {
+  if (s == PYINF_SUCCESS) return;
+  std::string msg = pyinf_last_error();
+  msg += " [";
+  msg += pyinf_status_string(s);
+  msg += "]";
+  if (s == PYINF_ERROR_INVALID_VALUE || s == PYINF_ERROR_WORKSPACE) throw py::value_error(msg);
+  if (s == PYINF_ERROR_UNSUPPORTED_DTYPE) throw py::type_error(msg);
+  throw std::runtime_error(msg);
+}
+
+bool is_cuda(const Arg& a) { return a.device_type == "cuda"; }
+
+void require_cuda_build(const char* op) {
+  if (!pyinf_cuda_compiled())
+    throw std::runtime_error(std::string("pyinf._C.") + op +
+                             ": CUDA tensors given, but this pyinf._C was built without CUDA (rebuild with nvcc on "
+                             "PATH and PYINF_CUDA=1)");
+}
+
+void* stream_ptr(py::handle stream) {
+  return stream.is_none() ? nullptr : reinterpret_cast<void*>(static_cast<uintptr_t>(stream.cast<uint64_t>()));
+}
+
+// Workspace: a 1-D tensor on the device (any dtype); returns pointer and size in bytes.
+std::pair<void*, size_t> read_workspace(py::handle ws, const char* op, const Arg& like) {
+  if (ws.is_none()) return {nullptr, 0};
+  py::object dev = ws.attr("device");
+  const std::string type = py::str(dev.attr("type"));
+  py::object idx = dev.attr("index");
+  const int64_t index = idx.is_none() ? -1 : idx.cast<int64_t>();
+  if (type != like.device_type || index != like.device_index)
+    throw py::value_error(where(op, "workspace") + " must be on the inputs' device");
+  if (!ws.attr("is_contiguous")().cast<bool>()) throw py::value_error(where(op, "workspace") + " must be contiguous");
+  const size_t bytes = ws.attr("numel")().cast<size_t>() * ws.attr("element_size")().cast<size_t>();
+  return {reinterpret_cast<void*>(static_cast<uintptr_t>(ws.attr("data_ptr")().cast<uint64_t>())), bytes};
+}
+
+const pyinf_tensor* opt(const Arg& a) { return a.present ? &a.t : nullptr; }
+
+void covariance(py::handle x_, py::handle mask_, py::handle out_, py::handle stream) {
+  const char* op = "covariance";
+  Arg x = read(x_, op, "x", 3), mask = read(mask_, op, "mask", 2, true, true);
+  same_device(op, {{"x", &x}, {"mask", &mask}});
+  float* out = read_out(out_, op, {x.t.shape[2], x.t.shape[2]}, x);
+  pyinf_status s;
+  if (is_cuda(x)) {
+    require_cuda_build(op);
+    s = pyinf_cuda_covariance(&x.t, opt(mask), out, stream_ptr(stream));
+  } else {
+    py::gil_scoped_release nogil;
+    s = pyinf_cpu_covariance(&x.t, opt(mask), out);
+  }
+  raise_status(s);
+}
+
+size_t rotated_workspace_size(py::handle acts_, py::handle grads_, bool self) {
+  const char* op = self ? "self_influence_workspace_size" : "eigen_correction_workspace_size";
+  Arg acts = read(acts_, op, "acts", 3), grads = read(grads_, op, "grads", 3);
+  if (!is_cuda(acts)) return 0;  // the CPU path allocates for itself
+  require_cuda_build(op);
+  size_t bytes = 0;
+  raise_status(self ? pyinf_cuda_self_influence_workspace_size(&acts.t, &grads.t, &bytes)
+                    : pyinf_cuda_eigen_correction_workspace_size(&acts.t, &grads.t, &bytes));
+  return bytes;
+}
+
+void eigen_correction(py::handle acts_, py::handle grads_, py::handle qa_, py::handle qs_, py::handle mask_,
+                      py::handle out_, py::handle ws_, py::handle stream) {
+  const char* op = "eigen_correction";
+  Arg acts = read(acts_, op, "acts", 3), grads = read(grads_, op, "grads", 3);
+  Arg qa = read(qa_, op, "q_a", 2), qs = read(qs_, op, "q_s", 2), mask = read(mask_, op, "mask", 2, true, true);
+  same_device(op, {{"acts", &acts}, {"grads", &grads}, {"q_a", &qa}, {"q_s", &qs}, {"mask", &mask}});
+  float* out = read_out(out_, op, {grads.t.shape[2], acts.t.shape[2]}, acts);
+  pyinf_status s;
+  if (is_cuda(acts)) {
+    require_cuda_build(op);
+    auto ws = read_workspace(ws_, op, acts);
+    s = pyinf_cuda_eigen_correction(&acts.t, &grads.t, &qa.t, &qs.t, opt(mask), out, ws.first, ws.second,
+                                    stream_ptr(stream));
+  } else {
+    py::gil_scoped_release nogil;
+    s = pyinf_cpu_eigen_correction(&acts.t, &grads.t, &qa.t, &qs.t, opt(mask), out);
+  }
+  raise_status(s);
+}
+
+void self_influence(py::handle acts_, py::handle grads_, py::handle qa_, py::handle qs_, py::handle lam_,
+                    double damping, py::handle mask_, py::handle out_, py::handle ws_, py::handle stream) {
+  const char* op = "self_influence";
+  Arg acts = read(acts_, op, "acts", 3), grads = read(grads_, op, "grads", 3);
+  Arg qa = read(qa_, op, "q_a", 2), qs = read(qs_, op, "q_s", 2), lam = read(lam_, op, "lambdas", 2);
+  Arg mask = read(mask_, op, "mask", 2, true, true);
+  same_device(op, {{"acts", &acts}, {"grads", &grads}, {"q_a", &qa}, {"q_s", &qs}, {"lambdas", &lam}, {"mask", &mask}});
+  float* out = read_out(out_, op, {acts.t.shape[0]}, acts);
+  pyinf_status s;
+  const float damp = static_cast<float>(damping);
+  if (is_cuda(acts)) {
+    require_cuda_build(op);
+    auto ws = read_workspace(ws_, op, acts);
+    s = pyinf_cuda_self_influence(&acts.t, &grads.t, &qa.t, &qs.t, &lam.t, damp, opt(mask), out, ws.first,
+                                  ws.second, stream_ptr(stream));
+  } else {
+    py::gil_scoped_release nogil;
+    s = pyinf_cpu_self_influence(&acts.t, &grads.t, &qa.t, &qs.t, &lam.t, damp, opt(mask), out);
+  }
+  raise_status(s);
+}
+
+void factored_scores(py::handle acts_, py::handle grads_, py::handle left_, py::handle right_, py::handle mask_,
+                     bool per_token, py::handle out_, py::handle stream) {
+  const char* op = "factored_scores";
+  Arg acts = read(acts_, op, "acts", 3), grads = read(grads_, op, "grads", 3);
+  Arg left = read(left_, op, "left", 3), right = read(right_, op, "right", 3);
+  Arg mask = read(mask_, op, "mask", 2, true, true);
+  same_device(op, {{"acts", &acts}, {"grads", &grads}, {"left", &left}, {"right", &right}, {"mask", &mask}});
+  std::vector<int64_t> shape = per_token ? std::vector<int64_t>{acts.t.shape[0], acts.t.shape[1], left.t.shape[0]}
+                                         : std::vector<int64_t>{acts.t.shape[0], left.t.shape[0]};
+  float* out = read_out(out_, op, shape, acts);
+  pyinf_status s;
+  if (is_cuda(acts)) {
+    require_cuda_build(op);
+    s = pyinf_cuda_factored_scores(&acts.t, &grads.t, &left.t, &right.t, opt(mask), per_token ? 1 : 0, out,
+                                   stream_ptr(stream));
+  } else {
+    py::gil_scoped_release nogil;
+    s = pyinf_cpu_factored_scores(&acts.t, &grads.t, &left.t, &right.t, opt(mask), per_token ? 1 : 0, out);
+  }
+  raise_status(s);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyinf native backend (C API over raw pointers; no torch C++ ABI dependency)";
+  m.def("api_version", &pyinf_api_version);
+  m.def("cuda_compiled", []() { return pyinf_cuda_compiled() != 0; },
+        "True when the CUDA kernels were compiled into this build");
+  m.def("cuda_archs", []() { return std::string(pyinf_cuda_archs()); });
+  m.def("status_string", [](int s) { return std::string(pyinf_status_string(static_cast<pyinf_status>(s))); });
+  m.def("covariance", &covariance, py::arg("x"), py::arg("mask"), py::arg("out"), py::arg("stream") = py::none());
+  m.def("eigen_correction_workspace_size",
+        [](py::handle a, py::handle g) { return rotated_workspace_size(a, g, false); });
+  m.def("self_influence_workspace_size", [](py::handle a, py::handle g) { return rotated_workspace_size(a, g, true); });
+  m.def("eigen_correction", &eigen_correction, py::arg("acts"), py::arg("grads"), py::arg("q_a"), py::arg("q_s"),
+        py::arg("mask"), py::arg("out"), py::arg("workspace") = py::none(), py::arg("stream") = py::none());
+  m.def("self_influence", &self_influence, py::arg("acts"), py::arg("grads"), py::arg("q_a"), py::arg("q_s"),
+        py::arg("lambdas"), py::arg("damping"), py::arg("mask"), py::arg("out"), py::arg("workspace") = py::none(),
+        py::arg("stream") = py::none());
+  m.def("factored_scores", &factored_scores, py::arg("acts"), py::arg("grads"), py::arg("left"), py::arg("right"),
+        py::arg("mask"), py::arg("per_token"), py::arg("out"), py::arg("stream") = py::none());
+}

@@ -1,0 +1,85 @@
+// Internal helpers shared by the CPU and CUDA implementations (not installed).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#include "pyinf/pyinf.h"
+
+namespace pyinf {
+
+// Records `msg` as this thread's last error and returns `status`.
+pyinf_status fail(pyinf_status status, const std::string& msg);
+void clear_error();
+
+inline int64_t numel(const pyinf_tensor& t) {
+  int64_t n = 1;
+  for (int i = 0; i < t.ndim; ++i) n *= t.shape[i];
+  return n;
+}
+
+// Shapes after validation.
+struct Dims {
+  int64_t n = 0, t = 0, d_in = 0, d_out = 0, q = 0, r = 0;
+};
+
+// Argument checks shared by both devices; each returns PYINF_SUCCESS or records why not.
+pyinf_status check_input(const char* op, const char* name, const pyinf_tensor* t, int ndim);
+pyinf_status check_mask(const char* op, const pyinf_tensor* mask, int64_t n, int64_t t);
+pyinf_status check_out(const char* op, const float* out, int64_t count);
+
+pyinf_status validate_covariance(const pyinf_tensor* x, const pyinf_tensor* mask, const float* out, Dims* d);
+pyinf_status validate_rotated(const char* op, const pyinf_tensor* acts, const pyinf_tensor* grads,
+                              const pyinf_tensor* q_a, const pyinf_tensor* q_s, const pyinf_tensor* lambdas,
+                              float damping, const pyinf_tensor* mask, const float* out, Dims* d);
+pyinf_status validate_tokens(const char* op, const pyinf_tensor* acts, const pyinf_tensor* grads, Dims* d);
+pyinf_status validate_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                               const pyinf_tensor* right, const pyinf_tensor* mask, int per_token,
+                               const float* out, Dims* d);
+
+// Host-side element conversion (bf16 / fp16 bit patterns to float).
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float fp16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    if (mant == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      exp = 127 - 15 + 1;
+      while ((mant & 0x400u) == 0) {
+        mant <<= 1;
+        --exp;
+      }
+      mant &= 0x3ffu;
+      u = sign | (exp << 23) | (mant << 13);
+    }
+  } else if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (mant << 13);  // inf / nan
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float load_host(const void* p, pyinf_dtype dt, int64_t i) {
+  switch (dt) {
+    case PYINF_FLOAT32: return static_cast<const float*>(p)[i];
+    case PYINF_BFLOAT16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    case PYINF_FLOAT16: return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
+    default: return 0.0f;
+  }
+}
+
+}  // namespace pyinf

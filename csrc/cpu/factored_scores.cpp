@@ -1,0 +1,80 @@
+// CPU factored scores: every query's factors side by side as [d, Q*r] columns, per token
+// two GEMVs (g . L, a . R), Hadamard product, sum over each query's r columns; per-doc
+// sums over tokens in double, in token order. Parallel over tokens.
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_common.h"
+
+using namespace pyinf;
+
+namespace {
+// [Q, d, r] -> dense [d, Q*r] with column q*r + k.
+void factor_cols(const pyinf_tensor& f, std::vector<float>& out) {
+  const int64_t Q = f.shape[0], D = f.shape[1], R = f.shape[2];
+  out.resize(static_cast<size_t>(D * Q * R));
+  for (int64_t q = 0; q < Q; ++q)
+    for (int64_t o = 0; o < D; ++o)
+      for (int64_t k = 0; k < R; ++k)
+        out[o * Q * R + q * R + k] = load_host(f.data, f.dtype, q * f.strides[0] + o * f.strides[1] + k * f.strides[2]);
+}
+}  // namespace
+
+extern "C" pyinf_status pyinf_cpu_factored_scores(const pyinf_tensor* acts, const pyinf_tensor* grads,
+                                                  const pyinf_tensor* left, const pyinf_tensor* right,
+                                                  const pyinf_tensor* mask, int per_token, float* out) {
+  Dims d;
+  pyinf_status s = validate_factored(acts, grads, left, right, mask, per_token, out, &d);
+  if (s != PYINF_SUCCESS) return s;
+  PYINF_CPU_GUARD_BEGIN
+  const int64_t N = d.n, T = d.t, Q = d.q, R = d.r, C = d.q * d.r, d_in = d.d_in, d_out = d.d_out;
+  std::vector<float> lcols, rcols;
+  factor_cols(*left, lcols);
+  factor_cols(*right, rcols);
+  std::vector<float> tok(static_cast<size_t>(N * T * Q), 0.0f);  // per-token scores
+#pragma omp parallel
+  {
+    std::vector<float> a(static_cast<size_t>(d_in)), g(static_cast<size_t>(d_out));
+    std::vector<float> gl(static_cast<size_t>(C)), ar(static_cast<size_t>(C));
+#pragma omp for schedule(static)
+    for (int64_t nt = 0; nt < N * T; ++nt) {
+      const int64_t n = nt / T, t = nt % T;
+      if (!cpu::keep(mask, n, t)) continue;  // stays 0, never read
+      const int64_t ab = n * acts->strides[0] + t * acts->strides[1];
+      const int64_t gb = n * grads->strides[0] + t * grads->strides[1];
+      for (int64_t k = 0; k < d_in; ++k) a[k] = load_host(acts->data, acts->dtype, ab + k * acts->strides[2]);
+      for (int64_t k = 0; k < d_out; ++k) g[k] = load_host(grads->data, grads->dtype, gb + k * grads->strides[2]);
+      for (int64_t c = 0; c < C; ++c) gl[c] = ar[c] = 0.0f;
+      for (int64_t k = 0; k < d_out; ++k) {
+        const float gv = g[k];
+        const float* lr = lcols.data() + k * C;
+        for (int64_t c = 0; c < C; ++c) gl[c] += gv * lr[c];
+      }
+      for (int64_t k = 0; k < d_in; ++k) {
+        const float av = a[k];
+        const float* rr = rcols.data() + k * C;
+        for (int64_t c = 0; c < C; ++c) ar[c] += av * rr[c];
+      }
+      float* o = tok.data() + nt * Q;
+      for (int64_t q = 0; q < Q; ++q) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < R; ++k) acc += gl[q * R + k] * ar[q * R + k];
+        o[q] = acc;
+      }
+    }
+  }
+  if (per_token) {
+    for (int64_t i = 0; i < N * T * Q; ++i) out[i] = tok[i];
+  } else {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t q = 0; q < Q; ++q) {
+        double acc = 0.0;
+        for (int64_t t = 0; t < T; ++t) acc += tok[(n * T + t) * Q + q];
+        out[n * Q + q] = static_cast<float>(acc);
+      }
+  }
+  PYINF_CPU_GUARD_END("factored_scores")
+  return PYINF_SUCCESS;
+}

@@ -1,0 +1,150 @@
+// CUDA factored scores (and the per-token variant).
+// One block per (document, token tile of 64 when per_token, query group). A query group
+// is QB queries whose QB*r factor columns are processed in chunks of 64: for each chunk
+// the block computes, for its 64 token rows, GL = g L[:, chunk] (K = d_out) and
+// AR = a R[:, chunk] (K = d_in) as two 64x64 fp32 register tiles, multiplies them
+// elementwise and folds each query's r columns into per-(token, query) sums in shared
+// memory in a fixed order. Per-token scores are written directly; document scores sum
+// the token rows in order inside the block. No atomics, no workspace: deterministic.
+#include "kernels_common.cuh"
+
+namespace pyinf {
+namespace cuda {
+
+constexpr int QMAX = 16;  // queries per block at most
+
+__global__ void __launch_bounds__(THREADS) factored_scores_kernel(View3 acts, View3 grads, View3 left, View3 right,
+                                                                  MaskView mask, int64_t N, int64_t T, int64_t d_in,
+                                                                  int64_t d_out, int64_t Q, int64_t R, int QB,
+                                                                  int per_token, int64_t tblocks, float* out) {
+  __shared__ float As[BK][BM + 4];
+  __shared__ float Bs[BK][BN + 4];
+  __shared__ float Ps[BM][BN + 1];
+  __shared__ float sums[BM][QMAX];
+  __shared__ int64_t a_base[BM], g_base[BM];
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int64_t n = blockIdx.x / tblocks, tb = blockIdx.x % tblocks;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * QB;
+  const int qb = static_cast<int>(Q - q0 < QB ? Q - q0 : QB);
+  const int64_t C = qb * R;  // factor columns of this block
+  const int64_t t_begin = per_token ? tb * BM : 0;
+  const int64_t t_end = per_token ? (t_begin + BM < T ? t_begin + BM : T) : T;
+
+  for (int e = tid; e < BM * QMAX; e += THREADS) sums[e / QMAX][e % QMAX] = 0.0f;
+  __syncthreads();  // the token loop may not run at all (T == 0)
+
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += BM) {
+    if (tid < BM) {
+      const int64_t t = t0 + tid;
+      const bool ok = t < t_end && keep(mask, n, t);
+      a_base[tid] = ok ? n * acts.s0 + t * acts.s1 : -1;
+      g_base[tid] = ok ? n * grads.s0 + t * grads.s1 : -1;
+    }
+    __syncthreads();
+    for (int64_t c0 = 0; c0 < C; c0 += BN) {
+      float gl[4][4], ar[4][4];
+      zero(gl);
+      zero(ar);
+      // GL = g[tokens, :] @ L[:, c0:c0+BN]
+      for (int64_t k0 = 0; k0 < d_out; k0 += BK) {
+        for (int e = tid; e < BM * BK; e += THREADS) {
+          const int m = e / BK, k = e % BK;
+          const int64_t base = g_base[m];
+          As[k][m] = (base >= 0 && k0 + k < d_out) ? ld(grads.p, grads.dt, base + (k0 + k) * grads.s2) : 0.0f;
+        }
+        for (int e = tid; e < BK * BN; e += THREADS) {
+          const int k = e / BN, c = e % BN;
+          const int64_t col = c0 + c;
+          float v = 0.0f;
+          if (k0 + k < d_out && col < C) {
+            const int64_t q = q0 + col / R, kr = col % R;
+            v = ld(left.p, left.dt, q * left.s0 + (k0 + k) * left.s1 + kr * left.s2);
+          }
+          Bs[k][c] = v;
+        }
+        __syncthreads();
+        mma_slice(As, Bs, gl, ty, tx);
+        __syncthreads();
+      }
+      // AR = a[tokens, :] @ R[:, c0:c0+BN]
+      for (int64_t k0 = 0; k0 < d_in; k0 += BK) {
+        for (int e = tid; e < BM * BK; e += THREADS) {
+          const int m = e / BK, k = e % BK;
+          const int64_t base = a_base[m];
+          As[k][m] = (base >= 0 && k0 + k < d_in) ? ld(acts.p, acts.dt, base + (k0 + k) * acts.s2) : 0.0f;
+        }
+        for (int e = tid; e < BK * BN; e += THREADS) {
+          const int k = e / BN, c = e % BN;
+          const int64_t col = c0 + c;
+          float v = 0.0f;
+          if (k0 + k < d_in && col < C) {
+            const int64_t q = q0 + col / R, kr = col % R;
+            v = ld(right.p, right.dt, q * right.s0 + (k0 + k) * right.s1 + kr * right.s2);
+          }
+          Bs[k][c] = v;
+        }
+        __syncthreads();
+        mma_slice(As, Bs, ar, ty, tx);
+        __syncthreads();
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) Ps[ty * 4 + i][tx * 4 + j] = gl[i][j] * ar[i][j];
+      __syncthreads();
+      // Fold each query's columns of this chunk, in column order.
+      for (int e = tid; e < BM * qb; e += THREADS) {
+        const int m = e / qb, ql = e % qb;
+        const int64_t lo = (ql * R > c0 ? ql * R : c0);
+        int64_t hi = (ql + 1) * R;
+        if (hi > c0 + BN) hi = c0 + BN;
+        float s = 0.0f;
+        for (int64_t c = lo; c < hi; ++c) s += Ps[m][c - c0];
+        sums[m][ql] += s;
+      }
+      __syncthreads();
+    }
+    if (per_token) {
+      for (int e = tid; e < BM * qb; e += THREADS) {
+        const int m = e / qb, ql = e % qb;
+        const int64_t t = t0 + m;
+        if (t < t_end) out[(n * T + t) * Q + q0 + ql] = sums[m][ql];  // masked tokens: exact 0
+      }
+    }
+    __syncthreads();
+  }
+  if (!per_token && tid < qb) {
+    float s = 0.0f;
+    for (int m = 0; m < BM; ++m) s += sums[m][tid];
+    out[n * Q + q0 + tid] = s;
+  }
+}
+
+}  // namespace cuda
+}  // namespace pyinf
+
+using namespace pyinf;
+using namespace pyinf::cuda;
+
+extern "C" pyinf_status pyinf_cuda_factored_scores(const pyinf_tensor* acts, const pyinf_tensor* grads,
+                                                   const pyinf_tensor* left, const pyinf_tensor* right,
+                                                   const pyinf_tensor* mask, int per_token, float* out,
+                                                   void* stream) {
+  Dims d;
+  pyinf_status s = validate_factored(acts, grads, left, right, mask, per_token, out, &d);
+  if (s != PYINF_SUCCESS) return s;
+  const int64_t tblocks = per_token ? (d.t + BM - 1) / BM : 1;
+  if (d.n == 0 || d.q == 0 || tblocks == 0) return PYINF_SUCCESS;
+  int qb = d.r > 0 ? static_cast<int>(BN / d.r) : QMAX;
+  if (qb < 1) qb = 1;
+  if (qb > QMAX) qb = QMAX;
+  if (qb > d.q) qb = static_cast<int>(d.q);
+  const int64_t groups = (d.q + qb - 1) / qb;
+  if (d.n * tblocks > 0x7fffffffLL || groups > 65535)
+    return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores: problem too large for one launch");
+  dim3 grid(static_cast<unsigned>(d.n * tblocks), static_cast<unsigned>(groups));
+  factored_scores_kernel<<<grid, THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
+      view3(*acts), view3(*grads), view3(*left), view3(*right), mask_view(mask), d.n, d.t, d.d_in, d.d_out, d.q,
+      d.r, qb, per_token ? 1 : 0, tblocks, out);
+  return launch_check("factored_scores");
+}

@@ -1,0 +1,97 @@
+// Shared pieces of the portable CUDA kernels (sm_80+): dtype-generic loads and one
+// 64x64 fp32 FMA tile engine (256 threads, 4x4 outputs per thread, K staged through
+// shared memory in slices of 16). Inputs are converted to fp32 when staged; all
+// accumulation is fp32. Dtypes are a runtime switch (uniform per launch), so each kernel
+// is compiled once per architecture: this keeps the CI compile short.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../common.h"
+
+namespace pyinf {
+namespace cuda {
+
+constexpr int BM = 64;       // tile rows
+constexpr int BN = 64;       // tile cols
+constexpr int BK = 16;       // K slice
+constexpr int THREADS = 256; // 16 x 16 threads, 4 x 4 outputs each
+
+struct View3 {  // a strided [A, B, C] input
+  const void* p;
+  int dt;
+  int64_t s0, s1, s2;
+};
+struct View2 {
+  const void* p;
+  int dt;
+  int64_t s0, s1;
+};
+struct MaskView {  // p == nullptr: keep everything
+  const uint8_t* p;
+  int64_t s0, s1;
+};
+
+inline View3 view3(const pyinf_tensor& t) { return View3{t.data, (int)t.dtype, t.strides[0], t.strides[1], t.strides[2]}; }
+inline View2 view2(const pyinf_tensor& t) { return View2{t.data, (int)t.dtype, t.strides[0], t.strides[1]}; }
+inline MaskView mask_view(const pyinf_tensor* m) {
+  return m ? MaskView{static_cast<const uint8_t*>(m->data), m->strides[0], m->strides[1]} : MaskView{nullptr, 0, 0};
+}
+
+__device__ __forceinline__ float ld(const void* p, int dt, int64_t i) {
+  if (dt == PYINF_FLOAT32) return static_cast<const float*>(p)[i];
+  if (dt == PYINF_BFLOAT16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  return __half2float(static_cast<const __half*>(p)[i]);
+}
+
+__device__ __forceinline__ bool keep(const MaskView& m, int64_t n, int64_t t) {
+  return m.p == nullptr || m.p[n * m.s0 + t * m.s1] != 0;
+}
+
+// acc[i][j] += sum_k As[k][ty*4+i] * Bs[k][tx*4+j] over one staged K slice.
+__device__ __forceinline__ void mma_slice(const float (&As)[BK][BM + 4], const float (&Bs)[BK][BN + 4],
+                                          float (&acc)[4][4], int ty, int tx) {
+#pragma unroll
+  for (int k = 0; k < BK; ++k) {
+    float a[4], b[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = As[k][ty * 4 + i];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = Bs[k][tx * 4 + j];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+  }
+}
+
+__device__ __forceinline__ void zero(float (&acc)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+}
+
+inline pyinf_status cuda_check(cudaError_t err, const char* op, const char* what) {
+  if (err == cudaSuccess) return PYINF_SUCCESS;
+  return fail(PYINF_ERROR_CUDA, std::string("pyinf_cuda_") + op + ": " + what + ": " + cudaGetErrorName(err) +
+                                    ": " + cudaGetErrorString(err));
+}
+
+// Kernel launch status (launch configuration errors; asynchronous faults surface later).
+inline pyinf_status launch_check(const char* op) { return cuda_check(cudaGetLastError(), op, "kernel launch"); }
+
+inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+// Rotation: out[row, j] (fp32, dense [N*T, d]) = keep(row) ? sum_k x[n,t,k] q[k,j] : 0
+// (masked rows are exact zeros and never read). Defined in rotate.cu.
+pyinf_status launch_rotate(const char* op, View3 x, View2 q, MaskView mask, int64_t N, int64_t T, int64_t d,
+                           float* out, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace pyinf

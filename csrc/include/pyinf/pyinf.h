@@ -1,0 +1,135 @@
+/* pyinf native C API: the hot EK-FAC contractions over raw pointers.
+ *
+ * Plain C (C99), no CUDA, torch or C++ headers needed to include it. Every function
+ * returns a pyinf_status; pyinf_status_string() names a code and pyinf_last_error()
+ * gives the message of the last failing call on the calling thread.
+ *
+ * Tensors are described by pyinf_tensor: a data pointer, a dtype, up to 3 dimensions
+ * and per-dimension strides counted in ELEMENTS (any non-negative stride is accepted,
+ * zero strides included). Inputs may be float32, bfloat16 or float16 (each input may
+ * have its own dtype); masks are PYINF_BOOL (one byte per element, nonzero = keep).
+ * Accumulation is float32 or wider; outputs are dense row-major float32 buffers.
+ *
+ * Shapes (same meaning as pyinf.ops, see DESIGN.md section 1):
+ *   acts [N, T, d_in], grads [N, T, d_out], x [N, T, d], mask [N, T] (or NULL)
+ *   q_a [d_in, d_in], q_s [d_out, d_out], lambdas [d_out, d_in]
+ *   left [Q, d_out, r], right [Q, d_in, r]
+ * Masked-out token rows are never read into a result (NaN/Inf in padding cannot leak).
+ *
+ * CPU entry points (pyinf_cpu_*) take host pointers and run synchronously (OpenMP).
+ * CUDA entry points (pyinf_cuda_*) take device pointers, enqueue work on `stream` (a
+ * cudaStream_t passed as void*, NULL = legacy default stream) on the calling thread's
+ * current device, and return without synchronising. Ops that need scratch memory take a
+ * device workspace whose size the matching *_workspace_size function reports. When the
+ * library was built without CUDA, pyinf_cuda_* return PYINF_ERROR_NOT_COMPILED.
+ * Results are deterministic: no atomics, fixed reduction orders.
+ */
+#ifndef PYINF_PYINF_H_
+#define PYINF_PYINF_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#  if defined(PYINF_BUILDING_LIBRARY)
+#    define PYINF_API __declspec(dllexport)
+#  else
+#    define PYINF_API
+#  endif
+#else
+#  define PYINF_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PYINF_API_VERSION 1
+
+typedef enum pyinf_status {
+  PYINF_SUCCESS = 0,
+  PYINF_ERROR_INVALID_VALUE = 1,     /* bad shape, stride, pointer or argument */
+  PYINF_ERROR_UNSUPPORTED_DTYPE = 2, /* dtype not accepted for that argument */
+  PYINF_ERROR_NOT_COMPILED = 3,      /* CUDA entry point in a CPU-only build */
+  PYINF_ERROR_CUDA = 4,              /* a CUDA runtime call or kernel launch failed */
+  PYINF_ERROR_WORKSPACE = 5,         /* workspace missing or too small */
+  PYINF_ERROR_OUT_OF_MEMORY = 6,     /* host allocation failed */
+  PYINF_ERROR_INTERNAL = 7
+} pyinf_status;
+
+typedef enum pyinf_dtype {
+  PYINF_FLOAT32 = 0,
+  PYINF_BFLOAT16 = 1,
+  PYINF_FLOAT16 = 2,
+  PYINF_BOOL = 3 /* masks only */
+} pyinf_dtype;
+
+typedef struct pyinf_tensor {
+  const void* data;
+  pyinf_dtype dtype;
+  int32_t ndim;        /* must match the argument's rank (2 or 3) */
+  int64_t shape[3];
+  int64_t strides[3];  /* in elements */
+} pyinf_tensor;
+
+PYINF_API const char* pyinf_status_string(pyinf_status status);
+/* Message of the last failing call on this thread ("" if none). */
+PYINF_API const char* pyinf_last_error(void);
+PYINF_API int pyinf_api_version(void);
+/* 1 when the CUDA kernels are compiled in, else 0. */
+PYINF_API int pyinf_cuda_compiled(void);
+/* Semicolon-separated CUDA architectures compiled in ("" without CUDA). */
+PYINF_API const char* pyinf_cuda_archs(void);
+
+/* ---- CPU (host pointers) ------------------------------------------------------ */
+
+/* out [d, d] = sum over unmasked rows of x x^T; exactly symmetric. */
+PYINF_API pyinf_status pyinf_cpu_covariance(const pyinf_tensor* x, const pyinf_tensor* mask, float* out);
+
+/* out [d_out, d_in] = sum_n (Q_S^T DW_n Q_A)^2, DW_n = sum_t mask g a^T. */
+PYINF_API pyinf_status pyinf_cpu_eigen_correction(const pyinf_tensor* acts, const pyinf_tensor* grads,
+                                                  const pyinf_tensor* q_a, const pyinf_tensor* q_s,
+                                                  const pyinf_tensor* mask, float* out);
+
+/* out [N] = sum_ij (Q_S^T DW_n Q_A)[i,j]^2 / (lambdas[i,j] + damping). */
+PYINF_API pyinf_status pyinf_cpu_self_influence(const pyinf_tensor* acts, const pyinf_tensor* grads,
+                                                const pyinf_tensor* q_a, const pyinf_tensor* q_s,
+                                                const pyinf_tensor* lambdas, float damping,
+                                                const pyinf_tensor* mask, float* out);
+
+/* out [N, Q] (per_token = 0) or [N, T, Q] (per_token != 0):
+ * sum_t mask[n,t] sum_k (grads[n,t] . left[q,:,k]) (acts[n,t] . right[q,:,k]). */
+PYINF_API pyinf_status pyinf_cpu_factored_scores(const pyinf_tensor* acts, const pyinf_tensor* grads,
+                                                 const pyinf_tensor* left, const pyinf_tensor* right,
+                                                 const pyinf_tensor* mask, int per_token, float* out);
+
+/* ---- CUDA (device pointers, asynchronous on `stream`) --------------------------- */
+
+PYINF_API pyinf_status pyinf_cuda_covariance(const pyinf_tensor* x, const pyinf_tensor* mask, float* out,
+                                             void* stream);
+
+PYINF_API pyinf_status pyinf_cuda_eigen_correction_workspace_size(const pyinf_tensor* acts,
+                                                                  const pyinf_tensor* grads, size_t* bytes);
+PYINF_API pyinf_status pyinf_cuda_eigen_correction(const pyinf_tensor* acts, const pyinf_tensor* grads,
+                                                   const pyinf_tensor* q_a, const pyinf_tensor* q_s,
+                                                   const pyinf_tensor* mask, float* out, void* workspace,
+                                                   size_t workspace_bytes, void* stream);
+
+PYINF_API pyinf_status pyinf_cuda_self_influence_workspace_size(const pyinf_tensor* acts,
+                                                                const pyinf_tensor* grads, size_t* bytes);
+PYINF_API pyinf_status pyinf_cuda_self_influence(const pyinf_tensor* acts, const pyinf_tensor* grads,
+                                                 const pyinf_tensor* q_a, const pyinf_tensor* q_s,
+                                                 const pyinf_tensor* lambdas, float damping,
+                                                 const pyinf_tensor* mask, float* out, void* workspace,
+                                                 size_t workspace_bytes, void* stream);
+
+PYINF_API pyinf_status pyinf_cuda_factored_scores(const pyinf_tensor* acts, const pyinf_tensor* grads,
+                                                  const pyinf_tensor* left, const pyinf_tensor* right,
+                                                  const pyinf_tensor* mask, int per_token, float* out,
+                                                  void* stream);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* PYINF_PYINF_H_ */

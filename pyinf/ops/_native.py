@@ -1,0 +1,105 @@
+"""The native backend of :mod:`pyinf.ops`: the C API of ``csrc/`` through ``pyinf._C``.
+
+CPU tensors run the C++ implementations (OpenMP), CUDA tensors the portable CUDA
+kernels (sm_80+, fp32 FMA tiles) on torch's current stream. Inputs may be fp32, bf16 or
+fp16, each with its own dtype and any strides (read in place, never copied); results
+are fp32. ``dense_scores`` has no native kernel, so it is absent here: ``auto`` falls back
+and an explicit request raises. ``factored_scores_grouped`` loops over its problems.
+
+Imports fail (making the backend unavailable) when the extension was not built.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+try:
+    from .. import _C
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "pyinf._C (the native extension) is not built: reinstall pyinf with a C++ toolchain and cmake "
+        "(`pip install --no-build-isolation -v -e .`, PYINF_CUDA=0|1|auto) to see why "
+        f"(import error: {exc})"
+    ) from exc
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cuda_compiled() -> bool:
+    return bool(_C.cuda_compiled())
+
+
+def unsupported_reason(op: str, tensors: Sequence[torch.Tensor]) -> Optional[str]:
+    for t in tensors:
+        if t.dtype not in _DTYPES:
+            return f"the native backend takes float32, bfloat16 or float16 tensors, got {t.dtype}"
+        if t.device.type == "cuda":
+            if not _C.cuda_compiled():
+                return "pyinf._C was built without CUDA (no nvcc at install time, or PYINF_CUDA=0)"
+        elif t.device.type != "cpu":
+            return f"the native backend runs on cpu and cuda tensors, got device {t.device}"
+    return None
+
+
+def _stream(t: torch.Tensor):
+    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else None
+
+
+class _on_device:
+    """Makes the tensor's CUDA device current for the call (kernels launch on the current device)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.ctx = torch.cuda.device(t.device) if t.device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _workspace(nbytes: int, like: torch.Tensor):
+    if like.device.type != "cuda" or nbytes == 0:
+        return None
+    return torch.empty(nbytes, dtype=torch.uint8, device=like.device)
+
+
+def covariance(x, *, mask=None):
+    out = torch.empty(x.shape[2], x.shape[2], dtype=torch.float32, device=x.device)
+    with _on_device(x):
+        _C.covariance(x, mask, out, _stream(x))
+    return out
+
+
+def eigen_correction(acts, grads, q_a, q_s, *, mask=None):
+    out = torch.empty(grads.shape[2], acts.shape[2], dtype=torch.float32, device=acts.device)
+    with _on_device(acts):
+        ws = _workspace(_C.eigen_correction_workspace_size(acts, grads), acts)
+        _C.eigen_correction(acts, grads, q_a, q_s, mask, out, ws, _stream(acts))
+    return out
+
+
+def self_influence(acts, grads, q_a, q_s, lambdas, damping, *, mask=None):
+    out = torch.empty(acts.shape[0], dtype=torch.float32, device=acts.device)
+    with _on_device(acts):
+        ws = _workspace(_C.self_influence_workspace_size(acts, grads), acts)
+        _C.self_influence(acts, grads, q_a, q_s, lambdas, float(damping), mask, out, ws, _stream(acts))
+    return out
+
+
+def factored_scores(acts, grads, left, right, *, mask=None, per_token=False):
+    n, t = acts.shape[:2]
+    shape = (n, t, left.shape[0]) if per_token else (n, left.shape[0])
+    out = torch.empty(shape, dtype=torch.float32, device=acts.device)
+    with _on_device(acts):
+        _C.factored_scores(acts, grads, left, right, mask, bool(per_token), out, _stream(acts))
+    return out
+
+
+def factored_scores_grouped(problems, *, per_token=False):
+    """One native call per problem (no grouped single-launch kernel yet)."""
+    return [factored_scores(p["acts"], p["grads"], p["left"], p["right"], mask=p["mask"], per_token=per_token)
+            for p in problems]

@@ -1,0 +1,275 @@
+"""Native backend specifics (pyinf._C and the C API of csrc/): strided inputs, clear
+errors for wrong dtype / device / shape, determinism, the C test program built against
+the installed library with find_package(pyinf), and CUDA-path checks (skipped without a
+GPU). The oracle tests for every op live in test_ops.py (parametrised over backends)."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyinf.ops as ops
+
+from . import oracle
+
+_C = pytest.importorskip("pyinf._C", reason="native extension pyinf._C not built")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+HAS_CUDA = torch.cuda.is_available() and _C.cuda_compiled()
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a CUDA build of pyinf._C")
+
+
+def _orthonormal(d, device="cpu"):
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    return q.float().to(device)
+
+
+def _problem(n, t, d_in, d_out, q, r, dtype=torch.float32, device="cpu"):
+    acts = torch.randn(n, t, d_in).to(dtype).to(device)
+    grads = torch.randn(n, t, d_out).to(dtype).to(device)
+    left = torch.randn(q, d_out, r).to(dtype).to(device)
+    right = torch.randn(q, d_in, r).to(dtype).to(device)
+    mask = torch.rand(n, t) > 0.3
+    mask[0, 0] = True
+    return acts, grads, left, right, mask.to(device)
+
+
+def test_cuda_compiled_when_nvcc_present():
+    """CI has nvcc but no GPU: the CUDA kernels must still have been compiled in."""
+    if os.environ.get("PYINF_CUDA", "auto").strip().lower() == "0":
+        pytest.skip("PYINF_CUDA=0")
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH")
+    assert _C.cuda_compiled(), "nvcc is on PATH but pyinf._C was built without CUDA (see the pip build log)"
+    assert "90a" in _C.cuda_archs() or os.environ.get("PYINF_CUDA_ARCHS")
+
+
+def test_strided_inputs_are_read_in_place():
+    n, t, d_in, d_out, q, r = 3, 9, 11, 6, 4, 3
+    acts = torch.randn(n, d_in, t).transpose(1, 2)  # non-contiguous [N, T, d_in]
+    grads = torch.randn(t, n, d_out).transpose(0, 1)
+    left = torch.randn(q, r, d_out).transpose(1, 2)
+    right = torch.randn(2 * q, d_in, r)[::2]  # every other query
+    mask = (torch.rand(t, n) > 0.3).T
+    assert not acts.is_contiguous() and not right.is_contiguous() and not mask.is_contiguous()
+    for per_token in (False, True):
+        out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="native")
+        ref = oracle.factored_scores(acts, grads, left, right, mask, per_token)
+        assert oracle.rel_err(out, ref) < 1e-5
+    q_a = _orthonormal(d_in).T  # transposed view
+    q_s = _orthonormal(d_out)
+    lambdas = torch.rand(1, d_in).expand(d_out, d_in)  # zero stride
+    out = ops.self_influence(acts, grads, q_a, q_s, lambdas, 0.3, mask=mask, backend="native")
+    assert oracle.rel_err(out, oracle.self_influence(acts, grads, q_a, q_s, lambdas, 0.3, mask)) < 1e-5
+    out = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="native")
+    assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask)) < 1e-5
+    out = ops.covariance(acts, mask=mask, backend="native")
+    assert oracle.rel_err(out, oracle.covariance(acts, mask)) < 1e-5
+
+
+def test_mixed_dtypes_and_larger_shapes():
+    """bf16 tokens with fp32 eigenbases (the pipeline's usual mix); sizes past one 64-tile."""
+    n, t, d_in, d_out, q, r = 2, 70, 67, 65, 5, 33
+    acts, grads, left, right, mask = _problem(n, t, d_in, d_out, q, r, torch.bfloat16)
+    q_a, q_s = _orthonormal(d_in), _orthonormal(d_out)
+    out = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="native")
+    assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask)) < 1e-5
+    out = ops.factored_scores(acts, grads, left, right.float(), mask=mask, per_token=True, backend="native")
+    assert oracle.rel_err(out, oracle.factored_scores(acts, grads, left, right, mask, True)) < 1e-5
+
+
+def test_deterministic():
+    acts, grads, left, right, mask = _problem(3, 40, 30, 20, 6, 8)
+    a = ops.factored_scores(acts, grads, left, right, mask=mask, backend="native")
+    b = ops.factored_scores(acts, grads, left, right, mask=mask, backend="native")
+    assert torch.equal(a, b)
+    q_a, q_s = _orthonormal(30), _orthonormal(20)
+    a = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="native")
+    b = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="native")
+    assert torch.equal(a, b)
+
+
+def test_empty_sizes():
+    acts, grads = torch.randn(2, 0, 3), torch.randn(2, 0, 4)
+    left, right = torch.randn(3, 4, 2), torch.randn(3, 3, 2)
+    assert torch.equal(ops.factored_scores(acts, grads, left, right, backend="native"), torch.zeros(2, 3))
+    assert torch.equal(ops.covariance(acts, backend="native"), torch.zeros(3, 3))
+    out = ops.self_influence(acts, grads, torch.eye(3), torch.eye(4), torch.ones(4, 3), 0.1, backend="native")
+    assert torch.equal(out, torch.zeros(2))
+
+
+def test_padding_garbage_never_leaks_native():
+    acts, grads = torch.randn(2, 4, 5), torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    acts[~mask] = float("nan")
+    grads[~mask] = float("inf")
+    q_a, q_s = _orthonormal(5), _orthonormal(3)
+    assert torch.isfinite(ops.covariance(acts, mask=mask, backend="native")).all()
+    assert torch.isfinite(ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="native")).all()
+    assert torch.isfinite(ops.self_influence(acts, grads, q_a, q_s, torch.rand(3, 5), 0.1, mask=mask,
+                                             backend="native")).all()
+    left, right = torch.randn(2, 3, 2), torch.randn(2, 5, 2)
+    out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=True, backend="native")
+    assert torch.isfinite(out).all() and (out[~mask] == 0).all()
+
+
+# ---- errors from pyinf._C itself (the adapter's callers never get a crash) ----------------
+
+def _fs_args():
+    acts, grads, left, right, mask = _problem(2, 3, 4, 5, 2, 2)
+    return acts, grads, left, right, mask, torch.empty(2, 2)
+
+
+def test_c_rejects_wrong_dtype():
+    acts, grads, left, right, mask, out = _fs_args()
+    with pytest.raises(TypeError, match="'acts' must be float32, bfloat16 or float16.*torch.float64"):
+        _C.factored_scores(acts.double(), grads, left, right, mask, False, out)
+    with pytest.raises(TypeError, match="'mask' must be torch.bool"):
+        _C.factored_scores(acts, grads, left, right, mask.int(), False, out)
+    with pytest.raises(TypeError, match="'out' must be float32"):
+        _C.factored_scores(acts, grads, left, right, mask, False, out.half())
+    with pytest.raises(TypeError, match="torch.Tensor-like"):
+        _C.factored_scores(acts.numpy(), grads, left, right, mask, False, out)
+
+
+def test_c_rejects_bad_shapes_and_out():
+    acts, grads, left, right, mask, out = _fs_args()
+    with pytest.raises(ValueError, match="'left' must be \\[Q, d_out=5, r\\]"):
+        _C.factored_scores(acts, grads, right, right, mask, False, out)
+    with pytest.raises(ValueError, match="'acts' must have 3 dimensions"):
+        _C.factored_scores(acts[0], grads, left, right, mask, False, out)
+    with pytest.raises(ValueError, match="'mask' must be \\[N, T\\]"):
+        _C.factored_scores(acts, grads, left, right, mask.T.contiguous(), False, out)
+    with pytest.raises(ValueError, match="'out' (has the wrong shape|must have 3 dimensions)"):
+        _C.factored_scores(acts, grads, left, right, mask, True, out)
+    with pytest.raises(ValueError, match="'out' must be contiguous"):
+        _C.factored_scores(acts, grads, left, right, mask, False, torch.empty(2, 2).T)
+    q_a, q_s = torch.eye(4), torch.eye(6)
+    with pytest.raises(ValueError, match="'q_s' must be \\[5, 5\\]"):
+        _C.eigen_correction(acts, grads, q_a, q_s, None, torch.empty(5, 4))
+
+
+def test_c_rejects_wrong_device():
+    acts, grads, left, right, mask, out = _fs_args()
+    with pytest.raises(ValueError, match="device 'meta'"):
+        _C.factored_scores(acts.to("meta"), grads, left, right, mask, False, out)
+    with pytest.raises(ops.BackendUnavailable, match="native"):
+        ops.factored_scores(acts.to("meta"), grads.to("meta"), left.to("meta"), right.to("meta"), backend="native")
+
+
+def test_cuda_tensors_without_cuda_build_raise():
+    if _C.cuda_compiled() or not torch.cuda.is_available():
+        pytest.skip("needs a GPU and a CPU-only build")
+    acts, grads, left, right, _, _ = _problem(2, 3, 4, 5, 2, 2, device="cuda")
+    with pytest.raises(ops.BackendUnavailable, match="without CUDA"):
+        ops.factored_scores(acts, grads, left, right, backend="native")
+
+
+def test_dense_scores_has_no_native_kernel():
+    acts, grads = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    with pytest.raises(ops.BackendUnavailable, match="does not implement 'dense_scores'"):
+        ops.dense_scores(acts, grads, torch.randn(1, 5, 4), backend="native")
+
+
+# ---- the C API, as a C program sees it ---------------------------------------------------
+
+def _cmake():
+    try:
+        import cmake
+
+        path = os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+        if os.path.exists(path):
+            return path
+    except Exception:
+        pass
+    return shutil.which("cmake")
+
+
+def test_c_api_program(tmp_path):
+    """Builds libpyinf (CPU-only unless PYINF_C_API_TEST_CUDA=1, to keep the suite short),
+    installs it, builds tests/c_api/test_c_api.c with find_package(pyinf) and runs it."""
+    cmake = _cmake()
+    if cmake is None or shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("cmake or a C compiler is missing")
+    cuda = "1" if os.environ.get("PYINF_C_API_TEST_CUDA") == "1" else "0"
+    gen = ["-G", "Ninja"] if shutil.which("ninja") or os.path.exists(os.path.join(os.path.dirname(sys.executable), "ninja")) else []
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+
+    def run(*args):
+        res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, f"{' '.join(map(str, args))} failed:\n{res.stdout}\n{res.stderr}"
+        return res.stdout
+
+    lib_build, prefix, test_build = tmp_path / "lib", tmp_path / "prefix", tmp_path / "test"
+    run(cmake, "-S", ROOT, "-B", str(lib_build), *gen, f"-DPYINF_CUDA={cuda}", "-DPYINF_BUILD_PYTHON=OFF")
+    run(cmake, "--build", str(lib_build), "-j", str(min(os.cpu_count() or 2, 4)))
+    run(cmake, "--install", str(lib_build), "--prefix", str(prefix))
+    assert (prefix / "include" / "pyinf" / "pyinf.h").exists()
+    run(cmake, "-S", os.path.join(ROOT, "tests", "c_api"), "-B", str(test_build), *gen,
+        f"-DCMAKE_PREFIX_PATH={prefix}")
+    run(cmake, "--build", str(test_build))
+    out = run(str(test_build / "test_c_api"))
+    assert "OK" in out
+
+
+# ---- CUDA path (runs only with a GPU) ------------------------------------------------------
+
+CUDA_SHAPES = [
+    (3, 7, 13, 11, 3, 5),
+    (2, 130, 150, 70, 5, 33),  # several 64-tiles in T, d_in, d_out; r not dividing 64
+    (2, 65, 64, 64, 2, 80),    # r > 64: one query spans two column chunks
+    (1, 1, 9, 6, 40, 1),       # many queries, r = 1
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_ops_match_oracle(shape, dtype):
+    n, t, d_in, d_out, q, r = shape
+    acts, grads, left, right, mask = _problem(n, t, d_in, d_out, q, r, dtype, "cuda")
+    tol = oracle.TOLERANCE[dtype]
+    for per_token in (False, True):
+        out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="native")
+        assert oracle.rel_err(out, oracle.factored_scores(acts, grads, left, right, mask, per_token)) < tol
+    q_a, q_s = _orthonormal(d_in, "cuda"), _orthonormal(d_out, "cuda")
+    lambdas = torch.rand(d_out, d_in, device="cuda")
+    out = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="native")
+    assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask)) < tol
+    out = ops.self_influence(acts, grads, q_a, q_s, lambdas, 0.2, mask=mask, backend="native")
+    assert oracle.rel_err(out, oracle.self_influence(acts, grads, q_a, q_s, lambdas, 0.2, mask)) < tol
+    out = ops.covariance(acts, mask=mask, backend="native")
+    assert oracle.rel_err(out, oracle.covariance(acts, mask)) < tol
+    assert torch.equal(out, out.T)
+
+
+@cuda_only
+def test_cuda_deterministic_strided_and_on_side_stream():
+    acts, grads, left, right, mask = _problem(3, 100, 70, 90, 4, 16, torch.bfloat16, "cuda")
+    acts_t = acts.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strided
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        a = ops.factored_scores(acts_t, grads, left, right, mask=mask, backend="native")
+        b = ops.factored_scores(acts_t, grads, left, right, mask=mask, backend="native")
+    s.synchronize()
+    assert torch.equal(a, b)
+    assert oracle.rel_err(a, oracle.factored_scores(acts, grads, left, right, mask)) < 1e-2
+    q_a, q_s = _orthonormal(70, "cuda"), _orthonormal(90, "cuda")
+    e1 = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="native")
+    e2 = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="native")
+    assert torch.equal(e1, e2)
+
+
+@cuda_only
+def test_cuda_padding_garbage_never_leaks():
+    acts, grads, left, right, mask = _problem(2, 70, 20, 10, 3, 4, torch.float32, "cuda")
+    acts[~mask] = float("nan")
+    grads[~mask] = float("inf")
+    q_a, q_s = _orthonormal(20, "cuda"), _orthonormal(10, "cuda")
+    assert torch.isfinite(ops.covariance(acts, mask=mask, backend="native")).all()
+    assert torch.isfinite(ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="native")).all()
+    out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=True, backend="native")
+    assert torch.isfinite(out).all()
