@@ -8,7 +8,9 @@ left alone.
 from __future__ import annotations
 
 import copy
+import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -18,9 +20,26 @@ from torch import nn
 
 @dataclass
 class KronfluenceRun:
-    scores: torch.Tensor          # [n_train, n_query] float32, pyinf's orientation
+    scores: torch.Tensor          # [n_train, n_query] float32 on the CPU, pyinf's orientation
     fit_seconds: float
     score_seconds: float
+    fit_peak_bytes: Optional[int] = None
+    score_peak_bytes: Optional[int] = None
+
+
+class _Timer:
+    """Wall-clock seconds of a block (the benchmarks pass one that also syncs the device
+    and records peak memory)."""
+
+    peak_bytes = None
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._t0
+        return False
 
 
 def as_kronfluence_task(task, tracked_modules: List[str]):
@@ -44,45 +63,59 @@ def as_kronfluence_task(task, tracked_modules: List[str]):
     return _Delegate()
 
 
-def run_kronfluence(model: nn.Module, task, tracked_modules: List[str], train_data, query_data, *,
-                    fisher: str = "empirical", rank: Optional[int] = 32, damping: Optional[float] = None,
-                    batch_size: int = 8, query_batch_size: int = 8, dtype: torch.dtype = torch.float32,
-                    collate_fn: Optional[Callable] = None, output_dir: Optional[str] = None,
-                    synchronize: Callable[[], None] = lambda: None) -> KronfluenceRun:
-    """Fits EK-FAC factors and computes pairwise scores with kronfluence. `dtype` selects its
-    fp32 default or its bf16 preset (bf16 per-sample gradients and scores, fp32 factors).
-    Full SVD is used for the query low-rank step so that it matches pyinf's exactly."""
-    import time
-
-    from kronfluence.analyzer import Analyzer, prepare_model
+def kronfluence_arguments(*, fisher: str = "empirical", rank: Optional[int] = 32, damping: Optional[float] = None,
+                          precision: str = "fp32", full_svd: bool = True, query_accumulation_steps: int = 1):
+    """``(FactorArguments, ScoreArguments)``: EK-FAC, every example used, rank-r queries.
+    ``precision="fp32"`` is kronfluence's default; ``"bf16"`` its "smart low precision"
+    recipe (bf16 AMP, covariances and per-sample gradients, fp32 Lambda and preconditioning,
+    bf16 scores). ``full_svd=True`` makes its query truncation exact, as pyinf's is."""
     from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    fa = FactorArguments(strategy="ekfac", use_empirical_fisher=(fisher == "empirical"),
+                         covariance_max_examples=None, lambda_max_examples=None)
+    sa = ScoreArguments(damping_factor=damping, query_gradient_low_rank=rank, use_full_svd=full_svd,
+                        query_gradient_accumulation_steps=query_accumulation_steps)
+    if precision == "bf16":
+        bf16 = torch.bfloat16
+        fa.amp_dtype = fa.activation_covariance_dtype = fa.gradient_covariance_dtype = bf16
+        fa.per_sample_gradient_dtype = bf16
+        fa.lambda_dtype = torch.float32
+        sa.amp_dtype = sa.per_sample_gradient_dtype = sa.score_dtype = bf16
+        sa.precondition_dtype = sa.query_gradient_svd_dtype = torch.float32
+    return fa, sa
+
+
+def run_kronfluence(model: nn.Module, task, tracked_modules: List[str], train_data, query_data, *,
+                    factor_args=None, score_args=None, batch_size: int = 8, query_batch_size: int = 8,
+                    collate_fn: Optional[Callable] = None, output_dir: Optional[str] = None,
+                    timer: Callable[[], object] = _Timer) -> KronfluenceRun:
+    """Fits EK-FAC factors and computes pairwise scores with kronfluence (arguments from
+    :func:`kronfluence_arguments` unless given), timing each phase with `timer()`."""
+    from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.utils.dataset import DataLoaderKwargs
 
+    if factor_args is None or score_args is None:
+        fa, sa = kronfluence_arguments()
+        factor_args, score_args = factor_args or fa, score_args or sa
     ktask = as_kronfluence_task(task, tracked_modules)
     kmodel = prepare_model(copy.deepcopy(model), ktask)
-    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=(fisher == "empirical"))
-    score_args = ScoreArguments(damping_factor=damping, query_gradient_low_rank=rank, use_full_svd=True)
-    if dtype != torch.float32:
-        factor_args.per_sample_gradient_dtype = dtype
-        score_args.per_sample_gradient_dtype = dtype
-        score_args.score_dtype = dtype
-        score_args.precondition_dtype = dtype
-    with tempfile.TemporaryDirectory(dir=output_dir) as out:
-        analyzer = Analyzer("pyinf_compare", kmodel, ktask, cpu=next(model.parameters()).device.type == "cpu",
-                            disable_tqdm=True, output_dir=out, log_level=40)
+    device = next(model.parameters()).device
+    with tempfile.TemporaryDirectory(prefix="pyinf-kronfluence-", dir=output_dir) as out:
+        analyzer = Analyzer("pyinf_compare", kmodel, ktask, cpu=device.type == "cpu", disable_tqdm=True,
+                            output_dir=out, log_level=logging.WARNING)
         if collate_fn is not None:
             analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate_fn))
-        synchronize()
-        t0 = time.perf_counter()
-        analyzer.fit_all_factors("factors", train_data, per_device_batch_size=batch_size, factor_args=factor_args,
-                                 overwrite_output_dir=True)
-        synchronize()
-        t1 = time.perf_counter()
-        analyzer.compute_pairwise_scores("scores", "factors", query_data, train_data,
-                                         per_device_query_batch_size=query_batch_size,
-                                         per_device_train_batch_size=batch_size, score_args=score_args,
-                                         overwrite_output_dir=True)
-        synchronize()
-        t2 = time.perf_counter()
-        scores = analyzer.load_pairwise_scores("scores")["all_modules"]
-    return KronfluenceRun(scores=scores.T.float().contiguous(), fit_seconds=t1 - t0, score_seconds=t2 - t1)
+        with timer() as fit:
+            analyzer.fit_all_factors("factors", train_data, per_device_batch_size=batch_size,
+                                     factor_args=factor_args, overwrite_output_dir=True)
+        with timer() as score:
+            analyzer.compute_pairwise_scores("scores", "factors", query_data, train_data,
+                                             per_device_query_batch_size=query_batch_size,
+                                             per_device_train_batch_size=batch_size, score_args=score_args,
+                                             overwrite_output_dir=True)
+        scores = analyzer.load_pairwise_scores("scores")["all_modules"]  # [n_query, n_train]
+    return KronfluenceRun(scores=scores.T.float().contiguous().cpu(), fit_seconds=fit.seconds,
+                          score_seconds=score.seconds, fit_peak_bytes=fit.peak_bytes,
+                          score_peak_bytes=score.peak_bytes)

@@ -8,7 +8,7 @@ import pyinf
 from .models import MLPTask, RegressionDataset, TinyMLP, TokenDataset
 
 pytest.importorskip("kronfluence")
-from pyinf.kronfluence_compat import run_kronfluence  # noqa: E402
+from pyinf.kronfluence_compat import kronfluence_arguments, run_kronfluence  # noqa: E402
 
 
 def _rel(a, b):
@@ -46,8 +46,9 @@ def test_matches_kronfluence(which, rank, tmp_path):
     factors = engine.fit_factors(train, fisher="empirical", batch_size=4)
     queries = engine.prepare_queries(query, factors, rank=rank, damping=damping, batch_size=4)
     ours = engine.pairwise_scores(train, queries, batch_size=4)
-    theirs = run_kronfluence(model, task, list(engine.specs), train, query, fisher="empirical", rank=rank,
-                             damping=damping, batch_size=4, query_batch_size=4,
-                             collate_fn=getattr(task, "collate_fn", None), output_dir=str(tmp_path)).scores
+    fa, sa = kronfluence_arguments(fisher="empirical", rank=rank, damping=damping)
+    theirs = run_kronfluence(model, task, list(engine.specs), train, query, factor_args=fa, score_args=sa,
+                             batch_size=4, query_batch_size=4, collate_fn=getattr(task, "collate_fn", None),
+                             output_dir=str(tmp_path)).scores
     assert theirs.shape == ours.shape
     assert _rel(ours, theirs) <= 1e-4

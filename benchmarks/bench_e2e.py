@@ -1,0 +1,435 @@
+"""End to end: pyinf against kronfluence 1.0.1 on one model, one data set, one device.
+
+A Pythia-160M-shaped GPT-NeoX (``transformers.GPTNeoXConfig``, random weights, nothing is
+downloaded), MLP linear layers tracked (``dense_h_to_4h`` and ``dense_4h_to_h``; 24 modules
+at full size). Both libraries fit EK-FAC factors (empirical Fisher) on the same documents,
+then score the same queries with rank-r query factors and damping 0.1 x mean(Lambda).
+
+Reported: seconds and documents/s for fitting and for scoring, peak GPU memory, the
+per-query Pearson correlation between the two score matrices, and as the floor the plain
+forward+backward time of the same model over the same documents (a training step, and a
+forward plus an input-gradient-only backward). Scaling runs (pyinf) grow documents,
+sequence length, queries and rank one at a time.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import time
+from dataclasses import replace
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils import data
+
+from . import WallTimer, default_device
+from .shapes import E2EWorkload, ModelConfig, ScalingPlan
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------
+# Model and data
+# --------------------------------------------------------------------------------------
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """A GPT-NeoX with random weights (transformers' own initialisation), SDPA attention."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    config = GPTNeoXConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                           num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+                           vocab_size=cfg.vocab_size, rotary_pct=cfg.rotary_pct,
+                           max_position_embeddings=cfg.max_position_embeddings, use_cache=False,
+                           hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    except (TypeError, ValueError):
+        model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    return model.to(device=device, dtype=dtype)
+
+
+def tracked_module_names(cfg: ModelConfig) -> List[str]:
+    return [f"gpt_neox.layers.{i}.mlp.{name}" for i in range(cfg.num_hidden_layers)
+            for name in ("dense_h_to_4h", "dense_4h_to_h")]
+
+
+class ListDataset(data.Dataset):
+    def __init__(self, items):
+        self.items = list(items)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def make_documents(n: int, length: int, vocab: int, seed: int) -> ListDataset:
+    """Training documents: uniform random tokens, every token labelled."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    return ListDataset({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()} for x in ids)
+
+
+def make_queries(n: int, length: int, vocab: int, seed: int) -> ListDataset:
+    """Queries: a prompt (first half, labels -100) and a completion (second half)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    out = []
+    for x in ids:
+        labels = x.clone()
+        labels[: length // 2] = -100
+        out.append({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels})
+    return ListDataset(out)
+
+
+def _collate(examples):
+    from pyinf.task import pad_collate
+
+    return pad_collate(examples)
+
+
+def _to(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _summed_ce(logits, labels):
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------
+def pearson_per_query(a: torch.Tensor, b: torch.Tensor) -> List[float]:
+    """Pearson correlation of column q of `a` with column q of `b` (both [n_train, n_query])."""
+    a, b = a.double().cpu(), b.double().cpu()
+    a = a - a.mean(0, keepdim=True)
+    b = b - b.mean(0, keepdim=True)
+    num = (a * b).sum(0)
+    den = a.norm(dim=0) * b.norm(dim=0)
+    return [float(x) for x in (num / den.clamp_min(1e-300))]
+
+
+def _summary(values: Sequence[float]) -> Dict[str, float]:
+    v = sorted(values)
+    return dict(min=v[0], median=v[len(v) // 2], mean=sum(v) / len(v), max=v[-1]) if v else {}
+
+
+# --------------------------------------------------------------------------------------
+# Floor: the model's own forward + backward over the same documents
+# --------------------------------------------------------------------------------------
+def floor_times(model: torch.nn.Module, docs: ListDataset, batch_size: int, device: torch.device,
+                compiled: bool = False) -> Dict[str, object]:
+    """Seconds for (a) a training step (forward + full backward, parameter gradients; no
+    optimiser) and (b) a forward plus an input-gradient-only backward, over all documents
+    at `batch_size`. `compiled` times (b) only, through torch.compile (compile excluded)."""
+    loader = data.DataLoader(docs, batch_size=batch_size, collate_fn=_collate)
+    out: Dict[str, object] = dict(batch_size=batch_size, compiled=compiled)
+    m = copy.deepcopy(model).to(device)
+    emb = m.get_input_embeddings()
+
+    def input_grad_pass(fwd, batch):
+        x = emb(batch["input_ids"]).detach().requires_grad_(True)
+        logits = fwd(inputs_embeds=x, attention_mask=batch["attention_mask"]).logits
+        _summed_ce(logits, batch["labels"]).backward()
+
+    if not compiled:
+        for p in m.parameters():
+            p.requires_grad_(True)
+        first = _to(next(iter(loader)), device)  # warm-up (allocator, cuBLAS handles)
+        _summed_ce(m(input_ids=first["input_ids"], attention_mask=first["attention_mask"]).logits, first["labels"]).backward()
+        m.zero_grad(set_to_none=True)
+        with WallTimer(device) as t:
+            for batch in loader:
+                batch = _to(batch, device)
+                loss = _summed_ce(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                  batch["labels"])
+                loss.backward()
+            m.zero_grad(set_to_none=True)
+        out["train_step_s"], out["train_step_peak_bytes"] = t.seconds, t.peak_bytes
+    for p in m.parameters():
+        p.requires_grad_(False)
+    fwd = torch.compile(m) if compiled else m
+    input_grad_pass(fwd, _to(next(iter(loader)), device))  # warm-up (and compilation)
+    with WallTimer(device) as t:
+        for batch in loader:
+            input_grad_pass(fwd, _to(batch, device))
+    out["fwd_inputgrad_s"], out["fwd_inputgrad_peak_bytes"] = t.seconds, t.peak_bytes
+    del m, fwd
+    _free(device)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# kronfluence
+# --------------------------------------------------------------------------------------
+def kronfluence_arguments(wl: E2EWorkload, precision: str):
+    """FactorArguments / ScoreArguments for kronfluence 1.0.1 on this workload (see
+    :func:`pyinf.kronfluence_compat.kronfluence_arguments`): damping None (0.1 x mean(Lambda),
+    kronfluence's heuristic), every query in one pass."""
+    from pyinf.kronfluence_compat import kronfluence_arguments as arguments
+
+    return arguments(fisher=wl.fisher, rank=wl.rank, damping=None, precision=precision,
+                     full_svd=wl.kronfluence_full_svd,
+                     query_accumulation_steps=max(1, math.ceil(wl.n_queries / wl.query_batch_size)))
+
+
+def run_kronfluence(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batch_size: int, device: torch.device,
+                    precision: str, log=print) -> Dict[str, object]:
+    from pyinf.kronfluence_compat import run_kronfluence as run
+    from pyinf.task import CausalLMTask
+
+    names = tracked_module_names(wl.model)
+    fa, sa = kronfluence_arguments(wl, precision)
+    kmodel = model.to(device)
+    if precision == "fp32":
+        kmodel = copy.deepcopy(model).to(device).float()
+    result = run(kmodel, CausalLMTask(tracked_modules=names), names, docs, queries, factor_args=fa, score_args=sa,
+                 batch_size=batch_size, query_batch_size=wl.query_batch_size, collate_fn=_collate,
+                 timer=lambda: WallTimer(device))
+    out: Dict[str, object] = dict(library="kronfluence", precision=precision, batch_size=batch_size,
+                                  factor_args=fa.to_str_dict(), score_args=sa.to_str_dict(),
+                                  fit_s=result.fit_seconds, fit_peak_bytes=result.fit_peak_bytes,
+                                  score_s=result.score_seconds, score_peak_bytes=result.score_peak_bytes,
+                                  scores=result.scores)
+    del kmodel, result
+    _free(device)
+    log(f"[e2e] kronfluence {precision} batch {batch_size}: fit {out['fit_s']:.2f} s, score {out['score_s']:.2f} s")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# pyinf
+# --------------------------------------------------------------------------------------
+def pyinf_available() -> Optional[str]:
+    """None when the engine can be imported, else why not."""
+    try:
+        from pyinf import CausalLMTask, InfluenceEngine  # noqa: F401
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _pyinf_engine(model, wl: E2EWorkload, backend: str = "auto"):
+    from pyinf import CausalLMTask, InfluenceEngine
+
+    task = CausalLMTask(tracked_modules=tracked_module_names(wl.model))
+    return InfluenceEngine(model, task, backend=backend, progress=False)
+
+
+def run_pyinf(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batch_size: int, device: torch.device,
+              backend: str = "auto", log=print) -> Dict[str, object]:
+    engine = _pyinf_engine(copy.deepcopy(model).to(device), wl, backend)
+    out: Dict[str, object] = dict(library="pyinf", precision=wl.dtype, batch_size=batch_size, backend=backend)
+    with WallTimer(device) as t:
+        factors = engine.fit_factors(docs, fisher=wl.fisher, batch_size=batch_size, seed=wl.seed)
+    out["fit_s"], out["fit_peak_bytes"] = t.seconds, t.peak_bytes
+    with WallTimer(device) as t:
+        with WallTimer(device) as tq:
+            qs = engine.prepare_queries(queries, factors, rank=wl.rank, damping=None, batch_size=wl.query_batch_size)
+        scores = engine.pairwise_scores(docs, qs, batch_size=batch_size)
+    out["score_s"], out["score_peak_bytes"] = t.seconds, t.peak_bytes
+    out["prepare_queries_s"] = tq.seconds
+    out["pairwise_s"] = t.seconds - tq.seconds
+    out["scores"] = scores.float().cpu()
+    del engine, factors, qs
+    _free(device)
+    log(f"[e2e] pyinf {wl.dtype} batch {batch_size}: fit {out['fit_s']:.2f} s, score {out['score_s']:.2f} s "
+        f"(queries {out['prepare_queries_s']:.2f} s)")
+    return out
+
+
+def _warm_up(model, wl: E2EWorkload, docs, queries, device, with_pyinf: bool, log=print):
+    """One small untimed pass of each library (CUDA context, cuBLAS, Triton JIT/autotune
+    for the batch shapes), so that the timed runs measure steady state."""
+    if device.type != "cuda":
+        return
+    small = replace(wl, n_docs=min(wl.n_docs, 2 * max(wl.batch_sizes)), n_queries=min(wl.n_queries, wl.query_batch_size))
+    sd = ListDataset(docs.items[: small.n_docs])
+    sq = ListDataset(queries.items[: small.n_queries])
+    for bs in wl.batch_sizes:
+        if with_pyinf:
+            try:
+                run_pyinf(model, small, sd, sq, bs, device, log=lambda *_: None)
+            except Exception as exc:
+                log(f"[e2e] pyinf warm-up failed: {type(exc).__name__}: {exc}")
+        run_kronfluence(model, small, sd, sq, bs, device, "bf16" if wl.dtype == "bfloat16" else "fp32",
+                        log=lambda *_: None)
+
+
+def _guarded(_runs, _result, _what, _log, _device, _fn, *args, **kwargs):
+    """Run one library run; a failure (an OOM, a library error) is recorded, not raised."""
+    try:
+        _runs.append(_fn(*args, **kwargs))
+    except Exception as exc:
+        _result["skipped"].append(dict(what=_what, reason=f"failed: {type(exc).__name__}: {exc}"[:500]))
+        _log(f"[e2e] {_what} FAILED: {type(exc).__name__}: {exc}")
+        _free(_device)
+
+
+def _strip(rec: Dict[str, object]) -> Dict[str, object]:
+    return {k: v for k, v in rec.items() if k != "scores"}
+
+
+def run_e2e(wl: E2EWorkload, device: Optional[torch.device] = None, *, log=print, with_pyinf: bool = True,
+            with_kronfluence: bool = True, with_floor: bool = True) -> Dict[str, object]:
+    device = device or default_device()
+    dtype = DTYPES[wl.dtype]
+    # The master copy stays on the CPU; every run moves its own copy to the device, so that
+    # a run's peak memory counts its own model copy and nothing else of the benchmark's.
+    model = build_model(wl.model, dtype, torch.device("cpu"), wl.seed)
+    docs = make_documents(wl.n_docs, wl.doc_len, wl.model.vocab_size, wl.seed)
+    queries = make_queries(wl.n_queries, wl.query_len, wl.model.vocab_size, wl.seed)
+    result: Dict[str, object] = dict(workload=wl.to_dict(), tracked_modules=len(tracked_module_names(wl.model)),
+                                     runs=[], floor=[], pearson=[], skipped=[])
+    why_not = pyinf_available() if with_pyinf else "disabled"
+    if why_not is not None:
+        result["skipped"].append(dict(what="pyinf", reason=why_not))
+        log(f"[e2e] pyinf skipped: {why_not}")
+    runs: List[Dict[str, object]] = []
+    _warm_up(model, wl, docs, queries, device, why_not is None, log)
+    for bs in wl.batch_sizes:
+        if why_not is None:
+            _guarded(runs, result, f"pyinf batch {bs}", log, device, run_pyinf, model, wl, docs, queries, bs, device,
+                     log=log)
+        if with_kronfluence:
+            _guarded(runs, result, f"kronfluence batch {bs}", log, device, run_kronfluence, model, wl, docs, queries,
+                     bs, device, "bf16" if wl.dtype == "bfloat16" else "fp32", log=log)
+    if with_kronfluence and wl.kronfluence_fp32 and wl.dtype != "float32":
+        _guarded(runs, result, "kronfluence fp32", log, device, run_kronfluence, model, wl, docs, queries,
+                 wl.batch_sizes[0], device, "fp32", log=log)
+    for r in runs:
+        r["fit_docs_per_s"] = wl.n_docs / r["fit_s"]
+        r["score_docs_per_s"] = wl.n_docs / r["score_s"]
+    # Pearson: every pyinf run against every kronfluence run (same model, data, settings).
+    for a in (r for r in runs if r["library"] == "pyinf"):
+        for b in (r for r in runs if r["library"] == "kronfluence"):
+            per_q = pearson_per_query(a["scores"], b["scores"])
+            result["pearson"].append(dict(pyinf=f"{a['precision']} b{a['batch_size']}",
+                                          kronfluence=f"{b['precision']} b{b['batch_size']}",
+                                          per_query=per_q, **_summary(per_q)))
+    kf = [r for r in runs if r["library"] == "kronfluence"]
+    if len(kf) > 1:  # kronfluence against itself across batch size / precision: the noise floor
+        for b in kf[1:]:
+            per_q = pearson_per_query(kf[0]["scores"], b["scores"])
+            result["pearson"].append(dict(pyinf=None, kronfluence=f"{kf[0]['precision']} b{kf[0]['batch_size']} vs "
+                                          f"{b['precision']} b{b['batch_size']}", per_query=per_q, **_summary(per_q)))
+    for p in result["pearson"]:
+        log(f"[e2e] pearson {p['pyinf']} vs kronfluence {p['kronfluence']}: min {p['min']:.4f} mean {p['mean']:.4f}")
+    if with_floor:
+        for bs in wl.floor_batch_sizes:
+            try:
+                f = floor_times(model, docs, bs, device)
+            except Exception as exc:
+                result["skipped"].append(dict(what=f"floor batch {bs}", reason=f"failed: {type(exc).__name__}: {exc}"[:500]))
+                _free(device)
+                continue
+            result["floor"].append(f)
+            log(f"[e2e] floor batch {bs}: train step {f['train_step_s']:.2f} s, fwd+input-grad {f['fwd_inputgrad_s']:.2f} s")
+        if wl.compile_floor and device.type == "cuda":
+            try:
+                f = floor_times(model, docs, 32, device, compiled=True)
+                result["floor"].append(f)
+                log(f"[e2e] floor batch 32 compiled: fwd+input-grad {f['fwd_inputgrad_s']:.2f} s")
+            except Exception as exc:
+                result["skipped"].append(dict(what="compiled floor", reason=f"{type(exc).__name__}: {exc}"[:500]))
+    result["runs"] = [_strip(r) for r in runs]
+    del model
+    _free(device)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Scaling (pyinf): one axis at a time
+# --------------------------------------------------------------------------------------
+def run_scaling(plan: ScalingPlan, device: Optional[torch.device] = None, *, log=print,
+                axes: Sequence[str] = ("n_docs", "doc_len", "n_queries", "rank")) -> Dict[str, object]:
+    """For each point: pyinf fit time (document axes), query preparation and pairwise
+    scoring time, and the peak memory of each phase. Factors for the query axes are
+    fitted once at the base point."""
+    device = device or default_device()
+    why_not = pyinf_available()
+    if why_not is not None:
+        log(f"[scaling] skipped: {why_not}")
+        return dict(points=[], skipped=[dict(what="scaling", reason=why_not)])
+    base = plan.base
+    model = build_model(base.model, DTYPES[base.dtype], torch.device("cpu"), base.seed)
+    bs = plan.batch_size
+    points, skipped = [], []
+    base_factors = None
+    if device.type == "cuda":  # warm-up
+        run_pyinf(model, replace(base, n_docs=2 * bs, n_queries=base.query_batch_size),
+                  make_documents(2 * bs, base.doc_len, base.model.vocab_size, 0),
+                  make_queries(base.query_batch_size, base.query_len, base.model.vocab_size, 0), bs, device,
+                  log=lambda *_: None)
+    engine = _pyinf_engine(copy.deepcopy(model).to(device), base)
+    t_start = time.perf_counter()
+    for axis, value, wl in plan.points():
+        if axis not in axes:
+            continue
+        if time.perf_counter() - t_start > plan.max_seconds:
+            skipped.append(dict(what=f"{axis}={value}", reason=f"time budget of {plan.max_seconds:.0f} s spent"))
+            continue
+        docs = make_documents(wl.n_docs, wl.doc_len, wl.model.vocab_size, wl.seed)
+        queries = make_queries(wl.n_queries, wl.query_len, wl.model.vocab_size, wl.seed)
+        rec: Dict[str, object] = dict(axis=axis, value=value, n_docs=wl.n_docs, doc_len=wl.doc_len,
+                                      n_queries=wl.n_queries, rank=wl.rank)
+        try:
+            if axis in ("n_docs", "doc_len") or base_factors is None:
+                with WallTimer(device) as t:
+                    factors = engine.fit_factors(docs, fisher=wl.fisher, batch_size=bs, seed=wl.seed)
+                if axis in ("n_docs", "doc_len"):
+                    rec["fit_s"], rec["fit_peak_bytes"] = t.seconds, t.peak_bytes
+                if base_factors is None and axis not in ("n_docs", "doc_len"):
+                    base_factors = factors
+            else:
+                factors = base_factors
+            with WallTimer(device) as t:
+                qs = engine.prepare_queries(queries, factors, rank=wl.rank, damping=None,
+                                            batch_size=wl.query_batch_size)
+            rec["prepare_queries_s"], rec["prepare_queries_peak_bytes"] = t.seconds, t.peak_bytes
+            with WallTimer(device) as t:
+                engine.pairwise_scores(docs, qs, batch_size=bs)
+            rec["pairwise_s"], rec["pairwise_peak_bytes"] = t.seconds, t.peak_bytes
+            rec["score_s"] = rec["prepare_queries_s"] + rec["pairwise_s"]
+            rec["score_docs_per_s"] = wl.n_docs / rec["score_s"]
+            del qs
+            if factors is not base_factors:
+                del factors
+        except Exception as exc:
+            skipped.append(dict(what=f"{axis}={value}", reason=f"{type(exc).__name__}: {exc}"[:500]))
+            log(f"[scaling] {axis}={value} FAILED: {type(exc).__name__}: {exc}")
+            _free(device)
+            continue
+        points.append(rec)
+        log(f"[scaling] {axis}={value}: " + ", ".join(f"{k} {v:.3f}" for k, v in rec.items() if k.endswith("_s")))
+        _free(device)
+    del engine, model, base_factors
+    _free(device)
+    return dict(base=base.to_dict(), batch_size=bs, points=points, skipped=skipped)
+
+
+# --------------------------------------------------------------------------------------
+# python -m benchmarks.bench_e2e [--smoke]: the end-to-end part alone
+# --------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    from .shapes import e2e_workload
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    res = run_e2e(e2e_workload("smoke" if args.smoke else "full"))
+    print(json.dumps({k: v for k, v in res.items()}, indent=1, default=str)[:4000])

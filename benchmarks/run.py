@@ -1,0 +1,489 @@
+"""Run the whole benchmark suite on this machine: ``python -m benchmarks.run [--smoke] [--out DIR]``.
+
+Writes ``results.json`` and PNG plots under ``--out`` (default ``benchmarks/results/<tag>``,
+tag ``cpu-smoke``, ``cuda-full``, ...), and a markdown report into ``benchmarks/RESULTS.md``
+between the marker comments ``<!-- pyinf-bench:begin <tag> -->`` and
+``<!-- pyinf-bench:end <tag> -->`` (created at the end of the file when missing). Everything
+outside the markers, hand-written notes included, is left as it is; each tag has its own
+block, so a CPU smoke run never overwrites the GPU numbers.
+
+``--smoke`` runs tiny sizes (seconds on a CPU; the timings mean nothing, the code paths and
+the pyinf-vs-kronfluence agreement do). Without it the sizes of the benchmark issue run,
+meant for one H100 (the full suite takes several minutes there; ``--only`` runs parts).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+
+from . import default_device, environment
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SECTIONS = ("ops", "grouped", "e2e", "scaling")
+BEGIN = "<!-- pyinf-bench:begin {tag} -->"
+END = "<!-- pyinf-bench:end {tag} -->"
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------
+def run_all(preset: str, sections=SECTIONS, backends=None, scaling_axes=None, with_kronfluence=True,
+            with_floor=True, log=_log) -> Dict[str, object]:
+    from . import bench_ops
+    from .shapes import e2e_workload, scaling_plan
+
+    device = default_device()
+    res: Dict[str, object] = dict(preset=preset, started=_dt.datetime.now().isoformat(timespec="seconds"),
+                                  env=environment(device), sections=list(sections), seconds={})
+    backends = tuple(backends or bench_ops.BACKENDS)
+    from pyinf.ops import available_backends
+
+    res["backends_available"] = available_backends()
+
+    res["section_meta"] = {}
+
+    def timed(name, fn):
+        if name in SECTIONS:
+            res["section_meta"][name] = dict(at=_dt.datetime.now().isoformat(timespec="seconds"),
+                                             git=res["env"].get("git"))
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+        except Exception as exc:  # one broken section must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            out = dict(error=f"{type(exc).__name__}: {exc}"[:1000])
+        res["seconds"][name] = time.perf_counter() - t0
+        return out
+
+    if "ops" in sections or "grouped" in sections:
+        res["peak"] = timed("peak", lambda: bench_ops.measure_peak(device, preset, log))
+    if "ops" in sections:
+        res["ops"] = timed("ops", lambda: bench_ops.run_ops(preset, device, peak=res["peak"], backends=backends, log=log))
+    if "grouped" in sections:
+        res["grouped"] = timed("grouped", lambda: bench_ops.run_grouped(preset, device, peak=res["peak"],
+                                                                        backends=backends, log=log))
+    if "e2e" in sections:
+        from . import bench_e2e
+
+        res["e2e"] = timed("e2e", lambda: bench_e2e.run_e2e(e2e_workload(preset), device, log=log,
+                                                            with_kronfluence=with_kronfluence, with_floor=with_floor))
+    if "scaling" in sections:
+        from . import bench_e2e
+
+        plan = scaling_plan(preset)
+        axes = scaling_axes or ("n_docs", "doc_len", "n_queries", "rank")
+        res["scaling"] = timed("scaling", lambda: bench_e2e.run_scaling(plan, device, log=log, axes=axes))
+    return res
+
+
+def carry_over(res: Dict[str, object], json_path: str, sections) -> None:
+    """Sections this run skipped (``--only``) are taken from an earlier run of the same tag
+    and preset in the same folder, with their own timestamps, so that a GPU suite can run
+    in parts (each under the per-command time limit) and still fill one report."""
+    if not os.path.exists(json_path):
+        return
+    try:
+        with open(json_path) as fh:
+            prev = json.load(fh)
+    except (OSError, ValueError):
+        return
+    if prev.get("tag") != res.get("tag") or prev.get("preset") != res.get("preset"):
+        return
+    carried = []
+    for sec in SECTIONS:
+        if sec in sections or sec not in prev:
+            continue
+        res[sec] = prev[sec]
+        meta = (prev.get("section_meta") or {}).get(sec) or dict(at=prev.get("started"), git=(prev.get("env") or {}).get("git"))
+        res["section_meta"][sec] = dict(meta, carried_over=True)
+        if sec in (prev.get("seconds") or {}):
+            res["seconds"][sec] = prev["seconds"][sec]
+        carried.append(sec)
+    if "peak" not in res and "peak" in prev and any(s in carried for s in ("ops", "grouped")):
+        res["peak"] = prev["peak"]
+    if carried:
+        res["sections"] = [s for s in SECTIONS if s in res]
+        _log(f"[run] carried over from {json_path}: {', '.join(carried)}")
+
+
+# --------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------
+def _f(x, digits=3) -> str:
+    """A number with `digits` significant digits; '-' for None/NaN."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, int):
+        return str(x)
+    if x == 0:
+        return "0"
+    mag = math.floor(math.log10(abs(x)))
+    decimals = max(0, digits - 1 - mag)
+    return f"{x:.{decimals}f}"
+
+
+def _gb(b) -> str:
+    return "-" if b is None else f"{b / 2**30:.2f}"
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _shape(w: Dict[str, object]) -> str:
+    s = f"{w['name']}: N={w['n']} T={w['t']} {w['d_in']}->{w['d_out']}"
+    if w.get("q"):
+        s += f" Q={w['q']} r={w['r']}"
+    return s
+
+
+def _dedupe_skips(skipped: List[Dict[str, str]]) -> List[str]:
+    seen, out = set(), []
+    for s in skipped:
+        reason = s.get("reason", "")
+        key = (s.get("backend") or s.get("what"), reason if not reason.startswith("failed") else reason + s.get("op", ""))
+        if key in seen:
+            continue
+        seen.add(key)
+        who = s.get("backend") or s.get("what")
+        where = f" ({s['op']}, {s.get('workload')})" if reason.startswith("failed") else ""
+        out.append(f"- `{who}`{where}: {reason.splitlines()[0][:300]}")
+    return out
+
+
+def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
+    env = res["env"]
+    smoke = res["preset"] == "smoke"
+    out: List[str] = []
+    title = "CPU smoke run" if smoke and env["device_type"] == "cpu" else f"{res['preset']} run"
+    out.append(f"### Measured: {title} on {env['device_name']} ({res['started']})")
+    out.append("")
+    if smoke:
+        out.append("**CPU smoke (tiny sizes): these timings are meaningless for speed.** They show that every "
+                   "benchmark path runs and that pyinf and kronfluence agree (Pearson below).")
+        out.append("")
+    out.append(_table(["item", "value"], [
+        ["device", f"{env['device_name']} ({env['device_type']}" + (f", {env.get('gpu_memory_gb')} GiB" if env.get("gpu_memory_gb") else "")
+         + f", {env['cpu_threads']} CPU threads)"],
+        ["torch / CUDA", f"{env['torch']} / {env['cuda'] or '-'}"],
+        ["triton", f"{env['triton'] or '-'}" + (" (interpreter)" if env.get("triton_interpret") == "1" else "")],
+        ["transformers / kronfluence", f"{env['transformers']} / {env['kronfluence']}"],
+        ["pyinf (git)", f"{env['pyinf']} ({env['git'] or '-'})"],
+        ["suite wall time", f"{sum(res['seconds'].values()):.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()) + ")"],
+    ]))
+    out.append("")
+    meta = res.get("section_meta") or {}
+    if any(m.get("carried_over") for m in meta.values()):
+        out.append("Sections measured in separate runs: " + "; ".join(
+            f"{k} at {m['at']} (git {m.get('git') or '-'})" for k, m in meta.items()) + ".")
+        out.append("")
+    avail = res.get("backends_available", {})
+    out.append("Backends: " + ", ".join(f"`{k}` " + ("available" if v is None else "unavailable") for k, v in avail.items()) + ".")
+    out.append("")
+    peak = res.get("peak")
+    if peak and "tflops" in peak:
+        out.append(f"Matmul peak measured in this run: {peak['dtype']} {peak['size']}^3 = {_f(peak['ms'])} ms = "
+                   f"**{_f(peak['tflops'])} TFLOP/s** (the denominator of '% peak').")
+        out.append("")
+
+    ops_res = res.get("ops")
+    if ops_res and "records" in ops_res:
+        out.append(f"#### Kernels ({ops_res['dtype']} inputs, median of many runs after warm-up)")
+        out.append("")
+        out.append("`unfused` is the literal PyTorch code of DESIGN.md sec. 3 (two matmuls, multiply, sum, in the "
+                   "input dtype with an fp32 product); `torch` is the reference backend (fp32 compute). "
+                   "'vs torch' / 'vs unfused' are speed-ups (>1 = faster than that baseline). "
+                   "Extra MB: peak device memory above the inputs (CUDA only). Err: relative to the torch backend."
+                   + (" Triton here runs in its CPU interpreter and is timed once." if env.get("triton_interpret") == "1"
+                      and env["device_type"] == "cpu" else ""))
+        out.append("")
+        rows = []
+        for r in ops_res["records"]:
+            rows.append([r["op"], _shape(r["workload"]), r["backend"], _f(r["ms"]), _f(r["tflops"]),
+                         _f(r["pct_peak"], 2), _f(r.get("speedup_vs_torch")), _f(r.get("speedup_vs_unfused")),
+                         _f(r.get("peak_extra_mb")), "-" if r.get("rel_err_vs_torch") is None else f"{r['rel_err_vs_torch']:.1e}"])
+        out.append(_table(["op", "shape", "backend", "ms", "TFLOP/s", "% peak", "vs torch", "vs unfused",
+                           "extra MB", "err"], rows))
+        out.append("")
+        if ops_res.get("skipped"):
+            out.append("Not run:")
+            out += _dedupe_skips(ops_res["skipped"])
+            out.append("")
+        if plots.get("ops"):
+            out.append(f"![kernel throughput]({os.path.relpath(plots['ops'], md_dir)})")
+            out.append("")
+    elif ops_res:
+        out.append(f"Kernels: section failed: {ops_res.get('error')}")
+        out.append("")
+
+    g = res.get("grouped")
+    if g and "records" in g:
+        w = g["workload"]
+        out.append(f"#### Grouped scoring: {w['name']} ({len(w['layers'])} problems, N={w['n']} T={w['t']} "
+                   f"Q={w['q']} r={w['r']})")
+        out.append("")
+        rows = [[r["variant"], _f(r["ms"]), _f(r["tflops"]), _f(r["pct_peak"], 2), _f(r.get("speedup_vs_torch_loop")),
+                 _f(r.get("peak_extra_mb")), "-" if r.get("rel_err_vs_torch") is None else f"{r['rel_err_vs_torch']:.1e}"]
+                for r in g["records"]]
+        out.append(_table(["variant", "ms", "TFLOP/s", "% peak", "vs torch loop", "extra MB", "err"], rows))
+        out.append("")
+        if g.get("skipped"):
+            out.append("Not run:")
+            out += _dedupe_skips(g["skipped"])
+            out.append("")
+
+    e = res.get("e2e")
+    if e and "runs" in e:
+        wl = e["workload"]
+        m = wl["model"]
+        out.append(f"#### End to end: GPT-NeoX hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
+                   f"vocab {m['vocab_size']}, {e['tracked_modules']} MLP modules tracked; {wl['n_docs']} docs x "
+                   f"{wl['doc_len']} tokens, {wl['n_queries']} queries x {wl['query_len']} tokens, rank {wl['rank']}, "
+                   f"{wl['fisher']} Fisher, damping 0.1 x mean(Lambda)")
+        out.append("")
+        rows = []
+        for r in e["runs"]:
+            extra = f" (queries {_f(r['prepare_queries_s'])} s)" if "prepare_queries_s" in r else ""
+            rows.append([r["library"], r["precision"], r["batch_size"], _f(r["fit_s"]), _f(r["fit_docs_per_s"]),
+                         _f(r["score_s"]) + extra, _f(r["score_docs_per_s"]), _gb(r.get("fit_peak_bytes")),
+                         _gb(r.get("score_peak_bytes"))])
+        out.append(_table(["library", "precision", "batch", "fit s", "fit docs/s", "score s", "score docs/s",
+                           "fit peak GB", "score peak GB"], rows))
+        out.append("")
+        ratios = []
+        for p in (r for r in e["runs"] if r["library"] == "pyinf"):
+            for k in (r for r in e["runs"] if r["library"] == "kronfluence" and r["batch_size"] == p["batch_size"]):
+                fit_x, score_x = k["fit_s"] / p["fit_s"], k["score_s"] / p["score_s"]
+                mem = ""
+                if p.get("score_peak_bytes") is not None and k.get("score_peak_bytes") is not None:
+                    pm = max(p["score_peak_bytes"], p.get("fit_peak_bytes") or 0)
+                    km = max(k["score_peak_bytes"], k.get("fit_peak_bytes") or 0)
+                    mem = f"; peak memory {_gb(pm)} vs {_gb(km)} GB ({'met' if pm <= km else 'NOT met'})"
+                if smoke:  # no goal verdicts from tiny CPU runs
+                    ratios.append(f"- batch {p['batch_size']}: pyinf {p['precision']} vs kronfluence {k['precision']}: "
+                                  f"fit {_f(fit_x)}x, scoring {_f(score_x)}x")
+                    continue
+                ratios.append(
+                    f"- batch {p['batch_size']}: pyinf {p['precision']} vs kronfluence {k['precision']}: "
+                    f"fit {_f(fit_x)}x (goal 5x: {'met' if fit_x >= 5 else 'not met'}), scoring {_f(score_x)}x "
+                    f"(milestone 5x: {'met' if score_x >= 5 else 'not met'}; goal 10x: "
+                    f"{'met' if score_x >= 10 else 'not met'}){mem}")
+        if ratios:
+            out.append("Speed-ups (kronfluence seconds / pyinf seconds, same batch size, same run)"
+                       + (" - CPU smoke, meaningless for speed:" if smoke else ":"))
+            out += ratios
+            out.append("")
+        if e.get("pearson"):
+            rows = [[p["pyinf"] or "(kronfluence vs itself)", p["kronfluence"], f"{p['min']:.6f}", f"{p['median']:.6f}",
+                     f"{p['mean']:.6f}", f"{1.0 - p['min']:.1e}"] for p in e["pearson"]]
+            out.append("Per-query Pearson correlation of the score matrices:")
+            out.append("")
+            out.append(_table(["pyinf run", "kronfluence run", "min", "median", "mean", "1 - min"], rows))
+            out.append("")
+        if e.get("floor"):
+            rows = [[f["batch_size"], "yes" if f["compiled"] else "no", _f(f.get("train_step_s")),
+                     _f(f.get("fwd_inputgrad_s")), _gb(f.get("fwd_inputgrad_peak_bytes"))] for f in e["floor"]]
+            out.append("Floor: the same model over the same documents (no influence work):")
+            out.append("")
+            out.append(_table(["batch", "compiled", "training step s", "fwd + input-grad bwd s", "peak GB"], rows))
+            out.append("")
+        if e.get("skipped"):
+            out.append("Not run:")
+            out += _dedupe_skips(e["skipped"])
+            out.append("")
+    elif e:
+        out.append(f"End to end: section failed: {e.get('error')}")
+        out.append("")
+
+    s = res.get("scaling")
+    if s and s.get("points"):
+        out.append(f"#### Scaling (pyinf, batch {s['batch_size']}; one axis at a time from the base point)")
+        out.append("")
+        rows = [[p["axis"], p["value"], p["n_docs"], p["doc_len"], p["n_queries"], p["rank"], _f(p.get("fit_s")),
+                 _f(p["prepare_queries_s"]), _f(p["pairwise_s"]), _f(p["score_docs_per_s"]),
+                 _gb(max([b for b in (p.get("fit_peak_bytes"), p.get("prepare_queries_peak_bytes"),
+                                      p.get("pairwise_peak_bytes")) if b is not None], default=None))]
+                for p in s["points"]]
+        out.append(_table(["axis", "value", "docs", "tokens", "queries", "rank", "fit s", "queries s", "pairwise s",
+                           "score docs/s", "peak GB"], rows))
+        out.append("")
+        if plots.get("scaling"):
+            out.append(f"![scaling]({os.path.relpath(plots['scaling'], md_dir)})")
+            out.append("")
+    if s and s.get("skipped"):
+        out.append("Scaling not run: " + "; ".join(f"{x['what']}: {x['reason'][:200]}" for x in s["skipped"]))
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_markdown_block(path: str, tag: str, body: str) -> None:
+    """Replace the block between this tag's markers (or append one); keep the rest."""
+    begin, end = BEGIN.format(tag=tag), END.format(tag=tag)
+    text = open(path).read() if os.path.exists(path) else "# pyinf benchmark results\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        i, j = text.index(begin), text.index(end) + len(end)
+        text = text[:i] + block + text[j:]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------
+def make_plots(res: Dict[str, object], out_dir: str, tag: str) -> Dict[str, str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # plots are a nicety; the tables are the record
+        _log(f"[plots] skipped: {exc}")
+        return {}
+    plots: Dict[str, str] = {}
+    ops_res = res.get("ops") or {}
+    recs = ops_res.get("records") or []
+    if recs:
+        labels = sorted({(r["op"], r["workload"]["name"]) for r in recs}, key=lambda x: (x[0], x[1]))
+        backends = sorted({r["backend"] for r in recs}, key=lambda b: ["unfused", "torch", "triton", "native"].index(b)
+                          if b in ("unfused", "torch", "triton", "native") else 9)
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4))
+        width = 0.8 / max(1, len(backends))
+        for i, b in enumerate(backends):
+            vals = []
+            for lab in labels:
+                r = next((r for r in recs if (r["op"], r["workload"]["name"]) == lab and r["backend"] == b), None)
+                vals.append(r["tflops"] if r else 0.0)
+            ax.bar([k + i * width for k in range(len(labels))], vals, width, label=b)
+        peak = (res.get("peak") or {}).get("tflops")
+        if peak:
+            ax.axhline(peak, color="k", lw=0.8, ls="--", label=f"matmul peak {peak:.3g}")
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(labels))])
+        ax.set_xticklabels([f"{o}\n{w}" for o, w in labels], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("TFLOP/s")
+        ax.set_yscale("log")
+        ax.set_title(f"pyinf kernels ({tag})")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        plots["ops"] = os.path.join(out_dir, f"ops-{tag}.png")
+        fig.savefig(plots["ops"], dpi=110)
+        plt.close(fig)
+    pts = (res.get("scaling") or {}).get("points") or []
+    if pts:
+        axes_names = [a for a in ("n_docs", "doc_len", "n_queries", "rank") if any(p["axis"] == a for p in pts)]
+        fig, axs = plt.subplots(1, len(axes_names), figsize=(3.6 * len(axes_names), 3.2), squeeze=False)
+        for ax, name in zip(axs[0], axes_names):
+            ps = sorted((p for p in pts if p["axis"] == name), key=lambda p: p["value"])
+            xs = [p["value"] for p in ps]
+            for key, lab in (("fit_s", "fit"), ("prepare_queries_s", "queries"), ("pairwise_s", "pairwise")):
+                ys = [p.get(key) for p in ps]
+                if any(y is not None for y in ys):
+                    ax.plot(xs, [y if y is not None else float("nan") for y in ys], "o-", label=lab)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(name)
+            ax.set_ylabel("seconds")
+            mem = [max([b for b in (p.get("fit_peak_bytes"), p.get("prepare_queries_peak_bytes"),
+                                    p.get("pairwise_peak_bytes")) if b is not None], default=None) for p in ps]
+            if any(m is not None for m in mem):
+                ax2 = ax.twinx()
+                ax2.plot(xs, [m / 2**30 if m is not None else float("nan") for m in mem], "k--", lw=0.8, label="peak GB")
+                ax2.set_ylabel("peak GB")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"pyinf scaling ({tag})")
+        fig.tight_layout()
+        plots["scaling"] = os.path.join(out_dir, f"scaling-{tag}.png")
+        fig.savefig(plots["scaling"], dpi=110)
+        plt.close(fig)
+    return plots
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU smoke test; timings meaningless)")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<tag>)")
+    ap.add_argument("--results-md", default=os.path.join(HERE, "RESULTS.md"),
+                    help="markdown file to update between this run's markers ('none' to skip)")
+    ap.add_argument("--tag", default=None, help="marker tag / file suffix (default <device>-<preset>)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--backends", default=None, help="comma-separated subset of torch,triton,native")
+    ap.add_argument("--scaling-axes", default=None, help="comma-separated subset of n_docs,doc_len,n_queries,rank")
+    ap.add_argument("--fresh", action="store_true",
+                    help="do not carry over sections of an earlier results.json in --out that this run skips")
+    ap.add_argument("--no-kronfluence", action="store_true")
+    ap.add_argument("--no-floor", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: 1 for --smoke on a CPU, which avoids oversubscription "
+                         "on shared machines; torch's default otherwise)")
+    args = ap.parse_args(argv)
+
+    preset = "smoke" if args.smoke else "full"
+    device = default_device()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif args.smoke and device.type == "cpu":
+        torch.set_num_threads(1)
+    tag = args.tag or f"{device.type}-{preset}"
+    out_dir = os.path.abspath(args.out or os.path.join(HERE, "results", tag))
+    os.makedirs(out_dir, exist_ok=True)
+    sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # kronfluence's GradScaler deprecation notices
+
+    t0 = time.perf_counter()
+    res = run_all(preset, sections=sections,
+                  backends=tuple(args.backends.split(",")) if args.backends else None,
+                  scaling_axes=tuple(args.scaling_axes.split(",")) if args.scaling_axes else None,
+                  with_kronfluence=not args.no_kronfluence, with_floor=not args.no_floor)
+    res["tag"] = tag
+    res["total_seconds"] = time.perf_counter() - t0
+    json_path = os.path.join(out_dir, "results.json")
+    if not args.fresh:
+        carry_over(res, json_path, sections)
+    plots = make_plots(res, out_dir, tag)
+    res["plots"] = plots
+    with open(json_path, "w") as fh:
+        json.dump(res, fh, indent=1, default=str)
+    md_body = markdown(res, plots, os.path.dirname(os.path.abspath(args.results_md))
+                       if args.results_md != "none" else out_dir)
+    with open(os.path.join(out_dir, "results.md"), "w") as fh:
+        fh.write(md_body)
+    if args.results_md != "none":
+        write_markdown_block(args.results_md, tag, md_body)
+    _log(f"[run] {preset} suite done in {res['total_seconds']:.1f} s: {json_path}"
+         + (f", {args.results_md} [{tag}]" if args.results_md != "none" else ""))
+    errors = [k for k in SECTIONS if isinstance(res.get(k), dict) and "error" in res[k]]
+    if errors:
+        _log(f"[run] sections that failed: {errors}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

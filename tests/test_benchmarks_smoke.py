@@ -1,0 +1,131 @@
+"""The benchmark suite's CPU smoke run: ``python -m benchmarks.run --smoke`` executes every
+section and writes well-formed JSON, markdown between its markers (leaving hand-written text
+alone) and plots. Nothing timed is asserted; the one numeric check is that pyinf and
+kronfluence, given the same model, data and settings, produce correlated scores."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_smoke(out_dir, md_path, *extra):
+    env = dict(os.environ)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out_dir), "--results-md", str(md_path),
+           *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    md = tmp / "RESULTS.md"
+    md.write_text("# notes\n\nHand-written text above.\n\n"
+                  "<!-- pyinf-bench:begin cpu-smoke -->\nSTALE CONTENT\n<!-- pyinf-bench:end cpu-smoke -->\n\n"
+                  "Hand-written text below.\n")
+    proc = _run_smoke(tmp / "out", md)
+    assert proc.returncode == 0, f"smoke run failed:\nSTDOUT\n{proc.stdout[-4000:]}\nSTDERR\n{proc.stderr[-4000:]}"
+    with open(tmp / "out" / "results.json") as fh:
+        res = json.load(fh)
+    return dict(res=res, md=md.read_text(), out=tmp / "out", stdout=proc.stdout)
+
+
+def _finite_positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_every_section_ran(smoke):
+    res = smoke["res"]
+    assert res["preset"] == "smoke"
+    for section in ("ops", "grouped", "e2e", "scaling"):
+        assert section in res and "error" not in res[section], res.get(section)
+    assert _finite_positive(res["peak"]["tflops"])
+    assert {"torch", "transformers", "kronfluence", "device_name"} <= set(res["env"])
+
+
+def test_ops_records(smoke):
+    ops = smoke["res"]["ops"]
+    seen = {(r["op"], r["workload"]["name"], r["backend"]) for r in ops["records"]}
+    for op in ("covariance", "eigen_correction", "self_influence", "factored_scores", "dense_scores"):
+        assert any(o == op and b == "torch" for o, _, b in seen), op
+    for op in ("eigen_correction", "self_influence", "factored_scores"):
+        assert any(o == op and b == "unfused" for o, _, b in seen), op
+    for r in ops["records"]:
+        for key in ("ms", "tflops", "pct_peak", "speedup_vs_torch"):
+            assert _finite_positive(r[key]), (key, r)
+        assert r["rel_err_vs_torch"] is not None and r["rel_err_vs_torch"] < 1e-3, r
+    # Each backend either ran or says why not.
+    for backend in ("triton", "native"):
+        ran = any(b == backend for _, _, b in seen)
+        assert ran or any(s["backend"] == backend for s in ops["skipped"]), backend
+
+
+def test_grouped_records(smoke):
+    g = smoke["res"]["grouped"]
+    variants = {r["variant"] for r in g["records"]}
+    assert {"loop:torch", "loop:unfused", "grouped:torch"} <= variants
+    assert all(_finite_positive(r["ms"]) for r in g["records"])
+
+
+def test_e2e_pyinf_agrees_with_kronfluence(smoke):
+    e = smoke["res"]["e2e"]
+    libs = {r["library"] for r in e["runs"]}
+    assert libs == {"pyinf", "kronfluence"}, e.get("skipped")
+    for r in e["runs"]:
+        assert _finite_positive(r["fit_s"]) and _finite_positive(r["score_s"])
+    pairs = [p for p in e["pearson"] if p["pyinf"] is not None]
+    assert pairs
+    for p in pairs:
+        assert len(p["per_query"]) == e["workload"]["n_queries"]
+        # Same model, data and settings with the empirical Fisher: the scores must agree.
+        assert p["min"] > 0.9, p
+    assert e["floor"] and _finite_positive(e["floor"][0]["train_step_s"])
+
+
+def test_scaling_points(smoke):
+    s = smoke["res"]["scaling"]
+    assert {p["axis"] for p in s["points"]} == {"n_docs", "doc_len", "n_queries", "rank"}, s.get("skipped")
+
+
+def test_markdown_block_and_plots(smoke):
+    md = smoke["md"]
+    assert md.count("<!-- pyinf-bench:begin cpu-smoke -->") == 1
+    assert md.count("<!-- pyinf-bench:end cpu-smoke -->") == 1
+    assert "STALE CONTENT" not in md
+    assert "Hand-written text above." in md and "Hand-written text below." in md
+    assert "CPU smoke" in md and "meaningless for speed" in md
+    block = md.split("<!-- pyinf-bench:begin cpu-smoke -->")[1].split("<!-- pyinf-bench:end cpu-smoke -->")[0]
+    for heading in ("#### Kernels", "#### Grouped scoring", "#### End to end", "#### Scaling"):
+        assert heading in block
+    # Every table row has as many cells as its header.
+    lines = block.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("| ---"):
+            width = line.count("|")
+            j = i + 2
+            while j < len(lines) and lines[j].startswith("|"):
+                assert lines[j].count("|") == width, lines[j]
+                j += 1
+    for name in smoke["res"]["plots"].values():
+        assert os.path.getsize(name) > 1000
+        with open(name, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_block_replacement(tmp_path):
+    from benchmarks.run import write_markdown_block
+
+    path = tmp_path / "R.md"
+    path.write_text("intro\n")
+    write_markdown_block(str(path), "a", "first")
+    write_markdown_block(str(path), "b", "other")
+    write_markdown_block(str(path), "a", "second")
+    text = path.read_text()
+    assert text.startswith("intro\n")
+    assert "first" not in text and text.count("second") == 1 and text.count("other") == 1
+    assert text.index("pyinf-bench:begin a") < text.index("pyinf-bench:begin b")
