@@ -6,7 +6,7 @@ import warnings
 from typing import Any, Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
+from torch.utils.data import DataLoader, SequentialSampler, Subset
 from torch.utils.data.dataloader import default_collate
 
 

@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import pyinf
 from pyinf.capture import Capture
 
-from .models import MLPTask, RegressionDataset, TinyMLP, TokenDataset, tiny_gpt2
+from .models import MLPTask, TinyMLP, TokenDataset, tiny_gpt2
 
 
 class _RecordShapes(TorchDispatchMode):

@@ -1,6 +1,5 @@
 """Bad input gets a clear error naming what is wrong; saved files round-trip and a
 corrupt, truncated or mismatched file is refused; nothing half-written is left behind."""
-import os
 
 import pytest
 import torch
