@@ -22,8 +22,10 @@ BACKENDS: Dict[str, str] = {
 }
 
 # Order in which "auto" tries backends on a CUDA device when no measured preference
-# (pyinf.ops._preferences) covers the call. The torch reference always works.
-CUDA_ORDER: Sequence[str] = ("triton", "native", "torch")
+# (pyinf.ops._preferences) covers the call. The torch reference always works. The native
+# CUDA kernels join auto only through measured preferences: until a GPU run has timed
+# them against Triton, they run when asked for by name.
+CUDA_ORDER: Sequence[str] = ("triton", "torch")
 
 
 class BackendUnavailable(RuntimeError):
