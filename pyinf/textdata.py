@@ -52,9 +52,10 @@ def load_model(path: str, *, seed: int = 0, dtype: Optional[torch.dtype] = None)
         tok_dir = p
     if dtype is not None:
         model = model.to(dtype)
-    try:
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if any((tok_dir / name).exists() for name in tokenizer_files):
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    except Exception:
+    else:
         tokenizer = ByteTokenizer(model.config.vocab_size)
     return model.eval(), tokenizer
 

@@ -1,0 +1,93 @@
+"""The Triton backend of :mod:`pyinf.ops`: a thin adapter from the ops contract (validated
+inputs, bool mask or None, python-float damping) to the kernels in :mod:`triton_kernels`.
+
+Runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter,
+used by the test-suite on machines without a GPU). Inputs fp32 / bf16 / fp16 (fp64 stays
+on the torch reference); accumulation and results fp32. All ops are deterministic:
+repeated calls on the same inputs give bitwise-identical results.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from triton_kernels import covariance as _cov
+from triton_kernels import eigen_correction as _eig
+from triton_kernels import factored_scores as _fs
+from triton_kernels import self_influence as _si
+from triton_kernels._shared import INTERPRETING
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_OPS = ("covariance", "eigen_correction", "self_influence", "factored_scores", "factored_scores_grouped")
+
+
+def unsupported_reason(op: str, tensors: Sequence[torch.Tensor]) -> Optional[str]:
+    if op not in _OPS:
+        return f"the triton backend does not implement {op!r}"
+    for t in tensors:
+        if t.dtype not in _SUPPORTED_DTYPES:
+            return f"dtype {t.dtype} is not supported by the triton backend (fp32, bf16, fp16 only)"
+        if t.device.type == "cpu" and not INTERPRETING:
+            return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        if t.device.type not in ("cuda", "cpu"):
+            return f"device {t.device} is not supported by the triton backend"
+    return None
+
+
+def _cuda_context(t: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else _Null()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def covariance(x: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    with _cuda_context(x):
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        return _cov.covariance(x, mask, target_programs=2 * sms)
+
+
+def _eigenbases(acts, grads, q_a, q_s):
+    compute = _eig.compute_dtype_of(acts, grads)
+    return q_a.to(compute), q_s.to(compute)
+
+
+def eigen_correction(acts, grads, q_a, q_s, *, mask=None) -> torch.Tensor:
+    with _cuda_context(acts):
+        q_a, q_s = _eigenbases(acts, grads, q_a, q_s)
+        return _eig.eigen_correction(acts, grads, q_a, q_s, mask)
+
+
+def self_influence(acts, grads, q_a, q_s, lambdas, damping, *, mask=None) -> torch.Tensor:
+    with _cuda_context(acts):
+        q_a, q_s = _eigenbases(acts, grads, q_a, q_s)
+        return _si.self_influence(acts, grads, q_a, q_s, lambdas, float(damping), mask)
+
+
+def factored_scores(acts, grads, left, right, *, mask=None, per_token=False) -> torch.Tensor:
+    with _cuda_context(acts):
+        return _fs.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token)
+
+
+def factored_scores_grouped(problems, *, per_token=False) -> List[torch.Tensor]:
+    """One launch per distinct (acts, grads, left, right) dtype combination: the kernel
+    reads every problem through typed pointers from one table, so a launch needs one
+    dtype per role. Usually all layers share dtypes and this is a single launch."""
+    groups = {}
+    for i, p in enumerate(problems):
+        key = tuple(p[k].dtype for k in ("acts", "grads", "left", "right"))
+        groups.setdefault(key, []).append(i)
+    results: List[Optional[torch.Tensor]] = [None] * len(problems)
+    with _cuda_context(problems[0]["acts"]):
+        for members in groups.values():
+            outs = _fs.factored_scores_grouped([problems[i] for i in members], per_token=per_token)
+            for i, out in zip(members, outs):
+                results[i] = out
+    return results

@@ -1,0 +1,151 @@
+"""Pieces shared by the pyinf Triton kernels: the dot helper, config selection, and the
+masked rotation GEMM used by eigen_correction and self_influence.
+
+Two workarounds for Triton 3.6's interpreter (TRITON_INTERPRET=1, how these kernels are
+tested on CPU), switched on by the INTERP_FIX constexpr, which is True only when
+interpreting with bf16/fp16 operands; on a GPU it is False and the code is the plain one:
+- it stores bf16 as raw uint16 and its ``tl.dot`` multiplies those integers, so bf16
+  operands are widened to fp32 before the dot (:func:`mma`);
+- its fp32 -> bf16 cast truncates instead of rounding to nearest even (a systematic bias,
+  about 1% on eigen-corrections), so :func:`cast_rne` rounds by hand first.
+bf16/fp16 tiles go to the tensor cores with fp32 accumulation; fp32 operands use
+``input_precision="ieee"`` (IEEE) so fp32 results stay within 1e-4 of float64 (no tf32).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Decided once, at import, exactly as triton.jit decides whether to interpret.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+            torch.uint8: tl.uint8}
+
+
+def dot_flags(compute_dtype: torch.dtype) -> dict:
+    """IEEE / INTERP_FIX constexprs for :func:`mma` and :func:`cast_rne`."""
+    fix = INTERPRETING and compute_dtype != torch.float32
+    return dict(IEEE=compute_dtype == torch.float32 or fix, INTERP_FIX=fix)
+
+
+def pick_config(table: dict, compute_dtype: torch.dtype, interpreter_config: dict) -> dict:
+    """The launch config: one fixed small config under the interpreter (no autotuning on
+    CPU), else the H100 entry for this operand dtype. The tables are explicit so that a
+    first call never spends time autotuning."""
+    if INTERPRETING:
+        return dict(interpreter_config)
+    return dict(table[torch.float32 if compute_dtype == torch.float32 else torch.bfloat16])
+
+
+def launch_options(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+
+
+def block_sizes(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+
+
+@triton.jit
+def mma(a, b, acc, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
+    """acc + a @ b, fp32 accumulate (see module docstring for IEEE / INTERP_FIX)."""
+    if INTERP_FIX:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def cast_rne(x, DT: tl.constexpr, INTERP_FIX: tl.constexpr):
+    """x.to(DT), rounding fp32 -> bf16 to nearest even also under the interpreter."""
+    if INTERP_FIX and (DT == tl.bfloat16 and x.dtype == tl.float32):  # no A and B and C in triton
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)  # exact in bf16 now
+    return x.to(DT)
+
+
+# ---------------------------------------------------------------------------------------
+# Rotation into an eigenbasis: out[n, t, c] = sum_k where(mask[n,t], x[n,t,k], 0) * q[k, col0 + c]
+# An ordinary GEMM; the mask is applied on the load (tl.where semantics via `other=0`), so
+# NaN/Inf in padding rows never enters the product and rotated padding rows are exactly 0.
+# ---------------------------------------------------------------------------------------
+
+ROTATE_H100 = {
+    torch.bfloat16: dict(BLOCK_T=128, BLOCK_C=128, BLOCK_K=64, num_warps=8, num_stages=4),
+    torch.float32: dict(BLOCK_T=64, BLOCK_C=64, BLOCK_K=32, num_warps=4, num_stages=3),
+}
+ROTATE_INTERPRETER = dict(BLOCK_T=16, BLOCK_C=16, BLOCK_K=16)
+
+
+@triton.jit
+def _rotate_kernel(x_ptr, m_ptr, q_ptr, out_ptr,
+                   T, K, C, col0,
+                   s_xn, s_xt, s_xk, s_mn, s_mt, s_qk, s_qc, s_on, s_ot,
+                   HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_K: tl.constexpr, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = offs_t < T
+    if HAS_MASK:
+        row_ok &= tl.load(m_ptr + n * s_mn + offs_t * s_mt, mask=row_ok, other=0) != 0
+    col_ok = offs_c < C
+    x_rows = x_ptr + n * s_xn + offs_t.to(tl.int64) * s_xt
+    q_cols = q_ptr + (col0 + offs_c).to(tl.int64) * s_qc
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_rows[:, None] + offs_k[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        q = tl.load(q_cols[None, :] + offs_k[:, None] * s_qk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(cast_rne(x, q.dtype, INTERP_FIX), q, acc, IEEE, INTERP_FIX)
+    out = out_ptr + n * s_on + offs_t.to(tl.int64)[:, None] * s_ot + offs_c[None, :]
+    tl.store(out, cast_rne(acc, out_ptr.dtype.element_ty, INTERP_FIX), mask=(offs_t < T)[:, None] & col_ok[None, :])
+
+
+def rotate(x: torch.Tensor, mask, q: torch.Tensor, col0: int, width: int, out: torch.Tensor) -> torch.Tensor:
+    """out[n, t, :width] = masked(x)[n, t] @ q[:, col0:col0+width]. x is [n, T, K] with any
+    strides and dtype; q [K, K] is already in the compute dtype; out [n, T, width] has
+    unit inner stride and the compute dtype (it is the rotated-token temporary)."""
+    n, t, k = x.shape
+    cfg = pick_config(ROTATE_H100, q.dtype, ROTATE_INTERPRETER)
+    m = mask if mask is not None else out  # dummy pointer, never read when HAS_MASK=False
+    grid = (triton.cdiv(t, cfg["BLOCK_T"]), triton.cdiv(width, cfg["BLOCK_C"]), n)
+    _rotate_kernel[grid](
+        x, m, q, out, t, k, width, col0,
+        x.stride(0), x.stride(1), x.stride(2),
+        m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        HAS_MASK=mask is not None, **block_sizes(cfg), **dot_flags(q.dtype), **launch_options(cfg))
+    return out
+
+
+# Bytes the rotated-token temporaries (a @ Q_A and g @ Q_S for a chunk of documents) may
+# take. 32 MiB is under 5% of the 720 MB [N, d_out, d_in] fp32 temporary the unfused route
+# builds at Llama-7B up_proj size (N=4). Tests lower it to exercise chunking and slabs.
+ROTATED_TEMP_BYTES = 32 << 20
+
+
+def rotation_plan(n: int, t: int, d_in: int, d_out: int, elsize: int, block_i: int, budget: int):
+    """(documents per chunk, d_out columns per slab) so that the rotated temporaries of one
+    step, a~ [docs, T, d_in] + g~ [docs, T, slab], fit in `budget` bytes. When one
+    document's rotated tokens do not fit, g~ is produced in slabs of d_out columns (whole
+    BLOCK_I tiles) and each slab is contracted against the same a~; rotation work is not
+    repeated. If a~ of one document alone exceeds the budget, the budget is exceeded
+    (one document, one BLOCK_I slab is the smallest step)."""
+    per_doc = t * (d_in + d_out) * elsize
+    if per_doc <= budget or t == 0:
+        return max(1, min(n, budget // max(1, per_doc))), d_out
+    spare_cols = (budget - t * d_in * elsize) // (t * elsize)
+    slab = max(block_i, spare_cols // block_i * block_i)
+    return 1, min(slab, d_out)

@@ -1,0 +1,120 @@
+"""EK-FAC eigenvalue correction without the [N, d_out, d_in] temporary:
+
+    Lambda[i, j] = sum_n ( sum_t g~[n,t,i] a~[n,t,j] )^2,  a~ = mask(a) Q_A,  g~ = mask(g) Q_S
+
+Kernel 1 (triton_kernels._shared.rotate) rotates the tokens of a chunk of documents into
+the eigenbases (plain masked GEMMs into a bounded temporary, see rotation_plan). Kernel 2
+(below) owns one [BLOCK_I, BLOCK_J] tile of Lambda: for each document of the chunk it
+computes that tile of g~_n^T a~_n with tl.dot over token blocks (fp32 accumulate), squares
+it and accumulates in registers, then writes the tile once (adding to the previous chunk's
+value). Every tile is owned by one program and chunks run in order, so the result is
+deterministic: there are no atomics and no split-over-documents variant.
+
+Precision: with bf16/fp16 inputs the eigenbases are rounded to that dtype and the rotated
+tokens are stored in it (about 0.3% relative error on Lambda against float64 for random
+data, inside the 1e-2 bf16 budget); fp32 inputs stay fp32 throughout with IEEE dots.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _shared
+from ._shared import block_sizes, dot_flags, launch_options, mma, pick_config, rotate, rotation_plan
+
+# H100 configs (reasoned, not measured). BLOCK_T is the reduction (token) dimension.
+H100 = {
+    torch.bfloat16: dict(BLOCK_I=128, BLOCK_J=128, BLOCK_T=64, num_warps=8, num_stages=4),
+    torch.float32: dict(BLOCK_I=64, BLOCK_J=64, BLOCK_T=32, num_warps=8, num_stages=3),
+}
+INTERPRETER = dict(BLOCK_I=16, BLOCK_J=16, BLOCK_T=16)
+
+
+@triton.jit
+def doc_gradient_tile(g_rows, a_rows, offs_i, offs_j, i_ok, j_ok, T, s_gt, s_at,
+                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
+                      IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
+    """[BLOCK_I, BLOCK_J] tile of one document's rotated gradient g~^T a~ (fp32)."""
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = offs_t < T
+        g = tl.load(g_rows + offs_t[:, None] * s_gt + offs_i[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
+        a = tl.load(a_rows + offs_t[:, None] * s_at + offs_j[None, :], mask=t_ok[:, None] & j_ok[None, :], other=0.0)
+        acc = mma(tl.trans(g), a, acc, IEEE, INTERP_FIX)
+    return acc
+
+
+@triton.jit
+def _eigen_correction_kernel(g_ptr, a_ptr, out_ptr, n_docs, T, D_IN, SLAB, row0,
+                             s_gn, s_gt, s_an, s_at, s_oi,
+                             ACCUMULATE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                             BLOCK_T: tl.constexpr, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
+    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)  # within the d_out slab
+    offs_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    i_ok = offs_i < SLAB
+    j_ok = offs_j < D_IN
+    squares = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for n in range(0, n_docs):
+        # The rotated buffers are bounded (ROTATED_TEMP_BYTES), so n * stride fits in int32.
+        tile = doc_gradient_tile(g_ptr + n * s_gn, a_ptr + n * s_an,
+                                 offs_i, offs_j, i_ok, j_ok, T, s_gt, s_at,
+                                 BLOCK_I, BLOCK_J, BLOCK_T, IEEE, INTERP_FIX)
+        squares += tile * tile
+    dst = out_ptr + (row0 + offs_i).to(tl.int64)[:, None] * s_oi + offs_j[None, :]
+    ok = i_ok[:, None] & j_ok[None, :]
+    if ACCUMULATE:
+        squares += tl.load(dst, mask=ok, other=0.0)
+    tl.store(dst, squares, mask=ok)
+
+
+def compute_dtype_of(acts: torch.Tensor, grads: torch.Tensor) -> torch.dtype:
+    if acts.dtype == grads.dtype and acts.dtype in (torch.bfloat16, torch.float16):
+        return acts.dtype
+    return torch.float32
+
+
+def rotated_chunks(acts, grads, q_a, q_s, mask, block_i: int):
+    """Yields (docs slice, a~ [docs, T, d_in], g~ slab [docs, T, width], first row of the
+    slab) with the rotated temporaries bounded by _shared.ROTATED_TEMP_BYTES."""
+    n, t, d_in = acts.shape
+    d_out = grads.shape[2]
+    compute = q_a.dtype
+    elsize = torch.finfo(compute).bits // 8
+    docs, slab = rotation_plan(n, t, d_in, d_out, elsize, block_i, _shared.ROTATED_TEMP_BYTES)
+    a_buf = torch.empty(docs, t, d_in, dtype=compute, device=acts.device)
+    g_buf = torch.empty(docs, t, slab, dtype=compute, device=acts.device)
+    for start in range(0, n, docs):
+        sl = slice(start, min(n, start + docs))
+        m = None if mask is None else mask[sl]
+        k = sl.stop - sl.start
+        a_rot = rotate(acts[sl], m, q_a, 0, d_in, a_buf[:k])
+        for row0 in range(0, d_out, slab):
+            width = min(slab, d_out - row0)
+            g_rot = rotate(grads[sl], m, q_s, row0, width, g_buf[:k, :, :width])
+            yield sl, a_rot, g_rot, row0
+
+
+def eigen_correction(acts, grads, q_a, q_s, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[d_out, d_in] fp32. q_a / q_s must already be in compute_dtype_of(acts, grads)."""
+    n, t, d_in = acts.shape
+    d_out = grads.shape[2]
+    compute = q_a.dtype
+    cfg = pick_config(H100, compute, INTERPRETER)
+    if n == 0 or t == 0 or d_in == 0 or d_out == 0:
+        return torch.zeros(d_out, d_in, dtype=torch.float32, device=acts.device)
+    out = torch.empty(d_out, d_in, dtype=torch.float32, device=acts.device)  # chunk 1 writes all of it
+    mask = mask.view(torch.uint8) if mask is not None else None
+    seen_rows = set()
+    for sl, a_rot, g_rot, row0 in rotated_chunks(acts, grads, q_a, q_s, mask, cfg["BLOCK_I"]):
+        width = g_rot.shape[2]
+        grid = (triton.cdiv(width, cfg["BLOCK_I"]), triton.cdiv(d_in, cfg["BLOCK_J"]))
+        _eigen_correction_kernel[grid](
+            g_rot, a_rot, out, a_rot.shape[0], t, d_in, width, row0,
+            g_rot.stride(0), g_rot.stride(1), a_rot.stride(0), a_rot.stride(1), out.stride(0),
+            ACCUMULATE=row0 in seen_rows, **block_sizes(cfg), **dot_flags(compute), **launch_options(cfg))
+        seen_rows.add(row0)
+    return out

@@ -1,0 +1,248 @@
+"""Factored (low-rank query) influence scores, fused, several layers per launch.
+
+    score[n, q] = sum_t mask[n,t] sum_k (g[n,t] . L[q][:, k]) (a[n,t] . R[q][:, k])
+
+One program owns (problem, document, token split, column block). A column block is
+BLOCK_C = QB * RP columns of the virtual [d, Q*RP] factor matrix (column q*RP + k is
+query q's rank-k vector; r is padded to RP, a power of two, by masking the loads), so a
+tile always holds whole queries. For each token block of its split the program computes
+the two [BLOCK_T, BLOCK_C] products g@L and a@R with tl.dot in registers (fp32 accumulate),
+multiplies them, sums each query's RP columns (reshape + sum) and then either stores the
+[BLOCK_T, QB] per-token scores or adds them over tokens. Nothing of size N x T x Q x r
+reaches memory. The pairwise form writes one fp32 partial per (problem, doc, split, query)
+and torch sums the splits: deterministic, no atomics.
+
+Grouped launch: problems (layers) are described by rows of an int64 table (base addresses,
+sizes, strides) built on the host; program ids decompose as (problem, doc, split, column
+block) with the column block fastest, so the programs that share one token block's rows
+of g and a run together and hit L2. One launch covers every layer, document and query.
+The query factors are read in place from left [Q, d_out, r] / right [Q, d_in, r] (any
+strides), so no per-layer re-layout launches are needed.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._shared import TL_DTYPE, block_sizes, cast_rne, dot_flags, launch_options, mma, pick_config
+
+# H100 configs (reasoned, not measured). Two fp32 [128, 128] accumulators at 8 warps are
+# 128 registers/thread; bf16 operand tiles 2 x 16 KB per stage.
+H100 = {
+    torch.bfloat16: dict(BLOCK_T=128, BLOCK_C=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    torch.float32: dict(BLOCK_T=64, BLOCK_C=64, BLOCK_K=32, num_warps=8, num_stages=3),
+}
+INTERPRETER = dict(BLOCK_T=16, BLOCK_C=16, BLOCK_K=16)
+
+# Columns of the per-problem descriptor table (int64); the kernel reads them by position.
+_FIELDS = ("acts", "grads", "left", "right", "mask", "out", "has_mask", "T", "d_in", "d_out", "r",
+           "chunk", "s_an", "s_at", "s_ak", "s_gn", "s_gt", "s_gk", "s_lq", "s_ld", "s_lk",
+           "s_rq", "s_rd", "s_rk", "s_mn", "s_mt", "s_on", "s_ot")
+NF = len(_FIELDS)
+
+
+@triton.jit
+def _project(x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, K,
+             COMPUTE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+             BLOCK_K: tl.constexpr, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
+    """[BLOCK_T, BLOCK_C] = x[rows, :K] @ F[:K, cols], fp32 accumulate; masked rows are 0."""
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_rows[:, None] + offs_k[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        f = tl.load(f_ptr + f_cols[None, :] + offs_k.to(tl.int64)[:, None] * s_fd,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(cast_rne(x, COMPUTE, INTERP_FIX), cast_rne(f, COMPUTE, INTERP_FIX), acc, IEEE, INTERP_FIX)
+    return acc
+
+
+@triton.jit
+def _factored_scores_kernel(desc_ptr, N, Q, S, n_cb,
+                            ACT_T: tl.constexpr, GRAD_T: tl.constexpr, LEFT_T: tl.constexpr,
+                            RIGHT_T: tl.constexpr, COMPUTE: tl.constexpr, PER_TOKEN: tl.constexpr,
+                            RP: tl.constexpr, NF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                            IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
+    QB: tl.constexpr = BLOCK_C // RP  # whole queries per column block
+    pid = tl.program_id(0)
+    cb = pid % n_cb
+    rest = pid // n_cb
+    split = rest % S
+    rest = rest // S
+    n = (rest % N).to(tl.int64)
+    d = desc_ptr + (rest // N) * NF  # this problem's descriptor row (field order: _FIELDS)
+
+    acts = tl.load(d + 0).to(tl.pointer_type(ACT_T))
+    grads = tl.load(d + 1).to(tl.pointer_type(GRAD_T))
+    left = tl.load(d + 2).to(tl.pointer_type(LEFT_T))
+    right = tl.load(d + 3).to(tl.pointer_type(RIGHT_T))
+    mask = tl.load(d + 4).to(tl.pointer_type(tl.uint8))
+    out = tl.load(d + 5).to(tl.pointer_type(tl.float32))
+    has_mask = tl.load(d + 6) != 0
+    T = tl.load(d + 7)
+    d_in = tl.load(d + 8)
+    d_out = tl.load(d + 9)
+    r = tl.load(d + 10)
+    chunk = tl.load(d + 11)
+    s_an = tl.load(d + 12)
+    s_at = tl.load(d + 13)
+    s_ak = tl.load(d + 14)
+    s_gn = tl.load(d + 15)
+    s_gt = tl.load(d + 16)
+    s_gk = tl.load(d + 17)
+    s_lq = tl.load(d + 18)
+    s_ld = tl.load(d + 19)
+    s_lk = tl.load(d + 20)
+    s_rq = tl.load(d + 21)
+    s_rd = tl.load(d + 22)
+    s_rk = tl.load(d + 23)
+    s_mn = tl.load(d + 24)
+    s_mt = tl.load(d + 25)
+    s_on = tl.load(d + 26)
+    s_ot = tl.load(d + 27)
+    if ALIGNED:
+        # Values read from the table carry no alignment facts, unlike kernel arguments the
+        # JIT specialises. Without them bf16 loads are not vectorised, cp.async cannot be
+        # used and the K loops are not software-pipelined. The host checked these facts.
+        s_ak = 1
+        s_gk = 1
+        s_lk = 1
+        s_rk = 1
+        d_in = tl.multiple_of(d_in, 16)
+        d_out = tl.multiple_of(d_out, 16)
+        s_an = tl.multiple_of(s_an, 8)
+        s_at = tl.multiple_of(s_at, 8)
+        s_gn = tl.multiple_of(s_gn, 8)
+        s_gt = tl.multiple_of(s_gt, 8)
+        s_lq = tl.multiple_of(s_lq, 8)
+        s_ld = tl.multiple_of(s_ld, 8)
+        s_rq = tl.multiple_of(s_rq, 8)
+        s_rd = tl.multiple_of(s_rd, 8)
+        acts = tl.multiple_of(acts, 16)
+        grads = tl.multiple_of(grads, 16)
+        left = tl.multiple_of(left, 16)
+        right = tl.multiple_of(right, 16)
+
+    # Columns of this block: query q = cb*QB + c // RP, rank k = c % RP (k >= r is padding).
+    offs_c = tl.arange(0, BLOCK_C)
+    col_q = cb * QB + offs_c // RP
+    col_k = offs_c % RP
+    col_ok = (col_q < Q) & (col_k < r)
+    l_cols = col_q.to(tl.int64) * s_lq + col_k * s_lk
+    r_cols = col_q.to(tl.int64) * s_rq + col_k * s_rk
+    offs_q = cb * QB + tl.arange(0, QB)
+    q_ok = offs_q < Q
+
+    t_blocks = tl.cdiv(T, BLOCK_T)
+    tb_start = split * chunk
+    tb_end = tl.minimum(tb_start + chunk, t_blocks)
+    total = tl.zeros((QB,), dtype=tl.float32)
+    for tb in range(tb_start, tb_end):
+        offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        in_range = offs_t < T
+        m = tl.load(mask + n * s_mn + offs_t * s_mt, mask=in_range & has_mask, other=1)
+        row_ok = in_range & (m != 0)
+        per_q = tl.zeros((BLOCK_T, QB), dtype=tl.float32)
+        if tl.max(row_ok.to(tl.int32), axis=0) > 0:  # skip all-padding token blocks
+            gl = _project(grads + n * s_gn + offs_t.to(tl.int64) * s_gt, row_ok, s_gk, left, l_cols, col_ok,
+                          s_ld, d_out, COMPUTE, BLOCK_T, BLOCK_C, BLOCK_K, IEEE, INTERP_FIX)
+            ar = _project(acts + n * s_an + offs_t.to(tl.int64) * s_at, row_ok, s_ak, right, r_cols, col_ok,
+                          s_rd, d_in, COMPUTE, BLOCK_T, BLOCK_C, BLOCK_K, IEEE, INTERP_FIX)
+            per_q = tl.sum(tl.reshape(gl * ar, (BLOCK_T, QB, RP)), axis=2)  # rank reduction
+        if PER_TOKEN:
+            dst = out + n * s_on + offs_t.to(tl.int64)[:, None] * s_ot + offs_q[None, :]
+            tl.store(dst, per_q, mask=in_range[:, None] & q_ok[None, :])
+        else:
+            total += tl.sum(per_q, axis=0)
+    if not PER_TOKEN:
+        tl.store(out + n * s_on + split * s_ot + offs_q, total, mask=q_ok)
+
+
+def _aligned(problems: Sequence[dict]) -> bool:
+    """True when every problem meets the facts the ALIGNED fast path asserts: unit inner
+    strides, 16-byte aligned bases, outer strides multiples of 8 elements, d_in and d_out
+    multiples of 16 (true for real model layers; the tests cover both paths)."""
+    for p in problems:
+        for name in ("acts", "grads", "left", "right"):
+            t = p[name]
+            if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]):
+                return False
+        if p["acts"].shape[2] % 16 or p["grads"].shape[2] % 16:
+            return False
+    return True
+
+
+def _compute_dtype(acts: torch.Tensor, grads: torch.Tensor) -> torch.dtype:
+    """bf16/fp16 tensor cores when the token tensors are both that dtype, else fp32."""
+    if acts.dtype == grads.dtype and acts.dtype in (torch.bfloat16, torch.float16):
+        return acts.dtype
+    return torch.float32
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def factored_scores_grouped(problems: Sequence[dict], per_token: bool = False,
+                            splits: Optional[int] = None) -> List[torch.Tensor]:
+    """Scores for several problems (dicts: acts, grads, left, right, mask) sharing N and Q
+    and the dtypes of each of acts / grads / left / right, in one launch. Returns fp32
+    [N, Q] (or [N, T, Q]) per problem. `splits` token splits per (problem, doc) (default:
+    enough programs to fill the GPU about four times)."""
+    first = problems[0]
+    device = first["acts"].device
+    n, q = first["acts"].shape[0], first["left"].shape[0]
+    compute = _compute_dtype(first["acts"], first["grads"])
+    cfg = pick_config(H100, compute, INTERPRETER)
+    rp = triton.next_power_of_2(max(p["left"].shape[2] for p in problems))
+    cfg["BLOCK_C"] = max(cfg["BLOCK_C"], rp)
+    if rp * q < cfg["BLOCK_C"]:  # do not spend a big tile on few columns
+        cfg["BLOCK_C"] = max(16, triton.next_power_of_2(rp * q))
+    n_cb = triton.cdiv(q, cfg["BLOCK_C"] // rp)
+    t_blocks = [triton.cdiv(p["acts"].shape[1], cfg["BLOCK_T"]) for p in problems]
+    if splits is None:
+        splits = triton.cdiv(4 * _num_sms(device), len(problems) * n * n_cb)
+    splits = max(1, min(splits, max(t_blocks)))
+
+    if per_token:
+        outs = [torch.empty(n, p["acts"].shape[1], q, dtype=torch.float32, device=device) for p in problems]
+    else:
+        partial = torch.empty(len(problems), n, splits, q, dtype=torch.float32, device=device)
+        outs = list(partial.unbind(0))
+
+    rows = []
+    for p, out, tb in zip(problems, outs, t_blocks):
+        acts, grads, left, right, mask = p["acts"], p["grads"], p["left"], p["right"], p["mask"]
+        mask_u8 = mask.view(torch.uint8) if mask is not None else None
+        m_ptr, (s_mn, s_mt) = (mask_u8.data_ptr(), mask_u8.stride()) if mask is not None else (out.data_ptr(), (0, 0))
+        rows.append([acts.data_ptr(), grads.data_ptr(), left.data_ptr(), right.data_ptr(), m_ptr, out.data_ptr(),
+                     int(mask is not None), acts.shape[1], acts.shape[2], grads.shape[2], left.shape[2],
+                     triton.cdiv(tb, splits) if tb else 0, *acts.stride(), *grads.stride(), *left.stride(),
+                     *right.stride(), s_mn, s_mt, out.stride(0), out.stride(1)])
+    desc = torch.tensor(rows, dtype=torch.int64).to(device)
+    grid = (len(problems) * n * splits * n_cb,)
+    if grid[0] > 0:
+        _factored_scores_kernel[grid](
+            desc, n, q, splits, n_cb,
+            ACT_T=TL_DTYPE[first["acts"].dtype], GRAD_T=TL_DTYPE[first["grads"].dtype],
+            LEFT_T=TL_DTYPE[first["left"].dtype], RIGHT_T=TL_DTYPE[first["right"].dtype],
+            COMPUTE=TL_DTYPE[compute], PER_TOKEN=per_token, RP=rp, NF=NF, ALIGNED=_aligned(problems),
+            **block_sizes(cfg), **dot_flags(compute), **launch_options(cfg))
+    # Keep every tensor the table points at alive until the launch is queued (it is: the
+    # problems list holds them); then reduce the token splits in a fixed order.
+    if per_token:
+        return outs
+    if grid[0] == 0:
+        return [torch.zeros(n, q, dtype=torch.float32, device=device) for _ in problems]
+    return list(partial.sum(2).unbind(0))
+
+
+def factored_scores(acts, grads, left, right, mask=None, per_token=False, splits=None) -> torch.Tensor:
+    return factored_scores_grouped([dict(acts=acts, grads=grads, left=left, right=right, mask=mask)],
+                                   per_token=per_token, splits=splits)[0]
