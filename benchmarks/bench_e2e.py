@@ -223,7 +223,9 @@ def pyinf_available() -> Optional[str]:
 def _pyinf_engine(model, wl: E2EWorkload, backend: str = "auto"):
     from pyinf import CausalLMTask, InfluenceEngine
 
-    task = CausalLMTask(tracked_modules=tracked_module_names(wl.model))
+    # fused_head: the loss comes from the final hidden states without fp32 [tokens, vocab]
+    # logits (pyinf.fused_ce), the configuration pyinf is meant to run large vocabularies in.
+    task = CausalLMTask(tracked_modules=tracked_module_names(wl.model), fused_head=True)
     return InfluenceEngine(model, task, backend=backend, progress=False)
 
 
