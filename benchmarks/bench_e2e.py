@@ -238,7 +238,8 @@ def run_pyinf(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batch_size
     out["fit_s"], out["fit_peak_bytes"] = t.seconds, t.peak_bytes
     with WallTimer(device) as t:
         with WallTimer(device) as tq:
-            qs = engine.prepare_queries(queries, factors, rank=wl.rank, damping=None, batch_size=wl.query_batch_size)
+            qs = engine.prepare_queries(queries, factors, rank=wl.rank, damping=None, batch_size=wl.query_batch_size,
+                                        svd="full" if wl.kronfluence_full_svd else "randomized")
         scores = engine.pairwise_scores(docs, qs, batch_size=batch_size)
     out["score_s"], out["score_peak_bytes"] = t.seconds, t.peak_bytes
     out["prepare_queries_s"] = tq.seconds

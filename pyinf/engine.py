@@ -68,12 +68,14 @@ class InfluenceEngine:
                                        seed=seed, progress=self.progress)
 
     def prepare_queries(self, query_data: Any, factors: Factors, *, rank: Optional[int] = 32,
-                        damping: Optional[float] = None, batch_size: int = 8) -> Queries:
+                        damping: Optional[float] = None, batch_size: int = 8, svd: str = "full") -> Queries:
         """``P_q = H^-1 grad(measurement_q)`` per tracked layer, truncated to ``rank`` by SVD
-        (``rank=None`` keeps it full). ``damping=None`` means 0.1 x mean(Lambda) per module."""
+        (``rank=None`` keeps it full). ``damping=None`` means 0.1 x mean(Lambda) per module.
+        ``svd="randomized"`` truncates with a randomized SVD: far cheaper for wide layers on
+        a GPU, near-exact when the spectrum decays (see :func:`pyinf.queries.low_rank`)."""
         loader = self._loader(query_data, batch_size, "query data")
         return queries_mod.prepare_queries(**self._common(), loader=loader, factors=factors, rank=rank,
-                                           damping=damping, progress=self.progress)
+                                           damping=damping, svd=svd, progress=self.progress)
 
     def pairwise_scores(self, train_data: Any, queries: Queries, *, per_token: bool = False,
                         per_module: bool = False, batch_size: int = 8,

@@ -211,6 +211,20 @@ def test_low_rank_is_truncated_svd():
     assert torch.allclose(left @ right.transpose(1, 2), expected, atol=1e-12)
 
 
+def test_randomized_svd_recovers_a_decaying_spectrum():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(2, 60, 40, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(2, 50, 40, dtype=torch.float64))
+    s = 0.7 ** torch.arange(40, dtype=torch.float64)
+    p = (u * s) @ v.transpose(1, 2)
+    exact = low_rank(p, 5, "full")
+    approx = low_rank(p, 5, "randomized")
+    dense = lambda lr: lr[0] @ lr[1].transpose(1, 2)  # noqa: E731
+    assert _rel(dense(approx), dense(exact)) < 1e-6
+    with pytest.raises(ValueError, match="svd must be"):
+        low_rank(p, 5, "magic")
+
+
 def test_default_tracking_skips_output_embedding_and_keeps_conv1d():
     engine = pyinf.InfluenceEngine(tiny_gpt2(), pyinf.CausalLMTask(), progress=False)
     assert "lm_head" not in engine.specs
