@@ -22,6 +22,11 @@ import triton.language as tl
 # Decided once, at import, exactly as triton.jit decides whether to interpret.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Multiplies the interpreter's block sizes. The small default (16) puts block edges where
+# the op tests' small shapes cross them; a whole-pipeline test raises it, since the
+# interpreter's cost grows with the number of programs and loop steps, not with block size.
+INTERPRETER_BLOCK_SCALE = 1
+
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
             torch.uint8: tl.uint8}
 
@@ -37,7 +42,8 @@ def pick_config(table: dict, compute_dtype: torch.dtype, interpreter_config: dic
     CPU), else the H100 entry for this operand dtype. The tables are explicit so that a
     first call never spends time autotuning."""
     if INTERPRETING:
-        return dict(interpreter_config)
+        return {k: v * INTERPRETER_BLOCK_SCALE if k.startswith("BLOCK") else v
+                for k, v in interpreter_config.items()}
     return dict(table[torch.float32 if compute_dtype == torch.float32 else torch.bfloat16])
 
 
