@@ -10,7 +10,7 @@ PIP     = $(PY) -m pip
 # a CPU machine; an already present torch (a GPU image) is kept as it is.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install install-dev bench-smoke clean
+.PHONY: demo test install install-dev bench-smoke wheelhouse clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ test: $(VENV)/.installed-dev
 
 bench-smoke: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.run --smoke
+
+# Wheels a GPU session carries (the GPU image has no registry access): see
+# benchmarks/gpu_session.sh.
+wheelhouse:
+	mkdir -p .wheelhouse
+	python3 -m pip download -q --no-deps -d .wheelhouse kronfluence==1.0.1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,69 @@
+"""One small launch of every op on every CUDA backend, for compute-sanitizer:
+
+    compute-sanitizer --tool memcheck   python3 -m benchmarks.sanitize
+    compute-sanitizer --tool racecheck  python3 -m benchmarks.sanitize native
+
+Odd sizes, a mask with a fully padded document, bf16 inputs; each result is checked against
+the torch reference so that a launch that wrote nothing is caught too.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import pyinf.ops as ops
+from pyinf.ops import _registry
+
+
+def _problem(device):
+    torch.manual_seed(0)
+    n, t, d_in, d_out, q, r = 3, 37, 49, 70, 5, 7
+    bf = torch.bfloat16
+    mask = torch.rand(n, t, device=device) > 0.3
+    mask[-1] = False
+    q_a = torch.linalg.qr(torch.randn(d_in, d_in, device=device))[0]
+    q_s = torch.linalg.qr(torch.randn(d_out, d_out, device=device))[0]
+    return dict(acts=torch.randn(n, t, d_in, device=device, dtype=bf),
+                grads=torch.randn(n, t, d_out, device=device, dtype=bf), mask=mask, q_a=q_a, q_s=q_s,
+                lambdas=torch.rand(d_out, d_in, device=device), left=torch.randn(q, d_out, r, device=device, dtype=bf),
+                right=torch.randn(q, d_in, r, device=device, dtype=bf))
+
+
+def _calls(p):
+    return {
+        "covariance": lambda b: ops.covariance(p["acts"], mask=p["mask"], backend=b),
+        "eigen_correction": lambda b: ops.eigen_correction(p["acts"], p["grads"], p["q_a"], p["q_s"], mask=p["mask"],
+                                                           backend=b),
+        "self_influence": lambda b: ops.self_influence(p["acts"], p["grads"], p["q_a"], p["q_s"], p["lambdas"], 0.1,
+                                                       mask=p["mask"], backend=b),
+        "factored_scores": lambda b: ops.factored_scores(p["acts"], p["grads"], p["left"], p["right"],
+                                                         mask=p["mask"], backend=b),
+        "factored_scores_per_token": lambda b: ops.factored_scores(p["acts"], p["grads"], p["left"], p["right"],
+                                                                   mask=p["mask"], per_token=True, backend=b),
+    }
+
+
+def main(argv) -> int:
+    backends = argv or ["triton", "native"]
+    p = _problem(torch.device("cuda"))
+    failures = 0
+    for name, call in _calls(p).items():
+        ref = call("torch")
+        for backend in backends:
+            op = name.replace("_per_token", "")
+            reason = _registry.unsupported_reason(backend, op, [p["acts"], p["grads"]])
+            if reason is not None:
+                print(f"{name:28s} {backend:7s} skipped: {reason}")
+                continue
+            out = call(backend)
+            torch.cuda.synchronize()
+            err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+            ok = torch.isfinite(out).all().item() and err < 2e-2
+            failures += not ok
+            print(f"{name:28s} {backend:7s} rel err {err:.2e} {'ok' if ok else 'FAILED'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
