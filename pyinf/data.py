@@ -11,7 +11,9 @@ from torch.utils.data.dataloader import default_collate
 
 
 def make_loader(data: Any, *, batch_size: int, collate_fn: Optional[Callable] = None,
-                max_examples: Optional[int] = None, what: str = "dataset") -> DataLoader:
+                max_examples: Optional[int] = None, what: str = "dataset", pin_memory: bool = False) -> DataLoader:
+    """A loader in dataset order. ``pin_memory`` (for a model on a GPU) lets each batch's
+    host-to-device copy run asynchronously (:func:`to_device` uses ``non_blocking``)."""
     if isinstance(data, DataLoader):
         if max_examples is not None:
             raise ValueError(f"max_examples cannot limit a DataLoader; pass the {what} as a Dataset")
@@ -29,7 +31,8 @@ def make_loader(data: Any, *, batch_size: int, collate_fn: Optional[Callable] = 
         if max_examples < 1:
             raise ValueError(f"max_examples must be positive, got {max_examples}")
         data = Subset(data, range(min(max_examples, len(data))))
-    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or default_collate)
+    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or default_collate,
+                      pin_memory=pin_memory)
 
 
 def _check_not_empty(dataset, what: str) -> None:

@@ -52,8 +52,9 @@ class InfluenceEngine:
         return f"InfluenceEngine({type(self.model).__name__}, {len(self.modules)} tracked modules, backend={self.backend!r})"
 
     def _loader(self, data, batch_size, what, max_examples=None):
+        on_gpu = next(self.model.parameters()).device.type == "cuda"
         return make_loader(data, batch_size=batch_size, collate_fn=getattr(self.task, "collate_fn", None),
-                           max_examples=max_examples, what=what)
+                           max_examples=max_examples, what=what, pin_memory=on_gpu)
 
     def _common(self):
         return dict(model=self.model, task=self.task, modules=self.modules, specs=self.specs)
