@@ -127,7 +127,7 @@ class Capture:
         self._saved_requires_grad: Dict[nn.Parameter, bool] = {}
         self._saved_forward: Dict[str, object] = {}
         self._handles: List[object] = []
-        self._mask: Optional[torch.Tensor] = None
+        self._mask = None  # [B, T] bool, a dict of those by module name, or None
         self._n_docs = 0
         self._batch_index = -1
         self._nonfinite: List[tuple] = []
@@ -177,10 +177,15 @@ class Capture:
         self._saved_requires_grad.clear()
 
     # -- per batch ----------------------------------------------------------------------
-    def begin_batch(self, batch_index: int, n_docs: int, mask: Optional[torch.Tensor]) -> None:
+    def begin_batch(self, batch_index: int, n_docs: int, mask) -> None:
+        """`mask`: ``[B, T]`` for every layer, a dict of such masks by module name (layers
+        not named in it get none), or None."""
         self._batch_index = batch_index
         self._n_docs = n_docs
-        self._mask = None if mask is None else (mask != 0)
+        if isinstance(mask, dict):
+            self._mask = {name: m != 0 for name, m in mask.items() if m is not None}
+        else:
+            self._mask = None if mask is None else (mask != 0)
         self._nonfinite.clear()
         for site in self.sites.values():
             site.calls = 0
@@ -216,7 +221,7 @@ class Capture:
             self._nonfinite.append((spec.name, ~torch.isfinite(grads).all()))
         if spec.has_bias:
             acts = torch.cat([acts, acts.new_ones(acts.shape[:-1] + (1,))], dim=-1)
-        mask = self._mask
+        mask = self._mask.get(spec.name) if isinstance(self._mask, dict) else self._mask
         if mask is not None and tuple(mask.shape) != tuple(acts.shape[:2]):
             mask = None  # a layer that does not run per token (e.g. on pooled features)
         self.consumer(spec, acts, grads, mask)

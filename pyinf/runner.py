@@ -40,10 +40,16 @@ def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[
             for batch_index, batch in enumerate(bar(loader, desc=desc, total=total, progress=progress)):
                 batch = data_mod.to_device(batch, device)
                 mask = task.get_attention_mask(batch)
-                if isinstance(mask, dict):
-                    raise NotImplementedError("per-module attention masks are not supported yet; return one [B, T] mask")
-                n_docs = data_mod.count_documents(batch, mask)
-                capture.begin_batch(batch_index, n_docs, mask)
+                per_module_masks = mask if isinstance(mask, dict) else None
+                if per_module_masks is not None:
+                    # e.g. encoder-decoder models: one mask per module; the callbacks below
+                    # see none (per-token scores then take the token count from the layers)
+                    mask = None
+                    first = next(iter(per_module_masks.values()), None)
+                    n_docs = data_mod.count_documents(batch, first)
+                else:
+                    n_docs = data_mod.count_documents(batch, mask)
+                capture.begin_batch(batch_index, n_docs, per_module_masks if per_module_masks is not None else mask)
                 if on_batch_start is not None:
                     on_batch_start(batch_index, n_seen, n_docs, mask)
                 loss = objective(batch, model)

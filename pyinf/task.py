@@ -36,8 +36,9 @@ class Task(ABC):
         output embedding."""
         return None
 
-    def get_attention_mask(self, batch: Any) -> Optional[torch.Tensor]:
-        """``[B, T]`` with 1 for real tokens and 0 for padding, or None."""
+    def get_attention_mask(self, batch: Any):
+        """``[B, T]`` with 1 for real tokens and 0 for padding, or None; or a dict of such
+        masks by module name when layers see different sequences (encoder-decoder models)."""
         return None
 
 

@@ -267,3 +267,20 @@ def test_dataloader_input_matches_dataset_input(gpt2_fp32):
     queries = engine.prepare_queries(query, factors, rank=3)
     loader = torch.utils.data.DataLoader(train, batch_size=3, collate_fn=engine.task.collate_fn)
     assert torch.equal(engine.pairwise_scores(loader, queries), engine.pairwise_scores(train, queries, batch_size=3))
+
+
+def test_per_module_masks_match_one_shared_mask(gpt2_fp32):
+    engine, factors, train, query = gpt2_fp32
+
+    class PerModule(pyinf.CausalLMTask):
+        def get_attention_mask(self, batch):
+            return {name: batch["attention_mask"] for name in engine.specs}
+
+    per_module = pyinf.InfluenceEngine(engine.model, PerModule(), progress=False)
+    queries = engine.prepare_queries(query, factors, rank=3)
+    for kwargs in ({}, {"per_token": True}):
+        assert _rel(per_module.pairwise_scores(train, queries, batch_size=4, **kwargs),
+                    engine.pairwise_scores(train, queries, batch_size=4, **kwargs)) < 1e-6
+    f2 = per_module.fit_factors(train, batch_size=4, seed=0)
+    name = factors.module_names[0]
+    assert _rel(f2[name].a_cov, factors[name].a_cov) < 1e-6
