@@ -13,6 +13,34 @@ namespace cuda {
 
 constexpr int QMAX = 16;  // queries per block at most
 
+// acc += x[token rows, :] @ F[:, c0:c0+BN], K = d, staged through shared memory in slices
+// of BK. Row m of the tile is at element offset base[m] of x (-1: masked / out of range, read
+// as zeros); column c of F is rank c % R of query q0 + c / R of the factor [Q, d, R].
+__device__ __forceinline__ void factor_product(float (&As)[BK][BM + 4], float (&Bs)[BK][BN + 4],
+                                               const int64_t* base, const View3& x, const View3& f, int64_t d,
+                                               int64_t c0, int64_t q0, int64_t C, int64_t R, float (&acc)[4][4],
+                                               int tid, int ty, int tx) {
+  for (int64_t k0 = 0; k0 < d; k0 += BK) {
+    for (int e = tid; e < BM * BK; e += THREADS) {
+      const int m = e / BK, k = e % BK;
+      As[k][m] = (base[m] >= 0 && k0 + k < d) ? ld(x.p, x.dt, base[m] + (k0 + k) * x.s2) : 0.0f;
+    }
+    for (int e = tid; e < BK * BN; e += THREADS) {
+      const int k = e / BN, c = e % BN;
+      const int64_t col = c0 + c;
+      float v = 0.0f;
+      if (k0 + k < d && col < C) {
+        const int64_t q = q0 + col / R, kr = col % R;
+        v = ld(f.p, f.dt, q * f.s0 + (k0 + k) * f.s1 + kr * f.s2);
+      }
+      Bs[k][c] = v;
+    }
+    __syncthreads();
+    mma_slice(As, Bs, acc, ty, tx);
+    __syncthreads();
+  }
+}
+
 __global__ void __launch_bounds__(THREADS) factored_scores_kernel(View3 acts, View3 grads, View3 left, View3 right,
                                                                   MaskView mask, int64_t N, int64_t T, int64_t d_in,
                                                                   int64_t d_out, int64_t Q, int64_t R, int QB,
@@ -45,48 +73,9 @@ __global__ void __launch_bounds__(THREADS) factored_scores_kernel(View3 acts, Vi
       float gl[4][4], ar[4][4];
       zero(gl);
       zero(ar);
-      // GL = g[tokens, :] @ L[:, c0:c0+BN]
-      for (int64_t k0 = 0; k0 < d_out; k0 += BK) {
-        for (int e = tid; e < BM * BK; e += THREADS) {
-          const int m = e / BK, k = e % BK;
-          const int64_t base = g_base[m];
-          As[k][m] = (base >= 0 && k0 + k < d_out) ? ld(grads.p, grads.dt, base + (k0 + k) * grads.s2) : 0.0f;
-        }
-        for (int e = tid; e < BK * BN; e += THREADS) {
-          const int k = e / BN, c = e % BN;
-          const int64_t col = c0 + c;
-          float v = 0.0f;
-          if (k0 + k < d_out && col < C) {
-            const int64_t q = q0 + col / R, kr = col % R;
-            v = ld(left.p, left.dt, q * left.s0 + (k0 + k) * left.s1 + kr * left.s2);
-          }
-          Bs[k][c] = v;
-        }
-        __syncthreads();
-        mma_slice(As, Bs, gl, ty, tx);
-        __syncthreads();
-      }
-      // AR = a[tokens, :] @ R[:, c0:c0+BN]
-      for (int64_t k0 = 0; k0 < d_in; k0 += BK) {
-        for (int e = tid; e < BM * BK; e += THREADS) {
-          const int m = e / BK, k = e % BK;
-          const int64_t base = a_base[m];
-          As[k][m] = (base >= 0 && k0 + k < d_in) ? ld(acts.p, acts.dt, base + (k0 + k) * acts.s2) : 0.0f;
-        }
-        for (int e = tid; e < BK * BN; e += THREADS) {
-          const int k = e / BN, c = e % BN;
-          const int64_t col = c0 + c;
-          float v = 0.0f;
-          if (k0 + k < d_in && col < C) {
-            const int64_t q = q0 + col / R, kr = col % R;
-            v = ld(right.p, right.dt, q * right.s0 + (k0 + k) * right.s1 + kr * right.s2);
-          }
-          Bs[k][c] = v;
-        }
-        __syncthreads();
-        mma_slice(As, Bs, ar, ty, tx);
-        __syncthreads();
-      }
+      // GL = g[tokens, :] @ L[:, c0:c0+BN] and AR = a[tokens, :] @ R[:, c0:c0+BN]
+      factor_product(As, Bs, g_base, grads, left, d_out, c0, q0, C, R, gl, tid, ty, tx);
+      factor_product(As, Bs, a_base, acts, right, d_in, c0, q0, C, R, ar, tid, ty, tx);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
