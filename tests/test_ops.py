@@ -209,8 +209,12 @@ def test_bad_input_is_named(call, message):
 
 
 def test_explicit_unavailable_backend_raises():
-    x = torch.randn(2, 3, 4)
+    """A backend asked for by name that cannot run the call raises and names itself (fp64 is
+    the reference's alone); auto falls back to torch for the same call."""
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
     for name in ("triton", "native"):
-        if _registry.unsupported_reason(name, "covariance", [x]) is not None:
-            with pytest.raises(ops.BackendUnavailable, match=name):
-                ops.covariance(x, backend=name)
+        with pytest.raises(ops.BackendUnavailable, match=name):
+            ops.covariance(x, backend=name)
+    assert ops.resolve_backend("covariance", "auto", [x]) == "torch"
+    with pytest.raises(ops.BackendUnavailable, match="backend 'triton' cannot run"):
+        ops.dense_scores(torch.randn(1, 2, 3), torch.randn(1, 2, 4), torch.randn(1, 4, 3), backend="triton")
