@@ -6,8 +6,8 @@ nothing). FLOP formulas are those of DESIGN.md section 2, per document, times N.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List, Tuple
 
 # --------------------------------------------------------------------------------------
 # Layer shapes (d_in -> d_out of y = W x), as in DESIGN.md section 3.

@@ -18,15 +18,7 @@ __global__ void __launch_bounds__(THREADS) covariance_kernel(View3 x, MaskView m
   float acc[4][4];
   zero(acc);
   for (int64_t r0 = 0; r0 < rows; r0 += BK) {
-    if (tid < BK) {
-      const int64_t r = r0 + tid;
-      int64_t base = -1;
-      if (r < rows) {
-        const int64_t n = r / T, t = r % T;
-        if (keep(mask, n, t)) base = n * x.s0 + t * x.s1;
-      }
-      row_base[tid] = base;
-    }
+    if (tid < BK) row_base[tid] = token_row_offset(r0 + tid, rows, T, x, mask);
     __syncthreads();
     // As[k][m] = x[row r0+k, i0+m], Bs[k][c] = x[row r0+k, j0+c]; threads walk the feature dim.
     for (int e = tid; e < BK * BM; e += THREADS) {

@@ -53,6 +53,15 @@ __device__ __forceinline__ bool keep(const MaskView& m, int64_t n, int64_t t) {
   return m.p == nullptr || m.p[n * m.s0 + t * m.s1] != 0;
 }
 
+// Element offset of flattened token row r = n * T + t of a strided [N, T, *] input, or -1
+// when r is past the last row or the token is masked out (its values are then never read).
+__device__ __forceinline__ int64_t token_row_offset(int64_t r, int64_t rows, int64_t T, const View3& x,
+                                                    const MaskView& mask) {
+  if (r >= rows) return -1;
+  const int64_t n = r / T, t = r % T;
+  return keep(mask, n, t) ? n * x.s0 + t * x.s1 : -1;
+}
+
 // acc[i][j] += sum_k As[k][ty*4+i] * Bs[k][tx*4+j] over one staged K slice.
 __device__ __forceinline__ void mma_slice(const float (&As)[BK][BM + 4], const float (&Bs)[BK][BN + 4],
                                           float (&acc)[4][4], int ty, int tx) {

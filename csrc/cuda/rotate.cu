@@ -12,15 +12,7 @@ __global__ void __launch_bounds__(THREADS) rotate_kernel(View3 x, View2 q, MaskV
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * BN;
   const int64_t rows = N * T;
-  if (tid < BM) {
-    const int64_t r = row0 + tid;
-    int64_t base = -1;
-    if (r < rows) {
-      const int64_t n = r / T, t = r % T;
-      if (keep(mask, n, t)) base = n * x.s0 + t * x.s1;
-    }
-    row_base[tid] = base;
-  }
+  if (tid < BM) row_base[tid] = token_row_offset(row0 + tid, rows, T, x, mask);
   __syncthreads();
   float acc[4][4];
   zero(acc);
