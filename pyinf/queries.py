@@ -132,6 +132,35 @@ def _randomized_svd(p: torch.Tensor, r: int, *, oversample: int, power_iteration
     return basis @ u_small, s, vh
 
 
+class _MeasurementObjective:
+    """The query pass's objective: the batch's summed measurement. When the task has
+    ``compute_measurement_per_example``, each query's own value is kept from the same forward
+    (no second pass over the queries)."""
+
+    def __init__(self, task):
+        self.task = task
+        self.per_example = getattr(task, "compute_measurement_per_example", None)
+        self.n_docs = 0
+        self.kept: list = []
+        self.complete = self.per_example is not None
+
+    def __call__(self, batch, model):
+        values = self.per_example(batch, model) if self.complete else None
+        if values is None:
+            self.complete = False
+            return self.task.compute_measurement(batch, model)
+        if not isinstance(values, torch.Tensor) or values.shape != (self.n_docs,):
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ValueError(f"{type(self.task).__name__}.compute_measurement_per_example must return one value per "
+                             f"example ([{self.n_docs}] for this batch), got {shape}")
+        self.kept.append(values.detach())
+        return values.sum()
+
+    def values(self):
+        """Every query's measurement in order, or None when the task gave batch sums only."""
+        return torch.cat(self.kept).double().cpu().tolist() if self.complete and self.kept else None
+
+
 def per_example_measurements(model, task, loader, progress=None) -> list:
     """Each query's own measurement (e.g. the completion's -log p), one example at a time,
     without gradients: the task returns batch sums, so this is how per-query values come out."""
@@ -185,14 +214,22 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
             parts[spec.name].setdefault("left", []).append(left.contiguous().cpu())
             parts[spec.name].setdefault("right", []).append(right.contiguous().cpu())
 
-    n_queries = run_pass(model, task, modules, specs, loader, objective=task.compute_measurement,
-                         consumer=consume, desc="pyinf: queries", progress=progress,
-                         on_batch_start=lambda *_: self_terms.append(None))
+    objective = _MeasurementObjective(task)
+
+    def on_start(batch_index, first, n_docs, mask):
+        self_terms.append(None)
+        objective.n_docs = n_docs
+
+    n_queries = run_pass(model, task, modules, specs, loader, objective=objective, consumer=consume,
+                         desc="pyinf: queries", progress=progress, on_batch_start=on_start)
+    measurements = objective.values()
+    if measurements is None:  # the task gives batch sums only
+        measurements = per_example_measurements(model, task, loader, progress)
     tensors = {n: {k: torch.cat(v) for k, v in d.items()} for n, d in parts.items()}
     for n, d in tensors.items():
         if not d or next(iter(d.values())).shape[0] != n_queries:
             raise RuntimeError(f"module {n!r} did not receive a gradient for every query")
     meta = dict(rank=rank, svd=svd, n_queries=n_queries, factors_id=factors.id, damping=damping_by_module,
                 damping_arg=damping, self_influence=torch.cat([t.cpu() for t in self_terms]).tolist(),
-                measurements=per_example_measurements(model, task, loader, progress))
+                measurements=measurements)
     return Queries(dict(specs), tensors, meta)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_ce import linear_cross_entropy
+
 
 class Task(ABC):
     """Same contract as ``kronfluence.Task``.
@@ -30,6 +32,13 @@ class Task(ABC):
     @abstractmethod
     def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         raise NotImplementedError
+
+    def compute_measurement_per_example(self, batch: Any, model: nn.Module) -> Optional[torch.Tensor]:
+        """Optional (not in kronfluence): the measurement of each example of the batch,
+        ``[B]``, whose sum is :meth:`compute_measurement`. When given, query preparation takes
+        the gradient and each query's own measurement (the per-nat normalisation needs it)
+        from one pass; when None, it makes one more gradient-free pass, one example at a time."""
+        return None
 
     def get_influence_tracked_modules(self) -> Optional[List[str]]:
         """Names of the modules to track, or None for every Linear/Conv1D layer but the
@@ -104,16 +113,38 @@ class CausalLMTask(Task):
     def collate_fn(self, examples):
         return pad_collate(examples, self.pad_token_id)
 
-    def _logits_and_labels(self, batch, model):
-        logits = _logits(model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")))
+    def _labels(self, batch):
         labels = batch.get("labels")
         if labels is None:
-            labels = batch["input_ids"].masked_fill(batch.get("attention_mask", 1) == 0, -100)
-        return logits[:, :-1], labels[:, 1:]
+            mask = batch.get("attention_mask")
+            labels = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, -100)
+        return labels[:, 1:]
 
-    def _fused_loss(self, batch, model, sample: bool):
-        from .fused_ce import linear_cross_entropy
+    def _token_losses(self, batch, model, sample: bool) -> torch.Tensor:
+        """Cross-entropy of each next-token prediction, ``[B, T-1]``, zero where the label is
+        -100; fp32 (fp64 for an fp64 model)."""
+        if self.fused_head:
+            hidden, head = self._hidden_and_head(batch, model)
+            labels = self._labels(batch)
+            h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            rows = linear_cross_entropy(h, head.weight, labels.reshape(-1), getattr(head, "bias", None),
+                                        sample=sample, reduction="none")
+            return rows.reshape(labels.shape)
+        logits = _logits(model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")))
+        logits = logits[:, :-1].float()
+        labels = self._labels(batch)
+        if sample:
+            # True Fisher: labels drawn from the model's own predictive distribution, on the
+            # positions that carry a loss.
+            with torch.no_grad():
+                probs = torch.softmax(logits.detach(), dim=-1)
+                sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(labels.shape)
+            labels = torch.where(labels == -100, labels, sampled)
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                 ignore_index=-100, reduction="none")
+        return losses.reshape(labels.shape)
 
+    def _hidden_and_head(self, batch, model):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         base = getattr(model, "base_model", None)
         if head is None or base is None or base is model:
@@ -126,30 +157,16 @@ class CausalLMTask(Task):
                                  f"head does not apply; use fused_head=False")
         out = base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        labels = batch.get("labels")
-        if labels is None:
-            labels = batch["input_ids"].masked_fill(batch.get("attention_mask", 1) == 0, -100)
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        return linear_cross_entropy(h, head.weight, labels[:, 1:].reshape(-1), getattr(head, "bias", None),
-                                    sample=sample)
+        return hidden, head
 
     def compute_train_loss(self, batch, model, sample: bool = False):
-        if self.fused_head:
-            return self._fused_loss(batch, model, sample)
-        logits, labels = self._logits_and_labels(batch, model)
-        logits = logits.float()
-        if sample:
-            # True Fisher: labels drawn from the model's own predictive distribution, on the
-            # positions that carry a loss.
-            with torch.no_grad():
-                probs = torch.softmax(logits.detach(), dim=-1)
-                sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(labels.shape)
-            labels = torch.where(labels == -100, labels, sampled)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=-100, reduction="sum")
+        return self._token_losses(batch, model, sample).sum()
 
     def compute_measurement(self, batch, model):
         return self.compute_train_loss(batch, model, sample=False)
+
+    def compute_measurement_per_example(self, batch, model):
+        return self._token_losses(batch, model, sample=False).sum(1)
 
     def get_influence_tracked_modules(self):
         return self.tracked_modules

@@ -59,3 +59,46 @@ def test_fused_head_refuses_plain_modules():
     with pytest.raises(TypeError, match="fused_head=True"):
         pyinf.CausalLMTask(fused_head=True).compute_train_loss(
             {"input_ids": torch.ones(1, 3, dtype=torch.long)}, TinyMLP())
+
+
+def test_per_row_losses_and_their_gradient_match_autograd(monkeypatch):
+    monkeypatch.setattr(fused_ce, "_CHUNK_ELEMENTS", 2 * 29)
+    torch.manual_seed(1)
+    n, d, v = 17, 6, 29
+    hidden = torch.randn(n, d, dtype=torch.float64)
+    weight = torch.randn(v, d, dtype=torch.float64)
+    labels = torch.randint(0, v, (n,))
+    labels[1::3] = -100
+    weights = torch.randn(n, dtype=torch.float64)  # a different upstream gradient per row
+    h = hidden.clone().requires_grad_()
+    rows = fused_ce.linear_cross_entropy(h, weight, labels, reduction="none")
+    (rows * weights).sum().backward()
+    ref_h = hidden.clone().requires_grad_()
+    ref = F.cross_entropy(ref_h @ weight.T, labels, ignore_index=-100, reduction="none")
+    (ref * weights).sum().backward()
+    assert rows.shape == (n,) and torch.allclose(rows, ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(h.grad, ref_h.grad, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'none'"):
+        fused_ce.linear_cross_entropy(hidden, weight, labels, reduction="mean")
+
+
+def test_fused_head_per_example_measurements_match_default_path():
+    model = tiny_gpt2(seed=3)
+    batch = pyinf.pad_collate([TokenDataset(3, seed=5, completion=2)[i] for i in range(3)])
+    with torch.no_grad():
+        plain = pyinf.CausalLMTask().compute_measurement_per_example(batch, model)
+        fused = pyinf.CausalLMTask(fused_head=True).compute_measurement_per_example(batch, model)
+        total = pyinf.CausalLMTask().compute_measurement(batch, model)
+    assert plain.shape == (3,) and torch.allclose(plain, fused, rtol=1e-5)
+    assert torch.allclose(plain.sum(), total, rtol=1e-6)
+
+
+def test_batch_of_input_ids_only_scores_every_next_token():
+    model = tiny_gpt2(seed=1)
+    ids = torch.randint(0, 40, (2, 5))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        for fused in (False, True):
+            loss = pyinf.CausalLMTask(fused_head=fused).compute_train_loss({"input_ids": ids}, model)
+            assert torch.allclose(loss, ref, rtol=1e-5)

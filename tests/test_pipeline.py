@@ -284,3 +284,42 @@ def test_per_module_masks_match_one_shared_mask(gpt2_fp32):
     f2 = per_module.fit_factors(train, batch_size=4, seed=0)
     name = factors.module_names[0]
     assert _rel(f2[name].a_cov, factors[name].a_cov) < 1e-6
+
+
+def test_query_measurements_come_from_the_gradient_pass(gpt2_fp32):
+    """CausalLMTask gives per-example measurements, so query preparation makes one forward per
+    batch; a task with batch sums only falls back to one more forward per query. Both agree."""
+    engine, factors, train, query = gpt2_fp32
+
+    class SumsOnly(pyinf.CausalLMTask):
+        def compute_measurement_per_example(self, batch, model):
+            return None
+
+    forwards = []
+    handle = engine.model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        one_pass = engine.prepare_queries(query, factors, rank=3, batch_size=3)
+        n_one_pass = len(forwards)
+        forwards.clear()
+        sums_only = pyinf.InfluenceEngine(engine.model, SumsOnly(), progress=False)
+        two_pass = sums_only.prepare_queries(query, factors, rank=3, batch_size=3)
+        n_two_pass = len(forwards)
+    finally:
+        handle.remove()
+    assert n_one_pass == 2  # 4 queries in batches of 3
+    assert n_two_pass == 2 + len(query)
+    assert _rel(one_pass.measurements, two_pass.measurements) < 1e-6
+    assert (one_pass.measurements > 0).all()
+
+
+def test_per_example_measurement_of_the_wrong_shape_is_refused(gpt2_fp32):
+    engine, factors, train, query = gpt2_fp32
+
+    class Broken(pyinf.CausalLMTask):
+        def compute_measurement_per_example(self, batch, model):
+            return super().compute_measurement_per_example(batch, model)[:1]
+
+    broken = pyinf.InfluenceEngine(engine.model, Broken(), progress=False)
+    with pytest.raises(ValueError, match=r"Broken.compute_measurement_per_example must return one value per example "
+                                         r"\(\[3\] for this batch\), got \(1,\)"):
+        broken.prepare_queries(query, factors, rank=3, batch_size=3)
