@@ -358,3 +358,37 @@ def test_kernels_compile_for_h100_without_spills(tmp_path):
         assert r["pipelined"], r
         if "bfloat16" in r["label"]:
             assert r["wgmma"], r
+
+
+def test_eigenbasis_casts_are_reused_until_the_source_changes():
+    """The bf16 ops cast the fp32 eigenbases once per source tensor, not once per call; an
+    in-place change of the source, or a new tensor, is cast again; dead sources leave the cache."""
+    import gc
+
+    from pyinf.ops import _triton
+    cache = _triton._CastCache()
+    q = torch.randn(6, 6, device=DEVICE)
+    first = cache.get(q, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, q.to(torch.bfloat16))
+    assert cache.get(q, torch.bfloat16) is first
+    assert cache.get(q, torch.float32) is q
+    q.mul_(2)  # in place: the version counter moves
+    again = cache.get(q, torch.bfloat16)
+    assert again is not first and torch.equal(again, q.to(torch.bfloat16))
+    del q, first, again
+    gc.collect()
+    assert not cache._entries
+
+    # through the op: the same answer as with a fresh cast
+    acts = torch.randn(2, 5, 4, device=DEVICE).bfloat16()
+    grads = torch.randn(2, 5, 3, device=DEVICE).bfloat16()
+    q_a, q_s = torch.linalg.qr(torch.randn(4, 4))[0].to(DEVICE), torch.linalg.qr(torch.randn(3, 3))[0].to(DEVICE)
+    one = ops.eigen_correction(acts, grads, q_a, q_s, backend="triton")
+    two = ops.eigen_correction(acts, grads, q_a, q_s, backend="triton")
+    assert torch.equal(one, two)
+    assert torch.equal(one, _eig_fresh(acts, grads, q_a, q_s))
+
+
+def _eig_fresh(acts, grads, q_a, q_s):
+    from triton_kernels import eigen_correction as eig
+    return eig.eigen_correction(acts, grads, q_a.bfloat16(), q_s.bfloat16(), None)
