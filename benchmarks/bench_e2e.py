@@ -236,6 +236,7 @@ def run_pyinf(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batch_size
     with WallTimer(device) as t:
         factors = engine.fit_factors(docs, fisher=wl.fisher, batch_size=batch_size, seed=wl.seed)
     out["fit_s"], out["fit_peak_bytes"] = t.seconds, t.peak_bytes
+    out["fit_phases_s"] = dict(factors.meta.get("seconds", {}))  # covariance pass, eigh, Lambda pass
     with WallTimer(device) as t:
         with WallTimer(device) as tq:
             qs = engine.prepare_queries(queries, factors, rank=wl.rank, damping=None, batch_size=wl.query_batch_size,
@@ -247,7 +248,8 @@ def run_pyinf(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batch_size
     out["scores"] = scores.float().cpu()
     del engine, factors, qs
     _free(device)
-    log(f"[e2e] pyinf {wl.dtype} batch {batch_size}: fit {out['fit_s']:.2f} s, score {out['score_s']:.2f} s "
+    phases = ", ".join(f"{k} {v:.2f}" for k, v in out["fit_phases_s"].items())
+    log(f"[e2e] pyinf {wl.dtype} batch {batch_size}: fit {out['fit_s']:.2f} s ({phases}), score {out['score_s']:.2f} s "
         f"(queries {out['prepare_queries_s']:.2f} s)")
     return out
 

@@ -261,7 +261,10 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
         rows = []
         for r in e["runs"]:
             extra = f" (queries {_f(r['prepare_queries_s'])} s)" if "prepare_queries_s" in r else ""
-            rows.append([r["library"], r["precision"], r["batch_size"], _f(r["fit_s"]), _f(r["fit_docs_per_s"]),
+            phases = r.get("fit_phases_s") or {}
+            fit_extra = (f" (cov {_f(phases['covariance_pass'])} + eigh {_f(phases['eigendecomposition'])} + "
+                         f"Lambda {_f(phases['lambda_pass'])})") if len(phases) == 3 else ""
+            rows.append([r["library"], r["precision"], r["batch_size"], _f(r["fit_s"]) + fit_extra, _f(r["fit_docs_per_s"]),
                          _f(r["score_s"]) + extra, _f(r["score_docs_per_s"]), _gb(r.get("fit_peak_bytes")),
                          _gb(r.get("score_peak_bytes"))])
         out.append(_table(["library", "precision", "batch", "fit s", "fit docs/s", "score s", "score docs/s",

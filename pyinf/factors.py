@@ -3,6 +3,7 @@ over non-padding tokens, their eigenbases (eigh in float64), and the eigenvalue
 correction ``Lambda = E_n[(Q_S^T DW_n Q_A)^2]`` over documents (DESIGN.md section 1)."""
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -153,10 +154,12 @@ def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: st
         acc[1] = s if acc[1] is None else acc[1].add_(s)
         acc[2] += acts.shape[0] * acts.shape[1] if mask is None else mask.sum()
 
+    clock = _PhaseClock(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         n_examples = run_pass(model, task, modules, specs, loader, objective=objective, consumer=add_covariance,
                               desc="pyinf: covariances", progress=progress)
+    clock.lap("covariance_pass")
 
     eigen = {}
     for name, (a_sum, s_sum, n_tokens) in sums.items():
@@ -167,6 +170,7 @@ def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: st
         s_vals, q_s = torch.linalg.eigh(s_cov)
         eigen[name] = dict(a_cov=a_cov.to(dtype), s_cov=s_cov.to(dtype), a_eigvals=a_vals.to(dtype),
                            q_a=q_a.to(dtype), s_eigvals=s_vals.to(dtype), q_s=q_s.to(dtype))
+    clock.lap("eigendecomposition")
 
     # Pass 2: eigenvalue correction, over documents.
     lambda_sums = {n: None for n in modules}
@@ -181,6 +185,7 @@ def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: st
         torch.manual_seed(seed + 1)
         n_lambda = run_pass(model, task, modules, specs, loader, objective=objective, consumer=add_lambda,
                             desc="pyinf: eigenvalue correction", progress=progress)
+    clock.lap("lambda_pass")
 
     out = {}
     for name in modules:
@@ -189,5 +194,26 @@ def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: st
             raise RuntimeError(f"module {name!r} received no gradient during the eigenvalue-correction pass")
         out[name] = ModuleFactors(specs[name], lambdas=(lam / n_lambda).to(dtype), **eigen[name])
     meta = dict(id=uuid.uuid4().hex, fisher=fisher, n_examples=n_examples, seed=seed, dtype=str(dtype),
-                n_tokens={n: int(sums[n][2]) for n in modules})
+                n_tokens={n: int(sums[n][2]) for n in modules}, seconds=clock.seconds)
     return Factors(out, meta)
+
+
+class _PhaseClock:
+    """Wall-clock seconds of each phase of a fit (recorded in the factors' metadata, so a
+    benchmark can tell the passes from the eigendecompositions). On a GPU it synchronises
+    at each phase boundary only, where the pipeline waits anyway."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: Dict[str, float] = {}
+        self._start = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = self._now()
+        self.seconds[phase] = now - self._start
+        self._start = now

@@ -323,3 +323,12 @@ def test_per_example_measurement_of_the_wrong_shape_is_refused(gpt2_fp32):
     with pytest.raises(ValueError, match=r"Broken.compute_measurement_per_example must return one value per example "
                                          r"\(\[3\] for this batch\), got \(1,\)"):
         broken.prepare_queries(query, factors, rank=3, batch_size=3)
+
+
+def test_fit_records_the_time_of_each_phase(gpt2_fp32, tmp_path):
+    engine, factors, train, query = gpt2_fp32
+    phases = factors.meta["seconds"]
+    assert list(phases) == ["covariance_pass", "eigendecomposition", "lambda_pass"]
+    assert all(v >= 0 for v in phases.values())
+    factors.save(tmp_path / "f.safetensors")
+    assert pyinf.Factors.load(tmp_path / "f.safetensors").meta["seconds"] == phases
