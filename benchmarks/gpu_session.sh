@@ -4,7 +4,7 @@
 # image has torch, triton, transformers, pytest, matplotlib but no registry access)
 # Then, with the device tool, carrying .wheelhouse:
 #   bash benchmarks/gpu_session.sh check     # build with CUDA, GPU tests, compute-sanitizer
-#   bash benchmarks/gpu_session.sh ops       # kernel + grouped benchmarks   (cuda-full block)
+#   bash benchmarks/gpu_session.sh ops       # kernel, grouped and LM-head benchmarks (cuda-full block)
 #   bash benchmarks/gpu_session.sh e2e       # pyinf vs kronfluence end to end
 #   bash benchmarks/gpu_session.sh scaling   # scaling runs
 # Logs go under $OUT (the device tool brings them back); the last lines printed are a
@@ -54,7 +54,7 @@ case "$mode" in
     note "compute-sanitizer memcheck triton: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-memcheck-triton.txt" | tail -1)"
     ;;
   ops|e2e|scaling)
-    sections=$mode; [ "$mode" = ops ] && sections=ops,grouped
+    sections=$mode; [ "$mode" = ops ] && sections=ops,grouped,head
     timeout 540 $PY -m benchmarks.run --only "$sections" --tag cuda-full --out benchmarks/results/cuda-full \
       > "$OUT/bench-$mode.txt" 2>&1
     note "benchmarks $sections: rc=$?"

@@ -28,7 +28,7 @@ import torch
 from . import default_device, environment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("ops", "grouped", "e2e", "scaling")
+SECTIONS = ("ops", "grouped", "head", "e2e", "scaling")
 BEGIN = "<!-- pyinf-bench:begin {tag} -->"
 END = "<!-- pyinf-bench:end {tag} -->"
 
@@ -77,6 +77,10 @@ def run_all(preset: str, sections=SECTIONS, backends=None, scaling_axes=None, wi
     if "grouped" in sections:
         res["grouped"] = timed("grouped", lambda: bench_ops.run_grouped(preset, device, peak=res["peak"],
                                                                         backends=backends, log=log))
+    if "head" in sections:
+        from . import bench_head
+
+        res["head"] = timed("head", lambda: bench_head.run_head(preset, device, log=log))
     if "e2e" in sections:
         from . import bench_e2e
 
@@ -248,6 +252,30 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
             out.append("Not run:")
             out += _dedupe_skips(g["skipped"])
             out.append("")
+
+    h = res.get("head")
+    if h and "records" in h:
+        w = h["workload"]
+        out.append(f"#### LM head: {w['name']} (hidden {w['hidden']}, vocabulary {w['vocab']}, {h['dtype']})")
+        out.append("")
+        out.append(f"`cross_entropy_rows` on one chunk of {w['chunk_rows']} x {w['vocab']} logits (the softmax step "
+                   f"of the fused head, in place); GB/s over its ideal traffic (2 reads + 1 write), against a "
+                   f"device-to-device copy measured at {_f(h['copy_gbps'])} GB/s. Then the whole head for "
+                   f"{w['rows']} rows, forward + backward to the hidden states.")
+        out.append("")
+        rows = []
+        for r in h["records"]:
+            err = r.get("loss_rel_err", r.get("rel_err_vs_plain"))
+            rows.append([r["what"], r["backend"], _f(r["ms"]), _f(r.get("gbps")), _f(r.get("pct_copy_bw"), 2),
+                         _f(r.get("speedup_vs_plain")), _f(r.get("peak_extra_mb")), "-" if err is None else f"{err:.1e}"])
+        out.append(_table(["what", "variant", "ms", "GB/s", "% copy bw", "vs plain", "extra MB", "err"], rows))
+        out.append("")
+        if h.get("skipped"):
+            out.append("Not run: " + "; ".join(f"{x['what']} {x['backend']}: {x['reason'][:160]}" for x in h["skipped"]))
+            out.append("")
+    elif h:
+        out.append(f"LM head: section failed: {h.get('error')}")
+        out.append("")
 
     e = res.get("e2e")
     if e and "runs" in e:

@@ -60,3 +60,13 @@ def dense_scores(acts, grads, dense, mask=None, per_token=False):
     m = _mask64(mask, a.shape[0], a.shape[1])
     per_tok = torch.einsum("nto,qoi,nti->ntq", g, dense.double().cpu(), a) * m.unsqueeze(-1)
     return per_tok if per_token else per_tok.sum(1)
+
+
+def cross_entropy_rows(logits, labels):
+    """(loss [R], gradient [R, V]) in float64: logsumexp - x[y], softmax - onehot."""
+    x = logits.double().cpu()
+    y = labels.cpu()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = lse - x[torch.arange(x.shape[0]), y]
+    grad = torch.softmax(x, dim=-1) - torch.nn.functional.one_hot(y, x.shape[1]).double()
+    return loss, grad

@@ -42,7 +42,7 @@ def _finite_positive(x):
 def test_every_section_ran(smoke):
     res = smoke["res"]
     assert res["preset"] == "smoke"
-    for section in ("ops", "grouped", "e2e", "scaling"):
+    for section in ("ops", "grouped", "head", "e2e", "scaling"):
         assert section in res and "error" not in res[section], res.get(section)
     assert _finite_positive(res["peak"]["tflops"])
     assert {"torch", "transformers", "kronfluence", "device_name"} <= set(res["env"])
@@ -70,6 +70,18 @@ def test_grouped_records(smoke):
     variants = {r["variant"] for r in g["records"]}
     assert {"loop:torch", "loop:unfused", "grouped:torch"} <= variants
     assert all(_finite_positive(r["ms"]) for r in g["records"])
+
+
+def test_head_records(smoke):
+    h = smoke["res"]["head"]
+    seen = {(r["what"], r["backend"]) for r in h["records"]}
+    assert {("cross_entropy_rows", "torch"), ("cross_entropy_rows", "triton"), ("head fwd+bwd", "plain autograd"),
+            ("head fwd+bwd", "fused, torch"), ("head fwd+bwd", "fused, triton")} <= seen
+    for r in h["records"]:
+        assert _finite_positive(r["ms"]), r
+        err = r.get("loss_rel_err", r.get("rel_err_vs_plain"))
+        assert err is not None and err < 1e-4, r  # fp32 on a CPU
+    assert "#### LM head" in smoke["md"]
 
 
 def test_e2e_pyinf_agrees_with_kronfluence(smoke):

@@ -218,3 +218,69 @@ def test_explicit_unavailable_backend_raises():
     assert ops.resolve_backend("covariance", "auto", [x]) == "torch"
     with pytest.raises(ops.BackendUnavailable, match="backend 'triton' cannot run"):
         ops.dense_scores(torch.randn(1, 2, 3), torch.randn(1, 2, 4), torch.randn(1, 4, 3), backend="triton")
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+@pytest.mark.parametrize("rows_vocab", [(5, 37), (1, 1), (3, 300), (9, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_rows(backend_device, rows_vocab, dtype):
+    backend, device = backend_device
+    rows, vocab = rows_vocab
+    logits = (3 * torch.randn(rows, vocab)).to(dtype).to(device)
+    labels = torch.randint(0, vocab, (rows,)).to(device)
+    _skip_unless_runs(backend, device, "cross_entropy_rows", [logits])
+    ref_loss, ref_grad = oracle.cross_entropy_rows(logits, labels)
+    x = logits.clone()
+    loss = ops.cross_entropy_rows(x, labels, backend=backend)
+    assert loss.dtype == torch.float32 and x.dtype == dtype and x.device.type == device
+    assert oracle.rel_err(loss, ref_loss) < 1e-5
+    assert oracle.rel_err(x, ref_grad) < oracle.TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_cross_entropy_rows_bad_label_is_nan_not_a_stray_read(backend_device):
+    backend, device = backend_device
+    logits = torch.randn(3, 20, device=device)
+    _skip_unless_runs(backend, device, "cross_entropy_rows", [logits])
+    labels = torch.tensor([4, 20, -1], device=device)
+    x = logits.clone()
+    loss = ops.cross_entropy_rows(x, labels, backend=backend)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+    softmax = torch.softmax(logits.double(), -1).cpu()
+    assert torch.allclose(x[1:].double().cpu(), softmax[1:], atol=1e-6)  # no one-hot on invalid rows
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_cross_entropy_rows_sampling_follows_the_softmax(backend_device):
+    """sample=True: each row's target is drawn from its softmax (empirical frequencies over
+    many rows), the loss is that target's, the gradient has its one-hot, and a seed repeats it."""
+    backend, device = backend_device
+    base = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5])
+    rows = 800  # the interpreter runs one program per row: ~10 ms each
+    logits = base.repeat(rows, 1).to(device)
+    _skip_unless_runs(backend, device, "cross_entropy_rows", [logits])
+    torch.manual_seed(7)
+    x = logits.clone()
+    loss = ops.cross_entropy_rows(x, None, sample=True, backend=backend)
+    target = x.argmin(dim=1).cpu()  # the only negative entry: p - 1
+    assert ((x < 0).sum(1) == 1).all()
+    probs = torch.softmax(base.double(), -1)
+    assert torch.allclose(loss.double().cpu(), torch.logsumexp(base.double(), -1) - base.double()[target], atol=1e-5)
+    freq = torch.bincount(target, minlength=5).double() / rows
+    assert (freq - probs).abs().max() < 0.06, (freq, probs)  # 4 standard errors
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(8)
+        y = logits[:40].clone()
+        ops.cross_entropy_rows(y, None, sample=True, backend=backend)
+        draws.append(y)
+    assert torch.equal(draws[0], draws[1])
+
+
+def test_cross_entropy_rows_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"'labels' must be int64 of shape \[R=3\], got shape \(3,\), dtype torch.int32"):
+        ops.cross_entropy_rows(torch.randn(3, 4), torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="'labels' is required unless sample=True"):
+        ops.cross_entropy_rows(torch.randn(3, 4), None)
+    with pytest.raises(ValueError, match="unit stride along the vocabulary"):
+        ops.cross_entropy_rows(torch.randn(4, 3).T, torch.zeros(3, dtype=torch.int64))

@@ -285,13 +285,13 @@ import json, os, subprocess, sys, tempfile
 import torch, triton, triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from triton_kernels import _shared, covariance, eigen_correction, factored_scores, self_influence
+from triton_kernels import _shared, covariance, cross_entropy, eigen_correction, factored_scores, self_influence
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 UNIT = {"s_xk", "s_xd", "s_qc", "s_lj"}  # inner strides: the JIT specialises == 1 at run time
 report = []
 
-def build(fn, sig, consts, cfg, label):
+def build(fn, sig, consts, cfg, label, gemm=True):
     consts = dict(consts, **_shared.block_sizes(cfg))
     consts.update({k: 1 for k in sig if k in UNIT})
     sig = dict(sig, **{k: "constexpr" for k in consts})
@@ -303,7 +303,7 @@ def build(fn, sig, consts, cfg, label):
         f.write(k.asm["ptx"])
     res = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
     spills = [l for l in res.stderr.splitlines() if "spill" in l and " 0 bytes spill stores" not in l]
-    report.append(dict(label=label, ok=res.returncode == 0, spills=spills,
+    report.append(dict(label=label, ok=res.returncode == 0, spills=spills, gemm=gemm,
                        pipelined=k.asm["ttgir"].count("async_copy_global_to_local") > 0,
                        wgmma="wgmma" in k.asm["ptx"]))
 
@@ -328,6 +328,10 @@ for tdt, pt, tl_dt in [(torch.bfloat16, "*bf16", tl.bfloat16), (torch.float32, "
               dict(ACT_T=tl_dt, GRAD_T=tl_dt, LEFT_T=tl_dt, RIGHT_T=tl_dt, COMPUTE=tl_dt, PER_TOKEN=per_token,
                    RP=32, NF=factored_scores.NF, ALIGNED=True, **flags),
               factored_scores.H100[tdt], f"factored_scores {tdt} per_token={per_token}")
+    for sample in (False, True):
+        build(cross_entropy._cross_entropy_rows_kernel, dict(x_ptr=pt, labels_ptr="*i64", loss_ptr="*fp32",
+              **i32("V", "s_x", "seed")), dict(SAMPLE=sample, INTERP_FIX=False), cross_entropy.H100,
+              f"cross_entropy_rows {tdt} sample={sample}", gemm=False)
 print(json.dumps(report))
 '''
 
@@ -335,8 +339,8 @@ print(json.dumps(report))
 def test_kernels_compile_for_h100_without_spills(tmp_path):
     """Compiles every kernel with its H100 config for sm_90 (no GPU needed: Triton's
     bundled ptxas) - the interpreter never runs Triton's code generator, so this is what
-    catches GPU-only errors. Also checks: no register spills, tensor-core (wgmma) dots for
-    bf16, and software-pipelined (cp.async) K loops for aligned sizes."""
+    catches GPU-only errors. Also checks: no register spills, and for the GEMM kernels
+    tensor-core (wgmma) dots for bf16 and software-pipelined (cp.async) K loops."""
     import json
     import os
     import subprocess
@@ -352,12 +356,13 @@ def test_kernels_compile_for_h100_without_spills(tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(report) == 12
+    assert len(report) == 16
     for r in report:
         assert r["ok"] and not r["spills"], r
-        assert r["pipelined"], r
-        if "bfloat16" in r["label"]:
-            assert r["wgmma"], r
+        if r["gemm"]:
+            assert r["pipelined"], r
+            if "bfloat16" in r["label"]:
+                assert r["wgmma"], r
 
 
 def test_eigenbasis_casts_are_reused_until_the_source_changes():

@@ -9,6 +9,8 @@ fp32, and every result is fp32 (fp64 for fp64 inputs).
 Shapes: acts ``[N, T, d_in]``, grads ``[N, T, d_out]``, mask ``[N, T]`` (bool or 0/1),
 q_a ``[d_in, d_in]``, q_s ``[d_out, d_out]``, lambdas ``[d_out, d_in]``,
 left ``[Q, d_out, r]``, right ``[Q, d_in, r]``, dense ``[Q, d_out, d_in]``.
+:func:`cross_entropy_rows` (the softmax step of the fused linear cross-entropy) takes
+logits ``[R, V]`` and int64 labels ``[R]``.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ __all__ = [
     "factored_scores",
     "dense_scores",
     "factored_scores_grouped",
+    "cross_entropy_rows",
     "resolve_backend",
     "available_backends",
     "BackendUnavailable",
@@ -146,3 +149,28 @@ def factored_scores_grouped(problems, *, per_token: bool = False, backend: str =
                              f"N={p['acts'].shape[0]}, Q={p['left'].shape[0]}")
     tensors = [t for p in checked for t in (p["acts"], p["grads"], p["left"], p["right"])]
     return _run(op, backend, tensors, dict(groups=len(checked), n=n, q=q), checked, per_token=per_token)
+
+
+def cross_entropy_rows(logits: torch.Tensor, labels: Optional[torch.Tensor], *, sample: bool = False,
+                       backend: str = "auto") -> torch.Tensor:
+    """``[R]`` fp32 (fp64 for fp64 logits): ``logsumexp(logits[r]) - logits[r, y_r]``, and
+    ``logits`` is overwritten **in place** by the gradient ``softmax(logits[r]) - onehot(y_r)``
+    in its own dtype (the memory it takes is reused, no ``R x V`` temporary in the fused
+    backends). ``sample=True`` draws each ``y_r`` from the row's softmax (the true Fisher;
+    reproducible under ``torch.manual_seed``, with backend-specific streams) and ignores
+    ``labels``. A label outside ``[0, V)`` gives a NaN loss and a plain softmax row."""
+    op = "cross_entropy_rows"
+    _checks.check_tensor("logits", logits, 2, op=op)
+    if logits.stride(-1) != 1:
+        raise ValueError(f"pyinf.ops.{op}: 'logits' must have unit stride along the vocabulary (it is written in "
+                         f"place), got strides {logits.stride()}")
+    if labels is None:
+        if not sample:
+            raise ValueError(f"pyinf.ops.{op}: 'labels' is required unless sample=True")
+        labels = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or tuple(labels.shape) != logits.shape[:1]:
+        what = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"pyinf.ops.{op}: 'labels' must be int64 of shape [R={logits.shape[0]}], got {what}")
+    _checks.check_same_device(op, logits=logits, labels=labels)
+    shape = dict(r=logits.shape[0], v=logits.shape[1], sample=int(sample))
+    return _run(op, backend, (logits,), shape, logits, labels, sample=sample)

@@ -14,13 +14,15 @@ from typing import List, Optional, Sequence
 import torch
 
 from triton_kernels import covariance as _cov
+from triton_kernels import cross_entropy as _ce
 from triton_kernels import eigen_correction as _eig
 from triton_kernels import factored_scores as _fs
 from triton_kernels import self_influence as _si
 from triton_kernels._shared import INTERPRETING
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_OPS = ("covariance", "eigen_correction", "self_influence", "factored_scores", "factored_scores_grouped")
+_OPS = ("covariance", "eigen_correction", "self_influence", "factored_scores", "factored_scores_grouped",
+        "cross_entropy_rows")
 
 
 def unsupported_reason(op: str, tensors: Sequence[torch.Tensor]) -> Optional[str]:
@@ -121,3 +123,8 @@ def factored_scores_grouped(problems, *, per_token=False) -> List[torch.Tensor]:
             for i, out in zip(members, outs):
                 results[i] = out
     return results
+
+
+def cross_entropy_rows(logits, labels, *, sample=False) -> torch.Tensor:
+    with _cuda_context(logits):
+        return _ce.cross_entropy_rows(logits, labels, sample=sample)

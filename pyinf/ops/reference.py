@@ -121,3 +121,24 @@ def dense_scores(acts, grads, dense, *, mask=None, per_token=False) -> torch.Ten
 def factored_scores_grouped(problems, *, per_token=False):
     return [factored_scores(p["acts"], p["grads"], p["left"], p["right"], mask=p["mask"], per_token=per_token)
             for p in problems]
+
+
+def cross_entropy_rows(logits, labels, *, sample=False) -> torch.Tensor:
+    """Softmax cross-entropy per row, the gradient written into ``logits`` in place. Same
+    arithmetic as the fused kernels: the stored logits upcast to fp32 (fp64 stays fp64)."""
+    dtype = accum_dtype(logits)
+    rows, vocab = logits.shape
+    x = logits.to(dtype)
+    lse = torch.logsumexp(x, dim=-1)
+    probs = torch.exp(x - lse[:, None])
+    if sample:
+        target = torch.multinomial(probs, 1).squeeze(1) if rows else labels
+    else:
+        target = labels
+    valid = (target >= 0) & (target < vocab)
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    loss = lse - x.gather(1, safe[:, None]).squeeze(1)
+    loss = torch.where(valid, loss, torch.full_like(loss, float("nan")))
+    probs[torch.arange(rows, device=logits.device), safe] -= valid.to(dtype)
+    logits.copy_(probs)
+    return loss
