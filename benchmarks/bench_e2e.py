@@ -220,19 +220,20 @@ def pyinf_available() -> Optional[str]:
     return None
 
 
-def _pyinf_engine(model, wl: E2EWorkload, backend: str = "auto"):
+def _pyinf_engine(model, wl: E2EWorkload, backend: str = "auto", compile: bool = False):
     from pyinf import CausalLMTask, InfluenceEngine
 
     # fused_head: the loss comes from the final hidden states without fp32 [tokens, vocab]
     # logits (pyinf.fused_ce), the configuration pyinf is meant to run large vocabularies in.
     task = CausalLMTask(tracked_modules=tracked_module_names(wl.model), fused_head=True)
-    return InfluenceEngine(model, task, backend=backend, progress=False)
+    return InfluenceEngine(model, task, backend=backend, progress=False, compile=compile)
 
 
 def run_pyinf(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batch_size: int, device: torch.device,
-              backend: str = "auto", log=print) -> Dict[str, object]:
-    engine = _pyinf_engine(copy.deepcopy(model).to(device), wl, backend)
-    out: Dict[str, object] = dict(library="pyinf", precision=wl.dtype, batch_size=batch_size, backend=backend)
+              backend: str = "auto", compile: bool = False, log=print) -> Dict[str, object]:
+    engine = _pyinf_engine(copy.deepcopy(model).to(device), wl, backend, compile)
+    out: Dict[str, object] = dict(library="pyinf", precision=wl.dtype, batch_size=batch_size, backend=backend,
+                                  compile=compile)
     with WallTimer(device) as t:
         factors = engine.fit_factors(docs, fisher=wl.fisher, batch_size=batch_size, seed=wl.seed)
     out["fit_s"], out["fit_peak_bytes"] = t.seconds, t.peak_bytes
@@ -249,7 +250,7 @@ def run_pyinf(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batch_size
     del engine, factors, qs
     _free(device)
     phases = ", ".join(f"{k} {v:.2f}" for k, v in out["fit_phases_s"].items())
-    log(f"[e2e] pyinf {wl.dtype} batch {batch_size}: fit {out['fit_s']:.2f} s ({phases}), score {out['score_s']:.2f} s "
+    log(f"[e2e] pyinf{' compiled' if compile else ''} {wl.dtype} batch {batch_size}: fit {out['fit_s']:.2f} s ({phases}), score {out['score_s']:.2f} s "
         f"(queries {out['prepare_queries_s']:.2f} s)")
     return out
 
@@ -310,6 +311,20 @@ def run_e2e(wl: E2EWorkload, device: Optional[torch.device] = None, *, log=print
         if with_kronfluence:
             _guarded(runs, result, f"kronfluence batch {bs}", log, device, run_kronfluence, model, wl, docs, queries,
                      bs, device, "bf16" if wl.dtype == "bfloat16" else "fp32", log=log)
+    if why_not is None and wl.pyinf_compiled_batch and device.type == "cuda":
+        # Compilation happens in an untimed warm-up on a few batches of the same shapes
+        # (its wall time is reported on its own); the timed run is the steady state.
+        bs = wl.pyinf_compiled_batch
+        small = replace(wl, n_docs=2 * bs, n_queries=wl.query_batch_size)
+        t0 = time.perf_counter()
+        warm: List[Dict[str, object]] = []
+        _guarded(warm, result, f"pyinf compiled warm-up batch {bs}", log, device, run_pyinf, model, small,
+                 ListDataset(docs.items[: small.n_docs]), ListDataset(queries.items[: small.n_queries]), bs, device,
+                 compile=True, log=lambda *_: None)
+        result["pyinf_compile_warmup_s"] = time.perf_counter() - t0
+        if warm:
+            _guarded(runs, result, f"pyinf compiled batch {bs}", log, device, run_pyinf, model, wl, docs, queries, bs,
+                     device, compile=True, log=log)
     if with_kronfluence and wl.kronfluence_fp32 and wl.dtype != "float32":
         _guarded(runs, result, "kronfluence fp32", log, device, run_kronfluence, model, wl, docs, queries,
                  wl.batch_sizes[0], device, "fp32", log=log)
@@ -320,7 +335,7 @@ def run_e2e(wl: E2EWorkload, device: Optional[torch.device] = None, *, log=print
     for a in (r for r in runs if r["library"] == "pyinf"):
         for b in (r for r in runs if r["library"] == "kronfluence"):
             per_q = pearson_per_query(a["scores"], b["scores"])
-            result["pearson"].append(dict(pyinf=f"{a['precision']} b{a['batch_size']}",
+            result["pearson"].append(dict(pyinf=f"{a['precision']} b{a['batch_size']}{' compiled' if a.get('compile') else ''}",
                                           kronfluence=f"{b['precision']} b{b['batch_size']}",
                                           per_query=per_q, **_summary(per_q)))
     kf = [r for r in runs if r["library"] == "kronfluence"]

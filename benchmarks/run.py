@@ -292,7 +292,8 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
             phases = r.get("fit_phases_s") or {}
             fit_extra = (f" (cov {_f(phases['covariance_pass'])} + eigh {_f(phases['eigendecomposition'])} + "
                          f"Lambda {_f(phases['lambda_pass'])})") if len(phases) == 3 else ""
-            rows.append([r["library"], r["precision"], r["batch_size"], _f(r["fit_s"]) + fit_extra, _f(r["fit_docs_per_s"]),
+            library = r["library"] + (" (compile=True)" if r.get("compile") else "")
+            rows.append([library, r["precision"], r["batch_size"], _f(r["fit_s"]) + fit_extra, _f(r["fit_docs_per_s"]),
                          _f(r["score_s"]) + extra, _f(r["score_docs_per_s"]), _gb(r.get("fit_peak_bytes")),
                          _gb(r.get("score_peak_bytes"))])
         out.append(_table(["library", "precision", "batch", "fit s", "fit docs/s", "score s", "score docs/s",
@@ -307,15 +308,19 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
                     pm = max(p["score_peak_bytes"], p.get("fit_peak_bytes") or 0)
                     km = max(k["score_peak_bytes"], k.get("fit_peak_bytes") or 0)
                     mem = f"; peak memory {_gb(pm)} vs {_gb(km)} GB ({'met' if pm <= km else 'NOT met'})"
+                who = f"pyinf {p['precision']}{' compile=True' if p.get('compile') else ''}"
                 if smoke:  # no goal verdicts from tiny CPU runs
-                    ratios.append(f"- batch {p['batch_size']}: pyinf {p['precision']} vs kronfluence {k['precision']}: "
+                    ratios.append(f"- batch {p['batch_size']}: {who} vs kronfluence {k['precision']}: "
                                   f"fit {_f(fit_x)}x, scoring {_f(score_x)}x")
                     continue
                 ratios.append(
-                    f"- batch {p['batch_size']}: pyinf {p['precision']} vs kronfluence {k['precision']}: "
+                    f"- batch {p['batch_size']}: {who} vs kronfluence {k['precision']}: "
                     f"fit {_f(fit_x)}x (goal 5x: {'met' if fit_x >= 5 else 'not met'}), scoring {_f(score_x)}x "
                     f"(milestone 5x: {'met' if score_x >= 5 else 'not met'}; goal 10x: "
                     f"{'met' if score_x >= 10 else 'not met'}){mem}")
+        if e.get("pyinf_compile_warmup_s") is not None:
+            ratios.append(f"- compile=True: compilation (an untimed warm-up on a few batches) took "
+                          f"{_f(e['pyinf_compile_warmup_s'])} s")
         if ratios:
             out.append("Speed-ups (kronfluence seconds / pyinf seconds, same batch size, same run)"
                        + (" - CPU smoke, meaningless for speed:" if smoke else ":"))

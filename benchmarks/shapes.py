@@ -157,6 +157,7 @@ class E2EWorkload:
     query_batch_size: int = 8
     floor_batch_sizes: Tuple[int, ...] = (8, 32, 64)
     compile_floor: bool = True              # also time a torch.compile'd forward + input-grad backward
+    pyinf_compiled_batch: int = 32          # also run pyinf with compile=True at this batch (GPU; 0: no)
     kronfluence_fp32: bool = True           # also run kronfluence with its fp32 defaults (reference row)
     kronfluence_full_svd: bool = False      # kronfluence query SVD: torch.svd_lowrank (default) or full
     seed: int = 0
@@ -173,7 +174,7 @@ def e2e_workload(preset: str) -> E2EWorkload:
     # CPU smoke: fp32 (bf16 matmuls on CPU are slow and noisy), one batch size, full SVD in
     # kronfluence so that the Pearson sanity check compares like with like.
     return E2EWorkload(TINY_NEOX, n_docs=16, doc_len=32, n_queries=4, query_len=16, rank=8, dtype="float32",
-                       batch_sizes=(8,), query_batch_size=4, floor_batch_sizes=(8,), compile_floor=False,
+                       batch_sizes=(8,), query_batch_size=4, floor_batch_sizes=(8,), compile_floor=False, pyinf_compiled_batch=0,
                        kronfluence_fp32=False, kronfluence_full_svd=True)
 
 

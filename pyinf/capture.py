@@ -18,6 +18,7 @@ bias is tracked) and gradients as ``[B, T, d_out]``, in the model's dtype.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -100,11 +101,29 @@ def _stock_forward(module: nn.Module) -> bool:
     return cls.forward is nn.Linear.forward
 
 
-def _linear_forward(module, site, anchor, x):
+# The site of the capture now running, per tracked module, and one forward wrapper per
+# module that lives as long as the module. The wrapper is the same object in every pass,
+# so a model compiled by torch.compile (``InfluenceEngine(compile=True)``) keeps its
+# compiled code from pass to pass instead of recompiling on a new bound function.
+_ACTIVE_SITES: "weakref.WeakKeyDictionary[nn.Module, _Site]" = weakref.WeakKeyDictionary()
+_FORWARDS: "weakref.WeakKeyDictionary[nn.Module, functools.partial]" = weakref.WeakKeyDictionary()
+
+
+@torch.compiler.disable  # under torch.compile: a graph break, run eagerly, nothing traced inside
+def _linear_forward(module, x):
+    site = _ACTIVE_SITES[module]
     site.on_forward()
+    anchor = site.capture.anchor
     if site.spec.transposed:  # Conv1D stores W as [d_in, d_out]
         return _TrackedLinear.apply(x, module.weight.t(), module.bias, anchor, site)
     return _TrackedLinear.apply(x, module.weight, module.bias, anchor, site)
+
+
+def _stable_forward(module: nn.Module) -> functools.partial:
+    forward = _FORWARDS.get(module)
+    if forward is None:
+        forward = _FORWARDS[module] = functools.partial(_linear_forward, module)
+    return forward
 
 
 class Capture:
@@ -145,9 +164,12 @@ class Capture:
             for name, module in self.modules.items():
                 site = self.sites[name]
                 if _stock_forward(module):
+                    if module in _ACTIVE_SITES:
+                        raise CaptureError(f"module {name!r} is already tracked by another active capture")
                     if "forward" in module.__dict__:
                         self._saved_forward[name] = module.__dict__["forward"]
-                    module.forward = functools.partial(_linear_forward, module, site, self.anchor)
+                    _ACTIVE_SITES[module] = site
+                    module.forward = _stable_forward(module)
                 else:
                     self._handles.append(module.register_forward_hook(
                         functools.partial(self._identity_hook, site), with_kwargs=True))
@@ -168,6 +190,9 @@ class Capture:
             h.remove()
         self._handles.clear()
         for name, module in self.modules.items():
+            if _ACTIVE_SITES.get(module) is not self.sites[name]:
+                continue  # not installed by this capture (it failed before reaching this module)
+            del _ACTIVE_SITES[module]
             if name in self._saved_forward:
                 module.forward = self._saved_forward.pop(name)
             else:

@@ -2,6 +2,7 @@
 stages (factors, queries, scores)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from . import factors as factors_mod
 from . import queries as queries_mod
 from . import scoring
+from .compile import CompiledBlocks
 from .data import make_loader
 from .factors import Factors
 from .modules import ModuleSpec, find_tracked_modules, spec_of
@@ -32,9 +34,13 @@ class InfluenceEngine:
         backend: ``"auto"`` (fused kernels on CUDA, PyTorch elsewhere), ``"torch"``,
             ``"triton"`` or ``"native"``.
         progress: tqdm bars on passes over data; None means on only when stderr is a TTY.
+        compile: run the model's repeated blocks under ``torch.compile`` during the passes
+            (see :mod:`pyinf.compile`): fuses the work between tracked layers, at the cost
+            of compiling on first use. Off by default.
     """
 
-    def __init__(self, model: nn.Module, task: Task, *, backend: str = "auto", progress: Optional[bool] = None):
+    def __init__(self, model: nn.Module, task: Task, *, backend: str = "auto", progress: Optional[bool] = None,
+                 compile: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if backend != "auto" and backend not in BACKENDS:
@@ -45,11 +51,13 @@ class InfluenceEngine:
         self.task = task
         self.backend = backend
         self.progress = progress
+        self.compile = bool(compile)
         self.modules: Dict[str, nn.Module] = find_tracked_modules(model, task.get_influence_tracked_modules())
         self.specs: Dict[str, ModuleSpec] = {n: spec_of(n, m) for n, m in self.modules.items()}
 
     def __repr__(self) -> str:
-        return f"InfluenceEngine({type(self.model).__name__}, {len(self.modules)} tracked modules, backend={self.backend!r})"
+        return (f"InfluenceEngine({type(self.model).__name__}, {len(self.modules)} tracked modules, "
+                f"backend={self.backend!r}{', compile=True' if self.compile else ''})")
 
     def _loader(self, data, batch_size, what, max_examples=None):
         on_gpu = next(self.model.parameters()).device.type == "cuda"
@@ -59,14 +67,19 @@ class InfluenceEngine:
     def _common(self):
         return dict(model=self.model, task=self.task, modules=self.modules, specs=self.specs)
 
+    def _compiled(self):
+        """The stage's context: the model's blocks compiled when ``compile=True``."""
+        return CompiledBlocks(self.model, self.modules) if self.compile else contextlib.nullcontext()
+
     def fit_factors(self, data: Any, *, fisher: str = "true", batch_size: int = 8,
                     max_examples: Optional[int] = None, seed: int = 0) -> Factors:
         """Covariances A and S over non-padding tokens, their float64 eigenbases, and the
         eigenvalue correction Lambda over documents. ``fisher="true"`` samples labels from the
         model (``compute_train_loss(sample=True)``); ``"empirical"`` uses the data's labels."""
         loader = self._loader(data, batch_size, "factor data", max_examples)
-        return factors_mod.fit_factors(**self._common(), loader=loader, fisher=fisher, backend=self.backend,
-                                       seed=seed, progress=self.progress)
+        with self._compiled():
+            return factors_mod.fit_factors(**self._common(), loader=loader, fisher=fisher, backend=self.backend,
+                                           seed=seed, progress=self.progress)
 
     def prepare_queries(self, query_data: Any, factors: Factors, *, rank: Optional[int] = 32,
                         damping: Optional[float] = None, batch_size: int = 8, svd: str = "full") -> Queries:
@@ -75,8 +88,9 @@ class InfluenceEngine:
         ``svd="randomized"`` truncates with a randomized SVD: far cheaper for wide layers on
         a GPU, near-exact when the spectrum decays (see :func:`pyinf.queries.low_rank`)."""
         loader = self._loader(query_data, batch_size, "query data")
-        return queries_mod.prepare_queries(**self._common(), loader=loader, factors=factors, rank=rank,
-                                           damping=damping, svd=svd, progress=self.progress)
+        with self._compiled():
+            return queries_mod.prepare_queries(**self._common(), loader=loader, factors=factors, rank=rank,
+                                               damping=damping, svd=svd, progress=self.progress)
 
     def pairwise_scores(self, train_data: Any, queries: Queries, *, per_token: bool = False,
                         per_module: bool = False, batch_size: int = 8,
@@ -91,13 +105,15 @@ class InfluenceEngine:
         its backward ends and scores them all in one grouped launch: faster for many small
         layers, at the cost of holding them in memory."""
         loader = self._loader(train_data, batch_size, "training data")
-        return scoring.pairwise_scores(**self._common(), loader=loader, queries=queries, per_token=per_token,
-                                       per_module=per_module, backend=self.backend, route=route,
-                                       group_modules=group_modules, progress=self.progress)
+        with self._compiled():
+            return scoring.pairwise_scores(**self._common(), loader=loader, queries=queries, per_token=per_token,
+                                           per_module=per_module, backend=self.backend, route=route,
+                                           group_modules=group_modules, progress=self.progress)
 
     def self_influence(self, train_data: Any, factors: Factors, *, damping: Optional[float] = None,
                        batch_size: int = 8) -> torch.Tensor:
         """float32 ``[n_train]``: ``grad(loss_n)^T (G + lambda I)^-1 grad(loss_n)``."""
         loader = self._loader(train_data, batch_size, "training data")
-        return scoring.self_influence(**self._common(), loader=loader, factors=factors, damping=damping,
-                                      backend=self.backend, progress=self.progress)
+        with self._compiled():
+            return scoring.self_influence(**self._common(), loader=loader, factors=factors, damping=damping,
+                                          backend=self.backend, progress=self.progress)

@@ -4,6 +4,7 @@
 - factored_scores.py   low-rank query scores, pairwise and per-token, grouped over layers
 - eigen_correction.py  EK-FAC Lambda without the [N, d_out, d_in] temporary
 - self_influence.py    self-influence, same contraction with a damped-inverse epilogue
+- cross_entropy.py     softmax cross-entropy of logit rows, gradient written in place (LM head)
 - _shared.py           dot helper, config selection, masked rotation GEMM, chunk planner
 
 Each file holds its kernel(s), the H100 launch configs (an explicit table, no autotuning at

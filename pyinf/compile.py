@@ -1,0 +1,69 @@
+"""``InfluenceEngine(compile=True)``: the model's repeated blocks under ``torch.compile``.
+
+The passes of the pipeline are the model's own forward and input-gradient backward, and
+on a GPU those, not the influence kernels, take most of the time. Compiling fuses what sits
+between the tracked layers (norms, activations, residual adds, rotary embeddings) in the
+forward and the backward. Each tracked layer is a graph break (its capture runs eagerly,
+see :func:`pyinf.capture._linear_forward`), so the compiled graphs are the stretches
+between them.
+
+What is compiled: the children of the largest ``nn.ModuleList`` whose children all have
+one type and contain tracked layers (the transformer blocks), each block's ``forward``
+run through ``torch.compile`` while a stage runs and restored after. Identical blocks share
+compiled code, and the compiled function persists per block class, so later stages and
+passes reuse it (a new sequence length recompiles once, then shapes are dynamic).
+Compilation itself takes seconds to minutes on first use: it pays on long passes.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+# One compiled forward per block class (it takes the block as its first argument): identical
+# blocks share compiled code, and no block is kept alive by the cache.
+_COMPILED_BY_CLASS: Dict[type, object] = {}
+
+
+def find_blocks(model: nn.Module, tracked: Dict[str, nn.Module]) -> List[nn.Module]:
+    """The repeated blocks of `model` that hold tracked layers (the longest such list)."""
+    tracked_ids = {id(m) for m in tracked.values()}
+    best: List[nn.Module] = []
+    for m in model.modules():
+        if not isinstance(m, nn.ModuleList) or len(m) < 2 or len({type(c) for c in m}) != 1:
+            continue
+        if not any(id(sub) in tracked_ids for child in m for sub in child.modules()):
+            continue
+        if len(m) > len(best):
+            best = list(m)
+    return best
+
+
+class CompiledBlocks:
+    """Context manager: each block's forward is its ``torch.compile`` wrapper inside."""
+
+    def __init__(self, model: nn.Module, tracked: Dict[str, nn.Module]):
+        self.blocks = find_blocks(model, tracked)
+        if not self.blocks:
+            warnings.warn(f"pyinf compile=True: {type(model).__name__} has no list of repeated blocks holding "
+                          f"tracked layers; running uncompiled", stacklevel=3)
+        self._installed: List[nn.Module] = []
+
+    def __enter__(self) -> "CompiledBlocks":
+        for block in self.blocks:
+            if "forward" in block.__dict__:
+                continue  # someone else's per-instance forward: left as it is, uncompiled
+            cls = type(block)
+            if cls not in _COMPILED_BY_CLASS:
+                _COMPILED_BY_CLASS[cls] = torch.compile(cls.forward)
+            block.forward = functools.partial(_COMPILED_BY_CLASS[cls], block)
+            self._installed.append(block)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for block in self._installed:
+            block.__dict__.pop("forward", None)
+        self._installed.clear()

@@ -1,0 +1,47 @@
+"""InfluenceEngine(compile=True): the model's repeated blocks under torch.compile give the
+same scores as eager, later passes reuse the compiled code, and the model is left as it was."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import pyinf
+from pyinf.compile import find_blocks
+
+from .models import MLPTask, RegressionDataset, TinyMLP, TokenDataset, tiny_gpt2
+
+
+def test_compiled_blocks_score_like_eager_and_compile_once():
+    model = tiny_gpt2(seed=1)
+    train, query = TokenDataset(8, seed=2), TokenDataset(3, seed=3, completion=2)
+    eager = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    compiled = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False, compile=True)
+    assert "compile=True" in repr(compiled)
+    results = {}
+    for name, engine in (("eager", eager), ("compiled", compiled)):
+        factors = engine.fit_factors(train, batch_size=4, fisher="empirical")
+        queries = engine.prepare_queries(query, factors, rank=3)
+        results[name] = (factors, engine.pairwise_scores(train, queries, batch_size=4))
+    layer = results["eager"][0].module_names[0]
+    assert torch.allclose(results["compiled"][0][layer].lambdas, results["eager"][0][layer].lambdas, rtol=1e-4)
+    ref = results["eager"][1]
+    assert ((results["compiled"][1] - ref).norm() / ref.norm()).item() < 1e-5
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # something was compiled
+    compiled.pairwise_scores(train, queries, batch_size=4)  # the same shapes again: no new graph
+    assert counters["stats"]["unique_graphs"] == graphs
+    # nothing is left installed on the model
+    assert all("forward" not in block.__dict__ for block in model.transformer.h)
+    assert all("forward" not in m.__dict__ for m in compiled.modules.values())
+
+
+def test_blocks_are_the_repeated_layers_holding_tracked_modules():
+    model = tiny_gpt2()
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    assert find_blocks(model, engine.modules) == list(model.transformer.h)
+    only_first = {n: m for n, m in engine.modules.items() if n.startswith("transformer.h.0.")}
+    assert find_blocks(model, only_first) == list(model.transformer.h)  # the list that holds them
+    mlp = TinyMLP()
+    with pytest.warns(UserWarning, match="no list of repeated blocks"):
+        engine = pyinf.InfluenceEngine(mlp, MLPTask(), progress=False, compile=True)
+        engine.fit_factors(RegressionDataset(6), batch_size=3)
