@@ -26,6 +26,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=512, help="truncate documents to this many tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--fused-head", action="store_true", help="loss from the final hidden states without fp32 "
+                   "[tokens, vocab] logits (pyinf.fused_ce)")
+    p.add_argument("--compile", action="store_true", help="run the model's blocks under torch.compile "
+                   "(compiles once; pays on long passes)")
 
 
 def _engine(args):
@@ -41,8 +45,10 @@ def _engine(args):
         tracked = [n for n in find_tracked_modules(model) if pattern.search(n)]
         if not tracked:
             raise SystemExit(f"pyinf: --track {args.track!r} matches no trackable module")
-    task = CausalLMTask(tracked_modules=tracked, pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)
-    engine = InfluenceEngine(model, task, backend=args.backend, progress=False if args.no_progress else None)
+    task = CausalLMTask(tracked_modules=tracked, pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
+                        fused_head=args.fused_head)
+    engine = InfluenceEngine(model, task, backend=args.backend, progress=False if args.no_progress else None,
+                             compile=args.compile)
     return engine, tokenizer
 
 

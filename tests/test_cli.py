@@ -41,6 +41,12 @@ def test_fit_then_score(workdir, capsys):
         assert scores == sorted(scores, reverse=True)
         assert scores[0] == pytest.approx(float(tensors["scores"][:, q].max()), rel=1e-6)
     assert "query: 'where is paris? france'" in capsys.readouterr().out
+    # the fused LM head gives the same scores
+    assert main(["score", *common, "--fused-head", "--factors", str(workdir / "f.safetensors"), "--train",
+                 str(workdir / "train.jsonl"), "--queries", str(workdir / "queries.jsonl"), "--out",
+                 str(workdir / "fused"), "--rank", "4"]) == 0
+    fused, _ = pyinf.storage.load(workdir / "fused" / "scores.safetensors", "scores")
+    assert torch.allclose(fused["scores"], tensors["scores"], rtol=1e-4, atol=1e-6)
 
 
 def test_bad_inputs_are_named(workdir):
