@@ -109,6 +109,13 @@ def unfused_call(op: str, x: Dict[str, torch.Tensor]) -> Optional[Callable[[], t
             ar = acts @ right_cols
             return (gl.float() * ar.float()).view(n, t, q, r).sum((1, 3))  # ... multiply, sum
         return run
+    if op == "dense_scores":
+        p_flat = x["dense"].reshape(x["dense"].shape[0], -1)
+
+        def run():
+            dw = torch.bmm(grads.transpose(1, 2), acts)  # the N x d_out x d_in temporary, input dtype
+            return (dw.reshape(n, -1) @ p_flat.T).float()
+        return run
     if op in ("eigen_correction", "self_influence"):
         q_a, q_s = x["q_a"], x["q_s"]
         inv = (1.0 / (x["lambdas"] + 0.1)) if op == "self_influence" else None

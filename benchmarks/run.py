@@ -212,7 +212,9 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
         out.append(f"#### Kernels ({ops_res['dtype']} inputs, median of many runs after warm-up)")
         out.append("")
         out.append("`unfused` is the literal PyTorch code of DESIGN.md sec. 3 (two matmuls, multiply, sum, in the "
-                   "input dtype with an fp32 product); `torch` is the reference backend (fp32 compute). "
+                   "input dtype with an fp32 product; for dense_scores a bmm building the N x d_out x d_in "
+                   "per-document gradients, then one GEMM with the flattened queries); `torch` is the reference "
+                   "backend (fp32 compute). "
                    "'vs torch' / 'vs unfused' are speed-ups (>1 = faster than that baseline). "
                    "Extra MB: peak device memory above the inputs (CUDA only). Err: relative to the torch backend."
                    + (" Triton here runs in its CPU interpreter and is timed once." if env.get("triton_interpret") == "1"

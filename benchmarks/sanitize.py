@@ -27,7 +27,10 @@ def _problem(device):
     return dict(acts=torch.randn(n, t, d_in, device=device, dtype=bf),
                 grads=torch.randn(n, t, d_out, device=device, dtype=bf), mask=mask, q_a=q_a, q_s=q_s,
                 lambdas=torch.rand(d_out, d_in, device=device), left=torch.randn(q, d_out, r, device=device, dtype=bf),
-                right=torch.randn(q, d_in, r, device=device, dtype=bf))
+                right=torch.randn(q, d_in, r, device=device, dtype=bf),
+                dense=torch.randn(q, d_out, d_in, device=device, dtype=bf),
+                logits=torch.randn(2 * t, 1000, device=device, dtype=bf),
+                labels=torch.randint(0, 1000, (2 * t,), device=device))
 
 
 def _calls(p):
@@ -41,6 +44,11 @@ def _calls(p):
                                                          mask=p["mask"], backend=b),
         "factored_scores_per_token": lambda b: ops.factored_scores(p["acts"], p["grads"], p["left"], p["right"],
                                                                    mask=p["mask"], per_token=True, backend=b),
+        "dense_scores": lambda b: ops.dense_scores(p["acts"], p["grads"], p["dense"], mask=p["mask"], backend=b),
+        "dense_scores_per_token": lambda b: ops.dense_scores(p["acts"], p["grads"], p["dense"], mask=p["mask"],
+                                                             per_token=True, backend=b),
+        # in place: each call gets its own copy of the logits; the loss is what is compared
+        "cross_entropy_rows": lambda b: ops.cross_entropy_rows(p["logits"].clone(), p["labels"], backend=b),
     }
 
 
@@ -52,7 +60,8 @@ def main(argv) -> int:
         ref = call("torch")
         for backend in backends:
             op = name.replace("_per_token", "")
-            reason = _registry.unsupported_reason(backend, op, [p["acts"], p["grads"]])
+            reason = _registry.unsupported_reason(backend, op, [p["logits"]] if op == "cross_entropy_rows"
+                                                  else [p["acts"], p["grads"]])
             if reason is not None:
                 print(f"{name:28s} {backend:7s} skipped: {reason}")
                 continue

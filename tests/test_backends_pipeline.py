@@ -26,13 +26,16 @@ def demo_setup():
     return model, train, query
 
 
-def _run(model, train, query, backend):
+def _run(model, train, query, backend, dense: bool):
     engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), backend=backend, progress=False)
     factors = engine.fit_factors(train, fisher="empirical", batch_size=6)
     queries = engine.prepare_queries(query, factors, rank=4)
-    return dict(factors=factors, scores=engine.pairwise_scores(train, queries, batch_size=6),
-                per_token=engine.pairwise_scores(train, queries, batch_size=6, per_token=True),
-                self_influence=engine.self_influence(train, factors, batch_size=6))
+    out = dict(factors=factors, scores=engine.pairwise_scores(train, queries, batch_size=6),
+               per_token=engine.pairwise_scores(train, queries, batch_size=6, per_token=True),
+               self_influence=engine.self_influence(train, factors, batch_size=6))
+    if dense:  # the same low-rank queries through per-document gradients
+        out["dense"] = engine.pairwise_scores(train, queries, batch_size=6, route="dense")
+    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -50,12 +53,13 @@ def test_backend_pipeline_matches_torch(demo_setup, backend_device, dtype, monke
     reason = _registry.unsupported_reason(backend, "factored_scores", [probe, probe, probe, probe])
     if reason is not None:
         pytest.skip(reason)
-    ours, ref = _run(model, train, query, backend), _run(model, train, query, "torch")
+    dense = _registry.unsupported_reason(backend, "dense_scores", [probe, probe, probe]) is None
+    ours, ref = _run(model, train, query, backend, dense), _run(model, train, query, "torch", dense)
     # bf16 activations meet fp32 eigenbases differently in each backend: DESIGN.md's bf16 bound
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for name in ref["factors"].modules:
         for field in ("a_cov", "s_cov", "lambdas"):
             got, want = getattr(ours["factors"][name], field), getattr(ref["factors"][name], field)
             assert _rel(got, want) < tol, (name, field)
-    for key in ("scores", "per_token", "self_influence"):
+    for key in ("scores", "per_token", "self_influence") + (("dense",) if dense else ()):
         assert _rel(ours[key], ref[key]) < tol, key

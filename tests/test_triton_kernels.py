@@ -70,6 +70,10 @@ def test_strided_inputs_all_ops(dtype):
     for per_token in (False, True):
         out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="triton")
         assert oracle.rel_err(out, oracle.factored_scores(acts, grads, left, right, mask, per_token)) < tol
+    dense = torch.randn(d_in, q, d_out).to(dtype).to(DEVICE).permute(1, 2, 0)  # [Q, d_out, d_in], strided
+    for per_token in (False, True):
+        out = ops.dense_scores(acts, grads, dense, mask=mask, per_token=per_token, backend="triton")
+        assert oracle.rel_err(out, oracle.dense_scores(acts, grads, dense, mask, per_token)) < tol
 
 
 # --- block-boundary sizes ----------------------------------------------------------------
@@ -207,6 +211,7 @@ def test_padding_garbage_never_leaks(dtype):
     q_a, q_s = _orthonormal(5), _orthonormal(3)
     left, right = torch.randn(2, 3, 2, device=DEVICE), torch.randn(2, 5, 2, device=DEVICE)
     lambdas = torch.rand(3, 5, device=DEVICE)
+    dense = torch.randn(2, 3, 5, device=DEVICE)
     tol = oracle.TOLERANCE[dtype]
     outs = {
         "covariance": (ops.covariance(acts, mask=mask, backend="triton"), oracle.covariance(acts, mask)),
@@ -216,6 +221,8 @@ def test_padding_garbage_never_leaks(dtype):
                  oracle.self_influence(acts, grads, q_a, q_s, lambdas, 0.1, mask)),
         "per_token": (ops.factored_scores(acts, grads, left, right, mask=mask, per_token=True, backend="triton"),
                       oracle.factored_scores(acts, grads, left, right, mask, True)),
+        "dense": (ops.dense_scores(acts, grads, dense, mask=mask, backend="triton"), None),
+        "dense_per_token": (ops.dense_scores(acts, grads, dense, mask=mask, per_token=True, backend="triton"), None),
     }
     # the oracle multiplies by the mask, so NaN reaches it: compare on the finite reference
     for name, (out, _) in outs.items():
@@ -226,6 +233,8 @@ def test_padding_garbage_never_leaks(dtype):
     assert oracle.rel_err(outs["eigen"][0], oracle.eigen_correction(clean_a, clean_g, q_a, q_s, mask)) < tol
     assert oracle.rel_err(outs["self"][0], oracle.self_influence(clean_a, clean_g, q_a, q_s, lambdas, 0.1, mask)) < tol
     assert oracle.rel_err(outs["per_token"][0], oracle.factored_scores(clean_a, clean_g, left, right, mask, True)) < tol
+    assert oracle.rel_err(outs["dense"][0], oracle.dense_scores(clean_a, clean_g, dense, mask)) < tol
+    assert oracle.rel_err(outs["dense_per_token"][0], oracle.dense_scores(clean_a, clean_g, dense, mask, True)) < tol
 
 
 def test_mixed_dtypes_within_a_call():
@@ -240,6 +249,10 @@ def test_mixed_dtypes_within_a_call():
     grads16 = grads.bfloat16()
     out = ops.factored_scores(acts, grads16, left.float(), right, backend="triton")
     assert oracle.rel_err(out, oracle.factored_scores(acts, grads16, left.float(), right)) < 1e-2
+    dense = torch.randn(q, d_out, d_in, device=DEVICE)  # bf16 tokens, fp32 grads and queries: fp32 dots
+    for per_token in (False, True):
+        out = ops.dense_scores(acts, grads, dense, per_token=per_token, backend="triton")
+        assert oracle.rel_err(out, oracle.dense_scores(acts, grads, dense, None, per_token)) < 1e-5
 
 
 def test_grouped_mixed_problems():
@@ -273,7 +286,8 @@ def test_unsupported_reason():
     x = torch.randn(2, 3, 4, device=DEVICE)
     assert _triton.unsupported_reason("covariance", [x]) is None
     assert "float64" in _triton.unsupported_reason("covariance", [x.double()])
-    assert "dense_scores" in _triton.unsupported_reason("dense_scores", [x])
+    assert "dense_scores" not in str(_triton.unsupported_reason("dense_scores", [x]))
+    assert "does not implement" in _triton.unsupported_reason("dense_scores_v2", [x])
     with pytest.raises(ops.BackendUnavailable):
         ops.covariance(x.double(), backend="triton")
 
@@ -285,10 +299,10 @@ import json, os, subprocess, sys, tempfile
 import torch, triton, triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from triton_kernels import _shared, covariance, cross_entropy, eigen_correction, factored_scores, self_influence
+from triton_kernels import _shared, covariance, cross_entropy, dense_scores, eigen_correction, factored_scores, self_influence
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-UNIT = {"s_xk", "s_xd", "s_qc", "s_lj"}  # inner strides: the JIT specialises == 1 at run time
+UNIT = {"s_xk", "s_xd", "s_qc", "s_lj", "s_gd", "s_ad", "s_pj"}  # inner strides: the JIT specialises == 1 at run time
 report = []
 
 def build(fn, sig, consts, cfg, label, gemm=True):
@@ -328,6 +342,13 @@ for tdt, pt, tl_dt in [(torch.bfloat16, "*bf16", tl.bfloat16), (torch.float32, "
               dict(ACT_T=tl_dt, GRAD_T=tl_dt, LEFT_T=tl_dt, RIGHT_T=tl_dt, COMPUTE=tl_dt, PER_TOKEN=per_token,
                    RP=32, NF=factored_scores.NF, ALIGNED=True, **flags),
               factored_scores.H100[tdt], f"factored_scores {tdt} per_token={per_token}")
+    dense_strides = ("s_gn", "s_gt", "s_gd", "s_an", "s_at", "s_ad", "s_pq", "s_pi", "s_pj", "s_mn", "s_mt")
+    build(dense_scores._dense_pairwise_kernel, dict(g_ptr=pt, a_ptr=pt, p_ptr=pt, m_ptr="*u8", part_ptr="*fp32",
+          **i32("N", "T", "D_OUT", "D_IN", "Q", *dense_strides, "s_pn", "s_pqq")),
+          dict(HAS_MASK=True, COMPUTE=tl_dt, **flags), dense_scores.H100_PAIRWISE[tdt], f"dense_scores {tdt}")
+    build(dense_scores._dense_per_token_kernel, dict(g_ptr=pt, a_ptr=pt, p_ptr=pt, m_ptr="*u8", out_ptr="*fp32",
+          **i32("T", "D_OUT", "D_IN", *dense_strides, "s_on", "s_ot")),
+          dict(HAS_MASK=True, COMPUTE=tl_dt, **flags), dense_scores.H100_PER_TOKEN[tdt], f"dense_scores {tdt} per_token")
     for sample in (False, True):
         build(cross_entropy._cross_entropy_rows_kernel, dict(x_ptr=pt, labels_ptr="*i64", loss_ptr="*fp32",
               **i32("V", "s_x", "seed")), dict(SAMPLE=sample, INTERP_FIX=False), cross_entropy.H100,
@@ -356,7 +377,7 @@ def test_kernels_compile_for_h100_without_spills(tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(report) == 16
+    assert len(report) == 20
     for r in report:
         assert r["ok"] and not r["spills"], r
         if r["gemm"]:

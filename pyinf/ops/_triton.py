@@ -15,6 +15,7 @@ import torch
 
 from triton_kernels import covariance as _cov
 from triton_kernels import cross_entropy as _ce
+from triton_kernels import dense_scores as _dense
 from triton_kernels import eigen_correction as _eig
 from triton_kernels import factored_scores as _fs
 from triton_kernels import self_influence as _si
@@ -22,7 +23,7 @@ from triton_kernels._shared import INTERPRETING
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OPS = ("covariance", "eigen_correction", "self_influence", "factored_scores", "factored_scores_grouped",
-        "cross_entropy_rows")
+        "dense_scores", "cross_entropy_rows")
 
 
 def unsupported_reason(op: str, tensors: Sequence[torch.Tensor]) -> Optional[str]:
@@ -106,6 +107,11 @@ def self_influence(acts, grads, q_a, q_s, lambdas, damping, *, mask=None) -> tor
 def factored_scores(acts, grads, left, right, *, mask=None, per_token=False) -> torch.Tensor:
     with _cuda_context(acts):
         return _fs.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token)
+
+
+def dense_scores(acts, grads, dense, *, mask=None, per_token=False) -> torch.Tensor:
+    with _cuda_context(acts):
+        return _dense.dense_scores(acts, grads, dense, mask=mask, per_token=per_token)
 
 
 def factored_scores_grouped(problems, *, per_token=False) -> List[torch.Tensor]:
