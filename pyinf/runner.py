@@ -3,7 +3,8 @@ tracked layer captured. Factor fitting, query preparation and scoring are each s
 pass with their own objective and consumer."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -24,20 +25,45 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+_END = object()
+
+
+def prefetched(iterable: Iterable) -> Iterator:
+    """The items of `iterable`, each fetched in a background thread while the caller works on
+    the one before: on a GPU, collating the next batch overlaps the device's work on the
+    current one instead of leaving it idle after each batch's synchronisation."""
+    it = iter(iterable)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyinf-prefetch") as pool:
+        pending = pool.submit(next, it, _END)
+        while True:
+            item = pending.result()  # re-raises the loader's own exception
+            if item is _END:
+                return
+            pending = pool.submit(next, it, _END)
+            yield item
+
+
 def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[str, ModuleSpec],
              loader, *, objective: Objective, consumer: Consumer, desc: str,
              on_batch_start: Optional[BatchEnd] = None, on_batch_end: Optional[BatchEnd] = None,
-             progress: Optional[bool] = None) -> int:
+             progress: Optional[bool] = None, prefetch: Optional[bool] = None) -> int:
     """Runs the pass and returns the number of documents seen. The model is put in eval
-    mode for the pass (no dropout) and restored after."""
+    mode for the pass (no dropout) and restored after. ``prefetch`` (default: on for a model
+    on a GPU) loads batches one ahead in a background thread."""
     device = model_device(model)
+    if prefetch is None:
+        prefetch = device.type == "cuda"
     was_training = model.training
     model.eval()
     n_seen = 0
     try:
         with Capture(model, modules, specs, consumer) as capture:
             total = len(loader) if hasattr(loader, "__len__") else None
-            for batch_index, batch in enumerate(bar(loader, desc=desc, total=total, progress=progress)):
+            # An iterator, not the loader: tqdm.auto would create two DataLoader iterators,
+            # each drawing from torch's RNG, and seeded true-Fisher samples would then depend
+            # on whether batches are prefetched.
+            batches = prefetched(loader) if prefetch else iter(loader)
+            for batch_index, batch in enumerate(bar(batches, desc=desc, total=total, progress=progress)):
                 batch = data_mod.to_device(batch, device)
                 mask = task.get_attention_mask(batch)
                 per_module_masks = mask if isinstance(mask, dict) else None

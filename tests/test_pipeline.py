@@ -332,3 +332,46 @@ def test_fit_records_the_time_of_each_phase(gpt2_fp32, tmp_path):
     assert all(v >= 0 for v in phases.values())
     factors.save(tmp_path / "f.safetensors")
     assert pyinf.Factors.load(tmp_path / "f.safetensors").meta["seconds"] == phases
+
+
+def test_prefetched_batches_keep_order_and_errors():
+    from pyinf.runner import prefetched
+
+    assert list(prefetched(range(7))) == list(range(7))
+    assert list(prefetched([])) == []
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            if i == 4:
+                raise KeyError(f"example {i} is unreadable")
+            return torch.tensor([i])
+
+    seen = []
+    with pytest.raises(KeyError, match="example 4 is unreadable"):
+        for batch in prefetched(torch.utils.data.DataLoader(Broken(), batch_size=2)):
+            seen.append(batch)
+    assert len(seen) == 2  # the batches before the broken one arrived, in order
+
+
+def test_prefetching_passes_give_the_same_results(gpt2_fp32, monkeypatch):
+    """On a GPU the passes load batches one ahead in a thread; forced on here, nothing changes."""
+    import functools
+
+    from pyinf import factors as factors_mod
+    from pyinf import queries as queries_mod
+    from pyinf import runner
+    from pyinf import scoring
+
+    engine, factors, train, query = gpt2_fp32
+    queries = engine.prepare_queries(query, factors, rank=3)
+    plain = engine.pairwise_scores(train, queries, batch_size=3)
+    forced = functools.partial(runner.run_pass, prefetch=True)
+    for mod in (factors_mod, queries_mod, scoring):
+        monkeypatch.setattr(mod, "run_pass", forced)
+    assert torch.equal(engine.pairwise_scores(train, queries, batch_size=3), plain)
+    f2 = engine.fit_factors(train, batch_size=4, seed=0)
+    name = factors.module_names[0]
+    assert torch.equal(f2[name].lambdas, factors[name].lambdas)
