@@ -216,8 +216,13 @@ class Capture:
             site.calls = 0
 
     def end_batch(self) -> None:
-        for name, flag in self._nonfinite:
-            if bool(flag):
+        """Raises if a tracked output gradient of the batch held NaN or Inf. One device-to-host
+        read for all layers (the flags stay on the device until here)."""
+        if not self._nonfinite:
+            return
+        flags = torch.stack([flag for _, flag in self._nonfinite]).cpu()
+        for (name, _), bad in zip(self._nonfinite, flags.tolist()):
+            if bad:
                 raise FloatingPointError(
                     f"NaN or Inf in the output gradient of module {name!r} in batch {self._batch_index}"
                 )
