@@ -123,7 +123,7 @@ class CMakeBuild(build_ext):
             "-DPYINF_BUILD_PYTHON=ON",
             "-DPYINF_BUILD_SHARED=OFF",
             f"-DPYINF_CUDA={cuda}",
-            f"-DPYINF_CUDA_ARCHS={os.environ.get('PYINF_CUDA_ARCHS', '90a;80')}",
+            f"-DPYINF_CUDA_ARCHS={os.environ.get('PYINF_CUDA_ARCHS') or '90a;80'}",
             f"-DPYINF_PYTHON_OUTPUT_DIR={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",

@@ -93,6 +93,21 @@ def op_call(op: str, backend: str, x: Dict[str, torch.Tensor]) -> Callable[[], o
     raise ValueError(op)
 
 
+def _with_env(key: str, value: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with the environment variable ``key`` set to ``value`` (restored after)."""
+    def run():
+        old = os.environ.get(key)
+        os.environ[key] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+    return run
+
+
 def unfused_call(op: str, x: Dict[str, torch.Tensor]) -> Optional[Callable[[], torch.Tensor]]:
     """The literal unfused PyTorch code of DESIGN.md section 3, in the inputs' dtype with an
     fp32 product (None for ops where the torch reference already is that code)."""
@@ -184,9 +199,17 @@ def _timing_kwargs(device, preset, backend=None):
     return dict(warmup=2, min_reps=5, max_reps=50, target_s=0.3)
 
 
+# A call slower than this is timed once more instead of a dozen times (a GPU session has a
+# few minutes in all: the fp32-FMA native kernel at the Llama scoring shape takes tens of
+# seconds per call, and its order of magnitude is what matters there).
+SLOW_CALL_MS = 3000.0
+
+
 def _measure(fn, device, preset, label_flops, peak_tflops, backend=None, first_ms=None):
     if _interpreted(device, backend) and first_ms is not None:
         timing = dict(ms=first_ms, p20_ms=first_ms, p80_ms=first_ms, min_ms=first_ms, reps=1)
+    elif first_ms is not None and first_ms > SLOW_CALL_MS:
+        timing = time_fn(fn, device, warmup=0, min_reps=1, max_reps=1, target_s=0.0)
     else:
         timing = time_fn(fn, device, **_timing_kwargs(device, preset, backend))
     rec = dict(timing)
@@ -200,10 +223,11 @@ def _measure(fn, device, preset, label_flops, peak_tflops, backend=None, first_m
 
 
 def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optional[Dict[str, object]] = None,
-            backends=BACKENDS, ops_to_run=OPS, log=print) -> Dict[str, object]:
+            backends=BACKENDS, ops_to_run=OPS, workloads: Optional[List[str]] = None, log=print) -> Dict[str, object]:
     """Every op x backend x workload that can run here. Returns ``records`` (one per timed
     call, the torch reference and the literal unfused code included) and ``skipped``
-    (backend, op, workload, why)."""
+    (backend, op, workload, why). ``workloads``: keep only workloads whose name contains
+    one of these strings (all when None)."""
     device = device or default_device()
     dtype = bench_dtype(device)
     peak = peak or measure_peak(device, preset, log)
@@ -211,6 +235,8 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
     records, skipped = [], []
     for op in ops_to_run:
         for w in op_workloads(op, preset):
+            if workloads and not any(k in w.name for k in workloads):
+                continue
             x = make_inputs(op, w, dtype, device)
             f = flops(op, w)
             ref_out = op_call(op, "torch", x)()
@@ -229,6 +255,9 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
                     skipped.append(dict(op=op, backend=name, workload=w.name, reason=reason))
                     continue
                 variants.append((name, op_call(op, name, x)))
+                if name == "native" and op == "factored_scores" and device.type == "cuda" and dtype != torch.float32:
+                    # The opt-in tensor-core kernel (PYINF_NATIVE_TC=1), side by side with the default.
+                    variants.append(("native-tc", _with_env("PYINF_NATIVE_TC", "1", op_call(op, name, x))))
             for name, fn in variants:
                 try:
                     t0 = time.perf_counter()

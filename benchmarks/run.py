@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import default_device, environment
+from .shapes import OPS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("ops", "grouped", "head", "e2e", "scaling")
@@ -41,7 +42,7 @@ def _log(msg: str) -> None:
 # Running
 # --------------------------------------------------------------------------------------
 def run_all(preset: str, sections=SECTIONS, backends=None, scaling_axes=None, with_kronfluence=True,
-            with_floor=True, log=_log) -> Dict[str, object]:
+            with_floor=True, ops_to_run=None, workloads=None, e2e_quick=False, log=_log) -> Dict[str, object]:
     from . import bench_ops
     from .shapes import e2e_workload, scaling_plan
 
@@ -73,7 +74,9 @@ def run_all(preset: str, sections=SECTIONS, backends=None, scaling_axes=None, wi
     if "ops" in sections or "grouped" in sections:
         res["peak"] = timed("peak", lambda: bench_ops.measure_peak(device, preset, log))
     if "ops" in sections:
-        res["ops"] = timed("ops", lambda: bench_ops.run_ops(preset, device, peak=res["peak"], backends=backends, log=log))
+        res["ops"] = timed("ops", lambda: bench_ops.run_ops(
+            preset, device, peak=res["peak"], backends=backends, ops_to_run=tuple(ops_to_run or bench_ops.OPS),
+            workloads=workloads, log=log))
     if "grouped" in sections:
         res["grouped"] = timed("grouped", lambda: bench_ops.run_grouped(preset, device, peak=res["peak"],
                                                                         backends=backends, log=log))
@@ -84,7 +87,12 @@ def run_all(preset: str, sections=SECTIONS, backends=None, scaling_axes=None, wi
     if "e2e" in sections:
         from . import bench_e2e
 
-        res["e2e"] = timed("e2e", lambda: bench_e2e.run_e2e(e2e_workload(preset), device, log=log,
+        wl = e2e_workload(preset)
+        if e2e_quick:  # what a short GPU session can afford: no fp32 kronfluence row, one floor batch
+            from dataclasses import replace
+
+            wl = replace(wl, kronfluence_fp32=False, floor_batch_sizes=wl.floor_batch_sizes[1:2] or wl.floor_batch_sizes)
+        res["e2e"] = timed("e2e", lambda: bench_e2e.run_e2e(wl, device, log=log,
                                                             with_kronfluence=with_kronfluence, with_floor=with_floor))
     if "scaling" in sections:
         from . import bench_e2e
@@ -404,8 +412,8 @@ def make_plots(res: Dict[str, object], out_dir: str, tag: str) -> Dict[str, str]
     recs = ops_res.get("records") or []
     if recs:
         labels = sorted({(r["op"], r["workload"]["name"]) for r in recs}, key=lambda x: (x[0], x[1]))
-        backends = sorted({r["backend"] for r in recs}, key=lambda b: ["unfused", "torch", "triton", "native"].index(b)
-                          if b in ("unfused", "torch", "triton", "native") else 9)
+        backends = sorted({r["backend"] for r in recs}, key=lambda b: ["unfused", "torch", "triton", "native", "native-tc"].index(b)
+                          if b in ("unfused", "torch", "triton", "native", "native-tc") else 9)
         fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4))
         width = 0.8 / max(1, len(backends))
         for i, b in enumerate(backends):
@@ -469,11 +477,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--tag", default=None, help="marker tag / file suffix (default <device>-<preset>)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--backends", default=None, help="comma-separated subset of torch,triton,native")
+    ap.add_argument("--ops", default=None, help="ops section: comma-separated subset of " + ",".join(OPS))
+    ap.add_argument("--workloads", default=None,
+                    help="ops section: keep workloads whose name contains one of these comma-separated strings")
     ap.add_argument("--scaling-axes", default=None, help="comma-separated subset of n_docs,doc_len,n_queries,rank")
     ap.add_argument("--fresh", action="store_true",
                     help="do not carry over sections of an earlier results.json in --out that this run skips")
     ap.add_argument("--no-kronfluence", action="store_true")
     ap.add_argument("--no-floor", action="store_true")
+    ap.add_argument("--e2e-quick", action="store_true",
+                    help="e2e section without kronfluence's fp32 row and with one floor batch size (short GPU sessions)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default: 1 for --smoke on a CPU, which avoids oversubscription "
                          "on shared machines; torch's default otherwise)")
@@ -492,13 +505,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
+    ops_to_run = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else None
+    if ops_to_run and set(ops_to_run) - set(OPS):
+        ap.error(f"unknown op(s) {sorted(set(ops_to_run) - set(OPS))}; choose from {OPS}")
     warnings.filterwarnings("ignore", category=FutureWarning)  # kronfluence's GradScaler deprecation notices
 
     t0 = time.perf_counter()
     res = run_all(preset, sections=sections,
                   backends=tuple(args.backends.split(",")) if args.backends else None,
                   scaling_axes=tuple(args.scaling_axes.split(",")) if args.scaling_axes else None,
-                  with_kronfluence=not args.no_kronfluence, with_floor=not args.no_floor)
+                  with_kronfluence=not args.no_kronfluence, with_floor=not args.no_floor,
+                  ops_to_run=ops_to_run, e2e_quick=args.e2e_quick,
+                  workloads=[w.strip() for w in args.workloads.split(",") if w.strip()] if args.workloads else None)
     res["tag"] = tag
     res["total_seconds"] = time.perf_counter() - t0
     json_path = os.path.join(out_dir, "results.json")

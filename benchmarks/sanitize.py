@@ -1,13 +1,17 @@
 """One small launch of every op on every CUDA backend, for compute-sanitizer:
 
     compute-sanitizer --tool memcheck   python3 -m benchmarks.sanitize
-    compute-sanitizer --tool racecheck  python3 -m benchmarks.sanitize native
+    compute-sanitizer --tool racecheck  python3 -m benchmarks.sanitize native native-tc
+
+``native-tc`` is the native backend with its opt-in tensor-core factored-scores kernel
+(PYINF_NATIVE_TC=1).
 
 Odd sizes, a mask with a fully padded document, bf16 inputs; each result is checked against
 the torch reference so that a launch that wrote nothing is caught too.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -53,24 +57,28 @@ def _calls(p):
 
 
 def main(argv) -> int:
-    backends = argv or ["triton", "native"]
+    backends = argv or ["triton", "native", "native-tc"]
     p = _problem(torch.device("cuda"))
     failures = 0
     for name, call in _calls(p).items():
         ref = call("torch")
-        for backend in backends:
+        for label in backends:
             op = name.replace("_per_token", "")
+            backend = "native" if label == "native-tc" else label
+            if label == "native-tc" and op != "factored_scores":
+                continue
+            os.environ["PYINF_NATIVE_TC"] = "1" if label == "native-tc" else "0"
             reason = _registry.unsupported_reason(backend, op, [p["logits"]] if op == "cross_entropy_rows"
                                                   else [p["acts"], p["grads"]])
             if reason is not None:
-                print(f"{name:28s} {backend:7s} skipped: {reason}")
+                print(f"{name:28s} {label:9s} skipped: {reason}")
                 continue
             out = call(backend)
             torch.cuda.synchronize()
             err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
             ok = torch.isfinite(out).all().item() and err < 2e-2
             failures += not ok
-            print(f"{name:28s} {backend:7s} rel err {err:.2e} {'ok' if ok else 'FAILED'}")
+            print(f"{name:28s} {label:9s} rel err {err:.2e} {'ok' if ok else 'FAILED'}")
     return 1 if failures else 0
 
 

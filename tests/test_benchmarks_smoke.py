@@ -141,3 +141,20 @@ def test_markdown_block_replacement(tmp_path):
     assert text.startswith("intro\n")
     assert "first" not in text and text.count("second") == 1 and text.count("other") == 1
     assert text.index("pyinf-bench:begin a") < text.index("pyinf-bench:begin b")
+
+
+def test_ops_filters_and_slow_call_timing(monkeypatch):
+    """--ops/--workloads keep only what a short GPU session asks for; a call slower than
+    SLOW_CALL_MS is timed once instead of a dozen times."""
+    import torch
+
+    from benchmarks import bench_ops
+
+    monkeypatch.setattr(bench_ops, "SLOW_CALL_MS", 0.0)
+    peak = dict(tflops=1.0)
+    res = bench_ops.run_ops("smoke", torch.device("cpu"), peak=peak, backends=("torch", "native"),
+                            ops_to_run=("factored_scores",), workloads=["tiny-b"], log=lambda *_: None)
+    assert res["records"], res
+    assert {(r["op"], r["workload"]["name"]) for r in res["records"]} == {("factored_scores", "tiny-b")}
+    assert all(r["reps"] == 1 for r in res["records"])
+    assert all(r["rel_err_vs_torch"] < 1e-4 for r in res["records"])

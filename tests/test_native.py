@@ -273,3 +273,38 @@ def test_cuda_padding_garbage_never_leaks():
     assert torch.isfinite(ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="native")).all()
     out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=True, backend="native")
     assert torch.isfinite(out).all()
+
+
+# Tensor-core factored scores (csrc/cuda/factored_scores_tc.cu, opt-in PYINF_NATIVE_TC=1):
+# 16-byte staging where d, r and the strides allow it, element loads otherwise.
+TC_SHAPES = [
+    (3, 7, 13, 11, 3, 5),        # nothing vectorisable
+    (2, 130, 136, 72, 5, 32),    # vectorisable, several 64-tiles in T, partial K slice
+    (2, 65, 64, 64, 2, 80),      # r > 64: one query spans two column chunks
+    (1, 1, 9, 6, 40, 1),         # many queries, r = 1
+    (4, 200, 256, 128, 20, 8),   # 8 queries per block, two query groups
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("shape", TC_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_tensor_core_factored_scores(shape, dtype, monkeypatch):
+    n, t, d_in, d_out, q, r = shape
+    acts, grads, left, right, mask = _problem(n, t, d_in, d_out, q, r, dtype, "cuda")
+    clean = acts.clone()
+    acts[~mask] = float("nan")  # masked rows are never read
+    tol = oracle.TOLERANCE[dtype]
+    monkeypatch.setenv("PYINF_NATIVE_TC", "1")
+    for per_token in (False, True):
+        ref = oracle.factored_scores(clean, grads, left, right, mask, per_token)
+        out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="native")
+        assert oracle.rel_err(out, ref) < tol, (shape, dtype, per_token)
+        again = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="native")
+        assert torch.equal(out, again)  # fixed reduction order
+    # Strided and misaligned views take the element-load path and give the same answer.
+    wide = torch.randn(n, t, d_in + 1, device="cuda").to(dtype)
+    wide[..., 1:] = acts
+    left_t = left.transpose(1, 2).contiguous().transpose(1, 2)
+    out = ops.factored_scores(wide[..., 1:], grads, left_t, right, mask=mask, backend="native")
+    assert oracle.rel_err(out, oracle.factored_scores(clean, grads, left, right, mask)) < tol

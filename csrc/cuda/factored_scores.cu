@@ -6,6 +6,8 @@
 // elementwise and folds each query's r columns into per-(token, query) sums in shared
 // memory in a fixed order. Per-token scores are written directly; document scores sum
 // the token rows in order inside the block. No atomics, no workspace: deterministic.
+#include <cstdlib>
+
 #include "kernels_common.cuh"
 
 namespace pyinf {
@@ -115,6 +117,16 @@ __global__ void __launch_bounds__(THREADS) factored_scores_kernel(View3 acts, Vi
 using namespace pyinf;
 using namespace pyinf::cuda;
 
+namespace {
+// The tensor-core kernel (factored_scores_tc.cu) is opt-in, PYINF_NATIVE_TC=1, until it has
+// been checked against the reference and timed on a GPU; read per call (cheap next to a
+// launch) so that tests and benchmarks can switch it.
+bool tensor_cores_enabled() {
+  const char* v = std::getenv("PYINF_NATIVE_TC");
+  return v != nullptr && v[0] == '1';
+}
+}  // namespace
+
 extern "C" pyinf_status pyinf_cuda_factored_scores(const pyinf_tensor* acts, const pyinf_tensor* grads,
                                                    const pyinf_tensor* left, const pyinf_tensor* right,
                                                    const pyinf_tensor* mask, int per_token, float* out,
@@ -132,6 +144,11 @@ extern "C" pyinf_status pyinf_cuda_factored_scores(const pyinf_tensor* acts, con
   if (d.n * tblocks > 0x7fffffffLL || groups > 65535)
     return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores: problem too large for one launch");
   dim3 grid(static_cast<unsigned>(d.n * tblocks), static_cast<unsigned>(groups));
+  if (tensor_cores_enabled() && factored_scores_tc_applicable(acts, grads, left, right)) {
+    launch_factored_scores_tc(acts, grads, left, right, mask, d, per_token ? 1 : 0, tblocks, qb, grid, out,
+                              static_cast<cudaStream_t>(stream));
+    return launch_check("factored_scores");
+  }
   factored_scores_kernel<<<grid, THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
       view3(*acts), view3(*grads), view3(*left), view3(*right), mask_view(mask), d.n, d.t, d.d_in, d.d_out, d.q,
       d.r, qb, per_token ? 1 : 0, tblocks, out);

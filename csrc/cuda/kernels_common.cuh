@@ -102,5 +102,13 @@ inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a
 pyinf_status launch_rotate(const char* op, View3 x, View2 q, MaskView mask, int64_t N, int64_t T, int64_t d,
                            float* out, cudaStream_t stream);
 
+// Tensor-core factored scores (factored_scores_tc.cu): applicable when the four inputs are
+// all bf16 or all fp16; same grid, block query groups and output as the FMA kernel.
+bool factored_scores_tc_applicable(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                                   const pyinf_tensor* right);
+void launch_factored_scores_tc(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                               const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
+                               int64_t tblocks, int qb, dim3 grid, float* out, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace pyinf

@@ -23,6 +23,9 @@
  * device workspace whose size the matching *_workspace_size function reports. When the
  * library was built without CUDA, pyinf_cuda_* return PYINF_ERROR_NOT_COMPILED.
  * Results are deterministic: no atomics, fixed reduction orders.
+ * pyinf_cuda_factored_scores runs on tensor cores (WMMA, fp32 accumulation) when the four
+ * inputs are all bf16 or all fp16 and the environment variable PYINF_NATIVE_TC is "1"
+ * (opt-in until measured on a GPU); otherwise, and for fp32 or mixed inputs, in fp32 FMA.
  */
 #ifndef PYINF_PYINF_H_
 #define PYINF_PYINF_H_

@@ -1,0 +1,249 @@
+// CUDA factored scores on tensor cores (WMMA, sm_80+), for inputs that are all bf16 or all
+// fp16. Same grid, same per-query fold and the same fixed reduction order as the fp32-FMA
+// kernel in factored_scores.cu; only the two products GL = g L[:, chunk] and
+// AR = a R[:, chunk] change: K slices of 32 are staged through shared memory in the input
+// dtype (16-byte loads where the layout allows) and multiplied by 16x16x16 WMMA tiles with
+// fp32 accumulators. Four warps cover the 64x64 tile, 32x32 each. GL and AR fragments
+// have the same type, hence the same element-to-thread mapping, so their product is taken
+// fragment element by fragment element before one store to shared memory.
+//
+// Opt-in (PYINF_NATIVE_TC=1) until it is verified and timed on a GPU: see
+// pyinf_cuda_factored_scores in factored_scores.cu.
+#include <mma.h>
+
+#include "kernels_common.cuh"
+
+namespace pyinf {
+namespace cuda {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int TC_THREADS = 128;  // 4 warps, 2 x 2 over the 64 x 64 tile
+constexpr int TC_BK = 32;        // K slice staged per step
+constexpr int A_LD = TC_BK + 8;  // row-major [BM][A_LD] tile of token rows (16-bit elements)
+constexpr int B_LD = BN + 8;     // row-major [TC_BK][B_LD] tile of factor columns
+constexpr int P_LD = BN + 4;     // fp32 product tile (WMMA needs ldm % 4 == 0 for float)
+constexpr int TC_QMAX = 16;
+
+template <typename T>
+__device__ __forceinline__ T zero_of() {
+  return T(0.0f);
+}
+
+template <typename T>
+struct Frags {
+  using A = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+  using B = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
+  using C = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+};
+
+// Stage x[token rows, k0:k0+TC_BK] into As (row m at element offset base[m] of x, -1: zeros).
+// vec: x's last dimension is contiguous and every row start, d and the pointer allow aligned
+// 16-byte loads (checked on the host).
+template <typename T>
+__device__ __forceinline__ void stage_rows(T (*As)[A_LD], const int64_t* base, const T* x, int64_t s2, int64_t d,
+                                           int64_t k0, bool vec, int tid) {
+  if (vec) {
+    for (int e = tid; e < BM * (TC_BK / 8); e += TC_THREADS) {
+      const int m = e / (TC_BK / 8), k = (e % (TC_BK / 8)) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (base[m] >= 0 && k0 + k < d) v = *reinterpret_cast<const uint4*>(x + base[m] + k0 + k);
+      *reinterpret_cast<uint4*>(&As[m][k]) = v;
+    }
+  } else {
+    for (int e = tid; e < BM * TC_BK; e += TC_THREADS) {
+      const int m = e / TC_BK, k = e % TC_BK;
+      As[m][k] = (base[m] >= 0 && k0 + k < d) ? x[base[m] + (k0 + k) * s2] : zero_of<T>();
+    }
+  }
+}
+
+// Stage F[k0:k0+TC_BK, columns c0:c0+BN] of the factor [Q, d, R] into Bs; column c is rank
+// c % R of query q0 + c / R, columns at or past C are zeros. vec: R % 8 == 0, the rank
+// dimension is contiguous and the strides and pointer allow aligned 16-byte loads, so 8
+// consecutive columns are 8 consecutive ranks of one query.
+template <typename T>
+__device__ __forceinline__ void stage_factor(T (*Bs)[B_LD], const T* f, int64_t s0, int64_t s1, int64_t s2, int64_t d,
+                                             int64_t c0, int64_t q0, int64_t C, int64_t R, int64_t k0, bool vec,
+                                             int tid) {
+  if (vec) {
+    for (int e = tid; e < TC_BK * (BN / 8); e += TC_THREADS) {
+      const int k = e / (BN / 8), c = (e % (BN / 8)) * 8;
+      const int64_t col = c0 + c;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (k0 + k < d && col < C) {
+        const int64_t q = q0 + col / R, kr = col % R;
+        v = *reinterpret_cast<const uint4*>(f + q * s0 + (k0 + k) * s1 + kr);
+      }
+      *reinterpret_cast<uint4*>(&Bs[k][c]) = v;
+    }
+  } else {
+    for (int e = tid; e < TC_BK * BN; e += TC_THREADS) {
+      const int k = e / BN, c = e % BN;
+      const int64_t col = c0 + c;
+      T v = zero_of<T>();
+      if (k0 + k < d && col < C) {
+        const int64_t q = q0 + col / R, kr = col % R;
+        v = f[q * s0 + (k0 + k) * s1 + kr * s2];
+      }
+      Bs[k][c] = v;
+    }
+  }
+}
+
+// acc (this warp's 2 x 2 fragments at rows wm*32, cols wn*32) += x[rows, :] @ F[:, c0:c0+BN].
+template <typename T>
+__device__ __forceinline__ void tc_factor_product(T (*As)[A_LD], T (*Bs)[B_LD], const int64_t* base, const T* x,
+                                                  int64_t xs2, bool xvec, const T* f, int64_t fs0, int64_t fs1,
+                                                  int64_t fs2, bool fvec, int64_t d, int64_t c0, int64_t q0, int64_t C,
+                                                  int64_t R, typename Frags<T>::C (&acc)[2][2], int tid, int wm, int wn) {
+  for (int64_t k0 = 0; k0 < d; k0 += TC_BK) {
+    stage_rows<T>(As, base, x, xs2, d, k0, xvec, tid);
+    stage_factor<T>(Bs, f, fs0, fs1, fs2, d, c0, q0, C, R, k0, fvec, tid);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < TC_BK; kk += 16) {
+      typename Frags<T>::A a[2];
+      typename Frags<T>::B b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wm * 32 + i * 16][kk], A_LD);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[kk][wn * 32 + j * 16], B_LD);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(TC_THREADS)
+    factored_scores_tc_kernel(const T* acts, int64_t as0, int64_t as1, int64_t as2, bool avec, const T* grads,
+                              int64_t gs0, int64_t gs1, int64_t gs2, bool gvec, const T* left, int64_t ls0, int64_t ls1,
+                              int64_t ls2, bool lvec, const T* right, int64_t rs0, int64_t rs1, int64_t rs2, bool rvec,
+                              MaskView mask, int64_t T_len, int64_t d_in, int64_t d_out, int64_t Q, int64_t R, int QB,
+                              int per_token, int64_t tblocks, float* out) {
+  __shared__ __align__(128) T As[BM][A_LD];
+  __shared__ __align__(128) T Bs[TC_BK][B_LD];
+  __shared__ __align__(128) float Ps[BM][P_LD];
+  __shared__ float sums[BM][TC_QMAX];
+  __shared__ int64_t a_base[BM], g_base[BM];
+  const int tid = threadIdx.x, warp = tid / 32, wm = warp / 2, wn = warp % 2;
+  const int64_t n = blockIdx.x / tblocks, tb = blockIdx.x % tblocks;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * QB;
+  const int qb = static_cast<int>(Q - q0 < QB ? Q - q0 : QB);
+  const int64_t C = qb * R;
+  const int64_t t_begin = per_token ? tb * BM : 0;
+  const int64_t t_end = per_token ? (t_begin + BM < T_len ? t_begin + BM : T_len) : T_len;
+
+  for (int e = tid; e < BM * TC_QMAX; e += TC_THREADS) sums[e / TC_QMAX][e % TC_QMAX] = 0.0f;
+  __syncthreads();
+
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += BM) {
+    if (tid < BM) {
+      const int64_t t = t0 + tid;
+      const bool ok = t < t_end && keep(mask, n, t);
+      a_base[tid] = ok ? n * as0 + t * as1 : -1;
+      g_base[tid] = ok ? n * gs0 + t * gs1 : -1;
+    }
+    __syncthreads();
+    for (int64_t c0 = 0; c0 < C; c0 += BN) {
+      typename Frags<T>::C gl[2][2], ar[2][2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          wmma::fill_fragment(gl[i][j], 0.0f);
+          wmma::fill_fragment(ar[i][j], 0.0f);
+        }
+      tc_factor_product<T>(As, Bs, g_base, grads, gs2, gvec, left, ls0, ls1, ls2, lvec, d_out, c0, q0, C, R, gl, tid, wm,
+                           wn);
+      tc_factor_product<T>(As, Bs, a_base, acts, as2, avec, right, rs0, rs1, rs2, rvec, d_in, c0, q0, C, R, ar, tid, wm,
+                           wn);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+          for (int e = 0; e < gl[i][j].num_elements; ++e) gl[i][j].x[e] *= ar[i][j].x[e];
+          wmma::store_matrix_sync(&Ps[wm * 32 + i * 16][wn * 32 + j * 16], gl[i][j], P_LD, wmma::mem_row_major);
+        }
+      __syncthreads();
+      for (int e = tid; e < BM * qb; e += TC_THREADS) {  // fold each query's columns, in column order
+        const int m = e / qb, ql = e % qb;
+        const int64_t lo = (ql * R > c0 ? ql * R : c0);
+        int64_t hi = (ql + 1) * R;
+        if (hi > c0 + BN) hi = c0 + BN;
+        float s = 0.0f;
+        for (int64_t c = lo; c < hi; ++c) s += Ps[m][c - c0];
+        sums[m][ql] += s;
+      }
+      __syncthreads();
+    }
+    if (per_token) {
+      for (int e = tid; e < BM * qb; e += TC_THREADS) {
+        const int m = e / qb, ql = e % qb;
+        const int64_t t = t0 + m;
+        if (t < t_end) out[(n * T_len + t) * Q + q0 + ql] = sums[m][ql];
+      }
+    }
+    __syncthreads();
+  }
+  if (!per_token && tid < qb) {
+    float s = 0.0f;
+    for (int m = 0; m < BM; ++m) s += sums[m][tid];
+    out[n * Q + q0 + tid] = s;
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// 16-byte row loads of a [N, T, d] input: contiguous last dimension, row starts and d at
+// multiples of 8 elements, aligned pointer.
+bool rows_vectorisable(const pyinf_tensor& x) {
+  return aligned16(x.data) && x.strides[2] == 1 && x.strides[0] % 8 == 0 && x.strides[1] % 8 == 0 &&
+         x.shape[2] % 8 == 0;
+}
+
+// 16-byte loads of 8 ranks of a [Q, d, R] factor.
+bool factor_vectorisable(const pyinf_tensor& f) {
+  return aligned16(f.data) && f.strides[2] == 1 && f.strides[0] % 8 == 0 && f.strides[1] % 8 == 0 &&
+         f.shape[2] % 8 == 0;
+}
+
+template <typename T>
+void launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                  const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token, int64_t tblocks,
+                  int qb, dim3 grid, float* out, cudaStream_t stream) {
+  factored_scores_tc_kernel<T><<<grid, TC_THREADS, 0, stream>>>(
+      static_cast<const T*>(acts->data), acts->strides[0], acts->strides[1], acts->strides[2],
+      rows_vectorisable(*acts), static_cast<const T*>(grads->data), grads->strides[0], grads->strides[1],
+      grads->strides[2], rows_vectorisable(*grads), static_cast<const T*>(left->data), left->strides[0],
+      left->strides[1], left->strides[2], factor_vectorisable(*left), static_cast<const T*>(right->data),
+      right->strides[0], right->strides[1], right->strides[2], factor_vectorisable(*right), mask_view(mask), d.t,
+      d.d_in, d.d_out, d.q, d.r, qb, per_token, tblocks, out);
+}
+
+}  // namespace
+
+bool factored_scores_tc_applicable(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                                   const pyinf_tensor* right) {
+  const pyinf_dtype dt = acts->dtype;
+  return (dt == PYINF_BFLOAT16 || dt == PYINF_FLOAT16) && grads->dtype == dt && left->dtype == dt &&
+         right->dtype == dt;
+}
+
+void launch_factored_scores_tc(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                               const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
+                               int64_t tblocks, int qb, dim3 grid, float* out, cudaStream_t stream) {
+  if (acts->dtype == PYINF_BFLOAT16)
+    launch_typed<__nv_bfloat16>(acts, grads, left, right, mask, d, per_token, tblocks, qb, grid, out, stream);
+  else
+    launch_typed<__half>(acts, grads, left, right, mask, d, per_token, tblocks, qb, grid, out, stream);
+}
+
+}  // namespace cuda
+}  // namespace pyinf
