@@ -6,12 +6,14 @@
 # later step runs out of time). Run it with the device tool and timeout_s=600, carrying
 # .wheelhouse (prepare it here first: `make wheelhouse`; the GPU image has torch, triton,
 # transformers, pytest, matplotlib but no registry access):
-#   bash benchmarks/gpu_session.sh            # = all: build (sm_90a), GPU tests, ops, e2e
+#   bash benchmarks/gpu_session.sh            # = all: build (sm_90a), GPU tests, ops, e2e, tune
+#                                             #   (factored_scores configs, in what time is left)
 # The longer modes below are for sessions with more device time (each fits one call):
 #   bash benchmarks/gpu_session.sh check     # build for 90a;80, all GPU tests, compute-sanitizer
 #   bash benchmarks/gpu_session.sh ops       # every kernel, grouped and LM-head benchmark
 #   bash benchmarks/gpu_session.sh e2e       # pyinf vs kronfluence end to end (with the fp32 row)
 #   bash benchmarks/gpu_session.sh scaling   # scaling runs
+#   bash benchmarks/gpu_session.sh tune      # sweep the Triton launch configs (benchmarks/tune.py)
 # Benchmark steps update the repo copy's benchmarks/RESULTS.md (block cuda-full) and
 # benchmarks/results/cuda-full/ (sections of earlier calls carry over when those files were
 # copied back into the tree) and copy both into $OUT: copy them back into benchmarks/ and
@@ -65,8 +67,20 @@ case "$mode" in
     bench 130 ops --only ops --ops factored_scores,eigen_correction,self_influence --workloads gpt2,llama
     # 3. End to end against kronfluence (bf16 presets, batch 8 and 32, floor at 32).
     remaining=$(( 570 - ($(date +%s) - start) ))
-    [ "$remaining" -gt 60 ] && bench "$remaining" e2e --only e2e --e2e-quick || note "e2e: no time left"
+    limit=$(( remaining > 220 ? 220 : remaining ))
+    [ "$limit" -gt 60 ] && bench "$limit" e2e --only e2e --e2e-quick || note "e2e: no time left"
     tail -30 "$OUT/bench-e2e.txt" 2>/dev/null
+    # 4. What time is left: the factored_scores launch configs (benchmarks.tune).
+    remaining=$(( 570 - ($(date +%s) - start) ))
+    if [ "$remaining" -gt 45 ]; then
+      timeout "$remaining" $PY -m benchmarks.tune --kernels factored_scores --workloads gpt2,llama \
+        --max-seconds $(( remaining - 25 )) --out "$OUT/tune" > "$OUT/tune.txt" 2>&1
+      note "tune: rc=$? $(grep -E 'best bf16' "$OUT/tune.txt")"
+    fi
+    ;;
+  tune)
+    timeout 560 $PY -m benchmarks.tune --max-seconds 500 --out "$OUT/tune" > "$OUT/tune.txt" 2>&1
+    note "tune: rc=$?"; grep -E "best bf16|nothing measured" "$OUT/tune.txt" | tee -a "$summary"
     ;;
   check)
     timeout 420 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_triton_kernels.py tests/test_native.py \
