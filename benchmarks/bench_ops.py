@@ -28,6 +28,9 @@ from . import default_device, peak_extra_bytes, sync, time_fn
 from .shapes import OPS, GroupedWorkload, OpWorkload, flops, grouped_workload, op_workloads, peak_matmul_size
 
 BACKENDS = tuple(ops.BACKENDS)  # ("torch", "triton", "native")
+# Ops whose native CUDA kernels have an opt-in tensor-core version (PYINF_NATIVE_TC=1),
+# benchmarked as the extra variant "native-tc".
+TENSOR_CORE_OPS = ("factored_scores", "eigen_correction", "self_influence")
 
 
 def bench_dtype(device: torch.device) -> torch.dtype:
@@ -203,6 +206,12 @@ def _timing_kwargs(device, preset, backend=None):
 # few minutes in all: the fp32-FMA native kernel at the Llama scoring shape takes tens of
 # seconds per call, and its order of magnitude is what matters there).
 SLOW_CALL_MS = 3000.0
+# On a GPU, a call of more than 0.3 s is timed with one warm-up and three repetitions (its
+# launch overhead is nothing next to it, and the Llama shapes would otherwise take minutes).
+LONG_CALL_MS = 300.0
+# A variant whose call is predicted (from its FLOP rate at an earlier, smaller workload of
+# the same op) to take longer than this is skipped with the prediction as the reason.
+MAX_PREDICTED_S = 30.0
 
 
 def _measure(fn, device, preset, label_flops, peak_tflops, backend=None, first_ms=None):
@@ -210,13 +219,15 @@ def _measure(fn, device, preset, label_flops, peak_tflops, backend=None, first_m
         timing = dict(ms=first_ms, p20_ms=first_ms, p80_ms=first_ms, min_ms=first_ms, reps=1)
     elif first_ms is not None and first_ms > SLOW_CALL_MS:
         timing = time_fn(fn, device, warmup=0, min_reps=1, max_reps=1, target_s=0.0)
+    elif device.type == "cuda" and first_ms is not None and first_ms > LONG_CALL_MS:
+        timing = time_fn(fn, device, warmup=1, min_reps=3, max_reps=3, target_s=0.0)
     else:
         timing = time_fn(fn, device, **_timing_kwargs(device, preset, backend))
     rec = dict(timing)
     rec["tflops"] = label_flops / (timing["ms"] * 1e-3) / 1e12
     rec["pct_peak"] = 100.0 * rec["tflops"] / peak_tflops if peak_tflops else None
     rec["peak_extra_mb"] = None
-    mem = peak_extra_bytes(fn, device)
+    mem = peak_extra_bytes(fn, device) if timing["reps"] > 1 else None  # not one more slow call
     if mem is not None:
         rec["peak_extra_mb"] = mem / 2**20
     return rec
@@ -233,6 +244,7 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
     peak = peak or measure_peak(device, preset, log)
     peak_tflops = float(peak["tflops"])
     records, skipped = [], []
+    rate: Dict[tuple, float] = {}  # (op, variant) -> FLOP/s measured at an earlier workload
     for op in ops_to_run:
         for w in op_workloads(op, preset):
             if workloads and not any(k in w.name for k in workloads):
@@ -255,10 +267,16 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
                     skipped.append(dict(op=op, backend=name, workload=w.name, reason=reason))
                     continue
                 variants.append((name, op_call(op, name, x)))
-                if name == "native" and op == "factored_scores" and device.type == "cuda" and dtype != torch.float32:
-                    # The opt-in tensor-core kernel (PYINF_NATIVE_TC=1), side by side with the default.
+                if name == "native" and op in TENSOR_CORE_OPS and device.type == "cuda":
+                    # The opt-in tensor-core kernels (PYINF_NATIVE_TC=1), side by side with the default.
                     variants.append(("native-tc", _with_env("PYINF_NATIVE_TC", "1", op_call(op, name, x))))
             for name, fn in variants:
+                if (op, name) in rate and f / rate[(op, name)] > MAX_PREDICTED_S:
+                    why = (f"predicted {f / rate[(op, name)]:.0f} s per call from its rate at a smaller shape "
+                           f"(over the {MAX_PREDICTED_S:.0f} s budget of one call)")
+                    skipped.append(dict(op=op, backend=name, workload=w.name, reason=why))
+                    log(f"[ops] {op:<17} {w.name:<30} {name:<8} skipped: {why}")
+                    continue
                 try:
                     t0 = time.perf_counter()
                     out = fn()
@@ -273,6 +291,7 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
                     _free(device)
                     continue
                 base[name] = rec["ms"]
+                rate[(op, name)] = f / (rec["ms"] * 1e-3)
                 rec.update(op=op, backend=name, workload=w.to_dict(), dtype=str(dtype).replace("torch.", ""),
                            flops=f, rel_err_vs_torch=err)
                 records.append(rec)

@@ -64,7 +64,7 @@ case "$mode" in
     note "tests: rc=$? $(grep -cE ' PASSED' "$OUT/tests.txt") passed, $(grep -cE ' (FAILED|ERROR)' "$OUT/tests.txt") failed, after $(( $(date +%s) - start )) s"
     grep -E " (FAILED|ERROR)" "$OUT/tests.txt" | head -20 | tee -a "$summary"
     # 2. The headline kernels at the GPT-2 and Llama shapes, all backends side by side.
-    bench 130 ops --only ops --ops factored_scores,eigen_correction,self_influence --workloads gpt2,llama
+    bench 150 ops --only ops --ops factored_scores,eigen_correction,self_influence --workloads gpt2,llama
     # 3. End to end against kronfluence (bf16 presets, batch 8 and 32, floor at 32).
     remaining=$(( 570 - ($(date +%s) - start) ))
     limit=$(( remaining > 220 ? 220 : remaining ))

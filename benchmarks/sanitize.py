@@ -3,8 +3,8 @@
     compute-sanitizer --tool memcheck   python3 -m benchmarks.sanitize
     compute-sanitizer --tool racecheck  python3 -m benchmarks.sanitize native native-tc
 
-``native-tc`` is the native backend with its opt-in tensor-core factored-scores kernel
-(PYINF_NATIVE_TC=1).
+``native-tc`` is the native backend with its opt-in tensor-core kernels (PYINF_NATIVE_TC=1:
+factored_scores, eigen_correction, self_influence).
 
 Odd sizes, a mask with a fully padded document, bf16 inputs; each result is checked against
 the torch reference so that a launch that wrote nothing is caught too.
@@ -65,7 +65,7 @@ def main(argv) -> int:
         for label in backends:
             op = name.replace("_per_token", "")
             backend = "native" if label == "native-tc" else label
-            if label == "native-tc" and op != "factored_scores":
+            if label == "native-tc" and op not in ("factored_scores", "eigen_correction", "self_influence"):
                 continue
             os.environ["PYINF_NATIVE_TC"] = "1" if label == "native-tc" else "0"
             reason = _registry.unsupported_reason(backend, op, [p["logits"]] if op == "cross_entropy_rows"

@@ -178,3 +178,19 @@ def test_tune_sweep_checks_each_candidate_and_restores_the_table():
     best = res["kernels"]["covariance"]["best"]
     assert best["config"] in tune.CANDIDATES["covariance"] and best["speedup_vs_current"] > 0
     assert torch.bfloat16 in table
+
+
+def test_ops_skip_variants_predicted_over_the_call_budget(monkeypatch):
+    """A variant predicted (from its rate at an earlier workload) to exceed MAX_PREDICTED_S
+    is skipped with the prediction as the reason, not run."""
+    import torch
+
+    from benchmarks import bench_ops
+
+    monkeypatch.setattr(bench_ops, "MAX_PREDICTED_S", 1e-12)
+    res = bench_ops.run_ops("smoke", torch.device("cpu"), peak=dict(tflops=1.0), backends=("torch", "native"),
+                            ops_to_run=("covariance",), log=lambda *_: None)
+    first, second = (w.name for w in bench_ops.op_workloads("covariance", "smoke"))
+    assert {r["workload"]["name"] for r in res["records"]} == {first}
+    skipped = [s for s in res["skipped"] if s["workload"] == second]
+    assert skipped and all(s["reason"].startswith("predicted") for s in skipped), res["skipped"]

@@ -308,3 +308,30 @@ def test_cuda_tensor_core_factored_scores(shape, dtype, monkeypatch):
     left_t = left.transpose(1, 2).contiguous().transpose(1, 2)
     out = ops.factored_scores(wide[..., 1:], grads, left_t, right, mask=mask, backend="native")
     assert oracle.rel_err(out, oracle.factored_scores(clean, grads, left, right, mask)) < tol
+
+
+# TF32 tensor-core rotation and Gram tiles of eigen_correction / self_influence
+# (csrc/cuda/eigen_tc.cu, opt-in PYINF_NATIVE_TC=1): operands rounded to TF32, so fp32
+# inputs get the TF32 tolerance of DESIGN.md section 5 rather than the fp32 one.
+TC_TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@cuda_only
+@pytest.mark.parametrize("shape", [(3, 7, 13, 11), (2, 130, 150, 70), (1, 1, 9, 6), (4, 96, 128, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_tensor_core_eigen_ops(shape, dtype, monkeypatch):
+    n, t, d_in, d_out = shape
+    acts, grads, _, _, mask = _problem(n, t, d_in, d_out, 1, 1, dtype, "cuda")
+    clean_a, clean_g = acts.clone(), grads.clone()
+    acts[~mask] = float("nan")
+    grads[~mask] = float("inf")
+    q_a, q_s = _orthonormal(d_in, "cuda"), _orthonormal(d_out, "cuda")
+    lambdas = torch.rand(d_out, d_in, device="cuda")
+    monkeypatch.setenv("PYINF_NATIVE_TC", "1")
+    tol = TC_TOLERANCE[dtype]
+    lam = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="native")
+    assert oracle.rel_err(lam, oracle.eigen_correction(clean_a, clean_g, q_a, q_s, mask)) < tol
+    assert torch.equal(lam, ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="native"))
+    si = ops.self_influence(acts, grads, q_a, q_s, lambdas, 0.2, mask=mask, backend="native")
+    assert oracle.rel_err(si, oracle.self_influence(clean_a, clean_g, q_a, q_s, lambdas, 0.2, mask)) < tol
+    assert torch.equal(si, ops.self_influence(acts, grads, q_a, q_s, lambdas, 0.2, mask=mask, backend="native"))

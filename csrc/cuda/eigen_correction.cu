@@ -9,6 +9,7 @@
 //        self_influence:   one block per (tile, document) writes the tile's partial
 //        sum of R^2 / (Lambda + damping) (fixed-order block reduction), and
 //   3. reduce_partials_kernel sums each document's tile partials in tile order.
+// With PYINF_NATIVE_TC=1, steps 1 and 2 run on TF32 tensor cores (eigen_tc.cu), same order.
 #include "kernels_common.cuh"
 
 namespace pyinf {
@@ -155,12 +156,18 @@ pyinf_status run(const char* op, const pyinf_tensor* acts, const pyinf_tensor* g
   const View2 lv = self ? view2(*lambdas) : View2{nullptr, 0, 0, 0};
   if (!self) {
     dim3 grid(static_cast<unsigned>(tj), static_cast<unsigned>(ti), 1);
-    gram_kernel<<<grid, THREADS, 0, stream>>>(rot_g, rot_a, d.n, d.t, d.d_out, d.d_in, 0, lv, 0.0f, out);
+    if (tensor_cores_enabled())
+      launch_gram_tc(rot_g, rot_a, d.n, d.t, d.d_out, d.d_in, 0, lv, 0.0f, out, grid, stream);
+    else
+      gram_kernel<<<grid, THREADS, 0, stream>>>(rot_g, rot_a, d.n, d.t, d.d_out, d.d_in, 0, lv, 0.0f, out);
     return launch_check(op);
   }
   float* partials = reinterpret_cast<float*>(ws + l.partials);
   dim3 grid(static_cast<unsigned>(tj), static_cast<unsigned>(ti), static_cast<unsigned>(d.n < 65535 ? d.n : 65535));
-  gram_kernel<<<grid, THREADS, 0, stream>>>(rot_g, rot_a, d.n, d.t, d.d_out, d.d_in, 1, lv, damping, partials);
+  if (tensor_cores_enabled())
+    launch_gram_tc(rot_g, rot_a, d.n, d.t, d.d_out, d.d_in, 1, lv, damping, partials, grid, stream);
+  else
+    gram_kernel<<<grid, THREADS, 0, stream>>>(rot_g, rot_a, d.n, d.t, d.d_out, d.d_in, 1, lv, damping, partials);
   s = launch_check(op);
   if (s != PYINF_SUCCESS) return s;
   reduce_partials_kernel<<<ceil_div(d.n, 128), 128, 0, stream>>>(partials, d.n, l.tiles, out);

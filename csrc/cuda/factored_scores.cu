@@ -6,8 +6,6 @@
 // elementwise and folds each query's r columns into per-(token, query) sums in shared
 // memory in a fixed order. Per-token scores are written directly; document scores sum
 // the token rows in order inside the block. No atomics, no workspace: deterministic.
-#include <cstdlib>
-
 #include "kernels_common.cuh"
 
 namespace pyinf {
@@ -116,16 +114,6 @@ __global__ void __launch_bounds__(THREADS) factored_scores_kernel(View3 acts, Vi
 
 using namespace pyinf;
 using namespace pyinf::cuda;
-
-namespace {
-// The tensor-core kernel (factored_scores_tc.cu) is opt-in, PYINF_NATIVE_TC=1, until it has
-// been checked against the reference and timed on a GPU; read per call (cheap next to a
-// launch) so that tests and benchmarks can switch it.
-bool tensor_cores_enabled() {
-  const char* v = std::getenv("PYINF_NATIVE_TC");
-  return v != nullptr && v[0] == '1';
-}
-}  // namespace
 
 extern "C" pyinf_status pyinf_cuda_factored_scores(const pyinf_tensor* acts, const pyinf_tensor* grads,
                                                    const pyinf_tensor* left, const pyinf_tensor* right,

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "../common.h"
@@ -101,6 +102,21 @@ inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a
 // (masked rows are exact zeros and never read). Defined in rotate.cu.
 pyinf_status launch_rotate(const char* op, View3 x, View2 q, MaskView mask, int64_t N, int64_t T, int64_t d,
                            float* out, cudaStream_t stream);
+
+// The tensor-core kernels (factored_scores_tc.cu, eigen_tc.cu) are opt-in, PYINF_NATIVE_TC=1,
+// until they have been checked against the reference and timed on a GPU. Read per call
+// (cheap next to a launch) so that tests and benchmarks can switch them.
+inline bool tensor_cores_enabled() {
+  const char* v = std::getenv("PYINF_NATIVE_TC");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
+
+// TF32 tensor-core rotation and Gram tile (eigen_tc.cu): same grids, arguments and outputs
+// as rotate_kernel and gram_kernel, 128 threads per block.
+void launch_rotate_tc(View3 x, View2 q, MaskView mask, int64_t N, int64_t T, int64_t d, float* out, dim3 grid,
+                      cudaStream_t stream);
+void launch_gram_tc(const float* rot_g, const float* rot_a, int64_t N, int64_t T, int64_t d_out, int64_t d_in,
+                    int self_mode, View2 lambdas, float damping, float* out, dim3 grid, cudaStream_t stream);
 
 // Tensor-core factored scores (factored_scores_tc.cu): applicable when the four inputs are
 // all bf16 or all fp16; same grid, block query groups and output as the FMA kernel.

@@ -57,6 +57,10 @@ pyinf_status launch_rotate(const char* op, View3 x, View2 q, MaskView mask, int6
   if (row_tiles > 0x7fffffffLL || col_tiles > 65535)
     return fail(PYINF_ERROR_INVALID_VALUE, std::string("pyinf_cuda_") + op + ": problem too large for one launch");
   dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
+  if (tensor_cores_enabled()) {
+    launch_rotate_tc(x, q, mask, N, T, d, out, grid, stream);
+    return launch_check(op);
+  }
   rotate_kernel<<<grid, THREADS, 0, stream>>>(x, q, mask, N, T, d, out);
   return launch_check(op);
 }

@@ -26,6 +26,8 @@
  * pyinf_cuda_factored_scores runs on tensor cores (WMMA, fp32 accumulation) when the four
  * inputs are all bf16 or all fp16 and the environment variable PYINF_NATIVE_TC is "1"
  * (opt-in until measured on a GPU); otherwise, and for fp32 or mixed inputs, in fp32 FMA.
+ * With PYINF_NATIVE_TC=1, pyinf_cuda_eigen_correction and pyinf_cuda_self_influence round
+ * their operands to TF32 (exact for bf16/fp16 inputs) for tensor-core products.
  */
 #ifndef PYINF_PYINF_H_
 #define PYINF_PYINF_H_
