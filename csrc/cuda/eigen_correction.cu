@@ -93,14 +93,7 @@ __global__ void __launch_bounds__(THREADS) gram_kernel(const float* __restrict__
       for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) s = fmaf(acc[i][j] * acc[i][j], inv[i][j], s);
-      red[tid] = s;
-      __syncthreads();
-      for (int w = THREADS / 2; w > 0; w /= 2) {  // fixed-order tree: deterministic
-        if (tid < w) red[tid] += red[tid + w];
-        __syncthreads();
-      }
-      if (tid == 0) out[n * tiles + tile] = red[0];
-      __syncthreads();
+      block_sum_store<THREADS>(red, s, tid, out + n * tiles + tile);
     }
   }
   if (!self_mode) {

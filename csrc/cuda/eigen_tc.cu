@@ -9,9 +9,7 @@
 // loaded into a fragment of the same type).
 //
 // Opt-in (PYINF_NATIVE_TC=1) until verified and timed on a GPU.
-#include <mma.h>
-
-#include "kernels_common.cuh"
+#include "tc_common.cuh"
 
 namespace pyinf {
 namespace cuda {
@@ -19,7 +17,6 @@ namespace {
 
 using namespace nvcuda;
 
-constexpr int TC_THREADS = 128;
 constexpr int TK = 32;            // K slice (tokens for the Gram tile, input features for rotation)
 constexpr int ROW_LD = TK + 4;    // [BM][ROW_LD]: rows x K, row-major
 constexpr int COL_LD = BN + 4;    // [TK][COL_LD]: K x columns, row-major
@@ -31,22 +28,6 @@ using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, w
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
 
 __device__ __forceinline__ float tf32(float v) { return wmma::__float_to_tf32(v); }
-
-__device__ __forceinline__ void fill(FragC (&f)[2][2], float v) {
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(f[i][j], v);
-}
-
-// Copy the block's 2 x 2 warps' fragments into the [BM][OUT_LD] staging tile.
-__device__ __forceinline__ void store_tile(float (*Cs)[OUT_LD], FragC (&f)[2][2], int wm, int wn) {
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&Cs[wm * 32 + i * 16][wn * 32 + j * 16], f[i][j], OUT_LD, wmma::mem_row_major);
-}
 
 // out[row, c] = keep(row) ? sum_k x[n,t,k] q[k,c] : 0, fp32 dense [N*T, d].
 __global__ void __launch_bounds__(TC_THREADS) rotate_tc_kernel(View3 x, View2 q, MaskView mask, int64_t N, int64_t T,
@@ -62,7 +43,7 @@ __global__ void __launch_bounds__(TC_THREADS) rotate_tc_kernel(View3 x, View2 q,
   if (tid < BM) row_base[tid] = token_row_offset(row0 + tid, rows, T, x, mask);
   __syncthreads();
   FragC acc[2][2];
-  fill(acc, 0.0f);
+  fill_2x2(acc, 0.0f);
   for (int64_t k0 = 0; k0 < d; k0 += TK) {
     for (int e = tid; e < BM * TK; e += TC_THREADS) {  // consecutive threads walk k
       const int m = e / TK, k = e % TK;
@@ -76,20 +57,12 @@ __global__ void __launch_bounds__(TC_THREADS) rotate_tc_kernel(View3 x, View2 q,
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < TK; kk += 8) {
-      FragA_row a[2];
-      FragB b[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wm * 32 + i * 16][kk], ROW_LD);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[kk][wn * 32 + j * 16], COL_LD);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+      warp_mma_2x2<FragA_row, FragB>(acc, &As[wm * 32][kk], &As[wm * 32 + 16][kk], ROW_LD, &Bs[kk][wn * 32],
+                                     &Bs[kk][wn * 32 + 16], COL_LD);
     }
     __syncthreads();
   }
-  store_tile(Cs, acc, wm, wn);
+  store_2x2<OUT_LD>(Cs, acc, wm, wn);
   __syncthreads();
   for (int e = tid; e < BM * BN; e += TC_THREADS) {
     const int m = e / BN, c = e % BN;
@@ -101,10 +74,12 @@ __global__ void __launch_bounds__(TC_THREADS) rotate_tc_kernel(View3 x, View2 q,
 // One 64 x 64 tile (rows i0.. of d_out, columns j0.. of d_in) of R_n = g~_n^T a~_n per
 // document. self_mode 0: out[d_out, d_in] = sum_n R_n^2 (all documents in order);
 // self_mode 1: out[n * tiles + tile] = sum over the tile of R_n^2 / (Lambda + damping).
+// self_mode is a template parameter so that each version holds only its own fragments.
+template <int self_mode>
 __global__ void __launch_bounds__(TC_THREADS) gram_tc_kernel(const float* __restrict__ rot_g,
                                                              const float* __restrict__ rot_a, int64_t N, int64_t T,
-                                                             int64_t d_out, int64_t d_in, int self_mode, View2 lambdas,
-                                                             float damping, float* out) {
+                                                             int64_t d_out, int64_t d_in, View2 lambdas, float damping,
+                                                             float* out) {
   __shared__ __align__(128) float Gs[TK][COL_LD];  // Gs[t][m] = g~[t, i0+m]: A = g~^T, col-major
   __shared__ __align__(128) float As[TK][COL_LD];  // As[t][c] = a~[t, j0+c]: B, row-major
   __shared__ __align__(128) float Cs[BM][OUT_LD];
@@ -114,8 +89,8 @@ __global__ void __launch_bounds__(TC_THREADS) gram_tc_kernel(const float* __rest
   const int64_t tile = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
   const int64_t tiles = static_cast<int64_t>(gridDim.x) * gridDim.y;
   FragC lam[2][2], inv[2][2];
-  fill(lam, 0.0f);
-  if (self_mode) {  // 1 / (Lambda + damping) in the accumulators' own layout (0 outside the matrix)
+  fill_2x2(lam, 0.0f);
+  if constexpr (self_mode) {  // 1 / (Lambda + damping) in the accumulators' own layout (0 outside the matrix)
     for (int e = tid; e < BM * BN; e += TC_THREADS) {
       const int m = e / BN, c = e % BN;
       const int64_t gi = i0 + m, gj = j0 + c;
@@ -135,7 +110,7 @@ __global__ void __launch_bounds__(TC_THREADS) gram_tc_kernel(const float* __rest
   const int64_t n_step = self_mode ? gridDim.z : 1;
   for (int64_t n = n_begin; n < N; n += n_step) {
     FragC acc[2][2];
-    fill(acc, 0.0f);
+    fill_2x2(acc, 0.0f);
     const float* g = rot_g + n * T * d_out;
     const float* a = rot_a + n * T * d_in;
     for (int64_t t0 = 0; t0 < T; t0 += TK) {
@@ -148,20 +123,13 @@ __global__ void __launch_bounds__(TC_THREADS) gram_tc_kernel(const float* __rest
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < TK; kk += 8) {
-        FragA_col ga[2];
-        FragB ab[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(ga[i], &Gs[kk][wm * 32 + i * 16], COL_LD);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(ab[j], &As[kk][wn * 32 + j * 16], COL_LD);
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], ga[i], ab[j], acc[i][j]);
+        // column-major A = g~^T
+        warp_mma_2x2<FragA_col, FragB>(acc, &Gs[kk][wm * 32], &Gs[kk][wm * 32 + 16], COL_LD, &As[kk][wn * 32],
+                                       &As[kk][wn * 32 + 16], COL_LD);
       }
       __syncthreads();
     }
-    if (!self_mode) {
+    if constexpr (!self_mode) {
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -178,18 +146,11 @@ __global__ void __launch_bounds__(TC_THREADS) gram_tc_kernel(const float* __rest
 #pragma unroll
           for (int e = 0; e < acc[i][j].num_elements; ++e)
             s = fmaf(acc[i][j].x[e] * acc[i][j].x[e], inv[i][j].x[e], s);
-      red[tid] = s;
-      __syncthreads();
-      for (int w = TC_THREADS / 2; w > 0; w /= 2) {  // fixed-order tree: deterministic
-        if (tid < w) red[tid] += red[tid + w];
-        __syncthreads();
-      }
-      if (tid == 0) out[n * tiles + tile] = red[0];
-      __syncthreads();
+      block_sum_store<TC_THREADS>(red, s, tid, out + n * tiles + tile);
     }
   }
-  if (!self_mode) {
-    store_tile(Cs, lam, wm, wn);
+  if constexpr (!self_mode) {
+    store_2x2<OUT_LD>(Cs, lam, wm, wn);
     __syncthreads();
     for (int e = tid; e < BM * BN; e += TC_THREADS) {
       const int m = e / BN, c = e % BN;
@@ -208,7 +169,10 @@ void launch_rotate_tc(View3 x, View2 q, MaskView mask, int64_t N, int64_t T, int
 
 void launch_gram_tc(const float* rot_g, const float* rot_a, int64_t N, int64_t T, int64_t d_out, int64_t d_in,
                     int self_mode, View2 lambdas, float damping, float* out, dim3 grid, cudaStream_t stream) {
-  gram_tc_kernel<<<grid, TC_THREADS, 0, stream>>>(rot_g, rot_a, N, T, d_out, d_in, self_mode, lambdas, damping, out);
+  if (self_mode)
+    gram_tc_kernel<1><<<grid, TC_THREADS, 0, stream>>>(rot_g, rot_a, N, T, d_out, d_in, lambdas, damping, out);
+  else
+    gram_tc_kernel<0><<<grid, TC_THREADS, 0, stream>>>(rot_g, rot_a, N, T, d_out, d_in, lambdas, damping, out);
 }
 
 }  // namespace cuda

@@ -81,32 +81,13 @@ __global__ void __launch_bounds__(THREADS) factored_scores_kernel(View3 acts, Vi
 #pragma unroll
         for (int j = 0; j < 4; ++j) Ps[ty * 4 + i][tx * 4 + j] = gl[i][j] * ar[i][j];
       __syncthreads();
-      // Fold each query's columns of this chunk, in column order.
-      for (int e = tid; e < BM * qb; e += THREADS) {
-        const int m = e / qb, ql = e % qb;
-        const int64_t lo = (ql * R > c0 ? ql * R : c0);
-        int64_t hi = (ql + 1) * R;
-        if (hi > c0 + BN) hi = c0 + BN;
-        float s = 0.0f;
-        for (int64_t c = lo; c < hi; ++c) s += Ps[m][c - c0];
-        sums[m][ql] += s;
-      }
+      fold_query_columns<THREADS>(Ps, sums, qb, c0, R, tid);
       __syncthreads();
     }
-    if (per_token) {
-      for (int e = tid; e < BM * qb; e += THREADS) {
-        const int m = e / qb, ql = e % qb;
-        const int64_t t = t0 + m;
-        if (t < t_end) out[(n * T + t) * Q + q0 + ql] = sums[m][ql];  // masked tokens: exact 0
-      }
-    }
+    if (per_token) store_token_scores<THREADS>(sums, qb, n, t0, t_end, T, Q, q0, out, tid);
     __syncthreads();
   }
-  if (!per_token && tid < qb) {
-    float s = 0.0f;
-    for (int m = 0; m < BM; ++m) s += sums[m][tid];
-    out[n * Q + q0 + tid] = s;
-  }
+  if (!per_token) store_document_scores(sums, qb, n, Q, q0, out, tid);
 }
 
 }  // namespace cuda

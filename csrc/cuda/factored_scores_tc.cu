@@ -9,9 +9,7 @@
 //
 // Opt-in (PYINF_NATIVE_TC=1) until it is verified and timed on a GPU: see
 // pyinf_cuda_factored_scores in factored_scores.cu.
-#include <mma.h>
-
-#include "kernels_common.cuh"
+#include "tc_common.cuh"
 
 namespace pyinf {
 namespace cuda {
@@ -19,7 +17,6 @@ namespace {
 
 using namespace nvcuda;
 
-constexpr int TC_THREADS = 128;  // 4 warps, 2 x 2 over the 64 x 64 tile
 constexpr int TC_BK = 32;        // K slice staged per step
 constexpr int A_LD = TC_BK + 8;  // row-major [BM][A_LD] tile of token rows (16-bit elements)
 constexpr int B_LD = BN + 8;     // row-major [TC_BK][B_LD] tile of factor columns
@@ -104,16 +101,8 @@ __device__ __forceinline__ void tc_factor_product(T (*As)[A_LD], T (*Bs)[B_LD], 
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < TC_BK; kk += 16) {
-      typename Frags<T>::A a[2];
-      typename Frags<T>::B b[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wm * 32 + i * 16][kk], A_LD);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[kk][wn * 32 + j * 16], B_LD);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+      warp_mma_2x2<typename Frags<T>::A, typename Frags<T>::B>(acc, &As[wm * 32][kk], &As[wm * 32 + 16][kk], A_LD,
+                                                               &Bs[kk][wn * 32], &Bs[kk][wn * 32 + 16], B_LD);
     }
     __syncthreads();
   }
@@ -152,13 +141,8 @@ __global__ void __launch_bounds__(TC_THREADS)
     __syncthreads();
     for (int64_t c0 = 0; c0 < C; c0 += BN) {
       typename Frags<T>::C gl[2][2], ar[2][2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          wmma::fill_fragment(gl[i][j], 0.0f);
-          wmma::fill_fragment(ar[i][j], 0.0f);
-        }
+      fill_2x2(gl, 0.0f);
+      fill_2x2(ar, 0.0f);
       tc_factor_product<T>(As, Bs, g_base, grads, gs2, gvec, left, ls0, ls1, ls2, lvec, d_out, c0, q0, C, R, gl, tid, wm,
                            wn);
       tc_factor_product<T>(As, Bs, a_base, acts, as2, avec, right, rs0, rs1, rs2, rvec, d_in, c0, q0, C, R, ar, tid, wm,
@@ -166,37 +150,18 @@ __global__ void __launch_bounds__(TC_THREADS)
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
+        for (int j = 0; j < 2; ++j)
 #pragma unroll
           for (int e = 0; e < gl[i][j].num_elements; ++e) gl[i][j].x[e] *= ar[i][j].x[e];
-          wmma::store_matrix_sync(&Ps[wm * 32 + i * 16][wn * 32 + j * 16], gl[i][j], P_LD, wmma::mem_row_major);
-        }
+      store_2x2<P_LD>(Ps, gl, wm, wn);
       __syncthreads();
-      for (int e = tid; e < BM * qb; e += TC_THREADS) {  // fold each query's columns, in column order
-        const int m = e / qb, ql = e % qb;
-        const int64_t lo = (ql * R > c0 ? ql * R : c0);
-        int64_t hi = (ql + 1) * R;
-        if (hi > c0 + BN) hi = c0 + BN;
-        float s = 0.0f;
-        for (int64_t c = lo; c < hi; ++c) s += Ps[m][c - c0];
-        sums[m][ql] += s;
-      }
+      fold_query_columns<TC_THREADS>(Ps, sums, qb, c0, R, tid);
       __syncthreads();
     }
-    if (per_token) {
-      for (int e = tid; e < BM * qb; e += TC_THREADS) {
-        const int m = e / qb, ql = e % qb;
-        const int64_t t = t0 + m;
-        if (t < t_end) out[(n * T_len + t) * Q + q0 + ql] = sums[m][ql];
-      }
-    }
+    if (per_token) store_token_scores<TC_THREADS>(sums, qb, n, t0, t_end, T_len, Q, q0, out, tid);
     __syncthreads();
   }
-  if (!per_token && tid < qb) {
-    float s = 0.0f;
-    for (int m = 0; m < BM; ++m) s += sums[m][tid];
-    out[n * Q + q0 + tid] = s;
-  }
+  if (!per_token) store_document_scores(sums, qb, n, Q, q0, out, tid);
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }

@@ -80,6 +80,60 @@ __device__ __forceinline__ void mma_slice(const float (&As)[BK][BM + 4], const f
   }
 }
 
+// Factored-score epilogues shared by the FMA and tensor-core kernels (one fixed order).
+// sums[m][ql] += the product tile's columns of query ql that fall in [c0, c0 + BN), in
+// column order; Ps[m][c] holds column c0 + c of token row m.
+template <int NTHREADS, int LD, int QM>
+__device__ __forceinline__ void fold_query_columns(const float (*Ps)[LD], float (*sums)[QM], int qb, int64_t c0,
+                                                   int64_t R, int tid) {
+  for (int e = tid; e < BM * qb; e += NTHREADS) {
+    const int m = e / qb, ql = e % qb;
+    const int64_t lo = (ql * R > c0 ? ql * R : c0);
+    int64_t hi = (ql + 1) * R;
+    if (hi > c0 + BN) hi = c0 + BN;
+    float s = 0.0f;
+    for (int64_t c = lo; c < hi; ++c) s += Ps[m][c - c0];
+    sums[m][ql] += s;
+  }
+}
+
+// Per-token scores of token rows t0.. (masked tokens hold exact zeros) into out [N, T, Q].
+template <int NTHREADS, int QM>
+__device__ __forceinline__ void store_token_scores(const float (*sums)[QM], int qb, int64_t n, int64_t t0,
+                                                   int64_t t_end, int64_t T, int64_t Q, int64_t q0, float* out,
+                                                   int tid) {
+  for (int e = tid; e < BM * qb; e += NTHREADS) {
+    const int m = e / qb, ql = e % qb;
+    const int64_t t = t0 + m;
+    if (t < t_end) out[(n * T + t) * Q + q0 + ql] = sums[m][ql];
+  }
+}
+
+// Document scores: each query's token rows summed in row order into out [N, Q].
+template <int QM>
+__device__ __forceinline__ void store_document_scores(const float (*sums)[QM], int qb, int64_t n, int64_t Q,
+                                                      int64_t q0, float* out, int tid) {
+  if (tid < qb) {
+    float s = 0.0f;
+    for (int m = 0; m < BM; ++m) s += sums[m][tid];
+    out[n * Q + q0 + tid] = s;
+  }
+}
+
+// Sum of every thread's `s` in a fixed-order tree (deterministic), written by thread 0 to
+// *dst. red has NTHREADS floats; all threads of the block must call it.
+template <int NTHREADS>
+__device__ __forceinline__ void block_sum_store(float* red, float s, int tid, float* dst) {
+  red[tid] = s;
+  __syncthreads();
+  for (int w = NTHREADS / 2; w > 0; w /= 2) {
+    if (tid < w) red[tid] += red[tid + w];
+    __syncthreads();
+  }
+  if (tid == 0) *dst = red[0];
+  __syncthreads();
+}
+
 __device__ __forceinline__ void zero(float (&acc)[4][4]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i)
