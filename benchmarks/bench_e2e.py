@@ -220,20 +220,20 @@ def pyinf_available() -> Optional[str]:
     return None
 
 
-def _pyinf_engine(model, wl: E2EWorkload, backend: str = "auto", compile: bool = False):
+def _pyinf_engine(model, wl: E2EWorkload, backend: str = "auto", compile: bool = False, checkpoint: bool = False):
     from pyinf import CausalLMTask, InfluenceEngine
 
     # fused_head: the loss comes from the final hidden states without fp32 [tokens, vocab]
     # logits (pyinf.fused_ce), the configuration pyinf is meant to run large vocabularies in.
     task = CausalLMTask(tracked_modules=tracked_module_names(wl.model), fused_head=True)
-    return InfluenceEngine(model, task, backend=backend, progress=False, compile=compile)
+    return InfluenceEngine(model, task, backend=backend, progress=False, compile=compile, checkpoint=checkpoint)
 
 
 def run_pyinf(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batch_size: int, device: torch.device,
-              backend: str = "auto", compile: bool = False, log=print) -> Dict[str, object]:
-    engine = _pyinf_engine(copy.deepcopy(model).to(device), wl, backend, compile)
+              backend: str = "auto", compile: bool = False, checkpoint: bool = False, log=print) -> Dict[str, object]:
+    engine = _pyinf_engine(copy.deepcopy(model).to(device), wl, backend, compile, checkpoint)
     out: Dict[str, object] = dict(library="pyinf", precision=wl.dtype, batch_size=batch_size, backend=backend,
-                                  compile=compile)
+                                  compile=compile, checkpoint=checkpoint)
     with WallTimer(device) as t:
         factors = engine.fit_factors(docs, fisher=wl.fisher, batch_size=batch_size, seed=wl.seed)
     out["fit_s"], out["fit_peak_bytes"] = t.seconds, t.peak_bytes
@@ -250,7 +250,7 @@ def run_pyinf(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batch_size
     del engine, factors, qs
     _free(device)
     phases = ", ".join(f"{k} {v:.2f}" for k, v in out["fit_phases_s"].items())
-    log(f"[e2e] pyinf{' compiled' if compile else ''} {wl.dtype} batch {batch_size}: fit {out['fit_s']:.2f} s ({phases}), score {out['score_s']:.2f} s "
+    log(f"[e2e] pyinf{' compiled' if compile else ''}{' checkpointed' if checkpoint else ''} {wl.dtype} batch {batch_size}: fit {out['fit_s']:.2f} s ({phases}), score {out['score_s']:.2f} s "
         f"(queries {out['prepare_queries_s']:.2f} s)")
     return out
 
@@ -325,6 +325,10 @@ def run_e2e(wl: E2EWorkload, device: Optional[torch.device] = None, *, log=print
         if warm:
             _guarded(runs, result, f"pyinf compiled batch {bs}", log, device, run_pyinf, model, wl, docs, queries, bs,
                      device, compile=True, log=log)
+    if why_not is None and wl.pyinf_checkpoint_batch:
+        # Activation checkpointing at 4x kronfluence's smallest batch: the memory goal's run.
+        _guarded(runs, result, f"pyinf checkpoint batch {wl.pyinf_checkpoint_batch}", log, device, run_pyinf, model,
+                 wl, docs, queries, wl.pyinf_checkpoint_batch, device, checkpoint=True, log=log)
     if with_kronfluence and wl.kronfluence_fp32 and wl.dtype != "float32":
         _guarded(runs, result, "kronfluence fp32", log, device, run_kronfluence, model, wl, docs, queries,
                  wl.batch_sizes[0], device, "fp32", log=log)
@@ -335,7 +339,8 @@ def run_e2e(wl: E2EWorkload, device: Optional[torch.device] = None, *, log=print
     for a in (r for r in runs if r["library"] == "pyinf"):
         for b in (r for r in runs if r["library"] == "kronfluence"):
             per_q = pearson_per_query(a["scores"], b["scores"])
-            result["pearson"].append(dict(pyinf=f"{a['precision']} b{a['batch_size']}{' compiled' if a.get('compile') else ''}",
+            result["pearson"].append(dict(pyinf=f"{a['precision']} b{a['batch_size']}{' compiled' if a.get('compile') else ''}"
+                                                f"{' checkpoint' if a.get('checkpoint') else ''}",
                                           kronfluence=f"{b['precision']} b{b['batch_size']}",
                                           per_query=per_q, **_summary(per_q)))
     kf = [r for r in runs if r["library"] == "kronfluence"]

@@ -302,7 +302,8 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
             phases = r.get("fit_phases_s") or {}
             fit_extra = (f" (cov {_f(phases['covariance_pass'])} + eigh {_f(phases['eigendecomposition'])} + "
                          f"Lambda {_f(phases['lambda_pass'])})") if len(phases) == 3 else ""
-            library = r["library"] + (" (compile=True)" if r.get("compile") else "")
+            library = r["library"] + (" (compile=True)" if r.get("compile") else "") + (
+                " (checkpoint=True)" if r.get("checkpoint") else "")
             rows.append([library, r["precision"], r["batch_size"], _f(r["fit_s"]) + fit_extra, _f(r["fit_docs_per_s"]),
                          _f(r["score_s"]) + extra, _f(r["score_docs_per_s"]), _gb(r.get("fit_peak_bytes")),
                          _gb(r.get("score_peak_bytes"))])
@@ -318,7 +319,8 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
                     pm = max(p["score_peak_bytes"], p.get("fit_peak_bytes") or 0)
                     km = max(k["score_peak_bytes"], k.get("fit_peak_bytes") or 0)
                     mem = f"; peak memory {_gb(pm)} vs {_gb(km)} GB ({'met' if pm <= km else 'NOT met'})"
-                who = f"pyinf {p['precision']}{' compile=True' if p.get('compile') else ''}"
+                who = (f"pyinf {p['precision']}{' compile=True' if p.get('compile') else ''}"
+                       f"{' checkpoint=True' if p.get('checkpoint') else ''}")
                 if smoke:  # no goal verdicts from tiny CPU runs
                     ratios.append(f"- batch {p['batch_size']}: {who} vs kronfluence {k['precision']}: "
                                   f"fit {_f(fit_x)}x, scoring {_f(score_x)}x")
@@ -328,6 +330,16 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
                     f"fit {_f(fit_x)}x (goal 5x: {'met' if fit_x >= 5 else 'not met'}), scoring {_f(score_x)}x "
                     f"(milestone 5x: {'met' if score_x >= 5 else 'not met'}; goal 10x: "
                     f"{'met' if score_x >= 10 else 'not met'}){mem}")
+        for p in (r for r in e["runs"] if r["library"] == "pyinf" and r.get("score_peak_bytes") is not None):
+            # The memory goal: a batch 4x kronfluence's fits in kronfluence's memory.
+            for k in (r for r in e["runs"] if r["library"] == "kronfluence" and r.get("score_peak_bytes") is not None
+                      and p["batch_size"] == 4 * r["batch_size"]):
+                pm, km = p["score_peak_bytes"], k["score_peak_bytes"]
+                who = (f"pyinf{' compile=True' if p.get('compile') else ''}"
+                       f"{' checkpoint=True' if p.get('checkpoint') else ''}")
+                ratios.append(f"- 4x the batch: {who} scoring at batch {p['batch_size']} peaks at {_gb(pm)} GB, "
+                              f"kronfluence at batch {k['batch_size']} {_gb(km)} GB"
+                              + ("" if smoke else f" (goal: {'met' if pm <= km else 'not met'})"))
         if e.get("pyinf_compile_warmup_s") is not None:
             ratios.append(f"- compile=True: compilation (an untimed warm-up on a few batches) took "
                           f"{_f(e['pyinf_compile_warmup_s'])} s")

@@ -158,6 +158,7 @@ class E2EWorkload:
     floor_batch_sizes: Tuple[int, ...] = (8, 32, 64)
     compile_floor: bool = True              # also time a torch.compile'd forward + input-grad backward
     pyinf_compiled_batch: int = 32          # also run pyinf with compile=True at this batch (GPU; 0: no)
+    pyinf_checkpoint_batch: int = 32        # also run pyinf with checkpoint=True at this batch (0: no)
     kronfluence_fp32: bool = True           # also run kronfluence with its fp32 defaults (reference row)
     kronfluence_full_svd: bool = False      # kronfluence query SVD: torch.svd_lowrank (default) or full
     seed: int = 0
@@ -175,6 +176,7 @@ def e2e_workload(preset: str) -> E2EWorkload:
     # kronfluence so that the Pearson sanity check compares like with like.
     return E2EWorkload(TINY_NEOX, n_docs=16, doc_len=32, n_queries=4, query_len=16, rank=8, dtype="float32",
                        batch_sizes=(8,), query_batch_size=4, floor_batch_sizes=(8,), compile_floor=False, pyinf_compiled_batch=0,
+                       pyinf_checkpoint_batch=8,
                        kronfluence_fp32=False, kronfluence_full_svd=True)
 
 

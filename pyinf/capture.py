@@ -44,6 +44,8 @@ class _Site:
         self.calls = 0
 
     def on_forward(self) -> None:
+        if _in_backward():
+            return  # activation checkpointing recomputing the block (pyinf.checkpoint): not a new call
         self.calls += 1
         if self.calls > 1:
             raise CaptureError(
@@ -53,6 +55,14 @@ class _Site:
 
     def on_backward(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         self.capture._deliver(self.spec, x, grad_out)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward on this thread: a tracked layer's forward seen then
+    is a recomputation by non-reentrant activation checkpointing, which rebuilds the tensors
+    the original layer saved (its backward, which captures, runs once, with them)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 class _TrackedLinear(torch.autograd.Function):

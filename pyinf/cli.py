@@ -30,6 +30,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "[tokens, vocab] logits (pyinf.fused_ce)")
     p.add_argument("--compile", action="store_true", help="run the model's blocks under torch.compile "
                    "(compiles once; pays on long passes)")
+    p.add_argument("--checkpoint", action="store_true", help="activation checkpointing of the model's blocks "
+                   "(a fraction of the activation memory, for one more forward of the blocks)")
 
 
 def _engine(args):
@@ -48,7 +50,7 @@ def _engine(args):
     task = CausalLMTask(tracked_modules=tracked, pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
                         fused_head=args.fused_head)
     engine = InfluenceEngine(model, task, backend=args.backend, progress=False if args.no_progress else None,
-                             compile=args.compile)
+                             compile=args.compile, checkpoint=args.checkpoint)
     return engine, tokenizer
 
 

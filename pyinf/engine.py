@@ -11,6 +11,7 @@ from torch import nn
 from . import factors as factors_mod
 from . import queries as queries_mod
 from . import scoring
+from .checkpoint import CheckpointedBlocks
 from .compile import CompiledBlocks
 from .data import make_loader
 from .factors import Factors
@@ -37,10 +38,14 @@ class InfluenceEngine:
         compile: run the model's repeated blocks under ``torch.compile`` during the passes
             (see :mod:`pyinf.compile`): fuses the work between tracked layers, at the cost
             of compiling on first use. Off by default.
+        checkpoint: activation checkpointing of the same blocks during the passes (see
+            :mod:`pyinf.checkpoint`): the activations saved for the backward drop from all
+            blocks' to one block's, for one more forward of the blocks; for batches that
+            would not fit otherwise. Off by default.
     """
 
     def __init__(self, model: nn.Module, task: Task, *, backend: str = "auto", progress: Optional[bool] = None,
-                 compile: bool = False):
+                 compile: bool = False, checkpoint: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if backend != "auto" and backend not in BACKENDS:
@@ -52,12 +57,14 @@ class InfluenceEngine:
         self.backend = backend
         self.progress = progress
         self.compile = bool(compile)
+        self.checkpoint = bool(checkpoint)
         self.modules: Dict[str, nn.Module] = find_tracked_modules(model, task.get_influence_tracked_modules())
         self.specs: Dict[str, ModuleSpec] = {n: spec_of(n, m) for n, m in self.modules.items()}
 
     def __repr__(self) -> str:
         return (f"InfluenceEngine({type(self.model).__name__}, {len(self.modules)} tracked modules, "
-                f"backend={self.backend!r}{', compile=True' if self.compile else ''})")
+                f"backend={self.backend!r}{', compile=True' if self.compile else ''}"
+                f"{', checkpoint=True' if self.checkpoint else ''})")
 
     def _loader(self, data, batch_size, what, max_examples=None):
         on_gpu = next(self.model.parameters()).device.type == "cuda"
@@ -68,8 +75,14 @@ class InfluenceEngine:
         return dict(model=self.model, task=self.task, modules=self.modules, specs=self.specs)
 
     def _compiled(self):
-        """The stage's context: the model's blocks compiled when ``compile=True``."""
-        return CompiledBlocks(self.model, self.modules) if self.compile else contextlib.nullcontext()
+        """The stage's context: the model's blocks compiled when ``compile=True``, and
+        checkpointed (around the compiled forward) when ``checkpoint=True``."""
+        stack = contextlib.ExitStack()
+        if self.compile:
+            stack.enter_context(CompiledBlocks(self.model, self.modules))
+        if self.checkpoint:
+            stack.enter_context(CheckpointedBlocks(self.model, self.modules))
+        return stack
 
     def fit_factors(self, data: Any, *, fisher: str = "true", batch_size: int = 8,
                     max_examples: Optional[int] = None, seed: int = 0) -> Factors:

@@ -51,6 +51,17 @@ class Task(ABC):
         return None
 
 
+def _model_inputs(model, batch) -> Dict[str, Any]:
+    """Keyword arguments of a causal LM call. A Hugging Face model (it has ``config.use_cache``)
+    runs with ``use_cache=False``: no pass needs the key/value cache, building it costs memory,
+    and a cache filled in the forward would be filled again when activation checkpointing
+    (``InfluenceEngine(checkpoint=True)``) recomputes a block."""
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        kwargs["use_cache"] = False
+    return kwargs
+
+
 def _logits(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -130,7 +141,7 @@ class CausalLMTask(Task):
             rows = linear_cross_entropy(h, head.weight, labels.reshape(-1), getattr(head, "bias", None),
                                         sample=sample, reduction="none")
             return rows.reshape(labels.shape)
-        logits = _logits(model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")))
+        logits = _logits(model(**_model_inputs(model, batch)))
         logits = logits[:, :-1].float()
         labels = self._labels(batch)
         if sample:
@@ -155,7 +166,7 @@ class CausalLMTask(Task):
             if getattr(config, attr, None) not in (None, 1, 1.0):
                 raise ValueError(f"CausalLMTask(fused_head=True): the model's config sets {attr}, which the fused "
                                  f"head does not apply; use fused_head=False")
-        out = base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        out = base(**_model_inputs(base, batch))
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden, head
 

@@ -47,6 +47,12 @@ def test_fit_then_score(workdir, capsys):
                  str(workdir / "fused"), "--rank", "4"]) == 0
     fused, _ = pyinf.storage.load(workdir / "fused" / "scores.safetensors", "scores")
     assert torch.allclose(fused["scores"], tensors["scores"], rtol=1e-4, atol=1e-6)
+    # and so does activation checkpointing of the blocks
+    assert main(["score", *common, "--checkpoint", "--factors", str(workdir / "f.safetensors"), "--train",
+                 str(workdir / "train.jsonl"), "--queries", str(workdir / "queries.jsonl"), "--out",
+                 str(workdir / "ckpt"), "--rank", "4"]) == 0
+    ckpt, _ = pyinf.storage.load(workdir / "ckpt" / "scores.safetensors", "scores")
+    assert torch.allclose(ckpt["scores"], tensors["scores"], rtol=1e-4, atol=1e-6)
 
 
 def test_bad_inputs_are_named(workdir):
