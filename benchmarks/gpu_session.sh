@@ -17,7 +17,8 @@
 # Benchmark steps update the repo copy's benchmarks/RESULTS.md (block cuda-full) and
 # benchmarks/results/cuda-full/ (sections of earlier calls carry over when those files were
 # copied back into the tree) and copy both into $OUT: copy them back into benchmarks/ and
-# commit. The last lines printed are a summary.
+# commit. After the kernel benchmarks, benchmarks.preferences rewrites auto's table from
+# them ($OUT/_preferences.py: copy it to pyinf/ops/). The last lines printed are a summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pyinf-gpu}
@@ -65,6 +66,9 @@ case "$mode" in
     grep -E " (FAILED|ERROR)" "$OUT/tests.txt" | head -20 | tee -a "$summary"
     # 2. The headline kernels at the GPT-2 and Llama shapes, all backends side by side.
     bench 150 ops --only ops --ops factored_scores,eigen_correction,self_influence --workloads gpt2,llama
+    # auto's table from these measurements (copied back as pyinf/ops/_preferences.py)
+    $PY -m benchmarks.preferences benchmarks/results/cuda-full/results.json --write > "$OUT/preferences.txt" 2>&1 \
+      && cp pyinf/ops/_preferences.py "$OUT/_preferences.py"; note "preferences: $(tail -1 "$OUT/preferences.txt")"
     # 3. End to end against kronfluence (bf16 presets, batch 8 and 32, floor at 32).
     remaining=$(( 570 - ($(date +%s) - start) ))
     limit=$(( remaining > 220 ? 220 : remaining ))
@@ -100,6 +104,10 @@ case "$mode" in
   ops|e2e|scaling)
     sections=$mode; [ "$mode" = ops ] && sections=ops,grouped,head
     bench 540 "$mode" --only "$sections"
+    if [ "$mode" = ops ]; then
+      $PY -m benchmarks.preferences benchmarks/results/cuda-full/results.json --write > "$OUT/preferences.txt" 2>&1 \
+        && cp pyinf/ops/_preferences.py "$OUT/_preferences.py"; note "preferences: $(tail -1 "$OUT/preferences.txt")"
+    fi
     tail -40 "$OUT/bench-$mode.txt"
     ;;
   *) note "unknown mode $mode"; exit 2 ;;

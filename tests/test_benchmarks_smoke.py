@@ -194,3 +194,52 @@ def test_ops_skip_variants_predicted_over_the_call_budget(monkeypatch):
     assert {r["workload"]["name"] for r in res["records"]} == {first}
     skipped = [s for s in res["skipped"] if s["workload"] == second]
     assert skipped and all(s["reason"].startswith("predicted") for s in skipped), res["skipped"]
+
+
+def test_preferences_from_measurements(tmp_path):
+    """benchmarks.preferences: per op, the fastest backend that agreed with the reference at
+    each measured shape, bounds between shapes where the winner changes; the rewritten
+    module is valid Python whose table auto's dispatcher reads the same way."""
+    from benchmarks import preferences
+    from pyinf.ops import _preferences
+
+    def rec(op, name, backend, ms, n, t, d_in, d_out, q=None, r=None, err=1e-3):
+        return dict(op=op, backend=backend, ms=ms, rel_err_vs_torch=0.0 if backend == "torch" else err,
+                    workload=dict(name=name, n=n, t=t, d_in=d_in, d_out=d_out, q=q, r=r))
+
+    small, large = ("gpt2", 8, 512, 768, 3072, 16, 32), ("llama", 8, 2048, 4096, 11008, 80, 32)
+    records = [
+        rec("factored_scores", *small[:1], "torch", 0.30, *small[1:]),
+        rec("factored_scores", *small[:1], "triton", 0.20, *small[1:]),
+        rec("factored_scores", *small[:1], "native", 0.10, *small[1:]),
+        rec("factored_scores", *small[:1], "native-tc", 0.01, *small[1:]),  # opt-in variant: not a backend
+        rec("factored_scores", *small[:1], "unfused", 0.01, *small[1:]),    # not a backend either
+        rec("factored_scores", *large[:1], "torch", 2000.0, *large[1:]),
+        rec("factored_scores", *large[:1], "triton", 1800.0, *large[1:]),
+        rec("factored_scores", *large[:1], "native", 900.0, *large[1:], err=0.5),  # wrong: never chosen
+        rec("covariance", "gpt2", "triton", 0.1, 8, 512, 768, 3072),
+        rec("covariance", "gpt2", "torch", 0.2, 8, 512, 768, 3072),
+    ]
+    table, evidence = preferences.rules(records)
+    assert table["covariance"] == [(None, "triton")]
+    (bound, first), (last_bound, last) = table["factored_scores"]
+    assert (first, last, last_bound) == ("native", "triton", None)
+    s_small = _preferences.work("factored_scores", dict(n=8, t=512, d_in=768, d_out=3072, q=16, r=32))
+    s_large = _preferences.work("factored_scores", dict(n=8, t=2048, d_in=4096, d_out=11008, q=80, r=32))
+    assert s_small < bound < s_large
+    assert any("native-tc" not in e and "llama" in e for e in evidence)
+
+    text = open(preferences.TARGET).read()
+    new = preferences.rewrite(text, preferences.render(table, evidence, "test device"))
+    assert preferences.rewrite(new, preferences.render(table, evidence, "test device")) == new  # idempotent
+    namespace = {}
+    exec(compile(new, "_preferences.py", "exec"), namespace)
+    assert namespace["MEASURED"] == table and namespace["SOURCE"] == "test device"
+    shape = dict(n=8, t=512, d_in=768, d_out=3072, q=16, r=32)
+    assert _preferences.preferred("factored_scores", shape, table) == "native"
+    assert _preferences.preferred("factored_scores", dict(shape, t=2048, d_in=4096, d_out=11008, q=80), table) == "triton"
+    assert _preferences.preferred("self_influence", shape, table) is None
+    # a CPU run is refused
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps(dict(env=dict(device_type="cpu", device_name="cpu"), ops=dict(records=records))))
+    assert preferences.main([str(res)]) == 2

@@ -1,0 +1,127 @@
+"""Turn a GPU run's kernel benchmarks into ``backend="auto"``'s table:
+``python -m benchmarks.preferences benchmarks/results/cuda-full/results.json [--write]``.
+
+For each op, the backends (torch, triton, native; not the literal unfused code, which is no
+backend) are ranked per measured shape by median time, among those whose result agreed with
+the torch reference (relative error under ``--tolerance``). Shapes are ordered by the size
+of one call (its FLOP, ``pyinf.ops._preferences.work``), and where the winner changes from
+one shape to the next the rule's bound is put halfway between them (geometric mean). The
+result replaces ``SOURCE`` and ``MEASURED`` in ``pyinf/ops/_preferences.py`` with
+``--write``; without it, the new text is printed. Commit it with the run it came from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Tuple
+
+from pyinf.ops import BACKENDS, _preferences
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGET = os.path.join(os.path.dirname(HERE), "pyinf", "ops", "_preferences.py")
+
+
+def call_size(rec: Dict[str, object]) -> float:
+    """FLOP of one dispatcher call in a benchmark record (the covariance benchmark makes two
+    calls, A and S: their mean is used)."""
+    w = rec["workload"]
+    if rec["op"] == "covariance":
+        return 0.5 * (_preferences.work("covariance", dict(n=w["n"], t=w["t"], d=w["d_in"]))
+                      + _preferences.work("covariance", dict(n=w["n"], t=w["t"], d=w["d_out"])))
+    return _preferences.work(rec["op"], dict(n=w["n"], t=w["t"], d_in=w["d_in"], d_out=w["d_out"], q=w.get("q") or 0,
+                                             r=w.get("r") or 0))
+
+
+def rules(records: List[Dict[str, object]], tolerance: float = 2e-2
+          ) -> Tuple[Dict[str, List[Tuple[Optional[float], str]]], List[str]]:
+    """(table, evidence lines) from the ``ops`` records of one run."""
+    times: Dict[str, Dict[str, Dict[str, float]]] = {}  # op -> workload -> backend -> ms
+    sizes: Dict[Tuple[str, str], float] = {}
+    for r in records:
+        if r["backend"] not in BACKENDS:
+            continue  # "unfused" (no backend) and variants such as "native-tc" (an opt-in switch)
+        err = r.get("rel_err_vs_torch")
+        if r["backend"] != "torch" and (err is None or not err < tolerance):
+            continue
+        name = r["workload"]["name"]
+        times.setdefault(r["op"], {}).setdefault(name, {})[r["backend"]] = float(r["ms"])
+        sizes[(r["op"], name)] = call_size(r)
+    table: Dict[str, List[Tuple[Optional[float], str]]] = {}
+    evidence: List[str] = []
+    for op, by_shape in sorted(times.items()):
+        ranked = sorted(((sizes[(op, name)], name, min(ms, key=ms.get), ms) for name, ms in by_shape.items()),
+                        key=lambda x: x[0])
+        out: List[Tuple[Optional[float], str]] = []
+        for i, (size, name, winner, ms) in enumerate(ranked):
+            evidence.append(f"{op} {name} ({size:.3g} FLOP): " + ", ".join(
+                f"{b} {v:.4g} ms" for b, v in sorted(ms.items(), key=lambda x: x[1])))
+            if i + 1 < len(ranked) and ranked[i + 1][2] != winner:
+                out.append((float(f"{math.sqrt(size * ranked[i + 1][0]):.3g}"), winner))
+            elif i + 1 == len(ranked):
+                out.append((None, winner))
+        table[op] = out
+    return table, evidence
+
+
+BEGIN = "# >>> measured table (written by benchmarks/preferences.py)\n"
+END = "# <<< measured table\n"
+
+
+def render(table, evidence: List[str], source: str) -> str:
+    """The text between the markers of pyinf/ops/_preferences.py."""
+    lines = ["# Where the table comes from: device, versions, date, results file.", f"SOURCE = {source!r}",
+             "# Measured (median ms per call, fastest first):"]
+    lines += [f"#   {e}" for e in evidence]
+    lines.append("# op -> [(upper bound on the call's FLOP or None, backend)]; first applicable rule wins.")
+    lines.append("MEASURED: Dict[str, List[Tuple[Optional[float], str]]] = {")
+    for op, rs in table.items():
+        lines.append(f"    {op!r}: [" + ", ".join(f"({b!r}, {n!r})" for b, n in rs) + "],")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def rewrite(text: str, block: str) -> str:
+    """`text` (the _preferences module) with what lies between its markers replaced."""
+    i, j = text.find(BEGIN), text.find(END)
+    if i < 0 or j < i:
+        raise ValueError("pyinf/ops/_preferences.py: the measured-table markers are missing")
+    return text[:i + len(BEGIN)] + block + text[j:]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.preferences", description=__doc__.splitlines()[0])
+    ap.add_argument("results", help="results.json of a GPU run of the kernel benchmarks")
+    ap.add_argument("--tolerance", type=float, default=2e-2)
+    ap.add_argument("--write", action="store_true", help=f"rewrite {os.path.relpath(TARGET)}")
+    args = ap.parse_args(argv)
+    with open(args.results) as fh:
+        res = json.load(fh)
+    records = (res.get("ops") or {}).get("records") or []
+    env = res.get("env") or {}
+    if env.get("device_type") != "cuda":
+        print(f"[preferences] {args.results} is not a GPU run (device {env.get('device_name')}): "
+              f"auto's table is for CUDA devices", file=sys.stderr)
+        return 2
+    if not records:
+        print(f"[preferences] {args.results} has no ops records", file=sys.stderr)
+        return 2
+    table, evidence = rules(records, args.tolerance)
+    source = (f"{env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+              f"pyinf git {env.get('git')}, {res.get('started')}, {os.path.basename(args.results)}")
+    block = render(table, evidence, source)
+    if not args.write:
+        print(block)
+        return 0
+    with open(TARGET) as fh:
+        text = fh.read()
+    with open(TARGET, "w") as fh:
+        fh.write(rewrite(text, block))
+    print(f"[preferences] wrote {TARGET}: " + "; ".join(f"{op}: {rs}" for op, rs in table.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
