@@ -52,7 +52,12 @@ def make_inputs(op: str, w: OpWorkload, dtype: torch.dtype, device: torch.device
         return torch.randn(*shape, generator=g, device=device, dtype=dtype).mul_(scale)
 
     x: Dict[str, torch.Tensor] = {}
-    x["acts"] = randn(w.n, w.t, w.d_in)
+    if w.bias:  # the capture's layout for a biased layer: a ones column, rows padded to 16
+        from pyinf.capture import _append_ones
+
+        x["acts"] = _append_ones(randn(w.n, w.t, w.d_in - 1))
+    else:
+        x["acts"] = randn(w.n, w.t, w.d_in)
     x["grads"] = randn(w.n, w.t, w.d_out)
     if op in ("eigen_correction", "self_influence"):
         x["q_a"] = randn(w.d_in, w.d_in, scale=w.d_in ** -0.5)

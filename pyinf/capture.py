@@ -57,6 +57,21 @@ class _Site:
         self.capture._deliver(self.spec, x, grad_out)
 
 
+def _append_ones(acts: torch.Tensor) -> torch.Tensor:
+    """[B, T, d] -> [B, T, d + 1] with a ones column (the bias's input), as a view of a
+    buffer whose rows are padded to a multiple of 16 elements. The kernels then see aligned
+    row starts (16-byte loads, Triton's divisibility facts) where d + 1 (769, 3073, ...)
+    would otherwise make every row misaligned. The padding holds zeros and is never part of
+    the view."""
+    b, t, d = acts.shape
+    width = -(-(d + 1) // 16) * 16
+    buf = acts.new_empty(b, t, width)
+    buf[..., :d] = acts
+    buf[..., d] = 1
+    buf[..., d + 1:] = 0
+    return buf[..., : d + 1]
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward on this thread: a tracked layer's forward seen then
     is a recomputation by non-reentrant activation checkpointing, which rebuilds the tensors
@@ -260,7 +275,7 @@ class Capture:
         if self.check_finite:
             self._nonfinite.append((spec.name, ~torch.isfinite(grads).all()))
         if spec.has_bias:
-            acts = torch.cat([acts, acts.new_ones(acts.shape[:-1] + (1,))], dim=-1)
+            acts = _append_ones(acts)
         mask = self._mask.get(spec.name) if isinstance(self._mask, dict) else self._mask
         if mask is not None and tuple(mask.shape) != tuple(acts.shape[:2]):
             mask = None  # a layer that does not run per token (e.g. on pooled features)

@@ -308,6 +308,12 @@ def test_cuda_tensor_core_factored_scores(shape, dtype, monkeypatch):
     left_t = left.transpose(1, 2).contiguous().transpose(1, 2)
     out = ops.factored_scores(wide[..., 1:], grads, left_t, right, mask=mask, backend="native")
     assert oracle.rel_err(out, oracle.factored_scores(clean, grads, left, right, mask)) < tol
+    # A bias-augmented input as the capture stores it: aligned padded rows, d_in = d + 1.
+    from pyinf.capture import _append_ones
+
+    biased = _append_ones(clean[..., : d_in - 1]) if d_in > 1 else clean
+    out = ops.factored_scores(biased, grads, left, right, mask=mask, backend="native")
+    assert oracle.rel_err(out, oracle.factored_scores(biased, grads, left, right, mask)) < tol
 
 
 # TF32 tensor-core rotation and Gram tiles of eigen_correction / self_influence

@@ -340,8 +340,13 @@ for tdt, pt, tl_dt in [(torch.bfloat16, "*bf16", tl.bfloat16), (torch.float32, "
     for per_token in (False, True):
         build(factored_scores._factored_scores_kernel, dict(desc_ptr="*i64", **i32("N", "Q", "S", "n_cb")),
               dict(ACT_T=tl_dt, GRAD_T=tl_dt, LEFT_T=tl_dt, RIGHT_T=tl_dt, COMPUTE=tl_dt, PER_TOKEN=per_token,
-                   RP=32, NF=factored_scores.NF, ALIGNED=True, **flags),
+                   RP=32, NF=factored_scores.NF, ALIGNED=True, K_ALIGNED=True, SPLIT_K_TAIL=False, **flags),
               factored_scores.H100[tdt], f"factored_scores {tdt} per_token={per_token}")
+    if tdt == torch.bfloat16:  # biased layers: aligned rows, K = d + 1 (main slices + CUDA-core tail)
+        build(factored_scores._factored_scores_kernel, dict(desc_ptr="*i64", **i32("N", "Q", "S", "n_cb")),
+              dict(ACT_T=tl_dt, GRAD_T=tl_dt, LEFT_T=tl_dt, RIGHT_T=tl_dt, COMPUTE=tl_dt, PER_TOKEN=False,
+                   RP=32, NF=factored_scores.NF, ALIGNED=True, K_ALIGNED=False, SPLIT_K_TAIL=True, **flags),
+              factored_scores.H100[tdt], f"factored_scores {tdt} bias column (K tail)")
     dense_strides = ("s_gn", "s_gt", "s_gd", "s_an", "s_at", "s_ad", "s_pq", "s_pi", "s_pj", "s_mn", "s_mt")
     build(dense_scores._dense_pairwise_kernel, dict(g_ptr=pt, a_ptr=pt, p_ptr=pt, m_ptr="*u8", part_ptr="*fp32",
           **i32("N", "T", "D_OUT", "D_IN", "Q", *dense_strides, "s_pn", "s_pqq")),
@@ -377,7 +382,7 @@ def test_kernels_compile_for_h100_without_spills(tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(report) == 20
+    assert len(report) == 21
     for r in report:
         assert r["ok"] and not r["spills"], r
         if r["gemm"]:
@@ -418,3 +423,24 @@ def test_eigenbasis_casts_are_reused_until_the_source_changes():
 def _eig_fresh(acts, grads, q_a, q_s):
     from triton_kernels import eigen_correction as eig
     return eig.eigen_correction(acts, grads, q_a.bfloat16(), q_s.bfloat16(), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_factored_biased_layer_rows_padded_k_tail(dtype, per_token):
+    """A bias-augmented input as the capture stores it (pyinf.capture._append_ones: [.., d+1]
+    viewing rows padded to 16): the aligned path with whole K slices plus the column-by-column
+    tail (bf16), or the k-masked loop (fp32), against the float64 oracle."""
+    from pyinf.capture import _append_ones
+
+    n, t, d_in, d_out, q, r = 3, 21, 36, 48, 4, 8  # d_in + 1 = 37 = two 16-slices + a tail of 5
+    acts = _append_ones(torch.randn(n, t, d_in, device=DEVICE).to(dtype))
+    assert acts.shape[2] == d_in + 1 and acts.stride(1) % 16 == 0 and acts.stride(2) == 1
+    grads = torch.randn(n, t, d_out, device=DEVICE).to(dtype)
+    left = torch.randn(q, d_out, r, device=DEVICE).to(dtype)
+    right = torch.randn(q, d_in + 1, r, device=DEVICE).to(dtype)
+    assert tk_factored._aligned([dict(acts=acts, grads=grads, left=left, right=right)])
+    mask = _mask(n, t)
+    out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="triton")
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert oracle.rel_err(out, oracle.factored_scores(acts, grads, left, right, mask, per_token)) < tol

@@ -45,18 +45,46 @@ NF = len(_FIELDS)
 
 
 @triton.jit
-def _project(x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, K,
-             COMPUTE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-             BLOCK_K: tl.constexpr, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
-    """[BLOCK_T, BLOCK_C] = x[rows, :K] @ F[:K, cols], fp32 accumulate; masked rows are 0."""
-    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+def _project_step(acc, x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, k0, K, K_MASK: tl.constexpr,
+                  COMPUTE: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
+    """acc + x[rows, k0:k0+BLOCK_K] @ F[k0:k0+BLOCK_K, cols]. K_MASK=False: the slice lies
+    inside K, so the loads carry row / column masks only, which are constant along k (the
+    compiler can then vectorise and pipeline them)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if K_MASK:
         k_ok = offs_k < K
         x = tl.load(x_rows[:, None] + offs_k[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         f = tl.load(f_ptr + f_cols[None, :] + offs_k.to(tl.int64)[:, None] * s_fd,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(cast_rne(x, COMPUTE, INTERP_FIX), cast_rne(f, COMPUTE, INTERP_FIX), acc, IEEE, INTERP_FIX)
+    else:
+        x = tl.load(x_rows[:, None] + offs_k[None, :] * s_xk, mask=row_ok[:, None], other=0.0)
+        f = tl.load(f_ptr + f_cols[None, :] + offs_k.to(tl.int64)[:, None] * s_fd, mask=col_ok[None, :], other=0.0)
+    return mma(cast_rne(x, COMPUTE, INTERP_FIX), cast_rne(f, COMPUTE, INTERP_FIX), acc, IEEE, INTERP_FIX)
+
+
+@triton.jit
+def _project(x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, K,
+             COMPUTE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+             BLOCK_K: tl.constexpr, SPLIT_K_TAIL: tl.constexpr, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
+    """[BLOCK_T, BLOCK_C] = x[rows, :K] @ F[:K, cols], fp32 accumulate; masked rows are 0.
+    SPLIT_K_TAIL: whole BLOCK_K slices first without a k mask, then the rest column by column
+    (K = 769 or 3073 for a layer with a bias column); else every slice is k-masked."""
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    if SPLIT_K_TAIL:
+        k_main = (K // BLOCK_K) * BLOCK_K
+        for k0 in range(0, k_main, BLOCK_K):
+            acc = _project_step(acc, x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, k0, K, False,
+                                COMPUTE, BLOCK_K, IEEE, INTERP_FIX)
+        # The rest (< BLOCK_K columns; one for a bias column) as rank-1 updates on CUDA cores:
+        # a second tensor-core dot site here would spill the two [128, 128] accumulators.
+        for k in range(k_main, K):
+            xk = tl.load(x_rows + k * s_xk, mask=row_ok, other=0.0).to(tl.float32)
+            fk = tl.load(f_ptr + f_cols + k * s_fd, mask=col_ok, other=0.0).to(tl.float32)
+            acc += xk[:, None] * fk[None, :]
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            acc = _project_step(acc, x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, k0, K, True,
+                                COMPUTE, BLOCK_K, IEEE, INTERP_FIX)
     return acc
 
 
@@ -64,7 +92,8 @@ def _project(x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, K,
 def _factored_scores_kernel(desc_ptr, N, Q, S, n_cb,
                             ACT_T: tl.constexpr, GRAD_T: tl.constexpr, LEFT_T: tl.constexpr,
                             RIGHT_T: tl.constexpr, COMPUTE: tl.constexpr, PER_TOKEN: tl.constexpr,
-                            RP: tl.constexpr, NF: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_T: tl.constexpr,
+                            RP: tl.constexpr, NF: tl.constexpr, ALIGNED: tl.constexpr, K_ALIGNED: tl.constexpr,
+                            SPLIT_K_TAIL: tl.constexpr, BLOCK_T: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                             IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
     QB: tl.constexpr = BLOCK_C // RP  # whole queries per column block
@@ -108,12 +137,13 @@ def _factored_scores_kernel(desc_ptr, N, Q, S, n_cb,
         # Values read from the table carry no alignment facts, unlike kernel arguments the
         # JIT specialises. Without them bf16 loads are not vectorised, cp.async cannot be
         # used and the K loops are not software-pipelined. The host checked these facts.
+        if K_ALIGNED:
+            d_in = tl.multiple_of(d_in, 16)
+            d_out = tl.multiple_of(d_out, 16)
         s_ak = 1
         s_gk = 1
         s_lk = 1
         s_rk = 1
-        d_in = tl.multiple_of(d_in, 16)
-        d_out = tl.multiple_of(d_out, 16)
         s_an = tl.multiple_of(s_an, 8)
         s_at = tl.multiple_of(s_at, 8)
         s_gn = tl.multiple_of(s_gn, 8)
@@ -149,9 +179,9 @@ def _factored_scores_kernel(desc_ptr, N, Q, S, n_cb,
         per_q = tl.zeros((BLOCK_T, QB), dtype=tl.float32)
         if tl.max(row_ok.to(tl.int32), axis=0) > 0:  # skip all-padding token blocks
             gl = _project(grads + n * s_gn + offs_t.to(tl.int64) * s_gt, row_ok, s_gk, left, l_cols, col_ok,
-                          s_ld, d_out, COMPUTE, BLOCK_T, BLOCK_C, BLOCK_K, IEEE, INTERP_FIX)
+                          s_ld, d_out, COMPUTE, BLOCK_T, BLOCK_C, BLOCK_K, SPLIT_K_TAIL, IEEE, INTERP_FIX)
             ar = _project(acts + n * s_an + offs_t.to(tl.int64) * s_at, row_ok, s_ak, right, r_cols, col_ok,
-                          s_rd, d_in, COMPUTE, BLOCK_T, BLOCK_C, BLOCK_K, IEEE, INTERP_FIX)
+                          s_rd, d_in, COMPUTE, BLOCK_T, BLOCK_C, BLOCK_K, SPLIT_K_TAIL, IEEE, INTERP_FIX)
             per_q = tl.sum(tl.reshape(gl * ar, (BLOCK_T, QB, RP)), axis=2)  # rank reduction
         if PER_TOKEN:
             dst = out + n * s_on + offs_t.to(tl.int64)[:, None] * s_ot + offs_q[None, :]
@@ -164,16 +194,20 @@ def _factored_scores_kernel(desc_ptr, N, Q, S, n_cb,
 
 def _aligned(problems: Sequence[dict]) -> bool:
     """True when every problem meets the facts the ALIGNED fast path asserts: unit inner
-    strides, 16-byte aligned bases, outer strides multiples of 8 elements, d_in and d_out
-    multiples of 16 (true for real model layers; the tests cover both paths)."""
+    strides, 16-byte aligned bases, outer strides multiples of 8 elements. The capture
+    stores a bias-augmented [.., d + 1] input with rows padded to 16 elements so that
+    biased layers qualify too (pyinf.capture._append_ones); the tests cover both paths."""
     for p in problems:
         for name in ("acts", "grads", "left", "right"):
             t = p[name]
             if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]):
                 return False
-        if p["acts"].shape[2] % 16 or p["grads"].shape[2] % 16:
-            return False
     return True
+
+
+def _k_aligned(problems: Sequence[dict]) -> bool:
+    """d_in and d_out multiples of 16 in every problem (the K loops' bounds)."""
+    return all(p["acts"].shape[2] % 16 == 0 and p["grads"].shape[2] % 16 == 0 for p in problems)
 
 
 def _compute_dtype(acts: torch.Tensor, grads: torch.Tensor) -> torch.dtype:
@@ -226,13 +260,17 @@ def factored_scores_grouped(problems: Sequence[dict], per_token: bool = False,
                      triton.cdiv(tb, splits) if tb else 0, *acts.stride(), *grads.stride(), *left.stride(),
                      *right.stride(), s_mn, s_mt, out.stride(0), out.stride(1)])
     desc = torch.tensor(rows, dtype=torch.int64).to(device)
+    aligned, k_aligned = _aligned(problems), _k_aligned(problems)
     grid = (len(problems) * n * splits * n_cb,)
     if grid[0] > 0:
         _factored_scores_kernel[grid](
             desc, n, q, splits, n_cb,
             ACT_T=TL_DTYPE[first["acts"].dtype], GRAD_T=TL_DTYPE[first["grads"].dtype],
             LEFT_T=TL_DTYPE[first["left"].dtype], RIGHT_T=TL_DTYPE[first["right"].dtype],
-            COMPUTE=TL_DTYPE[compute], PER_TOKEN=per_token, RP=rp, NF=NF, ALIGNED=_aligned(problems),
+            COMPUTE=TL_DTYPE[compute], PER_TOKEN=per_token, RP=rp, NF=NF, ALIGNED=aligned, K_ALIGNED=k_aligned,
+            # Aligned rows but K = 769 / 3073 (a bias column): whole unmasked slices, then the
+            # tail on CUDA cores (bf16/fp16; the fp32 config has no register room for it).
+            SPLIT_K_TAIL=aligned and not k_aligned and compute != torch.float32,
             **block_sizes(cfg), **dot_flags(compute), **launch_options(cfg))
     # Keep every tensor the table points at alive until the launch is queued (it is: the
     # problems list holds them); then reduce the token splits in a fixed order.

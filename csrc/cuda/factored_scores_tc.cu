@@ -36,7 +36,7 @@ struct Frags {
 };
 
 // Stage x[token rows, k0:k0+TC_BK] into As (row m at element offset base[m] of x, -1: zeros).
-// vec: x's last dimension is contiguous and every row start, d and the pointer allow aligned
+// vec: x's last dimension is contiguous and every row start and the pointer allow aligned
 // 16-byte loads (checked on the host).
 template <typename T>
 __device__ __forceinline__ void stage_rows(T (*As)[A_LD], const int64_t* base, const T* x, int64_t s2, int64_t d,
@@ -44,9 +44,12 @@ __device__ __forceinline__ void stage_rows(T (*As)[A_LD], const int64_t* base, c
   if (vec) {
     for (int e = tid; e < BM * (TC_BK / 8); e += TC_THREADS) {
       const int m = e / (TC_BK / 8), k = (e % (TC_BK / 8)) * 8;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (base[m] >= 0 && k0 + k < d) v = *reinterpret_cast<const uint4*>(x + base[m] + k0 + k);
-      *reinterpret_cast<uint4*>(&As[m][k]) = v;
+      if (base[m] >= 0 && k0 + k + 8 <= d) {
+        *reinterpret_cast<uint4*>(&As[m][k]) = *reinterpret_cast<const uint4*>(x + base[m] + k0 + k);
+      } else {  // masked row, or the last partial vector of a row (d = 769 with a bias column)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) As[m][k + j] = (base[m] >= 0 && k0 + k + j < d) ? x[base[m] + k0 + k + j] : zero_of<T>();
+      }
     }
   } else {
     for (int e = tid; e < BM * TC_BK; e += TC_THREADS) {
@@ -166,11 +169,11 @@ __global__ void __launch_bounds__(TC_THREADS)
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// 16-byte row loads of a [N, T, d] input: contiguous last dimension, row starts and d at
-// multiples of 8 elements, aligned pointer.
+// 16-byte row loads of a [N, T, d] input: contiguous last dimension, row starts at multiples
+// of 8 elements, aligned pointer (d itself may be odd: the last partial vector of a row is
+// read element by element).
 bool rows_vectorisable(const pyinf_tensor& x) {
-  return aligned16(x.data) && x.strides[2] == 1 && x.strides[0] % 8 == 0 && x.strides[1] % 8 == 0 &&
-         x.shape[2] % 8 == 0;
+  return aligned16(x.data) && x.strides[2] == 1 && x.strides[0] % 8 == 0 && x.strides[1] % 8 == 0;
 }
 
 // 16-byte loads of 8 ranks of a [Q, d, R] factor.
