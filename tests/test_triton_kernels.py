@@ -305,12 +305,13 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 UNIT = {"s_xk", "s_xd", "s_qc", "s_lj", "s_gd", "s_ad", "s_pj"}  # inner strides: the JIT specialises == 1 at run time
 report = []
 
-def build(fn, sig, consts, cfg, label, gemm=True):
+def build(fn, sig, consts, cfg, label, gemm=True, nodiv=()):
     consts = dict(consts, **_shared.block_sizes(cfg))
     consts.update({k: 1 for k in sig if k in UNIT})
     sig = dict(sig, **{k: "constexpr" for k in consts})
     # what run-time specialisation knows for aligned tensors and sizes that are multiples of 16
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v.startswith("*") or v == "i32"}
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
+             if (v.startswith("*") or v == "i32") and k not in nodiv}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=_shared.launch_options(cfg))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -326,7 +327,12 @@ for tdt, pt, tl_dt in [(torch.bfloat16, "*bf16", tl.bfloat16), (torch.float32, "
     i32 = lambda *names: {n: "i32" for n in names}
     build(_shared._rotate_kernel, dict(x_ptr=pt, m_ptr="*u8", q_ptr=pt, out_ptr=pt, **i32(
         "T", "K", "C", "col0", "s_xn", "s_xt", "s_xk", "s_mn", "s_mt", "s_qk", "s_qc", "s_on", "s_ot")),
-        dict(HAS_MASK=True, **flags), _shared.ROTATE_H100[tdt], f"rotate {tdt}")
+        dict(HAS_MASK=True, SPLIT_K_TAIL=False, **flags), _shared.ROTATE_H100[tdt], f"rotate {tdt}")
+    if tdt == torch.bfloat16:  # a biased layer's K = d + 1: whole slices, then the tail
+        build(_shared._rotate_kernel, dict(x_ptr=pt, m_ptr="*u8", q_ptr=pt, out_ptr=pt, **i32(
+            "T", "K", "C", "col0", "s_xn", "s_xt", "s_xk", "s_mn", "s_mt", "s_qk", "s_qc", "s_on", "s_ot")),
+            dict(HAS_MASK=True, SPLIT_K_TAIL=True, **flags), _shared.ROTATE_H100[tdt], f"rotate {tdt} bias column",
+            nodiv=("K",))  # K = 769: nothing known about it
     build(covariance._covariance_kernel, dict(x_ptr=pt, m_ptr="*u8", out_ptr="*fp32", tiles_ptr="*i32", **i32(
         "T", "D", "n_row_blocks", "blocks_per_split", "s_xn", "s_xt", "s_xd", "s_mn", "s_mt", "s_os")),
         dict(HAS_MASK=True, **flags), covariance.H100[tdt], f"covariance {tdt}")
@@ -382,7 +388,7 @@ def test_kernels_compile_for_h100_without_spills(tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(report) == 21
+    assert len(report) == 22
     for r in report:
         assert r["ok"] and not r["spills"], r
         if r["gemm"]:
@@ -444,3 +450,25 @@ def test_factored_biased_layer_rows_padded_k_tail(dtype, per_token):
     out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="triton")
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     assert oracle.rel_err(out, oracle.factored_scores(acts, grads, left, right, mask, per_token)) < tol
+
+
+def test_eigen_ops_biased_layer_k_tail():
+    """bf16 eigen-correction and self-influence of a biased layer as the pipeline runs them:
+    the capture's padded [.., d+1] input and the eigenbasis cast into padded rows
+    (_CastCache); the rotation takes whole K slices, then the tail."""
+    from pyinf.capture import _append_ones
+    from pyinf.ops import _triton
+
+    n, t, d, d_out = 3, 19, 36, 20  # K = 37 = two 16-slices + 5
+    acts = _append_ones(torch.randn(n, t, d, device=DEVICE).to(torch.bfloat16))
+    grads = torch.randn(n, t, d_out, device=DEVICE).to(torch.bfloat16)
+    q_a = torch.linalg.qr(torch.randn(d + 1, d + 1))[0].to(DEVICE)
+    q_s = torch.linalg.qr(torch.randn(d_out, d_out))[0].to(DEVICE)
+    cast = _triton._CastCache().get(q_a, torch.bfloat16)
+    assert cast.stride(0) % 16 == 0 and torch.equal(cast, q_a.to(torch.bfloat16))
+    lambdas = torch.rand(d_out, d + 1, device=DEVICE)
+    mask = _mask(n, t)
+    out = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="triton")
+    assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask)) < 2e-2
+    out = ops.self_influence(acts, grads, q_a, q_s, lambdas, 0.1, mask=mask, backend="triton")
+    assert oracle.rel_err(out, oracle.self_influence(acts, grads, q_a, q_s, lambdas, 0.1, mask)) < 2e-2

@@ -96,7 +96,8 @@ def _rotate_kernel(x_ptr, m_ptr, q_ptr, out_ptr,
                    T, K, C, col0,
                    s_xn, s_xt, s_xk, s_mn, s_mt, s_qk, s_qc, s_on, s_ot,
                    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_K: tl.constexpr, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
+                   BLOCK_K: tl.constexpr, SPLIT_K_TAIL: tl.constexpr, IEEE: tl.constexpr,
+                   INTERP_FIX: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
@@ -109,12 +110,26 @@ def _rotate_kernel(x_ptr, m_ptr, q_ptr, out_ptr,
     x_rows = x_ptr + n * s_xn + offs_t.to(tl.int64) * s_xt
     q_cols = q_ptr + (col0 + offs_c).to(tl.int64) * s_qc
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(x_rows[:, None] + offs_k[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        q = tl.load(q_cols[None, :] + offs_k[:, None] * s_qk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(cast_rne(x, q.dtype, INTERP_FIX), q, acc, IEEE, INTERP_FIX)
+    if SPLIT_K_TAIL:
+        # K = 769 / 3073 (a bias column): whole slices with row / column masks only (constant
+        # along k, so the loads stay 16-byte and pipelined), then the rest as rank-1 updates.
+        k_main = (K // BLOCK_K) * BLOCK_K
+        for k0 in range(0, k_main, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows[:, None] + offs_k[None, :] * s_xk, mask=row_ok[:, None], other=0.0)
+            q = tl.load(q_cols[None, :] + offs_k[:, None] * s_qk, mask=col_ok[None, :], other=0.0)
+            acc = mma(cast_rne(x, q.dtype, INTERP_FIX), q, acc, IEEE, INTERP_FIX)
+        for k in range(k_main, K):
+            xk = tl.load(x_rows + k * s_xk, mask=row_ok, other=0.0).to(tl.float32)
+            qk = tl.load(q_cols + k * s_qk, mask=col_ok, other=0.0).to(tl.float32)
+            acc += xk[:, None] * qk[None, :]
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            x = tl.load(x_rows[:, None] + offs_k[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            q = tl.load(q_cols[None, :] + offs_k[:, None] * s_qk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = mma(cast_rne(x, q.dtype, INTERP_FIX), q, acc, IEEE, INTERP_FIX)
     out = out_ptr + n * s_on + offs_t.to(tl.int64)[:, None] * s_ot + offs_c[None, :]
     tl.store(out, cast_rne(acc, out_ptr.dtype.element_ty, INTERP_FIX), mask=(offs_t < T)[:, None] & col_ok[None, :])
 
@@ -132,7 +147,8 @@ def rotate(x: torch.Tensor, mask, q: torch.Tensor, col0: int, width: int, out: t
         x.stride(0), x.stride(1), x.stride(2),
         m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        HAS_MASK=mask is not None, **block_sizes(cfg), **dot_flags(q.dtype), **launch_options(cfg))
+        HAS_MASK=mask is not None, SPLIT_K_TAIL=k % 16 != 0 and q.dtype != torch.float32, **block_sizes(cfg),
+        **dot_flags(q.dtype), **launch_options(cfg))
     return out
 
 

@@ -80,8 +80,21 @@ class _CastCache:
             self._entries[key] = entry
         casts = entry[2]
         if dtype not in casts:
-            casts[dtype] = src.to(dtype)
+            casts[dtype] = _padded_rows(src, dtype)
         return casts[dtype]
+
+
+def _padded_rows(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`src` [K, C] cast to `dtype` as a view of a buffer whose rows are padded to 16
+    elements: an eigenbasis of a layer with a bias is 769 x 769 or 3073 x 3073, and rows at
+    a multiple of 16 keep the rotation's loads aligned (16-byte, pipelined)."""
+    rows, cols = src.shape
+    width = -(-cols // 16) * 16
+    if width == cols:
+        return src.to(dtype)
+    buf = torch.zeros(rows, width, dtype=dtype, device=src.device)
+    buf[:, :cols] = src
+    return buf[:, :cols]
 
 
 _casts = _CastCache()
