@@ -335,14 +335,22 @@ for tdt, pt, tl_dt in [(torch.bfloat16, "*bf16", tl.bfloat16), (torch.float32, "
             nodiv=("K",))  # K = 769: nothing known about it
     build(covariance._covariance_kernel, dict(x_ptr=pt, m_ptr="*u8", out_ptr="*fp32", tiles_ptr="*i32", **i32(
         "T", "D", "n_row_blocks", "blocks_per_split", "s_xn", "s_xt", "s_xd", "s_mn", "s_mt", "s_os")),
-        dict(HAS_MASK=True, **flags), covariance.H100[tdt], f"covariance {tdt}")
+        dict(HAS_MASK=True, EDGE=True, **flags), covariance.H100[tdt], f"covariance {tdt}")
+    if tdt == torch.bfloat16:  # tiles inside an odd D (769): row masks only
+        build(covariance._covariance_kernel, dict(x_ptr=pt, m_ptr="*u8", out_ptr="*fp32", tiles_ptr="*i32", **i32(
+            "T", "D", "n_row_blocks", "blocks_per_split", "s_xn", "s_xt", "s_xd", "s_mn", "s_mt", "s_os")),
+            dict(HAS_MASK=True, EDGE=False, **flags), covariance.H100[tdt], f"covariance {tdt} inside odd D",
+            nodiv=("D", "s_os"))
+    # D_IN / SLAB unhinted (769 for a biased layer); the load widths and row strides are
+    # multiples of 16 (the rotated temporaries are padded).
     build(eigen_correction._eigen_correction_kernel, dict(g_ptr=pt, a_ptr=pt, out_ptr="*fp32", **i32(
-        "n_docs", "T", "D_IN", "SLAB", "row0", "s_gn", "s_gt", "s_an", "s_at", "s_oi")),
-        dict(ACCUMULATE=True, **flags), eigen_correction.H100[tdt], f"eigen_correction {tdt}")
+        "n_docs", "T", "D_IN", "SLAB", "D_IN_LD", "SLAB_LD", "row0", "s_gn", "s_gt", "s_an", "s_at", "s_oi")),
+        dict(ACCUMULATE=True, **flags), eigen_correction.H100[tdt], f"eigen_correction {tdt}",
+        nodiv=("D_IN", "SLAB"))
     build(self_influence._self_influence_kernel, dict(g_ptr=pt, a_ptr=pt, lam_ptr="*fp32", part_ptr="*fp32",
-        damping="fp32", **i32("T", "D_IN", "SLAB", "row0", "doc0", "n_tj", "s_gn", "s_gt", "s_an", "s_at",
-                              "s_li", "s_lj", "s_pn")),
-        flags, eigen_correction.H100[tdt], f"self_influence {tdt}")
+        damping="fp32", **i32("T", "D_IN", "SLAB", "D_IN_LD", "SLAB_LD", "row0", "doc0", "n_tj", "s_gn", "s_gt",
+                              "s_an", "s_at", "s_li", "s_lj", "s_pn")),
+        flags, eigen_correction.H100[tdt], f"self_influence {tdt}", nodiv=("D_IN", "SLAB", "s_li"))
     for per_token in (False, True):
         build(factored_scores._factored_scores_kernel, dict(desc_ptr="*i64", **i32("N", "Q", "S", "n_cb")),
               dict(ACT_T=tl_dt, GRAD_T=tl_dt, LEFT_T=tl_dt, RIGHT_T=tl_dt, COMPUTE=tl_dt, PER_TOKEN=per_token,
@@ -388,7 +396,7 @@ def test_kernels_compile_for_h100_without_spills(tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(report) == 22
+    assert len(report) == 23
     for r in report:
         assert r["ok"] and not r["spills"], r
         if r["gemm"]:

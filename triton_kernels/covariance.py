@@ -31,16 +31,23 @@ INTERPRETER = dict(BLOCK_D=16, BLOCK_T=16)
 def _covariance_kernel(x_ptr, m_ptr, out_ptr, tiles_ptr,
                        T, D, n_row_blocks, blocks_per_split,
                        s_xn, s_xt, s_xd, s_mn, s_mt, s_os,
-                       HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                       IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
+                       HAS_MASK: tl.constexpr, EDGE: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_T: tl.constexpr, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
+    """EDGE=False: the launch's tiles lie inside D, so loads are masked by row only (constant
+    along d: 16-byte, pipelined loads even when D is 769 or 3073); EDGE=True: the tiles
+    that cross D, masked by column too."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     ti = tl.load(tiles_ptr + 2 * tile)
     tj = tl.load(tiles_ptr + 2 * tile + 1)
     offs_i = ti * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_j = tj * BLOCK_D + tl.arange(0, BLOCK_D)
-    i_ok = offs_i < D
-    j_ok = offs_j < D
+    if EDGE:
+        i_ok = offs_i < D
+        j_ok = offs_j < D
+    else:
+        i_ok = tl.full((BLOCK_D,), 1, tl.int1)
+        j_ok = tl.full((BLOCK_D,), 1, tl.int1)
     t_blocks = tl.cdiv(T, BLOCK_T)
     rb_start = split * blocks_per_split
     rb_end = tl.minimum(rb_start + blocks_per_split, n_row_blocks)
@@ -87,11 +94,19 @@ def covariance(x: torch.Tensor, mask: Optional[torch.Tensor],
     splits = triton.cdiv(n_row_blocks, per_split)  # no empty splits
     out = torch.empty(splits, d, d, dtype=torch.float32, device=x.device)
     m = mask.view(torch.uint8) if mask is not None else out
-    _covariance_kernel[(tiles.shape[0], splits)](
-        x, m, out, tiles, t, d, n_row_blocks, per_split,
-        x.stride(0), x.stride(1), x.stride(2),
-        m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0, out.stride(0),
-        HAS_MASK=mask is not None, **block_sizes(cfg), **dot_flags(compute_dtype), **launch_options(cfg))
+    # Tiles inside d and tiles crossing it in two launches (an odd d, e.g. 769 with a bias
+    # column, would otherwise put column masks on every load).
+    full = d // cfg["BLOCK_D"]
+    inside = (tiles < full).all(1)
+    for edge, sel in ((False, tiles[inside]), (True, tiles[~inside])):
+        if sel.shape[0] == 0:
+            continue
+        _covariance_kernel[(sel.shape[0], splits)](
+            x, m, out, sel.contiguous(), t, d, n_row_blocks, per_split,
+            x.stride(0), x.stride(1), x.stride(2),
+            m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0, out.stride(0),
+            HAS_MASK=mask is not None, EDGE=edge, **block_sizes(cfg), **dot_flags(compute_dtype),
+            **launch_options(cfg))
     if splits == 1:
         return out[0]
     total = out.sum(0)

@@ -34,22 +34,25 @@ INTERPRETER = dict(BLOCK_I=16, BLOCK_J=16, BLOCK_T=16)
 
 
 @triton.jit
-def doc_gradient_tile(g_rows, a_rows, offs_i, offs_j, i_ok, j_ok, T, s_gt, s_at,
+def doc_gradient_tile(g_rows, a_rows, offs_i, offs_j, i_ld, j_ld, T, s_gt, s_at,
                       BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
                       IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
-    """[BLOCK_I, BLOCK_J] tile of one document's rotated gradient g~^T a~ (fp32)."""
+    """[BLOCK_I, BLOCK_J] tile of one document's rotated gradient g~^T a~ (fp32). i_ld / j_ld
+    mask the loads on the rotated buffers' padded widths (multiples of 16, see
+    rotated_chunks): constant along 16-element groups, so loads stay 16-byte and pipelined.
+    Rows / columns past the true widths are garbage or zeros; callers mask them."""
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
-        g = tl.load(g_rows + offs_t[:, None] * s_gt + offs_i[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
-        a = tl.load(a_rows + offs_t[:, None] * s_at + offs_j[None, :], mask=t_ok[:, None] & j_ok[None, :], other=0.0)
+        g = tl.load(g_rows + offs_t[:, None] * s_gt + offs_i[None, :], mask=t_ok[:, None] & i_ld[None, :], other=0.0)
+        a = tl.load(a_rows + offs_t[:, None] * s_at + offs_j[None, :], mask=t_ok[:, None] & j_ld[None, :], other=0.0)
         acc = mma(tl.trans(g), a, acc, IEEE, INTERP_FIX)
     return acc
 
 
 @triton.jit
-def _eigen_correction_kernel(g_ptr, a_ptr, out_ptr, n_docs, T, D_IN, SLAB, row0,
+def _eigen_correction_kernel(g_ptr, a_ptr, out_ptr, n_docs, T, D_IN, SLAB, D_IN_LD, SLAB_LD, row0,
                              s_gn, s_gt, s_an, s_at, s_oi,
                              ACCUMULATE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                              BLOCK_T: tl.constexpr, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
@@ -61,7 +64,7 @@ def _eigen_correction_kernel(g_ptr, a_ptr, out_ptr, n_docs, T, D_IN, SLAB, row0,
     for n in range(0, n_docs):
         # The rotated buffers are bounded (ROTATED_TEMP_BYTES), so n * stride fits in int32.
         tile = doc_gradient_tile(g_ptr + n * s_gn, a_ptr + n * s_an,
-                                 offs_i, offs_j, i_ok, j_ok, T, s_gt, s_at,
+                                 offs_i, offs_j, offs_i < SLAB_LD, offs_j < D_IN_LD, T, s_gt, s_at,
                                  BLOCK_I, BLOCK_J, BLOCK_T, IEEE, INTERP_FIX)
         squares += tile * tile
     dst = out_ptr + (row0 + offs_i).to(tl.int64)[:, None] * s_oi + offs_j[None, :]
@@ -77,6 +80,11 @@ def compute_dtype_of(acts: torch.Tensor, grads: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def load_width(width: int) -> int:
+    """Padded row width of a rotated temporary: the Gram kernels' load masks use it."""
+    return -(-width // 16) * 16
+
+
 def rotated_chunks(acts, grads, q_a, q_s, mask, block_i: int):
     """Yields (docs slice, a~ [docs, T, d_in], g~ slab [docs, T, width], first row of the
     slab) with the rotated temporaries bounded by _shared.ROTATED_TEMP_BYTES."""
@@ -85,8 +93,10 @@ def rotated_chunks(acts, grads, q_a, q_s, mask, block_i: int):
     compute = q_a.dtype
     elsize = torch.finfo(compute).bits // 8
     docs, slab = rotation_plan(n, t, d_in, d_out, elsize, block_i, _shared.ROTATED_TEMP_BYTES)
-    a_buf = torch.empty(docs, t, d_in, dtype=compute, device=acts.device)
-    g_buf = torch.empty(docs, t, slab, dtype=compute, device=acts.device)
+    # Rows padded to 16 elements (zeros): a biased layer's d_in = 769 keeps aligned rows, and
+    # the Gram kernels load whole padded rows (load_width).
+    a_buf = torch.zeros(docs, t, load_width(d_in), dtype=compute, device=acts.device)[..., :d_in]
+    g_buf = torch.zeros(docs, t, load_width(slab), dtype=compute, device=acts.device)[..., :slab]
     for start in range(0, n, docs):
         sl = slice(start, min(n, start + docs))
         m = None if mask is None else mask[sl]
@@ -106,15 +116,17 @@ def eigen_correction(acts, grads, q_a, q_s, mask: Optional[torch.Tensor] = None)
     cfg = pick_config(H100, compute, INTERPRETER)
     if n == 0 or t == 0 or d_in == 0 or d_out == 0:
         return torch.zeros(d_out, d_in, dtype=torch.float32, device=acts.device)
-    out = torch.empty(d_out, d_in, dtype=torch.float32, device=acts.device)  # chunk 1 writes all of it
+    # Rows padded to 16 (d_in = 769 for a biased layer): an unaligned row stride here costs
+    # the kernel its registers (spills at the H100 config); the result is returned dense.
+    out = torch.empty(d_out, load_width(d_in), dtype=torch.float32, device=acts.device)[:, :d_in]  # chunk 1 writes all
     mask = mask.view(torch.uint8) if mask is not None else None
     seen_rows = set()
     for sl, a_rot, g_rot, row0 in rotated_chunks(acts, grads, q_a, q_s, mask, cfg["BLOCK_I"]):
         width = g_rot.shape[2]
         grid = (triton.cdiv(width, cfg["BLOCK_I"]), triton.cdiv(d_in, cfg["BLOCK_J"]))
         _eigen_correction_kernel[grid](
-            g_rot, a_rot, out, a_rot.shape[0], t, d_in, width, row0,
+            g_rot, a_rot, out, a_rot.shape[0], t, d_in, width, load_width(d_in), load_width(width), row0,
             g_rot.stride(0), g_rot.stride(1), a_rot.stride(0), a_rot.stride(1), out.stride(0),
             ACCUMULATE=row0 in seen_rows, **block_sizes(cfg), **dot_flags(compute), **launch_options(cfg))
         seen_rows.add(row0)
-    return out
+    return out if out.is_contiguous() else out.contiguous()

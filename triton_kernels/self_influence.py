@@ -17,11 +17,12 @@ import triton
 import triton.language as tl
 
 from ._shared import block_sizes, dot_flags, launch_options, pick_config
-from .eigen_correction import H100, INTERPRETER, doc_gradient_tile, rotated_chunks
+from .eigen_correction import H100, INTERPRETER, doc_gradient_tile, load_width, rotated_chunks
 
 
 @triton.jit
-def _self_influence_kernel(g_ptr, a_ptr, lam_ptr, part_ptr, damping, T, D_IN, SLAB, row0, doc0, n_tj,
+def _self_influence_kernel(g_ptr, a_ptr, lam_ptr, part_ptr, damping, T, D_IN, SLAB, D_IN_LD, SLAB_LD, row0, doc0,
+                           n_tj,
                            s_gn, s_gt, s_an, s_at, s_li, s_lj, s_pn,
                            BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
                            IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
@@ -32,8 +33,9 @@ def _self_influence_kernel(g_ptr, a_ptr, lam_ptr, part_ptr, damping, T, D_IN, SL
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     i_ok = offs_i < SLAB
     j_ok = offs_j < D_IN
-    tile = doc_gradient_tile(g_ptr + n * s_gn, a_ptr + n * s_an, offs_i, offs_j, i_ok, j_ok, T, s_gt, s_at,
-                             BLOCK_I, BLOCK_J, BLOCK_T, IEEE, INTERP_FIX)
+    tile = doc_gradient_tile(g_ptr + n * s_gn, a_ptr + n * s_an, offs_i, offs_j, offs_i < SLAB_LD,
+                             offs_j < D_IN_LD, T, s_gt, s_at, BLOCK_I, BLOCK_J, BLOCK_T, IEEE, INTERP_FIX)
+    tile = tl.where(i_ok[:, None] & j_ok[None, :], tile, 0.0)  # padded rows / columns: not the matrix
     lam = tl.load(lam_ptr + (row0 + offs_i).to(tl.int64)[:, None] * s_li + offs_j[None, :] * s_lj,
                   mask=i_ok[:, None] & j_ok[None, :], other=1.0).to(tl.float32)
     # Outside the matrix the tile is exactly 0 and lam is 1, so the padding adds 0.
@@ -58,7 +60,8 @@ def self_influence(acts, grads, q_a, q_s, lambdas, damping: float, mask: Optiona
         width = g_rot.shape[2]
         grid = (triton.cdiv(width, cfg["BLOCK_I"]), n_tj, a_rot.shape[0])
         _self_influence_kernel[grid](
-            g_rot, a_rot, lambdas, partial, float(damping), t, d_in, width, row0, sl.start, n_tj,
+            g_rot, a_rot, lambdas, partial, float(damping), t, d_in, width, load_width(d_in), load_width(width), row0,
+            sl.start, n_tj,
             g_rot.stride(0), g_rot.stride(1), a_rot.stride(0), a_rot.stride(1),
             lambdas.stride(0), lambdas.stride(1), partial.stride(0),
             **block_sizes(cfg), **dot_flags(compute), **launch_options(cfg))
