@@ -13,7 +13,8 @@ While a :class:`Capture` is active:
   function that does the same hand-off.
 
 Activations reach the consumer as ``[B, T, d_in]`` (with a trailing ones column when the
-bias is tracked) and gradients as ``[B, T, d_out]``, in the model's dtype.
+bias is tracked: then a strided view whose rows are padded to 16 elements, see
+:func:`_append_ones`) and gradients as ``[B, T, d_out]``, in the model's dtype.
 """
 from __future__ import annotations
 
