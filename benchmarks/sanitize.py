@@ -11,13 +11,14 @@ the torch reference so that a launch that wrote nothing is caught too.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
 import pyinf.ops as ops
 from pyinf.ops import _registry
+
+from .bench_ops import TENSOR_CORE_OPS, _with_env
 
 
 def _problem(device):
@@ -65,15 +66,14 @@ def main(argv) -> int:
         for label in backends:
             op = name.replace("_per_token", "")
             backend = "native" if label == "native-tc" else label
-            if label == "native-tc" and op not in ("factored_scores", "eigen_correction", "self_influence"):
+            if label == "native-tc" and op not in TENSOR_CORE_OPS:
                 continue
-            os.environ["PYINF_NATIVE_TC"] = "1" if label == "native-tc" else "0"
             reason = _registry.unsupported_reason(backend, op, [p["logits"]] if op == "cross_entropy_rows"
                                                   else [p["acts"], p["grads"]])
             if reason is not None:
                 print(f"{name:28s} {label:9s} skipped: {reason}")
                 continue
-            out = call(backend)
+            out = _with_env("PYINF_NATIVE_TC", "1" if label == "native-tc" else "0", lambda: call(backend))()
             torch.cuda.synchronize()
             err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
             ok = torch.isfinite(out).all().item() and err < 2e-2

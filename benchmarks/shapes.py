@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Tuple
 
+from pyinf.ops._preferences import work
+
 # --------------------------------------------------------------------------------------
 # Layer shapes (d_in -> d_out of y = W x), as in DESIGN.md section 3.
 # --------------------------------------------------------------------------------------
@@ -39,16 +41,12 @@ class OpWorkload:
 
 # FLOPs of one call (DESIGN.md section 2, "FLOPs per document" times N).
 def flops(op: str, w: OpWorkload) -> float:
-    n, t, di, do, q, r = w.n, w.t, w.d_in, w.d_out, w.q, w.r
+    """The dispatcher's own count (pyinf.ops._preferences.work), per benchmarked call."""
     if op == "covariance":  # both factors of the layer: A from acts, S from grads
-        return n * 2.0 * t * (di * di + do * do)
-    if op in ("eigen_correction", "self_influence"):
-        return n * (2.0 * t * (di * di + do * do) + 2.0 * t * di * do)
-    if op == "factored_scores":
-        return n * 2.0 * t * (di + do) * q * r
-    if op == "dense_scores":
-        return n * (2.0 * t * di * do + 2.0 * di * do * q)
-    raise ValueError(f"no FLOP formula for {op!r}")
+        return work(op, dict(n=w.n, t=w.t, d=w.d_in)) + work(op, dict(n=w.n, t=w.t, d=w.d_out))
+    if op not in OPS:
+        raise ValueError(f"no FLOP formula for {op!r}")
+    return work(op, dict(n=w.n, t=w.t, d_in=w.d_in, d_out=w.d_out, q=w.q, r=w.r))
 
 
 def _score_workloads(preset: str) -> List[OpWorkload]:

@@ -24,8 +24,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import default_device, environment, time_fn
-from .bench_ops import SLOW_CALL_MS, _rel_err, make_inputs
+from . import default_device, environment
+from .bench_ops import _measure, _rel_err, make_inputs
 from .shapes import OpWorkload, op_workloads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,12 +106,6 @@ def _calls(kernel: str, w: OpWorkload, device) -> Tuple[Callable[[], torch.Tenso
             lambda: ops.factored_scores(*args, backend="torch"), flops(op, w))
 
 
-def _timing(fn, device, first_ms):
-    if first_ms > SLOW_CALL_MS:
-        return time_fn(fn, device, warmup=0, min_reps=1, max_reps=1, target_s=0.0)
-    return time_fn(fn, device, warmup=2, min_reps=5, max_reps=100, target_s=0.3)
-
-
 def sweep(kernels=KERNELS, preset: str = "full", workloads: Optional[List[str]] = None, max_seconds: float = 240.0,
           tolerance: float = 2e-2, log=print) -> Dict[str, object]:
     device = default_device()
@@ -145,8 +139,7 @@ def sweep(kernels=KERNELS, preset: str = "full", workloads: Optional[List[str]] 
                         if rec["rel_err"] is None or not rec["rel_err"] < tolerance:
                             rec["rejected"] = f"relative error {rec['rel_err']} vs the torch reference"
                         else:
-                            rec.update(_timing(fn, device, first_ms))
-                            rec["tflops"] = f / (rec["ms"] * 1e-3) / 1e12
+                            rec.update(_measure(fn, device, preset, f, None, "triton", first_ms))
                     except Exception as exc:  # e.g. out of shared memory: that config is out
                         rec["rejected"] = f"{type(exc).__name__}: {exc}"[:300]
                     entries.append(rec)

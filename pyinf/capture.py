@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._padding import padded_empty
 from .modules import ModuleSpec
 
 # consumer(spec, acts [B,T,d_in], grads [B,T,d_out], mask [B,T] bool or None)
@@ -59,18 +60,13 @@ class _Site:
 
 
 def _append_ones(acts: torch.Tensor) -> torch.Tensor:
-    """[B, T, d] -> [B, T, d + 1] with a ones column (the bias's input), as a view of a
-    buffer whose rows are padded to a multiple of 16 elements. The kernels then see aligned
-    row starts (16-byte loads, Triton's divisibility facts) where d + 1 (769, 3073, ...)
-    would otherwise make every row misaligned. The padding holds zeros and is never part of
-    the view."""
+    """[B, T, d] -> [B, T, d + 1] with a ones column (the bias's input), with rows padded
+    for the kernels (:mod:`pyinf._padding`)."""
     b, t, d = acts.shape
-    width = -(-(d + 1) // 16) * 16
-    buf = acts.new_empty(b, t, width)
-    buf[..., :d] = acts
-    buf[..., d] = 1
-    buf[..., d + 1:] = 0
-    return buf[..., : d + 1]
+    out = padded_empty(b, t, d + 1, dtype=acts.dtype, device=acts.device)
+    out[..., :d] = acts
+    out[..., d] = 1
+    return out
 
 
 def _in_backward() -> bool:

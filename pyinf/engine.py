@@ -74,7 +74,7 @@ class InfluenceEngine:
     def _common(self):
         return dict(model=self.model, task=self.task, modules=self.modules, specs=self.specs)
 
-    def _compiled(self):
+    def _stage_context(self):
         """The stage's context: the model's blocks compiled when ``compile=True``, and
         checkpointed (around the compiled forward) when ``checkpoint=True``."""
         stack = contextlib.ExitStack()
@@ -90,7 +90,7 @@ class InfluenceEngine:
         eigenvalue correction Lambda over documents. ``fisher="true"`` samples labels from the
         model (``compute_train_loss(sample=True)``); ``"empirical"`` uses the data's labels."""
         loader = self._loader(data, batch_size, "factor data", max_examples)
-        with self._compiled():
+        with self._stage_context():
             return factors_mod.fit_factors(**self._common(), loader=loader, fisher=fisher, backend=self.backend,
                                            seed=seed, progress=self.progress)
 
@@ -101,7 +101,7 @@ class InfluenceEngine:
         ``svd="randomized"`` truncates with a randomized SVD: far cheaper for wide layers on
         a GPU, near-exact when the spectrum decays (see :func:`pyinf.queries.low_rank`)."""
         loader = self._loader(query_data, batch_size, "query data")
-        with self._compiled():
+        with self._stage_context():
             return queries_mod.prepare_queries(**self._common(), loader=loader, factors=factors, rank=rank,
                                                damping=damping, svd=svd, progress=self.progress)
 
@@ -118,7 +118,7 @@ class InfluenceEngine:
         its backward ends and scores them all in one grouped launch: faster for many small
         layers, at the cost of holding them in memory."""
         loader = self._loader(train_data, batch_size, "training data")
-        with self._compiled():
+        with self._stage_context():
             return scoring.pairwise_scores(**self._common(), loader=loader, queries=queries, per_token=per_token,
                                            per_module=per_module, backend=self.backend, route=route,
                                            group_modules=group_modules, progress=self.progress)
@@ -127,6 +127,6 @@ class InfluenceEngine:
                        batch_size: int = 8) -> torch.Tensor:
         """float32 ``[n_train]``: ``grad(loss_n)^T (G + lambda I)^-1 grad(loss_n)``."""
         loader = self._loader(train_data, batch_size, "training data")
-        with self._compiled():
+        with self._stage_context():
             return scoring.self_influence(**self._common(), loader=loader, factors=factors, damping=damping,
                                           backend=self.backend, progress=self.progress)

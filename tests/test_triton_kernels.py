@@ -327,11 +327,11 @@ for tdt, pt, tl_dt in [(torch.bfloat16, "*bf16", tl.bfloat16), (torch.float32, "
     i32 = lambda *names: {n: "i32" for n in names}
     build(_shared._rotate_kernel, dict(x_ptr=pt, m_ptr="*u8", q_ptr=pt, out_ptr=pt, **i32(
         "T", "K", "C", "col0", "s_xn", "s_xt", "s_xk", "s_mn", "s_mt", "s_qk", "s_qc", "s_on", "s_ot")),
-        dict(HAS_MASK=True, SPLIT_K_TAIL=False, **flags), _shared.ROTATE_H100[tdt], f"rotate {tdt}")
+        dict(HAS_MASK=True, COMPUTE=tl_dt, SPLIT_K_TAIL=False, **flags), _shared.ROTATE_H100[tdt], f"rotate {tdt}")
     if tdt == torch.bfloat16:  # a biased layer's K = d + 1: whole slices, then the tail
         build(_shared._rotate_kernel, dict(x_ptr=pt, m_ptr="*u8", q_ptr=pt, out_ptr=pt, **i32(
             "T", "K", "C", "col0", "s_xn", "s_xt", "s_xk", "s_mn", "s_mt", "s_qk", "s_qc", "s_on", "s_ot")),
-            dict(HAS_MASK=True, SPLIT_K_TAIL=True, **flags), _shared.ROTATE_H100[tdt], f"rotate {tdt} bias column",
+            dict(HAS_MASK=True, COMPUTE=tl_dt, SPLIT_K_TAIL=True, **flags), _shared.ROTATE_H100[tdt], f"rotate {tdt} bias column",
             nodiv=("K",))  # K = 769: nothing known about it
     build(covariance._covariance_kernel, dict(x_ptr=pt, m_ptr="*u8", out_ptr="*fp32", tiles_ptr="*i32", **i32(
         "T", "D", "n_row_blocks", "blocks_per_split", "s_xn", "s_xt", "s_xd", "s_mn", "s_mt", "s_os")),

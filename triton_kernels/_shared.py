@@ -1,5 +1,6 @@
-"""Pieces shared by the pyinf Triton kernels: the dot helper, config selection, and the
-masked rotation GEMM used by eigen_correction and self_influence.
+"""Pieces shared by the pyinf Triton kernels: the dot helper, config selection, the
+projection GEMM (factored scores and the rotation), and the masked rotation used by
+eigen_correction and self_influence.
 
 Two workarounds for Triton 3.6's interpreter (TRITON_INTERPRET=1, how these kernels are
 tested on CPU), switched on by the INTERP_FIX constexpr, which is True only when
@@ -79,6 +80,56 @@ def cast_rne(x, DT: tl.constexpr, INTERP_FIX: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------
+# The projection GEMM of the rotation and of the factored scores
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _project_step(acc, x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, k0, K, K_MASK: tl.constexpr,
+                  COMPUTE: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
+    """acc + x[rows, k0:k0+BLOCK_K] @ F[k0:k0+BLOCK_K, cols]. K_MASK=False: the slice lies
+    inside K, so the loads carry row / column masks only, which are constant along k (the
+    compiler can then vectorise and pipeline them)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if K_MASK:
+        k_ok = offs_k < K
+        x = tl.load(x_rows[:, None] + offs_k[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        f = tl.load(f_ptr + f_cols[None, :] + offs_k.to(tl.int64)[:, None] * s_fd,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    else:
+        x = tl.load(x_rows[:, None] + offs_k[None, :] * s_xk, mask=row_ok[:, None], other=0.0)
+        f = tl.load(f_ptr + f_cols[None, :] + offs_k.to(tl.int64)[:, None] * s_fd, mask=col_ok[None, :], other=0.0)
+    return mma(cast_rne(x, COMPUTE, INTERP_FIX), cast_rne(f, COMPUTE, INTERP_FIX), acc, IEEE, INTERP_FIX)
+
+
+@triton.jit
+def project(x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, K,
+            COMPUTE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+            BLOCK_K: tl.constexpr, SPLIT_K_TAIL: tl.constexpr, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
+    """[BLOCK_T, BLOCK_C] = x[rows, :K] @ F[:K, cols], fp32 accumulate, operands cast to
+    COMPUTE; masked rows are 0. x_rows: pointers to the rows' first elements; F's column c
+    starts at f_ptr + f_cols[c], its rows s_fd apart.
+    SPLIT_K_TAIL: whole BLOCK_K slices first without a k mask, then the rest column by column
+    (K = 769 or 3073 for a layer with a bias column); else every slice is k-masked."""
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    if SPLIT_K_TAIL:
+        k_main = (K // BLOCK_K) * BLOCK_K
+        for k0 in range(0, k_main, BLOCK_K):
+            acc = _project_step(acc, x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, k0, K, False,
+                                COMPUTE, BLOCK_K, IEEE, INTERP_FIX)
+        # The rest (< BLOCK_K columns; one for a bias column) as rank-1 updates on CUDA cores:
+        # a second tensor-core dot site here spills the factored kernel's two [128, 128] accumulators.
+        for k in range(k_main, K):
+            xk = tl.load(x_rows + k * s_xk, mask=row_ok, other=0.0).to(tl.float32)
+            fk = tl.load(f_ptr + f_cols + k * s_fd, mask=col_ok, other=0.0).to(tl.float32)
+            acc += xk[:, None] * fk[None, :]
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            acc = _project_step(acc, x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, k0, K, True,
+                                COMPUTE, BLOCK_K, IEEE, INTERP_FIX)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------
 # Rotation into an eigenbasis: out[n, t, c] = sum_k where(mask[n,t], x[n,t,k], 0) * q[k, col0 + c]
 # An ordinary GEMM; the mask is applied on the load (tl.where semantics via `other=0`), so
 # NaN/Inf in padding rows never enters the product and rotated padding rows are exactly 0.
@@ -95,7 +146,7 @@ ROTATE_INTERPRETER = dict(BLOCK_T=16, BLOCK_C=16, BLOCK_K=16)
 def _rotate_kernel(x_ptr, m_ptr, q_ptr, out_ptr,
                    T, K, C, col0,
                    s_xn, s_xt, s_xk, s_mn, s_mt, s_qk, s_qc, s_on, s_ot,
-                   HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                   HAS_MASK: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_K: tl.constexpr, SPLIT_K_TAIL: tl.constexpr, IEEE: tl.constexpr,
                    INTERP_FIX: tl.constexpr):
     pid_t = tl.program_id(0)
@@ -108,28 +159,8 @@ def _rotate_kernel(x_ptr, m_ptr, q_ptr, out_ptr,
         row_ok &= tl.load(m_ptr + n * s_mn + offs_t * s_mt, mask=row_ok, other=0) != 0
     col_ok = offs_c < C
     x_rows = x_ptr + n * s_xn + offs_t.to(tl.int64) * s_xt
-    q_cols = q_ptr + (col0 + offs_c).to(tl.int64) * s_qc
-    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    if SPLIT_K_TAIL:
-        # K = 769 / 3073 (a bias column): whole slices with row / column masks only (constant
-        # along k, so the loads stay 16-byte and pipelined), then the rest as rank-1 updates.
-        k_main = (K // BLOCK_K) * BLOCK_K
-        for k0 in range(0, k_main, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows[:, None] + offs_k[None, :] * s_xk, mask=row_ok[:, None], other=0.0)
-            q = tl.load(q_cols[None, :] + offs_k[:, None] * s_qk, mask=col_ok[None, :], other=0.0)
-            acc = mma(cast_rne(x, q.dtype, INTERP_FIX), q, acc, IEEE, INTERP_FIX)
-        for k in range(k_main, K):
-            xk = tl.load(x_rows + k * s_xk, mask=row_ok, other=0.0).to(tl.float32)
-            qk = tl.load(q_cols + k * s_qk, mask=col_ok, other=0.0).to(tl.float32)
-            acc += xk[:, None] * qk[None, :]
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            x = tl.load(x_rows[:, None] + offs_k[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            q = tl.load(q_cols[None, :] + offs_k[:, None] * s_qk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = mma(cast_rne(x, q.dtype, INTERP_FIX), q, acc, IEEE, INTERP_FIX)
+    acc = project(x_rows, row_ok, s_xk, q_ptr, (col0 + offs_c).to(tl.int64) * s_qc, col_ok, s_qk, K,
+                  COMPUTE, BLOCK_T, BLOCK_C, BLOCK_K, SPLIT_K_TAIL, IEEE, INTERP_FIX)
     out = out_ptr + n * s_on + offs_t.to(tl.int64)[:, None] * s_ot + offs_c[None, :]
     tl.store(out, cast_rne(acc, out_ptr.dtype.element_ty, INTERP_FIX), mask=(offs_t < T)[:, None] & col_ok[None, :])
 
@@ -147,7 +178,9 @@ def rotate(x: torch.Tensor, mask, q: torch.Tensor, col0: int, width: int, out: t
         x.stride(0), x.stride(1), x.stride(2),
         m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        HAS_MASK=mask is not None, SPLIT_K_TAIL=k % 16 != 0 and q.dtype != torch.float32, **block_sizes(cfg),
+        HAS_MASK=mask is not None, COMPUTE=TL_DTYPE[q.dtype],
+        # K = 769 / 3073 (a bias column): whole unmasked slices, then the tail (bf16/fp16).
+        SPLIT_K_TAIL=k % 16 != 0 and q.dtype != torch.float32, **block_sizes(cfg),
         **dot_flags(q.dtype), **launch_options(cfg))
     return out
 

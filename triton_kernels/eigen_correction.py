@@ -81,7 +81,8 @@ def compute_dtype_of(acts: torch.Tensor, grads: torch.Tensor) -> torch.dtype:
 
 
 def load_width(width: int) -> int:
-    """Padded row width of a rotated temporary: the Gram kernels' load masks use it."""
+    """Padded row width of a rotated temporary: the Gram kernels' load masks use it. The same
+    16-element rows as pyinf._padding (not imported: this package does not depend on pyinf)."""
     return -(-width // 16) * 16
 
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import TL_DTYPE, block_sizes, cast_rne, dot_flags, launch_options, mma, pick_config
+from ._shared import TL_DTYPE, block_sizes, dot_flags, launch_options, pick_config, project
 
 # H100 configs (reasoned, not measured). Two fp32 [128, 128] accumulators at 8 warps are
 # 128 registers/thread; bf16 operand tiles 2 x 16 KB per stage.
@@ -42,50 +42,6 @@ _FIELDS = ("acts", "grads", "left", "right", "mask", "out", "has_mask", "T", "d_
            "chunk", "s_an", "s_at", "s_ak", "s_gn", "s_gt", "s_gk", "s_lq", "s_ld", "s_lk",
            "s_rq", "s_rd", "s_rk", "s_mn", "s_mt", "s_on", "s_ot")
 NF = len(_FIELDS)
-
-
-@triton.jit
-def _project_step(acc, x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, k0, K, K_MASK: tl.constexpr,
-                  COMPUTE: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
-    """acc + x[rows, k0:k0+BLOCK_K] @ F[k0:k0+BLOCK_K, cols]. K_MASK=False: the slice lies
-    inside K, so the loads carry row / column masks only, which are constant along k (the
-    compiler can then vectorise and pipeline them)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    if K_MASK:
-        k_ok = offs_k < K
-        x = tl.load(x_rows[:, None] + offs_k[None, :] * s_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        f = tl.load(f_ptr + f_cols[None, :] + offs_k.to(tl.int64)[:, None] * s_fd,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-    else:
-        x = tl.load(x_rows[:, None] + offs_k[None, :] * s_xk, mask=row_ok[:, None], other=0.0)
-        f = tl.load(f_ptr + f_cols[None, :] + offs_k.to(tl.int64)[:, None] * s_fd, mask=col_ok[None, :], other=0.0)
-    return mma(cast_rne(x, COMPUTE, INTERP_FIX), cast_rne(f, COMPUTE, INTERP_FIX), acc, IEEE, INTERP_FIX)
-
-
-@triton.jit
-def _project(x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, K,
-             COMPUTE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-             BLOCK_K: tl.constexpr, SPLIT_K_TAIL: tl.constexpr, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
-    """[BLOCK_T, BLOCK_C] = x[rows, :K] @ F[:K, cols], fp32 accumulate; masked rows are 0.
-    SPLIT_K_TAIL: whole BLOCK_K slices first without a k mask, then the rest column by column
-    (K = 769 or 3073 for a layer with a bias column); else every slice is k-masked."""
-    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    if SPLIT_K_TAIL:
-        k_main = (K // BLOCK_K) * BLOCK_K
-        for k0 in range(0, k_main, BLOCK_K):
-            acc = _project_step(acc, x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, k0, K, False,
-                                COMPUTE, BLOCK_K, IEEE, INTERP_FIX)
-        # The rest (< BLOCK_K columns; one for a bias column) as rank-1 updates on CUDA cores:
-        # a second tensor-core dot site here would spill the two [128, 128] accumulators.
-        for k in range(k_main, K):
-            xk = tl.load(x_rows + k * s_xk, mask=row_ok, other=0.0).to(tl.float32)
-            fk = tl.load(f_ptr + f_cols + k * s_fd, mask=col_ok, other=0.0).to(tl.float32)
-            acc += xk[:, None] * fk[None, :]
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            acc = _project_step(acc, x_rows, row_ok, s_xk, f_ptr, f_cols, col_ok, s_fd, k0, K, True,
-                                COMPUTE, BLOCK_K, IEEE, INTERP_FIX)
-    return acc
 
 
 @triton.jit
@@ -178,9 +134,9 @@ def _factored_scores_kernel(desc_ptr, N, Q, S, n_cb,
         row_ok = in_range & (m != 0)
         per_q = tl.zeros((BLOCK_T, QB), dtype=tl.float32)
         if tl.max(row_ok.to(tl.int32), axis=0) > 0:  # skip all-padding token blocks
-            gl = _project(grads + n * s_gn + offs_t.to(tl.int64) * s_gt, row_ok, s_gk, left, l_cols, col_ok,
+            gl = project(grads + n * s_gn + offs_t.to(tl.int64) * s_gt, row_ok, s_gk, left, l_cols, col_ok,
                           s_ld, d_out, COMPUTE, BLOCK_T, BLOCK_C, BLOCK_K, SPLIT_K_TAIL, IEEE, INTERP_FIX)
-            ar = _project(acts + n * s_an + offs_t.to(tl.int64) * s_at, row_ok, s_ak, right, r_cols, col_ok,
+            ar = project(acts + n * s_an + offs_t.to(tl.int64) * s_at, row_ok, s_ak, right, r_cols, col_ok,
                           s_rd, d_in, COMPUTE, BLOCK_T, BLOCK_C, BLOCK_K, SPLIT_K_TAIL, IEEE, INTERP_FIX)
             per_q = tl.sum(tl.reshape(gl * ar, (BLOCK_T, QB, RP)), axis=2)  # rank reduction
         if PER_TOKEN:

@@ -11,8 +11,6 @@
 namespace pyinf {
 namespace cuda {
 
-constexpr int QMAX = 16;  // queries per block at most
-
 // acc += x[token rows, :] @ F[:, c0:c0+BN], K = d, staged through shared memory in slices
 // of BK. Row m of the tile is at element offset base[m] of x (-1: masked / out of range, read
 // as zeros); column c of F is rank c % R of query q0 + c / R of the factor [Q, d, R].
@@ -51,12 +49,9 @@ __global__ void __launch_bounds__(THREADS) factored_scores_kernel(View3 acts, Vi
   __shared__ float sums[BM][QMAX];
   __shared__ int64_t a_base[BM], g_base[BM];
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int64_t n = blockIdx.x / tblocks, tb = blockIdx.x % tblocks;
-  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * QB;
-  const int qb = static_cast<int>(Q - q0 < QB ? Q - q0 : QB);
-  const int64_t C = qb * R;  // factor columns of this block
-  const int64_t t_begin = per_token ? tb * BM : 0;
-  const int64_t t_end = per_token ? (t_begin + BM < T ? t_begin + BM : T) : T;
+  const ScoreBlock blk = score_block(T, Q, R, QB, per_token, tblocks);
+  const int64_t n = blk.n, q0 = blk.q0, C = blk.C, t_begin = blk.t_begin, t_end = blk.t_end;
+  const int qb = blk.qb;
 
   for (int e = tid; e < BM * QMAX; e += THREADS) sums[e / QMAX][e % QMAX] = 0.0f;
   __syncthreads();  // the token loop may not run at all (T == 0)

@@ -21,7 +21,6 @@ constexpr int TC_BK = 32;        // K slice staged per step
 constexpr int A_LD = TC_BK + 8;  // row-major [BM][A_LD] tile of token rows (16-bit elements)
 constexpr int B_LD = BN + 8;     // row-major [TC_BK][B_LD] tile of factor columns
 constexpr int P_LD = BN + 4;     // fp32 product tile (WMMA needs ldm % 4 == 0 for float)
-constexpr int TC_QMAX = 16;
 
 template <typename T>
 __device__ __forceinline__ T zero_of() {
@@ -121,17 +120,14 @@ __global__ void __launch_bounds__(TC_THREADS)
   __shared__ __align__(128) T As[BM][A_LD];
   __shared__ __align__(128) T Bs[TC_BK][B_LD];
   __shared__ __align__(128) float Ps[BM][P_LD];
-  __shared__ float sums[BM][TC_QMAX];
+  __shared__ float sums[BM][QMAX];
   __shared__ int64_t a_base[BM], g_base[BM];
   const int tid = threadIdx.x, warp = tid / 32, wm = warp / 2, wn = warp % 2;
-  const int64_t n = blockIdx.x / tblocks, tb = blockIdx.x % tblocks;
-  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * QB;
-  const int qb = static_cast<int>(Q - q0 < QB ? Q - q0 : QB);
-  const int64_t C = qb * R;
-  const int64_t t_begin = per_token ? tb * BM : 0;
-  const int64_t t_end = per_token ? (t_begin + BM < T_len ? t_begin + BM : T_len) : T_len;
+  const ScoreBlock blk = score_block(T_len, Q, R, QB, per_token, tblocks);
+  const int64_t n = blk.n, q0 = blk.q0, C = blk.C, t_begin = blk.t_begin, t_end = blk.t_end;
+  const int qb = blk.qb;
 
-  for (int e = tid; e < BM * TC_QMAX; e += TC_THREADS) sums[e / TC_QMAX][e % TC_QMAX] = 0.0f;
+  for (int e = tid; e < BM * QMAX; e += TC_THREADS) sums[e / QMAX][e % QMAX] = 0.0f;
   __syncthreads();
 
   for (int64_t t0 = t_begin; t0 < t_end; t0 += BM) {

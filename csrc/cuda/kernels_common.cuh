@@ -80,6 +80,33 @@ __device__ __forceinline__ void mma_slice(const float (&As)[BK][BM + 4], const f
   }
 }
 
+// Factored scores: the block's share of the work, decoded the same way by the FMA and the
+// tensor-core kernel. Grid: x = document * tblocks + token tile (tblocks = 1 for document
+// scores: one block walks all tokens), y = query group of QB (<= QMAX) queries.
+constexpr int QMAX = 16;  // queries per block at most
+
+struct ScoreBlock {
+  int64_t n;        // document
+  int64_t q0;       // first query of the group
+  int qb;           // queries in the group
+  int64_t C;        // factor columns of the group: qb * R
+  int64_t t_begin;  // token rows [t_begin, t_end)
+  int64_t t_end;
+};
+
+__device__ __forceinline__ ScoreBlock score_block(int64_t T, int64_t Q, int64_t R, int QB, int per_token,
+                                                  int64_t tblocks) {
+  ScoreBlock b;
+  b.n = blockIdx.x / tblocks;
+  const int64_t tb = blockIdx.x % tblocks;
+  b.q0 = static_cast<int64_t>(blockIdx.y) * QB;
+  b.qb = static_cast<int>(Q - b.q0 < QB ? Q - b.q0 : QB);
+  b.C = b.qb * R;
+  b.t_begin = per_token ? tb * BM : 0;
+  b.t_end = per_token ? (b.t_begin + BM < T ? b.t_begin + BM : T) : T;
+  return b;
+}
+
 // Factored-score epilogues shared by the FMA and tensor-core kernels (one fixed order).
 // sums[m][ql] += the product tile's columns of query ql that fall in [c0, c0 + BN), in
 // column order; Ps[m][c] holds column c0 + c of token row m.

@@ -21,6 +21,8 @@ from triton_kernels import factored_scores as _fs
 from triton_kernels import self_influence as _si
 from triton_kernels._shared import INTERPRETING
 
+from .._padding import padded_empty, padded_width
+
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OPS = ("covariance", "eigen_correction", "self_influence", "factored_scores", "factored_scores_grouped",
         "dense_scores", "cross_entropy_rows")
@@ -85,16 +87,11 @@ class _CastCache:
 
 
 def _padded_rows(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`src` [K, C] cast to `dtype` as a view of a buffer whose rows are padded to 16
-    elements: an eigenbasis of a layer with a bias is 769 x 769 or 3073 x 3073, and rows at
-    a multiple of 16 keep the rotation's loads aligned (16-byte, pipelined)."""
-    rows, cols = src.shape
-    width = -(-cols // 16) * 16
-    if width == cols:
+    """`src` [K, C] cast to `dtype` with rows padded for the kernels (:mod:`pyinf._padding`):
+    an eigenbasis of a layer with a bias is 769 x 769 or 3073 x 3073."""
+    if padded_width(src.shape[1]) == src.shape[1]:
         return src.to(dtype)
-    buf = torch.zeros(rows, width, dtype=dtype, device=src.device)
-    buf[:, :cols] = src
-    return buf[:, :cols]
+    return padded_empty(*src.shape, dtype=dtype, device=src.device).copy_(src)
 
 
 _casts = _CastCache()
