@@ -6,12 +6,13 @@
 # later step runs out of time). Run it with the device tool and timeout_s=600, carrying
 # .wheelhouse (prepare it here first: `make wheelhouse`; the GPU image has torch, triton,
 # transformers, pytest, matplotlib but no registry access):
-#   bash benchmarks/gpu_session.sh            # = all: build (sm_90a), GPU tests, ops, e2e, tune
-#                                             #   (factored_scores configs, in what time is left)
+#   bash benchmarks/gpu_session.sh            # = all: build (sm_90a), GPU tests, ops, e2e, eigh,
+#                                             #   tune (factored_scores configs, in what time is left)
 # The longer modes below are for sessions with more device time (each fits one call):
 #   bash benchmarks/gpu_session.sh check     # build for 90a;80, all GPU tests, compute-sanitizer
 #   bash benchmarks/gpu_session.sh ops       # every kernel, grouped and LM-head benchmark
 #   bash benchmarks/gpu_session.sh e2e       # pyinf vs kronfluence end to end (with the fp32 row)
+#   bash benchmarks/gpu_session.sh eigh      # the fit's eigendecompositions, 1/2/4/8 streams
 #   bash benchmarks/gpu_session.sh scaling   # scaling runs
 #   bash benchmarks/gpu_session.sh tune      # sweep the Triton launch configs (benchmarks/tune.py)
 # Benchmark steps update the repo copy's benchmarks/RESULTS.md (block cuda-full) and
@@ -61,7 +62,7 @@ case "$mode" in
     # 1. Correctness on the GPU: every CUDA kernel against the references (verbose, so a
     #    partial log still says which passed).
     timeout 130 $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_triton_kernels.py tests/test_native.py \
-      tests/test_ops.py tests/test_backends_pipeline.py -k "cuda or not cpu" > "$OUT/tests.txt" 2>&1
+      tests/test_ops.py tests/test_backends_pipeline.py tests/test_eigen.py -k "cuda or not cpu" > "$OUT/tests.txt" 2>&1
     note "tests: rc=$? $(grep -cE ' PASSED' "$OUT/tests.txt") passed, $(grep -cE ' (FAILED|ERROR)' "$OUT/tests.txt") failed, after $(( $(date +%s) - start )) s"
     grep -E " (FAILED|ERROR)" "$OUT/tests.txt" | head -20 | tee -a "$summary"
     # 2. The headline kernels at the GPT-2 and Llama shapes, all backends side by side.
@@ -74,7 +75,11 @@ case "$mode" in
     limit=$(( remaining > 220 ? 220 : remaining ))
     [ "$limit" -gt 60 ] && bench "$limit" e2e --only e2e --e2e-quick || note "e2e: no time left"
     tail -30 "$OUT/bench-e2e.txt" 2>/dev/null
-    # 4. What time is left: the factored_scores launch configs (benchmarks.tune).
+    # 4. The fit's eigendecompositions one after another and over 2/4/8 streams (row 21).
+    remaining=$(( 570 - ($(date +%s) - start) ))
+    [ "$remaining" -gt 40 ] && bench $(( remaining > 75 ? 75 : remaining )) eigh --only eigh || note "eigh: no time left"
+    grep -E "^\[eigh\]" "$OUT/bench-eigh.txt" 2>/dev/null | tee -a "$summary"
+    # 5. What time is left: the factored_scores launch configs (benchmarks.tune).
     remaining=$(( 570 - ($(date +%s) - start) ))
     if [ "$remaining" -gt 45 ]; then
       timeout "$remaining" $PY -m benchmarks.tune --kernels factored_scores --workloads gpt2,llama \
@@ -101,7 +106,7 @@ case "$mode" in
       > "$OUT/sanitizer-memcheck-triton.txt" 2>&1
     note "compute-sanitizer memcheck triton: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-memcheck-triton.txt" | tail -1)"
     ;;
-  ops|e2e|scaling)
+  ops|e2e|eigh|scaling)
     sections=$mode; [ "$mode" = ops ] && sections=ops,grouped,head
     bench 540 "$mode" --only "$sections"
     if [ "$mode" = ops ]; then

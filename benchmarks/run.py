@@ -29,7 +29,7 @@ from . import default_device, environment
 from .shapes import OPS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SECTIONS = ("ops", "grouped", "head", "e2e", "scaling")
+SECTIONS = ("ops", "grouped", "head", "eigh", "e2e", "scaling")
 BEGIN = "<!-- pyinf-bench:begin {tag} -->"
 END = "<!-- pyinf-bench:end {tag} -->"
 
@@ -84,6 +84,10 @@ def run_all(preset: str, sections=SECTIONS, backends=None, scaling_axes=None, wi
         from . import bench_head
 
         res["head"] = timed("head", lambda: bench_head.run_head(preset, device, log=log))
+    if "eigh" in sections:
+        from . import bench_eigh
+
+        res["eigh"] = timed("eigh", lambda: bench_eigh.run_eigh(preset, device, log=log))
     if "e2e" in sections:
         from . import bench_e2e
 
@@ -285,6 +289,25 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
             out.append("")
     elif h:
         out.append(f"LM head: section failed: {h.get('error')}")
+        out.append("")
+
+    ei = res.get("eigh")
+    if ei and "runs" in ei:
+        sizes = sorted(set(ei["sizes"]))
+        out.append(f"#### Eigendecompositions of a fit ({ei['n_matrices']} float64 matrices of sizes "
+                   f"{', '.join(map(str, sizes))}: the e2e model's factors)")
+        out.append("")
+        out.append("`pyinf.eigen.eigendecompose` with the matrices split over `workers` threads (one CUDA stream "
+                   "each on a GPU), wall clock, device synchronised; one eigh of each size alone: "
+                   + ", ".join(f"{n}: {_f(ms)} ms" for n, ms in ei["per_size_ms"].items())
+                   + f" (sum over the {ei['n_matrices']}: {_f(ei['sum_of_single_s'])} s).")
+        out.append("")
+        rows = [[r["workers"], _f(r["s"]), r["reps"], _f(r.get("speedup")), "yes" if r["identical"] else "NO"]
+                for r in ei["runs"]]
+        out.append(_table(["workers", "s", "runs", "vs one after another", "same bits"], rows))
+        out.append("")
+    elif ei:
+        out.append(f"Eigendecompositions: section failed: {ei.get('error')}")
         out.append("")
 
     e = res.get("e2e")

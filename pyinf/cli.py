@@ -60,7 +60,7 @@ def cmd_fit(args) -> int:
     engine, tokenizer = _engine(args)
     train = JsonlTextDataset(args.train, tokenizer, max_length=args.max_length)
     factors = engine.fit_factors(train, fisher=args.fisher, batch_size=args.batch_size,
-                                 max_examples=args.max_examples, seed=args.seed)
+                                 max_examples=args.max_examples, seed=args.seed, eigh_workers=args.eigh_workers)
     factors.meta["model"] = str(args.model)
     path = factors.save(args.out)
     print(f"pyinf: fitted EK-FAC factors for {len(factors.modules)} modules on {factors.meta['n_examples']} "
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="factors file to write (.safetensors)")
     fit.add_argument("--fisher", choices=["true", "empirical"], default="true")
     fit.add_argument("--max-examples", type=int, default=None)
+    fit.add_argument("--eigh-workers", type=int, default=None, help="eigendecompositions run at once, each on "
+                     "its own CUDA stream on a GPU (default $PYINF_EIGH_WORKERS or 1)")
     fit.set_defaults(func=cmd_fit)
 
     score = sub.add_parser("score", help="score training documents against queries")

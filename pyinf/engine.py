@@ -85,14 +85,17 @@ class InfluenceEngine:
         return stack
 
     def fit_factors(self, data: Any, *, fisher: str = "true", batch_size: int = 8,
-                    max_examples: Optional[int] = None, seed: int = 0) -> Factors:
+                    max_examples: Optional[int] = None, seed: int = 0,
+                    eigh_workers: Optional[int] = None) -> Factors:
         """Covariances A and S over non-padding tokens, their float64 eigenbases, and the
         eigenvalue correction Lambda over documents. ``fisher="true"`` samples labels from the
-        model (``compute_train_loss(sample=True)``); ``"empirical"`` uses the data's labels."""
+        model (``compute_train_loss(sample=True)``); ``"empirical"`` uses the data's labels.
+        ``eigh_workers``: how many eigendecompositions run at once, each on its own CUDA
+        stream on a GPU (default ``$PYINF_EIGH_WORKERS`` or 1; see :mod:`pyinf.eigen`)."""
         loader = self._loader(data, batch_size, "factor data", max_examples)
         with self._stage_context():
             return factors_mod.fit_factors(**self._common(), loader=loader, fisher=fisher, backend=self.backend,
-                                           seed=seed, progress=self.progress)
+                                           seed=seed, progress=self.progress, eigh_workers=eigh_workers)
 
     def prepare_queries(self, query_data: Any, factors: Factors, *, rank: Optional[int] = 32,
                         damping: Optional[float] = None, batch_size: int = 8, svd: str = "full") -> Queries:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import ops, storage
+from .eigen import eigendecompose, resolve_workers
 from .modules import ModuleSpec
 from .runner import run_pass
 
@@ -132,10 +133,11 @@ def factor_dtype(model: nn.Module) -> torch.dtype:
 
 
 def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: str, seed: int,
-                progress) -> Factors:
+                progress, eigh_workers: Optional[int] = None) -> Factors:
     if fisher not in ("true", "empirical"):
         raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
     sample = fisher == "true"
+    eigh_workers = resolve_workers(eigh_workers)  # a bad value fails now, not after the first pass
     dtype = factor_dtype(model)
     device = next(model.parameters()).device
 
@@ -161,15 +163,23 @@ def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: st
                               desc="pyinf: covariances", progress=progress)
     clock.lap("covariance_pass")
 
-    eigen = {}
+    def key(name, which):  # names the matrix in eigh's errors
+        return f"module {name!r}, covariance {which}"
+
+    covariances = {}
     for name, (a_sum, s_sum, n_tokens) in sums.items():
         if a_sum is None or float(n_tokens) == 0:
             raise RuntimeError(f"module {name!r} saw no unmasked token while fitting factors")
-        a_cov, s_cov = a_sum / n_tokens, s_sum / n_tokens
-        a_vals, q_a = torch.linalg.eigh(a_cov)  # float64, as the precision policy asks
-        s_vals, q_s = torch.linalg.eigh(s_cov)
-        eigen[name] = dict(a_cov=a_cov.to(dtype), s_cov=s_cov.to(dtype), a_eigvals=a_vals.to(dtype),
-                           q_a=q_a.to(dtype), s_eigvals=s_vals.to(dtype), q_s=q_s.to(dtype))
+        covariances[key(name, "A")] = a_sum / n_tokens
+        covariances[key(name, "S")] = s_sum / n_tokens
+    # float64, as the precision policy asks; several at once when eigh_workers > 1
+    decomposed = eigendecompose(covariances, workers=eigh_workers)
+    eigen = {}
+    for name in sums:
+        (a_vals, q_a), (s_vals, q_s) = decomposed[key(name, "A")], decomposed[key(name, "S")]
+        eigen[name] = dict(a_cov=covariances[key(name, "A")].to(dtype), s_cov=covariances[key(name, "S")].to(dtype),
+                           a_eigvals=a_vals.to(dtype), q_a=q_a.to(dtype), s_eigvals=s_vals.to(dtype),
+                           q_s=q_s.to(dtype))
     clock.lap("eigendecomposition")
 
     # Pass 2: eigenvalue correction, over documents.
@@ -194,7 +204,8 @@ def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: st
             raise RuntimeError(f"module {name!r} received no gradient during the eigenvalue-correction pass")
         out[name] = ModuleFactors(specs[name], lambdas=(lam / n_lambda).to(dtype), **eigen[name])
     meta = dict(id=uuid.uuid4().hex, fisher=fisher, n_examples=n_examples, seed=seed, dtype=str(dtype),
-                n_tokens={n: int(sums[n][2]) for n in modules}, seconds=clock.seconds)
+                n_tokens={n: int(sums[n][2]) for n in modules}, seconds=clock.seconds,
+                eigh_workers=eigh_workers)
     return Factors(out, meta)
 
 

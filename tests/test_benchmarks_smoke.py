@@ -42,7 +42,7 @@ def _finite_positive(x):
 def test_every_section_ran(smoke):
     res = smoke["res"]
     assert res["preset"] == "smoke"
-    for section in ("ops", "grouped", "head", "e2e", "scaling"):
+    for section in ("ops", "grouped", "head", "eigh", "e2e", "scaling"):
         assert section in res and "error" not in res[section], res.get(section)
     assert _finite_positive(res["peak"]["tflops"])
     assert {"torch", "transformers", "kronfluence", "device_name"} <= set(res["env"])
@@ -82,6 +82,15 @@ def test_head_records(smoke):
         err = r.get("loss_rel_err", r.get("rel_err_vs_plain"))
         assert err is not None and err < 1e-4, r  # fp32 on a CPU
     assert "#### LM head" in smoke["md"]
+
+
+def test_eigh_records(smoke):
+    ei = smoke["res"]["eigh"]
+    assert ei["n_matrices"] == len(ei["sizes"]) == 8  # tiny GPT-NeoX: 2 layers x (A, S) x 2 MLP linears
+    assert [r["workers"] for r in ei["runs"]] == [1, 2]
+    for r in ei["runs"]:
+        assert r["identical"] is True and _finite_positive(r["s"]) and _finite_positive(r["speedup"]), r
+    assert "#### Eigendecompositions of a fit" in smoke["md"]
 
 
 def test_e2e_pyinf_agrees_with_kronfluence(smoke):

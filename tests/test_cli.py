@@ -25,8 +25,9 @@ def workdir(tmp_path):
 def test_fit_then_score(workdir, capsys):
     common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress", "--track", "mlp"]
     assert main(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", str(workdir / "f.safetensors"),
-                 "--fisher", "empirical"]) == 0
+                 "--fisher", "empirical", "--eigh-workers", "2"]) == 0
     factors = pyinf.Factors.load(workdir / "f.safetensors")
+    assert factors.meta["eigh_workers"] == 2
     assert factors.module_names == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
     assert main(["score", *common, "--factors", str(workdir / "f.safetensors"), "--train",
                  str(workdir / "train.jsonl"), "--queries", str(workdir / "queries.jsonl"), "--out",
