@@ -88,12 +88,16 @@ def rewrite(text: str, block: str) -> str:
     return text[:i + len(BEGIN)] + block + text[j:]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.preferences", description=__doc__.splitlines()[0])
     ap.add_argument("results", help="results.json of a GPU run of the kernel benchmarks")
     ap.add_argument("--tolerance", type=float, default=2e-2)
     ap.add_argument("--write", action="store_true", help=f"rewrite {os.path.relpath(TARGET)}")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     with open(args.results) as fh:
         res = json.load(fh)
     records = (res.get("ops") or {}).get("records") or []

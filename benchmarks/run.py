@@ -503,7 +503,11 @@ def make_plots(res: Dict[str, object], out_dir: str, tag: str) -> Dict[str, str]
 # --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The command line, checked (sections, ops, backends, scaling axes, workload filters)
+    before anything runs: on a GPU session a typo must fail in a second, not after the build.
+    Lists come back parsed: ``sections``, ``ops_to_run``, ``backend_list``, ``axes``,
+    ``workload_filters`` (None where not given)."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU smoke test; timings meaningless)")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<tag>)")
@@ -527,6 +531,34 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "on shared machines; torch's default otherwise)")
     args = ap.parse_args(argv)
 
+    def items(text):
+        return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
+
+    def check(what, got, allowed):
+        if got and set(got) - set(allowed):
+            ap.error(f"unknown {what} {sorted(set(got) - set(allowed))}; choose from {tuple(allowed)}")
+
+    from .bench_ops import BACKENDS as bench_backends
+    from .shapes import unmatched_workload_filters
+
+    args.sections = items(args.only) or ()
+    check("section(s)", args.sections, SECTIONS)
+    args.ops_to_run = items(args.ops)
+    check("op(s)", args.ops_to_run, OPS)
+    args.backend_list = items(args.backends)
+    check("backend(s)", args.backend_list, bench_backends)
+    args.axes = items(args.scaling_axes)
+    check("scaling axis/axes", args.axes, ("n_docs", "doc_len", "n_queries", "rank"))
+    args.workload_filters = items(args.workloads)
+    unmatched = unmatched_workload_filters(args.workload_filters, args.ops_to_run or OPS,
+                                           "smoke" if args.smoke else "full")
+    if unmatched:
+        ap.error(f"--workloads {','.join(unmatched)} matches no workload of the ops run")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     preset = "smoke" if args.smoke else "full"
     device = default_device()
     if args.threads is not None:
@@ -536,22 +568,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     tag = args.tag or f"{device.type}-{preset}"
     out_dir = os.path.abspath(args.out or os.path.join(HERE, "results", tag))
     os.makedirs(out_dir, exist_ok=True)
-    sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        ap.error(f"unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
-    ops_to_run = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else None
-    if ops_to_run and set(ops_to_run) - set(OPS):
-        ap.error(f"unknown op(s) {sorted(set(ops_to_run) - set(OPS))}; choose from {OPS}")
+    sections, ops_to_run = args.sections, args.ops_to_run
     warnings.filterwarnings("ignore", category=FutureWarning)  # kronfluence's GradScaler deprecation notices
 
     t0 = time.perf_counter()
-    res = run_all(preset, sections=sections,
-                  backends=tuple(args.backends.split(",")) if args.backends else None,
-                  scaling_axes=tuple(args.scaling_axes.split(",")) if args.scaling_axes else None,
+    res = run_all(preset, sections=sections, backends=args.backend_list, scaling_axes=args.axes,
                   with_kronfluence=not args.no_kronfluence, with_floor=not args.no_floor,
                   ops_to_run=ops_to_run, e2e_quick=args.e2e_quick,
-                  workloads=[w.strip() for w in args.workloads.split(",") if w.strip()] if args.workloads else None)
+                  workloads=list(args.workload_filters) if args.workload_filters else None)
     res["tag"] = tag
     res["total_seconds"] = time.perf_counter() - t0
     json_path = os.path.join(out_dir, "results.json")

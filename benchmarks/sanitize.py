@@ -57,8 +57,19 @@ def _calls(p):
     }
 
 
+LABELS = ("triton", "native", "native-tc")
+
+
+def parse_args(argv) -> list:
+    """The backends to launch (default all); an unknown label is an error before any launch."""
+    unknown = [a for a in argv if a not in LABELS]
+    if unknown:
+        raise SystemExit(f"python -m benchmarks.sanitize: unknown backend label(s) {unknown}; choose from {LABELS}")
+    return list(argv) or list(LABELS)
+
+
 def main(argv) -> int:
-    backends = argv or ["triton", "native", "native-tc"]
+    backends = parse_args(argv)
     p = _problem(torch.device("cuda"))
     failures = 0
     for name, call in _calls(p).items():

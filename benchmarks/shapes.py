@@ -81,6 +81,13 @@ def _eigen_workloads(preset: str) -> List[OpWorkload]:
     ]
 
 
+def unmatched_workload_filters(filters, ops, preset: str) -> List[str]:
+    """The ``--workloads`` filters (substrings of workload names) that match no workload of
+    these ops: a typo there would otherwise measure nothing, silently."""
+    names = {w.name for op in ops for w in op_workloads(op, preset)}
+    return [f for f in (filters or ()) if not any(f in n for n in names)]
+
+
 def op_workloads(op: str, preset: str) -> List[OpWorkload]:
     """Workloads for one op. Score ops use the scoring shapes (Q, r); covariance,
     eigen-correction and self-influence use the factor-fitting shapes."""

@@ -26,7 +26,7 @@ import torch
 
 from . import default_device, environment
 from .bench_ops import _measure, _rel_err, make_inputs
-from .shapes import OpWorkload, op_workloads
+from .shapes import OpWorkload, op_workloads, unmatched_workload_filters
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BF16 = torch.bfloat16
@@ -106,6 +106,11 @@ def _calls(kernel: str, w: OpWorkload, device) -> Tuple[Callable[[], torch.Tenso
             lambda: ops.factored_scores(*args, backend="torch"), flops(op, w))
 
 
+def _op_of(kernel: str) -> str:
+    """The op whose benchmark shapes a kernel is swept on."""
+    return "eigen_correction" if kernel in ("rotate", "covariance") else kernel
+
+
 def sweep(kernels=KERNELS, preset: str = "full", workloads: Optional[List[str]] = None, max_seconds: float = 240.0,
           tolerance: float = 2e-2, log=print) -> Dict[str, object]:
     device = default_device()
@@ -114,7 +119,7 @@ def sweep(kernels=KERNELS, preset: str = "full", workloads: Optional[List[str]] 
     for kernel in kernels:
         table = _table(kernel)
         original = dict(table[BF16])
-        op = "eigen_correction" if kernel in ("rotate", "covariance") else kernel
+        op = _op_of(kernel)
         entries = []
         try:
             for w in op_workloads(op, preset):
@@ -174,7 +179,9 @@ def _best(entries: List[dict], original: dict) -> Optional[dict]:
                 speedup_vs_current=(current / totals[best]) if current else None, workloads=sorted(shapes))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The command line, checked before anything runs; ``kernel_list`` and
+    ``workload_filters`` come back parsed."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {','.join(KERNELS)}")
     ap.add_argument("--workloads", default=None, help="keep workloads whose name contains one of these strings")
@@ -182,13 +189,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: the harness only)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "tune"))
     args = ap.parse_args(argv)
-    kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
-    unknown = set(kernels) - set(KERNELS)
+    args.kernel_list = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
+    unknown = set(args.kernel_list) - set(KERNELS)
     if unknown:
         ap.error(f"unknown kernel(s) {sorted(unknown)}; choose from {KERNELS}")
-    res = sweep(kernels, "smoke" if args.smoke else "full",
-                [w.strip() for w in args.workloads.split(",") if w.strip()] if args.workloads else None,
-                args.max_seconds)
+    args.workload_filters = [w.strip() for w in args.workloads.split(",") if w.strip()] if args.workloads else None
+    unmatched = unmatched_workload_filters(args.workload_filters, {_op_of(k) for k in args.kernel_list},
+                                           "smoke" if args.smoke else "full")
+    if unmatched:
+        ap.error(f"--workloads {','.join(unmatched)} matches no workload of these kernels")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    res = sweep(args.kernel_list, "smoke" if args.smoke else "full", args.workload_filters, args.max_seconds)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tune.json"), "w") as fh:
         json.dump(res, fh, indent=1, default=str)
