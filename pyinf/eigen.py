@@ -102,7 +102,11 @@ def eigendecompose(matrices: Mapping[Hashable, torch.Tensor], *,
         return {k: _eigh(k, matrices[k]) for k in keys}
 
     plan = _balanced(keys, {k: matrices[k].shape[0] for k in keys}, workers)
-    on_gpu = {m.device.type for m in matrices.values()} == {"cuda"}
+    devices = {m.device for m in matrices.values()}
+    if len(devices) > 1:  # spread over several devices: no overlap to arrange, one after another
+        return {k: _eigh(k, matrices[k]) for k in keys}
+    (device,) = devices
+    on_gpu = device.type == "cuda"
     out: Dict[Hashable, Tuple[torch.Tensor, torch.Tensor]] = {}
     lock = threading.Lock()
 
@@ -122,11 +126,12 @@ def eigendecompose(matrices: Mapping[Hashable, torch.Tensor], *,
     # stream waits for it first; the caller waits for every worker stream at the end. Memory
     # crossing streams is recorded on the stream that uses it, so the caching allocator
     # never hands it out again while that stream may still read it.
-    caller = torch.cuda.current_stream()
-    streams = [torch.cuda.Stream(device=caller.device) for _ in plan]
+    caller = torch.cuda.current_stream(device)
+    streams = [torch.cuda.Stream(device=device) for _ in plan]
 
     def work_on(stream, chunk):
-        with torch.cuda.stream(stream):
+        # a new thread's current device is the default one: set it as well as the stream
+        with torch.cuda.device(device), torch.cuda.stream(stream):
             stream.wait_stream(caller)
             for k in chunk:
                 m = matrices[k]
