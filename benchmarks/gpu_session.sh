@@ -18,8 +18,9 @@
 # Benchmark steps update the repo copy's benchmarks/RESULTS.md (block cuda-full) and
 # benchmarks/results/cuda-full/ (sections of earlier calls carry over when those files were
 # copied back into the tree) and copy both into $OUT: copy them back into benchmarks/ and
-# commit. After the kernel benchmarks, benchmarks.preferences rewrites auto's table from
-# them ($OUT/_preferences.py: copy it to pyinf/ops/). The last lines printed are a summary.
+# commit. After the kernel and eigh benchmarks, benchmarks.preferences rewrites auto's table
+# and the fit's eigh default from them ($OUT/_preferences.py: copy it to pyinf/ops/). The
+# last lines printed are a summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pyinf-gpu}
@@ -57,6 +58,11 @@ bench() {  # bench <seconds> <log name> <benchmarks.run arguments...>
   cp benchmarks/results/cuda-full/* "$OUT/results/" 2>/dev/null
 }
 
+prefs() {  # auto's table and the fit's eigh default from the measurements so far
+  $PY -m benchmarks.preferences benchmarks/results/cuda-full/results.json --write > "$OUT/preferences.txt" 2>&1 \
+    && cp pyinf/ops/_preferences.py "$OUT/_preferences.py"; note "preferences: $(tail -1 "$OUT/preferences.txt")"
+}
+
 case "$mode" in
   all)
     # 1. Correctness on the GPU: every CUDA kernel against the references (verbose, so a
@@ -68,8 +74,7 @@ case "$mode" in
     # 2. The headline kernels at the GPT-2 and Llama shapes, all backends side by side.
     bench 150 ops --only ops --ops factored_scores,eigen_correction,self_influence --workloads gpt2,llama
     # auto's table from these measurements (copied back as pyinf/ops/_preferences.py)
-    $PY -m benchmarks.preferences benchmarks/results/cuda-full/results.json --write > "$OUT/preferences.txt" 2>&1 \
-      && cp pyinf/ops/_preferences.py "$OUT/_preferences.py"; note "preferences: $(tail -1 "$OUT/preferences.txt")"
+    prefs
     # 3. End to end against kronfluence (bf16 presets, batch 8 and 32, floor at 32).
     remaining=$(( 570 - ($(date +%s) - start) ))
     limit=$(( remaining > 220 ? 220 : remaining ))
@@ -79,6 +84,7 @@ case "$mode" in
     remaining=$(( 570 - ($(date +%s) - start) ))
     [ "$remaining" -gt 40 ] && bench $(( remaining > 75 ? 75 : remaining )) eigh --only eigh || note "eigh: no time left"
     grep -E "^\[eigh\]" "$OUT/bench-eigh.txt" 2>/dev/null | tee -a "$summary"
+    prefs  # again, now with the eigh section (EIGH_WORKERS)
     # 5. What time is left: the factored_scores launch configs (benchmarks.tune).
     remaining=$(( 570 - ($(date +%s) - start) ))
     if [ "$remaining" -gt 45 ]; then
@@ -109,10 +115,7 @@ case "$mode" in
   ops|e2e|eigh|scaling)
     sections=$mode; [ "$mode" = ops ] && sections=ops,grouped,head
     bench 540 "$mode" --only "$sections"
-    if [ "$mode" = ops ]; then
-      $PY -m benchmarks.preferences benchmarks/results/cuda-full/results.json --write > "$OUT/preferences.txt" 2>&1 \
-        && cp pyinf/ops/_preferences.py "$OUT/_preferences.py"; note "preferences: $(tail -1 "$OUT/preferences.txt")"
-    fi
+    if [ "$mode" = ops ] || [ "$mode" = eigh ]; then prefs; fi
     tail -40 "$OUT/bench-$mode.txt"
     ;;
   *) note "unknown mode $mode"; exit 2 ;;

@@ -8,6 +8,9 @@ of one call (its FLOP, ``pyinf.ops._preferences.work``), and where the winner ch
 one shape to the next the rule's bound is put halfway between them (geometric mean). The
 result replaces ``SOURCE`` and ``MEASURED`` in ``pyinf/ops/_preferences.py`` with
 ``--write``; without it, the new text is printed. Commit it with the run it came from.
+
+The run's ``eigh`` section (``benchmarks/bench_eigh.py``) sets ``EIGH_WORKERS`` there, the
+fit's default number of eigendecompositions at once on CUDA (:func:`eigh_workers`).
 """
 from __future__ import annotations
 
@@ -63,11 +66,27 @@ def rules(records: List[Dict[str, object]], tolerance: float = 2e-2
     return table, evidence
 
 
+MIN_EIGH_GAIN = 1.1  # more eigh workers than one only when it measured at least this much faster
+
+
+def eigh_workers(eigh: Optional[Dict[str, object]]) -> Tuple[Optional[int], List[str]]:
+    """The fit's default ``eigh_workers`` on this device from the ``eigh`` section: the fastest
+    worker count whose output matched one-after-another bit for bit, if it beat one worker by
+    ``MIN_EIGH_GAIN``; else 1. None when the section is missing (nothing measured)."""
+    runs = [r for r in ((eigh or {}).get("runs") or []) if r.get("identical")]
+    if not runs or not any(r["workers"] == 1 for r in runs):
+        return None, []
+    one = next(r for r in runs if r["workers"] == 1)
+    best = min(runs, key=lambda r: r["s"])
+    chosen = best["workers"] if one["s"] >= MIN_EIGH_GAIN * best["s"] else 1
+    return chosen, ["eigh of the fit's factors: " + ", ".join(f"{r['workers']} workers {r['s']:.4g} s" for r in runs)]
+
+
 BEGIN = "# >>> measured table (written by benchmarks/preferences.py)\n"
 END = "# <<< measured table\n"
 
 
-def render(table, evidence: List[str], source: str) -> str:
+def render(table, evidence: List[str], source: str, eigh: Optional[int] = None) -> str:
     """The text between the markers of pyinf/ops/_preferences.py."""
     lines = ["# Where the table comes from: device, versions, date, results file.", f"SOURCE = {source!r}",
              "# Measured (median ms per call, fastest first):"]
@@ -77,6 +96,8 @@ def render(table, evidence: List[str], source: str) -> str:
     for op, rs in table.items():
         lines.append(f"    {op!r}: [" + ", ".join(f"({b!r}, {n!r})" for b, n in rs) + "],")
     lines.append("}")
+    lines.append("# The fit's eigh_workers on CUDA (pyinf.eigen) when not given; None: not measured (1).")
+    lines.append(f"EIGH_WORKERS: Optional[int] = {eigh!r}")
     return "\n".join(lines) + "\n"
 
 
@@ -106,13 +127,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"[preferences] {args.results} is not a GPU run (device {env.get('device_name')}): "
               f"auto's table is for CUDA devices", file=sys.stderr)
         return 2
-    if not records:
-        print(f"[preferences] {args.results} has no ops records", file=sys.stderr)
+    workers, eigh_evidence = eigh_workers(res.get("eigh"))
+    if not records and workers is None:
+        print(f"[preferences] {args.results} has neither ops records nor an eigh section", file=sys.stderr)
         return 2
     table, evidence = rules(records, args.tolerance)
     source = (f"{env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, "
               f"pyinf git {env.get('git')}, {res.get('started')}, {os.path.basename(args.results)}")
-    block = render(table, evidence, source)
+    block = render(table, evidence + eigh_evidence, source, workers)
     if not args.write:
         print(block)
         return 0
@@ -120,7 +142,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         text = fh.read()
     with open(TARGET, "w") as fh:
         fh.write(rewrite(text, block))
-    print(f"[preferences] wrote {TARGET}: " + "; ".join(f"{op}: {rs}" for op, rs in table.items()))
+    print(f"[preferences] wrote {TARGET}: " + "; ".join(f"{op}: {rs}" for op, rs in table.items())
+          + f"; eigh_workers: {workers}")
     return 0
 
 

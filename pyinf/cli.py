@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--fisher", choices=["true", "empirical"], default="true")
     fit.add_argument("--max-examples", type=int, default=None)
     fit.add_argument("--eigh-workers", type=int, default=None, help="eigendecompositions run at once, each on "
-                     "its own CUDA stream on a GPU (default $PYINF_EIGH_WORKERS or 1)")
+                     "its own CUDA stream on a GPU (default $PYINF_EIGH_WORKERS, else the measured count on a GPU, else 1)")
     fit.set_defaults(func=cmd_fit)
 
     score = sub.add_parser("score", help="score training documents against queries")

@@ -12,11 +12,13 @@ a GPU gives each thread its own CUDA stream, so that one thread's kernels run wh
 waits. Each matrix still goes through the same routine on the same input, so the results
 are the same bits as one after another (the tests check it); only the overlap changes.
 
-``workers`` defaults to 1 (one after another) until a GPU run has measured the overlap
-(``python -m benchmarks.run --only eigh``); set it per fit
-(``InfluenceEngine.fit_factors(..., eigh_workers=4)``, ``pyinf fit --eigh-workers 4``) or for
-the process with ``PYINF_EIGH_WORKERS``. On a CPU, LAPACK already uses every core for one
-matrix, so more workers only oversubscribe it.
+Set ``workers`` per fit (``InfluenceEngine.fit_factors(..., eigh_workers=4)``,
+``pyinf fit --eigh-workers 4``) or for the process (``PYINF_EIGH_WORKERS``). Otherwise a fit
+on a GPU takes the count that measured fastest there (``EIGH_WORKERS`` in
+``pyinf/ops/_preferences.py``, written by ``python -m benchmarks.preferences`` from the
+``eigh`` benchmark section), and 1 (one after another) until that has been measured. On a
+CPU the default is 1: LAPACK already uses every core for one matrix, so more workers only
+oversubscribe it.
 """
 from __future__ import annotations
 
@@ -30,12 +32,18 @@ import torch
 ENV_WORKERS = "PYINF_EIGH_WORKERS"
 
 
-def resolve_workers(workers: Optional[int]) -> int:
-    """``workers`` if given, else ``$PYINF_EIGH_WORKERS``, else 1; a clear error otherwise."""
+def resolve_workers(workers: Optional[int], device: Optional[torch.device] = None) -> int:
+    """``workers`` if given, else ``$PYINF_EIGH_WORKERS``, else on a CUDA ``device`` the
+    measured default (``pyinf.ops._preferences.EIGH_WORKERS``), else 1; a clear error for
+    anything but a positive integer."""
     where = "eigh_workers"
     if workers is None:
         raw = os.environ.get(ENV_WORKERS, "").strip()
         if not raw:
+            if device is not None and torch.device(device).type == "cuda":
+                from .ops import _preferences
+
+                return _preferences.EIGH_WORKERS or 1
             return 1
         where = f"${ENV_WORKERS}"
         try:

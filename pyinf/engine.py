@@ -91,7 +91,8 @@ class InfluenceEngine:
         eigenvalue correction Lambda over documents. ``fisher="true"`` samples labels from the
         model (``compute_train_loss(sample=True)``); ``"empirical"`` uses the data's labels.
         ``eigh_workers``: how many eigendecompositions run at once, each on its own CUDA
-        stream on a GPU (default ``$PYINF_EIGH_WORKERS`` or 1; see :mod:`pyinf.eigen`)."""
+        stream on a GPU (default ``$PYINF_EIGH_WORKERS``, else on a GPU the measured count in
+        ``pyinf/ops/_preferences.py``, else 1; see :mod:`pyinf.eigen`)."""
         loader = self._loader(data, batch_size, "factor data", max_examples)
         with self._stage_context():
             return factors_mod.fit_factors(**self._common(), loader=loader, fisher=fisher, backend=self.backend,

@@ -137,9 +137,9 @@ def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: st
     if fisher not in ("true", "empirical"):
         raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
     sample = fisher == "true"
-    eigh_workers = resolve_workers(eigh_workers)  # a bad value fails now, not after the first pass
     dtype = factor_dtype(model)
     device = next(model.parameters()).device
+    eigh_workers = resolve_workers(eigh_workers, device)  # a bad value fails now, not after the first pass
 
     def objective(batch, m):
         return task.compute_train_loss(batch, m, sample=sample)

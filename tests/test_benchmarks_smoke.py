@@ -202,6 +202,21 @@ def test_ops_skip_variants_predicted_over_the_call_budget(monkeypatch):
     assert skipped and all(s["reason"].startswith("predicted") for s in skipped), res["skipped"]
 
 
+def test_eigh_default_from_measurements():
+    """The fit's eigh default: the fastest worker count with the same bits, if clearly faster
+    than one after another."""
+    from benchmarks.preferences import eigh_workers
+
+    def runs(*rows):
+        return dict(runs=[dict(workers=w, s=s, identical=same) for w, s, same in rows])
+
+    assert eigh_workers(None) == (None, [])
+    assert eigh_workers(runs((1, 3.0, True), (2, 2.0, True), (4, 1.2, True), (8, 1.25, True)))[0] == 4
+    assert eigh_workers(runs((1, 3.0, True), (4, 2.9, True)))[0] == 1        # within 10%: not worth threads
+    assert eigh_workers(runs((1, 3.0, True), (4, 1.0, False), (2, 2.0, True)))[0] == 2  # different bits: never
+    assert eigh_workers(runs((2, 1.0, True)))[0] is None                     # no baseline measured
+
+
 def test_preferences_from_measurements(tmp_path):
     """benchmarks.preferences: per op, the fastest backend that agreed with the reference at
     each measured shape, bounds between shapes where the winner changes; the rewritten
@@ -244,6 +259,11 @@ def test_preferences_from_measurements(tmp_path):
     namespace = {}
     exec(compile(new, "_preferences.py", "exec"), namespace)
     assert namespace["MEASURED"] == table and namespace["SOURCE"] == "test device"
+    assert namespace["EIGH_WORKERS"] is None  # no eigh section measured
+    with_eigh = preferences.rewrite(text, preferences.render(table, evidence, "test device", 4))
+    namespace = {}
+    exec(compile(with_eigh, "_preferences.py", "exec"), namespace)
+    assert namespace["EIGH_WORKERS"] == 4
     shape = dict(n=8, t=512, d_in=768, d_out=3072, q=16, r=32)
     assert _preferences.preferred("factored_scores", shape, table) == "native"
     assert _preferences.preferred("factored_scores", dict(shape, t=2048, d_in=4096, d_out=11008, q=80), table) == "triton"

@@ -77,6 +77,20 @@ def test_workers_from_the_environment(monkeypatch):
         resolve_workers(None)
 
 
+def test_measured_default_on_cuda_only(monkeypatch):
+    from pyinf.ops import _preferences
+
+    monkeypatch.delenv(ENV_WORKERS, raising=False)
+    monkeypatch.setattr(_preferences, "EIGH_WORKERS", None)
+    assert resolve_workers(None, torch.device("cuda")) == 1  # nothing measured
+    monkeypatch.setattr(_preferences, "EIGH_WORKERS", 4)
+    assert resolve_workers(None, torch.device("cuda")) == 4
+    assert resolve_workers(None, torch.device("cpu")) == 1
+    assert resolve_workers(2, torch.device("cuda")) == 2
+    monkeypatch.setenv(ENV_WORKERS, "3")
+    assert resolve_workers(None, torch.device("cuda")) == 3
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True, "2"])
 def test_bad_worker_counts_are_refused(bad):
     with pytest.raises(ValueError, match="eigh_workers must be a positive integer"):

@@ -55,11 +55,11 @@ def _modules(calls):
 
 EXPECTED = {
     "all": ["-", "pip", "pyinf", "pytest", "benchmarks.run", "benchmarks.preferences", "benchmarks.run",
-            "benchmarks.run", "benchmarks.tune"],
+            "benchmarks.run", "benchmarks.preferences", "benchmarks.tune"],
     "check": ["-", "pip", "pyinf", "pytest", "benchmarks.sanitize", "benchmarks.sanitize", "benchmarks.sanitize",
               "benchmarks.sanitize"],
     "ops": ["-", "pip", "pyinf", "benchmarks.run", "benchmarks.preferences"],
-    "eigh": ["-", "pip", "pyinf", "benchmarks.run"],  # the branch e2e and scaling take too
+    "eigh": ["-", "pip", "pyinf", "benchmarks.run", "benchmarks.preferences"],  # the branch e2e and scaling take
     "tune": ["-", "pip", "pyinf", "benchmarks.tune"],
 }
 

@@ -7,6 +7,9 @@ size of a call is its FLOP count (``work``; the formulas of DESIGN.md section 2)
 rule that applies wins. An empty table means nothing has been measured yet, and auto uses
 the registry's default order (fused Triton first).
 
+``EIGH_WORKERS`` is the fit's default number of eigendecompositions run at once on CUDA
+(:mod:`pyinf.eigen`), from the same run's ``eigh`` benchmark; None until measured.
+
 Do not edit the table by hand: ``python -m benchmarks.preferences RESULTS_JSON`` writes it
 from a GPU run's ``results.json`` (bounds halfway, geometrically, between the measured
 shapes where the winner changes). Keep entries only for what was measured.
@@ -20,6 +23,8 @@ from typing import Dict, List, Optional, Tuple
 SOURCE = ""
 # op -> [(upper bound on the call's FLOP or None, backend)]; first applicable rule wins.
 MEASURED: Dict[str, List[Tuple[Optional[float], str]]] = {}
+# The fit's eigh_workers on CUDA (pyinf.eigen) when not given; None: not measured (1).
+EIGH_WORKERS: Optional[int] = None
 # <<< measured table
 
 
