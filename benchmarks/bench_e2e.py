@@ -238,6 +238,7 @@ def run_pyinf(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batch_size
         factors = engine.fit_factors(docs, fisher=wl.fisher, batch_size=batch_size, seed=wl.seed)
     out["fit_s"], out["fit_peak_bytes"] = t.seconds, t.peak_bytes
     out["fit_phases_s"] = dict(factors.meta.get("seconds", {}))  # covariance pass, eigh, Lambda pass
+    out["eigh_workers"] = factors.meta.get("eigh_workers")
     with WallTimer(device) as t:
         with WallTimer(device) as tq:
             qs = engine.prepare_queries(queries, factors, rank=wl.rank, damping=None, batch_size=wl.query_batch_size,

@@ -323,7 +323,8 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
         for r in e["runs"]:
             extra = f" (queries {_f(r['prepare_queries_s'])} s)" if "prepare_queries_s" in r else ""
             phases = r.get("fit_phases_s") or {}
-            fit_extra = (f" (cov {_f(phases['covariance_pass'])} + eigh {_f(phases['eigendecomposition'])} + "
+            workers = f" [{r['eigh_workers']} at once]" if (r.get("eigh_workers") or 1) != 1 else ""
+            fit_extra = (f" (cov {_f(phases['covariance_pass'])} + eigh {_f(phases['eigendecomposition'])}{workers} + "
                          f"Lambda {_f(phases['lambda_pass'])})") if len(phases) == 3 else ""
             library = r["library"] + (" (compile=True)" if r.get("compile") else "") + (
                 " (checkpoint=True)" if r.get("checkpoint") else "")
