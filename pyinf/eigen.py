@@ -22,6 +22,7 @@ oversubscribe it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -106,60 +107,56 @@ def eigendecompose(matrices: Mapping[Hashable, torch.Tensor], *,
     if bad:
         raise ValueError(f"{bad[0]}: non-finite entries, cannot eigendecompose"
                          + (f" ({len(bad) - 1} more matrices too)" if len(bad) > 1 else ""))
-    if workers == 1 or len(keys) <= 1:
-        return {k: _eigh(k, matrices[k]) for k in keys}
-
-    plan = _balanced(keys, {k: matrices[k].shape[0] for k in keys}, workers)
     devices = {m.device for m in matrices.values()}
-    if len(devices) > 1:  # spread over several devices: no overlap to arrange, one after another
+    if workers == 1 or len(keys) <= 1 or len(devices) > 1:  # (several devices: nothing to overlap)
         return {k: _eigh(k, matrices[k]) for k in keys}
     (device,) = devices
-    on_gpu = device.type == "cuda"
+    plan = _balanced(keys, {k: matrices[k].shape[0] for k in keys}, workers)
     out: Dict[Hashable, Tuple[torch.Tensor, torch.Tensor]] = {}
     lock = threading.Lock()
+    # On a GPU, one stream per worker. The matrices were written on the caller's stream:
+    # each worker stream waits for it first, and the caller waits for every worker stream
+    # at the end. Memory crossing streams is recorded on the stream that uses it, so the
+    # caching allocator never hands it out again while that stream may still read it.
+    gpu = device.type == "cuda"
+    caller = torch.cuda.current_stream(device) if gpu else None
+    streams = [torch.cuda.Stream(device=device) if gpu else None for _ in plan]
 
-    if not on_gpu:
-        def work(chunk):
-            for k in chunk:
-                res = _eigh(k, matrices[k])
-                with lock:
-                    out[k] = res
-
-        with ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="pyinf-eigh") as pool:
-            for f in [pool.submit(work, chunk) for chunk in plan]:
-                f.result()
-        return {k: out[k] for k in keys}
-
-    # One stream per worker. The matrices were written on the caller's stream: each worker
-    # stream waits for it first; the caller waits for every worker stream at the end. Memory
-    # crossing streams is recorded on the stream that uses it, so the caching allocator
-    # never hands it out again while that stream may still read it.
-    caller = torch.cuda.current_stream(device)
-    streams = [torch.cuda.Stream(device=device) for _ in plan]
-
-    def work_on(stream, chunk):
-        # a new thread's current device is the default one: set it as well as the stream
-        with torch.cuda.device(device), torch.cuda.stream(stream):
-            stream.wait_stream(caller)
+    def work(chunk, stream):
+        with _worker_stream(device, stream, caller):
             for k in chunk:
                 m = matrices[k]
-                m.record_stream(stream)
+                if gpu:
+                    m.record_stream(stream)
                 vals, vecs = _eigh(k, m)
-                vals.record_stream(caller)
-                vecs.record_stream(caller)
+                if gpu:
+                    vals.record_stream(caller)
+                    vecs.record_stream(caller)
                 with lock:
                     out[k] = (vals, vecs)
 
+    errors = []
     with ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="pyinf-eigh") as pool:
-        futures = [pool.submit(work_on, s, chunk) for s, chunk in zip(streams, plan)]
-        errors = []
-        for f in futures:
+        for f in [pool.submit(work, chunk, stream) for chunk, stream in zip(plan, streams)]:
             try:
                 f.result()
-            except Exception as exc:  # let every worker finish before raising
+            except Exception as exc:  # every worker finishes (and is waited for) before raising
                 errors.append(exc)
     for s in streams:
-        caller.wait_stream(s)
+        if s is not None:
+            caller.wait_stream(s)
     if errors:
         raise errors[0]
     return {k: out[k] for k in keys}
+
+
+@contextlib.contextmanager
+def _worker_stream(device: torch.device, stream, caller):
+    """A worker thread's CUDA context: the matrices' device (a new thread starts on the
+    default one) and its own stream, after the caller's queued work. Nothing on a CPU."""
+    if stream is None:
+        yield
+        return
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        stream.wait_stream(caller)
+        yield
