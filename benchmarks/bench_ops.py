@@ -28,8 +28,9 @@ from . import default_device, peak_extra_bytes, sync, time_fn
 from .shapes import OPS, GroupedWorkload, OpWorkload, flops, grouped_workload, op_workloads, peak_matmul_size
 
 BACKENDS = tuple(ops.BACKENDS)  # ("torch", "triton", "native")
-# Ops whose native CUDA kernels have an opt-in tensor-core version (PYINF_NATIVE_TC=1),
-# benchmarked as the extra variant "native-tc".
+# Ops whose native CUDA kernels run on tensor cores for 16-bit inputs (the default, see
+# csrc/include/pyinf/pyinf.h); their fp32 FMA kernels (PYINF_NATIVE_TC=0) are benchmarked
+# beside them as the extra variant "native-fma".
 TENSOR_CORE_OPS = ("factored_scores", "eigen_correction", "self_influence")
 
 
@@ -273,8 +274,8 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
                     continue
                 variants.append((name, op_call(op, name, x)))
                 if name == "native" and op in TENSOR_CORE_OPS and device.type == "cuda":
-                    # The opt-in tensor-core kernels (PYINF_NATIVE_TC=1), side by side with the default.
-                    variants.append(("native-tc", _with_env("PYINF_NATIVE_TC", "1", op_call(op, name, x))))
+                    # The FMA kernels (PYINF_NATIVE_TC=0), side by side with the tensor-core default.
+                    variants.append(("native-fma", _with_env("PYINF_NATIVE_TC", "0", op_call(op, name, x))))
             for name, fn in variants:
                 if (op, name) in rate and f / rate[(op, name)] > MAX_PREDICTED_S:
                     why = (f"predicted {f / rate[(op, name)]:.0f} s per call from its rate at a smaller shape "

@@ -40,7 +40,7 @@ def rules(records: List[Dict[str, object]], tolerance: float = 2e-2
     sizes: Dict[Tuple[str, str], float] = {}
     for r in records:
         if r["backend"] not in BACKENDS:
-            continue  # "unfused" (no backend) and variants such as "native-tc" (an opt-in switch)
+            continue  # "unfused" (no backend) and variants such as "native-fma" (an environment switch)
         if r["workload"].get("bias"):
             continue  # a layout variant of a shape measured plainly: size rules cannot tell them apart
         err = r.get("rel_err_vs_torch")

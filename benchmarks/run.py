@@ -448,8 +448,8 @@ def make_plots(res: Dict[str, object], out_dir: str, tag: str) -> Dict[str, str]
     recs = ops_res.get("records") or []
     if recs:
         labels = sorted({(r["op"], r["workload"]["name"]) for r in recs}, key=lambda x: (x[0], x[1]))
-        backends = sorted({r["backend"] for r in recs}, key=lambda b: ["unfused", "torch", "triton", "native", "native-tc"].index(b)
-                          if b in ("unfused", "torch", "triton", "native", "native-tc") else 9)
+        order = ["unfused", "torch", "triton", "native", "native-fma"]
+        backends = sorted({r["backend"] for r in recs}, key=lambda b: order.index(b) if b in order else 9)
         fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4))
         width = 0.8 / max(1, len(backends))
         for i, b in enumerate(backends):

@@ -1,10 +1,11 @@
 """One small launch of every op on every CUDA backend, for compute-sanitizer:
 
     compute-sanitizer --tool memcheck   python3 -m benchmarks.sanitize
-    compute-sanitizer --tool racecheck  python3 -m benchmarks.sanitize native native-tc
+    compute-sanitizer --tool racecheck  python3 -m benchmarks.sanitize native native-fma
 
-``native-tc`` is the native backend with its opt-in tensor-core kernels (PYINF_NATIVE_TC=1:
-factored_scores, eigen_correction, self_influence).
+``native`` runs the native backend's default kernels, on tensor cores for these bf16 inputs;
+``native-fma`` its fp32 FMA kernels (PYINF_NATIVE_TC=0: factored_scores, eigen_correction,
+self_influence).
 
 Odd sizes, a mask with a fully padded document, bf16 inputs; each result is checked against
 the torch reference so that a launch that wrote nothing is caught too.
@@ -57,7 +58,7 @@ def _calls(p):
     }
 
 
-LABELS = ("triton", "native", "native-tc")
+LABELS = ("triton", "native", "native-fma")
 
 
 def parse_args(argv) -> list:
@@ -76,15 +77,16 @@ def main(argv) -> int:
         ref = call("torch")
         for label in backends:
             op = name.replace("_per_token", "")
-            backend = "native" if label == "native-tc" else label
-            if label == "native-tc" and op not in TENSOR_CORE_OPS:
+            backend = "native" if label == "native-fma" else label
+            if label == "native-fma" and op not in TENSOR_CORE_OPS:
                 continue
             reason = _registry.unsupported_reason(backend, op, [p["logits"]] if op == "cross_entropy_rows"
                                                   else [p["acts"], p["grads"]])
             if reason is not None:
                 print(f"{name:28s} {label:9s} skipped: {reason}")
                 continue
-            out = _with_env("PYINF_NATIVE_TC", "1" if label == "native-tc" else "0", lambda: call(backend))()
+            env = "0" if label == "native-fma" else ""  # "": the default rule (any value but "0"/"1")
+            out = _with_env("PYINF_NATIVE_TC", env, lambda: call(backend))()
             torch.cuda.synchronize()
             err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
             ok = torch.isfinite(out).all().item() and err < 2e-2

@@ -236,7 +236,7 @@ def test_preferences_from_measurements(tmp_path):
         rec("factored_scores", *small[:1], "torch", 0.30, *small[1:]),
         rec("factored_scores", *small[:1], "triton", 0.20, *small[1:]),
         rec("factored_scores", *small[:1], "native", 0.10, *small[1:]),
-        rec("factored_scores", *small[:1], "native-tc", 0.01, *small[1:]),  # opt-in variant: not a backend
+        rec("factored_scores", *small[:1], "native-fma", 0.01, *small[1:]),  # a switch's variant: not a backend
         rec("factored_scores", *small[:1], "unfused", 0.01, *small[1:]),    # not a backend either
         rec("factored_scores", *large[:1], "torch", 2000.0, *large[1:]),
         rec("factored_scores", *large[:1], "triton", 1800.0, *large[1:]),
@@ -251,7 +251,7 @@ def test_preferences_from_measurements(tmp_path):
     s_small = _preferences.work("factored_scores", dict(n=8, t=512, d_in=768, d_out=3072, q=16, r=32))
     s_large = _preferences.work("factored_scores", dict(n=8, t=2048, d_in=4096, d_out=11008, q=80, r=32))
     assert s_small < bound < s_large
-    assert any("native-tc" not in e and "llama" in e for e in evidence)
+    assert any("native-fma" not in e and "llama" in e for e in evidence)
 
     text = open(preferences.TARGET).read()
     new = preferences.rewrite(text, preferences.render(table, evidence, "test device"))

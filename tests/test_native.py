@@ -226,9 +226,12 @@ CUDA_SHAPES = [
 
 
 @cuda_only
+@pytest.mark.parametrize("native_tc", ["", "0"], ids=["default", "fma"])
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_ops_match_oracle(shape, dtype):
+def test_cuda_ops_match_oracle(shape, dtype, native_tc, monkeypatch):
+    """The default kernels (tensor cores for 16-bit inputs) and the FMA ones (PYINF_NATIVE_TC=0)."""
+    monkeypatch.setenv("PYINF_NATIVE_TC", native_tc)
     n, t, d_in, d_out, q, r = shape
     acts, grads, left, right, mask = _problem(n, t, d_in, d_out, q, r, dtype, "cuda")
     tol = oracle.TOLERANCE[dtype]
@@ -275,8 +278,9 @@ def test_cuda_padding_garbage_never_leaks():
     assert torch.isfinite(out).all()
 
 
-# Tensor-core factored scores (csrc/cuda/factored_scores_tc.cu, opt-in PYINF_NATIVE_TC=1):
-# 16-byte staging where d, r and the strides allow it, element loads otherwise.
+# Tensor-core factored scores (csrc/cuda/factored_scores_tc.cu, the default for 16-bit inputs;
+# the tests set PYINF_NATIVE_TC=1 all the same): 16-byte staging where d, r and the strides
+# allow it, element loads otherwise.
 TC_SHAPES = [
     (3, 7, 13, 11, 3, 5),        # nothing vectorisable
     (2, 130, 136, 72, 5, 32),    # vectorisable, several 64-tiles in T, partial K slice
@@ -317,8 +321,8 @@ def test_cuda_tensor_core_factored_scores(shape, dtype, monkeypatch):
 
 
 # TF32 tensor-core rotation and Gram tiles of eigen_correction / self_influence
-# (csrc/cuda/eigen_tc.cu, opt-in PYINF_NATIVE_TC=1): operands rounded to TF32, so fp32
-# inputs get a TF32 tolerance rather than the fp32 one. 3e-3, not 2e-3: over 500 random
+# (csrc/cuda/eigen_tc.cu; PYINF_NATIVE_TC=1 takes fp32 inputs there too): operands rounded
+# to TF32, so fp32 inputs get a TF32 tolerance rather than the fp32 one. 3e-3, not 2e-3: over 500 random
 # inputs of the emulated kernels (tests/test_native_emulated.py, the same rounding rule) the
 # error of a small eigen_correction reached 2.07e-3 (median 7.6e-4, p99 1.6e-3).
 TC_TOLERANCE = {torch.float32: 3e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}

@@ -45,7 +45,8 @@ shared memory of each block (<= 48 KiB), that every pointer a kernel receives li
 buffer the test passed (a host-only pointer would fault on a GPU), divergent barriers (a
 thread returning while others wait at __syncthreads, or a barrier reached after some
 threads returned), the WMMA pointer / ldm rules, and which kernels ran (the tensor-core
-ones exactly when PYINF_NATIVE_TC=1 and the dtypes allow). The blocks of a grid run in a
+ones exactly when pyinf.h's rule says: 16-bit inputs unless PYINF_NATIVE_TC=0, fp32 eigen
+ops too with PYINF_NATIVE_TC=1). The blocks of a grid run in a
 shuffled order that changes between launches, so the determinism checks (two calls, bit
 for bit) also compare two block orders. tests/cuda_emu/mutants.py shows that deliberate
 bugs (missing barriers, an unzeroed shared array, out-of-bounds reads, a wrong WMMA
@@ -95,7 +96,10 @@ TF32_TOL = 3e-3
 PYINF_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.bool: 3}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-TC_MODES = [None, "1"]  # PYINF_NATIVE_TC unset (FMA kernels) / "1" (tensor-core kernels)
+# PYINF_NATIVE_TC "0" (the fp32 FMA kernels for every call) / "1" (tensor cores, fp32 inputs
+# of the eigen ops included). Unset, the default rule (tensor cores for 16-bit inputs) picks
+# one of those two paths per call: test_tc_flag_values checks which.
+TC_MODES = ["0", "1"]
 TC_ID = {None: "tc-unset", "0": "tc0", "1": "tc1"}
 
 
@@ -170,7 +174,7 @@ def _warm_up(lib):
         WARM_UP_LOG[f"factored_scores {DT_ID[dtype]} {TC_ID[tc]}"] = log
     acts, grads, _, _, mask = _problem(g, 1, 3, 5, 4, 1, 1, torch.float32)
     q_a, q_s, lambdas = torch.eye(5), torch.eye(4), torch.rand(4, 5, generator=g)
-    for tc in (None, "1"):
+    for tc in ("0", "1"):
         with native_tc(tc):
             _, WARM_UP_LOG[f"eigen_correction {TC_ID[tc]}"] = eigen_correction(lib, acts, grads, q_a, q_s, mask, ctx)
             _, WARM_UP_LOG[f"self_influence {TC_ID[tc]}"] = self_influence(lib, acts, grads, q_a, q_s, lambdas, 0.1,
@@ -382,14 +386,22 @@ def assert_close(out, ref, tol, ctx):
 
 
 def _fs_kernels(tc, dtypes):
+    """The kernel a factored_scores call must launch: tensor cores for uniform 16-bit inputs
+    unless PYINF_NATIVE_TC is "0" (pyinf.h)."""
     uniform_16bit = len(set(dtypes)) == 1 and dtypes[0] in (torch.bfloat16, torch.float16)
-    if tc == "1" and uniform_16bit:
+    if tc != "0" and uniform_16bit:
         return dict(expect_kernels=["factored_scores_tc_kernel<T>"], forbid_kernels=["factored_scores_kernel"])
     return dict(expect_kernels=["factored_scores_kernel"], forbid_kernels=["factored_scores_tc_kernel<T>"])
 
 
-def _eigen_kernels(tc, self_mode):
-    if tc == "1":
+def _eigen_tc(tc, dtype) -> bool:
+    """Whether eigen_correction / self_influence run on TF32 tensor cores (pyinf.h): for 16-bit
+    acts and grads unless PYINF_NATIVE_TC is "0", and for any inputs when it is "1"."""
+    return tc == "1" or (tc != "0" and dtype in (torch.bfloat16, torch.float16))
+
+
+def _eigen_kernels(tc, self_mode, dtype):
+    if _eigen_tc(tc, dtype):
         gram = "gram_tc_kernel<1>" if self_mode else "gram_tc_kernel<0>"
         return dict(expect_kernels=["rotate_tc_kernel", gram], forbid_kernels=["rotate_kernel", "gram_kernel"])
     return dict(expect_kernels=["rotate_kernel", "gram_kernel"],
@@ -525,17 +537,17 @@ def test_eigen_ops(lib, shape, dtype, tc):
     grads[~mask] = float("inf")
     q_a, q_s = _orthonormal(g, d_in), _orthonormal(g, d_out)
     lambdas = torch.rand(d_out, d_in, generator=g)
-    tol = TF32_TOL if tc == "1" else FP32_ACC_TOL
+    tol = TF32_TOL if _eigen_tc(tc, dtype) else FP32_ACC_TOL
     a, gr, qa, qs, lam, m = (guarded(x) for x in (acts, grads, q_a, q_s, lambdas, mask))
     ctx = _ctx("eigen", shape, DT_ID[dtype], TC_ID[tc])
     with native_tc(tc):
-        out, _ = eigen_correction(lib, a, gr, qa, qs, m, ctx, **_eigen_kernels(tc, False))
+        out, _ = eigen_correction(lib, a, gr, qa, qs, m, ctx, **_eigen_kernels(tc, False, dtype))
         ref = reference.eigen_correction(*_f64(clean_a, clean_g, q_a, q_s), mask=mask)
         assert_close(out, ref, tol, ctx)
-        again, _ = eigen_correction(lib, a, gr, qa, qs, m, ctx, **_eigen_kernels(tc, False))
+        again, _ = eigen_correction(lib, a, gr, qa, qs, m, ctx, **_eigen_kernels(tc, False, dtype))
         assert torch.equal(out, again), f"two calls differ {ctx}"
         ctx = _ctx("self_influence", shape, DT_ID[dtype], TC_ID[tc])
-        kernels = _eigen_kernels(tc, True)
+        kernels = _eigen_kernels(tc, True, dtype)
         kernels["expect_kernels"] = kernels["expect_kernels"] + ["reduce_partials_kernel"]
         si, _ = self_influence(lib, a, gr, qa, qs, lam, 0.2, m, ctx, **kernels)
         ref = reference.self_influence(*_f64(clean_a, clean_g, q_a, q_s, lambdas), 0.2, mask=mask)
@@ -557,14 +569,14 @@ def test_eigen_ops_strided(lib, dtype, tc):
     q_a = _orthonormal(g, d_in).T
     q_s = _orthonormal(g, d_out)
     lambdas = torch.rand(1, d_in, generator=g).expand(d_out, d_in)
-    tol = TF32_TOL if tc == "1" else FP32_ACC_TOL
+    tol = TF32_TOL if _eigen_tc(tc, dtype) else FP32_ACC_TOL
     a, gr, qa, qs, lam, m = (guarded(x) for x in (acts, grads, q_a, q_s, lambdas, mask))
     with native_tc(tc):
         ctx = _ctx("eigen-strided", DT_ID[dtype], TC_ID[tc])
-        out, _ = eigen_correction(lib, a, gr, qa, qs, m, ctx, **_eigen_kernels(tc, False))
+        out, _ = eigen_correction(lib, a, gr, qa, qs, m, ctx, **_eigen_kernels(tc, False, dtype))
         assert_close(out, reference.eigen_correction(*_f64(acts, grads, q_a, q_s), mask=mask), tol, ctx)
         ctx = _ctx("self-strided", DT_ID[dtype], TC_ID[tc])
-        si, _ = self_influence(lib, a, gr, qa, qs, lam, 0.3, m, ctx, **_eigen_kernels(tc, True))
+        si, _ = self_influence(lib, a, gr, qa, qs, lam, 0.3, m, ctx, **_eigen_kernels(tc, True, dtype))
         ref = reference.self_influence(*_f64(acts, grads, q_a, q_s, lambdas), 0.3, mask=mask)
         assert_close(si, ref, tol, ctx)
 
@@ -638,16 +650,19 @@ def test_empty_sizes(lib, tc):
         assert torch.equal(si, torch.zeros(2)), ctx
 
 
-@pytest.mark.parametrize("value", ["0", "", "true", "11", " 1", "1"])
-def test_tc_flag_values(lib, value):
-    """pyinf.h: the tensor-core kernels run when PYINF_NATIVE_TC is exactly "1"."""
-    acts, grads, left, right, mask = _problem(_gen("flag"), 1, 3, 5, 4, 2, 2, torch.bfloat16)
-    ctx = _ctx("flag", value)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("value", [None, "0", "", "true", "11", " 1", "1"])
+def test_tc_flag_values(lib, value, dtype):
+    """pyinf.h: by default the tensor cores take 16-bit inputs and fp32 inputs stay on FMA;
+    PYINF_NATIVE_TC exactly "0" keeps every call on FMA, exactly "1" also takes fp32 inputs of
+    the eigen ops to TF32; any other value is the default."""
+    acts, grads, left, right, mask = _problem(_gen("flag"), 1, 3, 5, 4, 2, 2, dtype)
+    ctx = _ctx("flag", value, DT_ID[dtype])
+    rule = value if value in ("0", "1") else None
     with native_tc(value):
-        out, _ = factored_scores(lib, acts, grads, left, right, mask, False, ctx,
-                                 **_fs_kernels("1" if value == "1" else None, [torch.bfloat16]))
+        out, _ = factored_scores(lib, acts, grads, left, right, mask, False, ctx, **_fs_kernels(rule, [dtype]))
         eigen_correction(lib, acts, grads, torch.eye(5), torch.eye(4), mask, ctx,
-                         **_eigen_kernels("1" if value == "1" else None, False))
+                         **_eigen_kernels(rule, False, dtype))
     assert_close(out, reference.factored_scores(*_f64(acts, grads, left, right), mask=mask), FP32_ACC_TOL, ctx)
 
 

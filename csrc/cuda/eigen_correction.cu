@@ -9,7 +9,8 @@
 //        self_influence:   one block per (tile, document) writes the tile's partial
 //        sum of R^2 / (Lambda + damping) (fixed-order block reduction), and
 //   3. reduce_partials_kernel sums each document's tile partials in tile order.
-// With PYINF_NATIVE_TC=1, steps 1 and 2 run on TF32 tensor cores (eigen_tc.cu), same order.
+// For bf16 / fp16 inputs (and for all inputs with PYINF_NATIVE_TC=1) steps 1 and 2 run on
+// TF32 tensor cores (eigen_tc.cu), same order; PYINF_NATIVE_TC=0 keeps them on fp32 FMA.
 #include "kernels_common.cuh"
 
 namespace pyinf {
@@ -139,9 +140,10 @@ pyinf_status run(const char* op, const pyinf_tensor* acts, const pyinf_tensor* g
   float* rot_a = reinterpret_cast<float*>(ws + l.rot_a);
   float* rot_g = reinterpret_cast<float*>(ws + l.rot_g);
   const MaskView mv = mask_view(mask);
-  s = launch_rotate(op, view3(*acts), view2(*q_a), mv, d.n, d.t, d.d_in, rot_a, stream);
+  const bool tc = use_tensor_cores(is_16bit(acts) && is_16bit(grads));  // one choice for both stages
+  s = launch_rotate(op, view3(*acts), view2(*q_a), mv, d.n, d.t, d.d_in, tc, rot_a, stream);
   if (s != PYINF_SUCCESS) return s;
-  s = launch_rotate(op, view3(*grads), view2(*q_s), mv, d.n, d.t, d.d_out, rot_g, stream);
+  s = launch_rotate(op, view3(*grads), view2(*q_s), mv, d.n, d.t, d.d_out, tc, rot_g, stream);
   if (s != PYINF_SUCCESS) return s;
   const int64_t tj = (d.d_in + BN - 1) / BN, ti = (d.d_out + BM - 1) / BM;
   if (tj > 0x7fffffffLL || ti > 65535)
@@ -149,7 +151,7 @@ pyinf_status run(const char* op, const pyinf_tensor* acts, const pyinf_tensor* g
   const View2 lv = self ? view2(*lambdas) : View2{nullptr, 0, 0, 0};
   if (!self) {
     dim3 grid(static_cast<unsigned>(tj), static_cast<unsigned>(ti), 1);
-    if (tensor_cores_enabled())
+    if (tc)
       launch_gram_tc(rot_g, rot_a, d.n, d.t, d.d_out, d.d_in, 0, lv, 0.0f, out, grid, stream);
     else
       gram_kernel<<<grid, THREADS, 0, stream>>>(rot_g, rot_a, d.n, d.t, d.d_out, d.d_in, 0, lv, 0.0f, out);
@@ -157,7 +159,7 @@ pyinf_status run(const char* op, const pyinf_tensor* acts, const pyinf_tensor* g
   }
   float* partials = reinterpret_cast<float*>(ws + l.partials);
   dim3 grid(static_cast<unsigned>(tj), static_cast<unsigned>(ti), static_cast<unsigned>(d.n < 65535 ? d.n : 65535));
-  if (tensor_cores_enabled())
+  if (tc)
     launch_gram_tc(rot_g, rot_a, d.n, d.t, d.d_out, d.d_in, 1, lv, damping, partials, grid, stream);
   else
     gram_kernel<<<grid, THREADS, 0, stream>>>(rot_g, rot_a, d.n, d.t, d.d_out, d.d_in, 1, lv, damping, partials);

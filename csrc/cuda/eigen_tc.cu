@@ -8,7 +8,9 @@
 // epilogues rely on (R^2 summed into Lambda's fragments; R^2 times 1/(Lambda + damping)
 // loaded into a fragment of the same type).
 //
-// Opt-in (PYINF_NATIVE_TC=1) until verified and timed on a GPU.
+// The default for bf16 / fp16 inputs (use_tensor_cores in kernels_common.cuh). Checked
+// against the float64 reference on the CPU (tests/test_native_emulated.py); not yet run or
+// timed on a GPU.
 #include "tc_common.cuh"
 
 namespace pyinf {

@@ -108,7 +108,7 @@ extern "C" pyinf_status pyinf_cuda_factored_scores(const pyinf_tensor* acts, con
   if (d.n * tblocks > 0x7fffffffLL || groups > 65535)
     return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores: problem too large for one launch");
   dim3 grid(static_cast<unsigned>(d.n * tblocks), static_cast<unsigned>(groups));
-  if (tensor_cores_enabled() && factored_scores_tc_applicable(acts, grads, left, right)) {
+  if (factored_scores_tc_applicable(acts, grads, left, right) && use_tensor_cores(true)) {
     launch_factored_scores_tc(acts, grads, left, right, mask, d, per_token ? 1 : 0, tblocks, qb, grid, out,
                               static_cast<cudaStream_t>(stream));
     return launch_check("factored_scores");

@@ -7,8 +7,9 @@
 // have the same type, hence the same element-to-thread mapping, so their product is taken
 // fragment element by fragment element before one store to shared memory.
 //
-// Opt-in (PYINF_NATIVE_TC=1) until it is verified and timed on a GPU: see
-// pyinf_cuda_factored_scores in factored_scores.cu.
+// The default for such inputs; PYINF_NATIVE_TC=0 takes them to the FMA kernel instead (see
+// use_tensor_cores in kernels_common.cuh). Checked against the float64 reference on the CPU
+// (tests/test_native_emulated.py); not yet run or timed on a GPU.
 #include "tc_common.cuh"
 
 namespace pyinf {

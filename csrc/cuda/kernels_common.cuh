@@ -180,17 +180,28 @@ inline pyinf_status launch_check(const char* op) { return cuda_check(cudaGetLast
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 // Rotation: out[row, j] (fp32, dense [N*T, d]) = keep(row) ? sum_k x[n,t,k] q[k,j] : 0
-// (masked rows are exact zeros and never read). Defined in rotate.cu.
+// (masked rows are exact zeros and never read), on TF32 tensor cores when tensor_cores.
+// Defined in rotate.cu.
 pyinf_status launch_rotate(const char* op, View3 x, View2 q, MaskView mask, int64_t N, int64_t T, int64_t d,
-                           float* out, cudaStream_t stream);
+                           bool tensor_cores, float* out, cudaStream_t stream);
 
-// The tensor-core kernels (factored_scores_tc.cu, eigen_tc.cu) are opt-in, PYINF_NATIVE_TC=1,
-// until they have been checked against the reference and timed on a GPU. Read per call
-// (cheap next to a launch) so that tests and benchmarks can switch them.
-inline bool tensor_cores_enabled() {
+// Whether a call runs its tensor-core kernels (factored_scores_tc.cu, eigen_tc.cu) or the
+// fp32 FMA ones. By default the tensor cores take 16-bit inputs (bf16 / fp16), whose
+// precision they keep: WMMA on the operands as given for the factored scores; TF32 (exact
+// for 16-bit values) for the rotations and Gram tiles, where only the fp32 eigenbases get
+// rounded, to about the precision of the inputs. fp32 inputs keep fp32 FMA arithmetic.
+// PYINF_NATIVE_TC="0" keeps every call on the FMA kernels; "1" also takes fp32 inputs of the
+// eigen ops to TF32 (about 1e-3 relative error). Read per call (cheap next to a launch) so
+// that tests and benchmarks can switch it.
+inline bool use_tensor_cores(bool sixteen_bit_inputs) {
   const char* v = std::getenv("PYINF_NATIVE_TC");
-  return v != nullptr && v[0] == '1' && v[1] == '\0';
+  const bool is = v != nullptr && (v[0] == '0' || v[0] == '1') && v[1] == '\0';
+  if (is && v[0] == '0') return false;
+  if (is && v[0] == '1') return true;
+  return sixteen_bit_inputs;
 }
+
+inline bool is_16bit(const pyinf_tensor* t) { return t->dtype == PYINF_BFLOAT16 || t->dtype == PYINF_FLOAT16; }
 
 // TF32 tensor-core rotation and Gram tile (eigen_tc.cu): same grids, arguments and outputs
 // as rotate_kernel and gram_kernel, 128 threads per block.

@@ -51,13 +51,13 @@ namespace pyinf {
 namespace cuda {
 
 pyinf_status launch_rotate(const char* op, View3 x, View2 q, MaskView mask, int64_t N, int64_t T, int64_t d,
-                           float* out, cudaStream_t stream) {
+                           bool tensor_cores, float* out, cudaStream_t stream) {
   if (N * T == 0 || d == 0) return PYINF_SUCCESS;
   const int64_t row_tiles = (N * T + BM - 1) / BM, col_tiles = (d + BN - 1) / BN;
   if (row_tiles > 0x7fffffffLL || col_tiles > 65535)
     return fail(PYINF_ERROR_INVALID_VALUE, std::string("pyinf_cuda_") + op + ": problem too large for one launch");
   dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
-  if (tensor_cores_enabled()) {
+  if (tensor_cores) {
     launch_rotate_tc(x, q, mask, N, T, d, out, grid, stream);
     return launch_check(op);
   }

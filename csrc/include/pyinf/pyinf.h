@@ -23,11 +23,12 @@
  * device workspace whose size the matching *_workspace_size function reports. When the
  * library was built without CUDA, pyinf_cuda_* return PYINF_ERROR_NOT_COMPILED.
  * Results are deterministic: no atomics, fixed reduction orders.
- * pyinf_cuda_factored_scores runs on tensor cores (WMMA, fp32 accumulation) when the four
- * inputs are all bf16 or all fp16 and the environment variable PYINF_NATIVE_TC is "1"
- * (opt-in until measured on a GPU); otherwise, and for fp32 or mixed inputs, in fp32 FMA.
- * With PYINF_NATIVE_TC=1, pyinf_cuda_eigen_correction and pyinf_cuda_self_influence round
- * their operands to TF32 (exact for bf16/fp16 inputs) for tensor-core products.
+ * Tensor cores: pyinf_cuda_factored_scores runs on WMMA (fp32 accumulation) when the four
+ * inputs are all bf16 or all fp16; pyinf_cuda_eigen_correction and pyinf_cuda_self_influence
+ * run their products on TF32 tensor cores when acts and grads are both 16-bit (their values
+ * are exact in TF32; the fp32 eigenbases are rounded to it). fp32 and mixed inputs use fp32
+ * FMA. The environment variable PYINF_NATIVE_TC, read per call, overrides this: "0" = fp32
+ * FMA for every call, "1" = also fp32 inputs of the eigen ops on TF32 (~1e-3 relative).
  */
 #ifndef PYINF_PYINF_H_
 #define PYINF_PYINF_H_
