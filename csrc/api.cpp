@@ -117,9 +117,8 @@ pyinf_status validate_rotated(const char* op, const pyinf_tensor* acts, const py
   return check_out(op, out, self ? d->n : d->d_out * d->d_in);
 }
 
-pyinf_status validate_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
-                               const pyinf_tensor* right, const pyinf_tensor* mask, int per_token,
-                               const float* out, Dims* d) {
+pyinf_status validate_factored_shapes(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                                      const pyinf_tensor* right, Dims* d) {
   const char* op = "factored_scores";
   PYINF_TRY(validate_tokens(op, acts, grads, d));
   PYINF_TRY(check_input(op, "left", left, 3));
@@ -137,6 +136,14 @@ pyinf_status validate_factored(const pyinf_tensor* acts, const pyinf_tensor* gra
                                                std::to_string(d->d_in) + ", r], got " + describe(right));
   d->q = left->shape[0];
   d->r = left->shape[2];
+  return PYINF_SUCCESS;
+}
+
+pyinf_status validate_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                               const pyinf_tensor* right, const pyinf_tensor* mask, int per_token,
+                               const float* out, Dims* d) {
+  const char* op = "factored_scores";
+  PYINF_TRY(validate_factored_shapes(acts, grads, left, right, d));
   PYINF_TRY(check_mask(op, mask, d->n, d->t));
   return check_out(op, out, per_token ? d->n * d->t * d->q : d->n * d->q);
 }
@@ -193,6 +200,15 @@ pyinf_status pyinf_cuda_self_influence(const pyinf_tensor*, const pyinf_tensor*,
 pyinf_status pyinf_cuda_factored_scores(const pyinf_tensor*, const pyinf_tensor*, const pyinf_tensor*,
                                         const pyinf_tensor*, const pyinf_tensor*, int, float*, void*) {
   return not_compiled("factored_scores");
+}
+pyinf_status pyinf_cuda_factored_scores_workspace_size(const pyinf_tensor*, const pyinf_tensor*,
+                                                       const pyinf_tensor*, const pyinf_tensor*, int, size_t*) {
+  return not_compiled("factored_scores_workspace_size");
+}
+pyinf_status pyinf_cuda_factored_scores_split(const pyinf_tensor*, const pyinf_tensor*, const pyinf_tensor*,
+                                              const pyinf_tensor*, const pyinf_tensor*, int, float*, void*, size_t,
+                                              void*) {
+  return not_compiled("factored_scores_split");
 }
 #endif
 

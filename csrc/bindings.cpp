@@ -222,8 +222,21 @@ void self_influence(py::handle acts_, py::handle grads_, py::handle qa_, py::han
   raise_status(s);
 }
 
+size_t factored_workspace_size(py::handle acts_, py::handle grads_, py::handle left_, py::handle right_,
+                               bool per_token) {
+  const char* op = "factored_scores_workspace_size";
+  Arg acts = read(acts_, op, "acts", 3), grads = read(grads_, op, "grads", 3);
+  Arg left = read(left_, op, "left", 3), right = read(right_, op, "right", 3);
+  if (!is_cuda(acts)) return 0;  // the CPU path needs none
+  require_cuda_build(op);
+  size_t bytes = 0;
+  raise_status(pyinf_cuda_factored_scores_workspace_size(&acts.t, &grads.t, &left.t, &right.t, per_token ? 1 : 0,
+                                                         &bytes));
+  return bytes;
+}
+
 void factored_scores(py::handle acts_, py::handle grads_, py::handle left_, py::handle right_, py::handle mask_,
-                     bool per_token, py::handle out_, py::handle stream) {
+                     bool per_token, py::handle out_, py::handle ws_, py::handle stream) {
   const char* op = "factored_scores";
   Arg acts = read(acts_, op, "acts", 3), grads = read(grads_, op, "grads", 3);
   Arg left = read(left_, op, "left", 3), right = read(right_, op, "right", 3);
@@ -235,8 +248,9 @@ void factored_scores(py::handle acts_, py::handle grads_, py::handle left_, py::
   pyinf_status s;
   if (is_cuda(acts)) {
     require_cuda_build(op);
-    s = pyinf_cuda_factored_scores(&acts.t, &grads.t, &left.t, &right.t, opt(mask), per_token ? 1 : 0, out,
-                                   stream_ptr(stream));
+    auto ws = read_workspace(ws_, op, acts);
+    s = pyinf_cuda_factored_scores_split(&acts.t, &grads.t, &left.t, &right.t, opt(mask), per_token ? 1 : 0, out,
+                                         ws.first, ws.second, stream_ptr(stream));
   } else {
     py::gil_scoped_release nogil;
     s = pyinf_cpu_factored_scores(&acts.t, &grads.t, &left.t, &right.t, opt(mask), per_token ? 1 : 0, out);
@@ -262,6 +276,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("self_influence", &self_influence, py::arg("acts"), py::arg("grads"), py::arg("q_a"), py::arg("q_s"),
         py::arg("lambdas"), py::arg("damping"), py::arg("mask"), py::arg("out"), py::arg("workspace") = py::none(),
         py::arg("stream") = py::none());
+  m.def("factored_scores_workspace_size", &factored_workspace_size, py::arg("acts"), py::arg("grads"),
+        py::arg("left"), py::arg("right"), py::arg("per_token"));
   m.def("factored_scores", &factored_scores, py::arg("acts"), py::arg("grads"), py::arg("left"), py::arg("right"),
-        py::arg("mask"), py::arg("per_token"), py::arg("out"), py::arg("stream") = py::none());
+        py::arg("mask"), py::arg("per_token"), py::arg("out"), py::arg("workspace") = py::none(),
+        py::arg("stream") = py::none());
 }

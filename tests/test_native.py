@@ -222,6 +222,7 @@ CUDA_SHAPES = [
     (2, 130, 150, 70, 5, 33),  # several 64-tiles in T, d_in, d_out; r not dividing 64
     (2, 65, 64, 64, 2, 80),    # r > 64: one query spans two column chunks
     (1, 1, 9, 6, 40, 1),       # many queries, r = 1
+    (2, 300, 40, 24, 3, 8),    # few documents and queries: each document's tokens split over 2 blocks
 ]
 
 

@@ -128,6 +128,10 @@ _SIGNATURES = {
                                                  ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]),
     "pyinf_cuda_factored_scores": (ctypes.c_int, [_T, _T, _T, _T, _T, ctypes.c_int, ctypes.c_void_p,
                                                   ctypes.c_void_p]),
+    "pyinf_cuda_factored_scores_workspace_size": (ctypes.c_int, [_T, _T, _T, _T, ctypes.c_int,
+                                                                 ctypes.POINTER(ctypes.c_size_t)]),
+    "pyinf_cuda_factored_scores_split": (ctypes.c_int, [_T, _T, _T, _T, _T, ctypes.c_int, ctypes.c_void_p,
+                                                        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]),
     "pyinf_emu_launch_log": (ctypes.c_char_p, []),
     "pyinf_emu_failures": (ctypes.c_char_p, []),
     "pyinf_emu_failure_count": (ctypes.c_longlong, []),
@@ -331,6 +335,32 @@ def factored_scores(lib, acts, grads, left, right, mask, per_token, ctx, **kw):
     return out.t.clone(), log
 
 
+def factored_scores_split(lib, acts, grads, left, right, mask, per_token, ctx, short_by=0, **kw):
+    """pyinf_cuda_factored_scores_split with the workspace its size function asks for (NaN-
+    poisoned, canaries around it); (scores, launch log, workspace bytes)."""
+    n, t = acts.shape[:2]
+    q = left.shape[0]
+    nbytes = ctypes.c_size_t(0)
+    s = lib.pyinf_cuda_factored_scores_workspace_size(_desc(lib, acts), _desc(lib, grads), _desc(lib, left),
+                                                      _desc(lib, right), 1 if per_token else 0, ctypes.byref(nbytes))
+    assert s == 0, f"{lib.pyinf_last_error().decode()} {ctx}"
+    ws = Out(None, nbytes=nbytes.value)
+    ws.t.view(torch.uint8).fill_(0x7F)  # 0x7f7f7f7f: a huge float, wrong if a partial is not written
+    out = Out((n, t, q) if per_token else (n, q))
+    lib.pyinf_emu_reset()
+    out.register(lib)
+    ws.register(lib)
+    s = lib.pyinf_cuda_factored_scores_split(_desc(lib, acts), _desc(lib, grads), _desc(lib, left),
+                                             _desc(lib, right), _desc(lib, mask), 1 if per_token else 0, out.ptr,
+                                             ws.ptr if nbytes.value else None, nbytes.value - short_by, None)
+    if short_by:
+        return s, lib.pyinf_last_error().decode(), lib.pyinf_emu_launch_log().decode()
+    log = check_call(lib, s, ctx, **kw)
+    out.check_canaries(ctx)
+    ws.check_canaries(ctx)
+    return out.t.clone(), log, nbytes.value
+
+
 def _workspace(lib, fn, acts, grads, ctx):
     nbytes = ctypes.c_size_t(0)
     s = fn(_desc(lib, acts), _desc(lib, grads), ctypes.byref(nbytes))
@@ -496,6 +526,56 @@ def test_factored_scores_strided_and_misaligned(lib, dtype, tc):
                                  True, ctx, **kernels)
         ref = reference.factored_scores(*_f64(a3, grads, l3, right), mask=mask, per_token=True)
         assert_close(out, ref, FP32_ACC_TOL, ctx)
+
+
+# (n, t, q, r, token ranges per document): few (document, query group) pairs, so the document
+# scores split each document's token tiles over several blocks (factored_scores.cu, plan()).
+SPLIT_SHAPES = {
+    "2 ranges": (2, 300, 3, 8, 2),    # 5 tiles -> ranges of 3 + 2 tiles, the last one partial
+    "4 ranges": (1, 512, 2, 16, 4),   # 8 tiles -> 4 ranges of 2
+    "no split": (2, 100, 3, 8, 1),    # 2 tiles: a split would leave ranges of 1 tile
+}
+
+
+@pytest.mark.parametrize("tc", TC_MODES, ids=lambda m: TC_ID[m])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("shape", list(SPLIT_SHAPES), ids=str)
+def test_factored_scores_token_split(lib, shape, dtype, tc):
+    """pyinf_cuda_factored_scores_split: the workspace it asks for, the ranges it makes, the
+    scores against the reference and against the unsplit entry point, determinism; per-token
+    scores need no workspace; a workspace one byte short is refused before any launch."""
+    n, t, q, r, ranges = SPLIT_SHAPES[shape]
+    d_in, d_out = 24, 40
+    g = _gen("split", shape, str(dtype))
+    acts, grads, left, right, mask = _problem(g, n, t, d_in, d_out, q, r, dtype)
+    clean = acts.clone()
+    acts[~mask] = float("nan")
+    args = [guarded(x) for x in (acts, grads, left, right)] + [guarded(mask)]
+    kernels = _fs_kernels(tc, [dtype])
+    ctx = _ctx("split", shape, DT_ID[dtype], TC_ID[tc])
+    with native_tc(tc):
+        if ranges > 1:
+            kernels = dict(kernels, expect_kernels=kernels["expect_kernels"] + ["sum_splits_kernel"])
+        else:
+            kernels = dict(kernels, forbid_kernels=kernels["forbid_kernels"] + ["sum_splits_kernel"])
+        out, log, nbytes = factored_scores_split(lib, *args, False, ctx, **kernels)
+        assert nbytes == (n * ranges * q * 4 if ranges > 1 else 0), (nbytes, ctx)
+        grid_x = int(log.split("grid=(", 1)[1].split(",", 1)[0])
+        assert grid_x == n * ranges, (log, ctx)
+        ref = reference.factored_scores(*_f64(clean, grads, left, right), mask=mask)
+        assert_close(out, ref, FP32_ACC_TOL, ctx)
+        unsplit, _ = factored_scores(lib, *args, False, ctx)
+        assert_close(out, unsplit.double(), FP32_ACC_TOL, ctx)
+        again, _, _ = factored_scores_split(lib, *args, False, ctx)
+        assert torch.equal(out, again), f"two calls differ {ctx}"
+        per_token, _, nbytes = factored_scores_split(lib, *args, True, ctx)
+        assert nbytes == 0
+        assert_close(per_token, reference.factored_scores(*_f64(clean, grads, left, right), mask=mask,
+                                                          per_token=True), FP32_ACC_TOL, ctx)
+        if ranges > 1:
+            status, err, launched = factored_scores_split(lib, *args, False, ctx, short_by=1)
+            assert status == 5 and f"needs a workspace of {n * ranges * q * 4} bytes" in err, (status, err)
+            assert launched == "", f"launched with a short workspace: {launched} {ctx}"
 
 
 @pytest.mark.parametrize("tc", TC_MODES, ids=lambda m: TC_ID[m])

@@ -1,11 +1,14 @@
 // CUDA factored scores (and the per-token variant).
-// One block per (document, token tile of 64 when per_token, query group). A query group
+// One block per (document, token range, query group): a range is a tile of 64 tokens for
+// per-token scores and all T tokens for document scores, or, when there are too few
+// (document, query group) pairs to fill the GPU and the caller gives a workspace, a split
+// of them whose partial scores sum_splits_kernel adds up in split order. A query group
 // is QB queries whose QB*r factor columns are processed in chunks of 64: for each chunk
 // the block computes, for its 64 token rows, GL = g L[:, chunk] (K = d_out) and
 // AR = a R[:, chunk] (K = d_in) as two 64x64 fp32 register tiles, multiplies them
 // elementwise and folds each query's r columns into per-(token, query) sums in shared
 // memory in a fixed order. Per-token scores are written directly; document scores sum
-// the token rows in order inside the block. No atomics, no workspace: deterministic.
+// the token rows in order inside the block. No atomics: deterministic for a given split.
 #include "kernels_common.cuh"
 
 namespace pyinf {
@@ -40,16 +43,17 @@ __device__ __forceinline__ void factor_product(float (&As)[BK][BM + 4], float (&
 }
 
 __global__ void __launch_bounds__(THREADS) factored_scores_kernel(View3 acts, View3 grads, View3 left, View3 right,
-                                                                  MaskView mask, int64_t N, int64_t T, int64_t d_in,
+                                                                  MaskView mask, int64_t T, int64_t d_in,
                                                                   int64_t d_out, int64_t Q, int64_t R, int QB,
-                                                                  int per_token, int64_t tblocks, float* out) {
+                                                                  int per_token, int64_t tblocks, int64_t tspan,
+                                                                  float* out, float* partials) {
   __shared__ float As[BK][BM + 4];
   __shared__ float Bs[BK][BN + 4];
   __shared__ float Ps[BM][BN + 1];
   __shared__ float sums[BM][QMAX];
   __shared__ int64_t a_base[BM], g_base[BM];
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const ScoreBlock blk = score_block(T, Q, R, QB, per_token, tblocks);
+  const ScoreBlock blk = score_block(T, Q, R, QB, tblocks, tspan);
   const int64_t n = blk.n, q0 = blk.q0, C = blk.C, t_begin = blk.t_begin, t_end = blk.t_end;
   const int qb = blk.qb;
 
@@ -82,7 +86,87 @@ __global__ void __launch_bounds__(THREADS) factored_scores_kernel(View3 acts, Vi
     if (per_token) store_token_scores<THREADS>(sums, qb, n, t0, t_end, T, Q, q0, out, tid);
     __syncthreads();
   }
-  if (!per_token) store_document_scores(sums, qb, n, Q, q0, out, tid);
+  if (!per_token) store_document_scores(sums, qb, blockIdx.x, Q, q0, partials ? partials : out, tid);
+}
+
+// out[n, q] = the sum of the document's S split partials [N, S, Q], in split order.
+__global__ void sum_splits_kernel(const float* __restrict__ partials, int64_t N, int64_t S, int64_t Q,
+                                  float* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= N * Q) return;
+  const int64_t n = i / Q, q = i % Q;
+  float s = 0.0f;
+  for (int64_t k = 0; k < S; ++k) s += partials[(n * S + k) * Q + q];
+  out[i] = s;
+}
+
+// Blocks a split aims for: a few waves of the 132 SMs of an H100 (the TC kernel's 128-thread
+// blocks with ~30 KB of shared memory fit several per SM). A constant, not the device's SM
+// count, so that a result does not depend on which GPU computed it.
+constexpr int64_t kSplitTargetBlocks = 512;
+// A split keeps at least this many token tiles (the block's set-up and epilogue amortised).
+constexpr int64_t kMinSplitTiles = 2;
+
+FactoredPlan plan(const Dims& d, int per_token, bool may_split) {
+  FactoredPlan p{};
+  int qb = d.r > 0 ? static_cast<int>(BN / d.r) : QMAX;
+  if (qb < 1) qb = 1;
+  if (qb > QMAX) qb = QMAX;
+  if (qb > d.q) qb = static_cast<int>(d.q);
+  p.qb = qb < 1 ? 1 : qb;
+  p.groups = d.q > 0 ? (d.q + p.qb - 1) / p.qb : 0;
+  if (per_token) {
+    p.tspan = BM;
+    p.tblocks = (d.t + BM - 1) / BM;
+    return p;
+  }
+  p.tspan = d.t;
+  p.tblocks = 1;
+  const int64_t pairs = d.n * p.groups, tiles = (d.t + BM - 1) / BM;
+  if (!may_split || pairs == 0 || pairs >= kSplitTargetBlocks) return p;
+  int64_t splits = (kSplitTargetBlocks + pairs - 1) / pairs;
+  if (splits > tiles / kMinSplitTiles) splits = tiles / kMinSplitTiles;
+  if (splits < 2) return p;
+  p.tspan = ((tiles + splits - 1) / splits) * BM;  // whole tiles per split
+  p.tblocks = (d.t + p.tspan - 1) / p.tspan;
+  if (p.tblocks < 2) {
+    p.tspan = d.t;
+    p.tblocks = 1;
+    return p;
+  }
+  p.split = true;
+  p.workspace_bytes = static_cast<size_t>(d.n * p.tblocks * d.q) * sizeof(float);
+  return p;
+}
+
+pyinf_status run_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                          const pyinf_tensor* right, const pyinf_tensor* mask, int per_token, float* out,
+                          void* workspace, size_t workspace_bytes, bool may_split, void* stream_ptr) {
+  Dims d;
+  pyinf_status s = validate_factored(acts, grads, left, right, mask, per_token, out, &d);
+  if (s != PYINF_SUCCESS) return s;
+  const FactoredPlan p = plan(d, per_token, may_split);
+  if (p.workspace_bytes > workspace_bytes || (p.workspace_bytes > 0 && workspace == nullptr))
+    return fail(PYINF_ERROR_WORKSPACE, "pyinf_cuda_factored_scores_split: needs a workspace of " +
+                                           std::to_string(p.workspace_bytes) + " bytes, got " +
+                                           std::to_string(workspace_bytes));
+  if (d.n == 0 || d.q == 0 || p.tblocks == 0) return PYINF_SUCCESS;
+  if (d.n * p.tblocks > 0x7fffffffLL || p.groups > 65535)
+    return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores: problem too large for one launch");
+  const dim3 grid(static_cast<unsigned>(d.n * p.tblocks), static_cast<unsigned>(p.groups));
+  float* partials = p.split ? static_cast<float*>(workspace) : nullptr;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (factored_scores_tc_applicable(acts, grads, left, right) && use_tensor_cores(true)) {
+    launch_factored_scores_tc(acts, grads, left, right, mask, d, per_token ? 1 : 0, p, grid, out, partials, stream);
+  } else {
+    factored_scores_kernel<<<grid, THREADS, 0, stream>>>(view3(*acts), view3(*grads), view3(*left), view3(*right),
+                                                         mask_view(mask), d.t, d.d_in, d.d_out, d.q, d.r, p.qb,
+                                                         per_token ? 1 : 0, p.tblocks, p.tspan, out, partials);
+  }
+  s = launch_check("factored_scores");
+  if (s != PYINF_SUCCESS || !p.split) return s;
+  sum_splits_kernel<<<ceil_div(d.n * d.q, 256), 256, 0, stream>>>(partials, d.n, p.tblocks, d.q, out);
+  return launch_check("factored_scores");
 }
 
 }  // namespace cuda
@@ -95,26 +179,26 @@ extern "C" pyinf_status pyinf_cuda_factored_scores(const pyinf_tensor* acts, con
                                                    const pyinf_tensor* left, const pyinf_tensor* right,
                                                    const pyinf_tensor* mask, int per_token, float* out,
                                                    void* stream) {
+  return run_factored(acts, grads, left, right, mask, per_token, out, nullptr, 0, false, stream);
+}
+
+extern "C" pyinf_status pyinf_cuda_factored_scores_workspace_size(const pyinf_tensor* acts,
+                                                                  const pyinf_tensor* grads,
+                                                                  const pyinf_tensor* left,
+                                                                  const pyinf_tensor* right, int per_token,
+                                                                  size_t* bytes) {
+  if (bytes == nullptr)
+    return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores_workspace_size: 'bytes' is NULL");
   Dims d;
-  pyinf_status s = validate_factored(acts, grads, left, right, mask, per_token, out, &d);
+  pyinf_status s = validate_factored_shapes(acts, grads, left, right, &d);
   if (s != PYINF_SUCCESS) return s;
-  const int64_t tblocks = per_token ? (d.t + BM - 1) / BM : 1;
-  if (d.n == 0 || d.q == 0 || tblocks == 0) return PYINF_SUCCESS;
-  int qb = d.r > 0 ? static_cast<int>(BN / d.r) : QMAX;
-  if (qb < 1) qb = 1;
-  if (qb > QMAX) qb = QMAX;
-  if (qb > d.q) qb = static_cast<int>(d.q);
-  const int64_t groups = (d.q + qb - 1) / qb;
-  if (d.n * tblocks > 0x7fffffffLL || groups > 65535)
-    return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores: problem too large for one launch");
-  dim3 grid(static_cast<unsigned>(d.n * tblocks), static_cast<unsigned>(groups));
-  if (factored_scores_tc_applicable(acts, grads, left, right) && use_tensor_cores(true)) {
-    launch_factored_scores_tc(acts, grads, left, right, mask, d, per_token ? 1 : 0, tblocks, qb, grid, out,
-                              static_cast<cudaStream_t>(stream));
-    return launch_check("factored_scores");
-  }
-  factored_scores_kernel<<<grid, THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
-      view3(*acts), view3(*grads), view3(*left), view3(*right), mask_view(mask), d.n, d.t, d.d_in, d.d_out, d.q,
-      d.r, qb, per_token ? 1 : 0, tblocks, out);
-  return launch_check("factored_scores");
+  *bytes = plan(d, per_token, true).workspace_bytes;
+  return PYINF_SUCCESS;
+}
+
+extern "C" pyinf_status pyinf_cuda_factored_scores_split(const pyinf_tensor* acts, const pyinf_tensor* grads,
+                                                         const pyinf_tensor* left, const pyinf_tensor* right,
+                                                         const pyinf_tensor* mask, int per_token, float* out,
+                                                         void* workspace, size_t workspace_bytes, void* stream) {
+  return run_factored(acts, grads, left, right, mask, per_token, out, workspace, workspace_bytes, true, stream);
 }

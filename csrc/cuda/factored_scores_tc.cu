@@ -117,14 +117,14 @@ __global__ void __launch_bounds__(TC_THREADS)
                               int64_t gs0, int64_t gs1, int64_t gs2, bool gvec, const T* left, int64_t ls0, int64_t ls1,
                               int64_t ls2, bool lvec, const T* right, int64_t rs0, int64_t rs1, int64_t rs2, bool rvec,
                               MaskView mask, int64_t T_len, int64_t d_in, int64_t d_out, int64_t Q, int64_t R, int QB,
-                              int per_token, int64_t tblocks, float* out) {
+                              int per_token, int64_t tblocks, int64_t tspan, float* out, float* partials) {
   __shared__ __align__(128) T As[BM][A_LD];
   __shared__ __align__(128) T Bs[TC_BK][B_LD];
   __shared__ __align__(128) float Ps[BM][P_LD];
   __shared__ float sums[BM][QMAX];
   __shared__ int64_t a_base[BM], g_base[BM];
   const int tid = threadIdx.x, warp = tid / 32, wm = warp / 2, wn = warp % 2;
-  const ScoreBlock blk = score_block(T_len, Q, R, QB, per_token, tblocks);
+  const ScoreBlock blk = score_block(T_len, Q, R, QB, tblocks, tspan);
   const int64_t n = blk.n, q0 = blk.q0, C = blk.C, t_begin = blk.t_begin, t_end = blk.t_end;
   const int qb = blk.qb;
 
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(TC_THREADS)
     if (per_token) store_token_scores<TC_THREADS>(sums, qb, n, t0, t_end, T_len, Q, q0, out, tid);
     __syncthreads();
   }
-  if (!per_token) store_document_scores(sums, qb, n, Q, q0, out, tid);
+  if (!per_token) store_document_scores(sums, qb, blockIdx.x, Q, q0, partials ? partials : out, tid);
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
@@ -181,15 +181,15 @@ bool factor_vectorisable(const pyinf_tensor& f) {
 
 template <typename T>
 void launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
-                  const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token, int64_t tblocks,
-                  int qb, dim3 grid, float* out, cudaStream_t stream) {
+                  const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
+                  const FactoredPlan& p, dim3 grid, float* out, float* partials, cudaStream_t stream) {
   factored_scores_tc_kernel<T><<<grid, TC_THREADS, 0, stream>>>(
       static_cast<const T*>(acts->data), acts->strides[0], acts->strides[1], acts->strides[2],
       rows_vectorisable(*acts), static_cast<const T*>(grads->data), grads->strides[0], grads->strides[1],
       grads->strides[2], rows_vectorisable(*grads), static_cast<const T*>(left->data), left->strides[0],
       left->strides[1], left->strides[2], factor_vectorisable(*left), static_cast<const T*>(right->data),
       right->strides[0], right->strides[1], right->strides[2], factor_vectorisable(*right), mask_view(mask), d.t,
-      d.d_in, d.d_out, d.q, d.r, qb, per_token, tblocks, out);
+      d.d_in, d.d_out, d.q, d.r, p.qb, per_token, p.tblocks, p.tspan, out, partials);
 }
 
 }  // namespace
@@ -203,11 +203,11 @@ bool factored_scores_tc_applicable(const pyinf_tensor* acts, const pyinf_tensor*
 
 void launch_factored_scores_tc(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                                const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
-                               int64_t tblocks, int qb, dim3 grid, float* out, cudaStream_t stream) {
+                               const FactoredPlan& p, dim3 grid, float* out, float* partials, cudaStream_t stream) {
   if (acts->dtype == PYINF_BFLOAT16)
-    launch_typed<__nv_bfloat16>(acts, grads, left, right, mask, d, per_token, tblocks, qb, grid, out, stream);
+    launch_typed<__nv_bfloat16>(acts, grads, left, right, mask, d, per_token, p, grid, out, partials, stream);
   else
-    launch_typed<__half>(acts, grads, left, right, mask, d, per_token, tblocks, qb, grid, out, stream);
+    launch_typed<__half>(acts, grads, left, right, mask, d, per_token, p, grid, out, partials, stream);
 }
 
 }  // namespace cuda

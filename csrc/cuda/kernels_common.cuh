@@ -81,8 +81,10 @@ __device__ __forceinline__ void mma_slice(const float (&As)[BK][BM + 4], const f
 }
 
 // Factored scores: the block's share of the work, decoded the same way by the FMA and the
-// tensor-core kernel. Grid: x = document * tblocks + token tile (tblocks = 1 for document
-// scores: one block walks all tokens), y = query group of QB (<= QMAX) queries.
+// tensor-core kernel. Grid: x = document * tblocks + token range, y = query group of QB
+// (<= QMAX) queries. A token range is tspan tokens: one tile of BM for per-token scores; for
+// document scores all T tokens (tblocks = 1), or a split of them whose partial scores a
+// second kernel sums in a fixed order (few documents and queries: more blocks than that).
 constexpr int QMAX = 16;  // queries per block at most
 
 struct ScoreBlock {
@@ -94,16 +96,16 @@ struct ScoreBlock {
   int64_t t_end;
 };
 
-__device__ __forceinline__ ScoreBlock score_block(int64_t T, int64_t Q, int64_t R, int QB, int per_token,
-                                                  int64_t tblocks) {
+__device__ __forceinline__ ScoreBlock score_block(int64_t T, int64_t Q, int64_t R, int QB, int64_t tblocks,
+                                                  int64_t tspan) {
   ScoreBlock b;
   b.n = blockIdx.x / tblocks;
   const int64_t tb = blockIdx.x % tblocks;
   b.q0 = static_cast<int64_t>(blockIdx.y) * QB;
   b.qb = static_cast<int>(Q - b.q0 < QB ? Q - b.q0 : QB);
   b.C = b.qb * R;
-  b.t_begin = per_token ? tb * BM : 0;
-  b.t_end = per_token ? (b.t_begin + BM < T ? b.t_begin + BM : T) : T;
+  b.t_begin = tb * tspan;
+  b.t_end = b.t_begin + tspan < T ? b.t_begin + tspan : T;
   return b;
 }
 
@@ -136,14 +138,15 @@ __device__ __forceinline__ void store_token_scores(const float (*sums)[QM], int 
   }
 }
 
-// Document scores: each query's token rows summed in row order into out [N, Q].
+// Document scores of the block's token range: each query's token rows summed in row order
+// into row `row` of dst [rows, Q] (out [N, Q] itself when a document is one range).
 template <int QM>
-__device__ __forceinline__ void store_document_scores(const float (*sums)[QM], int qb, int64_t n, int64_t Q,
-                                                      int64_t q0, float* out, int tid) {
+__device__ __forceinline__ void store_document_scores(const float (*sums)[QM], int qb, int64_t row, int64_t Q,
+                                                      int64_t q0, float* dst, int tid) {
   if (tid < qb) {
     float s = 0.0f;
     for (int m = 0; m < BM; ++m) s += sums[m][tid];
-    out[n * Q + q0 + tid] = s;
+    dst[row * Q + q0 + tid] = s;
   }
 }
 
@@ -210,13 +213,23 @@ void launch_rotate_tc(View3 x, View2 q, MaskView mask, int64_t N, int64_t T, int
 void launch_gram_tc(const float* rot_g, const float* rot_a, int64_t N, int64_t T, int64_t d_out, int64_t d_in,
                     int self_mode, View2 lambdas, float damping, float* out, dim3 grid, cudaStream_t stream);
 
+// How a factored-scores call is cut into blocks (factored_scores.cu): QB queries per block,
+// `groups` query groups, tblocks token ranges of tspan tokens per document; `split`: document
+// scores are written per range into a workspace of N * tblocks * Q floats, then summed.
+struct FactoredPlan {
+  int qb;
+  int64_t groups, tblocks, tspan;
+  bool split;
+  size_t workspace_bytes;
+};
+
 // Tensor-core factored scores (factored_scores_tc.cu): applicable when the four inputs are
 // all bf16 or all fp16; same grid, block query groups and output as the FMA kernel.
 bool factored_scores_tc_applicable(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                                    const pyinf_tensor* right);
 void launch_factored_scores_tc(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                                const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
-                               int64_t tblocks, int qb, dim3 grid, float* out, cudaStream_t stream);
+                               const FactoredPlan& p, dim3 grid, float* out, float* partials, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace pyinf

@@ -95,7 +95,9 @@ def factored_scores(acts, grads, left, right, *, mask=None, per_token=False):
     shape = (n, t, left.shape[0]) if per_token else (n, left.shape[0])
     out = torch.empty(shape, dtype=torch.float32, device=acts.device)
     with _on_device(acts):
-        _C.factored_scores(acts, grads, left, right, mask, bool(per_token), out, _stream(acts))
+        # a workspace when the kernel splits the tokens of few documents over more blocks
+        ws = _workspace(_C.factored_scores_workspace_size(acts, grads, left, right, bool(per_token)), acts)
+        _C.factored_scores(acts, grads, left, right, mask, bool(per_token), out, ws, _stream(acts))
     return out
 
 

@@ -220,10 +220,20 @@ int main(void) {
     CHECK(s == PYINF_ERROR_WORKSPACE, "missing workspace gave %d", (int)s);
     s = pyinf_cuda_factored_scores(&A, &G, &bad, &RF, NULL, 0, out, NULL);
     CHECK(s == PYINF_ERROR_INVALID_VALUE, "cuda bad left gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_workspace_size(&A, &G, &LF, &RF, 0, &bytes);
+    CHECK(s == PYINF_SUCCESS, "factored workspace size gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_workspace_size(&A, &G, &bad, &RF, 0, &bytes);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE, "factored workspace size with a bad left gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_split(&A, &G, &bad, &RF, NULL, 0, out, NULL, 0, NULL);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE, "cuda split bad left gave %d", (int)s);
   } else {
     CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: cuda entry point gave %d", (int)s);
     s = pyinf_cuda_factored_scores(&A, &G, &LF, &RF, NULL, 0, out, NULL);
     CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: cuda factored_scores gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_workspace_size(&A, &G, &LF, &RF, 0, &bytes);
+    CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: factored workspace size gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_split(&A, &G, &LF, &RF, NULL, 0, out, NULL, 0, NULL);
+    CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: factored split gave %d", (int)s);
   }
 
   printf("pyinf C API test (cuda compiled: %d, archs '%s'): %s\n", pyinf_cuda_compiled(), pyinf_cuda_archs(),

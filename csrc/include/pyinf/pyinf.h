@@ -134,6 +134,21 @@ PYINF_API pyinf_status pyinf_cuda_factored_scores(const pyinf_tensor* acts, cons
                                                   const pyinf_tensor* mask, int per_token, float* out,
                                                   void* stream);
 
+/* The same scores, faster for few documents and queries: document scores (per_token = 0)
+ * then split each document's tokens over several blocks, whose partial scores are summed in
+ * a fixed order (deterministic; the split, hence the rounding, depends on the shapes only).
+ * The split needs the workspace whose size pyinf_cuda_factored_scores_workspace_size reports
+ * (0 bytes when no split is made: then the call is pyinf_cuda_factored_scores). */
+PYINF_API pyinf_status pyinf_cuda_factored_scores_workspace_size(const pyinf_tensor* acts,
+                                                                 const pyinf_tensor* grads,
+                                                                 const pyinf_tensor* left,
+                                                                 const pyinf_tensor* right, int per_token,
+                                                                 size_t* bytes);
+PYINF_API pyinf_status pyinf_cuda_factored_scores_split(const pyinf_tensor* acts, const pyinf_tensor* grads,
+                                                        const pyinf_tensor* left, const pyinf_tensor* right,
+                                                        const pyinf_tensor* mask, int per_token, float* out,
+                                                        void* workspace, size_t workspace_bytes, void* stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif
