@@ -13,6 +13,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 # DESIGN.md section 5: fp32 well under 1e-4, tf32 near 3e-4, bf16/fp16 inputs under 1e-2.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-10}
+# eigen_correction and self_influence return squares of rotated values: the 16-bit
+# backends round the eigenbases and the rotated values to the input dtype, and a square
+# doubles the relative error of what it squares. Measured (Triton, bf16, 300 fresh inputs of
+# the smallest test shape, d_in = 1, d_out = 3, where nothing averages out): median 3.5e-3,
+# p99 1.3e-2, max 1.4e-2. So twice TOLERANCE for 16-bit inputs.
+SQUARED_TOLERANCE = {**TOLERANCE, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
 def _mask64(mask, n, t):

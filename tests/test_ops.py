@@ -90,7 +90,7 @@ def test_eigen_correction(backend_device, shape, dtype, mask_kind):
     _skip_unless_runs(backend, device, "eigen_correction", [acts, grads, q_a, q_s])
     out = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend=backend)
     assert out.dtype == torch.float32 and out.shape == (shape[3], shape[2])
-    assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask)) < oracle.TOLERANCE[dtype]
+    assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask)) < oracle.SQUARED_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
@@ -108,7 +108,7 @@ def test_self_influence(backend_device, shape, dtype, mask_kind):
     out = ops.self_influence(acts, grads, q_a, q_s, lambdas, damping, mask=mask, backend=backend)
     assert out.dtype == torch.float32 and out.shape == (shape[0],)
     ref = oracle.self_influence(acts, grads, q_a, q_s, lambdas, damping, mask)
-    assert oracle.rel_err(out, ref) < oracle.TOLERANCE[dtype]
+    assert oracle.rel_err(out, ref) < oracle.SQUARED_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_PARAMS)

@@ -64,9 +64,10 @@ def test_strided_inputs_all_ops(dtype):
 
     assert oracle.rel_err(ops.covariance(acts, mask=mask, backend="triton"), oracle.covariance(acts, mask)) < tol
     out = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="triton")
-    assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask)) < tol
+    squared_tol = oracle.SQUARED_TOLERANCE[dtype]
+    assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask)) < squared_tol
     out = ops.self_influence(acts, grads, q_a, q_s, lambdas, 0.3, mask=mask, backend="triton")
-    assert oracle.rel_err(out, oracle.self_influence(acts, grads, q_a, q_s, lambdas, 0.3, mask)) < tol
+    assert oracle.rel_err(out, oracle.self_influence(acts, grads, q_a, q_s, lambdas, 0.3, mask)) < squared_tol
     for per_token in (False, True):
         out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="triton")
         assert oracle.rel_err(out, oracle.factored_scores(acts, grads, left, right, mask, per_token)) < tol
@@ -230,8 +231,10 @@ def test_padding_garbage_never_leaks(dtype):
     clean_a = torch.where(mask.unsqueeze(-1), acts, torch.zeros((), dtype=dtype, device=DEVICE))
     clean_g = torch.where(mask.unsqueeze(-1), grads, torch.zeros((), dtype=dtype, device=DEVICE))
     assert oracle.rel_err(outs["covariance"][0], oracle.covariance(clean_a, mask)) < tol
-    assert oracle.rel_err(outs["eigen"][0], oracle.eigen_correction(clean_a, clean_g, q_a, q_s, mask)) < tol
-    assert oracle.rel_err(outs["self"][0], oracle.self_influence(clean_a, clean_g, q_a, q_s, lambdas, 0.1, mask)) < tol
+    squared_tol = oracle.SQUARED_TOLERANCE[dtype]
+    assert oracle.rel_err(outs["eigen"][0], oracle.eigen_correction(clean_a, clean_g, q_a, q_s, mask)) < squared_tol
+    assert oracle.rel_err(outs["self"][0],
+                          oracle.self_influence(clean_a, clean_g, q_a, q_s, lambdas, 0.1, mask)) < squared_tol
     assert oracle.rel_err(outs["per_token"][0], oracle.factored_scores(clean_a, clean_g, left, right, mask, True)) < tol
     assert oracle.rel_err(outs["dense"][0], oracle.dense_scores(clean_a, clean_g, dense, mask)) < tol
     assert oracle.rel_err(outs["dense_per_token"][0], oracle.dense_scores(clean_a, clean_g, dense, mask, True)) < tol
