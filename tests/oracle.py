@@ -3,11 +3,16 @@ and independent of pyinf's own code: per-document gradients are built explicitly
 import torch
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(out: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor = None) -> float:
+    """||out - ref|| / ||ref||, or / ||scale|| when given: for a score that is a sum of
+    terms of both signs, `scale` is the same sum over absolute values (see
+    factored_scores(..., absolute=True)), the quantity a rounding-error bound is relative to.
+    Relative to ||ref|| alone, a sum that cancels to near zero (a 5-token document of
+    random numbers) turns fp32 rounding into a spurious 1e-4 failure."""
     out, ref = out.double().cpu(), ref.double().cpu()
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), "result has NaN or Inf"
-    denom = ref.norm().item()
+    denom = (ref if scale is None else scale.double().cpu()).norm().item()
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
@@ -52,19 +57,23 @@ def self_influence(acts, grads, q_a, q_s, lambdas, damping, mask=None):
     return (rot.square() / (lambdas.double().cpu() + damping)).sum((1, 2))
 
 
-def factored_scores(acts, grads, left, right, mask=None, per_token=False):
-    a, g = acts.double().cpu(), grads.double().cpu()
+def factored_scores(acts, grads, left, right, mask=None, per_token=False, absolute=False):
+    """``absolute``: the same sums over the absolute values of every factor (rel_err's scale)."""
+    f = (lambda x: x.double().cpu().abs()) if absolute else (lambda x: x.double().cpu())
+    a, g = f(acts), f(grads)
     m = _mask64(mask, a.shape[0], a.shape[1])
-    gl = torch.einsum("nto,qok->ntqk", g, left.double().cpu())
-    ar = torch.einsum("nti,qik->ntqk", a, right.double().cpu())
+    gl = torch.einsum("nto,qok->ntqk", g, f(left))
+    ar = torch.einsum("nti,qik->ntqk", a, f(right))
     per_tok = (gl * ar).sum(-1) * m.unsqueeze(-1)
     return per_tok if per_token else per_tok.sum(1)
 
 
-def dense_scores(acts, grads, dense, mask=None, per_token=False):
-    a, g = acts.double().cpu(), grads.double().cpu()
+def dense_scores(acts, grads, dense, mask=None, per_token=False, absolute=False):
+    """``absolute``: the same sums over the absolute values of every factor (rel_err's scale)."""
+    f = (lambda x: x.double().cpu().abs()) if absolute else (lambda x: x.double().cpu())
+    a, g = f(acts), f(grads)
     m = _mask64(mask, a.shape[0], a.shape[1])
-    per_tok = torch.einsum("nto,qoi,nti->ntq", g, dense.double().cpu(), a) * m.unsqueeze(-1)
+    per_tok = torch.einsum("nto,qoi,nti->ntq", g, f(dense), a) * m.unsqueeze(-1)
     return per_tok if per_token else per_tok.sum(1)
 
 
