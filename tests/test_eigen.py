@@ -45,8 +45,8 @@ def test_same_bits_as_one_after_another_cpu(workers):
 def test_same_bits_as_one_after_another_cuda(workers):
     # the matrices are still being written on the caller's stream when eigendecompose starts:
     # the worker streams must wait for them
-    x = {k: torch.randn(4096, m.shape[0], dtype=torch.float64, device="cuda")
-         for k, m in _covariances([769, 768, 3073, 3072, 5, 1, 100]).items()}
+    x = {f"m{i} ({n})": torch.randn(4096, n, dtype=torch.float64, device="cuda")
+         for i, n in enumerate([769, 768, 3073, 3072, 5, 1, 100])}
     mats = {k: v.T @ v / v.shape[0] for k, v in x.items()}
     got = eigendecompose(mats, workers=workers)
     sums = {k: got[k][1].sum() for k in mats}  # used on the caller's stream right away
