@@ -4,10 +4,12 @@
     factors = engine.fit_factors(train_data)
     queries = engine.prepare_queries(query_data, factors, rank=32)
     scores = engine.pairwise_scores(train_data, queries)   # [n_train, n_query]
+    scores = pyinf.score_corpus(engine, train_data, queries, "out/")   # resumable, shardable
 """
 __version__ = "0.1.0"
 
 from . import ops
+from .corpus import score_corpus
 from .engine import InfluenceEngine
 from .factors import Factors
 from .queries import Queries
@@ -15,4 +17,4 @@ from .normalize import normalize
 from .storage import CorruptFileError
 from .task import CausalLMTask, Task, pad_collate
 
-__all__ = ["InfluenceEngine", "Task", "CausalLMTask", "Factors", "Queries", "CorruptFileError", "pad_collate", "normalize", "ops"]
+__all__ = ["InfluenceEngine", "Task", "CausalLMTask", "Factors", "Queries", "CorruptFileError", "pad_collate", "normalize", "score_corpus", "ops"]

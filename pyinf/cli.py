@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import torch
 
+from .corpus import DEFAULT_CHUNK_SIZE
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -32,6 +34,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "(compiles once; pays on long passes)")
     p.add_argument("--checkpoint", action="store_true", help="activation checkpointing of the model's blocks "
                    "(a fraction of the activation memory, for one more forward of the blocks)")
+
+
+def _add_query_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rank", type=int, default=32, help="query rank (0 = full rank)")
+    p.add_argument("--damping", type=float, default=None, help="default: 0.1 x mean(Lambda) per module")
+    p.add_argument("--svd", choices=["full", "randomized"], default="full", help="how query gradients are "
+                   "truncated to the rank (randomized: far cheaper for wide layers)")
+
+
+def _shard(text: str):
+    from .corpus import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _engine(args):
@@ -68,39 +86,140 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def _query_source(args, path) -> dict:
+    """What prepared queries depend on besides the factors: recorded in a prepared file and
+    checked before a score run reuses it."""
+    import hashlib
+
+    return dict(queries_sha256=hashlib.sha256(Path(path).read_bytes()).hexdigest(), rank=args.rank,
+                damping_arg=args.damping, svd=args.svd, max_length=args.max_length)
+
+
+def _prepare(engine, args, factors, query):
+    queries = engine.prepare_queries(query, factors, rank=None if args.rank == 0 else args.rank,
+                                     damping=args.damping, batch_size=args.batch_size, svd=args.svd)
+    queries.meta["source"] = _query_source(args, args.queries)
+    return queries
+
+
+def cmd_prepare(args) -> int:
+    from . import Factors
+    from .textdata import JsonlTextDataset
+
+    engine, tokenizer = _engine(args)
+    factors = Factors.load(args.factors)
+    query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length)
+    path = _prepare(engine, args, factors, query).save(args.out)
+    print(f"pyinf: prepared {len(query)} queries (rank {args.rank or 'full'}) -> {path}")
+    return 0
+
+
+def _load_or_prepare(engine, args, factors, query, out: Path):
+    """The run's queries: ``--prepared``, else the ones an earlier run into ``out`` prepared
+    from the same inputs (so a resumed run scores against the very same factors), else new."""
+    from .queries import Queries
+
+    if args.prepared:
+        queries = Queries.load(args.prepared, factors)
+        source = queries.meta.get("source", {})
+        if queries.n_queries != len(query) or source.get("queries_sha256") not in (
+                None, _query_source(args, args.queries)["queries_sha256"]):
+            raise ValueError(f"{args.prepared} was not prepared from {args.queries} ({queries.n_queries} queries "
+                             f"there, {len(query)} in {args.queries})")
+        return queries
+    if args.shard is not None and args.shard[1] > 1:
+        raise SystemExit("pyinf: --shard needs --prepared QUERIES (from `pyinf prepare`), so that every shard "
+                         "scores against the same query factors")
+    saved = out / "queries.safetensors"
+    if saved.exists():
+        try:
+            queries = Queries.load(saved)
+        except ValueError as exc:  # damaged (CorruptFileError) or of other modules: prepare again
+            print(f"pyinf: not reusing {saved}: {exc}", file=sys.stderr)
+        else:
+            if queries.factors_id == factors.id and queries.meta.get("source") == _query_source(args, args.queries):
+                print(f"pyinf: reusing the queries prepared by an earlier run: {saved}", file=sys.stderr)
+                return queries
+    queries = _prepare(engine, args, factors, query)
+    queries.save(saved)
+    return queries
+
+
+def _top_documents(scores, k: int):
+    """Per query, the indices of its ``k`` highest-scoring documents."""
+    return [scores[:, q].topk(k).indices.tolist() for q in range(scores.shape[1])]
+
+
+def _token_highlights(engine, args, train, tokenizer, queries, top, out: Path) -> dict:
+    """Per-token scores of the union of every query's top documents (one short extra pass,
+    not one over the corpus), saved to ``tokens.safetensors``; returns ``{(doc, query): the
+    doc's most influential tokens}`` for top.json."""
+    import numpy as np
+    from torch.utils.data import Subset
+
+    from . import storage
+    from .scoring import display_token_scores
+
+    docs = sorted({n for per_query in top for n in per_query})
+    per_token = engine.pairwise_scores(Subset(train, docs), queries, per_token=True, batch_size=args.batch_size)
+    storage.save(out / "tokens.safetensors", "token-scores",
+                 {"per_token": per_token, "documents": torch.tensor(docs, dtype=torch.int64)},
+                 dict(queries=queries.fingerprint, note="per_token[i, t, q]: document documents[i], the position "
+                      "t that predicts token t + 1"))
+    highlights = {}
+    for row, n in enumerate(docs):
+        ids = train[n]["input_ids"].tolist()
+        for q in range(per_token.shape[2]):
+            shown = display_token_scores(per_token[row, :, q], len(ids))
+            best = np.argsort(-shown, kind="stable")[:args.top_tokens]
+            highlights[n, q] = [dict(position=int(i), token=tokenizer.decode([ids[i]]), score=float(shown[i]))
+                                for i in best if shown[i] > 0]
+    return highlights
+
+
 def cmd_score(args) -> int:
-    from . import Factors, storage
+    from . import Factors
+    from .corpus import score_corpus
     from .textdata import JsonlTextDataset
 
     engine, tokenizer = _engine(args)
     factors = Factors.load(args.factors)
     train = JsonlTextDataset(args.train, tokenizer, max_length=args.max_length)
     query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length)
-    queries = engine.prepare_queries(query, factors, rank=None if args.rank == 0 else args.rank,
-                                     damping=args.damping, batch_size=args.batch_size)
-    scores = engine.pairwise_scores(train, queries, batch_size=args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {"scores": scores}
-    if args.per_token:
-        tensors["per_token"] = engine.pairwise_scores(train, queries, per_token=True, batch_size=args.batch_size)
-    storage.save(out / "scores.safetensors", "scores", tensors,
-                 dict(rank=queries.rank, damping=queries.damping, factors_id=factors.id, train=str(args.train),
-                      queries=str(args.queries), model=str(args.model)))
-    top = []
+    queries = _load_or_prepare(engine, args, factors, query, out)
+    scores = score_corpus(engine, train, queries, out, chunk_size=args.chunk_size, shard=args.shard,
+                          batch_size=args.batch_size,
+                          run_meta=dict(max_length=args.max_length, dtype=args.dtype, model_path=str(args.model)))
+    if scores is None:
+        print(f"pyinf: shard {args.shard[0]}/{args.shard[1]} done; chunks of other shards are still missing. The "
+              f"shard that finishes last joins them (or rerun this command without --shard).")
+        return 0
     k = min(args.top_k, scores.shape[0])
-    for q in range(scores.shape[1]):
-        values, index = scores[:, q].topk(k)
-        top.append(dict(query=query.text(q), top=[dict(index=int(i), score=float(v), text=train.text(int(i)))
-                                                  for v, i in zip(values, index)]))
+    top_docs = _top_documents(scores, k)
+    tokens = _token_highlights(engine, args, train, tokenizer, queries, top_docs, out) if args.per_token else {}
+    top = []
+    for q, docs in enumerate(top_docs):
+        rows = []
+        for n in docs:
+            row = dict(index=n, score=float(scores[n, q]), text=train.text(n))
+            if args.per_token:
+                row["tokens"] = tokens[n, q]
+            rows.append(row)
+        top.append(dict(query=query.text(q), top=rows))
     tmp = out / ".top.json.tmp"
     tmp.write_text(json.dumps(top, indent=1))
     tmp.replace(out / "top.json")
     for entry in top:
         print(f"\nquery: {entry['query'][:100]!r}")
         for row in entry["top"][: min(5, k)]:
-            print(f"  {row['score']:+.4e}  #{row['index']:<6d} {row['text'][:90]!r}")
-    print(f"\npyinf: scores {tuple(scores.shape)} -> {out / 'scores.safetensors'}, top {k} -> {out / 'top.json'}")
+            line = f"  {row['score']:+.4e}  #{row['index']:<6d} {row['text'][:90]!r}"
+            if row.get("tokens"):
+                line += "  tokens: " + ", ".join(repr(t["token"]) for t in row["tokens"][:3])
+            print(line)
+    print(f"\npyinf: scores {tuple(scores.shape)} -> {out / 'scores.safetensors'}, top {k} -> {out / 'top.json'}"
+          + (f", token scores of the top documents -> {out / 'tokens.safetensors'}" if args.per_token else ""))
     return 0
 
 
@@ -141,16 +260,31 @@ def build_parser() -> argparse.ArgumentParser:
                      "its own CUDA stream on a GPU (default $PYINF_EIGH_WORKERS, else the measured count on a GPU, else 1)")
     fit.set_defaults(func=cmd_fit)
 
-    score = sub.add_parser("score", help="score training documents against queries")
+    prepare = sub.add_parser("prepare", help="prepare query factors once (for sharded or repeated scoring)")
+    _add_model_args(prepare)
+    prepare.add_argument("--factors", required=True)
+    prepare.add_argument("--queries", required=True, help="JSONL, {'prompt': ..., 'completion': ...} per line")
+    prepare.add_argument("--out", required=True, help="queries file to write (.safetensors)")
+    _add_query_args(prepare)
+    prepare.set_defaults(func=cmd_prepare)
+
+    score = sub.add_parser("score", help="score training documents against queries (resumable, shardable)")
     _add_model_args(score)
     score.add_argument("--factors", required=True)
     score.add_argument("--train", required=True, help="JSONL, one {'text': ...} per line")
     score.add_argument("--queries", required=True, help="JSONL, {'prompt': ..., 'completion': ...} per line")
-    score.add_argument("--out", required=True, help="output directory")
-    score.add_argument("--rank", type=int, default=32, help="query rank (0 = full rank)")
-    score.add_argument("--damping", type=float, default=None, help="default: 0.1 x mean(Lambda) per module")
+    score.add_argument("--out", required=True, help="output directory (a rerun into it resumes)")
+    score.add_argument("--prepared", default=None, help="queries prepared by `pyinf prepare` from --queries "
+                       "(their rank, damping and SVD apply; default: prepare them, once per output directory)")
+    _add_query_args(score)
+    score.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="documents per saved chunk: "
+                       "an interrupted run loses at most one chunk")
+    score.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="score only shard K of N "
+                       "(from 0) of the chunks; shards share --out, the last to finish joins the scores")
     score.add_argument("--top-k", type=int, default=10)
-    score.add_argument("--per-token", action="store_true", help="also save per-token scores")
+    score.add_argument("--per-token", action="store_true", help="per-token scores of each query's top documents "
+                       "(tokens.safetensors, and their most influential tokens in top.json)")
+    score.add_argument("--top-tokens", type=int, default=5, help="tokens listed per top document with --per-token")
     score.set_defaults(func=cmd_score)
 
     backends = sub.add_parser("backends", help="which kernel backends can run here")

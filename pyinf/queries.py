@@ -3,6 +3,8 @@ by the EK-FAC inverse ``P = H^-1 grad_q``, then truncated to rank r as ``P ~ L R
 one pass over the training data serves every query (DESIGN.md section 1, step 6)."""
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Dict, Optional
 
 import torch
@@ -25,6 +27,7 @@ class Queries:
         self.specs = specs
         self.tensors = tensors
         self.meta = meta
+        self._fingerprint: Optional[str] = None
 
     @property
     def rank(self) -> Optional[int]:
@@ -55,6 +58,22 @@ class Queries:
     @property
     def module_names(self):
         return list(self.specs)
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 over every query tensor's bytes and the settings that shaped them: two
+        Queries score alike exactly when their fingerprints match (what resumable, sharded
+        scoring checks before it reuses scores computed in another run)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(json.dumps(dict(rank=self.rank, factors_id=self.factors_id, damping=self.damping),
+                                          sort_keys=True).encode())
+            for name in sorted(self.tensors):
+                for field in sorted(self.tensors[name]):
+                    t = self.tensors[name][field].detach().contiguous().cpu()
+                    h.update(f"{name}::{field}:{t.dtype}:{tuple(t.shape)}".encode())
+                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def __repr__(self) -> str:
         return f"Queries({self.n_queries} queries, rank={self.rank}, {len(self.specs)} modules)"

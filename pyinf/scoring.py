@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
 from . import ops
@@ -17,6 +18,16 @@ def prefer_dense(t: int, d_in: int, d_out: int, q: int, r: int) -> bool:
     """DESIGN.md section 2's cost model: materialising DW_n and dotting with dense P costs
     ``2T d_in d_out + 2 d_in d_out Q`` per document, the factored form ``2T (d_in + d_out) Q r``."""
     return t * d_in * d_out + d_in * d_out * q < t * (d_in + d_out) * q * r
+
+
+def display_token_scores(tok_scores: torch.Tensor, n_tokens: int) -> np.ndarray:
+    """Per-token influence aligned to the tokens of a causal LM's document: the activations
+    and gradients at position ``t`` serve the prediction of token ``t + 1``, so entry ``i`` is
+    the score of the position that predicts token ``i`` (the first token, never predicted,
+    gets 0)."""
+    out = np.zeros(n_tokens, dtype=np.float64)
+    out[1:] = tok_scores[: n_tokens - 1].double().numpy()
+    return out
 
 
 def _pad_tokens(chunks: List[torch.Tensor], t_max: int) -> torch.Tensor:

@@ -4,6 +4,8 @@ examples that :class:`pyinf.CausalLMTask` reads."""
 from __future__ import annotations
 
 import json
+import os
+from array import array
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -62,49 +64,99 @@ def load_model(path: str, *, seed: int = 0, dtype: Optional[torch.dtype] = None)
 
 class JsonlTextDataset(Dataset):
     """One document per line: ``{"text": ...}`` (every token carries the loss) or
-    ``{"prompt": ..., "completion": ...}`` (only the completion does, as for queries)."""
+    ``{"prompt": ..., "completion": ...}`` (only the completion does, as for queries).
+
+    Built for corpora of millions of documents: opening the file checks every line's JSON
+    and keys (so a bad line is named before any compute) but keeps only each line's byte
+    offset; a document is read and tokenised when it is asked for (``os.pread``, so
+    DataLoader worker processes can share the dataset)."""
 
     def __init__(self, path: str, tokenizer, *, max_length: int = 512):
         self.path = str(path)
-        self.records: List[Dict] = []
-        self.items: List[Dict[str, torch.Tensor]] = []
-        with open(path) as f:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        offsets, lengths, line_numbers = array("q"), array("q"), array("q")
+        with open(path, "rb") as f:
+            offset = 0
             for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON: {exc}") from None
-                self.records.append(rec)
-                self.items.append(self._encode(rec, tokenizer, max_length, f"{path}:{line_no}"))
-        if not self.items:
+                if line.strip():
+                    self._parse(line, f"{path}:{line_no}")
+                    offsets.append(offset)
+                    lengths.append(len(line))
+                    line_numbers.append(line_no)
+                offset += len(line)
+        if not offsets:
             raise ValueError(f"{path} holds no document")
+        self._offsets, self._lengths, self._line_numbers = offsets, lengths, line_numbers
+        self._fd: Optional[int] = None
+        self._fd_pid: Optional[int] = None
+
+    @staticmethod
+    def _parse(line: bytes, where: str) -> Dict:
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{where}: not valid JSON: {exc}") from None
+        if not isinstance(rec, dict) or not ("text" in rec or ("prompt" in rec and "completion" in rec)):
+            raise ValueError(f"{where}: a record needs 'text', or 'prompt' and 'completion'")
+        for key in ("text", "prompt", "completion"):
+            if key in rec and not isinstance(rec[key], str):
+                raise ValueError(f"{where}: '{key}' must be a string, got {type(rec[key]).__name__}")
+        return rec
+
+    def _read(self, i: int) -> bytes:
+        if self._fd is None or self._fd_pid != os.getpid():  # a forked worker opens its own
+            self._fd, self._fd_pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        line = os.pread(self._fd, self._lengths[i], self._offsets[i])
+        if len(line) != self._lengths[i]:
+            raise RuntimeError(f"{self.where(i)}: the file changed while it was being read")
+        return line
+
+    def where(self, i: int) -> str:
+        """``path:line`` of document ``i``, for messages."""
+        return f"{self.path}:{self._line_numbers[i]}"
+
+    def record(self, i: int) -> Dict:
+        return self._parse(self._read(i), self.where(i))
+
+    def raw(self, i: int) -> bytes:
+        """Document ``i``'s line as stored (what a fingerprint of the corpus hashes)."""
+        return self._read(i)
 
     @staticmethod
     def _encode(rec, tokenizer, max_length, where):
         if "text" in rec:
             ids = tokenizer.encode(rec["text"])
             labels = list(ids)
-        elif "prompt" in rec and "completion" in rec:
+        else:
             prompt = tokenizer.encode(rec["prompt"])
             completion = tokenizer.encode(rec["completion"], add_special_tokens=False) \
                 if not isinstance(tokenizer, ByteTokenizer) else tokenizer.encode(rec["completion"])
             ids = prompt + completion
             labels = [-100] * len(prompt) + completion
-        else:
-            raise ValueError(f"{where}: a record needs 'text', or 'prompt' and 'completion'")
         ids, labels = ids[:max_length], labels[:max_length]
         if len(ids) < 2 or all(l == -100 for l in labels[1:]):
             raise ValueError(f"{where}: too short to carry a loss after tokenisation ({len(ids)} tokens)")
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
 
     def __len__(self):
-        return len(self.items)
+        return len(self._offsets)
 
     def __getitem__(self, i):
-        return self.items[i]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"document {i} of {self.path}, which holds {len(self)}")
+        i %= len(self)
+        return self._encode(self.record(i), self.tokenizer, self.max_length, self.where(i))
 
     def text(self, i: int) -> str:
-        rec = self.records[i]
+        rec = self.record(i)
         return rec.get("text") or rec.get("prompt", "") + rec.get("completion", "")
+
+    def __getstate__(self):  # file descriptors do not travel to other processes
+        state = dict(self.__dict__)
+        state["_fd"] = state["_fd_pid"] = None
+        return state
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None and self._fd_pid == os.getpid():
+            os.close(self._fd)

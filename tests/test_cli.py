@@ -34,13 +34,24 @@ def test_fit_then_score(workdir, capsys):
                  str(workdir / "out"), "--rank", "4", "--top-k", "3", "--per-token"]) == 0
     tensors, meta = pyinf.storage.load(workdir / "out" / "scores.safetensors", "scores")
     assert tensors["scores"].shape == (4, 2) and torch.isfinite(tensors["scores"]).all()
-    assert torch.allclose(tensors["per_token"].sum(1), tensors["scores"], rtol=1e-4, atol=1e-6)
     top = json.loads((workdir / "out" / "top.json").read_text())
     assert [t["query"] for t in top] == ["where is paris? france", "2+3=5"]
     for entry, q in zip(top, range(2)):
         scores = [row["score"] for row in entry["top"]]
         assert scores == sorted(scores, reverse=True)
         assert scores[0] == pytest.approx(float(tensors["scores"][:, q].max()), rel=1e-6)
+    # per-token scores of the top documents only: they sum to the documents' scores, and
+    # top.json names each one's most influential tokens (shown on the token they predict)
+    tokens, _ = pyinf.storage.load(workdir / "out" / "tokens.safetensors", "token-scores")
+    docs = tokens["documents"].tolist()
+    assert docs == sorted({row["index"] for entry in top for row in entry["top"]})
+    assert torch.allclose(tokens["per_token"].sum(1), tensors["scores"][docs], rtol=1e-4, atol=1e-6)
+    row = top[0]["top"][0]
+    per_token = tokens["per_token"][docs.index(row["index"]), :, 0]
+    best = row["tokens"][0]
+    assert best["score"] == pytest.approx(float(per_token.max()), rel=1e-6) and best["score"] > 0
+    assert best["token"] == row["text"][best["position"]]  # byte tokens: position = character
+    assert float(per_token[best["position"] - 1]) == pytest.approx(best["score"], rel=1e-6)
     assert "query: 'where is paris? france'" in capsys.readouterr().out
     # the fused LM head gives the same scores
     assert main(["score", *common, "--fused-head", "--factors", str(workdir / "f.safetensors"), "--train",
@@ -71,3 +82,39 @@ def test_backends_lists_every_backend(capsys):
     assert main(["backends"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("torch", "triton", "native"))
+
+
+def test_score_resumes_and_shards_join(workdir, capsys):
+    common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress", "--track", "mlp"]
+    # a longer corpus, so that there are several chunks
+    texts = [f"document {i}: " + "abcdefgh"[i % 8] * (3 + i % 5) for i in range(9)]
+    (workdir / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    factors = str(workdir / "f.safetensors")
+    assert main(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", factors,
+                 "--fisher", "empirical"]) == 0
+    score = ["score", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"), "--queries",
+             str(workdir / "queries.jsonl"), "--rank", "4", "--chunk-size", "2"]
+    assert main([*score, "--out", str(workdir / "whole")]) == 0
+    whole, _ = pyinf.storage.load(workdir / "whole" / "scores.safetensors", "scores")
+    assert whole["scores"].shape == (9, 2)
+    capsys.readouterr()
+    # a rerun into the same directory reuses its queries and chunks
+    assert main([*score, "--out", str(workdir / "whole")]) == 0
+    err = capsys.readouterr().err
+    assert "reusing the queries" in err and "5 of 5 chunks already scored" in err
+    # shards need queries prepared once, then share one directory
+    with pytest.raises(SystemExit, match="--shard needs --prepared"):
+        main([*score, "--out", str(workdir / "sharded"), "--shard", "0/2"])
+    prepared = str(workdir / "q.safetensors")
+    assert main(["prepare", *common, "--factors", factors, "--queries", str(workdir / "queries.jsonl"),
+                 "--rank", "4", "--out", prepared]) == 0
+    assert main([*score, "--out", str(workdir / "sharded"), "--prepared", prepared, "--shard", "1/2"]) == 0
+    assert "chunks of other shards are still missing" in capsys.readouterr().out
+    assert not (workdir / "sharded" / "scores.safetensors").exists()
+    assert main([*score, "--out", str(workdir / "sharded"), "--prepared", prepared, "--shard", "0/2"]) == 0
+    sharded, _ = pyinf.storage.load(workdir / "sharded" / "scores.safetensors", "scores")
+    torch.testing.assert_close(sharded["scores"], whole["scores"], rtol=1e-5, atol=1e-7)
+    assert json.loads((workdir / "sharded" / "top.json").read_text())[0]["top"]
+    with pytest.raises(SystemExit):
+        main([*score, "--out", str(workdir / "bad"), "--shard", "2/2"])
+    assert "shard 2/2" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, TextIO
 import numpy as np
 import torch
 
+from ..scoring import display_token_scores
 from .corpus import TASKS, Corpus
 
 # --------------------------------------------------------------------------- analysis
@@ -54,14 +55,6 @@ def _concentration(col: np.ndarray) -> Dict[str, float]:
         return float(pos[: max(1, math.ceil(frac * n))].sum() / total) if total > 0 else 0.0
 
     return {"top1pct_share": share(0.01), "top10pct_share": share(0.10), "gini": _gini(col)}
-
-
-def display_token_scores(tok_scores: torch.Tensor, n_tokens: int) -> np.ndarray:
-    """Per-token influence aligned to the tokens shown: entry ``i`` is the score of the
-    position that predicts token ``i`` (BOS, never predicted, gets 0)."""
-    out = np.zeros(n_tokens, dtype=np.float64)
-    out[1:] = tok_scores[: n_tokens - 1].double().numpy()
-    return out
 
 
 def _doc_entry(corpus: Corpus, n: int, score: float, tok_col: torch.Tensor, n_top_tokens: int) -> dict:

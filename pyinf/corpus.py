@@ -1,0 +1,218 @@
+"""Scoring a corpus too large for one uninterrupted run (Ruis et al. 2024 scored 5M
+documents against 80 queries): the documents are cut into fixed chunks, and each chunk's
+scores are saved the moment they are computed (atomically, checksummed, see
+:mod:`pyinf.storage`). A rerun into the same directory skips the chunks already there, so a
+job killed after hours loses at most one chunk. ``shard=(k, n)`` gives process ``k`` of ``n``
+its own contiguous run of chunks, so several GPUs or machines can share one directory; the
+chunk grid does not depend on the shard count, so a run may be resumed with another one.
+
+Each chunk records what its scores depend on: the queries' content
+(:attr:`pyinf.Queries.fingerprint`), a fingerprint of the model's weights, a hash of the
+chunk's own documents and whatever the caller adds (``run_meta``). A chunk that does not
+match is an error that names the difference, never a silent mix of two runs; a chunk that
+fails its checksum is scored again. When every chunk is present they are joined into
+``scores.safetensors`` (float32 ``[n_docs, n_queries]``)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils.data import Subset
+
+from . import storage
+from .queries import Queries
+
+CHUNK_KIND = "score-chunk"
+SCORES_KIND = "scores"
+SCORES_FILE = "scores.safetensors"
+DEFAULT_CHUNK_SIZE = 4096
+
+
+def parse_shard(text: str) -> Tuple[int, int]:
+    """``"K/N"`` (shard K of N, counted from 0) as ``(K, N)``."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"a shard is written K/N (shard K of N, counted from 0), got {text!r}") from None
+    check_shard((k, n))
+    return k, n
+
+
+def check_shard(shard: Tuple[int, int]) -> None:
+    k, n = shard
+    if n < 1 or not 0 <= k < n:
+        raise ValueError(f"shard {k}/{n}: N must be >= 1 and K in 0..N-1")
+
+
+def chunk_ranges(n_docs: int, chunk_size: int) -> List[Tuple[int, int]]:
+    """The document ranges ``[start, end)`` of the chunks, which fixed ``chunk_size`` alone decides."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return [(s, min(s + chunk_size, n_docs)) for s in range(0, n_docs, chunk_size)]
+
+
+def shard_ranges(ranges: List[Tuple[int, int]], shard: Optional[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """Shard ``k`` of ``n``'s contiguous share of the chunks (shards differ by at most one chunk)."""
+    if shard is None:
+        return list(ranges)
+    check_shard(shard)
+    k, n = shard
+    return ranges[k * len(ranges) // n:(k + 1) * len(ranges) // n]
+
+
+def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """SHA-256 over every parameter's name, shape and dtype and an evenly strided sample of its
+    values: cheap for a 7B model, and any retrained or swapped checkpoint changes it."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step].float().cpu()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _item_bytes(item: Any, h) -> None:
+    if isinstance(item, torch.Tensor):
+        t = item.detach().contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(item, dict):
+        for k in sorted(item, key=str):
+            h.update(str(k).encode())
+            _item_bytes(item[k], h)
+    elif isinstance(item, (list, tuple)):
+        for v in item:
+            _item_bytes(v, h)
+    else:
+        h.update(repr(item).encode())
+
+
+def documents_hash(dataset, start: int, end: int) -> str:
+    """SHA-256 of documents ``start..end-1``: their stored lines when the dataset can give
+    them (``raw(i)``, as :class:`pyinf.textdata.JsonlTextDataset` does), else their examples."""
+    h = hashlib.sha256()
+    raw = getattr(dataset, "raw", None)
+    for i in range(start, end):
+        if raw is not None:
+            h.update(raw(i))
+        else:
+            _item_bytes(dataset[i], h)
+    return h.hexdigest()
+
+
+def _chunk_path(out_dir: Path, start: int, end: int) -> Path:
+    return out_dir / "chunks" / f"{start:010d}-{end:010d}.safetensors"
+
+
+def _differences(found: Dict, want: Dict) -> List[str]:
+    return [f"{k}: {found.get(k)!r} here, {v!r} now" for k, v in want.items() if found.get(k) != v]
+
+
+class CorpusScorer:
+    """Scores ``train`` against ``queries`` into ``out_dir``, chunk by chunk (see the module
+    docstring). ``engine`` is a :class:`pyinf.InfluenceEngine`; ``run_meta`` (JSON values)
+    is recorded in and checked against every chunk, next to the queries', model's and
+    documents' fingerprints."""
+
+    def __init__(self, engine, train, queries: Queries, out_dir, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 batch_size: int = 8, run_meta: Optional[Dict] = None,
+                 log: Optional[Callable[[str], None]] = None):
+        self.engine = engine
+        self.train = train
+        self.queries = queries
+        self.out_dir = Path(out_dir)
+        self.batch_size = batch_size
+        self.n_docs = len(train)
+        self.ranges = chunk_ranges(self.n_docs, chunk_size)
+        self.run = dict(run_meta or {}, queries=queries.fingerprint, model=model_fingerprint(engine.model),
+                        n_docs=self.n_docs, n_queries=queries.n_queries, chunk_size=chunk_size)
+        json.dumps(self.run)  # fail now, not after the first chunk, on a value JSON cannot hold
+        self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def _check_chunk(self, path: Path, start: int, end: int) -> Optional[bool]:
+        """True: ``path`` holds this run's scores for the chunk; None: absent or damaged
+        (score it again). A chunk of another run raises."""
+        if not path.exists():
+            return None
+        try:
+            tensors, meta = storage.load(path, CHUNK_KIND)
+        except storage.CorruptFileError as exc:
+            self.log(f"pyinf: {exc}; scoring that chunk again")
+            return None
+        want = dict(self.run, start=start, end=end, documents=documents_hash(self.train, start, end))
+        diff = _differences(meta, want)
+        if diff:
+            raise ValueError(f"{path} was scored by another run ({'; '.join(diff)}); score into a new "
+                             f"output directory, or delete {path.parent} to start over")
+        scores = tensors.get("scores")
+        if scores is None or tuple(scores.shape) != (end - start, self.queries.n_queries):
+            self.log(f"pyinf: {path} holds no [{end - start}, {self.queries.n_queries}] scores; scoring it again")
+            return None
+        return True
+
+    def score(self, shard: Optional[Tuple[int, int]] = None) -> Optional[torch.Tensor]:
+        """Scores this shard's missing chunks; returns the whole ``[n_docs, n_queries]`` matrix
+        once every chunk of every shard is present (and writes it), else None."""
+        mine = shard_ranges(self.ranges, shard)
+        todo = [(s, e) for s, e in mine if not self._check_chunk(_chunk_path(self.out_dir, s, e), s, e)]
+        if len(todo) < len(mine):
+            self.log(f"pyinf: {len(mine) - len(todo)} of {len(mine)} chunks already scored in {self.out_dir}")
+        for i, (start, end) in enumerate(todo):
+            t0 = time.perf_counter()
+            docs = documents_hash(self.train, start, end)
+            scores = self.engine.pairwise_scores(Subset(self.train, range(start, end)), self.queries,
+                                                 batch_size=self.batch_size)
+            storage.save(_chunk_path(self.out_dir, start, end), CHUNK_KIND, {"scores": scores},
+                         dict(self.run, start=start, end=end, documents=docs))
+            dt = time.perf_counter() - t0
+            self.log(f"pyinf: chunk {i + 1}/{len(todo)} (documents {start}..{end - 1}) scored in {dt:.1f} s, "
+                     f"{(end - start) / dt:.1f} docs/s")
+        return self.assemble()
+
+    def missing(self) -> List[Tuple[int, int]]:
+        return [(s, e) for s, e in self.ranges if not _chunk_path(self.out_dir, s, e).exists()]
+
+    def assemble(self) -> Optional[torch.Tensor]:
+        """The joined scores if every chunk is present (``scores.safetensors`` is written once
+        and reused after), else None."""
+        final = self.out_dir / SCORES_FILE
+        if final.exists():
+            try:
+                tensors, meta = storage.load(final, SCORES_KIND)
+            except storage.CorruptFileError as exc:
+                self.log(f"pyinf: {exc}; joining the chunks again")
+            else:
+                if not _differences(meta.get("run", {}), self.run):
+                    return tensors["scores"]
+        if self.missing():
+            return None
+        parts = []
+        for start, end in self.ranges:
+            tensors, meta = storage.load(_chunk_path(self.out_dir, start, end), CHUNK_KIND)
+            diff = _differences(meta, dict(self.run, start=start, end=end))
+            if diff:
+                raise ValueError(f"chunk {start}..{end - 1} in {self.out_dir} was scored by another run "
+                                 f"({'; '.join(diff)})")
+            parts.append(tensors["scores"])
+        scores = torch.cat(parts)
+        storage.save(final, SCORES_KIND, {"scores": scores}, dict(run=self.run, rank=self.queries.rank,
+                                                                   damping=self.queries.damping,
+                                                                   factors_id=self.queries.factors_id))
+        return scores
+
+
+def score_corpus(engine, train, queries: Queries, out_dir, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 shard: Optional[Tuple[int, int]] = None, batch_size: int = 8, run_meta: Optional[Dict] = None,
+                 log: Optional[Callable[[str], None]] = None) -> Optional[torch.Tensor]:
+    """Resumable, shardable :meth:`pyinf.InfluenceEngine.pairwise_scores` into ``out_dir``:
+    the ``[n_docs, n_queries]`` scores once every chunk is there, else None (other shards
+    still running). See the module docstring."""
+    return CorpusScorer(engine, train, queries, out_dir, chunk_size=chunk_size, batch_size=batch_size,
+                        run_meta=run_meta, log=log).score(shard)

@@ -1,0 +1,203 @@
+"""Resumable, sharded scoring of a corpus (pyinf.corpus) and the lazily read JSONL corpus:
+chunked scores equal one pass's, an interrupted run resumes without rescoring what it
+saved, shards join into the same matrix, and a directory of another run is refused."""
+import json
+import pickle
+
+import pytest
+import torch
+
+import pyinf
+from pyinf import corpus
+from pyinf.textdata import ByteTokenizer, JsonlTextDataset
+from tests.models import MLPTask, RegressionDataset, TinyMLP
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = TinyMLP().double()
+    engine = pyinf.InfluenceEngine(model, MLPTask(), progress=False)
+    train = RegressionDataset(11, seed=1, dtype=torch.float64)
+    factors = engine.fit_factors(train, batch_size=4)
+    queries = engine.prepare_queries(RegressionDataset(3, seed=2, dtype=torch.float64), factors, rank=2)
+    return engine, train, queries, engine.pairwise_scores(train, queries, batch_size=4)
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """Counts reads; raises at document `fail_at` (a crash in the middle of a run)."""
+
+    def __init__(self, base, fail_at=None):
+        self.base, self.fail_at, self.reads = base, fail_at, []
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise RuntimeError(f"simulated crash at document {i}")
+        self.reads.append(i)
+        return self.base[i]
+
+
+def _chunks(out):
+    return sorted(p.name for p in (out / "chunks").iterdir())
+
+
+def test_chunks_give_the_scores_of_one_pass(setup, tmp_path):
+    engine, train, queries, want = setup
+    log = []
+    got = pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=4, batch_size=3, log=log.append)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert _chunks(tmp_path) == ["0000000000-0000000004.safetensors", "0000000004-0000000008.safetensors",
+                                 "0000000008-0000000011.safetensors"]
+    saved, meta = pyinf.storage.load(tmp_path / "scores.safetensors", "scores")
+    assert torch.equal(saved["scores"], got) and meta["run"]["queries"] == queries.fingerprint
+    assert len(log) == 3 and all("docs/s" in line for line in log)
+    # a second run checks each saved chunk's documents (one read each) and scores none
+    again = CountingDataset(train)
+    assert torch.equal(pyinf.score_corpus(engine, again, queries, tmp_path, chunk_size=4, log=log.append), got)
+    assert sorted(again.reads) == list(range(11))
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(setup, tmp_path):
+    engine, train, queries, want = setup
+    crashing = CountingDataset(train, fail_at=9)
+    with pytest.raises(RuntimeError, match="simulated crash at document 9"):
+        pyinf.score_corpus(engine, crashing, queries, tmp_path, chunk_size=3, log=lambda m: None)
+    assert _chunks(tmp_path) == ["0000000000-0000000003.safetensors", "0000000003-0000000006.safetensors",
+                                 "0000000006-0000000009.safetensors"]  # nothing half-written for the 4th
+    assert not (tmp_path / "scores.safetensors").exists()
+    resumed = CountingDataset(train)
+    log = []
+    got = pyinf.score_corpus(engine, resumed, queries, tmp_path, chunk_size=3, log=log.append)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # saved chunks are only re-hashed (reads of the examples), scored chunks are read twice (hash + pass)
+    scored = [i for i in set(resumed.reads) if resumed.reads.count(i) > 1]
+    assert sorted(scored) == [9, 10]
+    assert "3 of 4 chunks already scored" in log[0]
+
+
+def test_shards_join_into_the_same_scores(setup, tmp_path):
+    engine, train, queries, want = setup
+    log = []
+    parts = [pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=2, shard=(k, 3), log=log.append)
+             for k in (2, 0, 1)]
+    assert parts[0] is None and parts[1] is None  # the last shard to finish joins
+    torch.testing.assert_close(parts[2], want, rtol=1e-10, atol=1e-12)
+    assert len(_chunks(tmp_path)) == 6
+    # the chunk grid does not depend on the shard count: resuming with 2 shards reuses them all
+    (tmp_path / "scores.safetensors").unlink()
+    reads = CountingDataset(train)
+    assert torch.equal(pyinf.score_corpus(engine, reads, queries, tmp_path, chunk_size=2, shard=(1, 2),
+                                          log=log.append), parts[2])
+    assert sorted(reads.reads) == list(range(6, 11))  # hashes only, no pass (each read once)
+
+
+def test_shard_ranges_split_the_chunks_evenly():
+    ranges = corpus.chunk_ranges(10, 3)
+    assert ranges == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    shards = [corpus.shard_ranges(ranges, (k, 3)) for k in range(3)]
+    assert sum(shards, []) == ranges and sorted(len(s) for s in shards) == [1, 1, 2]
+    assert sum((corpus.shard_ranges(ranges, (k, 8)) for k in range(8)), []) == ranges  # more shards than chunks
+    assert corpus.parse_shard("2/8") == (2, 8)
+    for bad in ("8/8", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="shard"):
+            corpus.parse_shard(bad)
+    with pytest.raises(ValueError, match="chunk_size"):
+        corpus.chunk_ranges(10, 0)
+
+
+def test_a_directory_of_another_run_is_refused(setup, tmp_path):
+    engine, train, queries, _ = setup
+    pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=4, shard=(0, 3), log=lambda m: None)
+    other_queries = engine.prepare_queries(RegressionDataset(3, seed=5, dtype=torch.float64),
+                                           engine.fit_factors(train, batch_size=4), rank=2)
+    with pytest.raises(ValueError, match=r"scored by another run \(queries: "):
+        pyinf.score_corpus(engine, train, other_queries, tmp_path, chunk_size=4, log=lambda m: None)
+    changed = RegressionDataset(11, seed=1, dtype=torch.float64)
+    changed.x[2] += 1.0  # a document of the saved chunk 0..3 is not what it was
+    with pytest.raises(ValueError, match="documents: "):
+        pyinf.score_corpus(engine, changed, queries, tmp_path, chunk_size=4, log=lambda m: None)
+    with pytest.raises(ValueError, match="label: "):
+        pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=4, run_meta={"label": "b"},
+                           log=lambda m: None)
+    with torch.no_grad():
+        engine.model.fc1.weight[0, 0] += 1.0  # another model
+    try:
+        with pytest.raises(ValueError, match="model: "):
+            pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=4, log=lambda m: None)
+    finally:
+        with torch.no_grad():
+            engine.model.fc1.weight[0, 0] -= 1.0
+
+
+def test_a_damaged_chunk_is_scored_again(setup, tmp_path):
+    engine, train, queries, want = setup
+    pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=5, log=lambda m: None)
+    (tmp_path / "scores.safetensors").unlink()
+    damaged = tmp_path / "chunks" / "0000000005-0000000010.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-7])
+    log = []
+    got = pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=5, log=log.append)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert any("0000000005-0000000010" in line and "again" in line for line in log)
+
+
+def test_queries_fingerprint_follows_content(setup, tmp_path):
+    _, _, queries, _ = setup
+    queries.save(tmp_path / "q.safetensors")
+    loaded = pyinf.Queries.load(tmp_path / "q.safetensors")
+    assert loaded.fingerprint == queries.fingerprint
+    name = loaded.module_names[0]
+    loaded.tensors[name]["left"] = loaded.tensors[name]["left"].clone()
+    loaded.tensors[name]["left"][0, 0, 0] += 1e-12
+    loaded._fingerprint = None
+    assert loaded.fingerprint != queries.fingerprint
+
+
+# --------------------------------------------------------------------------- JSONL corpus
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_jsonl_documents_are_read_when_asked(tmp_path):
+    path = _write(tmp_path / "c.jsonl", [json.dumps({"text": "first document"}), "",
+                                          json.dumps({"prompt": "q? ", "completion": "yes"}),
+                                          json.dumps({"text": "ünïcode ✓"})])
+    ds = JsonlTextDataset(path, ByteTokenizer(300), max_length=8)
+    assert len(ds) == 3 and ds.where(1) == f"{path}:3"
+    assert ds[0]["input_ids"].tolist() == list(b"first do")
+    assert ds[1]["labels"].tolist() == [-100, -100, -100] + list(b"yes")
+    assert ds.text(2) == "ünïcode ✓" and ds[-1]["input_ids"].shape == (8,)
+    with pytest.raises(IndexError, match="holds 3"):
+        ds[3]
+    # the offsets, not the texts, are what the dataset keeps; it travels to worker processes
+    clone = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(clone[2]["input_ids"], ds[2]["input_ids"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    assert [len(x["input_ids"]) for x in loader] == [8, 6, 8]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "ok"', "c.jsonl:2: not valid JSON"),
+    ('{"oops": 1}', "c.jsonl:2: a record needs 'text'"),
+    ('{"text": 5}', "c.jsonl:2: 'text' must be a string"),
+    ('["text"]', "c.jsonl:2: a record needs 'text'"),
+])
+def test_a_bad_jsonl_line_is_named_before_any_compute(tmp_path, line, message):
+    path = _write(tmp_path / "c.jsonl", [json.dumps({"text": "fine"}), line])
+    with pytest.raises(ValueError, match=message):
+        JsonlTextDataset(path, ByteTokenizer(300))
+
+
+def test_an_empty_or_too_short_document_is_named(tmp_path):
+    with pytest.raises(ValueError, match="holds no document"):
+        JsonlTextDataset(_write(tmp_path / "e.jsonl", ["", "  "]), ByteTokenizer(300))
+    ds = JsonlTextDataset(_write(tmp_path / "s.jsonl", [json.dumps({"text": "ok!"}), json.dumps({"text": "x"})]),
+                          ByteTokenizer(300))
+    with pytest.raises(ValueError, match=r"s.jsonl:2: too short"):
+        ds[1]
