@@ -161,7 +161,8 @@ def _token_highlights(engine, args, train, tokenizer, queries, top, out: Path) -
     from .scoring import display_token_scores
 
     docs = sorted({n for per_query in top for n in per_query})
-    per_token = engine.pairwise_scores(Subset(train, docs), queries, per_token=True, batch_size=args.batch_size)
+    per_token = engine.pairwise_scores(Subset(train, docs), queries, per_token=True, batch_size=args.batch_size,
+                                       query_batch_size=args.query_batch_size)
     storage.save(out / "tokens.safetensors", "token-scores",
                  {"per_token": per_token, "documents": torch.tensor(docs, dtype=torch.int64)},
                  dict(queries=queries.fingerprint, note="per_token[i, t, q]: document documents[i], the position "
@@ -190,7 +191,7 @@ def cmd_score(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     queries = _load_or_prepare(engine, args, factors, query, out)
     scores = score_corpus(engine, train, queries, out, chunk_size=args.chunk_size, shard=args.shard,
-                          batch_size=args.batch_size,
+                          batch_size=args.batch_size, query_batch_size=args.query_batch_size,
                           run_meta=dict(max_length=args.max_length, dtype=args.dtype, model_path=str(args.model)))
     if scores is None:
         print(f"pyinf: shard {args.shard[0]}/{args.shard[1]} done; chunks of other shards are still missing. The "
@@ -281,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "an interrupted run loses at most one chunk")
     score.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="score only shard K of N "
                        "(from 0) of the chunks; shards share --out, the last to finish joins the scores")
+    score.add_argument("--query-batch-size", type=int, default=None, help="score the queries in groups of this "
+                       "many, one pass each, when all their factors do not fit on the device at once")
     score.add_argument("--top-k", type=int, default=10)
     score.add_argument("--per-token", action="store_true", help="per-token scores of each query's top documents "
                        "(tokens.safetensors, and their most influential tokens in top.json)")

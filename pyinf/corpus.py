@@ -122,9 +122,10 @@ class CorpusScorer:
     documents' fingerprints."""
 
     def __init__(self, engine, train, queries: Queries, out_dir, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 batch_size: int = 8, run_meta: Optional[Dict] = None,
+                 batch_size: int = 8, query_batch_size: Optional[int] = None, run_meta: Optional[Dict] = None,
                  log: Optional[Callable[[str], None]] = None):
         self.engine = engine
+        self.query_batch_size = query_batch_size
         self.train = train
         self.queries = queries
         self.out_dir = Path(out_dir)
@@ -168,7 +169,7 @@ class CorpusScorer:
             t0 = time.perf_counter()
             docs = documents_hash(self.train, start, end)
             scores = self.engine.pairwise_scores(Subset(self.train, range(start, end)), self.queries,
-                                                 batch_size=self.batch_size)
+                                                 batch_size=self.batch_size, query_batch_size=self.query_batch_size)
             storage.save(_chunk_path(self.out_dir, start, end), CHUNK_KIND, {"scores": scores},
                          dict(self.run, start=start, end=end, documents=docs))
             dt = time.perf_counter() - t0
@@ -209,10 +210,10 @@ class CorpusScorer:
 
 
 def score_corpus(engine, train, queries: Queries, out_dir, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 shard: Optional[Tuple[int, int]] = None, batch_size: int = 8, run_meta: Optional[Dict] = None,
-                 log: Optional[Callable[[str], None]] = None) -> Optional[torch.Tensor]:
+                 shard: Optional[Tuple[int, int]] = None, batch_size: int = 8, query_batch_size: Optional[int] = None,
+                 run_meta: Optional[Dict] = None, log: Optional[Callable[[str], None]] = None) -> Optional[torch.Tensor]:
     """Resumable, shardable :meth:`pyinf.InfluenceEngine.pairwise_scores` into ``out_dir``:
     the ``[n_docs, n_queries]`` scores once every chunk is there, else None (other shards
     still running). See the module docstring."""
     return CorpusScorer(engine, train, queries, out_dir, chunk_size=chunk_size, batch_size=batch_size,
-                        run_meta=run_meta, log=log).score(shard)
+                        query_batch_size=query_batch_size, run_meta=run_meta, log=log).score(shard)

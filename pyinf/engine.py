@@ -111,8 +111,8 @@ class InfluenceEngine:
 
     def pairwise_scores(self, train_data: Any, queries: Queries, *, per_token: bool = False,
                         per_module: bool = False, batch_size: int = 8,
-                        route: str = "factored",
-                        group_modules: bool = False) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+                        route: str = "factored", group_modules: bool = False,
+                        query_batch_size: Optional[int] = None) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
         """float32 ``[n_train, n_query]`` on the CPU (``per_token``: ``[n_train, T, n_query]``, T the
         longest padded document; ``per_module``: a dict of those by module name).
 
@@ -120,12 +120,30 @@ class InfluenceEngine:
         gradient; ``"auto"`` lets DESIGN.md's cost model pick the dense route per layer.
         ``group_modules=True`` keeps every layer's activations and gradients of a batch until
         its backward ends and scores them all in one grouped launch: faster for many small
-        layers, at the cost of holding them in memory."""
+        layers, at the cost of holding them in memory.
+
+        ``query_batch_size``: score the queries in groups of this many, one pass over the
+        training data per group, so that only one group's query factors are on the device at a
+        time (every tracked layer's, ``queries.bytes_per_query()`` each: ~0.16 GB per query at
+        rank 32 for the MLPs of a 35B model). Default: all queries in one pass."""
         loader = self._loader(train_data, batch_size, "training data")
+        if query_batch_size is not None and (not isinstance(query_batch_size, int) or query_batch_size < 1):
+            raise ValueError(f"query_batch_size must be a positive integer or None, got {query_batch_size!r}")
+        step = queries.n_queries if query_batch_size is None else query_batch_size
+        groups = [range(s, min(s + step, queries.n_queries)) for s in range(0, queries.n_queries, step)]
+        parts = []
         with self._stage_context():
-            return scoring.pairwise_scores(**self._common(), loader=loader, queries=queries, per_token=per_token,
-                                           per_module=per_module, backend=self.backend, route=route,
-                                           group_modules=group_modules, progress=self.progress)
+            for group in groups:
+                subset = queries if len(groups) == 1 else queries.select(group)
+                parts.append(scoring.pairwise_scores(**self._common(), loader=loader, queries=subset,
+                                                     per_token=per_token, per_module=per_module,
+                                                     backend=self.backend, route=route, group_modules=group_modules,
+                                                     progress=self.progress))
+        if len(parts) == 1:
+            return parts[0]
+        if per_module:
+            return {name: scoring.join_query_groups([p[name] for p in parts]) for name in parts[0]}
+        return scoring.join_query_groups(parts)
 
     def self_influence(self, train_data: Any, factors: Factors, *, damping: Optional[float] = None,
                        batch_size: int = 8) -> torch.Tensor:

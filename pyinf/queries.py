@@ -94,6 +94,22 @@ class Queries:
             raise ValueError(f"these queries were prepared with factors {self.factors_id}, not with the given "
                              f"factors {factors.id}; prepare them again with these factors")
 
+    def select(self, index) -> "Queries":
+        """The queries at ``index`` (a range or a list of positions), in that order."""
+        idx = list(index)
+        if not idx or not all(isinstance(i, int) and 0 <= i < self.n_queries for i in idx):
+            raise ValueError(f"query positions must be a non-empty list in 0..{self.n_queries - 1}, got {idx!r}")
+        tensors = {n: {k: v[idx] for k, v in d.items()} for n, d in self.tensors.items()}
+        meta = dict(self.meta, n_queries=len(idx))
+        for key in ("measurements", "self_influence"):
+            if meta.get(key) is not None:
+                meta[key] = [meta[key][i] for i in idx]
+        return Queries(self.specs, tensors, meta)
+
+    def bytes_per_query(self) -> int:
+        """Bytes of query tensors per query, over all modules (what scoring keeps on the device)."""
+        return sum(v[0].numel() * v.element_size() for d in self.tensors.values() for v in d.values())
+
     def save(self, path):
         flat = {f"{n}::{k}": v for n, d in self.tensors.items() for k, v in d.items()}
         meta = dict(self.meta, modules=[s.to_dict() for s in self.specs.values()])

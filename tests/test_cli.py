@@ -111,7 +111,8 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     assert main([*score, "--out", str(workdir / "sharded"), "--prepared", prepared, "--shard", "1/2"]) == 0
     assert "chunks of other shards are still missing" in capsys.readouterr().out
     assert not (workdir / "sharded" / "scores.safetensors").exists()
-    assert main([*score, "--out", str(workdir / "sharded"), "--prepared", prepared, "--shard", "0/2"]) == 0
+    assert main([*score, "--out", str(workdir / "sharded"), "--prepared", prepared, "--shard", "0/2",
+                 "--query-batch-size", "1"]) == 0
     sharded, _ = pyinf.storage.load(workdir / "sharded" / "scores.safetensors", "scores")
     torch.testing.assert_close(sharded["scores"], whole["scores"], rtol=1e-5, atol=1e-7)
     assert json.loads((workdir / "sharded" / "top.json").read_text())[0]["top"]

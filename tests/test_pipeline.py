@@ -147,6 +147,27 @@ def test_per_token_and_per_module_sum_to_totals(gpt2_fp32):
         assert torch.all(per_token[i, len(item["input_ids"]):] == 0)
 
 
+def test_query_groups_give_the_scores_of_one_pass(gpt2_fp32):
+    engine, factors, train, query = gpt2_fp32
+    queries = engine.prepare_queries(query, factors, rank=3)
+    for kwargs in (dict(), dict(per_token=True), dict(per_module=True)):
+        whole = engine.pairwise_scores(train, queries, batch_size=4, **kwargs)
+        for size in (1, 3):  # 4 queries: groups of 1, and of 3 + 1
+            grouped = engine.pairwise_scores(train, queries, batch_size=4, query_batch_size=size, **kwargs)
+            if kwargs.get("per_module"):
+                assert set(grouped) == set(whole)
+                assert all(_rel(grouped[n], whole[n]) < 1e-6 for n in whole)
+            else:  # the same sums, in GEMMs of other widths: equal up to fp32 rounding
+                assert grouped.shape == whole.shape and _rel(grouped, whole) < 1e-6
+    picked = queries.select([3, 1])
+    assert picked.n_queries == 2 and picked.measurements.tolist() == queries.measurements[[3, 1]].tolist()
+    assert queries.bytes_per_query() == sum(4 * 3 * (s.d_in + s.d_out) for s in engine.specs.values())
+    with pytest.raises(ValueError, match="query positions"):
+        queries.select([4])
+    with pytest.raises(ValueError, match="query_batch_size"):
+        engine.pairwise_scores(train, queries, query_batch_size=0)
+
+
 @pytest.mark.parametrize("per_token", [False, True])
 def test_grouped_and_dense_routes_agree_with_factored(gpt2_fp32, per_token):
     engine, factors, train, query = gpt2_fp32
