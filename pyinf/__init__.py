@@ -13,8 +13,9 @@ from .corpus import score_corpus
 from .engine import InfluenceEngine
 from .factors import Factors
 from .queries import Queries
+from .staged_fit import fit_factors_staged
 from .normalize import normalize
 from .storage import CorruptFileError
 from .task import CausalLMTask, Task, pad_collate
 
-__all__ = ["InfluenceEngine", "Task", "CausalLMTask", "Factors", "Queries", "CorruptFileError", "pad_collate", "normalize", "score_corpus", "ops"]
+__all__ = ["InfluenceEngine", "Task", "CausalLMTask", "Factors", "Queries", "CorruptFileError", "pad_collate", "normalize", "score_corpus", "fit_factors_staged", "ops"]

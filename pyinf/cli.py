@@ -73,12 +73,29 @@ def _engine(args):
 
 
 def cmd_fit(args) -> int:
+    from .staged_fit import fit_factors_staged
     from .textdata import JsonlTextDataset
 
     engine, tokenizer = _engine(args)
     train = JsonlTextDataset(args.train, tokenizer, max_length=args.max_length)
-    factors = engine.fit_factors(train, fisher=args.fisher, batch_size=args.batch_size,
-                                 max_examples=args.max_examples, seed=args.seed, eigh_workers=args.eigh_workers)
+    if args.max_examples is not None:
+        from torch.utils.data import Subset
+
+        if args.max_examples < 1:
+            raise SystemExit(f"pyinf: --max-examples must be positive, got {args.max_examples}")
+
+        train = Subset(train, range(min(args.max_examples, len(train))))
+    shard = args.shard or (0, 1)
+    work_dir = Path(args.work_dir or f"{args.out}.parts")
+    factors = fit_factors_staged(engine, train, work_dir, shard=shard, fisher=args.fisher,
+                                 batch_size=args.batch_size, seed=args.seed, eigh_workers=args.eigh_workers,
+                                 wait=not args.no_wait,
+                                 run_meta=dict(max_length=args.max_length, dtype=args.dtype, model_path=str(args.model)))
+    if factors is None:
+        print(f"pyinf: shard {shard[0]}/{shard[1]}: its part of the fit is saved in {work_dir}"
+              + ("; rerun it once the other shards' files are there" if args.no_wait else
+                 "; shard 0 writes the factors"))
+        return 0
     factors.meta["model"] = str(args.model)
     path = factors.save(args.out)
     print(f"pyinf: fitted EK-FAC factors for {len(factors.modules)} modules on {factors.meta['n_examples']} "
@@ -259,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-examples", type=int, default=None)
     fit.add_argument("--eigh-workers", type=int, default=None, help="eigendecompositions run at once, each on "
                      "its own CUDA stream on a GPU (default $PYINF_EIGH_WORKERS, else the measured count on a GPU, else 1)")
+    fit.add_argument("--work-dir", default=None, help="where the fit's stages are saved, so that a rerun resumes "
+                     "(default: OUT.parts; removed once the factors are written)")
+    fit.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="fit on shard K of N (from 0) of "
+                     "the documents; shards share --work-dir and shard 0 writes the factors")
+    fit.add_argument("--no-wait", action="store_true", help="with --shard: exit instead of waiting when another "
+                     "shard's files are still missing (rerun later to go on)")
     fit.set_defaults(func=cmd_fit)
 
     prepare = sub.add_parser("prepare", help="prepare query factors once (for sharded or repeated scoring)")

@@ -98,12 +98,16 @@ def documents_hash(dataset, start: int, end: int) -> str:
     """SHA-256 of documents ``start..end-1``: their stored lines when the dataset can give
     them (``raw(i)``, as :class:`pyinf.textdata.JsonlTextDataset` does), else their examples."""
     h = hashlib.sha256()
-    raw = getattr(dataset, "raw", None)
-    for i in range(start, end):
+    base, index = dataset, list(range(start, end))
+    while isinstance(base, Subset):  # a Subset of a JSONL corpus still hashes the stored lines
+        index = [base.indices[i] for i in index]
+        base = base.dataset
+    raw = getattr(base, "raw", None)
+    for i in index:
         if raw is not None:
             h.update(raw(i))
         else:
-            _item_bytes(dataset[i], h)
+            _item_bytes(base[i], h)
     return h.hexdigest()
 
 

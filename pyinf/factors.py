@@ -3,6 +3,7 @@ over non-padding tokens, their eigenbases (eigh in float64), and the eigenvalue
 correction ``Lambda = E_n[(Q_S^T DW_n Q_A)^2]`` over documents (DESIGN.md section 1)."""
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -132,20 +133,27 @@ def factor_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
 
 
-def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: str, seed: int,
-                progress, eigh_workers: Optional[int] = None) -> Factors:
+@contextlib.contextmanager
+def _seeded(device: torch.device, seed: int):
+    """A pass's random draws (true-Fisher labels) from ``seed``, leaving the caller's RNG as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _objective(task, fisher: str):
     if fisher not in ("true", "empirical"):
         raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
     sample = fisher == "true"
-    dtype = factor_dtype(model)
+    return lambda batch, m: task.compute_train_loss(batch, m, sample=sample)
+
+
+def covariance_sums(model, task, modules, specs, loader, *, fisher: str, backend: str, seed: int, progress):
+    """Pass 1: per module ``[sum a a^T, sum g g^T, unmasked tokens]`` in float64 (per-batch
+    sums come from the op in fp32; across batches they add up in float64, so that long
+    passes lose nothing to rounding), and the number of documents seen."""
+    objective = _objective(task, fisher)
     device = next(model.parameters()).device
-    eigh_workers = resolve_workers(eigh_workers, device)  # a bad value fails now, not after the first pass
-
-    def objective(batch, m):
-        return task.compute_train_loss(batch, m, sample=sample)
-
-    # Pass 1: covariances. Per-batch sums come from the op in fp32; across batches they
-    # add up in float64 so that long passes lose nothing to rounding.
     sums = {n: [None, None, torch.zeros((), dtype=torch.float64, device=device)] for n in modules}
 
     def add_covariance(spec, acts, grads, mask):
@@ -156,57 +164,84 @@ def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: st
         acc[1] = s if acc[1] is None else acc[1].add_(s)
         acc[2] += acts.shape[0] * acts.shape[1] if mask is None else mask.sum()
 
-    clock = _PhaseClock(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with _seeded(device, seed):
         n_examples = run_pass(model, task, modules, specs, loader, objective=objective, consumer=add_covariance,
                               desc="pyinf: covariances", progress=progress)
-    clock.lap("covariance_pass")
+    for name, (a_sum, _, n_tokens) in sums.items():
+        if a_sum is None or float(n_tokens) == 0:
+            raise RuntimeError(f"module {name!r} saw no unmasked token while fitting factors")
+    return sums, n_examples
 
+
+def eigenbases(sums, dtype: torch.dtype, eigh_workers: int) -> Dict[str, Dict[str, torch.Tensor]]:
+    """The covariances (summed ``[a_sum, s_sum, n_tokens]`` per module) and their float64
+    eigendecompositions, as the precision policy asks; several at once when eigh_workers > 1."""
     def key(name, which):  # names the matrix in eigh's errors
         return f"module {name!r}, covariance {which}"
 
     covariances = {}
     for name, (a_sum, s_sum, n_tokens) in sums.items():
-        if a_sum is None or float(n_tokens) == 0:
-            raise RuntimeError(f"module {name!r} saw no unmasked token while fitting factors")
         covariances[key(name, "A")] = a_sum / n_tokens
         covariances[key(name, "S")] = s_sum / n_tokens
-    # float64, as the precision policy asks; several at once when eigh_workers > 1
     decomposed = eigendecompose(covariances, workers=eigh_workers)
     eigen = {}
     for name in sums:
         (a_vals, q_a), (s_vals, q_s) = decomposed[key(name, "A")], decomposed[key(name, "S")]
+        # contiguous: eigh returns column-major eigenvectors, and a GEMM's rounding may follow
+        # the operand's layout (a reloaded, row-major copy would then give other bits)
         eigen[name] = dict(a_cov=covariances[key(name, "A")].to(dtype), s_cov=covariances[key(name, "S")].to(dtype),
-                           a_eigvals=a_vals.to(dtype), q_a=q_a.to(dtype), s_eigvals=s_vals.to(dtype),
-                           q_s=q_s.to(dtype))
-    clock.lap("eigendecomposition")
+                           a_eigvals=a_vals.to(dtype), q_a=q_a.to(dtype).contiguous(), s_eigvals=s_vals.to(dtype),
+                           q_s=q_s.to(dtype).contiguous())
+    return eigen
 
-    # Pass 2: eigenvalue correction, over documents.
-    lambda_sums = {n: None for n in modules}
+
+def lambda_sums(model, task, modules, specs, loader, eigen, *, fisher: str, backend: str, seed: int, progress):
+    """Pass 2: per module the float64 sum over documents of ``(Q_S^T DW_n Q_A)^2``, and the
+    number of documents seen."""
+    objective = _objective(task, fisher)
+    device = next(model.parameters()).device
+    sums = {n: None for n in modules}
+    on_device = {n: {k: e[k].to(device) for k in ("q_a", "q_s")} for n, e in eigen.items()}
 
     def add_lambda(spec, acts, grads, mask):
-        e = eigen[spec.name]
+        e = on_device[spec.name]
         lam = ops.eigen_correction(acts, grads, e["q_a"], e["q_s"], mask=mask, backend=backend).double()
-        prev = lambda_sums[spec.name]
-        lambda_sums[spec.name] = lam if prev is None else prev.add_(lam)
+        prev = sums[spec.name]
+        sums[spec.name] = lam if prev is None else prev.add_(lam)
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed + 1)
-        n_lambda = run_pass(model, task, modules, specs, loader, objective=objective, consumer=add_lambda,
-                            desc="pyinf: eigenvalue correction", progress=progress)
-    clock.lap("lambda_pass")
-
-    out = {}
-    for name in modules:
-        lam = lambda_sums[name]
+    with _seeded(device, seed):
+        n_docs = run_pass(model, task, modules, specs, loader, objective=objective, consumer=add_lambda,
+                          desc="pyinf: eigenvalue correction", progress=progress)
+    for name, lam in sums.items():
         if lam is None:
             raise RuntimeError(f"module {name!r} received no gradient during the eigenvalue-correction pass")
-        out[name] = ModuleFactors(specs[name], lambdas=(lam / n_lambda).to(dtype), **eigen[name])
-    meta = dict(id=uuid.uuid4().hex, fisher=fisher, n_examples=n_examples, seed=seed, dtype=str(dtype),
-                n_tokens={n: int(sums[n][2]) for n in modules}, seconds=clock.seconds,
-                eigh_workers=eigh_workers)
-    return Factors(out, meta)
+    return sums, n_docs
+
+
+def assemble_factors(specs, eigen, lambda_totals, n_lambda: int, dtype: torch.dtype, meta: Dict) -> Factors:
+    out = {name: ModuleFactors(specs[name], lambdas=(lam / n_lambda).to(dtype), **eigen[name])
+           for name, lam in lambda_totals.items()}
+    return Factors(out, dict(meta, id=uuid.uuid4().hex))
+
+
+def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: str, seed: int,
+                progress, eigh_workers: Optional[int] = None) -> Factors:
+    _objective(task, fisher)  # a bad value fails now, not after the first pass
+    dtype = factor_dtype(model)
+    device = next(model.parameters()).device
+    eigh_workers = resolve_workers(eigh_workers, device)
+    common = dict(model=model, task=task, modules=modules, specs=specs, loader=loader, fisher=fisher,
+                  backend=backend, progress=progress)
+    clock = _PhaseClock(device)
+    cov, n_examples = covariance_sums(**common, seed=seed)
+    clock.lap("covariance_pass")
+    eigen = eigenbases(cov, dtype, eigh_workers)
+    clock.lap("eigendecomposition")
+    lam, n_lambda = lambda_sums(**common, eigen=eigen, seed=seed + 1)
+    clock.lap("lambda_pass")
+    meta = dict(fisher=fisher, n_examples=n_examples, seed=seed, dtype=str(dtype),
+                n_tokens={n: int(cov[n][2]) for n in modules}, seconds=clock.seconds, eigh_workers=eigh_workers)
+    return assemble_factors(specs, eigen, lam, n_lambda, dtype, meta)
 
 
 class _PhaseClock:

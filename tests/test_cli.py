@@ -119,3 +119,25 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     with pytest.raises(SystemExit):
         main([*score, "--out", str(workdir / "bad"), "--shard", "2/2"])
     assert "shard 2/2" in capsys.readouterr().err
+
+
+def test_sharded_fit_gives_the_plain_fit(workdir, capsys):
+    common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress", "--track", "mlp",
+              "--train", str(workdir / "train.jsonl"), "--fisher", "empirical"]
+    assert main(["fit", *common, "--out", str(workdir / "plain.safetensors")]) == 0
+    assert not (workdir / "plain.safetensors.parts").exists()
+    plain = pyinf.Factors.load(workdir / "plain.safetensors")
+    sharded = ["fit", *common, "--out", str(workdir / "sharded.safetensors"), "--no-wait"]
+    assert main([*sharded, "--shard", "1/2"]) == 0
+    assert "rerun it once the other shards' files are there" in capsys.readouterr().out
+    assert main([*sharded, "--shard", "0/2"]) == 0  # decomposes, then its Lambda sums; shard 1's are missing
+    assert not (workdir / "sharded.safetensors").exists()
+    assert main([*sharded, "--shard", "1/2"]) == 0
+    assert main([*sharded, "--shard", "0/2"]) == 0
+    got = pyinf.Factors.load(workdir / "sharded.safetensors")
+    assert got.meta["shards"] == 2 and got.meta["n_examples"] == plain.meta["n_examples"] == 4
+    for name in plain.module_names:
+        torch.testing.assert_close(got[name].lambdas, plain[name].lambdas, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(got[name].a_cov, plain[name].a_cov, rtol=1e-5, atol=1e-8)
+    with pytest.raises(SystemExit, match="--max-examples must be positive"):
+        main(["fit", *common, "--out", str(workdir / "x.safetensors"), "--max-examples", "0"])

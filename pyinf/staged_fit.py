@@ -1,0 +1,250 @@
+"""A factor fit in saved stages: resumable after a crash, and split over shards (GPUs or
+machines sharing one work directory).
+
+A fit is two passes over the data with a step between them (:mod:`pyinf.factors`): the
+covariance sums, the float64 eigendecompositions, the eigenvalue-correction sums. Both
+kinds of sums add up over documents, so shard ``k`` of ``n`` takes its contiguous share of
+the documents and saves its own partial sums; shard 0 decomposes the summed covariances
+once for all and, at the end, adds up the Lambda sums and writes the factors. Each stage
+is saved as soon as it is computed (atomically, checksummed), so a rerun after a crash
+restarts from the last saved stage: with one shard, a crash in the second pass no longer
+repeats the first.
+
+Between stages a shard needs the other shards' files. ``wait=True`` polls the work
+directory until they appear (shards started together, one per GPU); ``wait=False`` returns
+None at the first missing file, and the same call made again later goes on from there.
+
+Every file records the run (model fingerprint, Fisher, seed, shard count, the hash of the
+shard's documents and what the caller adds); a file of another run is an error naming the
+difference. Shards draw their true-Fisher labels from their own seeds (shard ``k``'s two
+passes use ``seed + 2k`` and ``seed + 2k + 1``), so a sharded true-Fisher fit is a
+different sample than an unsharded one; with one shard the fit is bit for bit
+:meth:`pyinf.InfluenceEngine.fit_factors`'s, and an empirical-Fisher fit matches it up to
+the float64 rounding of the sums' order."""
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch.utils.data import Subset
+
+from . import storage
+from .corpus import check_shard, documents_hash, model_fingerprint
+from .eigen import resolve_workers
+from .factors import Factors, assemble_factors, covariance_sums, eigenbases, factor_dtype, lambda_sums
+
+COVARIANCE_KIND = "fit-covariance-sums"
+EIGEN_KIND = "fit-eigenbases"
+LAMBDA_KIND = "fit-lambda-sums"
+_EIGEN_FIELDS = ("a_cov", "s_cov", "a_eigvals", "q_a", "s_eigvals", "q_s")
+
+
+def shard_documents(n_docs: int, shard: Tuple[int, int]) -> range:
+    k, n = shard
+    return range(k * n_docs // n, (k + 1) * n_docs // n)
+
+
+class StagedFit:
+    """See the module docstring. ``engine`` is a :class:`pyinf.InfluenceEngine`."""
+
+    def __init__(self, engine, data, work_dir, *, shard: Tuple[int, int] = (0, 1), fisher: str = "true",
+                 batch_size: int = 8, seed: int = 0, eigh_workers: Optional[int] = None,
+                 run_meta: Optional[Dict] = None, log: Optional[Callable[[str], None]] = None):
+        check_shard(shard)
+        self.engine, self.data, self.shard = engine, data, shard
+        self.work_dir = Path(work_dir)
+        self.fisher, self.batch_size, self.seed = fisher, batch_size, seed
+        self.device = next(engine.model.parameters()).device
+        self.eigh_workers = resolve_workers(eigh_workers, self.device)
+        self.dtype = factor_dtype(engine.model)
+        k, n = shard
+        if len(data) == 0:
+            raise ValueError("the factor data is empty")
+        self.docs = shard_documents(len(data), shard)
+        if len(self.docs) == 0:
+            raise ValueError(f"shard {k}/{n} of {len(data)} documents holds none: use at most {len(data)} shards")
+        self.run = dict(run_meta or {}, model=model_fingerprint(engine.model), fisher=fisher, seed=seed,
+                        n_docs=len(data), shards=n, dtype=str(self.dtype),
+                        modules=sorted(engine.modules))
+        self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._docs_hash: Optional[str] = None
+
+    # --------------------------------------------------------------- files
+
+    def _path(self, stage: str, k: Optional[int] = None) -> Path:
+        n = self.shard[1]
+        return self.work_dir / (f"{stage}.safetensors" if k is None else f"{stage}-{k}-of-{n}.safetensors")
+
+    def _load(self, path: Path, kind: str, want: Dict):
+        """(tensors, meta) of a saved stage of this run, or None when absent or damaged
+        (computed again). A stage of another run raises."""
+        if not path.exists():
+            return None
+        try:
+            tensors, meta = storage.load(path, kind)
+        except storage.CorruptFileError as exc:
+            self.log(f"pyinf: {exc}; computing that stage again")
+            return None
+        diff = [f"{k}: {meta.get(k)!r} there, {v!r} now" for k, v in want.items() if meta.get(k) != v]
+        if diff:
+            raise ValueError(f"{path} belongs to another fit ({'; '.join(diff)}); use a new work directory, or "
+                             f"delete {self.work_dir} to start over")
+        return tensors, meta
+
+    def _mine(self) -> Dict:
+        if self._docs_hash is None:
+            self._docs_hash = documents_hash(self.data, self.docs.start, self.docs.stop)
+        return dict(self.run, documents=self._docs_hash)
+
+    def _wait_for(self, paths, what: str, wait: bool, timeout: Optional[float], poll: float) -> bool:
+        start, said = time.monotonic(), False
+        while True:
+            missing = [p for p in paths if not p.exists()]
+            if not missing:
+                return True
+            if not wait:
+                self.log(f"pyinf: shard {self.shard[0]}/{self.shard[1]} waits for {what} "
+                         f"({len(missing)} files missing in {self.work_dir}); run it again once they are there")
+                return False
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise TimeoutError(f"shard {self.shard[0]}/{self.shard[1]}: {what} still missing after {timeout} s "
+                                   f"({', '.join(p.name for p in missing[:4])})")
+            if not said:
+                self.log(f"pyinf: shard {self.shard[0]}/{self.shard[1]} waiting for {what}")
+                said = True
+            time.sleep(poll)
+
+    # --------------------------------------------------------------- stages
+
+    def _subset_common(self):
+        e = self.engine
+        return dict(model=e.model, task=e.task, modules=e.modules, specs=e.specs,
+                    loader=e._loader(Subset(self.data, self.docs), self.batch_size, "factor data"),
+                    fisher=self.fisher, backend=e.backend, progress=e.progress)
+
+    def _covariance(self) -> None:
+        k, n = self.shard
+        path = self._path("covariance", k)
+        if self._load(path, COVARIANCE_KIND, self._mine()) is not None:
+            return
+        t0 = time.perf_counter()
+        with self.engine._stage_context():
+            sums, n_examples = covariance_sums(**self._subset_common(), seed=self.seed + 2 * k)
+        tensors = {f"{name}::{field}": t for name, parts in sums.items()
+                   for field, t in zip(("a_sum", "s_sum", "n_tokens"), parts)}
+        storage.save(path, COVARIANCE_KIND, tensors, dict(self._mine(), n_examples=n_examples))
+        self.log(f"pyinf: shard {k}/{n}: covariance sums of {len(self.docs)} documents in "
+                 f"{time.perf_counter() - t0:.1f} s")
+
+    def _eigen(self) -> Optional[Dict]:
+        """Shard 0 decomposes the summed covariances; every shard loads the result."""
+        path = self._path("eigen")
+        found = self._load(path, EIGEN_KIND, self.run)
+        if found is None and self.shard[0] == 0:
+            t0 = time.perf_counter()
+            total: Dict[str, list] = {}
+            n_examples = 0
+            for j in range(self.shard[1]):  # in shard order: the same float64 sums on every rerun
+                loaded = self._load(self._path("covariance", j), COVARIANCE_KIND, self.run)
+                if loaded is None:
+                    raise RuntimeError(f"{self._path('covariance', j)} disappeared or is damaged; rerun shard "
+                                       f"{j}/{self.shard[1]}")
+                tensors, meta = loaded
+                n_examples += meta["n_examples"]
+                for name in self.engine.modules:
+                    parts = [tensors[f"{name}::{f}"].to(self.device) for f in ("a_sum", "s_sum", "n_tokens")]
+                    total[name] = parts if name not in total else [a + b for a, b in zip(total[name], parts)]
+            eigen = eigenbases(total, self.dtype, self.eigh_workers)
+            tensors = {f"{name}::{f}": e[f] for name, e in eigen.items() for f in _EIGEN_FIELDS}
+            storage.save(path, EIGEN_KIND, tensors, dict(self.run, eigen_id=uuid.uuid4().hex, n_examples=n_examples,
+                                                         n_tokens={n: int(total[n][2]) for n in total}))
+            self.log(f"pyinf: eigendecompositions of {2 * len(eigen)} covariances in {time.perf_counter() - t0:.1f} s")
+            found = self._load(path, EIGEN_KIND, self.run)
+        if found is None:
+            return None
+        tensors, meta = found
+        eigen = {name: {f: tensors[f"{name}::{f}"].to(self.device) for f in _EIGEN_FIELDS}
+                 for name in self.engine.modules}
+        return dict(eigen=eigen, meta=meta)
+
+    def _lambda(self, eigen: Dict) -> None:
+        k, n = self.shard
+        path = self._path("lambda", k)
+        want = dict(self._mine(), eigen_id=eigen["meta"]["eigen_id"])
+        if self._load(path, LAMBDA_KIND, want) is not None:
+            return
+        t0 = time.perf_counter()
+        with self.engine._stage_context():
+            sums, n_docs = lambda_sums(**self._subset_common(), eigen=eigen["eigen"], seed=self.seed + 2 * k + 1)
+        storage.save(path, LAMBDA_KIND, {f"{name}::sum": t for name, t in sums.items()},
+                     dict(want, lambda_docs=n_docs))
+        self.log(f"pyinf: shard {k}/{n}: eigenvalue-correction sums of {n_docs} documents in "
+                 f"{time.perf_counter() - t0:.1f} s")
+
+    def _finish(self, eigen: Dict) -> Factors:
+        n = self.shard[1]
+        want = dict(self.run, eigen_id=eigen["meta"]["eigen_id"])
+        totals: Dict[str, torch.Tensor] = {}
+        n_docs = 0
+        for j in range(n):
+            loaded = self._load(self._path("lambda", j), LAMBDA_KIND, want)
+            if loaded is None:
+                raise RuntimeError(f"{self._path('lambda', j)} disappeared or is damaged; rerun shard {j}/{n}")
+            tensors, meta = loaded
+            n_docs += meta["lambda_docs"]
+            for name in self.engine.modules:
+                t = tensors[f"{name}::sum"].to(self.device)
+                totals[name] = t if name not in totals else totals[name] + t
+        m = eigen["meta"]
+        meta = dict(fisher=self.fisher, n_examples=m["n_examples"], seed=self.seed, dtype=str(self.dtype),
+                    n_tokens=m["n_tokens"], shards=n, eigh_workers=self.eigh_workers)
+        return assemble_factors(self.engine.specs, eigen["eigen"], totals, n_docs, self.dtype, meta)
+
+    def run_stages(self, *, wait: bool = True, timeout: Optional[float] = None, poll_seconds: float = 10.0,
+                   keep_parts: bool = False) -> Optional[Factors]:
+        """Runs this shard's stages. Returns the factors on shard 0 once every shard's sums
+        are in (and, unless ``keep_parts``, removes the work files); None on another shard
+        when its part is done, or, with ``wait=False``, when another shard's file is missing."""
+        k, n = self.shard
+        self._covariance()
+        covs = [self._path("covariance", j) for j in range(n)]
+        if not self._wait_for(covs, "the other shards' covariance sums", wait, timeout, poll_seconds):
+            return None
+        if k != 0 and not self._wait_for([self._path("eigen")], "shard 0's eigendecompositions", wait, timeout,
+                                         poll_seconds):
+            return None
+        eigen = self._eigen()
+        if eigen is None:  # shard 0 writes it; it was there a moment ago, so it is damaged
+            raise RuntimeError(f"{self._path('eigen')} is damaged: delete it and rerun shard 0/{n}")
+        self._lambda(eigen)
+        if k != 0:
+            self.log(f"pyinf: shard {k}/{n} done; shard 0 writes the factors")
+            return None
+        lambdas = [self._path("lambda", j) for j in range(n)]
+        if not self._wait_for(lambdas, "the other shards' eigenvalue-correction sums", wait, timeout, poll_seconds):
+            return None
+        factors = self._finish(eigen)
+        if not keep_parts:
+            for path in [*covs, self._path("eigen"), *lambdas]:
+                path.unlink(missing_ok=True)
+            if not any(self.work_dir.iterdir()):
+                self.work_dir.rmdir()
+        return factors
+
+
+def fit_factors_staged(engine, data, work_dir, *, shard: Tuple[int, int] = (0, 1), fisher: str = "true",
+                       batch_size: int = 8, seed: int = 0, eigh_workers: Optional[int] = None, wait: bool = True,
+                       timeout: Optional[float] = None, poll_seconds: float = 10.0, keep_parts: bool = False,
+                       run_meta: Optional[Dict] = None, log: Optional[Callable[[str], None]] = None
+                       ) -> Optional[Factors]:
+    """:meth:`pyinf.InfluenceEngine.fit_factors` in saved stages under ``work_dir``: resumable,
+    and split over ``shard=(k, n)`` processes sharing that directory. Returns the factors on
+    shard 0, None elsewhere (or, with ``wait=False``, while other shards' files are missing).
+    See the module docstring."""
+    return StagedFit(engine, data, work_dir, shard=shard, fisher=fisher, batch_size=batch_size, seed=seed,
+                     eigh_workers=eigh_workers, run_meta=run_meta, log=log).run_stages(
+        wait=wait, timeout=timeout, poll_seconds=poll_seconds, keep_parts=keep_parts)

@@ -1,0 +1,152 @@
+"""The factor fit in saved stages (pyinf.staged_fit): one shard is bit for bit the plain
+fit, a crash in the second pass resumes without repeating the first, shards (one after
+another, or at once in threads) give the plain fit's factors, and files of another fit are
+refused."""
+import copy
+import threading
+
+import pytest
+import torch
+
+import pyinf
+from pyinf.factors import _FIELDS
+from tests.models import MLPTask, RegressionDataset, TinyMLP
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """Counts reads; raises while `fail` is set (a crash in the middle of a pass)."""
+
+    def __init__(self, base):
+        self.base, self.reads, self.fail_at = base, 0, None
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise RuntimeError(f"simulated crash at document {i}")
+        self.reads += 1
+        return self.base[i]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = TinyMLP().double()
+    engine = pyinf.InfluenceEngine(model, MLPTask(), progress=False)
+    return engine, RegressionDataset(13, seed=1, dtype=torch.float64)
+
+
+def _quiet(msg):
+    pass
+
+
+def _assert_same_factors(got, want, exact):
+    assert got.module_names == want.module_names
+    for name in want.module_names:
+        for field in _FIELDS:
+            a, b = getattr(got[name], field), getattr(want[name], field)
+            if exact:
+                assert torch.equal(a, b), (name, field)
+            else:  # sums in another order: float64 rounding, and eigenvectors up to their sign
+                if field in ("q_a", "q_s"):
+                    a, b = a.abs(), b.abs()
+                torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("fisher", ["true", "empirical"])
+def test_one_shard_is_the_plain_fit_bit_for_bit(setup, tmp_path, fisher):
+    engine, train = setup
+    want = engine.fit_factors(train, fisher=fisher, batch_size=4, seed=3)
+    got = pyinf.fit_factors_staged(engine, train, tmp_path / "parts", fisher=fisher, batch_size=4, seed=3, log=_quiet)
+    _assert_same_factors(got, want, exact=True)
+    assert got.meta["n_examples"] == 13 and got.meta["n_tokens"] == want.meta["n_tokens"]
+    assert got.id != want.id and not (tmp_path / "parts").exists()  # work files removed
+
+
+def test_a_crash_in_the_second_pass_resumes_there(setup, tmp_path):
+    engine, train = setup
+    first_pass_crash = CountingDataset(train)
+    first_pass_crash.fail_at = 9
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pyinf.fit_factors_staged(engine, first_pass_crash, tmp_path, fisher="empirical", batch_size=4, log=_quiet)
+    assert not any(tmp_path.iterdir())  # nothing half-done is saved
+
+    class CrashInSecondPass(CountingDataset):
+        def __getitem__(self, i):
+            if i == 0:
+                self.passes = getattr(self, "passes", 0) + 1
+            if getattr(self, "passes", 0) == 3 and i == 9:  # 1: the hash, 2: covariances, 3: Lambda
+                raise RuntimeError("simulated crash in the Lambda pass")
+            return super().__getitem__(i)
+
+    with pytest.raises(RuntimeError, match="Lambda pass"):
+        pyinf.fit_factors_staged(engine, CrashInSecondPass(train), tmp_path, fisher="empirical", batch_size=4,
+                                 log=_quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["covariance-0-of-1.safetensors", "eigen.safetensors"]
+    resumed = CountingDataset(train)
+    log = []
+    got = pyinf.fit_factors_staged(engine, resumed, tmp_path, fisher="empirical", batch_size=4, log=log.append)
+    assert resumed.reads == 2 * 13  # the hash and the Lambda pass: the covariance pass is not repeated
+    assert not any("covariance sums" in line for line in log)
+    assert any("eigenvalue-correction sums" in line for line in log)
+    _assert_same_factors(got, engine.fit_factors(train, fisher="empirical", batch_size=4), exact=True)
+
+
+def test_shards_one_after_another_give_the_plain_fit(setup, tmp_path):
+    engine, train = setup
+    want = engine.fit_factors(train, fisher="empirical", batch_size=4)
+    log = []
+    kw = dict(fisher="empirical", batch_size=4, wait=False, log=log.append)
+    assert pyinf.fit_factors_staged(engine, train, tmp_path, shard=(2, 3), **kw) is None
+    assert "waits for the other shards' covariance sums" in log[-1]
+    assert pyinf.fit_factors_staged(engine, train, tmp_path, shard=(1, 3), **kw) is None
+    assert pyinf.fit_factors_staged(engine, train, tmp_path, shard=(0, 3), **kw) is None  # decomposes, Lambda 0
+    assert "eigenvalue-correction sums" in log[-1]
+    assert pyinf.fit_factors_staged(engine, train, tmp_path, shard=(2, 3), **kw) is None
+    assert "shard 2/3 done" in log[-1]
+    assert pyinf.fit_factors_staged(engine, train, tmp_path, shard=(1, 3), **kw) is None
+    got = pyinf.fit_factors_staged(engine, train, tmp_path, shard=(0, 3), **kw)
+    assert got.meta["shards"] == 3 and got.meta["n_examples"] == 13
+    _assert_same_factors(got, want, exact=False)
+
+
+def test_shards_at_once_wait_for_each_other(setup, tmp_path):
+    engine, train = setup
+    want = engine.fit_factors(train, fisher="empirical", batch_size=4)
+    results, errors = {}, []
+
+    def shard(k):
+        try:  # one engine per thread: each installs its own hooks on its own model copy
+            own = pyinf.InfluenceEngine(copy.deepcopy(engine.model), MLPTask(), progress=False)
+            results[k] = pyinf.fit_factors_staged(own, train, tmp_path, shard=(k, 2), fisher="empirical",
+                                                  batch_size=4, poll_seconds=0.02, timeout=120, log=_quiet)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=shard, args=(k,)) for k in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors and results[1] is None
+    _assert_same_factors(results[0], want, exact=False)
+
+
+def test_files_of_another_fit_are_refused(setup, tmp_path):
+    engine, train = setup
+    kw = dict(batch_size=4, wait=False, log=_quiet)
+    pyinf.fit_factors_staged(engine, train, tmp_path, shard=(1, 2), fisher="empirical", **kw)
+    with pytest.raises(ValueError, match=r"belongs to another fit \(fisher: 'empirical' there, 'true' now"):
+        pyinf.fit_factors_staged(engine, train, tmp_path, shard=(1, 2), fisher="true", **kw)
+    changed = RegressionDataset(13, seed=1, dtype=torch.float64)
+    changed.y[12] += 1.0  # in shard 1's documents (6..12)
+    with pytest.raises(ValueError, match="documents: "):
+        pyinf.fit_factors_staged(engine, changed, tmp_path, shard=(1, 2), fisher="empirical", **kw)
+    with pytest.raises(ValueError, match="holds none"):
+        pyinf.fit_factors_staged(engine, RegressionDataset(2), tmp_path / "x", shard=(0, 3), **kw)
+    with pytest.raises(ValueError, match="shard 2/2"):
+        pyinf.fit_factors_staged(engine, train, tmp_path, shard=(2, 2), **kw)
+    with pytest.raises(TimeoutError, match="covariance sums still missing"):
+        pyinf.fit_factors_staged(engine, train, tmp_path, shard=(1, 2), fisher="empirical", batch_size=4,
+                                 timeout=0.05, poll_seconds=0.01, log=_quiet)
