@@ -115,10 +115,6 @@ def _chunk_path(out_dir: Path, start: int, end: int) -> Path:
     return out_dir / "chunks" / f"{start:010d}-{end:010d}.safetensors"
 
 
-def _differences(found: Dict, want: Dict) -> List[str]:
-    return [f"{k}: {found.get(k)!r} here, {v!r} now" for k, v in want.items() if found.get(k) != v]
-
-
 class CorpusScorer:
     """Scores ``train`` against ``queries`` into ``out_dir``, chunk by chunk (see the module
     docstring). ``engine`` is a :class:`pyinf.InfluenceEngine`; ``run_meta`` (JSON values)
@@ -144,18 +140,14 @@ class CorpusScorer:
     def _check_chunk(self, path: Path, start: int, end: int) -> Optional[bool]:
         """True: ``path`` holds this run's scores for the chunk; None: absent or damaged
         (score it again). A chunk of another run raises."""
-        if not path.exists():
+        want = dict(self.run, start=start, end=end, documents=documents_hash(self.train, start, end)) \
+            if path.exists() else {}
+        found = storage.load_if_same_run(
+            path, CHUNK_KIND, want, on_damaged=lambda why: self.log(f"pyinf: {why}; scoring that chunk again"),
+            remedy=f"score into a new output directory, or delete {path.parent} to start over")
+        if found is None:
             return None
-        try:
-            tensors, meta = storage.load(path, CHUNK_KIND)
-        except storage.CorruptFileError as exc:
-            self.log(f"pyinf: {exc}; scoring that chunk again")
-            return None
-        want = dict(self.run, start=start, end=end, documents=documents_hash(self.train, start, end))
-        diff = _differences(meta, want)
-        if diff:
-            raise ValueError(f"{path} was scored by another run ({'; '.join(diff)}); score into a new "
-                             f"output directory, or delete {path.parent} to start over")
+        tensors, _ = found
         scores = tensors.get("scores")
         if scores is None or tuple(scores.shape) != (end - start, self.queries.n_queries):
             self.log(f"pyinf: {path} holds no [{end - start}, {self.queries.n_queries}] scores; scoring it again")
@@ -194,14 +186,14 @@ class CorpusScorer:
             except storage.CorruptFileError as exc:
                 self.log(f"pyinf: {exc}; joining the chunks again")
             else:
-                if not _differences(meta.get("run", {}), self.run):
+                if not storage.differences(meta.get("run", {}), self.run):
                     return tensors["scores"]
         if self.missing():
             return None
         parts = []
         for start, end in self.ranges:
             tensors, meta = storage.load(_chunk_path(self.out_dir, start, end), CHUNK_KIND)
-            diff = _differences(meta, dict(self.run, start=start, end=end))
+            diff = storage.differences(meta, dict(self.run, start=start, end=end))
             if diff:
                 raise ValueError(f"chunk {start}..{end - 1} in {self.out_dir} was scored by another run "
                                  f"({'; '.join(diff)})")

@@ -82,18 +82,9 @@ class StagedFit:
     def _load(self, path: Path, kind: str, want: Dict):
         """(tensors, meta) of a saved stage of this run, or None when absent or damaged
         (computed again). A stage of another run raises."""
-        if not path.exists():
-            return None
-        try:
-            tensors, meta = storage.load(path, kind)
-        except storage.CorruptFileError as exc:
-            self.log(f"pyinf: {exc}; computing that stage again")
-            return None
-        diff = [f"{k}: {meta.get(k)!r} there, {v!r} now" for k, v in want.items() if meta.get(k) != v]
-        if diff:
-            raise ValueError(f"{path} belongs to another fit ({'; '.join(diff)}); use a new work directory, or "
-                             f"delete {self.work_dir} to start over")
-        return tensors, meta
+        return storage.load_if_same_run(
+            path, kind, want, on_damaged=lambda why: self.log(f"pyinf: {why}; computing that stage again"),
+            remedy=f"use a new work directory, or delete {self.work_dir} to start over")
 
     def _mine(self) -> Dict:
         if self._docs_hash is None:

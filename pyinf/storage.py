@@ -10,7 +10,7 @@ import os
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -84,4 +84,29 @@ def load(path, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
     for k, t in tensors.items():
         if _crc(t) != expected[k]:
             raise CorruptFileError(f"{path}: tensor {k!r} fails its checksum (the file was altered or damaged)")
+    return tensors, meta
+
+
+def differences(found: Dict, want: Dict) -> List[str]:
+    """``key: found there, wanted now`` for each entry of ``want`` that ``found`` does not match."""
+    return [f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in want.items() if found.get(k) != v]
+
+
+def load_if_same_run(path, kind: str, want: Dict, *, on_damaged: Callable[[str], None],
+                     remedy: str) -> Optional[Tuple[Dict[str, torch.Tensor], Dict]]:
+    """A saved piece of a resumable run: ``(tensors, meta)`` if the file at ``path`` records
+    every value of ``want`` in its metadata; None if it is absent, or damaged (``on_damaged``
+    is told why, and the caller computes it again). A file of another run raises a
+    ValueError naming each difference, then ``remedy``: never a silent mix of two runs."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        tensors, meta = load(path, kind)
+    except CorruptFileError as exc:
+        on_damaged(str(exc))
+        return None
+    diff = differences(meta, want)
+    if diff:
+        raise ValueError(f"{path} belongs to another run ({'; '.join(diff)}); {remedy}")
     return tensors, meta

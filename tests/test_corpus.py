@@ -113,7 +113,7 @@ def test_a_directory_of_another_run_is_refused(setup, tmp_path):
     pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=4, shard=(0, 3), log=lambda m: None)
     other_queries = engine.prepare_queries(RegressionDataset(3, seed=5, dtype=torch.float64),
                                            engine.fit_factors(train, batch_size=4), rank=2)
-    with pytest.raises(ValueError, match=r"scored by another run \(queries: "):
+    with pytest.raises(ValueError, match=r"belongs to another run \(queries: "):
         pyinf.score_corpus(engine, train, other_queries, tmp_path, chunk_size=4, log=lambda m: None)
     changed = RegressionDataset(11, seed=1, dtype=torch.float64)
     changed.x[2] += 1.0  # a document of the saved chunk 0..3 is not what it was

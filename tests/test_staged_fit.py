@@ -137,7 +137,7 @@ def test_files_of_another_fit_are_refused(setup, tmp_path):
     engine, train = setup
     kw = dict(batch_size=4, wait=False, log=_quiet)
     pyinf.fit_factors_staged(engine, train, tmp_path, shard=(1, 2), fisher="empirical", **kw)
-    with pytest.raises(ValueError, match=r"belongs to another fit \(fisher: 'empirical' there, 'true' now"):
+    with pytest.raises(ValueError, match=r"belongs to another run \(fisher: 'empirical' there, 'true' now"):
         pyinf.fit_factors_staged(engine, train, tmp_path, shard=(1, 2), fisher="true", **kw)
     changed = RegressionDataset(13, seed=1, dtype=torch.float64)
     changed.y[12] += 1.0  # in shard 1's documents (6..12)
