@@ -162,30 +162,20 @@ def _load_or_prepare(engine, args, factors, query, out: Path):
     return queries
 
 
-def _top_documents(scores, k: int):
-    """Per query, the indices of its ``k`` highest-scoring documents."""
-    return [scores[:, q].topk(k).indices.tolist() for q in range(scores.shape[1])]
-
-
-def _token_highlights(engine, args, train, tokenizer, queries, top, out: Path) -> dict:
-    """Per-token scores of the union of every query's top documents (one short extra pass,
-    not one over the corpus), saved to ``tokens.safetensors``; returns ``{(doc, query): the
-    doc's most influential tokens}`` for top.json."""
+def _token_highlights(args, train, tokenizer, queries, documents, per_token, out: Path) -> dict:
+    """Saves the top documents' per-token scores to ``tokens.safetensors``; returns ``{(doc,
+    query): the doc's most influential tokens}`` for top.json."""
     import numpy as np
-    from torch.utils.data import Subset
 
     from . import storage
     from .scoring import display_token_scores
 
-    docs = sorted({n for per_query in top for n in per_query})
-    per_token = engine.pairwise_scores(Subset(train, docs), queries, per_token=True, batch_size=args.batch_size,
-                                       query_batch_size=args.query_batch_size)
     storage.save(out / "tokens.safetensors", "token-scores",
-                 {"per_token": per_token, "documents": torch.tensor(docs, dtype=torch.int64)},
+                 {"per_token": per_token, "documents": torch.tensor(documents, dtype=torch.int64)},
                  dict(queries=queries.fingerprint, note="per_token[i, t, q]: document documents[i], the position "
                       "t that predicts token t + 1"))
     highlights = {}
-    for row, n in enumerate(docs):
+    for row, n in enumerate(documents):
         ids = train[n]["input_ids"].tolist()
         for q in range(per_token.shape[2]):
             shown = display_token_scores(per_token[row, :, q], len(ids))
@@ -197,7 +187,7 @@ def _token_highlights(engine, args, train, tokenizer, queries, top, out: Path) -
 
 def cmd_score(args) -> int:
     from . import Factors
-    from .corpus import score_corpus
+    from .corpus import score_corpus, top_documents, top_token_scores
     from .textdata import JsonlTextDataset
 
     engine, tokenizer = _engine(args)
@@ -215,8 +205,14 @@ def cmd_score(args) -> int:
               f"shard that finishes last joins them (or rerun this command without --shard).")
         return 0
     k = min(args.top_k, scores.shape[0])
-    top_docs = _top_documents(scores, k)
-    tokens = _token_highlights(engine, args, train, tokenizer, queries, top_docs, out) if args.per_token else {}
+    tokens = {}
+    if args.per_token:
+        top_docs, documents, per_token = top_token_scores(engine, train, queries, scores, k,
+                                                          batch_size=args.batch_size,
+                                                          query_batch_size=args.query_batch_size)
+        tokens = _token_highlights(args, train, tokenizer, queries, documents, per_token, out)
+    else:
+        top_docs = top_documents(scores, k)
     top = []
     for q, docs in enumerate(top_docs):
         rows = []

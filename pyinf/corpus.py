@@ -213,3 +213,24 @@ def score_corpus(engine, train, queries: Queries, out_dir, *, chunk_size: int = 
     still running). See the module docstring."""
     return CorpusScorer(engine, train, queries, out_dir, chunk_size=chunk_size, batch_size=batch_size,
                         query_batch_size=query_batch_size, run_meta=run_meta, log=log).score(shard)
+
+
+def top_documents(scores: torch.Tensor, k: int) -> List[List[int]]:
+    """Per query (column of ``scores``), the indices of its ``k`` highest-scoring documents."""
+    k = min(k, scores.shape[0])
+    return [scores[:, q].topk(k).indices.tolist() for q in range(scores.shape[1])]
+
+
+def top_token_scores(engine, train, queries: Queries, scores: torch.Tensor, k: int, *, batch_size: int = 8,
+                     query_batch_size: Optional[int] = None):
+    """Which tokens of the most influential documents carry the influence: per-token scores
+    of every query's top ``k`` documents by ``scores``, in one extra pass over those documents
+    only (their union), never over the corpus. Returns ``(top, documents, per_token)``:
+    ``top[q]`` query q's top-k document indices, ``documents`` the sorted union, and
+    ``per_token [len(documents), T, n_queries]`` (position t serves the prediction of token
+    t + 1: see :func:`pyinf.scoring.display_token_scores`)."""
+    top = top_documents(scores, k)
+    documents = sorted({n for per_query in top for n in per_query})
+    per_token = engine.pairwise_scores(Subset(train, documents), queries, per_token=True, batch_size=batch_size,
+                                       query_batch_size=query_batch_size)
+    return top, documents, per_token

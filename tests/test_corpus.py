@@ -144,6 +144,17 @@ def test_a_damaged_chunk_is_scored_again(setup, tmp_path):
     assert any("0000000005-0000000010" in line and "again" in line for line in log)
 
 
+def test_token_scores_of_the_top_documents_only(setup):
+    engine, train, queries, scores = setup
+    reads = CountingDataset(train)
+    top, documents, per_token = corpus.top_token_scores(engine, reads, queries, scores, 2, batch_size=3)
+    assert top == [scores[:, q].topk(2).indices.tolist() for q in range(3)]
+    assert documents == sorted(set(sum(top, []))) and sorted(reads.reads) == documents  # those, nothing else
+    assert per_token.shape == (len(documents), 1, 3)  # the MLP's "documents" are single rows
+    torch.testing.assert_close(per_token.sum(1), scores[documents], rtol=1e-10, atol=1e-12)
+    assert corpus.top_documents(scores, 50) == [scores[:, q].argsort(descending=True).tolist() for q in range(3)]
+
+
 def test_queries_fingerprint_follows_content(setup, tmp_path):
     _, _, queries, _ = setup
     queries.save(tmp_path / "q.safetensors")
