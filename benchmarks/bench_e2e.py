@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import tempfile
 import time
 from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
@@ -229,8 +230,23 @@ def _pyinf_engine(model, wl: E2EWorkload, backend: str = "auto", compile: bool =
     return InfluenceEngine(model, task, backend=backend, progress=False, compile=compile, checkpoint=checkpoint)
 
 
+def _time_chunked(engine, docs, qs, scores, batch_size: int, device: torch.device) -> Dict[str, object]:
+    """The same scores through the resumable path (pyinf.score_corpus: 4 chunks, each hashed,
+    scored and saved to disk, then joined): what crash safety and sharding cost."""
+    from pyinf import score_corpus
+
+    n = len(docs)
+    chunk = math.ceil(math.ceil(n / 4) / batch_size) * batch_size  # a quarter, rounded up to whole batches
+    with tempfile.TemporaryDirectory(prefix="pyinf-bench-chunks-") as tmp:
+        with WallTimer(device) as t:
+            chunked = score_corpus(engine, docs, qs, tmp, chunk_size=chunk, batch_size=batch_size, log=lambda *_: None)
+    diff = float((chunked.float() - scores.float()).abs().max() / scores.float().abs().max().clamp_min(1e-30))
+    return dict(chunk_size=chunk, chunks=math.ceil(n / chunk), seconds=t.seconds, max_rel_diff=diff)
+
+
 def run_pyinf(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batch_size: int, device: torch.device,
-              backend: str = "auto", compile: bool = False, checkpoint: bool = False, log=print) -> Dict[str, object]:
+              backend: str = "auto", compile: bool = False, checkpoint: bool = False, chunked: bool = False,
+              log=print) -> Dict[str, object]:
     engine = _pyinf_engine(copy.deepcopy(model).to(device), wl, backend, compile, checkpoint)
     out: Dict[str, object] = dict(library="pyinf", precision=wl.dtype, batch_size=batch_size, backend=backend,
                                   compile=compile, checkpoint=checkpoint)
@@ -248,6 +264,10 @@ def run_pyinf(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batch_size
     out["prepare_queries_s"] = tq.seconds
     out["pairwise_s"] = t.seconds - tq.seconds
     out["scores"] = scores.float().cpu()
+    if chunked:
+        out["chunked"] = _time_chunked(engine, docs, qs, out["scores"], batch_size, device)
+        log(f"[e2e] pyinf resumable scoring, {out['chunked']['chunks']} chunks: {out['chunked']['seconds']:.2f} s "
+            f"(one call: {out['pairwise_s']:.2f} s)")
     del engine, factors, qs
     _free(device)
     phases = ", ".join(f"{k} {v:.2f}" for k, v in out["fit_phases_s"].items())
@@ -308,7 +328,7 @@ def run_e2e(wl: E2EWorkload, device: Optional[torch.device] = None, *, log=print
     for bs in wl.batch_sizes:
         if why_not is None:
             _guarded(runs, result, f"pyinf batch {bs}", log, device, run_pyinf, model, wl, docs, queries, bs, device,
-                     log=log)
+                     chunked=bs == wl.batch_sizes[0], log=log)
         if with_kronfluence:
             _guarded(runs, result, f"kronfluence batch {bs}", log, device, run_kronfluence, model, wl, docs, queries,
                      bs, device, "bf16" if wl.dtype == "bfloat16" else "fp32", log=log)

@@ -364,6 +364,13 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
                 ratios.append(f"- 4x the batch: {who} scoring at batch {p['batch_size']} peaks at {_gb(pm)} GB, "
                               f"kronfluence at batch {k['batch_size']} {_gb(km)} GB"
                               + ("" if smoke else f" (goal: {'met' if pm <= km else 'not met'})"))
+        for p in (r for r in e["runs"] if r.get("chunked")):
+            c = p["chunked"]
+            ratios.append(f"- resumable scoring (`pyinf.score_corpus`: {c['chunks']} chunks of {c['chunk_size']} "
+                          f"documents, each hashed, scored and saved, then joined), batch {p['batch_size']}: "
+                          f"{_f(c['seconds'])} s against {_f(p['pairwise_s'])} s in one call "
+                          f"({_f(c['seconds'] / p['pairwise_s'])}x); largest difference {c['max_rel_diff']:.1e} "
+                          f"of the largest score")
         if e.get("pyinf_compile_warmup_s") is not None:
             ratios.append(f"- compile=True: compilation (an untimed warm-up on a few batches) took "
                           f"{_f(e['pyinf_compile_warmup_s'])} s")

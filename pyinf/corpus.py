@@ -134,6 +134,8 @@ class CorpusScorer:
         self.ranges = chunk_ranges(self.n_docs, chunk_size)
         self.run = dict(run_meta or {}, queries=queries.fingerprint, model=model_fingerprint(engine.model),
                         n_docs=self.n_docs, n_queries=queries.n_queries, chunk_size=chunk_size)
+        if query_batch_size is None:  # copied to the device once, not once per chunk
+            self.queries = queries.to(next(engine.model.parameters()).device)
         json.dumps(self.run)  # fail now, not after the first chunk, on a value JSON cannot hold
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
 

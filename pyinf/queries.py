@@ -94,6 +94,14 @@ class Queries:
             raise ValueError(f"these queries were prepared with factors {self.factors_id}, not with the given "
                              f"factors {factors.id}; prepare them again with these factors")
 
+    def to(self, device) -> "Queries":
+        """The same queries with their tensors on ``device`` (for many scoring calls in a row,
+        such as the chunks of :func:`pyinf.score_corpus`, which then copy them there once)."""
+        moved = Queries(self.specs, {n: {k: v.to(device) for k, v in d.items()} for n, d in self.tensors.items()},
+                        dict(self.meta))
+        moved._fingerprint = self._fingerprint
+        return moved
+
     def select(self, index) -> "Queries":
         """The queries at ``index`` (a range or a list of positions), in that order."""
         idx = list(index)

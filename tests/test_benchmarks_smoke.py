@@ -106,6 +106,11 @@ def test_e2e_pyinf_agrees_with_kronfluence(smoke):
         # Same model, data and settings with the empirical Fisher: the scores must agree.
         assert p["min"] > 0.9, p
     assert e["floor"] and _finite_positive(e["floor"][0]["train_step_s"])
+    # the resumable, chunked path gives the same scores (the chunks hold whole batches)
+    chunked = [r["chunked"] for r in e["runs"] if r.get("chunked")]
+    assert len(chunked) == 1 and chunked[0]["chunks"] >= 2 and _finite_positive(chunked[0]["seconds"])
+    assert chunked[0]["max_rel_diff"] < 1e-6
+    assert "resumable scoring (`pyinf.score_corpus`" in smoke["md"]
 
 
 def test_scaling_points(smoke):

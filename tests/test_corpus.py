@@ -160,6 +160,7 @@ def test_queries_fingerprint_follows_content(setup, tmp_path):
     queries.save(tmp_path / "q.safetensors")
     loaded = pyinf.Queries.load(tmp_path / "q.safetensors")
     assert loaded.fingerprint == queries.fingerprint
+    assert loaded.to("cpu")._fingerprint == loaded.fingerprint  # moving keeps the content, and the hash
     name = loaded.module_names[0]
     loaded.tensors[name]["left"] = loaded.tensors[name]["left"].clone()
     loaded.tensors[name]["left"][0, 0, 0] += 1e-12
