@@ -322,6 +322,7 @@ def build(fn, sig, consts, cfg, label, gemm=True, nodiv=()):
     res = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
     spills = [l for l in res.stderr.splitlines() if "spill" in l and " 0 bytes spill stores" not in l]
     report.append(dict(label=label, ok=res.returncode == 0, spills=spills, gemm=gemm,
+                       serialized=[l for l in res.stderr.splitlines() if "C7515" in l],
                        pipelined=k.asm["ttgir"].count("async_copy_global_to_local") > 0,
                        wgmma="wgmma" in k.asm["ptx"]))
 
@@ -382,7 +383,8 @@ print(json.dumps(report))
 def test_kernels_compile_for_h100_without_spills(tmp_path):
     """Compiles every kernel with its H100 config for sm_90 (no GPU needed: Triton's
     bundled ptxas) - the interpreter never runs Triton's code generator, so this is what
-    catches GPU-only errors. Also checks: no register spills, and for the GEMM kernels
+    catches GPU-only errors. Also checks: no register spills, no wgmma serialised by ptxas
+    (C7515), and for the GEMM kernels
     tensor-core (wgmma) dots for bf16 and software-pipelined (cp.async) K loops."""
     import json
     import os
@@ -401,7 +403,8 @@ def test_kernels_compile_for_h100_without_spills(tmp_path):
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert len(report) == 23
     for r in report:
-        assert r["ok"] and not r["spills"], r
+        # C7515: ptxas serialises the wgmma instructions (no overlap of the tensor-core pipeline)
+        assert r["ok"] and not r["spills"] and not r["serialized"], r
         if r["gemm"]:
             assert r["pipelined"], r
             if "bfloat16" in r["label"]:

@@ -38,8 +38,10 @@ def _self_influence_kernel(g_ptr, a_ptr, lam_ptr, part_ptr, damping, T, D_IN, SL
     tile = tl.where(i_ok[:, None] & j_ok[None, :], tile, 0.0)  # padded rows / columns: not the matrix
     lam = tl.load(lam_ptr + (row0 + offs_i).to(tl.int64)[:, None] * s_li + offs_j[None, :] * s_lj,
                   mask=i_ok[:, None] & j_ok[None, :], other=1.0).to(tl.float32)
-    # Outside the matrix the tile is exactly 0 and lam is 1, so the padding adds 0.
-    value = tl.sum(tl.sum(tile * tile / (lam + damping), axis=1), axis=0)
+    # Outside the matrix the tile is exactly 0 and lam is 1, so the padding adds 0. One reduction
+    # over the whole tile: summed row by row (two tl.sum), ptxas serialised the loop's wgmma
+    # instructions (C7515) and the kernel took all 255 registers; this way neither (161 registers).
+    value = tl.sum(tile * tile / (lam + damping))
     tile_id = (row0 // BLOCK_I + pid_i) * n_tj + pid_j  # slabs are whole BLOCK_I tiles
     tl.store(part_ptr + (doc0 + n) * s_pn + tile_id, value)
 
