@@ -37,9 +37,10 @@ BF16 = torch.bfloat16
 # factored_scores; stages are bounded by 228 KB of shared memory per SM.
 CANDIDATES: Dict[str, List[dict]] = {
     "factored_scores": [
-        dict(BLOCK_T=128, BLOCK_C=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_T=128, BLOCK_C=128, BLOCK_K=64, num_warps=8, num_stages=4),
+        dict(BLOCK_T=128, BLOCK_C=128, BLOCK_K=32, num_warps=8, num_stages=5),
         dict(BLOCK_T=128, BLOCK_C=128, BLOCK_K=32, num_warps=8, num_stages=4),
+        dict(BLOCK_T=128, BLOCK_C=128, BLOCK_K=32, num_warps=8, num_stages=6),
+        dict(BLOCK_T=128, BLOCK_C=128, BLOCK_K=64, num_warps=8, num_stages=3),
         dict(BLOCK_T=128, BLOCK_C=64, BLOCK_K=64, num_warps=4, num_stages=4),
         dict(BLOCK_T=64, BLOCK_C=128, BLOCK_K=64, num_warps=4, num_stages=4),
         dict(BLOCK_T=64, BLOCK_C=64, BLOCK_K=64, num_warps=4, num_stages=3),

@@ -4,8 +4,8 @@
 
 One program owns (problem, document, token split, column block). A column block is
 BLOCK_C = QB * RP columns of the virtual [d, Q*RP] factor matrix (column q*RP + k is
-query q's rank-k vector; r is padded to RP, a power of two, by masking the loads), so a
-tile always holds whole queries. For each token block of its split the program computes
+query q's rank-k vector; r is padded to RP, a power of two and at least 8, with zero
+columns added on the host), so a tile always holds whole queries. For each token block of its split the program computes
 the two [BLOCK_T, BLOCK_C] products g@L and a@R with tl.dot in registers (fp32 accumulate),
 multiplies them, sums each query's RP columns (reshape + sum) and then either stores the
 [BLOCK_T, QB] per-token scores or adds them over tokens. Nothing of size N x T x Q x r
@@ -30,14 +30,19 @@ import triton.language as tl
 from ._shared import TL_DTYPE, block_sizes, dot_flags, launch_options, pick_config, project
 
 # H100 configs (reasoned, not measured). Two fp32 [128, 128] accumulators at 8 warps are
-# 128 registers/thread; bf16 operand tiles 2 x 16 KB per stage.
+# 128 registers/thread. With both operands of both products pipelined (cp.async) and the
+# wgmma left in flight across K steps, BLOCK_K=64 spills (24-96 bytes at 3-4 stages, ptxas
+# for sm_90a); BLOCK_K=32 does not (252 registers): bf16 operand tiles 2 x 8 KB per stage.
 H100 = {
-    torch.bfloat16: dict(BLOCK_T=128, BLOCK_C=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    torch.float32: dict(BLOCK_T=64, BLOCK_C=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    torch.bfloat16: dict(BLOCK_T=128, BLOCK_C=128, BLOCK_K=32, num_warps=8, num_stages=5),
+    # fp32 (IEEE dots on CUDA cores): BLOCK_K=32 spills 20 bytes once the factor tiles are
+    # pipelined too; BLOCK_K=16 does not (184 registers).
+    torch.float32: dict(BLOCK_T=64, BLOCK_C=64, BLOCK_K=16, num_warps=8, num_stages=3),
 }
 INTERPRETER = dict(BLOCK_T=16, BLOCK_C=16, BLOCK_K=16)
 
-# Columns of the per-problem descriptor table (int64); the kernel reads them by position.
+# Columns of the per-problem descriptor table (int64); the kernel reads them by position
+# ("r" records the padded rank RP for debugging; the kernel does not need it).
 _FIELDS = ("acts", "grads", "left", "right", "mask", "out", "has_mask", "T", "d_in", "d_out", "r",
            "chunk", "s_an", "s_at", "s_ak", "s_gn", "s_gt", "s_gk", "s_lq", "s_ld", "s_lk",
            "s_rq", "s_rd", "s_rk", "s_mn", "s_mt", "s_on", "s_ot")
@@ -71,7 +76,6 @@ def _factored_scores_kernel(desc_ptr, N, Q, S, n_cb,
     T = tl.load(d + 7)
     d_in = tl.load(d + 8)
     d_out = tl.load(d + 9)
-    r = tl.load(d + 10)
     chunk = tl.load(d + 11)
     s_an = tl.load(d + 12)
     s_at = tl.load(d + 13)
@@ -113,11 +117,15 @@ def _factored_scores_kernel(desc_ptr, N, Q, S, n_cb,
         left = tl.multiple_of(left, 16)
         right = tl.multiple_of(right, 16)
 
-    # Columns of this block: query q = cb*QB + c // RP, rank k = c % RP (k >= r is padding).
+    # Columns of this block: query q = cb*QB + c // RP, rank k = c % RP. The host pads the
+    # factors' rank to RP, so the column mask is constant over each query's RP columns: the
+    # factor tiles then load as 16-byte vectors through cp.async like the token rows. (With a
+    # mask on k < r per column, they were plain synchronous loads inside the K loops, and
+    # Triton could not keep any wgmma in flight: every K step waited for its product.)
     offs_c = tl.arange(0, BLOCK_C)
     col_q = cb * QB + offs_c // RP
     col_k = offs_c % RP
-    col_ok = (col_q < Q) & (col_k < r)
+    col_ok = col_q < Q
     l_cols = col_q.to(tl.int64) * s_lq + col_k * s_lk
     r_cols = col_q.to(tl.int64) * s_rq + col_k * s_rk
     offs_q = cb * QB + tl.arange(0, QB)
@@ -146,6 +154,15 @@ def _factored_scores_kernel(desc_ptr, N, Q, S, n_cb,
             total += tl.sum(per_q, axis=0)
     if not PER_TOKEN:
         tl.store(out + n * s_on + split * s_ot + offs_q, total, mask=q_ok)
+
+
+def _pad_rank(problem: dict, rp: int) -> dict:
+    r = problem["left"].shape[2]
+    if r == rp:
+        return problem
+    pad = (0, rp - r)
+    return dict(problem, left=torch.nn.functional.pad(problem["left"], pad),
+                right=torch.nn.functional.pad(problem["right"], pad))
 
 
 def _aligned(problems: Sequence[dict]) -> bool:
@@ -190,7 +207,10 @@ def factored_scores_grouped(problems: Sequence[dict], per_token: bool = False,
     n, q = first["acts"].shape[0], first["left"].shape[0]
     compute = _compute_dtype(first["acts"], first["grads"])
     cfg = pick_config(H100, compute, INTERPRETER)
-    rp = triton.next_power_of_2(max(p["left"].shape[2] for p in problems))
+    # Ranks padded with zero columns to RP, a power of two and at least 8 (16-byte rows of
+    # bf16): see the kernel's column mask. Zero columns add exactly 0 to every score.
+    rp = max(8, triton.next_power_of_2(max(p["left"].shape[2] for p in problems)))
+    problems = [_pad_rank(p, rp) for p in problems]
     cfg["BLOCK_C"] = max(cfg["BLOCK_C"], rp)
     if rp * q < cfg["BLOCK_C"]:  # do not spend a big tile on few columns
         cfg["BLOCK_C"] = max(16, triton.next_power_of_2(rp * q))
