@@ -186,7 +186,7 @@ def _token_highlights(args, train, tokenizer, queries, documents, per_token, out
 
 
 def cmd_score(args) -> int:
-    from . import Factors
+    from . import Factors, storage
     from .corpus import score_corpus, top_documents, top_token_scores
     from .textdata import JsonlTextDataset
 
@@ -222,9 +222,7 @@ def cmd_score(args) -> int:
                 row["tokens"] = tokens[n, q]
             rows.append(row)
         top.append(dict(query=query.text(q), top=rows))
-    tmp = out / ".top.json.tmp"
-    tmp.write_text(json.dumps(top, indent=1))
-    tmp.replace(out / "top.json")
+    storage.write_text_atomic(out / "top.json", json.dumps(top, indent=1))  # shards may write it at once
     for entry in top:
         print(f"\nquery: {entry['query'][:100]!r}")
         for row in entry["top"][: min(5, k)]:

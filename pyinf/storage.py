@@ -5,12 +5,13 @@ never leaves a half-written file under the final name; loading checks the format
 kind and every tensor's checksum, and names what is wrong."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -37,23 +38,42 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(raw.numpy().tobytes())
 
 
-def save(path, kind: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Path:
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[str]:
+    """A temporary name next to ``path`` to write to; when the block ends without an error the
+    file is synced to disk, made readable (mkstemp creates 0600) and renamed to ``path``, so a
+    reader never sees a half-written file and a crash leaves the previous one in place. On an
+    error the temporary file is removed. Unique per writer: processes (shards) writing the
+    same path at once each rename a whole file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    header = dict(meta, format=FORMAT, kind=kind, versions=versions(),
-                  crc32={k: _crc(v) for k, v in tensors.items()})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"pyinf": json.dumps(header)})
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def save(path, kind: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Path:
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = dict(meta, format=FORMAT, kind=kind, versions=versions(),
+                  crc32={k: _crc(v) for k, v in tensors.items()})
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"pyinf": json.dumps(header)})
     return path
 
 

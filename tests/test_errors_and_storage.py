@@ -32,6 +32,22 @@ def test_factors_and_queries_round_trip(fitted, tmp_path):
         assert torch.equal(f2[name].lambdas, factors[name].lambdas)
     assert torch.equal(engine.pairwise_scores(train, q2), engine.pairwise_scores(train, queries))
     assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # readable by the group and others (a cluster's shared results), not mkstemp's 0600
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in tmp_path.iterdir())
+
+
+def test_text_files_are_written_whole(tmp_path, monkeypatch):
+    storage.write_text_atomic(tmp_path / "top.json", "[1]")
+    assert (tmp_path / "top.json").read_text() == "[1]" and len(list(tmp_path.iterdir())) == 1
+
+    def boom(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(tmp_path), "write_text", boom)
+    with pytest.raises(OSError, match="disk full"):
+        storage.write_text_atomic(tmp_path / "top.json", "[2]")
+    monkeypatch.undo()
+    assert (tmp_path / "top.json").read_text() == "[1]" and len(list(tmp_path.iterdir())) == 1
 
 
 def test_queries_against_other_factors_fail(fitted, tmp_path):

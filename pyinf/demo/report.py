@@ -17,13 +17,13 @@ import html
 import json
 import math
 import os
-import tempfile
 from typing import Dict, List, Optional, Sequence, TextIO
 
 import numpy as np
 import torch
 
 from ..scoring import display_token_scores
+from ..storage import write_text_atomic
 from .corpus import TASKS, Corpus
 
 # --------------------------------------------------------------------------- analysis
@@ -290,24 +290,6 @@ def render_terminal(result: dict, color: bool) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: str, text: str) -> None:
-    """Write to a temporary file in the same directory, then rename: a reader never sees a
-    half-written report, and a crash leaves the previous one in place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # Enough to keep inline text and table cells literal: emphasis, code, links, cell bars, HTML.
 _MD_SPECIAL = set("\\`*_[]|<>")
 
@@ -403,7 +385,7 @@ def save_report(out_dir: str, result: dict, scores: torch.Tensor, self_inf: torc
     payload["scores"] = [[float(f"{x:.6g}") for x in row] for row in scores.tolist()]
     payload["self_influence"] = [float(f"{x:.6g}") for x in self_inf.tolist()]
     paths = {name: os.path.join(out_dir, name) for name in ("report.md", "report.html", "results.json")}
-    _atomic_write(paths["results.json"], json.dumps(payload, indent=1, allow_nan=False) + "\n")
-    _atomic_write(paths["report.md"], markdown_report(result))
-    _atomic_write(paths["report.html"], html_report(result))
+    write_text_atomic(paths["results.json"], json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    write_text_atomic(paths["report.md"], markdown_report(result))
+    write_text_atomic(paths["report.html"], html_report(result))
     return paths
