@@ -19,6 +19,12 @@ from safetensors.torch import save_file
 
 FORMAT = "pyinf/1"
 
+# The process's umask, read once (os.umask can only be read by setting it): saved files get
+# the mode a plain open() would give them, not mkstemp's private 0600.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 class CorruptFileError(ValueError):
     """A saved pyinf file that cannot be trusted: truncated, altered or of another kind."""
@@ -41,7 +47,8 @@ def _crc(t: torch.Tensor) -> int:
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[str]:
     """A temporary name next to ``path`` to write to; when the block ends without an error the
-    file is synced to disk, made readable (mkstemp creates 0600) and renamed to ``path``, so a
+    file is synced to disk, given the mode of a plain ``open()`` (mkstemp creates 0600) and
+    renamed to ``path``, so a
     reader never sees a half-written file and a crash leaves the previous one in place. On an
     error the temporary file is removed. Unique per writer: processes (shards) writing the
     same path at once each rename a whole file."""
@@ -53,7 +60,7 @@ def atomic_path(path: Path) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

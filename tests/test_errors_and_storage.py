@@ -32,8 +32,9 @@ def test_factors_and_queries_round_trip(fitted, tmp_path):
         assert torch.equal(f2[name].lambdas, factors[name].lambdas)
     assert torch.equal(engine.pairwise_scores(train, q2), engine.pairwise_scores(train, queries))
     assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    # readable by the group and others (a cluster's shared results), not mkstemp's 0600
-    assert all(p.stat().st_mode & 0o777 == 0o644 for p in tmp_path.iterdir())
+    # the mode of a plain open() under the umask (shared results on a cluster), not mkstemp's 0600
+    assert all(p.stat().st_mode & 0o777 == storage.FILE_MODE for p in tmp_path.iterdir())
+    assert storage.FILE_MODE & 0o600 == 0o600
 
 
 def test_text_files_are_written_whole(tmp_path, monkeypatch):
