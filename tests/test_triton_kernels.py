@@ -297,123 +297,26 @@ def test_unsupported_reason():
 
 # --- the GPU code path, compiled without a GPU -------------------------------------------
 
-_AOT_SCRIPT = r'''
-import json, os, re, subprocess, sys, tempfile
-import torch, triton, triton.language as tl
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-from triton_kernels import _shared, covariance, cross_entropy, dense_scores, eigen_correction, factored_scores, self_influence
-
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-UNIT = {"s_xk", "s_xd", "s_qc", "s_lj", "s_gd", "s_ad", "s_pj"}  # inner strides: the JIT specialises == 1 at run time
-report = []
-
-def build(fn, sig, consts, cfg, label, gemm=True, nodiv=()):
-    consts = dict(consts, **_shared.block_sizes(cfg))
-    consts.update({k: 1 for k in sig if k in UNIT})
-    sig = dict(sig, **{k: "constexpr" for k in consts})
-    # what run-time specialisation knows for aligned tensors and sizes that are multiples of 16
-    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
-             if (v.startswith("*") or v == "i32") and k not in nodiv}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options=_shared.launch_options(cfg))
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(k.asm["ptx"])
-    res = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-    spills = [l for l in res.stderr.splitlines() if "spill" in l and " 0 bytes spill stores" not in l]
-    report.append(dict(label=label, ok=res.returncode == 0, spills=spills, gemm=gemm,
-                       serialized=[l for l in res.stderr.splitlines() if "C7515" in l],
-                       # a wait with pendings > 0: a wgmma stays in flight while the next K step
-                       # is issued (all 0: each step waits for its product, the tensor cores idle)
-                       async_wgmma=any(int(w) > 0 for w in re.findall(r"wgmma.wait_group.sync.aligned\s+(\d+)",
-                                                                      k.asm["ptx"])),
-                       pipelined=k.asm["ttgir"].count("async_copy_global_to_local") > 0,
-                       wgmma="wgmma" in k.asm["ptx"]))
-
-for tdt, pt, tl_dt in [(torch.bfloat16, "*bf16", tl.bfloat16), (torch.float32, "*fp32", tl.float32)]:
-    flags = _shared.dot_flags(tdt)
-    i32 = lambda *names: {n: "i32" for n in names}
-    build(_shared._rotate_kernel, dict(x_ptr=pt, m_ptr="*u8", q_ptr=pt, out_ptr=pt, **i32(
-        "T", "K", "C", "col0", "s_xn", "s_xt", "s_xk", "s_mn", "s_mt", "s_qk", "s_qc", "s_on", "s_ot")),
-        dict(HAS_MASK=True, COMPUTE=tl_dt, SPLIT_K_TAIL=False, **flags), _shared.ROTATE_H100[tdt], f"rotate {tdt}")
-    if tdt == torch.bfloat16:  # a biased layer's K = d + 1: whole slices, then the tail
-        build(_shared._rotate_kernel, dict(x_ptr=pt, m_ptr="*u8", q_ptr=pt, out_ptr=pt, **i32(
-            "T", "K", "C", "col0", "s_xn", "s_xt", "s_xk", "s_mn", "s_mt", "s_qk", "s_qc", "s_on", "s_ot")),
-            dict(HAS_MASK=True, COMPUTE=tl_dt, SPLIT_K_TAIL=True, **flags), _shared.ROTATE_H100[tdt], f"rotate {tdt} bias column",
-            nodiv=("K",))  # K = 769: nothing known about it
-    build(covariance._covariance_kernel, dict(x_ptr=pt, m_ptr="*u8", out_ptr="*fp32", tiles_ptr="*i32", **i32(
-        "T", "D", "n_row_blocks", "blocks_per_split", "s_xn", "s_xt", "s_xd", "s_mn", "s_mt", "s_os")),
-        dict(HAS_MASK=True, EDGE=True, **flags), covariance.H100[tdt], f"covariance {tdt}")
-    if tdt == torch.bfloat16:  # tiles inside an odd D (769): row masks only
-        build(covariance._covariance_kernel, dict(x_ptr=pt, m_ptr="*u8", out_ptr="*fp32", tiles_ptr="*i32", **i32(
-            "T", "D", "n_row_blocks", "blocks_per_split", "s_xn", "s_xt", "s_xd", "s_mn", "s_mt", "s_os")),
-            dict(HAS_MASK=True, EDGE=False, **flags), covariance.H100[tdt], f"covariance {tdt} inside odd D",
-            nodiv=("D", "s_os"))
-    # D_IN / SLAB unhinted (769 for a biased layer); the load widths and row strides are
-    # multiples of 16 (the rotated temporaries are padded).
-    build(eigen_correction._eigen_correction_kernel, dict(g_ptr=pt, a_ptr=pt, out_ptr="*fp32", **i32(
-        "n_docs", "T", "D_IN", "SLAB", "D_IN_LD", "SLAB_LD", "row0", "s_gn", "s_gt", "s_an", "s_at", "s_oi")),
-        dict(ACCUMULATE=True, **flags), eigen_correction.H100[tdt], f"eigen_correction {tdt}",
-        nodiv=("D_IN", "SLAB"))
-    build(self_influence._self_influence_kernel, dict(g_ptr=pt, a_ptr=pt, lam_ptr="*fp32", part_ptr="*fp32",
-        damping="fp32", **i32("T", "D_IN", "SLAB", "D_IN_LD", "SLAB_LD", "row0", "doc0", "n_tj", "s_gn", "s_gt",
-                              "s_an", "s_at", "s_li", "s_lj", "s_pn")),
-        flags, eigen_correction.H100[tdt], f"self_influence {tdt}", nodiv=("D_IN", "SLAB", "s_li"))
-    for per_token in (False, True):
-        build(factored_scores._factored_scores_kernel, dict(desc_ptr="*i64", **i32("N", "Q", "S", "n_cb")),
-              dict(ACT_T=tl_dt, GRAD_T=tl_dt, LEFT_T=tl_dt, RIGHT_T=tl_dt, COMPUTE=tl_dt, PER_TOKEN=per_token,
-                   RP=32, NF=factored_scores.NF, ALIGNED=True, K_ALIGNED=True, SPLIT_K_TAIL=False, **flags),
-              factored_scores.H100[tdt], f"factored_scores {tdt} per_token={per_token}")
-    if tdt == torch.bfloat16:  # biased layers: aligned rows, K = d + 1 (main slices + CUDA-core tail)
-        build(factored_scores._factored_scores_kernel, dict(desc_ptr="*i64", **i32("N", "Q", "S", "n_cb")),
-              dict(ACT_T=tl_dt, GRAD_T=tl_dt, LEFT_T=tl_dt, RIGHT_T=tl_dt, COMPUTE=tl_dt, PER_TOKEN=False,
-                   RP=32, NF=factored_scores.NF, ALIGNED=True, K_ALIGNED=False, SPLIT_K_TAIL=True, **flags),
-              factored_scores.H100[tdt], f"factored_scores {tdt} bias column (K tail)")
-    dense_strides = ("s_gn", "s_gt", "s_gd", "s_an", "s_at", "s_ad", "s_pq", "s_pi", "s_pj", "s_mn", "s_mt")
-    build(dense_scores._dense_pairwise_kernel, dict(g_ptr=pt, a_ptr=pt, p_ptr=pt, m_ptr="*u8", part_ptr="*fp32",
-          **i32("N", "T", "D_OUT", "D_IN", "Q", *dense_strides, "s_pn", "s_pqq")),
-          dict(HAS_MASK=True, COMPUTE=tl_dt, **flags), dense_scores.H100_PAIRWISE[tdt], f"dense_scores {tdt}")
-    build(dense_scores._dense_per_token_kernel, dict(g_ptr=pt, a_ptr=pt, p_ptr=pt, m_ptr="*u8", out_ptr="*fp32",
-          **i32("T", "D_OUT", "D_IN", *dense_strides, "s_on", "s_ot")),
-          dict(HAS_MASK=True, COMPUTE=tl_dt, **flags), dense_scores.H100_PER_TOKEN[tdt], f"dense_scores {tdt} per_token")
-    for sample in (False, True):
-        build(cross_entropy._cross_entropy_rows_kernel, dict(x_ptr=pt, labels_ptr="*i64", loss_ptr="*fp32",
-              **i32("V", "s_x", "seed")), dict(SAMPLE=sample, INTERP_FIX=False), cross_entropy.H100,
-              f"cross_entropy_rows {tdt} sample={sample}", gemm=False)
-print(json.dumps(report))
-'''
-
 
 def test_kernels_compile_for_h100_without_spills(tmp_path):
-    """Compiles every kernel with its H100 config for sm_90 (no GPU needed: Triton's
-    bundled ptxas) - the interpreter never runs Triton's code generator, so this is what
-    catches GPU-only errors. Also checks: no register spills, no wgmma serialised by ptxas
-    (C7515), and for the GEMM kernels asynchronous wgmma for bf16 (one kept in flight across
-    K steps),
-    tensor-core (wgmma) dots for bf16 and software-pipelined (cp.async) K loops."""
-    import json
-    import os
-    import subprocess
-    import sys
+    """Compiles every kernel with its H100 config for sm_90a (no GPU needed: Triton's bundled
+    ptxas; see benchmarks/compiled.py) - the interpreter never runs Triton's code generator,
+    so this is what catches GPU-only errors. Also checks: no register spills, no wgmma
+    serialised by ptxas (C7515), software-pipelined (cp.async) K loops in the GEMM kernels,
+    and for bf16 tensor-core (wgmma) dots kept in flight across K steps."""
+    from benchmarks import compiled
 
-    import triton
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+    if compiled.ptxas_path() is None:
         pytest.skip("Triton's bundled ptxas is missing")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    report = json.loads(res.stdout.strip().splitlines()[-1])
+    report = compiled.report(cache_dir=tmp_path)
     assert len(report) == 23
     for r in report:
-        # C7515: ptxas serialises the wgmma instructions (no overlap of the tensor-core pipeline)
         assert r["ok"] and not r["spills"] and not r["serialized"], r
         if r["gemm"]:
-            assert r["pipelined"], r
+            assert r["pipelined"] and r["cp_async"] > 0, r
             if "bfloat16" in r["label"]:
                 assert r["wgmma"] and r["async_wgmma"], r
+    assert "| factored_scores torch.bfloat16 per_token=False |" in compiled.markdown(report)
 
 
 def test_eigenbasis_casts_are_reused_until_the_source_changes():
