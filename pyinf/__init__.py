@@ -9,7 +9,7 @@
 __version__ = "0.1.0"
 
 from . import ops
-from .corpus import score_corpus
+from .corpus import score_corpus, self_influence_corpus
 from .engine import InfluenceEngine
 from .factors import Factors
 from .queries import Queries
@@ -18,4 +18,4 @@ from .normalize import normalize
 from .storage import CorruptFileError
 from .task import CausalLMTask, Task, pad_collate
 
-__all__ = ["InfluenceEngine", "Task", "CausalLMTask", "Factors", "Queries", "CorruptFileError", "pad_collate", "normalize", "score_corpus", "fit_factors_staged", "ops"]
+__all__ = ["InfluenceEngine", "Task", "CausalLMTask", "Factors", "Queries", "CorruptFileError", "pad_collate", "normalize", "score_corpus", "self_influence_corpus", "fit_factors_staged", "ops"]

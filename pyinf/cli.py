@@ -1,5 +1,6 @@
-"""The pyinf command line: ``pyinf demo`` (the built-in end-to-end example), ``pyinf fit``
-and ``pyinf score`` on a local Hugging Face model and JSONL files, ``pyinf backends``."""
+"""The pyinf command line: ``pyinf demo`` (the built-in end-to-end example); ``pyinf fit``,
+``pyinf prepare``, ``pyinf score`` and ``pyinf self-influence`` on a local Hugging Face model
+and JSONL files; ``pyinf backends``."""
 from __future__ import annotations
 
 import argparse
@@ -119,6 +120,12 @@ def _prepare(engine, args, factors, query):
     return queries
 
 
+def _shard_pending(shard) -> int:
+    print(f"pyinf: shard {shard[0]}/{shard[1]} done; chunks of other shards are still missing. The shard that "
+          f"finishes last joins them (or rerun this command without --shard).")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from . import Factors
     from .textdata import JsonlTextDataset
@@ -201,9 +208,7 @@ def cmd_score(args) -> int:
                           batch_size=args.batch_size, query_batch_size=args.query_batch_size,
                           run_meta=dict(max_length=args.max_length, dtype=args.dtype, model_path=str(args.model)))
     if scores is None:
-        print(f"pyinf: shard {args.shard[0]}/{args.shard[1]} done; chunks of other shards are still missing. The "
-              f"shard that finishes last joins them (or rerun this command without --shard).")
-        return 0
+        return _shard_pending(args.shard)
     k = min(args.top_k, scores.shape[0])
     tokens = {}
     if args.per_token:
@@ -232,6 +237,33 @@ def cmd_score(args) -> int:
             print(line)
     print(f"\npyinf: scores {tuple(scores.shape)} -> {out / 'scores.safetensors'}, top {k} -> {out / 'top.json'}"
           + (f", token scores of the top documents -> {out / 'tokens.safetensors'}" if args.per_token else ""))
+    return 0
+
+
+def cmd_self_influence(args) -> int:
+    from . import Factors, storage
+    from .corpus import self_influence_corpus
+    from .textdata import JsonlTextDataset
+
+    engine, tokenizer = _engine(args)
+    factors = Factors.load(args.factors)
+    train = JsonlTextDataset(args.train, tokenizer, max_length=args.max_length)
+    out = Path(args.out)
+    values = self_influence_corpus(engine, train, factors, out, damping=args.damping, chunk_size=args.chunk_size,
+                                   shard=args.shard, batch_size=args.batch_size,
+                                   run_meta=dict(max_length=args.max_length, dtype=args.dtype,
+                                                 model_path=str(args.model)))
+    if values is None:
+        return _shard_pending(args.shard)
+    k = min(args.top_k, values.shape[0])
+    top, index = values.topk(k)
+    rows = [dict(index=int(i), self_influence=float(v), text=train.text(int(i))) for v, i in zip(top, index)]
+    storage.write_text_atomic(out / "top_self_influence.json", json.dumps(rows, indent=1))
+    print("highest self-influence (the documents the model finds hardest to fit: outliers, mislabeled text):")
+    for row in rows[:5]:
+        print(f"  {row['self_influence']:+.4e}  #{row['index']:<6d} {row['text'][:90]!r}")
+    print(f"\npyinf: self-influence {tuple(values.shape)} -> {out / 'self_influence.safetensors'}, top {k} -> "
+          f"{out / 'top_self_influence.json'}")
     return 0
 
 
@@ -306,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "(tokens.safetensors, and their most influential tokens in top.json)")
     score.add_argument("--top-tokens", type=int, default=5, help="tokens listed per top document with --per-token")
     score.set_defaults(func=cmd_score)
+
+    self_inf = sub.add_parser("self-influence", help="each training document's self-influence (resumable, "
+                              "shardable)")
+    _add_model_args(self_inf)
+    self_inf.add_argument("--factors", required=True)
+    self_inf.add_argument("--train", required=True, help="JSONL, one {'text': ...} per line")
+    self_inf.add_argument("--out", required=True, help="output directory (a rerun into it resumes)")
+    self_inf.add_argument("--damping", type=float, default=None, help="default: 0.1 x mean(Lambda) per module")
+    self_inf.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="documents per saved chunk")
+    self_inf.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="only shard K of N (from 0) of "
+                          "the chunks; shards share --out, the last to finish joins the values")
+    self_inf.add_argument("--top-k", type=int, default=10)
+    self_inf.set_defaults(func=cmd_self_influence)
 
     backends = sub.add_parser("backends", help="which kernel backends can run here")
     backends.set_defaults(func=cmd_backends)

@@ -1,17 +1,19 @@
-"""Scoring a corpus too large for one uninterrupted run (Ruis et al. 2024 scored 5M
-documents against 80 queries): the documents are cut into fixed chunks, and each chunk's
-scores are saved the moment they are computed (atomically, checksummed, see
+"""Computing over a corpus too large for one uninterrupted run (Ruis et al. 2024 scored 5M
+documents against 80 queries): pairwise scores (:func:`score_corpus`) and self-influence
+(:func:`self_influence_corpus`). The documents are cut into fixed chunks, and each chunk's
+values are saved the moment they are computed (atomically, checksummed, see
 :mod:`pyinf.storage`). A rerun into the same directory skips the chunks already there, so a
 job killed after hours loses at most one chunk. ``shard=(k, n)`` gives process ``k`` of ``n``
 its own contiguous run of chunks, so several GPUs or machines can share one directory; the
 chunk grid does not depend on the shard count, so a run may be resumed with another one.
 
-Each chunk records what its scores depend on: the queries' content
-(:attr:`pyinf.Queries.fingerprint`), a fingerprint of the model's weights, a hash of the
-chunk's own documents and whatever the caller adds (``run_meta``). A chunk that does not
-match is an error that names the difference, never a silent mix of two runs; a chunk that
-fails its checksum is scored again. When every chunk is present they are joined into
-``scores.safetensors`` (float32 ``[n_docs, n_queries]``)."""
+Each chunk records what its values depend on: the queries' content
+(:attr:`pyinf.Queries.fingerprint`) or the factors' id and the damping, a fingerprint of the
+model's weights, a hash of the chunk's own documents and whatever the caller adds
+(``run_meta``). A chunk that does not match is an error that names the difference, never a
+silent mix of two runs; a chunk that fails its checksum is computed again. When every chunk
+is present they are joined into ``scores.safetensors`` (float32 ``[n_docs, n_queries]``) or
+``self_influence.safetensors`` (``[n_docs]``)."""
 from __future__ import annotations
 
 import hashlib
@@ -27,9 +29,8 @@ from torch.utils.data import Subset
 from . import storage
 from .queries import Queries
 
-CHUNK_KIND = "score-chunk"
 SCORES_KIND = "scores"
-SCORES_FILE = "scores.safetensors"
+SELF_INFLUENCE_KIND = "self_influence"
 DEFAULT_CHUNK_SIZE = 4096
 
 
@@ -111,110 +112,136 @@ def documents_hash(dataset, start: int, end: int) -> str:
     return h.hexdigest()
 
 
-def _chunk_path(out_dir: Path, start: int, end: int) -> Path:
-    return out_dir / "chunks" / f"{start:010d}-{end:010d}.safetensors"
+class ChunkedRun:
+    """One value per document, computed chunk by chunk into ``out_dir`` (see the module
+    docstring): ``compute(subset) -> [len(subset), ...]`` for a Subset of ``data``; ``run``
+    (JSON values) is what the values depend on besides the documents, recorded in and
+    checked against every chunk; ``kind`` names the chunks' directory and the joined file
+    (``<kind>.safetensors``), so several kinds of run can share one directory."""
 
-
-class CorpusScorer:
-    """Scores ``train`` against ``queries`` into ``out_dir``, chunk by chunk (see the module
-    docstring). ``engine`` is a :class:`pyinf.InfluenceEngine`; ``run_meta`` (JSON values)
-    is recorded in and checked against every chunk, next to the queries', model's and
-    documents' fingerprints."""
-
-    def __init__(self, engine, train, queries: Queries, out_dir, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 batch_size: int = 8, query_batch_size: Optional[int] = None, run_meta: Optional[Dict] = None,
-                 log: Optional[Callable[[str], None]] = None):
-        self.engine = engine
-        self.query_batch_size = query_batch_size
-        self.train = train
-        self.queries = queries
+    def __init__(self, data, out_dir, *, kind: str, compute: Callable[[Subset], torch.Tensor], run: Dict,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, log: Optional[Callable[[str], None]] = None,
+                 final_meta: Optional[Dict] = None):
+        self.data = data
         self.out_dir = Path(out_dir)
-        self.batch_size = batch_size
-        self.n_docs = len(train)
+        self.kind = kind
+        self.compute = compute
+        self.n_docs = len(data)
         self.ranges = chunk_ranges(self.n_docs, chunk_size)
-        self.run = dict(run_meta or {}, queries=queries.fingerprint, model=model_fingerprint(engine.model),
-                        n_docs=self.n_docs, n_queries=queries.n_queries, chunk_size=chunk_size)
-        if query_batch_size is None:  # copied to the device once, not once per chunk
-            self.queries = queries.to(next(engine.model.parameters()).device)
+        self.run = dict(run, n_docs=self.n_docs, chunk_size=chunk_size)
         json.dumps(self.run)  # fail now, not after the first chunk, on a value JSON cannot hold
+        self.final_meta = dict(final_meta or {})
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
-    def _check_chunk(self, path: Path, start: int, end: int) -> Optional[bool]:
-        """True: ``path`` holds this run's scores for the chunk; None: absent or damaged
-        (score it again). A chunk of another run raises."""
-        want = dict(self.run, start=start, end=end, documents=documents_hash(self.train, start, end)) \
+    @property
+    def final_path(self) -> Path:
+        return self.out_dir / f"{self.kind}.safetensors"
+
+    def _chunk_path(self, start: int, end: int) -> Path:
+        return self.out_dir / f"{self.kind}-chunks" / f"{start:010d}-{end:010d}.safetensors"
+
+    def _check_chunk(self, start: int, end: int) -> bool:
+        """True: the chunk is saved for this run; False: absent or damaged (compute it again).
+        A chunk of another run raises."""
+        path = self._chunk_path(start, end)
+        want = dict(self.run, start=start, end=end, documents=documents_hash(self.data, start, end)) \
             if path.exists() else {}
         found = storage.load_if_same_run(
-            path, CHUNK_KIND, want, on_damaged=lambda why: self.log(f"pyinf: {why}; scoring that chunk again"),
-            remedy=f"score into a new output directory, or delete {path.parent} to start over")
+            path, f"{self.kind}-chunk", want,
+            on_damaged=lambda why: self.log(f"pyinf: {why}; computing that chunk again"),
+            remedy=f"write into a new output directory, or delete {path.parent} to start over")
         if found is None:
-            return None
-        tensors, _ = found
-        scores = tensors.get("scores")
-        if scores is None or tuple(scores.shape) != (end - start, self.queries.n_queries):
-            self.log(f"pyinf: {path} holds no [{end - start}, {self.queries.n_queries}] scores; scoring it again")
-            return None
+            return False
+        values = found[0].get("values")
+        if values is None or values.shape[0] != end - start:
+            self.log(f"pyinf: {path} holds no values for documents {start}..{end - 1}; computing it again")
+            return False
         return True
 
-    def score(self, shard: Optional[Tuple[int, int]] = None) -> Optional[torch.Tensor]:
-        """Scores this shard's missing chunks; returns the whole ``[n_docs, n_queries]`` matrix
-        once every chunk of every shard is present (and writes it), else None."""
+    def execute(self, shard: Optional[Tuple[int, int]] = None) -> Optional[torch.Tensor]:
+        """Computes this shard's missing chunks; returns the values of every document once
+        every chunk of every shard is present (and writes them), else None."""
         mine = shard_ranges(self.ranges, shard)
-        todo = [(s, e) for s, e in mine if not self._check_chunk(_chunk_path(self.out_dir, s, e), s, e)]
+        todo = [(s, e) for s, e in mine if not self._check_chunk(s, e)]
         if len(todo) < len(mine):
-            self.log(f"pyinf: {len(mine) - len(todo)} of {len(mine)} chunks already scored in {self.out_dir}")
+            self.log(f"pyinf: {len(mine) - len(todo)} of {len(mine)} chunks already done in {self.out_dir}")
         for i, (start, end) in enumerate(todo):
             t0 = time.perf_counter()
-            docs = documents_hash(self.train, start, end)
-            scores = self.engine.pairwise_scores(Subset(self.train, range(start, end)), self.queries,
-                                                 batch_size=self.batch_size, query_batch_size=self.query_batch_size)
-            storage.save(_chunk_path(self.out_dir, start, end), CHUNK_KIND, {"scores": scores},
+            docs = documents_hash(self.data, start, end)
+            values = self.compute(Subset(self.data, range(start, end)))
+            storage.save(self._chunk_path(start, end), f"{self.kind}-chunk", {"values": values},
                          dict(self.run, start=start, end=end, documents=docs))
             dt = time.perf_counter() - t0
-            self.log(f"pyinf: chunk {i + 1}/{len(todo)} (documents {start}..{end - 1}) scored in {dt:.1f} s, "
+            self.log(f"pyinf: {self.kind} chunk {i + 1}/{len(todo)} (documents {start}..{end - 1}) in {dt:.1f} s, "
                      f"{(end - start) / dt:.1f} docs/s")
         return self.assemble()
 
     def missing(self) -> List[Tuple[int, int]]:
-        return [(s, e) for s, e in self.ranges if not _chunk_path(self.out_dir, s, e).exists()]
+        return [(s, e) for s, e in self.ranges if not self._chunk_path(s, e).exists()]
 
     def assemble(self) -> Optional[torch.Tensor]:
-        """The joined scores if every chunk is present (``scores.safetensors`` is written once
+        """The joined values if every chunk is present (``<kind>.safetensors`` is written once
         and reused after), else None."""
-        final = self.out_dir / SCORES_FILE
-        if final.exists():
+        if self.final_path.exists():
             try:
-                tensors, meta = storage.load(final, SCORES_KIND)
+                tensors, meta = storage.load(self.final_path, self.kind)
             except storage.CorruptFileError as exc:
                 self.log(f"pyinf: {exc}; joining the chunks again")
             else:
                 if not storage.differences(meta.get("run", {}), self.run):
-                    return tensors["scores"]
+                    return tensors[self.kind]
         if self.missing():
             return None
         parts = []
         for start, end in self.ranges:
-            tensors, meta = storage.load(_chunk_path(self.out_dir, start, end), CHUNK_KIND)
+            tensors, meta = storage.load(self._chunk_path(start, end), f"{self.kind}-chunk")
             diff = storage.differences(meta, dict(self.run, start=start, end=end))
             if diff:
-                raise ValueError(f"chunk {start}..{end - 1} in {self.out_dir} was scored by another run "
+                raise ValueError(f"chunk {start}..{end - 1} in {self.out_dir} belongs to another run "
                                  f"({'; '.join(diff)})")
-            parts.append(tensors["scores"])
-        scores = torch.cat(parts)
-        storage.save(final, SCORES_KIND, {"scores": scores}, dict(run=self.run, rank=self.queries.rank,
-                                                                   damping=self.queries.damping,
-                                                                   factors_id=self.queries.factors_id))
-        return scores
+            parts.append(tensors["values"])
+        values = torch.cat(parts)
+        storage.save(self.final_path, self.kind, {self.kind: values}, dict(self.final_meta, run=self.run))
+        return values
 
 
 def score_corpus(engine, train, queries: Queries, out_dir, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  shard: Optional[Tuple[int, int]] = None, batch_size: int = 8, query_batch_size: Optional[int] = None,
                  run_meta: Optional[Dict] = None, log: Optional[Callable[[str], None]] = None) -> Optional[torch.Tensor]:
-    """Resumable, shardable :meth:`pyinf.InfluenceEngine.pairwise_scores` into ``out_dir``:
-    the ``[n_docs, n_queries]`` scores once every chunk is there, else None (other shards
-    still running). See the module docstring."""
-    return CorpusScorer(engine, train, queries, out_dir, chunk_size=chunk_size, batch_size=batch_size,
-                        query_batch_size=query_batch_size, run_meta=run_meta, log=log).score(shard)
+    """Resumable, shardable :meth:`pyinf.InfluenceEngine.pairwise_scores` into ``out_dir``
+    (``scores.safetensors``, chunks under ``scores-chunks/``): the ``[n_docs, n_queries]``
+    scores once every chunk is there, else None (other shards still running). ``run_meta``
+    (JSON values) is recorded in and checked against every chunk, next to the queries', the
+    model's and the documents' fingerprints. See the module docstring."""
+    run = dict(run_meta or {}, queries=queries.fingerprint, model=model_fingerprint(engine.model),
+               n_queries=queries.n_queries)
+    if query_batch_size is None:  # copied to the device once, not once per chunk
+        queries = queries.to(next(engine.model.parameters()).device)
+
+    def compute(subset):
+        return engine.pairwise_scores(subset, queries, batch_size=batch_size, query_batch_size=query_batch_size)
+
+    return ChunkedRun(train, out_dir, kind=SCORES_KIND, compute=compute, run=run, chunk_size=chunk_size, log=log,
+                      final_meta=dict(rank=queries.rank, damping=queries.damping,
+                                      factors_id=queries.factors_id)).execute(shard)
+
+
+def self_influence_corpus(engine, train, factors, out_dir, *, damping: Optional[float] = None,
+                          chunk_size: int = DEFAULT_CHUNK_SIZE, shard: Optional[Tuple[int, int]] = None,
+                          batch_size: int = 8, run_meta: Optional[Dict] = None,
+                          log: Optional[Callable[[str], None]] = None) -> Optional[torch.Tensor]:
+    """Resumable, shardable :meth:`pyinf.InfluenceEngine.self_influence` into ``out_dir``
+    (``self_influence.safetensors``, chunks under ``self_influence-chunks/``): the ``[n_docs]``
+    values once every chunk is there, else None. The same checks as :func:`score_corpus`,
+    with the factors' id and the damping in place of the queries."""
+    run = dict(run_meta or {}, factors=factors.id, damping=damping, model=model_fingerprint(engine.model))
+    on_device = factors.to(next(engine.model.parameters()).device)  # once, not once per chunk
+
+    def compute(subset):
+        return engine.self_influence(subset, on_device, damping=damping, batch_size=batch_size)
+
+    return ChunkedRun(train, out_dir, kind=SELF_INFLUENCE_KIND, compute=compute, run=run, chunk_size=chunk_size,
+                      log=log, final_meta=dict(factors_id=factors.id, damping=damping)).execute(shard)
 
 
 def top_documents(scores: torch.Tensor, k: int) -> List[List[int]]:

@@ -101,7 +101,7 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     # a rerun into the same directory reuses its queries and chunks
     assert main([*score, "--out", str(workdir / "whole")]) == 0
     err = capsys.readouterr().err
-    assert "reusing the queries" in err and "5 of 5 chunks already scored" in err
+    assert "reusing the queries" in err and "5 of 5 chunks already done" in err
     # shards need queries prepared once, then share one directory
     with pytest.raises(SystemExit, match="--shard needs --prepared"):
         main([*score, "--out", str(workdir / "sharded"), "--shard", "0/2"])
@@ -141,3 +141,19 @@ def test_sharded_fit_gives_the_plain_fit(workdir, capsys):
         torch.testing.assert_close(got[name].a_cov, plain[name].a_cov, rtol=1e-5, atol=1e-8)
     with pytest.raises(SystemExit, match="--max-examples must be positive"):
         main(["fit", *common, "--out", str(workdir / "x.safetensors"), "--max-examples", "0"])
+
+
+def test_self_influence_command(workdir, capsys):
+    common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress", "--track", "mlp"]
+    assert main(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", str(workdir / "f.safetensors"),
+                 "--fisher", "empirical"]) == 0
+    args = ["self-influence", *common, "--factors", str(workdir / "f.safetensors"), "--train",
+            str(workdir / "train.jsonl"), "--out", str(workdir / "self"), "--chunk-size", "3", "--top-k", "2"]
+    assert main(args) == 0
+    saved, _ = pyinf.storage.load(workdir / "self" / "self_influence.safetensors", "self_influence")
+    values = saved["self_influence"]
+    assert values.shape == (4,) and bool((values > 0).all())  # grad^T H^-1 grad of a positive-definite H
+    top = json.loads((workdir / "self" / "top_self_influence.json").read_text())
+    assert [row["index"] for row in top] == values.topk(2).indices.tolist()
+    assert "highest self-influence" in capsys.readouterr().out
+    assert main(args) == 0 and "2 of 2 chunks already done" in capsys.readouterr().err

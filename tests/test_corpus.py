@@ -41,7 +41,7 @@ class CountingDataset(torch.utils.data.Dataset):
 
 
 def _chunks(out):
-    return sorted(p.name for p in (out / "chunks").iterdir())
+    return sorted(p.name for p in (out / "scores-chunks").iterdir())
 
 
 def test_chunks_give_the_scores_of_one_pass(setup, tmp_path):
@@ -75,7 +75,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(setup, tmp_path):
     # saved chunks are only re-hashed (reads of the examples), scored chunks are read twice (hash + pass)
     scored = [i for i in set(resumed.reads) if resumed.reads.count(i) > 1]
     assert sorted(scored) == [9, 10]
-    assert "3 of 4 chunks already scored" in log[0]
+    assert "3 of 4 chunks already done" in log[0]
 
 
 def test_shards_join_into_the_same_scores(setup, tmp_path):
@@ -136,12 +136,30 @@ def test_a_damaged_chunk_is_scored_again(setup, tmp_path):
     engine, train, queries, want = setup
     pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=5, log=lambda m: None)
     (tmp_path / "scores.safetensors").unlink()
-    damaged = tmp_path / "chunks" / "0000000005-0000000010.safetensors"
+    damaged = tmp_path / "scores-chunks" / "0000000005-0000000010.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-7])
     log = []
     got = pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=5, log=log.append)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert any("0000000005-0000000010" in line and "again" in line for line in log)
+
+
+def test_self_influence_in_chunks_resumes_and_shards(setup, tmp_path):
+    engine, train, queries, _ = setup
+    factors = engine.fit_factors(train, batch_size=4)
+    want = engine.self_influence(train, factors, batch_size=3)
+    log = []
+    parts = [pyinf.self_influence_corpus(engine, train, factors, tmp_path, chunk_size=3, shard=(k, 2),
+                                         log=log.append) for k in (1, 0)]
+    assert parts[0] is None
+    torch.testing.assert_close(parts[1], want, rtol=1e-10, atol=1e-12)
+    saved, meta = pyinf.storage.load(tmp_path / "self_influence.safetensors", "self_influence")
+    assert torch.equal(saved["self_influence"], parts[1]) and meta["factors_id"] == factors.id
+    # pairwise scores and self-influence share the directory without mixing
+    pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=3, log=log.append)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["scores-chunks", "self_influence-chunks"]
+    with pytest.raises(ValueError, match="damping: None there, 0.5 now"):
+        pyinf.self_influence_corpus(engine, train, factors, tmp_path, damping=0.5, chunk_size=3, log=log.append)
 
 
 def test_token_scores_of_the_top_documents_only(setup):
