@@ -1,6 +1,6 @@
 """The pyinf command line: ``pyinf demo`` (the built-in end-to-end example); ``pyinf fit``,
 ``pyinf prepare``, ``pyinf score`` and ``pyinf self-influence`` on a local Hugging Face model
-and JSONL files; ``pyinf backends``."""
+and JSONL files; ``pyinf info`` on saved files; ``pyinf backends``."""
 from __future__ import annotations
 
 import argparse
@@ -267,6 +267,21 @@ def cmd_self_influence(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    from . import storage
+
+    for path in args.files:
+        info = storage.describe(path)
+        tensors = info.pop("tensors")
+        print(json.dumps(info, indent=1, default=str))
+        shown = list(tensors.items())[: args.max_tensors]
+        for name, t in shown:
+            print(f"  {name}: {t['dtype']} {t['shape']}")
+        if len(tensors) > len(shown):
+            print(f"  ... {len(tensors) - len(shown)} more tensors")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo.run import run_demo
 
@@ -351,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "the chunks; shards share --out, the last to finish joins the values")
     self_inf.add_argument("--top-k", type=int, default=10)
     self_inf.set_defaults(func=cmd_self_influence)
+
+    info = sub.add_parser("info", help="what a saved pyinf file holds (kind, versions, settings, run "
+                          "fingerprints, tensor shapes), from its header")
+    info.add_argument("files", nargs="+")
+    info.add_argument("--max-tensors", type=int, default=12, help="tensors listed per file")
+    info.set_defaults(func=cmd_info)
 
     backends = sub.add_parser("backends", help="which kernel backends can run here")
     backends.set_defaults(func=cmd_backends)

@@ -137,3 +137,24 @@ def load_if_same_run(path, kind: str, want: Dict, *, on_damaged: Callable[[str],
     if diff:
         raise ValueError(f"{path} belongs to another run ({'; '.join(diff)}); {remedy}")
     return tensors, meta
+
+
+def describe(path) -> Dict:
+    """What a saved pyinf file holds, read from its header without loading or checking the
+    tensors (``pyinf info``): kind, format, versions, every tensor's dtype and shape, and the
+    rest of its metadata (run fingerprints, settings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get("pyinf")
+            tensors = {k: f.get_slice(k) for k in f.keys()}
+            shapes = {k: dict(dtype=str(v.get_dtype()), shape=list(v.get_shape())) for k, v in tensors.items()}
+    except Exception as exc:
+        raise CorruptFileError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if raw_meta is None:
+        raise CorruptFileError(f"{path} is a safetensors file without pyinf metadata")
+    meta = json.loads(raw_meta)
+    meta.pop("crc32", None)
+    return dict(path=str(path), bytes=path.stat().st_size, tensors=shapes, **meta)

@@ -157,3 +157,12 @@ def test_self_influence_command(workdir, capsys):
     assert [row["index"] for row in top] == values.topk(2).indices.tolist()
     assert "highest self-influence" in capsys.readouterr().out
     assert main(args) == 0 and "2 of 2 chunks already done" in capsys.readouterr().err
+    # pyinf info reads any saved file's header: kind, settings, run fingerprints, shapes
+    chunk = next((workdir / "self" / "self_influence-chunks").iterdir())
+    assert main(["info", str(workdir / "f.safetensors"), str(chunk), "--max-tensors", "2"]) == 0
+    out = capsys.readouterr().out
+    assert '"kind": "factors"' in out and '"fisher": "empirical"' in out and "more tensors" in out
+    assert '"kind": "self_influence-chunk"' in out and '"documents": ' in out and "values: F32 [3]" in out
+    (workdir / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(pyinf.CorruptFileError, match="not a readable safetensors file"):
+        main(["info", str(workdir / "junk.safetensors")])
