@@ -172,10 +172,8 @@ def _load_or_prepare(engine, args, factors, query, out: Path):
 def _token_highlights(args, train, tokenizer, queries, documents, per_token, out: Path) -> dict:
     """Saves the top documents' per-token scores to ``tokens.safetensors``; returns ``{(doc,
     query): the doc's most influential tokens}`` for top.json."""
-    import numpy as np
-
     from . import storage
-    from .scoring import display_token_scores
+    from .scoring import display_token_scores, top_positive
 
     storage.save(out / "tokens.safetensors", "token-scores",
                  {"per_token": per_token, "documents": torch.tensor(documents, dtype=torch.int64)},
@@ -186,9 +184,8 @@ def _token_highlights(args, train, tokenizer, queries, documents, per_token, out
         ids = train[n]["input_ids"].tolist()
         for q in range(per_token.shape[2]):
             shown = display_token_scores(per_token[row, :, q], len(ids))
-            best = np.argsort(-shown, kind="stable")[:args.top_tokens]
-            highlights[n, q] = [dict(position=int(i), token=tokenizer.decode([ids[i]]), score=float(shown[i]))
-                                for i in best if shown[i] > 0]
+            highlights[n, q] = [dict(position=i, token=tokenizer.decode([ids[i]]), score=float(shown[i]))
+                                for i in top_positive(shown, args.top_tokens)]
     return highlights
 
 

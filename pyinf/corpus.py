@@ -81,9 +81,7 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) ->
 
 def _item_bytes(item: Any, h) -> None:
     if isinstance(item, torch.Tensor):
-        t = item.detach().contiguous().cpu()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        storage.hash_tensor(h, item)
     elif isinstance(item, dict):
         for k in sorted(item, key=str):
             h.update(str(k).encode())

@@ -141,9 +141,11 @@ class InfluenceEngine:
                                                      progress=self.progress))
         if len(parts) == 1:
             return parts[0]
+        # the groups side by side on the query axis (per token: every pass over the same
+        # documents pads them to the same T)
         if per_module:
-            return {name: scoring.join_query_groups([p[name] for p in parts]) for name in parts[0]}
-        return scoring.join_query_groups(parts)
+            return {name: torch.cat([p[name] for p in parts], dim=-1) for name in parts[0]}
+        return torch.cat(parts, dim=-1)
 
     def self_influence(self, train_data: Any, factors: Factors, *, damping: Optional[float] = None,
                        batch_size: int = 8) -> torch.Tensor:

@@ -69,9 +69,8 @@ class Queries:
                                           sort_keys=True).encode())
             for name in sorted(self.tensors):
                 for field in sorted(self.tensors[name]):
-                    t = self.tensors[name][field].detach().contiguous().cpu()
-                    h.update(f"{name}::{field}:{t.dtype}:{tuple(t.shape)}".encode())
-                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                    h.update(f"{name}::{field}".encode())
+                    storage.hash_tensor(h, self.tensors[name][field])
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 

@@ -30,13 +30,10 @@ def display_token_scores(tok_scores: torch.Tensor, n_tokens: int) -> np.ndarray:
     return out
 
 
-def join_query_groups(parts: List[torch.Tensor]) -> torch.Tensor:
-    """Scores of query groups (``[N, Q_g]`` or per token ``[N, T_g, Q_g]``) side by side; per-token
-    groups are padded to the longest T (the same documents give the same T in every pass)."""
-    if parts[0].dim() == 3:
-        t_max = max(p.shape[1] for p in parts)
-        parts = [torch.nn.functional.pad(p, (0, 0, 0, t_max - p.shape[1])) for p in parts]
-    return torch.cat(parts, dim=-1)
+def top_positive(values: np.ndarray, k: int) -> List[int]:
+    """Positions of the ``k`` largest values, largest first (ties in position order), keeping
+    only those above 0: a document's most influential tokens."""
+    return [int(i) for i in np.argsort(-values, kind="stable")[:k] if values[i] > 0]
 
 
 def _pad_tokens(chunks: List[torch.Tensor], t_max: int) -> torch.Tensor:

@@ -150,11 +150,12 @@ class StagedFit:
                     parts = [tensors[f"{name}::{f}"].to(self.device) for f in ("a_sum", "s_sum", "n_tokens")]
                     total[name] = parts if name not in total else [a + b for a, b in zip(total[name], parts)]
             eigen = eigenbases(total, self.dtype, self.eigh_workers)
-            tensors = {f"{name}::{f}": e[f] for name, e in eigen.items() for f in _EIGEN_FIELDS}
-            storage.save(path, EIGEN_KIND, tensors, dict(self.run, eigen_id=uuid.uuid4().hex, n_examples=n_examples,
-                                                         n_tokens={n: int(total[n][2]) for n in total}))
+            meta = dict(self.run, eigen_id=uuid.uuid4().hex, n_examples=n_examples,
+                        n_tokens={n: int(total[n][2]) for n in total})
+            storage.save(path, EIGEN_KIND, {f"{name}::{f}": e[f] for name, e in eigen.items() for f in _EIGEN_FIELDS},
+                         meta)
             self.log(f"pyinf: eigendecompositions of {2 * len(eigen)} covariances in {time.perf_counter() - t0:.1f} s")
-            found = self._load(path, EIGEN_KIND, self.run)
+            return dict(eigen=eigen, meta=meta)  # the saved values, exactly: no need to read them back
         if found is None:
             return None
         tensors, meta = found

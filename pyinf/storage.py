@@ -84,22 +84,27 @@ def save(path, kind: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Path:
     return path
 
 
-def load(path, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
-    path = Path(path)
+def _read(path: Path, what: str, read_tensors: Callable) -> Tuple[Dict, Dict]:
+    """``(read_tensors(f), pyinf metadata)`` of a safetensors file, naming what is wrong."""
     if not path.is_file():
-        raise FileNotFoundError(f"no pyinf {kind} file at {path}")
+        raise FileNotFoundError(f"no {what} at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw_meta = (f.metadata() or {}).get("pyinf")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = read_tensors(f)
     except Exception as exc:
-        raise CorruptFileError(f"{path} is not a readable pyinf {kind} file (truncated or corrupt): {exc}") from exc
+        raise CorruptFileError(f"{path} is not a readable {what} (truncated or corrupt): {exc}") from exc
     if raw_meta is None:
         raise CorruptFileError(f"{path} is a safetensors file without pyinf metadata")
     try:
-        meta = json.loads(raw_meta)
+        return tensors, json.loads(raw_meta)
     except json.JSONDecodeError as exc:
         raise CorruptFileError(f"{path}: its pyinf metadata is not valid JSON: {exc}") from exc
+
+
+def load(path, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    path = Path(path)
+    tensors, meta = _read(path, f"pyinf {kind} file", lambda f: {k: f.get_tensor(k) for k in f.keys()})
     if meta.get("format") != FORMAT:
         raise CorruptFileError(f"{path}: format {meta.get('format')!r}, this pyinf reads {FORMAT!r}")
     if meta.get("kind") != kind:
@@ -112,6 +117,13 @@ def load(path, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
         if _crc(t) != expected[k]:
             raise CorruptFileError(f"{path}: tensor {k!r} fails its checksum (the file was altered or damaged)")
     return tensors, meta
+
+
+def hash_tensor(h, t: torch.Tensor) -> None:
+    """Feeds a tensor's dtype, shape and raw bytes into the hashlib object ``h``."""
+    t = t.detach().contiguous().cpu()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def differences(found: Dict, want: Dict) -> List[str]:
@@ -144,17 +156,11 @@ def describe(path) -> Dict:
     tensors (``pyinf info``): kind, format, versions, every tensor's dtype and shape, and the
     rest of its metadata (run fingerprints, settings)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw_meta = (f.metadata() or {}).get("pyinf")
-            tensors = {k: f.get_slice(k) for k in f.keys()}
-            shapes = {k: dict(dtype=str(v.get_dtype()), shape=list(v.get_shape())) for k, v in tensors.items()}
-    except Exception as exc:
-        raise CorruptFileError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if raw_meta is None:
-        raise CorruptFileError(f"{path} is a safetensors file without pyinf metadata")
-    meta = json.loads(raw_meta)
+
+    def shapes(f):
+        return {k: dict(dtype=str(v.get_dtype()), shape=list(v.get_shape()))
+                for k, v in ((k, f.get_slice(k)) for k in f.keys())}
+
+    tensors, meta = _read(path, "pyinf file", shapes)
     meta.pop("crc32", None)
-    return dict(path=str(path), bytes=path.stat().st_size, tensors=shapes, **meta)
+    return dict(path=str(path), bytes=path.stat().st_size, tensors=tensors, **meta)

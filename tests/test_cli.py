@@ -164,5 +164,5 @@ def test_self_influence_command(workdir, capsys):
     assert '"kind": "factors"' in out and '"fisher": "empirical"' in out and "more tensors" in out
     assert '"kind": "self_influence-chunk"' in out and '"documents": ' in out and "values: F32 [3]" in out
     (workdir / "junk.safetensors").write_bytes(b"not a file")
-    with pytest.raises(pyinf.CorruptFileError, match="not a readable safetensors file"):
+    with pytest.raises(pyinf.CorruptFileError, match="not a readable pyinf file"):
         main(["info", str(workdir / "junk.safetensors")])

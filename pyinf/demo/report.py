@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, TextIO
 import numpy as np
 import torch
 
-from ..scoring import display_token_scores
+from ..scoring import display_token_scores, top_positive
 from ..storage import write_text_atomic
 from .corpus import TASKS, Corpus
 
@@ -61,8 +61,7 @@ def _doc_entry(corpus: Corpus, n: int, score: float, tok_col: torch.Tensor, n_to
     doc = corpus.documents[n]
     shown = doc.ids[1:-1]  # without BOS and EOS
     per_tok = display_token_scores(tok_col, len(doc.ids))[1:-1]
-    order = np.argsort(-per_tok)
-    top = [int(i) for i in order[:n_top_tokens] if per_tok[i] > 0]
+    top = top_positive(per_tok, n_top_tokens)
     return {"doc": n, "score": float(score), **doc.meta(),
             "pieces": corpus.tokenizer.display_pieces(shown),
             "token_scores": [round(float(s), 6) for s in per_tok],
