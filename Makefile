@@ -17,6 +17,8 @@ $(VENV)/.base:
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel "pybind11>=2.12" cmake ninja
+	# headers only (CUTLASS/CuTe for the Hopper kernel); --no-deps: it needs nothing at build time
+	$(PIP) install -q --no-deps "nvidia-cutlass==4.2.0.0"
 	touch $@
 
 # The native backend is rebuilt when its sources change.
@@ -53,7 +55,7 @@ bench-smoke: $(VENV)/.installed-dev
 # benchmarks/gpu_session.sh.
 wheelhouse:
 	mkdir -p .wheelhouse
-	python3 -m pip download -q --no-deps -d .wheelhouse kronfluence==1.0.1
+	python3 -m pip download -q --no-deps -d .wheelhouse kronfluence==1.0.1 nvidia-cutlass==4.2.0.0
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -129,6 +129,10 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
+        # The Hopper kernel (CUTLASS/CuTe headers): auto | 0 | 1, and where the headers are.
+        for var in ("PYINF_CUDA_SM90", "PYINF_CUTLASS_DIR"):
+            if os.environ.get(var):
+                args.append(f"-D{var}={os.environ[var]}")
         ninja = _tool("ninja", "ninja")
         if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]

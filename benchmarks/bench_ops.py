@@ -102,6 +102,17 @@ def op_call(op: str, backend: str, x: Dict[str, torch.Tensor]) -> Callable[[], o
     raise ValueError(op)
 
 
+def sm90_kernel_available(device: torch.device) -> bool:
+    """Whether the native Hopper factored-scores kernel is built and this device can run it."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    try:
+        from pyinf import _C
+    except ImportError:
+        return False
+    return bool(getattr(_C, "cuda_sm90_compiled", lambda: False)())
+
+
 def _with_env(key: str, value: str, fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` run with the environment variable ``key`` set to ``value`` (restored after)."""
     def run():
@@ -276,6 +287,9 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
                 if name == "native" and op in TENSOR_CORE_OPS and device.type == "cuda":
                     # The FMA kernels (PYINF_NATIVE_TC=0), side by side with the tensor-core default.
                     variants.append(("native-fma", _with_env("PYINF_NATIVE_TC", "0", op_call(op, name, x))))
+                if name == "native" and op.startswith("factored_scores") and sm90_kernel_available(device):
+                    # The Hopper TMA + wgmma kernel, opt-in until these numbers say it wins.
+                    variants.append(("native-sm90", _with_env("PYINF_NATIVE_SM90", "1", op_call(op, name, x))))
             for name, fn in variants:
                 if (op, name) in rate and f / rate[(op, name)] > MAX_PREDICTED_S:
                     why = (f"predicted {f / rate[(op, name)]:.0f} s per call from its rate at a smaller shape "

@@ -67,7 +67,7 @@ case "$mode" in
   all)
     # 1. Correctness on the GPU: every CUDA kernel against the references (verbose, so a
     #    partial log still says which passed).
-    timeout 130 $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_triton_kernels.py tests/test_native.py \
+    timeout 130 $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_triton_kernels.py tests/test_native.py tests/test_native_sm90.py \
       tests/test_ops.py tests/test_backends_pipeline.py tests/test_eigen.py -k "cuda or not cpu" > "$OUT/tests.txt" 2>&1
     note "tests: rc=$? $(grep -cE ' PASSED' "$OUT/tests.txt") passed, $(grep -cE ' (FAILED|ERROR)' "$OUT/tests.txt") failed, after $(( $(date +%s) - start )) s"
     grep -E " (FAILED|ERROR)" "$OUT/tests.txt" | head -20 | tee -a "$summary"
@@ -98,13 +98,13 @@ case "$mode" in
     note "tune: rc=$?"; grep -E "best bf16|nothing measured" "$OUT/tune.txt" | tee -a "$summary"
     ;;
   check)
-    timeout 420 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_triton_kernels.py tests/test_native.py \
+    timeout 420 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_triton_kernels.py tests/test_native.py tests/test_native_sm90.py \
       tests/test_backends_pipeline.py tests/test_pipeline.py tests/test_fused_ce.py > "$OUT/tests.txt" 2>&1
     note "tests: $(tail -1 "$OUT/tests.txt")"
     grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | head -20 | tee -a "$summary"
     $PY -m benchmarks.sanitize > "$OUT/sanitize-plain.txt" 2>&1; note "sanitize (no tool): rc=$?"
     for tool in memcheck racecheck; do
-      timeout 120 compute-sanitizer --tool $tool --print-limit 20 $PY -m benchmarks.sanitize native native-fma \
+      timeout 120 compute-sanitizer --tool $tool --print-limit 20 $PY -m benchmarks.sanitize native native-fma native-sm90 \
         > "$OUT/sanitizer-$tool-native.txt" 2>&1
       note "compute-sanitizer $tool native: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-$tool-native.txt" | tail -1)"
     done

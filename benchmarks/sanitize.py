@@ -5,7 +5,8 @@
 
 ``native`` runs the native backend's default kernels, on tensor cores for these bf16 inputs;
 ``native-fma`` its fp32 FMA kernels (PYINF_NATIVE_TC=0: factored_scores, eigen_correction,
-self_influence).
+self_influence); ``native-sm90`` its Hopper factored-scores kernel (PYINF_NATIVE_SM90=1, TMA +
+wgmma; on other GPUs the call falls back to the default kernel).
 
 Odd sizes, a mask with a fully padded document, bf16 inputs; each result is checked against
 the torch reference so that a launch that wrote nothing is caught too.
@@ -22,9 +23,9 @@ from pyinf.ops import _registry
 from .bench_ops import TENSOR_CORE_OPS, _with_env
 
 
-def _problem(device):
+def _problem(device, d_in=49, d_out=70):
     torch.manual_seed(0)
-    n, t, d_in, d_out, q, r = 3, 37, 49, 70, 5, 7
+    n, t, q, r = 3, 37, 5, 7
     bf = torch.bfloat16
     mask = torch.rand(n, t, device=device) > 0.3
     mask[-1] = False
@@ -58,7 +59,7 @@ def _calls(p):
     }
 
 
-LABELS = ("triton", "native", "native-fma")
+LABELS = ("triton", "native", "native-fma", "native-sm90")
 
 
 def parse_args(argv) -> list:
@@ -72,21 +73,27 @@ def parse_args(argv) -> list:
 def main(argv) -> int:
     backends = parse_args(argv)
     p = _problem(torch.device("cuda"))
+    # The Hopper kernel reads token rows by TMA: rows of a multiple of 8 elements.
+    aligned = _calls(_problem(torch.device("cuda"), d_in=48, d_out=72))
     failures = 0
     for name, call in _calls(p).items():
-        ref = call("torch")
         for label in backends:
             op = name.replace("_per_token", "")
-            backend = "native" if label == "native-fma" else label
+            backend = "native" if label.startswith("native") else label
             if label == "native-fma" and op not in TENSOR_CORE_OPS:
                 continue
+            if label == "native-sm90" and op != "factored_scores":
+                continue
+            run = aligned[name] if label == "native-sm90" else call
+            ref = run("torch")
             reason = _registry.unsupported_reason(backend, op, [p["logits"]] if op == "cross_entropy_rows"
                                                   else [p["acts"], p["grads"]])
             if reason is not None:
                 print(f"{name:28s} {label:9s} skipped: {reason}")
                 continue
             env = "0" if label == "native-fma" else ""  # "": the default rule (any value but "0"/"1")
-            out = _with_env("PYINF_NATIVE_TC", env, lambda: call(backend))()
+            sm90 = "1" if label == "native-sm90" else ""
+            out = _with_env("PYINF_NATIVE_SM90", sm90, _with_env("PYINF_NATIVE_TC", env, lambda: run(backend)))()
             torch.cuda.synchronize()
             err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
             ok = torch.isfinite(out).all().item() and err < 2e-2

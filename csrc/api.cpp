@@ -173,6 +173,7 @@ int pyinf_api_version(void) { return PYINF_API_VERSION; }
 #ifndef PYINF_WITH_CUDA
 int pyinf_cuda_compiled(void) { return 0; }
 const char* pyinf_cuda_archs(void) { return ""; }
+int pyinf_cuda_sm90_compiled(void) { return 0; }
 
 static pyinf_status not_compiled(const char* op) {
   return pyinf::fail(PYINF_ERROR_NOT_COMPILED,
@@ -209,6 +210,10 @@ pyinf_status pyinf_cuda_factored_scores_split(const pyinf_tensor*, const pyinf_t
                                               const pyinf_tensor*, const pyinf_tensor*, int, float*, void*, size_t,
                                               void*) {
   return not_compiled("factored_scores_split");
+}
+pyinf_status pyinf_cuda_factored_scores_kernel(const pyinf_tensor*, const pyinf_tensor*, const pyinf_tensor*,
+                                               const pyinf_tensor*, int, size_t, const char**) {
+  return not_compiled("factored_scores_kernel");
 }
 #endif
 

@@ -235,6 +235,20 @@ size_t factored_workspace_size(py::handle acts_, py::handle grads_, py::handle l
   return bytes;
 }
 
+// The kernel a CUDA call with a workspace of workspace_bytes runs ("sm90", "wmma", "fma").
+std::string factored_kernel(py::handle acts_, py::handle grads_, py::handle left_, py::handle right_, bool per_token,
+                            size_t workspace_bytes) {
+  const char* op = "factored_scores_kernel";
+  Arg acts = read(acts_, op, "acts", 3), grads = read(grads_, op, "grads", 3);
+  Arg left = read(left_, op, "left", 3), right = read(right_, op, "right", 3);
+  if (!is_cuda(acts)) return "cpu";
+  require_cuda_build(op);
+  const char* name = nullptr;
+  raise_status(pyinf_cuda_factored_scores_kernel(&acts.t, &grads.t, &left.t, &right.t, per_token ? 1 : 0,
+                                                 workspace_bytes, &name));
+  return name;
+}
+
 void factored_scores(py::handle acts_, py::handle grads_, py::handle left_, py::handle right_, py::handle mask_,
                      bool per_token, py::handle out_, py::handle ws_, py::handle stream) {
   const char* op = "factored_scores";
@@ -266,6 +280,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_compiled", []() { return pyinf_cuda_compiled() != 0; },
         "True when the CUDA kernels were compiled into this build");
   m.def("cuda_archs", []() { return std::string(pyinf_cuda_archs()); });
+  m.def("cuda_sm90_compiled", []() { return pyinf_cuda_sm90_compiled() != 0; },
+        "True when the Hopper factored-scores kernel (TMA + wgmma) was compiled into this build");
   m.def("status_string", [](int s) { return std::string(pyinf_status_string(static_cast<pyinf_status>(s))); });
   m.def("covariance", &covariance, py::arg("x"), py::arg("mask"), py::arg("out"), py::arg("stream") = py::none());
   m.def("eigen_correction_workspace_size",
@@ -278,6 +294,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream") = py::none());
   m.def("factored_scores_workspace_size", &factored_workspace_size, py::arg("acts"), py::arg("grads"),
         py::arg("left"), py::arg("right"), py::arg("per_token"));
+  m.def("factored_scores_kernel", &factored_kernel, py::arg("acts"), py::arg("grads"), py::arg("left"),
+        py::arg("right"), py::arg("per_token"), py::arg("workspace_bytes"));
   m.def("factored_scores", &factored_scores, py::arg("acts"), py::arg("grads"), py::arg("left"), py::arg("right"),
         py::arg("mask"), py::arg("per_token"), py::arg("out"), py::arg("workspace") = py::none(),
         py::arg("stream") = py::none());

@@ -145,6 +145,12 @@ pyinf_status run_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, c
   Dims d;
   pyinf_status s = validate_factored(acts, grads, left, right, mask, per_token, out, &d);
   if (s != PYINF_SUCCESS) return s;
+#if defined(PYINF_WITH_SM90)
+  if (workspace != nullptr && d.n > 0 && d.q > 0 && factored_scores_sm90_applicable(acts, grads, left, right, d) &&
+      workspace_bytes >= factored_scores_sm90_workspace_bytes(d, per_token ? 1 : 0))
+    return launch_factored_scores_sm90(acts, grads, left, right, mask, d, per_token ? 1 : 0, out, workspace,
+                                       static_cast<cudaStream_t>(stream_ptr));
+#endif
   const FactoredPlan p = plan(d, per_token, may_split);
   if (p.workspace_bytes > workspace_bytes || (p.workspace_bytes > 0 && workspace == nullptr))
     return fail(PYINF_ERROR_WORKSPACE, "pyinf_cuda_factored_scores_split: needs a workspace of " +
@@ -193,6 +199,32 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_workspace_size(const pyinf_te
   pyinf_status s = validate_factored_shapes(acts, grads, left, right, &d);
   if (s != PYINF_SUCCESS) return s;
   *bytes = plan(d, per_token, true).workspace_bytes;
+#if defined(PYINF_WITH_SM90)
+  if (factored_scores_sm90_applicable(acts, grads, left, right, d)) {
+    const size_t sm90 = factored_scores_sm90_workspace_bytes(d, per_token ? 1 : 0);
+    if (sm90 > *bytes) *bytes = sm90;
+  }
+#endif
+  return PYINF_SUCCESS;
+}
+
+extern "C" pyinf_status pyinf_cuda_factored_scores_kernel(const pyinf_tensor* acts, const pyinf_tensor* grads,
+                                                          const pyinf_tensor* left, const pyinf_tensor* right,
+                                                          int per_token, size_t workspace_bytes, const char** name) {
+  if (name == nullptr)
+    return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores_kernel: 'name' is NULL");
+  Dims d;
+  pyinf_status s = validate_factored_shapes(acts, grads, left, right, &d);
+  if (s != PYINF_SUCCESS) return s;
+  *name = factored_scores_tc_applicable(acts, grads, left, right) && use_tensor_cores(true) ? "wmma" : "fma";
+#if defined(PYINF_WITH_SM90)
+  if (workspace_bytes > 0 && d.n > 0 && d.q > 0 && factored_scores_sm90_applicable(acts, grads, left, right, d) &&
+      workspace_bytes >= factored_scores_sm90_workspace_bytes(d, per_token ? 1 : 0))
+    *name = "sm90";
+#else
+  (void)per_token;
+  (void)workspace_bytes;
+#endif
   return PYINF_SUCCESS;
 }
 

@@ -231,5 +231,17 @@ void launch_factored_scores_tc(const pyinf_tensor* acts, const pyinf_tensor* gra
                                const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
                                const FactoredPlan& p, dim3 grid, float* out, float* partials, cudaStream_t stream);
 
+#if defined(PYINF_WITH_SM90)
+// Hopper factored scores (factored_scores_sm90.cu: TMA + wgmma): whether a call can take it
+// (opt-in PYINF_NATIVE_SM90=1, an sm_90 device, 16-bit inputs, TMA-aligned token rows,
+// r <= 128), the workspace it needs, and the launch (which writes `out` completely).
+bool factored_scores_sm90_applicable(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                                     const pyinf_tensor* right, const Dims& d);
+size_t factored_scores_sm90_workspace_bytes(const Dims& d, int per_token);
+pyinf_status launch_factored_scores_sm90(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                                         const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d,
+                                         int per_token, float* out, void* workspace, cudaStream_t stream);
+#endif
+
 }  // namespace cuda
 }  // namespace pyinf

@@ -95,7 +95,8 @@ def factored_scores(acts, grads, left, right, *, mask=None, per_token=False):
     shape = (n, t, left.shape[0]) if per_token else (n, left.shape[0])
     out = torch.empty(shape, dtype=torch.float32, device=acts.device)
     with _on_device(acts):
-        # a workspace when the kernel splits the tokens of few documents over more blocks
+        # a workspace when the kernel splits the tokens of few documents over more blocks, or
+        # for the Hopper kernel's rank-padded copy of the factors (PYINF_NATIVE_SM90=1)
         ws = _workspace(_C.factored_scores_workspace_size(acts, grads, left, right, bool(per_token)), acts)
         _C.factored_scores(acts, grads, left, right, mask, bool(per_token), out, ws, _stream(acts))
     return out

@@ -226,7 +226,16 @@ int main(void) {
     CHECK(s == PYINF_ERROR_INVALID_VALUE, "factored workspace size with a bad left gave %d", (int)s);
     s = pyinf_cuda_factored_scores_split(&A, &G, &bad, &RF, NULL, 0, out, NULL, 0, NULL);
     CHECK(s == PYINF_ERROR_INVALID_VALUE, "cuda split bad left gave %d", (int)s);
+    const char* kernel = NULL;
+    s = pyinf_cuda_factored_scores_kernel(&A, &G, &LF, &RF, 0, bytes, &kernel);
+    CHECK(s == PYINF_SUCCESS && kernel != NULL && strlen(kernel) > 0, "factored kernel name gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_kernel(&A, &G, &bad, &RF, 0, bytes, &kernel);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE, "factored kernel name with a bad left gave %d", (int)s);
   } else {
+    const char* kernel = NULL;
+    s = pyinf_cuda_factored_scores_kernel(&A, &G, &LF, &RF, 0, 0, &kernel);
+    CHECK(s == PYINF_ERROR_NOT_COMPILED && pyinf_cuda_sm90_compiled() == 0, "CPU-only build: kernel name gave %d",
+          (int)s);
     CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: cuda entry point gave %d", (int)s);
     s = pyinf_cuda_factored_scores(&A, &G, &LF, &RF, NULL, 0, out, NULL);
     CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: cuda factored_scores gave %d", (int)s);

@@ -29,6 +29,8 @@
  * are exact in TF32; the fp32 eigenbases are rounded to it). fp32 and mixed inputs use fp32
  * FMA. The environment variable PYINF_NATIVE_TC, read per call, overrides this: "0" = fp32
  * FMA for every call, "1" = also fp32 inputs of the eigen ops on TF32 (~1e-3 relative).
+ * On Hopper, pyinf_cuda_factored_scores_split can run a TMA + wgmma kernel instead of WMMA
+ * (opt-in for now: see pyinf_cuda_factored_scores_kernel).
  */
 #ifndef PYINF_PYINF_H_
 #define PYINF_PYINF_H_
@@ -86,6 +88,8 @@ PYINF_API int pyinf_api_version(void);
 PYINF_API int pyinf_cuda_compiled(void);
 /* Semicolon-separated CUDA architectures compiled in ("" without CUDA). */
 PYINF_API const char* pyinf_cuda_archs(void);
+/* 1 when the Hopper factored-scores kernel (TMA + wgmma, sm_90a, CUTLASS/CuTe) is compiled in. */
+PYINF_API int pyinf_cuda_sm90_compiled(void);
 
 /* ---- CPU (host pointers) ------------------------------------------------------ */
 
@@ -148,6 +152,17 @@ PYINF_API pyinf_status pyinf_cuda_factored_scores_split(const pyinf_tensor* acts
                                                         const pyinf_tensor* left, const pyinf_tensor* right,
                                                         const pyinf_tensor* mask, int per_token, float* out,
                                                         void* workspace, size_t workspace_bytes, void* stream);
+
+/* Which kernel pyinf_cuda_factored_scores_split runs for these inputs with a workspace of
+ * workspace_bytes, on the current device: *name = "sm90" (Hopper: TMA + wgmma), "wmma"
+ * (tensor cores, sm_80+) or "fma" (fp32 FMA). The sm90 kernel is opt-in while it has not
+ * been measured (environment PYINF_NATIVE_SM90=1, read per call); it then needs an sm_90
+ * device, four bf16 or four fp16 inputs, r <= 128, acts and grads with a contiguous last
+ * dimension and row and document strides that are multiples of 8 elements (16-byte aligned
+ * rows), and the workspace pyinf_cuda_factored_scores_workspace_size reports. */
+PYINF_API pyinf_status pyinf_cuda_factored_scores_kernel(const pyinf_tensor* acts, const pyinf_tensor* grads,
+                                                         const pyinf_tensor* left, const pyinf_tensor* right,
+                                                         int per_token, size_t workspace_bytes, const char** name);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -1,0 +1,415 @@
+// CUDA factored scores for Hopper (sm_90a): TMA loads, warpgroup MMA (wgmma), built on
+// CuTe (CUTLASS headers from the nvidia-cutlass package; see CMakeLists.txt).
+//
+// One CTA of 256 threads (two consumer warpgroups) per (column tile, token tile, document):
+// 128 factor columns x 128 token rows. The CTA runs ONE K loop of ceil(d_out / 64) +
+// ceil(d_in / 64) steps through a 4-stage TMA pipeline: the first steps multiply grads rows
+// by the left factor into one fp32 accumulator (GL), the rest acts rows by the right factor
+// into a second one (AR); both are 128 x 128 in registers (64 + 64 floats per thread). The
+// epilogue multiplies them element by element, zeroes masked and out-of-range token rows
+// (a select, so NaN or Inf in padding cannot leak), and folds each query's columns and then
+// the token rows in a fixed order through shared memory: deterministic, no atomics.
+//
+// The wgmma B operand must be K-major, and a query's columns must not straddle two column
+// tiles, so the host first copies the factors [Q, d, r] into a workspace as [Cp, d] with each
+// query's rank padded with zero columns to Rp (a power of two <= 128) and Cp a multiple of 128:
+// one small pass (Q * r * (d_in + d_out) elements) next to the products' 2 N T (d_in + d_out) Q Rp
+// FLOP. Token rows are read by TMA straight from acts and grads viewed as [T, d, N] (rows
+// past T and columns past d arrive as zeros).
+//
+// The mainloop follows CUTLASS's Hopper TMA tutorial (examples/cute/tutorial/hopper/
+// wgmma_tma_sm90.cu): one elected thread issues the TMA loads, every thread waits for a
+// stage's full barrier, the two warpgroups each issue 64x128x64 of wgmma, wait for it, and
+// arrive on the stage's empty barrier, which the producer waits on before refilling it.
+//
+// Applicable (factored_scores_sm90_applicable): compiled with 90a and the CUTLASS headers, a
+// compute-capability 9.0 device, all four inputs bf16 or all fp16, r <= 128, acts and grads
+// with a contiguous last dimension, 16-byte aligned rows and documents, and a caller
+// workspace. Opt-in (PYINF_NATIVE_SM90=1) until it has been checked and timed on an H100:
+// it has been compiled (ptxas: registers, no spills; tests/test_native_sm90.py), not run.
+#include "kernels_common.cuh"
+
+#if defined(PYINF_WITH_SM90)
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+namespace pyinf {
+namespace cuda {
+namespace {
+
+using namespace cute;
+
+constexpr int kTileM = 128;  // token rows per CTA
+constexpr int kTileN = 128;  // factor columns per CTA
+constexpr int kTileK = 64;   // K per pipeline stage: 128 bytes of 16-bit values (the 128-byte swizzle)
+constexpr int kStages = 4;
+constexpr int kThreads = 256;
+constexpr int kMaxQueriesPerTile = kTileN / 8;  // Rp >= 8
+constexpr int kProdLd = kTileN + 1;             // fp32 product tile row (odd: no bank conflicts on column walks)
+
+using TileShape = Shape<Int<kTileM>, Int<kTileN>, Int<kTileK>>;
+using ClusterShape = Shape<_1, _1, _1>;
+// (rows, K, batch): rows and batch strided, K contiguous. The factor copy is the same with batch 1.
+using GmemStride = Stride<int64_t, _1, int64_t>;
+
+template <class T>
+struct Sm90Types {
+  using SmemLayoutA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                             make_shape(Int<kTileM>{}, Int<kTileK>{}, Int<kStages>{})));
+  using SmemLayoutB = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{},
+                                             make_shape(Int<kTileN>{}, Int<kTileK>{}, Int<kStages>{})));
+  // Two warpgroups stacked along M: each owns 64 token rows x 128 columns.
+  using TiledMma = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kTileN>, Int<kTileK>>, GMMA::Major::K, GMMA::Major::K>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<T const*>(nullptr)),
+                                          make_layout(make_shape(int(0), int(0), int(0)), GmemStride{})));
+  using TmaA = decltype(make_tma_copy_A_sm90(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutA{}(_, _, Int<0>{}), TileShape{},
+                                             ClusterShape{}));
+  using TmaB = decltype(make_tma_copy_B_sm90(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutB{}(_, _, Int<0>{}), TileShape{},
+                                             ClusterShape{}));
+  static constexpr uint32_t kTxBytes = uint32_t(sizeof(T)) * (kTileM + kTileN) * kTileK;
+
+  struct SharedStorage {
+    alignas(128) ArrayEngine<T, cosize_v<SmemLayoutA>> A;
+    alignas(128) ArrayEngine<T, cosize_v<SmemLayoutB>> B;
+    alignas(16) float prod[kTileM][kProdLd];
+    float row_query[kTileM][kMaxQueriesPerTile];
+    uint8_t row_ok[kTileM];
+    alignas(8) uint64_t full[kStages];
+    uint64_t empty[kStages];
+  };
+};
+
+template <class T>
+struct Sm90Params {
+  typename Sm90Types<T>::TmaA tma_g, tma_a;  // grads and acts rows, viewed as [T, d, N]
+  typename Sm90Types<T>::TmaB tma_l, tma_r;  // padded factors [Cp, d, 1]
+  int T_len, d_out, d_in, N;
+  int Q, Rp, Cp, tblocks;
+  MaskView mask;
+  int per_token;
+  float* out;       // [N, Q] (tblocks == 1 or per_token) or [N, T, Q]
+  float* partials;  // [N, tblocks, Q] document scores per token tile (tblocks > 1)
+};
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, 1) factored_scores_sm90_kernel(CUTE_GRID_CONSTANT Sm90Params<T> const p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Ty = Sm90Types<T>;
+  using Storage = typename Ty::SharedStorage;
+  using FullBar = cutlass::arch::ClusterTransactionBarrier;
+  using EmptyBar = cutlass::arch::ClusterBarrier;
+  extern __shared__ __align__(128) char smem_raw[];
+  Storage& s = *reinterpret_cast<Storage*>(smem_raw);
+
+  const int tid = threadIdx.x;
+  const int c_tile = blockIdx.x, t_tile = blockIdx.y, n = blockIdx.z;
+  const int t0 = t_tile * kTileM;
+  const int kt_g = (p.d_out + kTileK - 1) / kTileK, kt_a = (p.d_in + kTileK - 1) / kTileK;
+  const int k_tiles = kt_g + kt_a;
+
+  Tensor sA = make_tensor(make_smem_ptr(s.A.begin()), typename Ty::SmemLayoutA{});  // (128, 64, stage)
+  Tensor sB = make_tensor(make_smem_ptr(s.B.begin()), typename Ty::SmemLayoutB{});  // (128, 64, stage)
+
+  // This CTA's tiles of each source, one K tile per index of the last mode.
+  auto tile_rows = [&](auto const& tma, int rows, int d, int batch_len, int row_tile, int batch) {
+    Tensor m = tma.get_tma_tensor(make_shape(rows, d, batch_len));
+    Tensor g = local_tile(m, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{});  // (128, 64, m, k, l)
+    return g(_, _, row_tile, _, batch);                                             // (128, 64, k)
+  };
+  Tensor gG = tile_rows(p.tma_g, p.T_len, p.d_out, p.N, t_tile, n);
+  Tensor gA = tile_rows(p.tma_a, p.T_len, p.d_in, p.N, t_tile, n);
+  auto tile_cols = [&](auto const& tma, int d) {
+    Tensor m = tma.get_tma_tensor(make_shape(p.Cp, d, 1));
+    Tensor g = local_tile(m, TileShape{}, make_coord(_, _, _), Step<X, _1, _1>{});  // (128, 64, n, k, l)
+    return g(_, _, c_tile, _, 0);                                                   // (128, 64, k)
+  };
+  Tensor gL = tile_cols(p.tma_l, p.d_out);
+  Tensor gR = tile_cols(p.tma_r, p.d_in);
+
+  auto tma_g = p.tma_g.get_slice(0);
+  auto tma_a = p.tma_a.get_slice(0);
+  auto tma_l = p.tma_l.get_slice(0);
+  auto tma_r = p.tma_r.get_slice(0);
+  Tensor tGg = tma_g.partition_S(gG);  // (TMA, TMA_M, TMA_K, k)
+  Tensor tGs = tma_g.partition_D(sA);  // (TMA, TMA_M, TMA_K, stage)
+  Tensor tAg = tma_a.partition_S(gA);
+  Tensor tAs = tma_a.partition_D(sA);
+  Tensor tLg = tma_l.partition_S(gL);
+  Tensor tLs = tma_l.partition_D(sB);
+  Tensor tRg = tma_r.partition_S(gR);
+  Tensor tRs = tma_r.partition_D(sB);
+
+  const bool producer = tid == 0;
+  if (producer) {
+    for (int st = 0; st < kStages; ++st) {
+      FullBar::init(&s.full[st], 1);
+      EmptyBar::init(&s.empty[st], kThreads);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  if (tid < kTileM) {
+    const int t = t0 + tid;
+    s.row_ok[tid] = (t < p.T_len && keep(p.mask, n, t)) ? 1 : 0;
+  }
+  __syncthreads();
+
+  // K tile kt of the single loop: grads x left for kt < kt_g, then acts x right.
+  auto issue = [&](int kt, int st) {
+    FullBar::arrive_and_expect_tx(&s.full[st], Ty::kTxBytes);
+    if (kt < kt_g) {
+      copy(p.tma_g.with(s.full[st]), tGg(_, _, _, kt), tGs(_, _, _, st));
+      copy(p.tma_l.with(s.full[st]), tLg(_, _, _, kt), tLs(_, _, _, st));
+    } else {
+      copy(p.tma_a.with(s.full[st]), tAg(_, _, _, kt - kt_g), tAs(_, _, _, st));
+      copy(p.tma_r.with(s.full[st]), tRg(_, _, _, kt - kt_g), tRs(_, _, _, st));
+    }
+  };
+  if (producer) {
+    for (int kt = 0; kt < kStages && kt < k_tiles; ++kt) issue(kt, kt);
+  }
+
+  typename Ty::TiledMma mma;
+  ThrMMA thr_mma = mma.get_thread_slice(tid);
+  Tensor tCsA = thr_mma.partition_A(sA);
+  Tensor tCsB = thr_mma.partition_B(sB);
+  Tensor tCrA = thr_mma.make_fragment_A(tCsA);  // smem descriptors, (MMA, MMA_M, MMA_K, stage)
+  Tensor tCrB = thr_mma.make_fragment_B(tCsB);
+  Tensor acc_gl = partition_fragment_C(mma, Shape<Int<kTileM>, Int<kTileN>>{});  // (MMA, MMA_M, MMA_N)
+  Tensor acc_ar = partition_fragment_C(mma, Shape<Int<kTileM>, Int<kTileN>>{});
+  clear(acc_gl);
+  clear(acc_ar);
+  // One TMA per operand and stage covers the whole 128 x 64 box; each thread holds 64 fp32
+  // of each 128 x 128 accumulator.
+  CUTE_STATIC_ASSERT_V(size<1>(tGs) == _1{} && size<2>(tGs) == _1{} && size<3>(tGs) == Int<kStages>{});
+  CUTE_STATIC_ASSERT_V(size<1>(tLs) == _1{} && size<2>(tLs) == _1{} && size<3>(tLs) == Int<kStages>{});
+  CUTE_STATIC_ASSERT_V(size(acc_gl) == Int<kTileM * kTileN / kThreads>{});
+  CUTE_STATIC_ASSERT_V(size(mma) == Int<kThreads>{});
+
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    const int st = kt % kStages;
+    const int phase = (kt / kStages) & 1;
+    FullBar::wait(&s.full[st], phase);
+    warpgroup_fence_operand(acc_gl);
+    warpgroup_fence_operand(acc_ar);
+    warpgroup_arrive();
+    if (kt < kt_g)
+      gemm(mma, tCrA(_, _, _, st), tCrB(_, _, _, st), acc_gl);
+    else
+      gemm(mma, tCrA(_, _, _, st), tCrB(_, _, _, st), acc_ar);
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_gl);
+    warpgroup_fence_operand(acc_ar);
+    EmptyBar::arrive(&s.empty[st]);
+    if (producer && kt + kStages < k_tiles) {
+      EmptyBar::wait(&s.empty[st], phase);  // every thread is done reading stage st
+      issue(kt + kStages, st);
+    }
+    __syncwarp();  // warp 0 reconverges before the next (warp-collective, .aligned) wgmma
+  }
+
+  // Epilogue: product tile (masked rows exact zeros) into shared memory, in CuTe's own
+  // coordinates of each accumulator element.
+  Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kTileM>, Int<kTileN>>{}));
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_gl); ++i) {
+    const int m = get<0>(coords(i)), c = get<1>(coords(i));
+    s.prod[m][c] = s.row_ok[m] ? acc_gl(i) * acc_ar(i) : 0.0f;
+  }
+  __syncthreads();
+
+  // Each query's Rp columns, in column order, per token row.
+  const int qpt = kTileN / p.Rp;
+  const int q0 = c_tile * qpt;
+  for (int e = tid; e < kTileM * qpt; e += kThreads) {
+    const int m = e / qpt, ql = e % qpt;
+    float acc = 0.0f;
+    for (int k = 0; k < p.Rp; ++k) acc += s.prod[m][ql * p.Rp + k];
+    s.row_query[m][ql] = acc;
+  }
+  __syncthreads();
+  if (p.per_token) {
+    for (int e = tid; e < kTileM * qpt; e += kThreads) {
+      const int m = e / qpt, ql = e % qpt;
+      const int t = t0 + m, q = q0 + ql;
+      if (t < p.T_len && q < p.Q) p.out[((int64_t)n * p.T_len + t) * p.Q + q] = s.row_query[m][ql];
+    }
+  } else if (tid < qpt && q0 + tid < p.Q) {
+    float acc = 0.0f;
+    for (int m = 0; m < kTileM; ++m) acc += s.row_query[m][tid];  // token rows in order
+    if (p.tblocks == 1)
+      p.out[(int64_t)n * p.Q + q0 + tid] = acc;
+    else
+      p.partials[((int64_t)n * p.tblocks + t_tile) * p.Q + q0 + tid] = acc;
+  }
+#endif
+}
+
+// dst [Cp, ld] (16-bit) = the factor [Q, d, r] with each query's rank padded to Rp columns and
+// the rows past Q * Rp zero; one thread per destination element (coalesced writes).
+template <class T>
+__global__ void pad_factor_kernel(const T* __restrict__ src, int64_t s0, int64_t s1, int64_t s2, int64_t Q,
+                                  int64_t d, int64_t R, int64_t Rp, int64_t Cp, int64_t ld, T* __restrict__ dst) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= Cp * ld) return;
+  const int64_t c = i / ld, k = i % ld, q = c / Rp, kr = c % Rp;
+  dst[i] = (q < Q && kr < R && k < d) ? src[q * s0 + k * s1 + kr * s2] : T(0.0f);
+}
+
+// out [N, Q] = the document scores of each token tile summed in tile order.
+__global__ void sum_token_tiles_kernel(const float* __restrict__ partials, int64_t N, int64_t tiles, int64_t Q,
+                                       float* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= N * Q) return;
+  const int64_t n = i / Q, q = i % Q;
+  float acc = 0.0f;
+  for (int64_t t = 0; t < tiles; ++t) acc += partials[(n * tiles + t) * Q + q];
+  out[i] = acc;
+}
+
+int64_t padded_rank(int64_t r) {
+  int64_t rp = 8;
+  while (rp < r) rp *= 2;
+  return rp;
+}
+
+struct Sm90Plan {
+  int64_t rp, cp, ld_out, ld_in, tblocks;
+  size_t left_off, right_off, partials_off, bytes;
+};
+
+size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+Sm90Plan sm90_plan(const Dims& d, int per_token) {
+  Sm90Plan p{};
+  p.rp = padded_rank(d.r);
+  const int64_t qpt = kTileN / p.rp;
+  p.cp = (d.q + qpt - 1) / qpt * kTileN;
+  p.ld_out = (d.d_out + 7) / 8 * 8;  // 16-byte rows for TMA
+  p.ld_in = (d.d_in + 7) / 8 * 8;
+  p.tblocks = (d.t + kTileM - 1) / kTileM;
+  p.left_off = 0;
+  p.right_off = align_up(static_cast<size_t>(p.cp * p.ld_out) * 2, 128);
+  p.partials_off = align_up(p.right_off + static_cast<size_t>(p.cp * p.ld_in) * 2, 128);
+  p.bytes = p.partials_off + ((per_token || p.tblocks == 1) ? 0 : static_cast<size_t>(d.n * p.tblocks * d.q) * 4);
+  return p;
+}
+
+bool tma_rows_ok(const pyinf_tensor& x) {
+  return (reinterpret_cast<uintptr_t>(x.data) & 15) == 0 && x.strides[2] == 1 && x.strides[1] % 8 == 0 &&
+         x.strides[0] % 8 == 0;
+}
+
+bool sm90_device() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return false;
+  return major == 9 && minor == 0;
+}
+
+template <class T>
+typename Sm90Types<T>::GmemTensor gmem(const void* data, int rows, int d, int batch, int64_t row_stride,
+                                       int64_t batch_stride) {
+  return make_tensor(make_gmem_ptr(static_cast<T const*>(data)),
+                     make_layout(make_shape(rows, d, batch), GmemStride{row_stride, _1{}, batch_stride}));
+}
+
+template <class T>
+pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                          const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
+                          float* out, void* workspace, cudaStream_t stream) {
+  using Ty = Sm90Types<T>;
+  const Sm90Plan plan = sm90_plan(d, per_token);
+  char* ws = static_cast<char*>(workspace);
+  T* left_p = reinterpret_cast<T*>(ws + plan.left_off);
+  T* right_p = reinterpret_cast<T*>(ws + plan.right_off);
+  float* partials = reinterpret_cast<float*>(ws + plan.partials_off);
+
+  const int64_t lt = plan.cp * plan.ld_out, rt = plan.cp * plan.ld_in;
+  pad_factor_kernel<T><<<ceil_div(lt, 256), 256, 0, stream>>>(
+      static_cast<const T*>(left->data), left->strides[0], left->strides[1], left->strides[2], d.q, d.d_out, d.r,
+      plan.rp, plan.cp, plan.ld_out, left_p);
+  pad_factor_kernel<T><<<ceil_div(rt, 256), 256, 0, stream>>>(
+      static_cast<const T*>(right->data), right->strides[0], right->strides[1], right->strides[2], d.q, d.d_in, d.r,
+      plan.rp, plan.cp, plan.ld_in, right_p);
+  pyinf_status status = launch_check("factored_scores (sm90 factor copy)");
+  if (status != PYINF_SUCCESS) return status;
+
+  Sm90Params<T> p;
+  using SmemA = typename Ty::SmemLayoutA;
+  using SmemB = typename Ty::SmemLayoutB;
+  const int N = (int)d.n, Tn = (int)d.t, din = (int)d.d_in, dout = (int)d.d_out, cp = (int)plan.cp;
+  p.tma_g = make_tma_copy_A_sm90(SM90_TMA_LOAD{}, gmem<T>(grads->data, Tn, dout, N, grads->strides[1], grads->strides[0]),
+                                 SmemA{}(_, _, Int<0>{}), TileShape{}, ClusterShape{});
+  p.tma_a = make_tma_copy_A_sm90(SM90_TMA_LOAD{}, gmem<T>(acts->data, Tn, din, N, acts->strides[1], acts->strides[0]),
+                                 SmemA{}(_, _, Int<0>{}), TileShape{}, ClusterShape{});
+  p.tma_l = make_tma_copy_B_sm90(SM90_TMA_LOAD{}, gmem<T>(left_p, cp, dout, 1, plan.ld_out, lt), SmemB{}(_, _, Int<0>{}),
+                                 TileShape{}, ClusterShape{});
+  p.tma_r = make_tma_copy_B_sm90(SM90_TMA_LOAD{}, gmem<T>(right_p, cp, din, 1, plan.ld_in, rt), SmemB{}(_, _, Int<0>{}),
+                                 TileShape{}, ClusterShape{});
+  p.T_len = Tn;
+  p.d_out = dout;
+  p.d_in = din;
+  p.N = N;
+  p.Q = (int)d.q;
+  p.Rp = (int)plan.rp;
+  p.Cp = cp;
+  p.tblocks = (int)plan.tblocks;
+  p.mask = mask_view(mask);
+  p.per_token = per_token;
+  p.out = out;
+  p.partials = partials;
+
+  static_assert(sizeof(typename Ty::SharedStorage) <= 227 * 1024, "over the H100's 227 KiB of shared memory per block");
+  const int smem = static_cast<int>(sizeof(typename Ty::SharedStorage));
+  auto kernel = factored_scores_sm90_kernel<T>;
+  status = cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+                      "factored_scores", "sm90 shared memory size");
+  if (status != PYINF_SUCCESS) return status;
+  const dim3 grid(static_cast<unsigned>(plan.cp / kTileN), static_cast<unsigned>(plan.tblocks),
+                  static_cast<unsigned>(d.n));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  status = launch_check("factored_scores (sm90)");
+  if (status != PYINF_SUCCESS || per_token || plan.tblocks == 1) return status;
+  sum_token_tiles_kernel<<<ceil_div(d.n * d.q, 256), 256, 0, stream>>>(partials, d.n, plan.tblocks, d.q, out);
+  return launch_check("factored_scores (sm90 token tiles)");
+}
+
+}  // namespace
+
+bool factored_scores_sm90_applicable(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                                     const pyinf_tensor* right, const Dims& d) {
+  const char* v = std::getenv("PYINF_NATIVE_SM90");
+  if (v == nullptr || std::string(v) != "1" || !use_tensor_cores(true)) return false;
+  const pyinf_dtype dt = acts->dtype;
+  if (!(dt == PYINF_BFLOAT16 || dt == PYINF_FLOAT16) || grads->dtype != dt || left->dtype != dt ||
+      right->dtype != dt)
+    return false;
+  if (d.t < 1 || d.d_in < 1 || d.d_out < 1 || d.r < 1 || d.r > kTileN || d.n > 65535 || d.t > 0x7fffffffLL || d.d_in > 0x7fffffffLL ||
+      d.d_out > 0x7fffffffLL)
+    return false;
+  if (!tma_rows_ok(*acts) || !tma_rows_ok(*grads)) return false;
+  if ((d.t + kTileM - 1) / kTileM > 65535) return false;
+  return sm90_device();
+}
+
+size_t factored_scores_sm90_workspace_bytes(const Dims& d, int per_token) { return sm90_plan(d, per_token).bytes; }
+
+pyinf_status launch_factored_scores_sm90(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                                         const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d,
+                                         int per_token, float* out, void* workspace, cudaStream_t stream) {
+  if (acts->dtype == PYINF_BFLOAT16)
+    return launch_typed<cutlass::bfloat16_t>(acts, grads, left, right, mask, d, per_token, out, workspace, stream);
+  return launch_typed<cutlass::half_t>(acts, grads, left, right, mask, d, per_token, out, workspace, stream);
+}
+
+}  // namespace cuda
+}  // namespace pyinf
+
+#endif  // PYINF_WITH_SM90

@@ -1,0 +1,207 @@
+"""The native Hopper factored-scores kernel (csrc/cuda/factored_scores_sm90.cu: TMA loads,
+wgmma on two warpgroups, CuTe), opt-in with PYINF_NATIVE_SM90=1.
+
+Without a GPU: that the build compiled it in wherever it could (nvcc >= 12.3, 90a in the
+architectures, the CUTLASS headers of nvidia-cutlass), and what ptxas makes of it for sm_90a
+(no spills, the wgmma and TMA instructions present, no serialised wgmma).
+On an H100 / H200 (skipped elsewhere): the kernel against the float64 reference on fresh
+random inputs (odd T, ranks that are not powers of two, many queries, masks with NaN in the
+masked rows, bf16 and fp16, per-token and document scores), bit-identical on a second run,
+the fallback to the WMMA kernel where it does not apply, and the opt-in itself.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import pyinf.ops as ops
+
+from . import oracle
+
+_C = pytest.importorskip("pyinf._C", reason="native extension pyinf._C not built")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE = os.path.join(ROOT, "csrc", "cuda", "factored_scores_sm90.cu")
+
+
+def _cutlass_include():
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None:
+        return None
+    inc = os.path.join(list(spec.submodule_search_locations)[0], "source", "include")
+    return inc if os.path.exists(os.path.join(inc, "cute", "tensor.hpp")) else None
+
+
+def _nvcc_version(nvcc):
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _can_build_sm90():
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None, "nvcc not on PATH"
+    if _nvcc_version(nvcc) < (12, 3):
+        return None, "nvcc older than 12.3"
+    inc = _cutlass_include()
+    if inc is None:
+        return None, "nvidia-cutlass (CUTLASS headers) not installed"
+    return (nvcc, inc), ""
+
+
+def test_sm90_kernel_is_compiled_in_when_it_can_be():
+    """CI has nvcc 13 and the CUTLASS headers (Makefile): a build that silently dropped the
+    Hopper kernel would otherwise go unnoticed until a GPU session."""
+    if os.environ.get("PYINF_CUDA", "auto").strip().lower() == "0" or os.environ.get("PYINF_CUDA_SM90") == "0":
+        pytest.skip("CUDA or the Hopper kernel switched off for this build")
+    tools, why = _can_build_sm90()
+    if tools is None:
+        pytest.skip(why)
+    archs = os.environ.get("PYINF_CUDA_ARCHS") or "90a;80"
+    if "90a" not in archs.split(";"):
+        pytest.skip(f"PYINF_CUDA_ARCHS={archs} has no 90a")
+    assert _C.cuda_compiled() and _C.cuda_sm90_compiled(), (
+        "nvcc and the CUTLASS headers are there but pyinf._C was built without the Hopper kernel "
+        "(see 'pyinf: Hopper kernel' in the pip build log)")
+
+
+def test_sm90_kernel_compiles_to_wgmma_and_tma_without_spills(tmp_path):
+    """What the H100 would run, read from the compiler: the two accumulators (2 x 64 fp32 per
+    thread) stay in registers, the products are wgmma m64n128k16 with fp32 accumulation for
+    bf16 and fp16, the loads are TMA (cp.async.bulk.tensor) on mbarriers, and ptxas does not
+    serialise the wgmma (its C7515 warning)."""
+    tools, why = _can_build_sm90()
+    if tools is None:
+        pytest.skip(why)
+    nvcc, inc = tools
+    ptx = tmp_path / "sm90.ptx"
+    flags = ["-std=c++17", "-O3", "-arch=sm_90a", "-DPYINF_WITH_CUDA", "-DPYINF_WITH_SM90",
+             f"-I{os.path.join(ROOT, 'csrc', 'include')}", f"-I{inc}", "--expt-relaxed-constexpr"]
+    subprocess.run([nvcc, *flags, "-ptx", SOURCE, "-o", str(ptx)], check=True, capture_output=True, text=True)
+    ptxas = os.path.join(os.path.dirname(os.path.realpath(nvcc)), "ptxas")
+    res = subprocess.run([ptxas if os.path.exists(ptxas) else "ptxas", "-arch=sm_90a", "-v", str(ptx),
+                          "-o", str(tmp_path / "sm90.cubin")], check=True, capture_output=True, text=True)
+    log = res.stdout + res.stderr
+    assert "C7515" not in log and "serialized" not in log, log
+    kernels = re.findall(r"Compiling entry function '(\w*factored_scores_sm90_kernel\w*)'.*?"
+                         r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers", log, re.S)
+    assert len(kernels) == 2, log  # bf16 and fp16
+    for name, stores, loads, regs in kernels:
+        assert int(stores) == 0 and int(loads) == 0, (name, stores, loads)
+        assert int(regs) <= 255, (name, regs)
+    text = ptx.read_text()
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in text
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16" in text
+    assert "cp.async.bulk.tensor" in text and "mbarrier.try_wait.parity" in text
+
+
+# ---- on an H100 / H200 --------------------------------------------------------------------
+def _hopper():
+    return (torch.cuda.is_available() and _C.cuda_compiled() and _C.cuda_sm90_compiled()
+            and torch.cuda.get_device_capability() == (9, 0))
+
+
+hopper_only = pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and pyinf._C built with the Hopper kernel")
+
+
+def _problem(n, t, d_in, d_out, q, r, dtype):
+    dev = "cuda"
+    acts = torch.randn(n, t, d_in, device=dev).to(dtype)
+    grads = torch.randn(n, t, d_out, device=dev).to(dtype)
+    left = (torch.randn(q, d_out, r, device=dev) / d_out ** 0.5).to(dtype)
+    right = (torch.randn(q, d_in, r, device=dev) / d_in ** 0.5).to(dtype)
+    mask = torch.rand(n, t, device=dev) > 0.25
+    mask[0, 0] = True
+    return acts, grads, left, right, mask
+
+
+def _kernel(acts, grads, left, right, per_token):
+    ws = _C.factored_scores_workspace_size(acts, grads, left, right, per_token)
+    return _C.factored_scores_kernel(acts, grads, left, right, per_token, ws)
+
+
+SM90_SHAPES = [  # (N, T, d_in, d_out, Q, r)
+    (2, 130, 136, 72, 5, 32),     # two token tiles (the second nearly empty), K past one 64-slice
+    (3, 1, 8, 16, 1, 1),          # T = 1, r = 1 (padded to 8), d smaller than a K slice
+    (1, 300, 200, 264, 7, 20),    # r = 20 (padded to 32), d not a multiple of 64
+    (2, 128, 64, 64, 3, 128),     # r = 128: one query per column tile
+    (2, 257, 512, 1024, 40, 8),   # 16 queries per column tile, three column tiles
+]
+
+
+@hopper_only
+@pytest.mark.parametrize("shape", SM90_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sm90_factored_scores_match_reference(shape, dtype, monkeypatch):
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    n, t, d_in, d_out, q, r = shape
+    acts, grads, left, right, mask = _problem(n, t, d_in, d_out, q, r, dtype)
+    clean_a, clean_g = acts.clone(), grads.clone()
+    acts[~mask] = float("nan")  # masked rows are read by TMA but must never reach a score
+    grads[~mask] = float("inf")
+    monkeypatch.setenv("PYINF_NATIVE_SM90", "1")
+    for per_token in (False, True):
+        assert _kernel(acts, grads, left, right, per_token) == "sm90"
+        ref = oracle.factored_scores(clean_a, clean_g, left, right, mask, per_token)
+        scale = oracle.factored_scores(clean_a, clean_g, left, right, mask, per_token, absolute=True)
+        out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="native")
+        assert oracle.rel_err(out, ref, scale) < 1e-5, (shape, dtype, per_token)
+        again = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="native")
+        assert torch.equal(out, again)  # fixed reduction order, no atomics
+
+
+@hopper_only
+def test_sm90_is_opt_in_and_falls_back_where_it_does_not_apply(monkeypatch):
+    acts, grads, left, right, mask = _problem(2, 70, 48, 40, 3, 16, torch.bfloat16)
+    monkeypatch.delenv("PYINF_NATIVE_SM90", raising=False)
+    assert _kernel(acts, grads, left, right, False) == "wmma"
+    monkeypatch.setenv("PYINF_NATIVE_SM90", "1")
+    assert _kernel(acts, grads, left, right, False) == "sm90"
+    assert _C.factored_scores_kernel(acts, grads, left, right, False, 0) == "wmma"  # no workspace
+    odd = torch.randn(2, 70, 47, device="cuda").to(torch.bfloat16)  # rows of 47 elements: no TMA
+    right_odd = torch.randn(3, 47, 16, device="cuda").to(torch.bfloat16)
+    assert _kernel(odd, grads, left, right_odd, False) == "wmma"
+    assert _kernel(acts.float(), grads.float(), left.float(), right.float(), False) == "fma"
+    wide = torch.randn(3, 40, 200, device="cuda").to(torch.bfloat16)  # r > 128
+    assert _kernel(acts, grads, wide, torch.randn(3, 48, 200, device="cuda").to(torch.bfloat16), False) == "wmma"
+    monkeypatch.setenv("PYINF_NATIVE_TC", "0")  # "FMA for every call" covers this kernel too
+    assert _kernel(acts, grads, left, right, False) == "fma"
+    # The fallbacks give the reference answer.
+    monkeypatch.delenv("PYINF_NATIVE_TC")
+    out = ops.factored_scores(odd, grads, left, right_odd, mask=mask, backend="native")
+    assert oracle.rel_err(out, oracle.factored_scores(odd, grads, left, right_odd, mask)) < 1e-2
+
+
+@hopper_only
+def test_sm90_strided_views_and_side_stream(monkeypatch):
+    """Token rows inside a wider buffer (row stride 72, 16-byte aligned) and factors as views;
+    on a side stream, the same answer as the default stream."""
+    monkeypatch.setenv("PYINF_NATIVE_SM90", "1")
+    buf = torch.randn(3, 100, 72, device="cuda").to(torch.bfloat16)
+    acts = buf[..., :64]
+    grads = torch.randn(100, 3, 40, device="cuda").to(torch.bfloat16).transpose(0, 1)
+    assert _kernel(acts, grads.contiguous(), *_factors(4, 40, 64, 24), False) == "sm90"
+    left, right = _factors(4, 40, 64, 24)
+    left_t = left.transpose(1, 2).contiguous().transpose(1, 2)  # strided factor: read by the copy kernel
+    mask = torch.rand(3, 100, device="cuda") > 0.3
+    g = grads.contiguous()
+    ref = oracle.factored_scores(acts, g, left, right, mask)
+    out = ops.factored_scores(acts, g, left_t, right, mask=mask, backend="native")
+    assert oracle.rel_err(out, ref) < 1e-5
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        side = ops.factored_scores(acts, g, left_t, right, mask=mask, backend="native")
+    s.synchronize()
+    assert torch.equal(out, side)
+
+
+def _factors(q, d_out, d_in, r):
+    left = torch.randn(q, d_out, r, device="cuda").to(torch.bfloat16)
+    right = torch.randn(q, d_in, r, device="cuda").to(torch.bfloat16)
+    return left, right
