@@ -287,9 +287,12 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
                 if name == "native" and op in TENSOR_CORE_OPS and device.type == "cuda":
                     # The FMA kernels (PYINF_NATIVE_TC=0), side by side with the tensor-core default.
                     variants.append(("native-fma", _with_env("PYINF_NATIVE_TC", "0", op_call(op, name, x))))
-                if name == "native" and op.startswith("factored_scores") and sm90_kernel_available(device):
+                if name == "native" and op == "factored_scores" and sm90_kernel_available(device):
                     # The Hopper TMA + wgmma kernel, opt-in until these numbers say it wins.
                     variants.append(("native-sm90", _with_env("PYINF_NATIVE_SM90", "1", op_call(op, name, x))))
+                    # the same kernel waiting for every K step's wgmma (what keeping one in flight buys)
+                    variants.append(("native-sm90-wait0",
+                                     _with_env("PYINF_NATIVE_SM90", "wait0", op_call(op, name, x))))
             for name, fn in variants:
                 if (op, name) in rate and f / rate[(op, name)] > MAX_PREDICTED_S:
                     why = (f"predicted {f / rate[(op, name)]:.0f} s per call from its rate at a smaller shape "

@@ -88,10 +88,13 @@ def test_sm90_kernel_compiles_to_wgmma_and_tma_without_spills(tmp_path):
     res = subprocess.run([ptxas if os.path.exists(ptxas) else "ptxas", "-arch=sm_90a", "-v", str(ptx),
                           "-o", str(tmp_path / "sm90.cubin")], check=True, capture_output=True, text=True)
     log = res.stdout + res.stderr
-    assert "C7515" not in log and "serialized" not in log, log
+    # C7515 / C7520: wgmma serialised (C7520 came from a branch between the two accumulators
+    # inside one K loop); C7519: ptxas had to inject warpgroup.arrive because it could not prove
+    # the accumulators untouched between wgmmas (a __syncwarp in the K loop did that).
+    assert "C7515" not in log and "serialized" not in log and "C7519" not in log, log
     kernels = re.findall(r"Compiling entry function '(\w*factored_scores_sm90_kernel\w*)'.*?"
                          r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers", log, re.S)
-    assert len(kernels) == 2, log  # bf16 and fp16
+    assert len(kernels) == 4, log  # bf16 and fp16, one wgmma in flight or none (PYINF_NATIVE_SM90=wait0)
     for name, stores, loads, regs in kernels:
         assert int(stores) == 0 and int(loads) == 0, (name, stores, loads)
         assert int(regs) <= 255, (name, regs)
@@ -99,6 +102,7 @@ def test_sm90_kernel_compiles_to_wgmma_and_tma_without_spills(tmp_path):
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in text
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16" in text
     assert "cp.async.bulk.tensor" in text and "mbarrier.try_wait.parity" in text
+    assert "wgmma.wait_group.sync.aligned 1;" in text  # the default keeps a wgmma batch in flight
 
 
 # ---- on an H100 / H200 --------------------------------------------------------------------
@@ -138,14 +142,15 @@ SM90_SHAPES = [  # (N, T, d_in, d_out, Q, r)
 @hopper_only
 @pytest.mark.parametrize("shape", SM90_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_sm90_factored_scores_match_reference(shape, dtype, monkeypatch):
+@pytest.mark.parametrize("mode", ["1", "wait0"])  # a wgmma batch in flight across K steps, or none
+def test_sm90_factored_scores_match_reference(shape, dtype, mode, monkeypatch):
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     n, t, d_in, d_out, q, r = shape
     acts, grads, left, right, mask = _problem(n, t, d_in, d_out, q, r, dtype)
     clean_a, clean_g = acts.clone(), grads.clone()
     acts[~mask] = float("nan")  # masked rows are read by TMA but must never reach a score
     grads[~mask] = float("inf")
-    monkeypatch.setenv("PYINF_NATIVE_SM90", "1")
+    monkeypatch.setenv("PYINF_NATIVE_SM90", mode)
     for per_token in (False, True):
         assert _kernel(acts, grads, left, right, per_token) == "sm90"
         ref = oracle.factored_scores(clean_a, clean_g, left, right, mask, per_token)

@@ -18,9 +18,12 @@
 // past T and columns past d arrive as zeros).
 //
 // The mainloop follows CUTLASS's Hopper TMA tutorial (examples/cute/tutorial/hopper/
-// wgmma_tma_sm90.cu): one elected thread issues the TMA loads, every thread waits for a
-// stage's full barrier, the two warpgroups each issue 64x128x64 of wgmma, wait for it, and
-// arrive on the stage's empty barrier, which the producer waits on before refilling it.
+// wgmma_tma_sm90.cu): one thread issues the TMA loads, every thread waits for a stage's full
+// barrier, the two warpgroups each issue 64x128x64 of wgmma and arrive on the stage's empty
+// barrier once that wgmma has completed; the producer waits on it before refilling the stage.
+// Unlike the tutorial, a step's wgmma is left running while the previous step's stage is
+// released (as CUTLASS's own mainloops do with K_PIPE_MMAS = 1); PYINF_NATIVE_SM90=wait0
+// selects the tutorial's wait at every step, for comparison.
 //
 // Applicable (factored_scores_sm90_applicable): compiled with 90a and the CUTLASS headers, a
 // compute-capability 9.0 device, all four inputs bf16 or all fp16, r <= 128, acts and grads
@@ -96,8 +99,11 @@ struct Sm90Params {
   float* partials;  // [N, tblocks, Q] document scores per token tile (tblocks > 1)
 };
 
-template <class T>
+// kInFlight: wgmma batches left running when a K step ends (0: the CUTLASS tutorial's
+// wait for each step; 1: the default, the next step is issued before this one is waited for).
+template <class T, int kInFlight>
 __global__ void __launch_bounds__(kThreads, 1) factored_scores_sm90_kernel(CUTE_GRID_CONSTANT Sm90Params<T> const p) {
+  static_assert(kInFlight == 0 || kInFlight == 1, "one wgmma batch in flight at most: stages are released one step late");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Ty = Sm90Types<T>;
   using Storage = typename Ty::SharedStorage;
@@ -144,8 +150,15 @@ __global__ void __launch_bounds__(kThreads, 1) factored_scores_sm90_kernel(CUTE_
   Tensor tRg = tma_r.partition_S(gR);
   Tensor tRs = tma_r.partition_D(sB);
 
-  const bool producer = tid == 0;
+  // The TMA producer: one elected lane of warp 0. Written as the CUTLASS idiom (a warp-uniform
+  // warp index, elect.sync) so that ptxas sees the branch reconverge; `tid == 0` made it
+  // serialise the wgmma (C7520, "compiler-inserted WG.AR in divergent path").
+  const bool producer = cutlass::canonical_warp_idx_sync() == 0 && cute::elect_one_sync();
   if (producer) {
+    prefetch_tma_descriptor(p.tma_g.get_tma_descriptor());  // the four descriptors live in kernel parameters
+    prefetch_tma_descriptor(p.tma_a.get_tma_descriptor());
+    prefetch_tma_descriptor(p.tma_l.get_tma_descriptor());
+    prefetch_tma_descriptor(p.tma_r.get_tma_descriptor());
     for (int st = 0; st < kStages; ++st) {
       FullBar::init(&s.full[st], 1);
       EmptyBar::init(&s.empty[st], kThreads);
@@ -190,27 +203,41 @@ __global__ void __launch_bounds__(kThreads, 1) factored_scores_sm90_kernel(CUTE_
   CUTE_STATIC_ASSERT_V(size(acc_gl) == Int<kTileM * kTileN / kThreads>{});
   CUTE_STATIC_ASSERT_V(size(mma) == Int<kThreads>{});
 
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    const int st = kt % kStages;
-    const int phase = (kt / kStages) & 1;
-    FullBar::wait(&s.full[st], phase);
-    warpgroup_fence_operand(acc_gl);
-    warpgroup_fence_operand(acc_ar);
-    warpgroup_arrive();
-    if (kt < kt_g)
-      gemm(mma, tCrA(_, _, _, st), tCrB(_, _, _, st), acc_gl);
-    else
-      gemm(mma, tCrA(_, _, _, st), tCrB(_, _, _, st), acc_ar);
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_gl);
-    warpgroup_fence_operand(acc_ar);
+  // Stage of K step `done` is free again once its wgmma has completed: every thread says so
+  // on the stage's empty barrier, and the producer refills it with step done + kStages.
+  auto release = [&](int done) {
+    const int st = done % kStages;
     EmptyBar::arrive(&s.empty[st]);
-    if (producer && kt + kStages < k_tiles) {
-      EmptyBar::wait(&s.empty[st], phase);  // every thread is done reading stage st
-      issue(kt + kStages, st);
+    if (producer && done + kStages < k_tiles) {
+      EmptyBar::wait(&s.empty[st], (done / kStages) & 1);
+      issue(done + kStages, st);
     }
-    __syncwarp();  // warp 0 reconverges before the next (warp-collective, .aligned) wgmma
+  };
+  // One K step into `acc`. The two products run as two loops over one K-step count (the
+  // pipeline's stages and phases continue across them), not one loop with a branch between
+  // the accumulators: ptxas cannot prove such a branch warp-uniform and then serialises the
+  // wgmma (C7520).
+  auto k_step = [&](auto& acc, int kt) {
+    const int st = kt % kStages;
+    FullBar::wait(&s.full[st], (kt / kStages) & 1);
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    gemm(mma, tCrA(_, _, _, st), tCrB(_, _, _, st), acc);
+    warpgroup_commit_batch();
+    // kInFlight = 1: step kt's wgmma keeps running while step kt - 1's stage is released
+    // and the next step is waited for and issued (the tensor cores never drain between steps).
+    warpgroup_wait<kInFlight>();
+    warpgroup_fence_operand(acc);
+    if (kt >= kInFlight) release(kt - kInFlight);
+  };
+  warpgroup_fence_operand(acc_gl);
+  warpgroup_fence_operand(acc_ar);
+  for (int kt = 0; kt < kt_g; ++kt) k_step(acc_gl, kt);       // GL = grads rows x left factor
+  for (int kt = kt_g; kt < k_tiles; ++kt) k_step(acc_ar, kt);  // AR = acts rows x right factor
+  if constexpr (kInFlight > 0) {
+    warpgroup_wait<0>();  // the last steps (their stages are never refilled)
+    warpgroup_fence_operand(acc_gl);
+    warpgroup_fence_operand(acc_ar);
   }
 
   // Epilogue: product tile (masked rows exact zeros) into shared memory, in CuTe's own
@@ -305,6 +332,16 @@ bool tma_rows_ok(const pyinf_tensor& x) {
          x.strides[0] % 8 == 0;
 }
 
+// PYINF_NATIVE_SM90, read per call: "1" = this kernel with one wgmma batch in flight across K
+// steps; "wait0" = this kernel waiting for each step (the tutorial's scheme, for comparison);
+// anything else = off (0).
+int sm90_mode() {
+  const char* v = std::getenv("PYINF_NATIVE_SM90");
+  if (v == nullptr) return 0;
+  const std::string s(v);
+  return s == "1" ? 1 : s == "wait0" ? 2 : 0;
+}
+
 bool sm90_device() {
   int dev = 0, major = 0, minor = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return false;
@@ -323,7 +360,7 @@ typename Sm90Types<T>::GmemTensor gmem(const void* data, int rows, int d, int ba
 template <class T>
 pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                           const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
-                          float* out, void* workspace, cudaStream_t stream) {
+                          float* out, void* workspace, bool in_flight, cudaStream_t stream) {
   using Ty = Sm90Types<T>;
   const Sm90Plan plan = sm90_plan(d, per_token);
   char* ws = static_cast<char*>(workspace);
@@ -368,7 +405,7 @@ pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, c
 
   static_assert(sizeof(typename Ty::SharedStorage) <= 227 * 1024, "over the H100's 227 KiB of shared memory per block");
   const int smem = static_cast<int>(sizeof(typename Ty::SharedStorage));
-  auto kernel = factored_scores_sm90_kernel<T>;
+  auto kernel = in_flight ? factored_scores_sm90_kernel<T, 1> : factored_scores_sm90_kernel<T, 0>;
   status = cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                       "factored_scores", "sm90 shared memory size");
   if (status != PYINF_SUCCESS) return status;
@@ -385,8 +422,7 @@ pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, c
 
 bool factored_scores_sm90_applicable(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                                      const pyinf_tensor* right, const Dims& d) {
-  const char* v = std::getenv("PYINF_NATIVE_SM90");
-  if (v == nullptr || std::string(v) != "1" || !use_tensor_cores(true)) return false;
+  if (sm90_mode() == 0 || !use_tensor_cores(true)) return false;
   const pyinf_dtype dt = acts->dtype;
   if (!(dt == PYINF_BFLOAT16 || dt == PYINF_FLOAT16) || grads->dtype != dt || left->dtype != dt ||
       right->dtype != dt)
@@ -404,9 +440,12 @@ size_t factored_scores_sm90_workspace_bytes(const Dims& d, int per_token) { retu
 pyinf_status launch_factored_scores_sm90(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                                          const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d,
                                          int per_token, float* out, void* workspace, cudaStream_t stream) {
+  const bool in_flight = sm90_mode() == 1;
   if (acts->dtype == PYINF_BFLOAT16)
-    return launch_typed<cutlass::bfloat16_t>(acts, grads, left, right, mask, d, per_token, out, workspace, stream);
-  return launch_typed<cutlass::half_t>(acts, grads, left, right, mask, d, per_token, out, workspace, stream);
+    return launch_typed<cutlass::bfloat16_t>(acts, grads, left, right, mask, d, per_token, out, workspace, in_flight,
+                                             stream);
+  return launch_typed<cutlass::half_t>(acts, grads, left, right, mask, d, per_token, out, workspace, in_flight,
+                                       stream);
 }
 
 }  // namespace cuda
