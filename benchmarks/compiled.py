@@ -5,14 +5,15 @@ Triton's code generator and Triton's bundled ptxas (``-arch=sm_90a -v``), and th
 code is read for the facts that decide its speed before any GPU run:
 
 - registers per thread and spills (ptxas);
-- C7515: ptxas serialised the wgmma instructions (no overlap of the tensor-core pipeline);
+- wgmma warnings: ptxas serialised the wgmma instructions (C7515, C7520: no overlap of the
+  tensor-core pipeline) or injected warpgroup.arrive fences it could not prove unneeded (C7519);
 - wgmma: bf16 dots on Hopper tensor cores; asynchronous wgmma: a ``wgmma.wait_group`` with
   pendings > 0, i.e. one product stays in flight while the next K step is issued (Triton does
   this only when every shared-memory operand of the dot is multi-buffered);
 - cp.async: software-pipelined loads from global to shared memory, and their count;
 - shared memory per program (Triton's metadata).
 
-``tests/test_triton_kernels.py`` asserts on these facts (no spills, no C7515, asynchronous
+``tests/test_triton_kernels.py`` asserts on these facts (no spills, no wgmma warnings, asynchronous
 wgmma in every bf16 GEMM kernel); ``python -m benchmarks.compiled --write`` records the table
 in ``benchmarks/RESULTS.md`` (block ``compiled-sm90a``). It must run without
 ``TRITON_INTERPRET`` (the interpreter never runs the code generator): ``report()`` runs this
@@ -81,7 +82,7 @@ def _compile_all() -> List[Dict[str, object]]:
             label=label, ok=res.returncode == 0, gemm=gemm, config=dict(cfg),
             registers=max(regs) if regs else None, spill_bytes=max(spill) if spill else 0,
             spills=[line.strip() for line in info if "spill" in line and " 0 bytes spill stores" not in line],
-            serialized=[line.strip() for line in info if "C7515" in line],
+            serialized=[line.strip() for line in info if re.search(r"C75(15|19|20)|Performance Loss", line)],
             wgmma=ptx.count("wgmma.mma_async"), async_wgmma=any(w > 0 for w in waits),
             cp_async=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
             pipelined=k.asm["ttgir"].count("async_copy_global_to_local") > 0,
@@ -167,7 +168,7 @@ def markdown(rows: List[Dict[str, object]]) -> str:
              "Each kernel variant with its H100 config, as `python -m benchmarks.compiled --write` "
              "compiled it; see that module for what each column means. Not a speed measurement: the facts "
              "of the compiled code that decide it.", "",
-             "| kernel | config | registers | spill bytes | C7515 | wgmma | async wgmma | cp.async | shared KB |",
+             "| kernel | config | registers | spill bytes | C7515/19/20 | wgmma | async wgmma | cp.async | shared KB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['label']} | {cfg(r['config'])} | {r['registers']} | {r['spill_bytes']} | "

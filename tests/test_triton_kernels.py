@@ -302,7 +302,7 @@ def test_kernels_compile_for_h100_without_spills(tmp_path):
     """Compiles every kernel with its H100 config for sm_90a (no GPU needed: Triton's bundled
     ptxas; see benchmarks/compiled.py) - the interpreter never runs Triton's code generator,
     so this is what catches GPU-only errors. Also checks: no register spills, no wgmma
-    serialised by ptxas (C7515), software-pipelined (cp.async) K loops in the GEMM kernels,
+    serialised or fenced by ptxas (C7515, C7519, C7520), software-pipelined (cp.async) K loops in the GEMM kernels,
     and for bf16 tensor-core (wgmma) dots kept in flight across K steps."""
     from benchmarks import compiled
 
