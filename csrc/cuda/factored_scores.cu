@@ -100,6 +100,12 @@ __global__ void sum_splits_kernel(const float* __restrict__ partials, int64_t N,
   out[i] = s;
 }
 
+pyinf_status launch_sum_splits(const float* partials, int64_t N, int64_t S, int64_t Q, float* out,
+                               cudaStream_t stream, const char* op) {
+  sum_splits_kernel<<<ceil_div(N * Q, 256), 256, 0, stream>>>(partials, N, S, Q, out);
+  return launch_check(op);
+}
+
 // Blocks a split aims for: a few waves of the 132 SMs of an H100 (the TC kernel's 128-thread
 // blocks with ~30 KB of shared memory fit several per SM). A constant, not the device's SM
 // count, so that a result does not depend on which GPU computed it.
@@ -139,6 +145,18 @@ FactoredPlan plan(const Dims& d, int per_token, bool may_split) {
   return p;
 }
 
+// Whether a call with a workspace of workspace_bytes runs the Hopper kernel.
+bool takes_sm90(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                const pyinf_tensor* right, const Dims& d, int per_token, size_t workspace_bytes) {
+#if defined(PYINF_WITH_SM90)
+  return workspace_bytes > 0 && d.n > 0 && d.q > 0 && factored_scores_sm90_applicable(acts, grads, left, right, d) &&
+         workspace_bytes >= factored_scores_sm90_workspace_bytes(d, per_token ? 1 : 0);
+#else
+  (void)acts, (void)grads, (void)left, (void)right, (void)d, (void)per_token, (void)workspace_bytes;
+  return false;
+#endif
+}
+
 pyinf_status run_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                           const pyinf_tensor* right, const pyinf_tensor* mask, int per_token, float* out,
                           void* workspace, size_t workspace_bytes, bool may_split, void* stream_ptr) {
@@ -146,8 +164,7 @@ pyinf_status run_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, c
   pyinf_status s = validate_factored(acts, grads, left, right, mask, per_token, out, &d);
   if (s != PYINF_SUCCESS) return s;
 #if defined(PYINF_WITH_SM90)
-  if (workspace != nullptr && d.n > 0 && d.q > 0 && factored_scores_sm90_applicable(acts, grads, left, right, d) &&
-      workspace_bytes >= factored_scores_sm90_workspace_bytes(d, per_token ? 1 : 0))
+  if (workspace != nullptr && takes_sm90(acts, grads, left, right, d, per_token, workspace_bytes))
     return launch_factored_scores_sm90(acts, grads, left, right, mask, d, per_token ? 1 : 0, out, workspace,
                                        static_cast<cudaStream_t>(stream_ptr));
 #endif
@@ -171,8 +188,7 @@ pyinf_status run_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, c
   }
   s = launch_check("factored_scores");
   if (s != PYINF_SUCCESS || !p.split) return s;
-  sum_splits_kernel<<<ceil_div(d.n * d.q, 256), 256, 0, stream>>>(partials, d.n, p.tblocks, d.q, out);
-  return launch_check("factored_scores");
+  return launch_sum_splits(partials, d.n, p.tblocks, d.q, out, stream, "factored_scores");
 }
 
 }  // namespace cuda
@@ -216,15 +232,9 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_kernel(const pyinf_tensor* ac
   Dims d;
   pyinf_status s = validate_factored_shapes(acts, grads, left, right, &d);
   if (s != PYINF_SUCCESS) return s;
-  *name = factored_scores_tc_applicable(acts, grads, left, right) && use_tensor_cores(true) ? "wmma" : "fma";
-#if defined(PYINF_WITH_SM90)
-  if (workspace_bytes > 0 && d.n > 0 && d.q > 0 && factored_scores_sm90_applicable(acts, grads, left, right, d) &&
-      workspace_bytes >= factored_scores_sm90_workspace_bytes(d, per_token ? 1 : 0))
-    *name = "sm90";
-#else
-  (void)per_token;
-  (void)workspace_bytes;
-#endif
+  *name = takes_sm90(acts, grads, left, right, d, per_token, workspace_bytes) ? "sm90"
+          : factored_scores_tc_applicable(acts, grads, left, right) && use_tensor_cores(true) ? "wmma"
+                                                                                            : "fma";
   return PYINF_SUCCESS;
 }
 

@@ -288,17 +288,6 @@ __global__ void pad_factor_kernel(const T* __restrict__ src, int64_t s0, int64_t
   dst[i] = (q < Q && kr < R && k < d) ? src[q * s0 + k * s1 + kr * s2] : T(0.0f);
 }
 
-// out [N, Q] = the document scores of each token tile summed in tile order.
-__global__ void sum_token_tiles_kernel(const float* __restrict__ partials, int64_t N, int64_t tiles, int64_t Q,
-                                       float* __restrict__ out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= N * Q) return;
-  const int64_t n = i / Q, q = i % Q;
-  float acc = 0.0f;
-  for (int64_t t = 0; t < tiles; ++t) acc += partials[(n * tiles + t) * Q + q];
-  out[i] = acc;
-}
-
 int64_t padded_rank(int64_t r) {
   int64_t rp = 8;
   while (rp < r) rp *= 2;
@@ -414,8 +403,7 @@ pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, c
   kernel<<<grid, kThreads, smem, stream>>>(p);
   status = launch_check("factored_scores (sm90)");
   if (status != PYINF_SUCCESS || per_token || plan.tblocks == 1) return status;
-  sum_token_tiles_kernel<<<ceil_div(d.n * d.q, 256), 256, 0, stream>>>(partials, d.n, plan.tblocks, d.q, out);
-  return launch_check("factored_scores (sm90 token tiles)");
+  return launch_sum_splits(partials, d.n, plan.tblocks, d.q, out, stream, "factored_scores (sm90 token tiles)");
 }
 
 }  // namespace

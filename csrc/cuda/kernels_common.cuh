@@ -231,6 +231,11 @@ void launch_factored_scores_tc(const pyinf_tensor* acts, const pyinf_tensor* gra
                                const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
                                const FactoredPlan& p, dim3 grid, float* out, float* partials, cudaStream_t stream);
 
+// out [N, Q] = the partial document scores [N, S, Q] of S token ranges summed in range order
+// (factored_scores.cu; deterministic).
+pyinf_status launch_sum_splits(const float* partials, int64_t N, int64_t S, int64_t Q, float* out,
+                               cudaStream_t stream, const char* op);
+
 #if defined(PYINF_WITH_SM90)
 // Hopper factored scores (factored_scores_sm90.cu: TMA + wgmma): whether a call can take it
 // (opt-in PYINF_NATIVE_SM90=1, an sm_90 device, 16-bit inputs, TMA-aligned token rows,
