@@ -290,9 +290,11 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
                 if name == "native" and op == "factored_scores" and sm90_kernel_available(device):
                     # The Hopper TMA + wgmma kernel, opt-in until these numbers say it wins.
                     variants.append(("native-sm90", _with_env("PYINF_NATIVE_SM90", "1", op_call(op, name, x))))
-                    # the same kernel waiting for every K step's wgmma (what keeping one in flight buys)
-                    variants.append(("native-sm90-wait0",
-                                     _with_env("PYINF_NATIVE_SM90", "wait0", op_call(op, name, x))))
+                    # its other K-loop modes: waiting for every K step's wgmma (what keeping one in
+                    # flight buys), and TMA from a producer warpgroup (what warp specialisation buys)
+                    for mode in ("wait0", "ws"):
+                        variants.append((f"native-sm90-{mode}",
+                                         _with_env("PYINF_NATIVE_SM90", mode, op_call(op, name, x))))
             for name, fn in variants:
                 if (op, name) in rate and f / rate[(op, name)] > MAX_PREDICTED_S:
                     why = (f"predicted {f / rate[(op, name)]:.0f} s per call from its rate at a smaller shape "

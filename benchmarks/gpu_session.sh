@@ -105,7 +105,7 @@ case "$mode" in
     grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | head -20 | tee -a "$summary"
     $PY -m benchmarks.sanitize > "$OUT/sanitize-plain.txt" 2>&1; note "sanitize (no tool): rc=$?"
     for tool in memcheck racecheck; do
-      timeout 120 compute-sanitizer --tool $tool --print-limit 20 $PY -m benchmarks.sanitize native native-fma native-sm90 \
+      timeout 120 compute-sanitizer --tool $tool --print-limit 20 $PY -m benchmarks.sanitize native native-fma native-sm90 native-sm90-wait0 native-sm90-ws \
         > "$OUT/sanitizer-$tool-native.txt" 2>&1
       note "compute-sanitizer $tool native: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-$tool-native.txt" | tail -1)"
     done

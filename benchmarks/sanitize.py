@@ -6,7 +6,8 @@
 ``native`` runs the native backend's default kernels, on tensor cores for these bf16 inputs;
 ``native-fma`` its fp32 FMA kernels (PYINF_NATIVE_TC=0: factored_scores, eigen_correction,
 self_influence); ``native-sm90`` its Hopper factored-scores kernel (PYINF_NATIVE_SM90=1, TMA +
-wgmma; on other GPUs the call falls back to the default kernel).
+wgmma; on other GPUs the call falls back to the default kernel), ``native-sm90-wait0`` and
+``native-sm90-ws`` that kernel's other K-loop modes.
 
 Odd sizes, a mask with a fully padded document, bf16 inputs; each result is checked against
 the torch reference so that a launch that wrote nothing is caught too.
@@ -59,7 +60,7 @@ def _calls(p):
     }
 
 
-LABELS = ("triton", "native", "native-fma", "native-sm90")
+LABELS = ("triton", "native", "native-fma", "native-sm90", "native-sm90-wait0", "native-sm90-ws")
 
 
 def parse_args(argv) -> list:
@@ -82,9 +83,10 @@ def main(argv) -> int:
             backend = "native" if label.startswith("native") else label
             if label == "native-fma" and op not in TENSOR_CORE_OPS:
                 continue
-            if label == "native-sm90" and op != "factored_scores":
+            sm90 = label.startswith("native-sm90")
+            if sm90 and op != "factored_scores":
                 continue
-            run = aligned[name] if label == "native-sm90" else call
+            run = aligned[name] if sm90 else call
             ref = run("torch")
             reason = _registry.unsupported_reason(backend, op, [p["logits"]] if op == "cross_entropy_rows"
                                                   else [p["acts"], p["grads"]])
@@ -92,8 +94,8 @@ def main(argv) -> int:
                 print(f"{name:28s} {label:9s} skipped: {reason}")
                 continue
             env = "0" if label == "native-fma" else ""  # "": the default rule (any value but "0"/"1")
-            sm90 = "1" if label == "native-sm90" else ""
-            out = _with_env("PYINF_NATIVE_SM90", sm90, _with_env("PYINF_NATIVE_TC", env, lambda: run(backend)))()
+            mode = (label.split("-")[2] if label.count("-") == 2 else "1") if sm90 else ""  # PYINF_NATIVE_SM90
+            out = _with_env("PYINF_NATIVE_SM90", mode, _with_env("PYINF_NATIVE_TC", env, lambda: run(backend)))()
             torch.cuda.synchronize()
             err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
             ok = torch.isfinite(out).all().item() and err < 2e-2

@@ -22,8 +22,11 @@
 // barrier, the two warpgroups each issue 64x128x64 of wgmma and arrive on the stage's empty
 // barrier once that wgmma has completed; the producer waits on it before refilling the stage.
 // Unlike the tutorial, a step's wgmma is left running while the previous step's stage is
-// released (as CUTLASS's own mainloops do with K_PIPE_MMAS = 1); PYINF_NATIVE_SM90=wait0
-// selects the tutorial's wait at every step, for comparison.
+// released (as CUTLASS's own mainloops do with K_PIPE_MMAS = 1). Two other modes are kept for
+// comparison on the GPU: PYINF_NATIVE_SM90=wait0, the tutorial's wait at every step, and
+// PYINF_NATIVE_SM90=ws, a third (producer) warpgroup whose elected thread issues every TMA load,
+// so that no consumer warp ever waits on an empty barrier (384 threads; 154 registers fit
+// without setmaxnreg).
 //
 // Applicable (factored_scores_sm90_applicable): compiled with 90a and the CUTLASS headers, a
 // compute-capability 9.0 device, all four inputs bf16 or all fp16, r <= 128, acts and grads
@@ -49,7 +52,15 @@ constexpr int kTileM = 128;  // token rows per CTA
 constexpr int kTileN = 128;  // factor columns per CTA
 constexpr int kTileK = 64;   // K per pipeline stage: 128 bytes of 16-bit values (the 128-byte swizzle)
 constexpr int kStages = 4;
-constexpr int kThreads = 256;
+constexpr int kConsumers = 256;  // two warpgroups of MMA threads (plus a producer warpgroup in kWarpSpecialized)
+
+// How the K loop is run (PYINF_NATIVE_SM90): every thread consumes; one of them also produces.
+enum Sm90Mode : int {
+  kWait0 = 0,            // "wait0": each K step's wgmma is waited for (the CUTLASS tutorial's scheme)
+  kInFlight1 = 1,        // "1": one wgmma batch left in flight across K steps (the default)
+  kWarpSpecialized = 2,  // "ws": as kInFlight1, with the TMA issued by a third, producer warpgroup
+};
+constexpr int block_threads(int mode) { return mode == kWarpSpecialized ? kConsumers + 128 : kConsumers; }
 constexpr int kMaxQueriesPerTile = kTileN / 8;  // Rp >= 8
 constexpr int kProdLd = kTileN + 1;             // fp32 product tile row (odd: no bank conflicts on column walks)
 
@@ -99,11 +110,13 @@ struct Sm90Params {
   float* partials;  // [N, tblocks, Q] document scores per token tile (tblocks > 1)
 };
 
-// kInFlight: wgmma batches left running when a K step ends (0: the CUTLASS tutorial's
-// wait for each step; 1: the default, the next step is issued before this one is waited for).
-template <class T, int kInFlight>
-__global__ void __launch_bounds__(kThreads, 1) factored_scores_sm90_kernel(CUTE_GRID_CONSTANT Sm90Params<T> const p) {
-  static_assert(kInFlight == 0 || kInFlight == 1, "one wgmma batch in flight at most: stages are released one step late");
+template <class T, int kMode>
+__global__ void __launch_bounds__(block_threads(kMode), 1)
+    factored_scores_sm90_kernel(CUTE_GRID_CONSTANT Sm90Params<T> const p) {
+  // wgmma batches left running when a K step ends: at most one, as stages are released one step late
+  constexpr int kInFlight = kMode == kWait0 ? 0 : 1;
+  constexpr bool kWs = kMode == kWarpSpecialized;
+  constexpr int kBlock = block_threads(kMode);
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Ty = Sm90Types<T>;
   using Storage = typename Ty::SharedStorage;
@@ -152,8 +165,11 @@ __global__ void __launch_bounds__(kThreads, 1) factored_scores_sm90_kernel(CUTE_
 
   // The TMA producer: one elected lane of warp 0. Written as the CUTLASS idiom (a warp-uniform
   // warp index, elect.sync) so that ptxas sees the branch reconverge; `tid == 0` made it
-  // serialise the wgmma (C7520, "compiler-inserted WG.AR in divergent path").
+  // serialise the wgmma (C7520, "compiler-inserted WG.AR in divergent path"). With kWs, warp
+  // 0 is in warpgroup 0, which only produces; the consumers are warpgroups 1 and 2.
   const bool producer = cutlass::canonical_warp_idx_sync() == 0 && cute::elect_one_sync();
+  const bool consumer = !kWs || cutlass::canonical_warp_group_idx() > 0;
+  const int ctid = kWs ? tid - 128 : tid;  // thread index among the consumers
   if (producer) {
     prefetch_tma_descriptor(p.tma_g.get_tma_descriptor());  // the four descriptors live in kernel parameters
     prefetch_tma_descriptor(p.tma_a.get_tma_descriptor());
@@ -161,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 1) factored_scores_sm90_kernel(CUTE_
     prefetch_tma_descriptor(p.tma_r.get_tma_descriptor());
     for (int st = 0; st < kStages; ++st) {
       FullBar::init(&s.full[st], 1);
-      EmptyBar::init(&s.empty[st], kThreads);
+      EmptyBar::init(&s.empty[st], kConsumers);
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -182,78 +198,88 @@ __global__ void __launch_bounds__(kThreads, 1) factored_scores_sm90_kernel(CUTE_
       copy(p.tma_r.with(s.full[st]), tRg(_, _, _, kt - kt_g), tRs(_, _, _, st));
     }
   };
-  if (producer) {
+  if (producer && !kWs) {
     for (int kt = 0; kt < kStages && kt < k_tiles; ++kt) issue(kt, kt);
   }
 
-  typename Ty::TiledMma mma;
-  ThrMMA thr_mma = mma.get_thread_slice(tid);
-  Tensor tCsA = thr_mma.partition_A(sA);
-  Tensor tCsB = thr_mma.partition_B(sB);
-  Tensor tCrA = thr_mma.make_fragment_A(tCsA);  // smem descriptors, (MMA, MMA_M, MMA_K, stage)
-  Tensor tCrB = thr_mma.make_fragment_B(tCsB);
-  Tensor acc_gl = partition_fragment_C(mma, Shape<Int<kTileM>, Int<kTileN>>{});  // (MMA, MMA_M, MMA_N)
-  Tensor acc_ar = partition_fragment_C(mma, Shape<Int<kTileM>, Int<kTileN>>{});
-  clear(acc_gl);
-  clear(acc_ar);
-  // One TMA per operand and stage covers the whole 128 x 64 box; each thread holds 64 fp32
-  // of each 128 x 128 accumulator.
-  CUTE_STATIC_ASSERT_V(size<1>(tGs) == _1{} && size<2>(tGs) == _1{} && size<3>(tGs) == Int<kStages>{});
-  CUTE_STATIC_ASSERT_V(size<1>(tLs) == _1{} && size<2>(tLs) == _1{} && size<3>(tLs) == Int<kStages>{});
-  CUTE_STATIC_ASSERT_V(size(acc_gl) == Int<kTileM * kTileN / kThreads>{});
-  CUTE_STATIC_ASSERT_V(size(mma) == Int<kThreads>{});
+  if (consumer) {
+    typename Ty::TiledMma mma;
+    ThrMMA thr_mma = mma.get_thread_slice(ctid);
+    Tensor tCsA = thr_mma.partition_A(sA);
+    Tensor tCsB = thr_mma.partition_B(sB);
+    Tensor tCrA = thr_mma.make_fragment_A(tCsA);  // smem descriptors, (MMA, MMA_M, MMA_K, stage)
+    Tensor tCrB = thr_mma.make_fragment_B(tCsB);
+    Tensor acc_gl = partition_fragment_C(mma, Shape<Int<kTileM>, Int<kTileN>>{});  // (MMA, MMA_M, MMA_N)
+    Tensor acc_ar = partition_fragment_C(mma, Shape<Int<kTileM>, Int<kTileN>>{});
+    clear(acc_gl);
+    clear(acc_ar);
+    // One TMA per operand and stage covers the whole 128 x 64 box; each thread holds 64 fp32
+    // of each 128 x 128 accumulator.
+    CUTE_STATIC_ASSERT_V(size<1>(tGs) == _1{} && size<2>(tGs) == _1{} && size<3>(tGs) == Int<kStages>{});
+    CUTE_STATIC_ASSERT_V(size<1>(tLs) == _1{} && size<2>(tLs) == _1{} && size<3>(tLs) == Int<kStages>{});
+    CUTE_STATIC_ASSERT_V(size(acc_gl) == Int<kTileM * kTileN / kConsumers>{});
+    CUTE_STATIC_ASSERT_V(size(mma) == Int<kConsumers>{});
 
-  // Stage of K step `done` is free again once its wgmma has completed: every thread says so
-  // on the stage's empty barrier, and the producer refills it with step done + kStages.
-  auto release = [&](int done) {
-    const int st = done % kStages;
-    EmptyBar::arrive(&s.empty[st]);
-    if (producer && done + kStages < k_tiles) {
-      EmptyBar::wait(&s.empty[st], (done / kStages) & 1);
-      issue(done + kStages, st);
-    }
-  };
-  // One K step into `acc`. The two products run as two loops over one K-step count (the
-  // pipeline's stages and phases continue across them), not one loop with a branch between
-  // the accumulators: ptxas cannot prove such a branch warp-uniform and then serialises the
-  // wgmma (C7520).
-  auto k_step = [&](auto& acc, int kt) {
-    const int st = kt % kStages;
-    FullBar::wait(&s.full[st], (kt / kStages) & 1);
-    warpgroup_fence_operand(acc);
-    warpgroup_arrive();
-    gemm(mma, tCrA(_, _, _, st), tCrB(_, _, _, st), acc);
-    warpgroup_commit_batch();
-    // kInFlight = 1: step kt's wgmma keeps running while step kt - 1's stage is released
-    // and the next step is waited for and issued (the tensor cores never drain between steps).
-    warpgroup_wait<kInFlight>();
-    warpgroup_fence_operand(acc);
-    if (kt >= kInFlight) release(kt - kInFlight);
-  };
-  warpgroup_fence_operand(acc_gl);
-  warpgroup_fence_operand(acc_ar);
-  for (int kt = 0; kt < kt_g; ++kt) k_step(acc_gl, kt);       // GL = grads rows x left factor
-  for (int kt = kt_g; kt < k_tiles; ++kt) k_step(acc_ar, kt);  // AR = acts rows x right factor
-  if constexpr (kInFlight > 0) {
-    warpgroup_wait<0>();  // the last steps (their stages are never refilled)
+    // Stage of K step `done` is free again once its wgmma has completed: every consumer says so
+    // on the stage's empty barrier, and the producer refills it with step done + kStages.
+    auto release = [&](int done) {
+      const int st = done % kStages;
+      EmptyBar::arrive(&s.empty[st]);
+      if (!kWs && producer && done + kStages < k_tiles) {
+        EmptyBar::wait(&s.empty[st], (done / kStages) & 1);
+        issue(done + kStages, st);
+      }
+    };
+    // One K step into `acc`. The two products run as two loops over one K-step count (the
+    // pipeline's stages and phases continue across them), not one loop with a branch between
+    // the accumulators: ptxas cannot prove such a branch warp-uniform and then serialises the
+    // wgmma (C7520).
+    auto k_step = [&](auto& acc, int kt) {
+      const int st = kt % kStages;
+      FullBar::wait(&s.full[st], (kt / kStages) & 1);
+      warpgroup_fence_operand(acc);
+      warpgroup_arrive();
+      gemm(mma, tCrA(_, _, _, st), tCrB(_, _, _, st), acc);
+      warpgroup_commit_batch();
+      // kInFlight = 1: step kt's wgmma keeps running while step kt - 1's stage is released
+      // and the next step is waited for and issued (the tensor cores never drain between steps).
+      warpgroup_wait<kInFlight>();
+      warpgroup_fence_operand(acc);
+      if (kt >= kInFlight) release(kt - kInFlight);
+    };
     warpgroup_fence_operand(acc_gl);
     warpgroup_fence_operand(acc_ar);
-  }
+    for (int kt = 0; kt < kt_g; ++kt) k_step(acc_gl, kt);       // GL = grads rows x left factor
+    for (int kt = kt_g; kt < k_tiles; ++kt) k_step(acc_ar, kt);  // AR = acts rows x right factor
+    if constexpr (kInFlight > 0) {
+      warpgroup_wait<0>();  // the last steps (their stages are never refilled)
+      warpgroup_fence_operand(acc_gl);
+      warpgroup_fence_operand(acc_ar);
+    }
 
-  // Epilogue: product tile (masked rows exact zeros) into shared memory, in CuTe's own
-  // coordinates of each accumulator element.
-  Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kTileM>, Int<kTileN>>{}));
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc_gl); ++i) {
-    const int m = get<0>(coords(i)), c = get<1>(coords(i));
-    s.prod[m][c] = s.row_ok[m] ? acc_gl(i) * acc_ar(i) : 0.0f;
+    // Epilogue: product tile (masked rows exact zeros) into shared memory, in CuTe's own
+    // coordinates of each accumulator element.
+    Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kTileM>, Int<kTileN>>{}));
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_gl); ++i) {
+      const int m = get<0>(coords(i)), c = get<1>(coords(i));
+      s.prod[m][c] = s.row_ok[m] ? acc_gl(i) * acc_ar(i) : 0.0f;
+    }
+  } else if (producer) {
+    // kWs: the producer warpgroup's elected thread streams all K steps; a stage is refilled
+    // once the consumers have released its previous use (step kt - kStages).
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      const int st = kt % kStages;
+      if (kt >= kStages) EmptyBar::wait(&s.empty[st], ((kt / kStages) - 1) & 1);
+      issue(kt, st);
+    }
   }
-  __syncthreads();
+  __syncthreads();  // every thread of the block, producers included, folds the product tile
 
   // Each query's Rp columns, in column order, per token row.
   const int qpt = kTileN / p.Rp;
   const int q0 = c_tile * qpt;
-  for (int e = tid; e < kTileM * qpt; e += kThreads) {
+  for (int e = tid; e < kTileM * qpt; e += kBlock) {
     const int m = e / qpt, ql = e % qpt;
     float acc = 0.0f;
     for (int k = 0; k < p.Rp; ++k) acc += s.prod[m][ql * p.Rp + k];
@@ -261,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1) factored_scores_sm90_kernel(CUTE_
   }
   __syncthreads();
   if (p.per_token) {
-    for (int e = tid; e < kTileM * qpt; e += kThreads) {
+    for (int e = tid; e < kTileM * qpt; e += kBlock) {
       const int m = e / qpt, ql = e % qpt;
       const int t = t0 + m, q = q0 + ql;
       if (t < p.T_len && q < p.Q) p.out[((int64_t)n * p.T_len + t) * p.Q + q] = s.row_query[m][ql];
@@ -321,14 +347,12 @@ bool tma_rows_ok(const pyinf_tensor& x) {
          x.strides[0] % 8 == 0;
 }
 
-// PYINF_NATIVE_SM90, read per call: "1" = this kernel with one wgmma batch in flight across K
-// steps; "wait0" = this kernel waiting for each step (the tutorial's scheme, for comparison);
-// anything else = off (0).
+// PYINF_NATIVE_SM90, read per call: "1", "wait0" or "ws" (Sm90Mode); anything else = off (-1).
 int sm90_mode() {
   const char* v = std::getenv("PYINF_NATIVE_SM90");
-  if (v == nullptr) return 0;
+  if (v == nullptr) return -1;
   const std::string s(v);
-  return s == "1" ? 1 : s == "wait0" ? 2 : 0;
+  return s == "1" ? kInFlight1 : s == "wait0" ? kWait0 : s == "ws" ? kWarpSpecialized : -1;
 }
 
 bool sm90_device() {
@@ -349,7 +373,7 @@ typename Sm90Types<T>::GmemTensor gmem(const void* data, int rows, int d, int ba
 template <class T>
 pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                           const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
-                          float* out, void* workspace, bool in_flight, cudaStream_t stream) {
+                          float* out, void* workspace, int mode, cudaStream_t stream) {
   using Ty = Sm90Types<T>;
   const Sm90Plan plan = sm90_plan(d, per_token);
   char* ws = static_cast<char*>(workspace);
@@ -394,13 +418,15 @@ pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, c
 
   static_assert(sizeof(typename Ty::SharedStorage) <= 227 * 1024, "over the H100's 227 KiB of shared memory per block");
   const int smem = static_cast<int>(sizeof(typename Ty::SharedStorage));
-  auto kernel = in_flight ? factored_scores_sm90_kernel<T, 1> : factored_scores_sm90_kernel<T, 0>;
+  auto kernel = mode == kWarpSpecialized ? factored_scores_sm90_kernel<T, kWarpSpecialized>
+                : mode == kWait0           ? factored_scores_sm90_kernel<T, kWait0>
+                                           : factored_scores_sm90_kernel<T, kInFlight1>;
   status = cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                       "factored_scores", "sm90 shared memory size");
   if (status != PYINF_SUCCESS) return status;
   const dim3 grid(static_cast<unsigned>(plan.cp / kTileN), static_cast<unsigned>(plan.tblocks),
                   static_cast<unsigned>(d.n));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  kernel<<<grid, block_threads(mode), smem, stream>>>(p);
   status = launch_check("factored_scores (sm90)");
   if (status != PYINF_SUCCESS || per_token || plan.tblocks == 1) return status;
   return launch_sum_splits(partials, d.n, plan.tblocks, d.q, out, stream, "factored_scores (sm90 token tiles)");
@@ -410,7 +436,7 @@ pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, c
 
 bool factored_scores_sm90_applicable(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                                      const pyinf_tensor* right, const Dims& d) {
-  if (sm90_mode() == 0 || !use_tensor_cores(true)) return false;
+  if (sm90_mode() < 0 || !use_tensor_cores(true)) return false;
   const pyinf_dtype dt = acts->dtype;
   if (!(dt == PYINF_BFLOAT16 || dt == PYINF_FLOAT16) || grads->dtype != dt || left->dtype != dt ||
       right->dtype != dt)
@@ -428,11 +454,11 @@ size_t factored_scores_sm90_workspace_bytes(const Dims& d, int per_token) { retu
 pyinf_status launch_factored_scores_sm90(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                                          const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d,
                                          int per_token, float* out, void* workspace, cudaStream_t stream) {
-  const bool in_flight = sm90_mode() == 1;
+  const int mode = sm90_mode();
   if (acts->dtype == PYINF_BFLOAT16)
-    return launch_typed<cutlass::bfloat16_t>(acts, grads, left, right, mask, d, per_token, out, workspace, in_flight,
+    return launch_typed<cutlass::bfloat16_t>(acts, grads, left, right, mask, d, per_token, out, workspace, mode,
                                              stream);
-  return launch_typed<cutlass::half_t>(acts, grads, left, right, mask, d, per_token, out, workspace, in_flight,
+  return launch_typed<cutlass::half_t>(acts, grads, left, right, mask, d, per_token, out, workspace, mode,
                                        stream);
 }
 
