@@ -68,7 +68,7 @@ case "$mode" in
     # 1. Correctness on the GPU: every CUDA kernel against the references (verbose, so a
     #    partial log still says which passed). The Hopper kernel's tests come first; its
     #    compile-only check (nvcc, ~20 s) is left to CI.
-    timeout 130 $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_triton_kernels.py tests/test_native.py tests/test_native_sm90.py \
+    timeout 130 $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_native_sm90.py tests/test_triton_kernels.py tests/test_native.py \
       tests/test_ops.py tests/test_backends_pipeline.py tests/test_eigen.py -k "(cuda or not cpu) and not compiles_to_wgmma" > "$OUT/tests.txt" 2>&1
     note "tests: rc=$? $(grep -cE ' PASSED' "$OUT/tests.txt") passed, $(grep -cE ' (FAILED|ERROR)' "$OUT/tests.txt") failed, after $(( $(date +%s) - start )) s"
     grep -E " (FAILED|ERROR)" "$OUT/tests.txt" | head -20 | tee -a "$summary"
