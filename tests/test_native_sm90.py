@@ -142,7 +142,7 @@ SM90_SHAPES = [  # (N, T, d_in, d_out, Q, r)
 @hopper_only
 @pytest.mark.parametrize("shape", SM90_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", ["1", "wait0", "ws"])  # wgmma in flight, waited per step, producer warpgroup
+@pytest.mark.parametrize("mode", ["1", "wait0", "ws"])  # wgmma in flight, waited per step, producer + persistent
 def test_sm90_factored_scores_match_reference(shape, dtype, mode, monkeypatch):
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     n, t, d_in, d_out, q, r = shape
@@ -159,6 +159,29 @@ def test_sm90_factored_scores_match_reference(shape, dtype, mode, monkeypatch):
         assert oracle.rel_err(out, ref, scale) < 1e-5, (shape, dtype, per_token)
         again = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="native")
         assert torch.equal(out, again)  # fixed reduction order, no atomics
+
+
+@hopper_only
+@pytest.mark.parametrize("ctas", ["1", "7", ""])  # "": one CTA per SM
+def test_sm90_persistent_grid_takes_every_tile_once(ctas, monkeypatch):
+    """PYINF_NATIVE_SM90=ws runs a persistent grid: a CTA takes tiles blockIdx.x, + gridDim.x, ...
+    and the pipeline runs on across them. With 7 CTAs for 27 tiles some take 4 tiles and some 3;
+    with 1, one CTA takes them all; with one per SM, 216 tiles are more than one each."""
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    monkeypatch.setenv("PYINF_NATIVE_SM90", "ws")
+    monkeypatch.setenv("PYINF_NATIVE_SM90_CTAS", ctas)
+    n = 8 if ctas == "" else 1  # 8 x 9 token tiles x 3 column tiles = 216 tiles; 1 document: 27
+    acts, grads, left, right, mask = _problem(n, 1030, 64, 72, 40, 8, torch.bfloat16)
+    for per_token in (False, True):
+        assert _kernel(acts, grads, left, right, per_token) == "sm90"
+        ref = oracle.factored_scores(acts, grads, left, right, mask, per_token)
+        scale = oracle.factored_scores(acts, grads, left, right, mask, per_token, absolute=True)
+        out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="native")
+        assert oracle.rel_err(out, ref, scale) < 1e-5, (ctas, per_token)
+        monkeypatch.setenv("PYINF_NATIVE_SM90", "1")  # one CTA per tile: the same sums, bit for bit
+        assert torch.equal(out, ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token,
+                                                    backend="native"))
+        monkeypatch.setenv("PYINF_NATIVE_SM90", "ws")
 
 
 @hopper_only

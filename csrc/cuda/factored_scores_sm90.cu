@@ -1,9 +1,9 @@
 // CUDA factored scores for Hopper (sm_90a): TMA loads, warpgroup MMA (wgmma), built on
 // CuTe (CUTLASS headers from the nvidia-cutlass package; see CMakeLists.txt).
 //
-// One CTA of 256 threads (two consumer warpgroups) per (column tile, token tile, document):
-// 128 factor columns x 128 token rows. The CTA runs ONE K loop of ceil(d_out / 64) +
-// ceil(d_in / 64) steps through a 4-stage TMA pipeline: the first steps multiply grads rows
+// A tile is 128 factor columns x 128 token rows of one document; a CTA of 256 threads (two
+// consumer warpgroups) takes one tile (or, persistent, several in turn). Per tile it runs
+// ceil(d_out / 64) + ceil(d_in / 64) K steps through a 4-stage TMA pipeline: the first multiply grads rows
 // by the left factor into one fp32 accumulator (GL), the rest acts rows by the right factor
 // into a second one (AR); both are 128 x 128 in registers (64 + 64 floats per thread). The
 // epilogue multiplies them element by element, zeroes masked and out-of-range token rows
@@ -26,7 +26,8 @@
 // comparison on the GPU: PYINF_NATIVE_SM90=wait0, the tutorial's wait at every step, and
 // PYINF_NATIVE_SM90=ws, a third (producer) warpgroup whose elected thread issues every TMA load,
 // so that no consumer warp ever waits on an empty barrier (384 threads; 154 registers fit
-// without setmaxnreg).
+// without setmaxnreg), on a persistent grid (one CTA per SM, tiles round-robin; the stages and
+// phases run on across a CTA's tiles, so the next tile's loads overlap this tile's epilogue).
 //
 // Applicable (factored_scores_sm90_applicable): compiled with 90a and the CUTLASS headers, a
 // compute-capability 9.0 device, all four inputs bf16 or all fp16, r <= 128, acts and grads
@@ -116,7 +117,6 @@ __global__ void __launch_bounds__(block_threads(kMode), 1)
   // wgmma batches left running when a K step ends: at most one, as stages are released one step late
   constexpr int kInFlight = kMode == kWait0 ? 0 : 1;
   constexpr bool kWs = kMode == kWarpSpecialized;
-  constexpr int kBlock = block_threads(kMode);
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Ty = Sm90Types<T>;
   using Storage = typename Ty::SharedStorage;
@@ -126,42 +126,46 @@ __global__ void __launch_bounds__(block_threads(kMode), 1)
   Storage& s = *reinterpret_cast<Storage*>(smem_raw);
 
   const int tid = threadIdx.x;
-  const int c_tile = blockIdx.x, t_tile = blockIdx.y, n = blockIdx.z;
-  const int t0 = t_tile * kTileM;
   const int kt_g = (p.d_out + kTileK - 1) / kTileK, kt_a = (p.d_in + kTileK - 1) / kTileK;
-  const int k_tiles = kt_g + kt_a;
+  const int k_tiles = kt_g + kt_a;  // K steps per tile: grads x left, then acts x right
+  // Tiles in launch order: column tile fastest, then token tile, then document. A CTA takes
+  // tiles blockIdx.x, blockIdx.x + gridDim.x, ... (one tile each unless the grid is persistent)
+  // and runs their K steps as one sequence of `steps`; the pipeline's stages and phases follow
+  // the step index across tiles, so the next tile's loads overlap this tile's epilogue.
+  const int c_tiles = p.Cp / kTileN;
+  const int num_tiles = c_tiles * p.tblocks * p.N;
+  const int my_tiles = (num_tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
+  const int steps = my_tiles * k_tiles;
+  struct TileCoord {
+    int c, t, n;
+  };
+  auto tile_coord = [&](int i) {  // this CTA's i-th tile
+    const int tile = (int)blockIdx.x + i * (int)gridDim.x;
+    return TileCoord{tile % c_tiles, (tile / c_tiles) % p.tblocks, tile / (c_tiles * p.tblocks)};
+  };
 
   Tensor sA = make_tensor(make_smem_ptr(s.A.begin()), typename Ty::SmemLayoutA{});  // (128, 64, stage)
   Tensor sB = make_tensor(make_smem_ptr(s.B.begin()), typename Ty::SmemLayoutB{});  // (128, 64, stage)
-
-  // This CTA's tiles of each source, one K tile per index of the last mode.
-  auto tile_rows = [&](auto const& tma, int rows, int d, int batch_len, int row_tile, int batch) {
-    Tensor m = tma.get_tma_tensor(make_shape(rows, d, batch_len));
-    Tensor g = local_tile(m, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{});  // (128, 64, m, k, l)
-    return g(_, _, row_tile, _, batch);                                             // (128, 64, k)
-  };
-  Tensor gG = tile_rows(p.tma_g, p.T_len, p.d_out, p.N, t_tile, n);
-  Tensor gA = tile_rows(p.tma_a, p.T_len, p.d_in, p.N, t_tile, n);
-  auto tile_cols = [&](auto const& tma, int d) {
-    Tensor m = tma.get_tma_tensor(make_shape(p.Cp, d, 1));
-    Tensor g = local_tile(m, TileShape{}, make_coord(_, _, _), Step<X, _1, _1>{});  // (128, 64, n, k, l)
-    return g(_, _, c_tile, _, 0);                                                   // (128, 64, k)
-  };
-  Tensor gL = tile_cols(p.tma_l, p.d_out);
-  Tensor gR = tile_cols(p.tma_r, p.d_in);
-
+  // The sources tiled: (128, 64, row tile, K step, batch).
+  Tensor gG = local_tile(p.tma_g.get_tma_tensor(make_shape(p.T_len, p.d_out, p.N)), TileShape{}, make_coord(_, _, _),
+                         Step<_1, X, _1>{});
+  Tensor gA = local_tile(p.tma_a.get_tma_tensor(make_shape(p.T_len, p.d_in, p.N)), TileShape{}, make_coord(_, _, _),
+                         Step<_1, X, _1>{});
+  Tensor gL = local_tile(p.tma_l.get_tma_tensor(make_shape(p.Cp, p.d_out, 1)), TileShape{}, make_coord(_, _, _),
+                         Step<X, _1, _1>{});
+  Tensor gR = local_tile(p.tma_r.get_tma_tensor(make_shape(p.Cp, p.d_in, 1)), TileShape{}, make_coord(_, _, _),
+                         Step<X, _1, _1>{});
   auto tma_g = p.tma_g.get_slice(0);
   auto tma_a = p.tma_a.get_slice(0);
   auto tma_l = p.tma_l.get_slice(0);
   auto tma_r = p.tma_r.get_slice(0);
-  Tensor tGg = tma_g.partition_S(gG);  // (TMA, TMA_M, TMA_K, k)
   Tensor tGs = tma_g.partition_D(sA);  // (TMA, TMA_M, TMA_K, stage)
-  Tensor tAg = tma_a.partition_S(gA);
   Tensor tAs = tma_a.partition_D(sA);
-  Tensor tLg = tma_l.partition_S(gL);
   Tensor tLs = tma_l.partition_D(sB);
-  Tensor tRg = tma_r.partition_S(gR);
   Tensor tRs = tma_r.partition_D(sB);
+  // One TMA per operand and stage covers the whole 128 x 64 box.
+  CUTE_STATIC_ASSERT_V(size<1>(tGs) == _1{} && size<2>(tGs) == _1{} && size<3>(tGs) == Int<kStages>{});
+  CUTE_STATIC_ASSERT_V(size<1>(tLs) == _1{} && size<2>(tLs) == _1{} && size<3>(tLs) == Int<kStages>{});
 
   // The TMA producer: one elected lane of warp 0. Written as the CUTLASS idiom (a warp-uniform
   // warp index, elect.sync) so that ptxas sees the branch reconverge; `tid == 0` made it
@@ -181,124 +185,130 @@ __global__ void __launch_bounds__(block_threads(kMode), 1)
     }
     cutlass::arch::fence_barrier_init();
   }
-  if (tid < kTileM) {
-    const int t = t0 + tid;
-    s.row_ok[tid] = (t < p.T_len && keep(p.mask, n, t)) ? 1 : 0;
-  }
   __syncthreads();
 
-  // K tile kt of the single loop: grads x left for kt < kt_g, then acts x right.
-  auto issue = [&](int kt, int st) {
+  // Step g of this CTA's sequence into stage st: K step g % k_tiles of tile g / k_tiles.
+  auto issue = [&](int g, int st) {
+    const TileCoord tc = tile_coord(g / k_tiles);
+    const int kt = g % k_tiles;
     FullBar::arrive_and_expect_tx(&s.full[st], Ty::kTxBytes);
     if (kt < kt_g) {
-      copy(p.tma_g.with(s.full[st]), tGg(_, _, _, kt), tGs(_, _, _, st));
-      copy(p.tma_l.with(s.full[st]), tLg(_, _, _, kt), tLs(_, _, _, st));
+      copy(p.tma_g.with(s.full[st]), tma_g.partition_S(gG(_, _, tc.t, _, tc.n))(_, _, _, kt), tGs(_, _, _, st));
+      copy(p.tma_l.with(s.full[st]), tma_l.partition_S(gL(_, _, tc.c, _, 0))(_, _, _, kt), tLs(_, _, _, st));
     } else {
-      copy(p.tma_a.with(s.full[st]), tAg(_, _, _, kt - kt_g), tAs(_, _, _, st));
-      copy(p.tma_r.with(s.full[st]), tRg(_, _, _, kt - kt_g), tRs(_, _, _, st));
+      copy(p.tma_a.with(s.full[st]), tma_a.partition_S(gA(_, _, tc.t, _, tc.n))(_, _, _, kt - kt_g), tAs(_, _, _, st));
+      copy(p.tma_r.with(s.full[st]), tma_r.partition_S(gR(_, _, tc.c, _, 0))(_, _, _, kt - kt_g), tRs(_, _, _, st));
     }
   };
-  if (producer && !kWs) {
-    for (int kt = 0; kt < kStages && kt < k_tiles; ++kt) issue(kt, kt);
-  }
 
   if (consumer) {
+    if (producer) {  // !kWs: the producer is consumer thread 0 and fills the stages ahead
+      for (int g = 0; g < kStages && g < steps; ++g) issue(g, g);
+    }
     typename Ty::TiledMma mma;
     ThrMMA thr_mma = mma.get_thread_slice(ctid);
-    Tensor tCsA = thr_mma.partition_A(sA);
-    Tensor tCsB = thr_mma.partition_B(sB);
-    Tensor tCrA = thr_mma.make_fragment_A(tCsA);  // smem descriptors, (MMA, MMA_M, MMA_K, stage)
-    Tensor tCrB = thr_mma.make_fragment_B(tCsB);
+    Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // smem descriptors, (MMA, MMA_M, MMA_K, stage)
+    Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));
     Tensor acc_gl = partition_fragment_C(mma, Shape<Int<kTileM>, Int<kTileN>>{});  // (MMA, MMA_M, MMA_N)
     Tensor acc_ar = partition_fragment_C(mma, Shape<Int<kTileM>, Int<kTileN>>{});
-    clear(acc_gl);
-    clear(acc_ar);
-    // One TMA per operand and stage covers the whole 128 x 64 box; each thread holds 64 fp32
-    // of each 128 x 128 accumulator.
-    CUTE_STATIC_ASSERT_V(size<1>(tGs) == _1{} && size<2>(tGs) == _1{} && size<3>(tGs) == Int<kStages>{});
-    CUTE_STATIC_ASSERT_V(size<1>(tLs) == _1{} && size<2>(tLs) == _1{} && size<3>(tLs) == Int<kStages>{});
-    CUTE_STATIC_ASSERT_V(size(acc_gl) == Int<kTileM * kTileN / kConsumers>{});
+    Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kTileM>, Int<kTileN>>{}));
+    CUTE_STATIC_ASSERT_V(size(acc_gl) == Int<kTileM * kTileN / kConsumers>{});  // 64 fp32 per thread each
     CUTE_STATIC_ASSERT_V(size(mma) == Int<kConsumers>{});
 
-    // Stage of K step `done` is free again once its wgmma has completed: every consumer says so
-    // on the stage's empty barrier, and the producer refills it with step done + kStages.
+    // Stage of step `done` is free again once its wgmma has completed: every consumer says so on
+    // the stage's empty barrier, and (without kWs) the producer refills it with step done + kStages.
     auto release = [&](int done) {
       const int st = done % kStages;
       EmptyBar::arrive(&s.empty[st]);
-      if (!kWs && producer && done + kStages < k_tiles) {
+      if (!kWs && producer && done + kStages < steps) {
         EmptyBar::wait(&s.empty[st], (done / kStages) & 1);
         issue(done + kStages, st);
       }
     };
-    // One K step into `acc`. The two products run as two loops over one K-step count (the
-    // pipeline's stages and phases continue across them), not one loop with a branch between
-    // the accumulators: ptxas cannot prove such a branch warp-uniform and then serialises the
-    // wgmma (C7520).
-    auto k_step = [&](auto& acc, int kt) {
-      const int st = kt % kStages;
-      FullBar::wait(&s.full[st], (kt / kStages) & 1);
+    // Step g (K step kt of its tile) into `acc`. The two products run as two loops, not one loop
+    // with a branch between the accumulators: ptxas cannot prove such a branch warp-uniform and
+    // then serialises the wgmma (C7520).
+    auto k_step = [&](auto& acc, int g, int kt) {
+      const int st = g % kStages;
+      FullBar::wait(&s.full[st], (g / kStages) & 1);
       warpgroup_fence_operand(acc);
       warpgroup_arrive();
       gemm(mma, tCrA(_, _, _, st), tCrB(_, _, _, st), acc);
       warpgroup_commit_batch();
-      // kInFlight = 1: step kt's wgmma keeps running while step kt - 1's stage is released
-      // and the next step is waited for and issued (the tensor cores never drain between steps).
+      // kInFlight = 1: step g's wgmma keeps running while step g - 1's stage is released and the
+      // next step is waited for and issued (the tensor cores never drain between steps).
       warpgroup_wait<kInFlight>();
       warpgroup_fence_operand(acc);
-      if (kt >= kInFlight) release(kt - kInFlight);
+      if (kInFlight == 0)
+        release(g);
+      else if (kt > 0)
+        release(g - 1);  // the tile's last step is released after its final wait
     };
-    warpgroup_fence_operand(acc_gl);
-    warpgroup_fence_operand(acc_ar);
-    for (int kt = 0; kt < kt_g; ++kt) k_step(acc_gl, kt);       // GL = grads rows x left factor
-    for (int kt = kt_g; kt < k_tiles; ++kt) k_step(acc_ar, kt);  // AR = acts rows x right factor
-    if constexpr (kInFlight > 0) {
-      warpgroup_wait<0>();  // the last steps (their stages are never refilled)
+    auto consumers_sync = [] { cutlass::arch::NamedBarrier::sync(kConsumers, 1); };
+
+    int g = 0;
+    for (int i = 0; i < my_tiles; ++i) {
+      const TileCoord tc = tile_coord(i);
+      const int t0 = tc.t * kTileM;
+      if (ctid < kTileM) {
+        const int t = t0 + ctid;
+        s.row_ok[ctid] = (t < p.T_len && keep(p.mask, tc.n, t)) ? 1 : 0;
+      }
+      clear(acc_gl);
+      clear(acc_ar);
       warpgroup_fence_operand(acc_gl);
       warpgroup_fence_operand(acc_ar);
-    }
+      for (int kt = 0; kt < kt_g; ++kt) k_step(acc_gl, g++, kt);        // GL = grads rows x left factor
+      for (int kt = kt_g; kt < k_tiles; ++kt) k_step(acc_ar, g++, kt);  // AR = acts rows x right factor
+      if constexpr (kInFlight > 0) {
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_gl);
+        warpgroup_fence_operand(acc_ar);
+        release(g - 1);
+      }
 
-    // Epilogue: product tile (masked rows exact zeros) into shared memory, in CuTe's own
-    // coordinates of each accumulator element.
-    Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kTileM>, Int<kTileN>>{}));
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_gl); ++i) {
-      const int m = get<0>(coords(i)), c = get<1>(coords(i));
-      s.prod[m][c] = s.row_ok[m] ? acc_gl(i) * acc_ar(i) : 0.0f;
+      // Epilogue: the product tile (masked rows exact zeros) into shared memory, in CuTe's own
+      // coordinates of each accumulator element, then folded in a fixed order.
+      consumers_sync();  // this tile's row_ok written; the last tile's epilogue done everywhere
+      CUTE_UNROLL
+      for (int e = 0; e < size(acc_gl); ++e) {
+        const int m = get<0>(coords(e)), c = get<1>(coords(e));
+        s.prod[m][c] = s.row_ok[m] ? acc_gl(e) * acc_ar(e) : 0.0f;
+      }
+      consumers_sync();
+      // Each query's Rp columns, in column order, per token row.
+      const int qpt = kTileN / p.Rp;
+      const int q0 = tc.c * qpt;
+      for (int e = ctid; e < kTileM * qpt; e += kConsumers) {
+        const int m = e / qpt, ql = e % qpt;
+        float acc = 0.0f;
+        for (int k = 0; k < p.Rp; ++k) acc += s.prod[m][ql * p.Rp + k];
+        s.row_query[m][ql] = acc;
+      }
+      consumers_sync();
+      if (p.per_token) {
+        for (int e = ctid; e < kTileM * qpt; e += kConsumers) {
+          const int m = e / qpt, ql = e % qpt;
+          const int t = t0 + m, q = q0 + ql;
+          if (t < p.T_len && q < p.Q) p.out[((int64_t)tc.n * p.T_len + t) * p.Q + q] = s.row_query[m][ql];
+        }
+      } else if (ctid < qpt && q0 + ctid < p.Q) {
+        float acc = 0.0f;
+        for (int m = 0; m < kTileM; ++m) acc += s.row_query[m][ctid];  // token rows in order
+        if (p.tblocks == 1)
+          p.out[(int64_t)tc.n * p.Q + q0 + ctid] = acc;
+        else
+          p.partials[((int64_t)tc.n * p.tblocks + tc.t) * p.Q + q0 + ctid] = acc;
+      }
     }
   } else if (producer) {
-    // kWs: the producer warpgroup's elected thread streams all K steps; a stage is refilled
-    // once the consumers have released its previous use (step kt - kStages).
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      const int st = kt % kStages;
-      if (kt >= kStages) EmptyBar::wait(&s.empty[st], ((kt / kStages) - 1) & 1);
-      issue(kt, st);
+    // kWs: the producer warpgroup's elected thread streams every step of every tile; a stage
+    // is refilled once the consumers have released its previous use (step g - kStages).
+    for (int g = 0; g < steps; ++g) {
+      const int st = g % kStages;
+      if (g >= kStages) EmptyBar::wait(&s.empty[st], ((g / kStages) - 1) & 1);
+      issue(g, st);
     }
-  }
-  __syncthreads();  // every thread of the block, producers included, folds the product tile
-
-  // Each query's Rp columns, in column order, per token row.
-  const int qpt = kTileN / p.Rp;
-  const int q0 = c_tile * qpt;
-  for (int e = tid; e < kTileM * qpt; e += kBlock) {
-    const int m = e / qpt, ql = e % qpt;
-    float acc = 0.0f;
-    for (int k = 0; k < p.Rp; ++k) acc += s.prod[m][ql * p.Rp + k];
-    s.row_query[m][ql] = acc;
-  }
-  __syncthreads();
-  if (p.per_token) {
-    for (int e = tid; e < kTileM * qpt; e += kBlock) {
-      const int m = e / qpt, ql = e % qpt;
-      const int t = t0 + m, q = q0 + ql;
-      if (t < p.T_len && q < p.Q) p.out[((int64_t)n * p.T_len + t) * p.Q + q] = s.row_query[m][ql];
-    }
-  } else if (tid < qpt && q0 + tid < p.Q) {
-    float acc = 0.0f;
-    for (int m = 0; m < kTileM; ++m) acc += s.row_query[m][tid];  // token rows in order
-    if (p.tblocks == 1)
-      p.out[(int64_t)n * p.Q + q0 + tid] = acc;
-    else
-      p.partials[((int64_t)n * p.tblocks + t_tile) * p.Q + q0 + tid] = acc;
   }
 #endif
 }
@@ -424,9 +434,22 @@ pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, c
   status = cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                       "factored_scores", "sm90 shared memory size");
   if (status != PYINF_SUCCESS) return status;
-  const dim3 grid(static_cast<unsigned>(plan.cp / kTileN), static_cast<unsigned>(plan.tblocks),
-                  static_cast<unsigned>(d.n));
-  kernel<<<grid, block_threads(mode), smem, stream>>>(p);
+  // One CTA per tile, or (kWs) a persistent grid of one CTA per SM taking tiles round-robin.
+  const int64_t tiles = plan.cp / kTileN * plan.tblocks * d.n;
+  int64_t grid = tiles;
+  if (mode == kWarpSpecialized) {
+    int dev = 0, sms = 0;
+    status = cuda_check(cudaGetDevice(&dev), "factored_scores", "cudaGetDevice");
+    if (status == PYINF_SUCCESS)
+      status = cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "factored_scores",
+                          "SM count");
+    if (status != PYINF_SUCCESS) return status;
+    if (sms > 0 && sms < grid) grid = sms;
+    // Tests cap the grid to give every CTA several tiles at small shapes.
+    const char* cap = std::getenv("PYINF_NATIVE_SM90_CTAS");
+    if (cap != nullptr && std::atoi(cap) > 0 && std::atoi(cap) < grid) grid = std::atoi(cap);
+  }
+  kernel<<<static_cast<unsigned>(grid), block_threads(mode), smem, stream>>>(p);
   status = launch_check("factored_scores (sm90)");
   if (status != PYINF_SUCCESS || per_token || plan.tblocks == 1) return status;
   return launch_sum_splits(partials, d.n, plan.tblocks, d.q, out, stream, "factored_scores (sm90 token tiles)");
@@ -441,11 +464,12 @@ bool factored_scores_sm90_applicable(const pyinf_tensor* acts, const pyinf_tenso
   if (!(dt == PYINF_BFLOAT16 || dt == PYINF_FLOAT16) || grads->dtype != dt || left->dtype != dt ||
       right->dtype != dt)
     return false;
-  if (d.t < 1 || d.d_in < 1 || d.d_out < 1 || d.r < 1 || d.r > kTileN || d.n > 65535 || d.t > 0x7fffffffLL || d.d_in > 0x7fffffffLL ||
+  if (d.t < 1 || d.d_in < 1 || d.d_out < 1 || d.r < 1 || d.r > kTileN || d.t > 0x7fffffffLL || d.d_in > 0x7fffffffLL ||
       d.d_out > 0x7fffffffLL)
     return false;
   if (!tma_rows_ok(*acts) || !tma_rows_ok(*grads)) return false;
-  if ((d.t + kTileM - 1) / kTileM > 65535) return false;
+  const Sm90Plan plan = sm90_plan(d, 0);
+  if (plan.cp / kTileN * plan.tblocks * d.n > 0x7fffffffLL) return false;  // tile indices are int
   return sm90_device();
 }
 

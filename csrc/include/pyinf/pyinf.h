@@ -157,8 +157,8 @@ PYINF_API pyinf_status pyinf_cuda_factored_scores_split(const pyinf_tensor* acts
  * workspace_bytes, on the current device: *name = "sm90" (Hopper: TMA + wgmma), "wmma"
  * (tensor cores, sm_80+) or "fma" (fp32 FMA). The sm90 kernel is opt-in while it has not
  * been measured (environment PYINF_NATIVE_SM90=1, read per call; "wait0" runs it without a
- * wgmma kept in flight across K steps, "ws" with a producer warpgroup issuing the TMA loads,
- * for comparison); it then needs an sm_90
+ * wgmma kept in flight across K steps, "ws" with a producer warpgroup issuing the TMA loads
+ * on a persistent grid, for comparison); it then needs an sm_90
  * device, four bf16 or four fp16 inputs, r <= 128, acts and grads with a contiguous last
  * dimension and row and document strides that are multiples of 8 elements (16-byte aligned
  * rows), and the workspace pyinf_cuda_factored_scores_workspace_size reports. */
