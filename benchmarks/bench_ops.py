@@ -103,7 +103,11 @@ def op_call(op: str, backend: str, x: Dict[str, torch.Tensor]) -> Callable[[], o
 
 
 def sm90_kernel_available(device: torch.device) -> bool:
-    """Whether the native Hopper factored-scores kernel is built and this device can run it."""
+    """Whether the native Hopper factored-scores kernel is built and this device can run it
+    (and gpu_session.sh has not switched it off with PYINF_BENCH_SKIP_SM90=1 after its tests
+    failed)."""
+    if os.environ.get("PYINF_BENCH_SKIP_SM90") == "1":
+        return False
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return False
     try:

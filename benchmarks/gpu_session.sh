@@ -65,11 +65,18 @@ prefs() {  # auto's table and the fit's eigh default from the measurements so fa
 
 case "$mode" in
   all)
-    # 1. Correctness on the GPU: every CUDA kernel against the references (verbose, so a
-    #    partial log still says which passed). The Hopper kernel's tests come first; its
-    #    compile-only check (nvcc, ~20 s) is left to CI.
-    timeout 130 $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_native_sm90.py tests/test_triton_kernels.py tests/test_native.py \
-      tests/test_ops.py tests/test_backends_pipeline.py tests/test_eigen.py -k "(cuda or not cpu) and not compiles_to_wgmma" > "$OUT/tests.txt" 2>&1
+    # 1a. The native Hopper kernel (never run before its first GPU session), alone and under a
+    #     short limit: if it fails or hangs, its benchmark variants are skipped below instead of
+    #     hanging the session. Its compile-only check (nvcc, ~20 s) is left to CI.
+    timeout 60 $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_native_sm90.py -k "not compiles_to_wgmma" \
+      > "$OUT/tests-sm90.txt" 2>&1
+    rc=$?
+    note "sm90 tests: rc=$rc $(grep -cE ' PASSED' "$OUT/tests-sm90.txt") passed, $(grep -cE ' (FAILED|ERROR)' "$OUT/tests-sm90.txt") failed"
+    [ "$rc" -eq 0 ] || { export PYINF_BENCH_SKIP_SM90=1; note "sm90: its benchmark variants are skipped"; }
+    # 1b. Every other CUDA kernel against the references (verbose, so a partial log still says
+    #     which passed).
+    timeout 110 $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_triton_kernels.py tests/test_native.py \
+      tests/test_ops.py tests/test_backends_pipeline.py tests/test_eigen.py -k "cuda or not cpu" > "$OUT/tests.txt" 2>&1
     note "tests: rc=$? $(grep -cE ' PASSED' "$OUT/tests.txt") passed, $(grep -cE ' (FAILED|ERROR)' "$OUT/tests.txt") failed, after $(( $(date +%s) - start )) s"
     grep -E " (FAILED|ERROR)" "$OUT/tests.txt" | head -20 | tee -a "$summary"
     # 2. The headline kernels at the GPT-2 and Llama shapes, all backends side by side.
