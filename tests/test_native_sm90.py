@@ -2,8 +2,10 @@
 wgmma on two warpgroups, CuTe), opt-in with PYINF_NATIVE_SM90=1.
 
 Without a GPU: that the build compiled it in wherever it could (nvcc >= 12.3, 90a in the
-architectures, the CUTLASS headers of nvidia-cutlass), and what ptxas makes of it for sm_90a
-(no spills, the wgmma and TMA instructions present, no serialised wgmma).
+architectures, the CUTLASS headers of nvidia-cutlass), what ptxas makes of it for sm_90a
+(no spills, the wgmma and TMA instructions present, no serialised wgmma), and its barrier
+protocol, transcribed into tests/sm90_pipeline_model.py, under random interleavings (and
+three broken variants of it, which must fail there).
 On an H100 / H200 (skipped elsewhere): the kernel against the float64 reference on fresh
 random inputs (odd T, ranks that are not powers of two, many queries, masks with NaN in the
 masked rows, bf16 and fp16, per-token and document scores), bit-identical on a second run,
@@ -233,3 +235,71 @@ def _factors(q, d_out, d_in, r):
     left = torch.randn(q, d_out, r, device="cuda").to(torch.bfloat16)
     right = torch.randn(q, d_in, r, device="cuda").to(torch.bfloat16)
     return left, right
+
+
+# ---- the kernel's barrier protocol, without a GPU (tests/sm90_pipeline_model.py) ------------
+from . import sm90_pipeline_model as model  # noqa: E402
+
+PIPELINE_CASES = [  # (stages, K steps per tile, tiles of the CTA)
+    (4, 2, 1),    # fewer K steps than stages
+    (4, 3, 5),    # persistent, and the refills cross tile ends inside the prologue's reach
+    (4, 9, 3),
+    (2, 5, 4),    # two stages: every refill waits
+    (4, 64, 2),   # long K loops
+]
+
+
+@pytest.mark.parametrize("mode", ["1", "wait0", "ws"])
+@pytest.mark.parametrize("case", PIPELINE_CASES)
+def test_sm90_barrier_protocol_under_random_interleavings(mode, case):
+    seed0 = int.from_bytes(os.urandom(4), "little")
+    for seed in range(seed0, seed0 + 20):
+        try:
+            model.check(mode, *case, seed=seed)
+        except model.ProtocolError as exc:
+            raise AssertionError(f"mode {mode}, case {case}, seed {seed}: {exc}") from exc
+
+
+class _ReleaseTooEarly(model.Pipeline):
+    """With a wgmma in flight, releasing the step just issued instead of the one before."""
+
+    def k_step(self, wg, g, kt):
+        st, phase = g % self.S, g // self.S
+        yield lambda: self.full[st].ready(phase & 1, phase)
+        self.wgmma(wg, g)
+        yield lambda: len(self.outstanding[wg]) <= self.in_flight
+        yield from self.release(wg, g)
+
+
+class _NoReleaseAtTileEnd(model.Pipeline):
+    """Forgetting to release a tile's last step before the next tile (persistent grid)."""
+
+    release_at_tile_end = False
+
+
+class _ProducerWaitsWrongPhase(model.Pipeline):
+    """The ws producer waiting for the empty barrier's phase g // S instead of g // S - 1."""
+
+    def producer(self):
+        for g in range(self.steps):
+            st = g % self.S
+            if g >= self.S:
+                phase = g // self.S
+                yield lambda st=st, phase=phase: self.empty[st].ready(phase & 1, phase)
+            self.issue(g, st)
+
+
+@pytest.mark.parametrize("broken, mode", [(_ReleaseTooEarly, "1"), (_NoReleaseAtTileEnd, "ws"),
+                                          (_ProducerWaitsWrongPhase, "ws")])
+def test_sm90_protocol_model_catches_broken_protocols(broken, mode):
+    """The model has teeth: three plausible mistakes each fail it (a stage released while its
+    wgmma still reads it, a deadlock, a wait passed on the wrong phase's parity)."""
+    import random
+
+    failures = 0
+    for seed in range(30):
+        try:
+            broken(mode, 4, 6, 3, random.Random(seed)).run()
+        except model.ProtocolError:
+            failures += 1
+    assert failures > 0
