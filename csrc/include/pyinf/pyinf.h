@@ -142,7 +142,9 @@ PYINF_API pyinf_status pyinf_cuda_factored_scores(const pyinf_tensor* acts, cons
  * then split each document's tokens over several blocks, whose partial scores are summed in
  * a fixed order (deterministic; the split, hence the rounding, depends on the shapes only).
  * The split needs the workspace whose size pyinf_cuda_factored_scores_workspace_size reports
- * (0 bytes when no split is made: then the call is pyinf_cuda_factored_scores). */
+ * (0 bytes when no split is made: then the call is pyinf_cuda_factored_scores). When the
+ * Hopper kernel is selected (see pyinf_cuda_factored_scores_kernel) the size also covers its
+ * rank-padded copy of the factors; query the size with the environment the call will see. */
 PYINF_API pyinf_status pyinf_cuda_factored_scores_workspace_size(const pyinf_tensor* acts,
                                                                  const pyinf_tensor* grads,
                                                                  const pyinf_tensor* left,
