@@ -290,8 +290,18 @@ def cmd_demo(args) -> int:
 def cmd_backends(args) -> int:
     from .ops import available_backends
 
-    for name, reason in available_backends().items():
+    available = available_backends()
+    for name, reason in available.items():
         print(f"{name:7s} {'available' if reason is None else reason}")
+    if available.get("native") is None:
+        from . import _C
+
+        if _C.cuda_compiled():
+            sm90 = ("compiled, opt-in PYINF_NATIVE_SM90=1" if _C.cuda_sm90_compiled()
+                    else "not built (needs 90a and the CUTLASS headers)")
+            print(f"        CUDA kernels for {_C.cuda_archs()}; Hopper factored_scores kernel: {sm90}")
+        else:
+            print("        CPU kernels only (built without CUDA)")
     print(f"cuda    {'available: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
     return 0
 
