@@ -243,6 +243,49 @@ def test_sm90_strided_views_and_side_stream(monkeypatch):
     assert torch.equal(out, side)
 
 
+class _RecordingC:
+    """pyinf._C with its factored_scores calls recorded by the kernel each one runs."""
+
+    def __init__(self, c, names):
+        self._c, self._names = c, names
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def factored_scores(self, acts, grads, left, right, mask, per_token, out, ws=None, stream=None):
+        nbytes = 0 if ws is None else ws.numel() * ws.element_size()
+        aligned = all(x.stride(1) % 8 == 0 and x.stride(0) % 8 == 0 for x in (acts, grads))  # TMA rows
+        self._names.append((self._c.factored_scores_kernel(acts, grads, left, right, per_token, nbytes), aligned))
+        return self._c.factored_scores(acts, grads, left, right, mask, per_token, out, ws, stream)
+
+
+@hopper_only
+def test_sm90_pipeline_matches_torch_on_the_demo_model(monkeypatch):
+    """The whole pipeline (bf16 demo model, biased layers read through their padded rows) with
+    the native backend on the Hopper kernel gives torch's scores; every factored call whose token
+    rows TMA can read ran it (the LM head's 101-wide gradient rows cannot: WMMA there)."""
+    from pyinf.demo.corpus import build_corpus
+    from pyinf.demo.train import build_model
+    from pyinf.ops import _native
+    from torch.utils.data import Subset
+
+    from .test_backends_pipeline import _rel, _run
+
+    corpus = build_corpus(seed=0, quick=True)
+    model = build_model(corpus, seed=0, quick=True).eval().to(device="cuda", dtype=torch.bfloat16)
+    train = Subset(corpus.train_dataset(), range(0, 108, 9))
+    query = Subset(corpus.query_dataset(), [0, 1, 20])
+    kernels = []
+    monkeypatch.setenv("PYINF_NATIVE_SM90", "1")
+    monkeypatch.setattr(_native, "_C", _RecordingC(_native._C, kernels))
+    ours = _run(model, train, query, "native", False)
+    ref = _run(model, train, query, "torch", False)
+    assert any(name == "sm90" for name, _ in kernels), kernels
+    assert all(name == ("sm90" if aligned else "wmma") for name, aligned in kernels), kernels
+    for key in ("scores", "per_token"):
+        assert _rel(ours[key], ref[key]) < 2e-2, key
+
+
 def _factors(q, d_out, d_in, r):
     left = torch.randn(q, d_out, r, device="cuda").to(torch.bfloat16)
     right = torch.randn(q, d_in, r, device="cuda").to(torch.bfloat16)
