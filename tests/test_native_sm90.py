@@ -210,6 +210,8 @@ def test_sm90_is_opt_in_and_falls_back_where_it_does_not_apply(monkeypatch):
     right_odd = torch.randn(3, 47, 16, device="cuda").to(torch.bfloat16)
     assert _kernel(odd, grads, left, right_odd, False) == "wmma"
     assert _kernel(acts.float(), grads.float(), left.float(), right.float(), False) == "fma"
+    expanded = acts[:1].expand(2, -1, -1)  # a zero document stride: not a layout TMA takes
+    assert _kernel(expanded, grads, left, right, False) == "wmma"
     wide = torch.randn(3, 40, 200, device="cuda").to(torch.bfloat16)  # r > 128
     assert _kernel(acts, grads, wide, torch.randn(3, 48, 200, device="cuda").to(torch.bfloat16), False) == "wmma"
     monkeypatch.setenv("PYINF_NATIVE_TC", "0")  # "FMA for every call" covers this kernel too

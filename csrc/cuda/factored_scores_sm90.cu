@@ -352,9 +352,14 @@ Sm90Plan sm90_plan(const Dims& d, int per_token) {
   return p;
 }
 
+// Whether TMA can read the token rows of x [N, T, d] (cuTensorMapEncodeTiled's rules, checked
+// here because CuTe only asserts them, and not at all in a release build): a 16-byte aligned
+// base, a contiguous last dimension, row and document strides that are multiples of 16 bytes,
+// and a plain nested layout (rows and documents that do not overlap; no zero strides).
 bool tma_rows_ok(const pyinf_tensor& x) {
-  return (reinterpret_cast<uintptr_t>(x.data) & 15) == 0 && x.strides[2] == 1 && x.strides[1] % 8 == 0 &&
-         x.strides[0] % 8 == 0;
+  const int64_t n = x.shape[0], t = x.shape[1], d = x.shape[2], s0 = x.strides[0], s1 = x.strides[1];
+  return (reinterpret_cast<uintptr_t>(x.data) & 15) == 0 && x.strides[2] == 1 && s1 % 8 == 0 && s0 % 8 == 0 &&
+         s1 >= d && (n == 1 || s0 >= t * s1) && s0 > 0 && s1 > 0;
 }
 
 // PYINF_NATIVE_SM90, read per call: "1", "wait0" or "ws" (Sm90Mode); anything else = off (-1).
