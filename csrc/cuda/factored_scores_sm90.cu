@@ -3,9 +3,10 @@
 //
 // A tile is 128 factor columns x 128 token rows of one document; a CTA of 256 threads (two
 // consumer warpgroups) takes one tile (or, persistent, several in turn). Per tile it runs
-// ceil(d_out / 64) + ceil(d_in / 64) K steps through a 4-stage TMA pipeline: the first multiply grads rows
-// by the left factor into one fp32 accumulator (GL), the rest acts rows by the right factor
-// into a second one (AR); both are 128 x 128 in registers (64 + 64 floats per thread). The
+// ceil(d_out / 64) + ceil(d_in / 64) K steps through a 4-stage TMA pipeline: the first
+// multiply grads rows by the left factor into one fp32 accumulator (GL), the rest acts rows by
+// the right factor into a second one (AR); both are 128 x 128 in registers (64 + 64 floats per
+// thread). The
 // epilogue multiplies them element by element, zeroes masked and out-of-range token rows
 // (a select, so NaN or Inf in padding cannot leak), and folds each query's columns and then
 // the token rows in a fixed order through shared memory: deterministic, no atomics.
@@ -31,9 +32,10 @@
 //
 // Applicable (factored_scores_sm90_applicable): compiled with 90a and the CUTLASS headers, a
 // compute-capability 9.0 device, all four inputs bf16 or all fp16, r <= 128, acts and grads
-// with a contiguous last dimension, 16-byte aligned rows and documents, and a caller
-// workspace. Opt-in (PYINF_NATIVE_SM90=1) until it has been checked and timed on an H100:
-// it has been compiled (ptxas: registers, no spills; tests/test_native_sm90.py), not run.
+// with a contiguous last dimension and a plain nested layout of 16-byte aligned rows and
+// documents (tma_rows_ok), and a caller workspace. Opt-in (PYINF_NATIVE_SM90=1) until it has
+// been checked and timed on an H100: so far it has been compiled (ptxas: registers, no spills,
+// no wgmma warnings) and its barrier protocol run in a model (tests/test_native_sm90.py).
 #include "kernels_common.cuh"
 
 #if defined(PYINF_WITH_SM90)
@@ -41,7 +43,6 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/numeric_types.h>
-#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 namespace pyinf {
 namespace cuda {
