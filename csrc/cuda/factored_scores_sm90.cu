@@ -315,14 +315,15 @@ __global__ void __launch_bounds__(block_threads(kMode), 1)
 }
 
 // dst [Cp, ld] (16-bit) = the factor [Q, d, r] with each query's rank padded to Rp columns and
-// the rows past Q * Rp zero; one thread per destination element (coalesced writes).
+// the rows past Q * Rp zero. Block (c, y) writes row c, elements y * 256.. (coalesced writes,
+// no 64-bit division per element).
 template <class T>
 __global__ void pad_factor_kernel(const T* __restrict__ src, int64_t s0, int64_t s1, int64_t s2, int64_t Q,
-                                  int64_t d, int64_t R, int64_t Rp, int64_t Cp, int64_t ld, T* __restrict__ dst) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= Cp * ld) return;
-  const int64_t c = i / ld, k = i % ld, q = c / Rp, kr = c % Rp;
-  dst[i] = (q < Q && kr < R && k < d) ? src[q * s0 + k * s1 + kr * s2] : T(0.0f);
+                                  int64_t d, int64_t R, int64_t Rp, int64_t ld, T* __restrict__ dst) {
+  const int64_t c = blockIdx.x, k = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (k >= ld) return;
+  const int64_t q = c / Rp, kr = c % Rp;
+  dst[c * ld + k] = (q < Q && kr < R && k < d) ? src[q * s0 + k * s1 + kr * s2] : T(0.0f);
 }
 
 int64_t padded_rank(int64_t r) {
@@ -398,12 +399,12 @@ pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, c
   float* partials = reinterpret_cast<float*>(ws + plan.partials_off);
 
   const int64_t lt = plan.cp * plan.ld_out, rt = plan.cp * plan.ld_in;
-  pad_factor_kernel<T><<<ceil_div(lt, 256), 256, 0, stream>>>(
+  pad_factor_kernel<T><<<dim3(static_cast<unsigned>(plan.cp), ceil_div(plan.ld_out, 256)), 256, 0, stream>>>(
       static_cast<const T*>(left->data), left->strides[0], left->strides[1], left->strides[2], d.q, d.d_out, d.r,
-      plan.rp, plan.cp, plan.ld_out, left_p);
-  pad_factor_kernel<T><<<ceil_div(rt, 256), 256, 0, stream>>>(
+      plan.rp, plan.ld_out, left_p);
+  pad_factor_kernel<T><<<dim3(static_cast<unsigned>(plan.cp), ceil_div(plan.ld_in, 256)), 256, 0, stream>>>(
       static_cast<const T*>(right->data), right->strides[0], right->strides[1], right->strides[2], d.q, d.d_in, d.r,
-      plan.rp, plan.cp, plan.ld_in, right_p);
+      plan.rp, plan.ld_in, right_p);
   pyinf_status status = launch_check("factored_scores (sm90 factor copy)");
   if (status != PYINF_SUCCESS) return status;
 
@@ -470,12 +471,13 @@ bool factored_scores_sm90_applicable(const pyinf_tensor* acts, const pyinf_tenso
   if (!(dt == PYINF_BFLOAT16 || dt == PYINF_FLOAT16) || grads->dtype != dt || left->dtype != dt ||
       right->dtype != dt)
     return false;
-  if (d.t < 1 || d.d_in < 1 || d.d_out < 1 || d.r < 1 || d.r > kTileN || d.t > 0x7fffffffLL || d.d_in > 0x7fffffffLL ||
+  if (d.t < 1 || d.d_in < 1 || d.d_out < 1 || d.r < 1 || d.r > kTileN || d.t > 0x7fffffffLL ||
+      (d.d_in + 255) / 256 > 65535 || (d.d_out + 255) / 256 > 65535 ||  // the factor copy's grid d.d_in > 0x7fffffffLL ||
       d.d_out > 0x7fffffffLL)
     return false;
   if (!tma_rows_ok(*acts) || !tma_rows_ok(*grads)) return false;
   const Sm90Plan plan = sm90_plan(d, 0);
-  if (plan.cp / kTileN * plan.tblocks * d.n > 0x7fffffffLL) return false;  // tile indices are int
+  if (plan.cp > 0x7fffffffLL || plan.cp / kTileN * plan.tblocks * d.n > 0x7fffffffLL) return false;  // int indices
   return sm90_device();
 }
 
