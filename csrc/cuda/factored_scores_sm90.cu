@@ -89,9 +89,11 @@ struct Sm90Types {
                                              ClusterShape{}));
   static constexpr uint32_t kTxBytes = uint32_t(sizeof(T)) * (kTileM + kTileN) * kTileK;
 
+  // The operand stages first, each on a 1024-byte boundary: CuTe's wgmma descriptors carry base
+  // offset 0, i.e. assume the 128-byte swizzle pattern (8 rows of 128 bytes) starts at the tile.
   struct SharedStorage {
-    alignas(128) ArrayEngine<T, cosize_v<SmemLayoutA>> A;
-    alignas(128) ArrayEngine<T, cosize_v<SmemLayoutB>> B;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemLayoutA>> A;
+    alignas(1024) ArrayEngine<T, cosize_v<SmemLayoutB>> B;
     alignas(16) float prod[kTileM][kProdLd];
     float row_query[kTileM][kMaxQueriesPerTile];
     uint8_t row_ok[kTileM];
@@ -108,8 +110,8 @@ struct Sm90Params {
   int Q, Rp, Cp, tblocks;
   MaskView mask;
   int per_token;
-  float* out;       // [N, Q] (tblocks == 1 or per_token) or [N, T, Q]
-  float* partials;  // [N, tblocks, Q] document scores per token tile (tblocks > 1)
+  float* out;       // [N, T, Q] per token, else [N, Q] (written here when tblocks == 1)
+  float* partials;  // [N, tblocks, Q] document scores per token tile (tblocks > 1), summed after
 };
 
 template <class T, int kMode>
@@ -123,7 +125,7 @@ __global__ void __launch_bounds__(block_threads(kMode), 1)
   using Storage = typename Ty::SharedStorage;
   using FullBar = cutlass::arch::ClusterTransactionBarrier;
   using EmptyBar = cutlass::arch::ClusterBarrier;
-  extern __shared__ __align__(128) char smem_raw[];
+  extern __shared__ __align__(1024) char smem_raw[];
   Storage& s = *reinterpret_cast<Storage*>(smem_raw);
 
   const int tid = threadIdx.x;
