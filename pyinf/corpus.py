@@ -130,6 +130,13 @@ class ChunkedRun:
         json.dumps(self.run)  # fail now, not after the first chunk, on a value JSON cannot hold
         self.final_meta = dict(final_meta or {})
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._documents: Dict[Tuple[int, int], str] = {}  # chunk -> documents_hash, computed once
+
+    def _chunk_run(self, start: int, end: int) -> Dict:
+        """What chunk ``start..end-1`` records and is checked against: the run and its documents."""
+        if (start, end) not in self._documents:
+            self._documents[start, end] = documents_hash(self.data, start, end)
+        return dict(self.run, start=start, end=end, documents=self._documents[start, end])
 
     @property
     def final_path(self) -> Path:
@@ -138,37 +145,37 @@ class ChunkedRun:
     def _chunk_path(self, start: int, end: int) -> Path:
         return self.out_dir / f"{self.kind}-chunks" / f"{start:010d}-{end:010d}.safetensors"
 
-    def _check_chunk(self, start: int, end: int) -> bool:
-        """True: the chunk is saved for this run; False: absent or damaged (compute it again).
-        A chunk of another run raises."""
+    def _load_chunk(self, start: int, end: int) -> Optional[torch.Tensor]:
+        """The chunk's saved values if they are there for this run (its documents included);
+        None when absent or damaged (to be computed again). A chunk of another run raises.
+        The one check of a chunk, before skipping it and before joining it."""
         path = self._chunk_path(start, end)
-        want = dict(self.run, start=start, end=end, documents=documents_hash(self.data, start, end)) \
-            if path.exists() else {}
+        if not path.exists():
+            return None
         found = storage.load_if_same_run(
-            path, f"{self.kind}-chunk", want,
+            path, f"{self.kind}-chunk", self._chunk_run(start, end),
             on_damaged=lambda why: self.log(f"pyinf: {why}; computing that chunk again"),
             remedy=f"write into a new output directory, or delete {path.parent} to start over")
         if found is None:
-            return False
+            return None
         values = found[0].get("values")
         if values is None or values.shape[0] != end - start:
             self.log(f"pyinf: {path} holds no values for documents {start}..{end - 1}; computing it again")
-            return False
-        return True
+            return None
+        return values
 
     def execute(self, shard: Optional[Tuple[int, int]] = None) -> Optional[torch.Tensor]:
         """Computes this shard's missing chunks; returns the values of every document once
         every chunk of every shard is present (and writes them), else None."""
         mine = shard_ranges(self.ranges, shard)
-        todo = [(s, e) for s, e in mine if not self._check_chunk(s, e)]
+        todo = [(s, e) for s, e in mine if self._load_chunk(s, e) is None]
         if len(todo) < len(mine):
             self.log(f"pyinf: {len(mine) - len(todo)} of {len(mine)} chunks already done in {self.out_dir}")
         for i, (start, end) in enumerate(todo):
             t0 = time.perf_counter()
-            docs = documents_hash(self.data, start, end)
+            run = self._chunk_run(start, end)  # hashed before the compute, as the documents were then
             values = self.compute(Subset(self.data, range(start, end)))
-            storage.save(self._chunk_path(start, end), f"{self.kind}-chunk", {"values": values},
-                         dict(self.run, start=start, end=end, documents=docs))
+            storage.save(self._chunk_path(start, end), f"{self.kind}-chunk", {"values": values}, run)
             dt = time.perf_counter() - t0
             self.log(f"pyinf: {self.kind} chunk {i + 1}/{len(todo)} (documents {start}..{end - 1}) in {dt:.1f} s, "
                      f"{(end - start) / dt:.1f} docs/s")
@@ -192,12 +199,11 @@ class ChunkedRun:
             return None
         parts = []
         for start, end in self.ranges:
-            tensors, meta = storage.load(self._chunk_path(start, end), f"{self.kind}-chunk")
-            diff = storage.differences(meta, dict(self.run, start=start, end=end))
-            if diff:
-                raise ValueError(f"chunk {start}..{end - 1} in {self.out_dir} belongs to another run "
-                                 f"({'; '.join(diff)})")
-            parts.append(tensors["values"])
+            values = self._load_chunk(start, end)  # other shards' chunks get the same check as ours
+            if values is None:
+                self.log(f"pyinf: chunk {start}..{end - 1} in {self.out_dir} cannot be joined; rerun its shard")
+                return None
+            parts.append(values)
         values = torch.cat(parts)
         storage.save(self.final_path, self.kind, {self.kind: values}, dict(self.final_meta, run=self.run))
         return values

@@ -91,7 +91,21 @@ def test_shards_join_into_the_same_scores(setup, tmp_path):
     reads = CountingDataset(train)
     assert torch.equal(pyinf.score_corpus(engine, reads, queries, tmp_path, chunk_size=2, shard=(1, 2),
                                           log=log.append), parts[2])
-    assert sorted(reads.reads) == list(range(6, 11))  # hashes only, no pass (each read once)
+    # hashes only, no pass: its own documents to skip its chunks, the others' to check the
+    # chunks it joins against their documents too (each document read once)
+    assert sorted(reads.reads) == list(range(11))
+
+
+def test_joining_checks_the_other_shards_chunks_against_their_documents(setup, tmp_path):
+    """A shard that ran on another corpus of the same size (the same run otherwise) leaves
+    chunks whose documents differ: the shard that joins refuses them instead of mixing them in."""
+    engine, train, queries, _ = setup
+    other = RegressionDataset(11, seed=7, dtype=torch.float64)
+    assert pyinf.score_corpus(engine, other, queries, tmp_path, chunk_size=4, shard=(1, 2),
+                              log=lambda m: None) is None
+    with pytest.raises(ValueError, match="belongs to another run.*documents"):
+        pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=4, shard=(0, 2), log=lambda m: None)
+    assert not (tmp_path / "scores.safetensors").exists()
 
 
 def test_shard_ranges_split_the_chunks_evenly():
