@@ -437,10 +437,10 @@ pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, c
 
   static_assert(sizeof(typename Ty::SharedStorage) <= 227 * 1024, "over the H100's 227 KiB of shared memory per block");
   const int smem = static_cast<int>(sizeof(typename Ty::SharedStorage));
-  auto kernel = mode == kWarpSpecialized ? factored_scores_sm90_kernel<T, kWarpSpecialized>
-                : mode == kWait0           ? factored_scores_sm90_kernel<T, kWait0>
-                                           : factored_scores_sm90_kernel<T, kInFlight1>;
-  status = cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+  auto sm90_kernel = mode == kWarpSpecialized ? factored_scores_sm90_kernel<T, kWarpSpecialized>
+                    : mode == kWait0           ? factored_scores_sm90_kernel<T, kWait0>
+                                               : factored_scores_sm90_kernel<T, kInFlight1>;
+  status = cuda_check(cudaFuncSetAttribute(sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                       "factored_scores", "sm90 shared memory size");
   if (status != PYINF_SUCCESS) return status;
   // One CTA per tile, or (kWs) a persistent grid of one CTA per SM taking tiles round-robin.
@@ -458,7 +458,7 @@ pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, c
     const char* cap = std::getenv("PYINF_NATIVE_SM90_CTAS");
     if (cap != nullptr && std::atoi(cap) > 0 && std::atoi(cap) < grid) grid = std::atoi(cap);
   }
-  kernel<<<static_cast<unsigned>(grid), block_threads(mode), smem, stream>>>(p);
+  sm90_kernel<<<static_cast<unsigned>(grid), block_threads(mode), smem, stream>>>(p);
   status = launch_check("factored_scores (sm90)");
   if (status != PYINF_SUCCESS || per_token || plan.tblocks == 1) return status;
   return launch_sum_splits(partials, d.n, plan.tblocks, d.q, out, stream, "factored_scores (sm90 token tiles)");
@@ -474,8 +474,7 @@ bool factored_scores_sm90_applicable(const pyinf_tensor* acts, const pyinf_tenso
       right->dtype != dt)
     return false;
   if (d.t < 1 || d.d_in < 1 || d.d_out < 1 || d.r < 1 || d.r > kTileN || d.t > 0x7fffffffLL ||
-      (d.d_in + 255) / 256 > 65535 || (d.d_out + 255) / 256 > 65535 ||  // the factor copy's grid d.d_in > 0x7fffffffLL ||
-      d.d_out > 0x7fffffffLL)
+      (d.d_in + 255) / 256 > 65535 || (d.d_out + 255) / 256 > 65535)  // the factor copy's grid
     return false;
   if (!tma_rows_ok(*acts) || !tma_rows_ok(*grads)) return false;
   const Sm90Plan plan = sm90_plan(d, 0);

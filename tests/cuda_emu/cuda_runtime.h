@@ -100,10 +100,26 @@ inline bool kernel_arg_ok(const T& a) {
   else return true;
 }
 
+// Dynamic shared memory (`extern __shared__ T name[];`, rewritten by emulate.py into a call
+// of this): the running block's buffer of the launch's `smem` bytes, 1024-byte aligned and
+// poisoned (0xff) before every block. `align` is the declaration's __align__.
+void* dynamic_smem(size_t align);
+size_t dynamic_smem_bytes();
+// For the Hopper emulation (emu_sm90.cpp): named barriers (bar.sync id, threads), a per-block
+// state object made on first use, whether a thread of the block failed, a check run by every
+// thread when it leaves the kernel (it may throw), the calling thread's linear index.
+void named_barrier(uint32_t id, uint32_t threads);
+void* block_state(void* (*make)(), void (*destroy)(void*));
+bool block_failed();
+void set_thread_exit_check(void (*check)());
+int linear_thread();
+
 // Launcher. Checks the launch configuration like the runtime (a bad one sets the error
-// cudaGetLastError returns and runs nothing), then runs the blocks.
-void run_grid(const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, void (*body)(void*),
-              void* closure);
+// cudaGetLastError returns and runs nothing; dynamic shared memory over 48 KiB needs
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize) first), then
+// runs the blocks.
+void run_grid(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+              void (*body)(void*), void* closure);
 
 template <typename K, typename... A>
 void launch(const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, K kernel, A... args) {
@@ -118,7 +134,7 @@ void launch(const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t s
     K kernel;
     std::tuple<A...> args;
   } c{kernel, std::tuple<A...>(args...)};
-  run_grid(name, grid, block, smem, stream,
+  run_grid(name, reinterpret_cast<const void*>(kernel), grid, block, smem, stream,
            [](void* p) {
              Closure* cl = static_cast<Closure*>(p);
              // Each thread gets its own copy of the parameters, as kernel parameters are.
@@ -136,5 +152,11 @@ void launch(const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t s
 #define gridDim (::emu::t_gridDim)
 
 inline void __syncthreads() { ::emu::syncthreads(); }
+
+// cuda_runtime.h's template overload (this header replaces it): kernels by their pointer.
+template <class T>
+inline cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attr, int value) {
+  return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(entry), attr, value);
+}
 
 #define EMU_SHARED(arr) ::emu::shared_array(arr)

@@ -13,9 +13,11 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <condition_variable>
 #include <cstdint>
 #include <ctime>
 #include <exception>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -122,12 +124,23 @@ struct BlockCtx {
   std::vector<float> scratch;  // per warp: 2 slots of 1024 floats
   std::mutex fail_m;
   std::string failure;
+  std::atomic<bool> failed{false};
   std::vector<const void*> shared_seen;  // __shared__ arrays declared by this block's threads
   size_t shared_bytes = 0;
+  unsigned char* dyn_smem = nullptr;  // the launch's dynamic shared memory (poisoned per block)
+  size_t dyn_bytes = 0;
+  std::map<uint32_t, std::unique_ptr<Barrier>> named;  // bar.sync ids (under fail_m)
+  std::map<uint32_t, uint32_t> named_threads;
+  void* state = nullptr;  // block_state(): made by the first caller, destroyed with the block
+  void (*destroy_state)(void*) = nullptr;
 
+  ~BlockCtx() {
+    if (state != nullptr) destroy_state(state);
+  }
   void fail(const std::string& msg) {
     std::lock_guard<std::mutex> l(fail_m);
     if (failure.empty()) failure = msg;
+    failed.store(true);
   }
 };
 
@@ -165,6 +178,61 @@ void log_failure(const std::string& msg) {
 }  // namespace
 
 void syncthreads() { ctx().block.arrive_and_wait("__syncthreads"); }
+
+void* dynamic_smem(size_t align) {
+  BlockCtx& c = ctx();
+  if (c.dyn_smem == nullptr)
+    throw std::runtime_error("extern __shared__ array used by a kernel launched without dynamic shared memory");
+  if (align > 1024) throw std::runtime_error("extern __shared__ alignment over 1024 bytes is not emulated");
+  return c.dyn_smem;
+}
+
+size_t dynamic_smem_bytes() { return ctx().dyn_bytes; }
+
+void named_barrier(uint32_t id, uint32_t threads) {
+  BlockCtx& c = ctx();
+  if (id >= 16) throw std::runtime_error("bar.sync: barrier id " + std::to_string(id) + " >= 16");
+  if (threads == 0 || threads % 32 != 0)
+    throw std::runtime_error("bar.sync: thread count " + std::to_string(threads) + " is not a multiple of 32");
+  Barrier* b;
+  {
+    std::lock_guard<std::mutex> l(c.fail_m);
+    auto it = c.named.find(id);
+    if (it == c.named.end()) {
+      it = c.named.emplace(id, std::make_unique<Barrier>()).first;
+      it->second->init(static_cast<int>(threads));
+      c.named_threads[id] = threads;
+    } else if (c.named_threads[id] != threads) {
+      throw std::runtime_error("bar.sync " + std::to_string(id) + ": used with " + std::to_string(threads) +
+                               " and with " + std::to_string(c.named_threads[id]) + " threads");
+    }
+    b = it->second.get();
+  }
+  b->arrive_and_wait("bar.sync (named barrier)");
+}
+
+void* block_state(void* (*make)(), void (*destroy)(void*)) {
+  BlockCtx& c = ctx();
+  std::lock_guard<std::mutex> l(c.fail_m);
+  if (c.state == nullptr) {
+    c.state = make();
+    c.destroy_state = destroy;
+  }
+  return c.state;
+}
+
+bool block_failed() { return ctx().failed.load(); }
+
+namespace {
+std::atomic<void (*)()> g_exit_check{nullptr};
+}
+
+void set_thread_exit_check(void (*check)()) { g_exit_check.store(check); }
+
+int linear_thread() {
+  ctx();
+  return t_linear;
+}
 
 int lane_id() { return t_linear % 32; }
 int warp_id() { return t_linear / 32; }
@@ -240,12 +308,20 @@ void* thread_main(void* p) {
   t_ctx = &c;
   t_linear = a.t;
   t_slot = 0;
+  void (*check)() = g_exit_check.load();
   try {
     a.body(a.closure);
+    if (check) check();
   } catch (const std::exception& e) {
     c.fail(e.what());
   } catch (...) {
     c.fail("unknown exception");
+  }
+  if (check && !c.failure.empty()) {  // leave no per-thread state to the worker's next block
+    try {
+      check();
+    } catch (...) {
+    }
   }
   if (c.block.drop()) c.fail("a thread returned from the kernel while others wait at __syncthreads (divergent barrier)");
   if (c.warps[a.t / 32]->drop()) c.fail("a thread returned from the kernel while its warp waits in a collective");
@@ -253,12 +329,99 @@ void* thread_main(void* p) {
   return nullptr;
 }
 
+// The threads that run blocks: pthreads with small stacks (the kernels' frames are a few KiB),
+// made once and reused by every block of every launch (creating hundreds of threads per block
+// dominated the tests' time). run() gives thread t of a block to worker t; each worker sets
+// the built-ins itself (thread_main), so nothing of a previous block survives but the worker's
+// stack. One block runs at a time (launches from several host threads take turns).
+class WorkerPool {
+ public:
+  // Runs thread_main(&args[t]) for every t on distinct concurrent workers; false if the
+  // workers could not be created (then nothing ran).
+  bool run(std::vector<ThreadArgs>& args, std::string* why) {
+    std::lock_guard<std::mutex> run_lock(run_m_);
+    const size_t n = args.size();
+    while (workers_.size() < n) {
+      auto w = std::make_unique<Worker>();
+      w->pool = this;
+      pthread_attr_t attr;
+      pthread_attr_init(&attr);
+      pthread_attr_setstacksize(&attr, 256 * 1024);
+      const int rc = pthread_create(&w->thread, &attr, &WorkerPool::loop, w.get());
+      pthread_attr_destroy(&attr);
+      if (rc != 0) {
+        *why = "pthread_create failed: " + std::string(std::strerror(rc));
+        return false;
+      }
+      pthread_detach(w->thread);
+      workers_.push_back(std::move(w));
+    }
+    {
+      std::lock_guard<std::mutex> l(done_m_);
+      remaining_ = n;
+    }
+    for (size_t t = 0; t < n; ++t) {
+      Worker& w = *workers_[t];
+      std::lock_guard<std::mutex> l(w.m);
+      w.job = &args[t];
+      w.cv.notify_one();
+    }
+    std::unique_lock<std::mutex> l(done_m_);
+    done_cv_.wait(l, [&] { return remaining_ == 0; });
+    return true;
+  }
+
+ private:
+  struct Worker {
+    WorkerPool* pool = nullptr;
+    pthread_t thread{};
+    std::mutex m;
+    std::condition_variable cv;
+    ThreadArgs* job = nullptr;
+  };
+
+  static void* loop(void* p) {
+    Worker& w = *static_cast<Worker*>(p);
+    while (true) {
+      ThreadArgs* job;
+      {
+        std::unique_lock<std::mutex> l(w.m);
+        w.cv.wait(l, [&] { return w.job != nullptr; });
+        job = w.job;
+        w.job = nullptr;
+      }
+      thread_main(job);
+      WorkerPool& pool = *w.pool;
+      std::lock_guard<std::mutex> l(pool.done_m_);
+      if (--pool.remaining_ == 0) pool.done_cv_.notify_one();
+    }
+    return nullptr;
+  }
+
+  std::mutex run_m_;
+  std::vector<std::unique_ptr<Worker>> workers_;  // never shrinks; workers live as long as the process
+  std::mutex done_m_;
+  std::condition_variable done_cv_;
+  size_t remaining_ = 0;
+};
+
+WorkerPool& pool() {
+  static WorkerPool* p = new WorkerPool;  // never destroyed: detached workers wait on it at exit
+  return *p;
+}
+
 }  // namespace
 
 constexpr size_t kStaticSharedLimit = 48 * 1024;
 
-void run_grid(const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, void (*body)(void*),
-              void* closure) {
+namespace {
+std::mutex g_attr_m;
+std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+constexpr size_t kDefaultDynamicLimit = 48 * 1024, kOptInLimit = 227 * 1024;  // H100: 227 KiB per block
+}  // namespace
+
+void run_grid(const char* name, const void* fn, dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+              void (*body)(void*), void* closure) {
   (void)stream;
   const unsigned long long nthreads = 1ull * block.x * block.y * block.z;
   // Log entry "name grid=(x,y,z) block=(x,y,z) smem=<static shared bytes>;", written when
@@ -276,12 +439,28 @@ void run_grid(const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t
               std::to_string(block.z) + ")",
           smem_static};
   if (nthreads == 0 || nthreads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
-      grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535 || smem > 0) {
-    // (no kernel here uses dynamic shared memory; a nonzero request would be unexpected)
+      grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
     g_last_error = cudaErrorInvalidConfiguration;
     log_failure(std::string(name) + ": invalid launch configuration");
     return;
   }
+  size_t dyn_limit = kDefaultDynamicLimit;
+  {
+    std::lock_guard<std::mutex> l(g_attr_m);
+    auto it = g_max_dynamic_smem.find(fn);
+    if (it != g_max_dynamic_smem.end()) dyn_limit = static_cast<size_t>(it->second);
+  }
+  if (smem > dyn_limit) {  // the runtime's "too many resources requested for launch"
+    g_last_error = cudaErrorInvalidValue;
+    log_failure(std::string(name) + ": " + std::to_string(smem) + " bytes of dynamic shared memory, over the " +
+                std::to_string(dyn_limit) + " the kernel allows (cudaFuncSetAttribute)");
+    return;
+  }
+  struct AlignedFree {
+    void operator()(unsigned char* p) const { std::free(p); }
+  };
+  std::unique_ptr<unsigned char, AlignedFree> dyn(
+      smem > 0 ? static_cast<unsigned char*>(std::aligned_alloc(1024, (smem + 1023) / 1024 * 1024)) : nullptr);
   const int n = static_cast<int>(nthreads);
   const int nwarps = (n + 31) / 32;
   // CUDA does not order the blocks of a grid: run them in a shuffled order, a different one
@@ -311,38 +490,28 @@ void run_grid(const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t
     }
     BlockCtx c;
     c.block.init(n);
+    if (dyn) {
+      std::memset(dyn.get(), 0xff, smem);
+      c.dyn_smem = dyn.get();
+      c.dyn_bytes = smem;
+    }
     for (int w = 0; w < nwarps; ++w) {
       c.warps.push_back(std::make_unique<Barrier>());
       c.warps.back()->init(w + 1 < nwarps ? 32 : n - 32 * w);
     }
     c.scratch.assign(static_cast<size_t>(nwarps) * 2 * 1024, 0.0f);
-    // pthreads with small stacks (the kernels' frames are a few KiB): glibc then reuses
-    // the stacks of the previous block instead of mapping 8 MiB per thread.
     std::vector<ThreadArgs> args(n);
-    std::vector<pthread_t> threads;
-    threads.reserve(n);
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, 256 * 1024);
-    for (int t = 0; t < n; ++t) {
-      args[t] = ThreadArgs{&c, t, uint3{bx, by, bz}, grid, block, body, closure};
-      pthread_t th;
-      const int rc = pthread_create(&th, &attr, thread_main, &args[t]);
-      if (rc != 0) {  // could not start the thread: it never runs
-        c.fail("pthread_create failed: " + std::string(std::strerror(rc)));
-        c.block.drop();
-        c.warps[t / 32]->drop();
-      } else {
-        threads.push_back(th);
-      }
-    }
-    pthread_attr_destroy(&attr);
-    for (pthread_t th : threads) pthread_join(th, nullptr);
-    {
+    for (int t = 0; t < n; ++t) args[t] = ThreadArgs{&c, t, uint3{bx, by, bz}, grid, block, body, closure};
+    std::string why;
+    if (pool().run(args, &why)) {
       std::lock_guard<std::mutex> l(g_log_m);
-      g_threads_run += static_cast<long long>(threads.size());
+      g_threads_run += n;
+    } else {
+      c.fail(why);  // no thread of the block ran
     }
     smem_static = std::max(smem_static, c.shared_bytes);
+    if (c.shared_bytes + smem > kOptInLimit)
+      c.fail("static + dynamic shared memory " + std::to_string(c.shared_bytes + smem) + " bytes > 227 KiB");
     if (c.shared_bytes > kStaticSharedLimit)
       c.fail("static shared memory " + std::to_string(c.shared_bytes) + " bytes > the 48 KiB static limit");
     if (!c.failure.empty()) {
@@ -381,6 +550,36 @@ const char* cudaGetErrorString(cudaError_t error) {
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorLaunchFailure: return "unspecified launch failure (emulated kernel thread failed)";
     default: return "unknown error (emulated)";
+  }
+}
+
+cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
+  if (func == nullptr) return cudaErrorInvalidDeviceFunction;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;  // the one used
+  if (value < 0 || static_cast<size_t>(value) > emu::kOptInLimit) return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> l(emu::g_attr_m);
+  emu::g_max_dynamic_smem[func] = value;
+  return cudaSuccess;
+}
+
+// The emulated device: an H100 (compute capability 9.0, 132 SMs; PYINF_EMU_SMS overrides the count).
+cudaError_t cudaGetDevice(int* device) {
+  if (device == nullptr) return cudaErrorInvalidValue;
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
+  if (value == nullptr || device != 0) return cudaErrorInvalidValue;
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: {
+      const char* v = std::getenv("PYINF_EMU_SMS");
+      *value = v && std::atoi(v) > 0 ? std::atoi(v) : 132;
+      return cudaSuccess;
+    }
+    default: return cudaErrorInvalidValue;
   }
 }
 

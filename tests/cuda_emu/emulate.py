@@ -30,6 +30,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sm90_overlay  # noqa: E402  (this directory is not a package)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.environ.get("PYINF_EMU_CSRC") or os.path.join(ROOT, "csrc")  # override: build a copy
@@ -45,8 +48,27 @@ CXXFLAGS = [
 ]
 
 
+# The Hopper kernel's unit (build(sm90=True)): its body is compiled (__CUDA_ARCH_FEAT_SM90_ALL)
+# against CUTLASS as nvcc 13 would see it on the host side (the TMA descriptor type, the
+# driver's tensor-map encoder called directly: emu_sm90.cpp defines it), in release mode
+# like the real build (CUTLASS's host asserts off).
+SM90_FLAGS = ["-D__CUDA_ARCH_FEAT_SM90_ALL", "-D__CUDACC_VER_MAJOR__=13", "-D__CUDACC_VER_MINOR__=0",
+              "-DCUTLASS_ENABLE_DIRECT_CUDA_DRIVER_CALL", "-DNDEBUG", "-Wno-unused-parameter",
+              "-Wno-unused-variable", "-Wno-unused-but-set-variable", "-Wno-unused-local-typedefs"]
+
+
 class EmulationError(RuntimeError):
     pass
+
+
+def missing_sm90_prerequisites() -> str | None:
+    """Why the Hopper kernel cannot be emulated here, or None."""
+    if sm90_overlay.cutlass_include() is None:
+        return "no CUTLASS headers (pip install nvidia-cutlass==4.2.0.0, or set PYINF_CUTLASS_DIR)"
+    for header in ("cuda.h", os.path.join("cccl", "cuda", "std", "utility")):
+        if not os.path.exists(os.path.join(CUDA_INCLUDE, header)):
+            return f"{os.path.join(CUDA_INCLUDE, header)} not found"
+    return None
 
 
 def missing_prerequisites() -> str | None:
@@ -153,6 +175,18 @@ def rewrite_launches(text: str, fname: str) -> tuple[str, int]:
 
 
 _SHARED = re.compile(r"__shared__([^;]*);")
+_EXTERN_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\s*\(\s*(\d+)\s*\)\s*)?([A-Za-z_][\w:]*)\s+([A-Za-z_]\w*)\s*\[\s*\]\s*;")
+
+
+def rewrite_extern_shared(text: str) -> tuple[str, int]:
+    """``extern __shared__ [__align__(n)] T name[];`` (dynamic shared memory) becomes a pointer
+    to the running block's dynamic shared memory (cuda_runtime.h: emu::dynamic_smem)."""
+    def repl(m: re.Match) -> str:
+        align, typ, name = m.group(1) or "16", m.group(2), m.group(3)
+        return f"{typ}* const {name} = static_cast<{typ}*>(::emu::dynamic_smem({align}));"
+
+    return _EXTERN_SHARED.subn(repl, text)
 
 
 def rewrite_shared(text: str, fname: str) -> tuple[str, int]:
@@ -186,12 +220,13 @@ def preprocess(src: str, dst: str) -> dict:
         text = f.read()
     rel = os.path.relpath(src, ROOT)
     text, launches = rewrite_launches(text, rel)
+    text, dynamic = rewrite_extern_shared(text)
     text, shared = rewrite_shared(text, rel)
     if text.count("\n") != open(src).read().count("\n"):
         raise EmulationError(f"{rel}: rewriting changed the line count")
     with open(dst, "w") as f:
         f.write(f'#line 1 "{src}"\n' + text)
-    return {"launches": launches, "shared": shared}
+    return {"launches": launches, "shared": shared, "dynamic": dynamic}
 
 
 # ---- build ----------------------------------------------------------------------------------
@@ -217,20 +252,23 @@ def _digest(paths, extra) -> str:
     return h.hexdigest()[:16]
 
 
-def build(build_root: str | None = None, jobs: int | None = None, verbose: bool = False) -> dict:
+def build(build_root: str | None = None, jobs: int | None = None, verbose: bool = False, sm90: bool = False) -> dict:
     """Build (or reuse) the emulated library; returns {'lib', 'dir', 'seconds', 'cached',
-    'warnings', 'stats'}."""
-    why = missing_prerequisites()
+    'warnings', 'stats'}. sm90: also the Hopper kernel (factored_scores_sm90.cu), with the
+    CUTLASS headers patched by sm90_overlay.py and the instructions of emu_sm90.cpp (as a
+    CMake build with PYINF_WITH_SM90); a separate library."""
+    why = missing_prerequisites() or (sm90 and missing_sm90_prerequisites())
     if why:
         raise EmulationError(why)
     cxx = os.environ.get("CXX", "g++")
     cu, cuh, cpp, headers, emu = _sources()
+    cutlass = sm90_overlay.cutlass_include() if sm90 else None
     for h in cuh:
         with open(h) as f:
             t = f.read()
         if "<<<" in t or "__shared__" in t:
             raise EmulationError(f"{h}: launches / __shared__ in a header are not rewritten by the emulation")
-    key = _digest(cu + cuh + cpp + headers + emu, (cxx, CXXFLAGS, CUDA_INCLUDE))
+    key = _digest(cu + cuh + cpp + headers + emu, (cxx, CXXFLAGS, CUDA_INCLUDE, cutlass, SM90_FLAGS if sm90 else None))
     root = build_root or os.path.join(tempfile.gettempdir(), "pyinf_cuda_emu")
     out_dir = os.path.join(root, key)
     lib = os.path.join(out_dir, LIB_NAME)
@@ -252,11 +290,22 @@ def build(build_root: str | None = None, jobs: int | None = None, verbose: bool 
         units.append((os.path.join(HERE, "emu_runtime.cpp"), True))
         includes = ["-I" + HERE, "-I" + os.path.join(CSRC, "cuda"), "-I" + os.path.join(CSRC, "include"),
                     "-I" + CSRC, "-I" + CUDA_INCLUDE]
+        sm90_flags = []
+        if sm90:
+            overlay = os.path.join(work, "overlay")
+            sm90_overlay.write_overlay(cutlass, overlay)
+            units.append((os.path.join(HERE, "emu_sm90.cpp"), True))
+            sm90_flags = [*SM90_FLAGS, "-include", os.path.join(HERE, "emu_sm90.h"), "-I" + overlay, "-I" + cutlass,
+                          "-I" + os.path.join(CUDA_INCLUDE, "cccl")]
 
         def compile_one(unit):
             src, cuda = unit
             obj = os.path.join(work, os.path.basename(src) + ".o")
             cmd = [cxx, *CXXFLAGS, *includes]
+            if sm90:  # every unit sees PYINF_WITH_SM90, as with CMake; the kernel's unit the rest
+                cmd += ["-DPYINF_WITH_SM90"]
+                if os.path.basename(src).startswith("factored_scores_sm90."):
+                    cmd += sm90_flags
             if cuda:  # the emulation prelude first, so its keyword macros win
                 cmd += ["-include", os.path.join(HERE, "cuda_runtime.h")]
             cmd += ["-x", "c++", "-c", src, "-o", obj]
@@ -297,9 +346,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build-root", default=None)
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--sm90", action="store_true", help="also the Hopper kernel (a separate library)")
     args = ap.parse_args(argv)
     try:
-        info = build(args.build_root, verbose=args.verbose)
+        info = build(args.build_root, verbose=args.verbose, sm90=args.sm90)
     except EmulationError as exc:
         print(exc, file=sys.stderr)
         return 1
