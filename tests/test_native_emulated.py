@@ -48,7 +48,8 @@ threads returned), the WMMA pointer / ldm rules, and which kernels ran (the tens
 ones exactly when pyinf.h's rule says: 16-bit inputs unless PYINF_NATIVE_TC=0, fp32 eigen
 ops too with PYINF_NATIVE_TC=1). The blocks of a grid run in a
 shuffled order that changes between launches, so the determinism checks (two calls, bit
-for bit) also compare two block orders. tests/cuda_emu/mutants.py shows that deliberate
+for bit) also compare two block orders. tests/test_native_sm90_emulated.py runs the Hopper kernel the same way, with
+TMA, mbarriers and wgmma emulated too (tests/cuda_emu/emu_sm90.cpp). tests/cuda_emu/mutants.py shows that deliberate
 bugs (missing barriers, an unzeroed shared array, out-of-bounds reads, a wrong WMMA
 layout) make these tests fail.
 

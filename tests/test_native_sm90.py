@@ -5,7 +5,8 @@ Without a GPU: that the build compiled it in wherever it could (nvcc >= 12.3, 90
 architectures, the CUTLASS headers of nvidia-cutlass), what ptxas makes of it for sm_90a
 (no spills, the wgmma and TMA instructions present, no serialised wgmma), and its barrier
 protocol, transcribed into tests/sm90_pipeline_model.py, under random interleavings (and
-three broken variants of it, which must fail there).
+three broken variants of it, which must fail there). tests/test_native_sm90_emulated.py
+runs the kernel itself on the CPU, with TMA, mbarriers and wgmma emulated.
 On an H100 / H200 (skipped elsewhere): the kernel against the float64 reference on fresh
 random inputs (odd T, ranks that are not powers of two, many queries, masks with NaN in the
 masked rows, bf16 and fp16, per-token and document scores), bit-identical on a second run,

@@ -59,7 +59,7 @@ MODES = ["1", "wait0", "ws"]  # PYINF_NATIVE_SM90: the three K-loop variants
 # come as padded rows (test_sm90_padded_rows).
 SHAPES = {
     "token-tiles": (2, 150, 72, 200, 3, 5),  # 2 token tiles (partials + sum), K tails in both loops
-    "column-tiles": (1, 40, 64, 136, 20, 12),  # rank 12 -> 16: 8 queries a tile, 3 column tiles, the last partial
+    "column-tiles": (1, 40, 64, 136, 20, 16),  # rank 16 (no padding): 8 queries a tile, 3 column tiles, the last partial
     "rank-128": (1, 17, 24, 16, 2, 100),  # rank 100 -> 128: one query per column tile
     "T=1": (3, 1, 8, 8, 1, 1),  # one token, rank 1 -> 8
 }

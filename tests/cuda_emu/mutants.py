@@ -1,6 +1,9 @@
 """Check that the emulated tests can fail: build copies of csrc/ with one deliberate bug each
 (a missing __syncthreads, an unzeroed shared array, an out-of-bounds read, a wrong WMMA
-layout) and run the relevant part of tests/test_native_emulated.py against each. Every
+layout; for the Hopper kernel a stage released while its wgmma runs, a wrong TMA coordinate,
+a wrong transaction byte count, swapped accumulator coordinates, unmasked rows, overlapping
+persistent tiles, a short barrier count, a lost rank column) and run the relevant part of
+tests/test_native_emulated.py (or test_native_sm90_emulated.py) against each. Every
 mutant must make a test fail (or error). Not part of the test suite (about 15 s a mutant):
 
     python tests/cuda_emu/mutants.py [name ...]
@@ -17,7 +20,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
-# name: (file under csrc/, unique snippet, replacement, pytest -k selection)
+SM90 = "cuda/factored_scores_sm90.cu"
+SM90_TEST = "test_native_sm90_emulated.py"
+SM90_CASE = "test_sm90_matches_the_reference and token-tiles and bf16"
+
+# name: (file under csrc/, unique snippet, replacement, pytest -k selection[, test file])
 MUTANTS = {
     "fma: no barrier between Ps and the fold": (
         "cuda/factored_scores.cu",
@@ -50,11 +57,32 @@ MUTANTS = {
         "test_eigen_ops and fp32 and tc-unset"),
     "reduce: one partial past the end": (
         "cuda/eigen_correction.cu", "k < tiles; ++k", "k <= tiles; ++k", "test_eigen_ops and fp32 and tc-unset"),
+    "sm90: a stage released while its wgmma still runs (two left in flight)": (
+        SM90, "warpgroup_wait<kInFlight>();", "warpgroup_wait<kInFlight + 1>();", SM90_CASE, SM90_TEST),
+    "sm90: acts x right loads the wrong K step": (
+        SM90, "(_, _, _, kt - kt_g), tAs(_, _, _, st));", "(_, _, _, kt), tAs(_, _, _, st));", SM90_CASE, SM90_TEST),
+    "sm90: half the transaction bytes expected": (
+        SM90, "(kTileM + kTileN) * kTileK;", "(kTileM + kTileN) * kTileK / 2;", SM90_CASE, SM90_TEST),
+    "sm90: accumulator row and column swapped in the epilogue": (
+        SM90, "const int m = get<0>(coords(e)), c = get<1>(coords(e));",
+        "const int m = get<1>(coords(e)), c = get<0>(coords(e));", SM90_CASE, SM90_TEST),
+    "sm90: masked rows not zeroed": (
+        SM90, "s.row_ok[m] ? acc_gl(e) * acc_ar(e) : 0.0f;", "acc_gl(e) * acc_ar(e);", SM90_CASE, SM90_TEST),
+    "sm90: persistent CTAs take overlapping tiles": (
+        SM90, "const int tile = (int)blockIdx.x + i * (int)gridDim.x;", "const int tile = (int)blockIdx.x + i;",
+        "test_sm90_persistent_grid", SM90_TEST),
+    "sm90: empty barriers expect half the consumers": (
+        SM90, "EmptyBar::init(&s.empty[st], kConsumers);", "EmptyBar::init(&s.empty[st], kConsumers / 2);",
+        SM90_CASE, SM90_TEST),
+    "sm90: the fold drops each query's last rank column": (
+        SM90, "for (int k = 0; k < p.Rp; ++k)", "for (int k = 0; k < p.Rp - 1; ++k)",
+        "test_sm90_matches_the_reference and column-tiles and bf16", SM90_TEST),
 }
 
 
 def run(name, work):
-    rel, old, new, selection = MUTANTS[name]
+    rel, old, new, selection, *test = MUTANTS[name]
+    test_file = test[0] if test else "test_native_emulated.py"
     src = os.path.join(work, name.replace(" ", "_").replace(":", ""), "csrc")
     shutil.copytree(os.path.join(ROOT, "csrc"), src)
     path = os.path.join(src, rel)
@@ -67,7 +95,7 @@ def run(name, work):
     env = dict(os.environ, PYINF_EMU_CSRC=src, PYINF_EMU_BUILD_ROOT=os.path.join(work, "build"),
                PYINF_EMU_BARRIER_TIMEOUT="10")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "--tb=no", "-p", "no:cacheprovider",
-                        os.path.join(ROOT, "tests", "test_native_emulated.py"), "-k", selection],
+                        os.path.join(ROOT, "tests", test_file), "-k", selection],
                        cwd=ROOT, env=env, capture_output=True, text=True)
     last = [line for line in r.stdout.splitlines() if line.strip()][-1:]
     verdict = "CAUGHT" if r.returncode == 1 else f"NOT CAUGHT (pytest exit {r.returncode})"
