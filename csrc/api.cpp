@@ -117,10 +117,7 @@ pyinf_status validate_rotated(const char* op, const pyinf_tensor* acts, const py
   return check_out(op, out, self ? d->n : d->d_out * d->d_in);
 }
 
-pyinf_status validate_factored_shapes(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
-                                      const pyinf_tensor* right, Dims* d) {
-  const char* op = "factored_scores";
-  PYINF_TRY(validate_tokens(op, acts, grads, d));
+pyinf_status validate_factor_pair(const char* op, const pyinf_tensor* left, const pyinf_tensor* right, Dims* d) {
   PYINF_TRY(check_input(op, "left", left, 3));
   PYINF_TRY(check_input(op, "right", right, 3));
   if (left->shape[0] != right->shape[0] || left->shape[2] != right->shape[2])
@@ -128,14 +125,27 @@ pyinf_status validate_factored_shapes(const pyinf_tensor* acts, const pyinf_tens
                                                ": 'left' [Q, d_out, r] and 'right' [Q, d_in, r] must share Q "
                                                "and r, got left " + describe(left) + " and right " +
                                                describe(right));
+  d->q = left->shape[0];
+  d->r = left->shape[2];
+  d->d_out = left->shape[1];
+  d->d_in = right->shape[1];
+  return PYINF_SUCCESS;
+}
+
+pyinf_status validate_factored_shapes(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                                      const pyinf_tensor* right, Dims* d) {
+  const char* op = "factored_scores";
+  PYINF_TRY(validate_tokens(op, acts, grads, d));
+  Dims f;
+  PYINF_TRY(validate_factor_pair(op, left, right, &f));
   if (left->shape[1] != d->d_out)
     return fail(PYINF_ERROR_INVALID_VALUE, std::string("pyinf_") + op + ": 'left' must be [Q, d_out=" +
                                                std::to_string(d->d_out) + ", r], got " + describe(left));
   if (right->shape[1] != d->d_in)
     return fail(PYINF_ERROR_INVALID_VALUE, std::string("pyinf_") + op + ": 'right' must be [Q, d_in=" +
                                                std::to_string(d->d_in) + ", r], got " + describe(right));
-  d->q = left->shape[0];
-  d->r = left->shape[2];
+  d->q = f.q;
+  d->r = f.r;
   return PYINF_SUCCESS;
 }
 
@@ -214,6 +224,17 @@ pyinf_status pyinf_cuda_factored_scores_split(const pyinf_tensor*, const pyinf_t
 pyinf_status pyinf_cuda_factored_scores_kernel(const pyinf_tensor*, const pyinf_tensor*, const pyinf_tensor*,
                                                const pyinf_tensor*, int, size_t, const char**) {
   return not_compiled("factored_scores_kernel");
+}
+pyinf_status pyinf_cuda_factored_scores_pack_size(const pyinf_tensor*, const pyinf_tensor*, size_t*) {
+  return not_compiled("factored_scores_pack_size");
+}
+pyinf_status pyinf_cuda_factored_scores_pack(const pyinf_tensor*, const pyinf_tensor*, void*, size_t, void*) {
+  return not_compiled("factored_scores_pack");
+}
+pyinf_status pyinf_cuda_factored_scores_split_packed(const pyinf_tensor*, const pyinf_tensor*, const pyinf_tensor*,
+                                                     const pyinf_tensor*, const void*, size_t, const pyinf_tensor*,
+                                                     int, float*, void*, size_t, void*) {
+  return not_compiled("factored_scores_split_packed");
 }
 #endif
 

@@ -138,15 +138,16 @@ void* stream_ptr(py::handle stream) {
 }
 
 // Workspace: a 1-D tensor on the device (any dtype); returns pointer and size in bytes.
-std::pair<void*, size_t> read_workspace(py::handle ws, const char* op, const Arg& like) {
+std::pair<void*, size_t> read_workspace(py::handle ws, const char* op, const Arg& like,
+                                        const char* name = "workspace") {
   if (ws.is_none()) return {nullptr, 0};
   py::object dev = ws.attr("device");
   const std::string type = py::str(dev.attr("type"));
   py::object idx = dev.attr("index");
   const int64_t index = idx.is_none() ? -1 : idx.cast<int64_t>();
   if (type != like.device_type || index != like.device_index)
-    throw py::value_error(where(op, "workspace") + " must be on the inputs' device");
-  if (!ws.attr("is_contiguous")().cast<bool>()) throw py::value_error(where(op, "workspace") + " must be contiguous");
+    throw py::value_error(where(op, name) + " must be on the inputs' device");
+  if (!ws.attr("is_contiguous")().cast<bool>()) throw py::value_error(where(op, name) + " must be contiguous");
   const size_t bytes = ws.attr("numel")().cast<size_t>() * ws.attr("element_size")().cast<size_t>();
   return {reinterpret_cast<void*>(static_cast<uintptr_t>(ws.attr("data_ptr")().cast<uint64_t>())), bytes};
 }
@@ -249,8 +250,30 @@ std::string factored_kernel(py::handle acts_, py::handle grads_, py::handle left
   return name;
 }
 
+// Bytes of the Hopper kernel's packed factors for this pair (0: it cannot take them here).
+size_t factored_pack_size(py::handle left_, py::handle right_) {
+  const char* op = "factored_scores_pack_size";
+  Arg left = read(left_, op, "left", 3), right = read(right_, op, "right", 3);
+  same_device(op, {{"left", &left}, {"right", &right}});
+  if (!is_cuda(left) || !pyinf_cuda_compiled()) return 0;
+  size_t bytes = 0;
+  raise_status(pyinf_cuda_factored_scores_pack_size(&left.t, &right.t, &bytes));
+  return bytes;
+}
+
+void factored_pack(py::handle left_, py::handle right_, py::handle packed_, py::handle stream) {
+  const char* op = "factored_scores_pack";
+  Arg left = read(left_, op, "left", 3), right = read(right_, op, "right", 3);
+  same_device(op, {{"left", &left}, {"right", &right}});
+  if (!is_cuda(left)) throw py::value_error(where(op, "left") + " must be a CUDA tensor (packing is for the Hopper kernel)");
+  require_cuda_build(op);
+  if (packed_.is_none()) throw py::value_error(where(op, "packed") + " is required");
+  auto packed = read_workspace(packed_, op, left, "packed");
+  raise_status(pyinf_cuda_factored_scores_pack(&left.t, &right.t, packed.first, packed.second, stream_ptr(stream)));
+}
+
 void factored_scores(py::handle acts_, py::handle grads_, py::handle left_, py::handle right_, py::handle mask_,
-                     bool per_token, py::handle out_, py::handle ws_, py::handle stream) {
+                     bool per_token, py::handle out_, py::handle ws_, py::handle stream, py::handle packed_) {
   const char* op = "factored_scores";
   Arg acts = read(acts_, op, "acts", 3), grads = read(grads_, op, "grads", 3);
   Arg left = read(left_, op, "left", 3), right = read(right_, op, "right", 3);
@@ -263,8 +286,10 @@ void factored_scores(py::handle acts_, py::handle grads_, py::handle left_, py::
   if (is_cuda(acts)) {
     require_cuda_build(op);
     auto ws = read_workspace(ws_, op, acts);
-    s = pyinf_cuda_factored_scores_split(&acts.t, &grads.t, &left.t, &right.t, opt(mask), per_token ? 1 : 0, out,
-                                         ws.first, ws.second, stream_ptr(stream));
+    auto packed = read_workspace(packed_, op, acts, "packed");
+    s = pyinf_cuda_factored_scores_split_packed(&acts.t, &grads.t, &left.t, &right.t, packed.first, packed.second,
+                                                opt(mask), per_token ? 1 : 0, out, ws.first, ws.second,
+                                                stream_ptr(stream));
   } else {
     py::gil_scoped_release nogil;
     s = pyinf_cpu_factored_scores(&acts.t, &grads.t, &left.t, &right.t, opt(mask), per_token ? 1 : 0, out);
@@ -298,5 +323,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("right"), py::arg("per_token"), py::arg("workspace_bytes"));
   m.def("factored_scores", &factored_scores, py::arg("acts"), py::arg("grads"), py::arg("left"), py::arg("right"),
         py::arg("mask"), py::arg("per_token"), py::arg("out"), py::arg("workspace") = py::none(),
+        py::arg("stream") = py::none(), py::arg("packed") = py::none());
+  m.def("factored_scores_pack_size", &factored_pack_size, py::arg("left"), py::arg("right"),
+        "Bytes of the Hopper kernel's packed query factors for this pair (0 where it cannot take them)");
+  m.def("factored_scores_pack", &factored_pack, py::arg("left"), py::arg("right"), py::arg("packed"),
         py::arg("stream") = py::none());
 }

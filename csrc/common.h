@@ -34,6 +34,8 @@ pyinf_status validate_rotated(const char* op, const pyinf_tensor* acts, const py
                               const pyinf_tensor* q_a, const pyinf_tensor* q_s, const pyinf_tensor* lambdas,
                               float damping, const pyinf_tensor* mask, const float* out, Dims* d);
 pyinf_status validate_tokens(const char* op, const pyinf_tensor* acts, const pyinf_tensor* grads, Dims* d);
+// left [Q, d_out, r] and right [Q, d_in, r]; fills d's q, r, d_out, d_in.
+pyinf_status validate_factor_pair(const char* op, const pyinf_tensor* left, const pyinf_tensor* right, Dims* d);
 pyinf_status validate_factored_shapes(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                                       const pyinf_tensor* right, Dims* d);
 pyinf_status validate_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,

@@ -246,6 +246,59 @@ def test_sm90_strided_views_and_side_stream(monkeypatch):
     assert torch.equal(out, side)
 
 
+@hopper_only
+def test_sm90_packs_each_factor_pair_once(monkeypatch):
+    """The native adapter packs a pair of query factors once (pyinf_cuda_factored_scores_pack)
+    and reuses it for every call with the same, unmodified tensors: same scores as the reference
+    for two batches; an in-place change of the factors packs again."""
+    from pyinf.ops import _native
+
+    monkeypatch.setenv("PYINF_NATIVE_SM90", "1")
+    left, right = _factors(3, 40, 48, 16)
+    before = len(_native._PACKED)
+    for batch in range(2):
+        acts, grads, _, _, mask = _problem(2, 70, 48, 40, 3, 16, torch.bfloat16)
+        assert _kernel(acts, grads, left, right, False) == "sm90"
+        out = ops.factored_scores(acts, grads, left, right, mask=mask, backend="native")
+        assert oracle.rel_err(out, oracle.factored_scores(acts, grads, left, right, mask)) < 1e-5, batch
+        assert len(_native._PACKED) == before + 1
+    packed = _native._PACKED._entries[id(left)][3]
+    left.mul_(2)  # in place: the version counter moves, the pair is packed again
+    out = ops.factored_scores(acts, grads, left, right, mask=mask, backend="native")
+    assert oracle.rel_err(out, oracle.factored_scores(acts, grads, left, right, mask)) < 1e-5
+    assert _native._PACKED._entries[id(left)][3] is not packed
+
+
+def test_packed_factor_cache_reuses_only_the_same_unmodified_tensors():
+    """pyinf.ops._native.PackedFactors (CPU tensors stand in for CUDA ones; `pack` counts):
+    a hit needs the same two tensor objects, unchanged version counters, size and stream."""
+    from pyinf.ops._native import PackedFactors
+
+    cache, packs = PackedFactors(), []
+
+    def get(left, right, nbytes=64, stream=None):
+        return cache.get(left, right, nbytes, stream, lambda p: packs.append(p))
+
+    left, right = torch.randn(2, 8, 4), torch.randn(2, 6, 4)
+    first = get(left, right)
+    assert get(left, right) is first and len(packs) == 1
+    assert get(left, right.clone()) is not first and len(packs) == 2  # another tensor, equal values
+    second = get(left, right)
+    assert len(packs) == 3
+    right.add_(1)  # in-place change
+    assert get(left, right) is not second and len(packs) == 4
+    get(left, right, nbytes=128)
+    get(left, right, nbytes=128, stream=7)
+    assert len(packs) == 6
+    assert get(left, right, nbytes=128, stream=7) is packs[-1] and len(packs) == 6
+    assert len(cache) == 1
+    del left  # the entry goes with its left factor
+    import gc
+
+    gc.collect()
+    assert len(cache) == 0
+
+
 class _RecordingC:
     """pyinf._C with its factored_scores calls recorded by the kernel each one runs."""
 
@@ -255,11 +308,11 @@ class _RecordingC:
     def __getattr__(self, name):
         return getattr(self._c, name)
 
-    def factored_scores(self, acts, grads, left, right, mask, per_token, out, ws=None, stream=None):
+    def factored_scores(self, acts, grads, left, right, mask, per_token, out, ws=None, stream=None, packed=None):
         nbytes = 0 if ws is None else ws.numel() * ws.element_size()
         aligned = all(x.stride(1) % 8 == 0 and x.stride(0) % 8 == 0 for x in (acts, grads))  # TMA rows
         self._names.append((self._c.factored_scores_kernel(acts, grads, left, right, per_token, nbytes), aligned))
-        return self._c.factored_scores(acts, grads, left, right, mask, per_token, out, ws, stream)
+        return self._c.factored_scores(acts, grads, left, right, mask, per_token, out, ws, stream, packed)
 
 
 @hopper_only

@@ -35,6 +35,8 @@ from pyinf.ops import reference
 from .test_native_emulated import (
     FP32_ACC_TOL,
     SEED,
+    Out,
+    check_call,
     _SIGNATURES,
     PyinfTensor,
     _ctx,
@@ -80,6 +82,11 @@ def lib():
     t = ctypes.POINTER(PyinfTensor)
     sigs["pyinf_cuda_factored_scores_kernel"] = (
         ctypes.c_int, [t, t, t, t, ctypes.c_int, ctypes.c_size_t, ctypes.POINTER(ctypes.c_char_p)])
+    sigs["pyinf_cuda_factored_scores_pack_size"] = (ctypes.c_int, [t, t, ctypes.POINTER(ctypes.c_size_t)])
+    sigs["pyinf_cuda_factored_scores_pack"] = (ctypes.c_int, [t, t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
+    sigs["pyinf_cuda_factored_scores_split_packed"] = (
+        ctypes.c_int, [t, t, t, t, ctypes.c_void_p, ctypes.c_size_t, t, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(handle, name)
         fn.restype, fn.argtypes = restype, argtypes
@@ -235,3 +242,87 @@ def test_sm90_applicability(lib):
     for off in (None, "0", "yes"):
         with env(PYINF_NATIVE_SM90=off):
             assert kernel_name(lib, acts, grads, left, right, False, nbytes.value) == "wmma", off
+
+
+def _pack_size(lib, left, right):
+    nbytes = ctypes.c_size_t(0)
+    s = lib.pyinf_cuda_factored_scores_pack_size(_desc(lib, left), _desc(lib, right), ctypes.byref(nbytes))
+    assert s == 0, lib.pyinf_last_error().decode()
+    return nbytes.value
+
+
+def _split_packed(lib, acts, grads, left, right, packed, mask, per_token, ctx, workspace=True, packed_bytes=None):
+    """pyinf_cuda_factored_scores_split_packed; (status, scores, launch log)."""
+    n, t = acts.shape[:2]
+    q = left.shape[0]
+    nbytes = ctypes.c_size_t(0)
+    if workspace:
+        s = lib.pyinf_cuda_factored_scores_workspace_size(_desc(lib, acts), _desc(lib, grads), _desc(lib, left),
+                                                          _desc(lib, right), 1 if per_token else 0,
+                                                          ctypes.byref(nbytes))
+        assert s == 0
+    ws = Out(None, nbytes=nbytes.value) if nbytes.value else None
+    out = Out((n, t, q) if per_token else (n, q))
+    lib.pyinf_emu_reset()
+    out.register(lib)
+    packed.register(lib)
+    if ws is not None:
+        ws.t.view(torch.uint8).fill_(0x7F)
+        ws.register(lib)
+    s = lib.pyinf_cuda_factored_scores_split_packed(
+        _desc(lib, acts), _desc(lib, grads), _desc(lib, left), _desc(lib, right), packed.ptr,
+        packed.nbytes if packed_bytes is None else packed_bytes, _desc(lib, mask), 1 if per_token else 0, out.ptr,
+        ws.ptr if ws is not None else None, nbytes.value, None)
+    log = lib.pyinf_emu_launch_log().decode()
+    if s == 0:
+        check_call(lib, s, ctx)
+        out.check_canaries(ctx)
+        packed.check_canaries(ctx)
+        if ws is not None:
+            ws.check_canaries(ctx)
+    return s, out.t.clone(), log
+
+
+def test_sm90_packed_factors(lib):
+    """Factors packed once (pyinf_cuda_factored_scores_pack) serve several batches of documents:
+    those calls launch no factor copy and give the bits of the unpacked call; per-token scores
+    then need no workspace at all; sizes and misuse are checked before anything is launched."""
+    n, t, d_in, d_out, q, r = 2, 150, 72, 200, 3, 5
+    g = _gen("sm90 packed", SEED)
+    left = guarded(torch.randn(q, d_out, r, generator=g).to(torch.bfloat16))
+    right = guarded(torch.randn(q, d_in, r, generator=g).to(torch.bfloat16))
+    with env(PYINF_NATIVE_SM90="1"):
+        nbytes = _pack_size(lib, left, right)
+        cp, rp = 128, 8  # 3 queries of rank 5 -> 8: one column tile
+        assert nbytes == (cp * d_out * 2 + 127) // 128 * 128 + (cp * d_in * 2 + 127) // 128 * 128, nbytes
+        packed = Out(None, nbytes=nbytes)
+        lib.pyinf_emu_reset()
+        packed.register(lib)
+        s = lib.pyinf_cuda_factored_scores_pack(_desc(lib, left), _desc(lib, right), packed.ptr, nbytes, None)
+        check_call(lib, s, _ctx("sm90 pack"), expect_kernels=["pad_factor_kernel<T>"])
+        packed.check_canaries("pack")
+        for batch in range(2):
+            args, clean_a, clean_g = sm90_problem(("packed", batch), (n, t, d_in, d_out, q, r), torch.bfloat16)
+            args[2], args[3] = left, right
+            for per_token in (False, True):
+                ctx = _ctx("sm90 packed", batch, per_token)
+                s, out, log = _split_packed(lib, *args[:4], packed, args[4], per_token, ctx)
+                assert s == 0 and "sm90_kernel" in log and "pad_factor_kernel" not in log, (s, log, ctx)
+                unpacked, _ = run_sm90(lib, args, per_token, ctx)
+                assert torch.equal(out, unpacked), f"packed and unpacked calls differ {ctx}"
+                ref = reference.factored_scores(*_f64(clean_a, clean_g, left, right), mask=args[4],
+                                                per_token=per_token)
+                assert_close(out, ref, FP32_ACC_TOL, ctx)
+        ctx = _ctx("sm90 packed, per token, no workspace")
+        s, out, log = _split_packed(lib, *args[:4], packed, args[4], True, ctx, workspace=False)
+        assert s == 0 and "sm90_kernel" in log, (s, log)
+        s, _, log = _split_packed(lib, *args[:4], packed, args[4], False, ctx, packed_bytes=nbytes - 1)
+        assert s == 5 and "packed factors have" in lib.pyinf_last_error().decode() and log == "", (s, log)
+        s = lib.pyinf_cuda_factored_scores_pack(_desc(lib, left), _desc(lib, right), packed.ptr, nbytes - 1, None)
+        assert s == 5 and f"needs {nbytes} bytes" in lib.pyinf_last_error().decode()
+        s = lib.pyinf_cuda_factored_scores_pack(_desc(lib, left), _desc(lib, right.half()), packed.ptr, nbytes, None)
+        assert s == 1 and "cannot take these factors" in lib.pyinf_last_error().decode()  # mixed dtypes
+        assert _pack_size(lib, left.float(), right.float()) == 0  # fp32: the Hopper kernel does not apply
+    assert _pack_size(lib, left, right) == 0  # not opted in
+    s = lib.pyinf_cuda_factored_scores_pack(_desc(lib, left), _desc(lib, right), packed.ptr, nbytes, None)
+    assert s == 1 and "cannot take these factors" in lib.pyinf_last_error().decode()

@@ -145,27 +145,32 @@ FactoredPlan plan(const Dims& d, int per_token, bool may_split) {
   return p;
 }
 
-// Whether a call with a workspace of workspace_bytes runs the Hopper kernel.
+// Whether a call with a workspace of workspace_bytes (and packed factors, or none) runs the
+// Hopper kernel. With packed factors it may need no workspace at all (no partials).
 bool takes_sm90(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
-                const pyinf_tensor* right, const Dims& d, int per_token, size_t workspace_bytes) {
+                const pyinf_tensor* right, const Dims& d, int per_token, size_t workspace_bytes,
+                bool packed = false) {
 #if defined(PYINF_WITH_SM90)
-  return workspace_bytes > 0 && d.n > 0 && d.q > 0 && factored_scores_sm90_applicable(acts, grads, left, right, d) &&
-         workspace_bytes >= factored_scores_sm90_workspace_bytes(d, per_token ? 1 : 0);
+  if (d.n == 0 || d.q == 0 || !factored_scores_sm90_applicable(acts, grads, left, right, d)) return false;
+  const size_t need = factored_scores_sm90_workspace_bytes(d, per_token ? 1 : 0, packed);
+  return need == 0 || workspace_bytes >= need;
 #else
-  (void)acts, (void)grads, (void)left, (void)right, (void)d, (void)per_token, (void)workspace_bytes;
+  (void)acts, (void)grads, (void)left, (void)right, (void)d, (void)per_token, (void)workspace_bytes, (void)packed;
   return false;
 #endif
 }
 
 pyinf_status run_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                           const pyinf_tensor* right, const pyinf_tensor* mask, int per_token, float* out,
-                          void* workspace, size_t workspace_bytes, bool may_split, void* stream_ptr) {
+                          void* workspace, size_t workspace_bytes, bool may_split, void* stream_ptr,
+                          const void* packed = nullptr) {
   Dims d;
   pyinf_status s = validate_factored(acts, grads, left, right, mask, per_token, out, &d);
   if (s != PYINF_SUCCESS) return s;
 #if defined(PYINF_WITH_SM90)
-  if (workspace != nullptr && takes_sm90(acts, grads, left, right, d, per_token, workspace_bytes))
-    return launch_factored_scores_sm90(acts, grads, left, right, mask, d, per_token ? 1 : 0, out, workspace,
+  if ((workspace != nullptr || packed != nullptr) &&
+      takes_sm90(acts, grads, left, right, d, per_token, workspace_bytes, packed != nullptr))
+    return launch_factored_scores_sm90(acts, grads, left, right, mask, d, per_token ? 1 : 0, out, packed, workspace,
                                        static_cast<cudaStream_t>(stream_ptr));
 #endif
   const FactoredPlan p = plan(d, per_token, may_split);
@@ -217,7 +222,7 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_workspace_size(const pyinf_te
   *bytes = plan(d, per_token, true).workspace_bytes;
 #if defined(PYINF_WITH_SM90)
   if (factored_scores_sm90_applicable(acts, grads, left, right, d)) {
-    const size_t sm90 = factored_scores_sm90_workspace_bytes(d, per_token ? 1 : 0);
+    const size_t sm90 = factored_scores_sm90_workspace_bytes(d, per_token ? 1 : 0, false);
     if (sm90 > *bytes) *bytes = sm90;
   }
 #endif
@@ -243,4 +248,57 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_split(const pyinf_tensor* act
                                                          const pyinf_tensor* mask, int per_token, float* out,
                                                          void* workspace, size_t workspace_bytes, void* stream) {
   return run_factored(acts, grads, left, right, mask, per_token, out, workspace, workspace_bytes, true, stream);
+}
+
+extern "C" pyinf_status pyinf_cuda_factored_scores_pack_size(const pyinf_tensor* left, const pyinf_tensor* right,
+                                                             size_t* bytes) {
+  if (bytes == nullptr) return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores_pack_size: 'bytes' is NULL");
+  Dims d;
+  pyinf_status s = validate_factor_pair("factored_scores_pack_size", left, right, &d);
+  if (s != PYINF_SUCCESS) return s;
+  *bytes = 0;
+#if defined(PYINF_WITH_SM90)
+  if (d.q > 0 && factored_scores_sm90_packable(left, right, d)) *bytes = factored_scores_sm90_packed_bytes(d);
+#endif
+  return PYINF_SUCCESS;
+}
+
+extern "C" pyinf_status pyinf_cuda_factored_scores_pack(const pyinf_tensor* left, const pyinf_tensor* right,
+                                                        void* packed, size_t packed_bytes, void* stream) {
+  const char* op = "factored_scores_pack";
+  Dims d;
+  pyinf_status s = validate_factor_pair(op, left, right, &d);
+  if (s != PYINF_SUCCESS) return s;
+  size_t need = 0;
+  s = pyinf_cuda_factored_scores_pack_size(left, right, &need);
+  if (s != PYINF_SUCCESS) return s;
+  if (need == 0)
+    return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores_pack: the Hopper kernel cannot take these "
+                                           "factors here (pyinf_cuda_factored_scores_pack_size reports 0 bytes)");
+  if (packed == nullptr || packed_bytes < need)
+    return fail(PYINF_ERROR_WORKSPACE, "pyinf_cuda_factored_scores_pack: needs " + std::to_string(need) +
+                                           " bytes of packed factors, got " + std::to_string(packed ? packed_bytes : 0));
+#if defined(PYINF_WITH_SM90)
+  return pack_factors_sm90(left, right, d, packed, static_cast<cudaStream_t>(stream));
+#else
+  (void)stream;
+  return fail(PYINF_ERROR_INTERNAL, "pyinf_cuda_factored_scores_pack: no Hopper kernel in this build");
+#endif
+}
+
+extern "C" pyinf_status pyinf_cuda_factored_scores_split_packed(
+    const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left, const pyinf_tensor* right,
+    const void* packed, size_t packed_bytes, const pyinf_tensor* mask, int per_token, float* out, void* workspace,
+    size_t workspace_bytes, void* stream) {
+  if (packed != nullptr) {
+    size_t need = 0;
+    pyinf_status s = pyinf_cuda_factored_scores_pack_size(left, right, &need);
+    if (s != PYINF_SUCCESS) return s;
+    if (need == 0 || packed_bytes < need)
+      return fail(PYINF_ERROR_WORKSPACE, "pyinf_cuda_factored_scores_split_packed: the packed factors have " +
+                                             std::to_string(packed_bytes) + " bytes, these factors need " +
+                                             std::to_string(need) + (need == 0 ? " (none can be packed here)" : ""));
+  }
+  return run_factored(acts, grads, left, right, mask, per_token, out, workspace, workspace_bytes, true, stream,
+                      packed);
 }

@@ -328,15 +328,17 @@ __global__ void pad_factor_kernel(const T* __restrict__ src, int64_t s0, int64_t
   dst[c * ld + k] = (q < Q && kr < R && k < d) ? src[q * s0 + k * s1 + kr * s2] : T(0.0f);
 }
 
-int64_t padded_rank(int64_t r) {
+int64_t padded_rank(int64_t r) {  // callers check r <= kTileN first (Rp <= 128: at least one query per tile)
   int64_t rp = 8;
   while (rp < r) rp *= 2;
   return rp;
 }
 
+// Workspace: [packed factors: left Cp x ld_out, right Cp x ld_in][partials], or (factors packed
+// once by the caller, pyinf_cuda_factored_scores_pack) the partials alone.
 struct Sm90Plan {
   int64_t rp, cp, ld_out, ld_in, tblocks;
-  size_t left_off, right_off, partials_off, bytes;
+  size_t left_off, right_off, packed_bytes, partials_bytes;
 };
 
 size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
@@ -351,8 +353,8 @@ Sm90Plan sm90_plan(const Dims& d, int per_token) {
   p.tblocks = (d.t + kTileM - 1) / kTileM;
   p.left_off = 0;
   p.right_off = align_up(static_cast<size_t>(p.cp * p.ld_out) * 2, 128);
-  p.partials_off = align_up(p.right_off + static_cast<size_t>(p.cp * p.ld_in) * 2, 128);
-  p.bytes = p.partials_off + ((per_token || p.tblocks == 1) ? 0 : static_cast<size_t>(d.n * p.tblocks * d.q) * 4);
+  p.packed_bytes = align_up(p.right_off + static_cast<size_t>(p.cp * p.ld_in) * 2, 128);
+  p.partials_bytes = (per_token || p.tblocks == 1) ? 0 : static_cast<size_t>(d.n * p.tblocks * d.q) * 4;
   return p;
 }
 
@@ -389,26 +391,39 @@ typename Sm90Types<T>::GmemTensor gmem(const void* data, int rows, int d, int ba
                      make_layout(make_shape(rows, d, batch), GmemStride{row_stride, _1{}, batch_stride}));
 }
 
+// The factors [Q, d, r] into `packed` as [Cp, ld] each, K-major and rank-padded (Sm90Plan).
+template <class T>
+pyinf_status pack_typed(const pyinf_tensor* left, const pyinf_tensor* right, const Dims& d, void* packed,
+                        cudaStream_t stream) {
+  const Sm90Plan plan = sm90_plan(d, 1);
+  char* base = static_cast<char*>(packed);
+  pad_factor_kernel<T><<<dim3(static_cast<unsigned>(plan.cp), ceil_div(plan.ld_out, 256)), 256, 0, stream>>>(
+      static_cast<const T*>(left->data), left->strides[0], left->strides[1], left->strides[2], d.q, d.d_out, d.r,
+      plan.rp, plan.ld_out, reinterpret_cast<T*>(base + plan.left_off));
+  pad_factor_kernel<T><<<dim3(static_cast<unsigned>(plan.cp), ceil_div(plan.ld_in, 256)), 256, 0, stream>>>(
+      static_cast<const T*>(right->data), right->strides[0], right->strides[1], right->strides[2], d.q, d.d_in, d.r,
+      plan.rp, plan.ld_in, reinterpret_cast<T*>(base + plan.right_off));
+  return launch_check("factored_scores (sm90 factor copy)");
+}
+
 template <class T>
 pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                           const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
-                          float* out, void* workspace, int mode, cudaStream_t stream) {
+                          float* out, const void* packed, void* workspace, int mode, cudaStream_t stream) {
   using Ty = Sm90Types<T>;
   const Sm90Plan plan = sm90_plan(d, per_token);
   char* ws = static_cast<char*>(workspace);
-  T* left_p = reinterpret_cast<T*>(ws + plan.left_off);
-  T* right_p = reinterpret_cast<T*>(ws + plan.right_off);
-  float* partials = reinterpret_cast<float*>(ws + plan.partials_off);
+  float* partials = reinterpret_cast<float*>(packed != nullptr ? ws : ws + plan.packed_bytes);
+  if (packed == nullptr) {  // pack into the workspace first (on every call)
+    const pyinf_status status = pack_typed<T>(left, right, d, ws, stream);
+    if (status != PYINF_SUCCESS) return status;
+    packed = ws;
+  }
+  const T* left_p = reinterpret_cast<const T*>(static_cast<const char*>(packed) + plan.left_off);
+  const T* right_p = reinterpret_cast<const T*>(static_cast<const char*>(packed) + plan.right_off);
+  pyinf_status status = PYINF_SUCCESS;
 
   const int64_t lt = plan.cp * plan.ld_out, rt = plan.cp * plan.ld_in;
-  pad_factor_kernel<T><<<dim3(static_cast<unsigned>(plan.cp), ceil_div(plan.ld_out, 256)), 256, 0, stream>>>(
-      static_cast<const T*>(left->data), left->strides[0], left->strides[1], left->strides[2], d.q, d.d_out, d.r,
-      plan.rp, plan.ld_out, left_p);
-  pad_factor_kernel<T><<<dim3(static_cast<unsigned>(plan.cp), ceil_div(plan.ld_in, 256)), 256, 0, stream>>>(
-      static_cast<const T*>(right->data), right->strides[0], right->strides[1], right->strides[2], d.q, d.d_in, d.r,
-      plan.rp, plan.ld_in, right_p);
-  pyinf_status status = launch_check("factored_scores (sm90 factor copy)");
-  if (status != PYINF_SUCCESS) return status;
 
   Sm90Params<T> p;
   using SmemA = typename Ty::SmemLayoutA;
@@ -466,32 +481,49 @@ pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, c
 
 }  // namespace
 
-bool factored_scores_sm90_applicable(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
-                                     const pyinf_tensor* right, const Dims& d) {
+bool factored_scores_sm90_packable(const pyinf_tensor* left, const pyinf_tensor* right, const Dims& d) {
   if (sm90_mode() < 0 || !use_tensor_cores(true)) return false;
-  const pyinf_dtype dt = acts->dtype;
-  if (!(dt == PYINF_BFLOAT16 || dt == PYINF_FLOAT16) || grads->dtype != dt || left->dtype != dt ||
-      right->dtype != dt)
+  const pyinf_dtype dt = left->dtype;
+  if (!(dt == PYINF_BFLOAT16 || dt == PYINF_FLOAT16) || right->dtype != dt) return false;
+  if (d.d_in < 1 || d.d_out < 1 || d.r < 1 || d.r > kTileN || (d.d_in + 255) / 256 > 65535 ||
+      (d.d_out + 255) / 256 > 65535)  // the factor copy's grid
     return false;
-  if (d.t < 1 || d.d_in < 1 || d.d_out < 1 || d.r < 1 || d.r > kTileN || d.t > 0x7fffffffLL ||
-      (d.d_in + 255) / 256 > 65535 || (d.d_out + 255) / 256 > 65535)  // the factor copy's grid
-    return false;
-  if (!tma_rows_ok(*acts) || !tma_rows_ok(*grads)) return false;
-  const Sm90Plan plan = sm90_plan(d, 0);
-  if (plan.cp > 0x7fffffffLL || plan.cp / kTileN * plan.tblocks * d.n > 0x7fffffffLL) return false;  // int indices
+  if (sm90_plan(d, 1).cp > 0x7fffffffLL) return false;  // int indices
   return sm90_device();
 }
 
-size_t factored_scores_sm90_workspace_bytes(const Dims& d, int per_token) { return sm90_plan(d, per_token).bytes; }
+bool factored_scores_sm90_applicable(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                                     const pyinf_tensor* right, const Dims& d) {
+  const pyinf_dtype dt = left->dtype;
+  if (acts->dtype != dt || grads->dtype != dt || d.t < 1 || d.t > 0x7fffffffLL) return false;
+  if (!tma_rows_ok(*acts) || !tma_rows_ok(*grads)) return false;
+  if (!factored_scores_sm90_packable(left, right, d)) return false;  // (checks r <= 128 before any plan)
+  const Sm90Plan plan = sm90_plan(d, 0);
+  return plan.cp / kTileN * plan.tblocks * d.n <= 0x7fffffffLL;  // int tile indices
+}
+
+size_t factored_scores_sm90_packed_bytes(const Dims& d) { return sm90_plan(d, 1).packed_bytes; }
+
+size_t factored_scores_sm90_workspace_bytes(const Dims& d, int per_token, bool packed) {
+  const Sm90Plan plan = sm90_plan(d, per_token);
+  return (packed ? 0 : plan.packed_bytes) + plan.partials_bytes;
+}
+
+pyinf_status pack_factors_sm90(const pyinf_tensor* left, const pyinf_tensor* right, const Dims& d, void* packed,
+                               cudaStream_t stream) {
+  if (left->dtype == PYINF_BFLOAT16) return pack_typed<cutlass::bfloat16_t>(left, right, d, packed, stream);
+  return pack_typed<cutlass::half_t>(left, right, d, packed, stream);
+}
 
 pyinf_status launch_factored_scores_sm90(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                                          const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d,
-                                         int per_token, float* out, void* workspace, cudaStream_t stream) {
+                                         int per_token, float* out, const void* packed, void* workspace,
+                                         cudaStream_t stream) {
   const int mode = sm90_mode();
   if (acts->dtype == PYINF_BFLOAT16)
-    return launch_typed<cutlass::bfloat16_t>(acts, grads, left, right, mask, d, per_token, out, workspace, mode,
-                                             stream);
-  return launch_typed<cutlass::half_t>(acts, grads, left, right, mask, d, per_token, out, workspace, mode,
+    return launch_typed<cutlass::bfloat16_t>(acts, grads, left, right, mask, d, per_token, out, packed, workspace,
+                                             mode, stream);
+  return launch_typed<cutlass::half_t>(acts, grads, left, right, mask, d, per_token, out, packed, workspace, mode,
                                        stream);
 }
 

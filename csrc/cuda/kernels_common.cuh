@@ -239,13 +239,21 @@ pyinf_status launch_sum_splits(const float* partials, int64_t N, int64_t S, int6
 #if defined(PYINF_WITH_SM90)
 // Hopper factored scores (factored_scores_sm90.cu: TMA + wgmma): whether a call can take it
 // (opt-in PYINF_NATIVE_SM90=1, an sm_90 device, 16-bit inputs, TMA-aligned token rows,
-// r <= 128), the workspace it needs, and the launch (which writes `out` completely).
+// r <= 128) and whether its packed factors can be made for a factor pair (the same without
+// the token rows: d.n and d.t unused); the sizes of the packed factors and of the workspace
+// (without / with packed factors given); the packing; the launch (which writes `out`
+// completely; packed NULL: it packs into the workspace first).
 bool factored_scores_sm90_applicable(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                                      const pyinf_tensor* right, const Dims& d);
-size_t factored_scores_sm90_workspace_bytes(const Dims& d, int per_token);
+bool factored_scores_sm90_packable(const pyinf_tensor* left, const pyinf_tensor* right, const Dims& d);
+size_t factored_scores_sm90_packed_bytes(const Dims& d);
+size_t factored_scores_sm90_workspace_bytes(const Dims& d, int per_token, bool packed);
+pyinf_status pack_factors_sm90(const pyinf_tensor* left, const pyinf_tensor* right, const Dims& d, void* packed,
+                               cudaStream_t stream);
 pyinf_status launch_factored_scores_sm90(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                                          const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d,
-                                         int per_token, float* out, void* workspace, cudaStream_t stream);
+                                         int per_token, float* out, const void* packed, void* workspace,
+                                         cudaStream_t stream);
 #endif
 
 }  // namespace cuda

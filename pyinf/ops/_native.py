@@ -10,7 +10,8 @@ Imports fail (making the backend unavailable) when the extension was not built.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import weakref
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -90,15 +91,60 @@ def self_influence(acts, grads, q_a, q_s, lambdas, damping, *, mask=None):
     return out
 
 
+class PackedFactors:
+    """The Hopper kernel's packed copy of a pair of query factors (rank-padded, K-major: see
+    pyinf_cuda_factored_scores_pack), made once and reused while the same two tensors are
+    alive and unmodified. A scoring pass hands each layer the same query tensors once per
+    batch, so the copy happens once per pass instead of once per call.
+
+    An entry is reused only for the very same tensor objects (weak references), with the
+    same in-place version counters (``Tensor._version``), the same size and the same stream;
+    anything else packs again. It is dropped when ``left`` is freed."""
+
+    def __init__(self):
+        self._entries: Dict[int, tuple] = {}
+
+    def get(self, left: torch.Tensor, right: torch.Tensor, nbytes: int, stream,
+            pack: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        key = id(left)
+        entry = self._entries.get(key)
+        state = (left._version, right._version, nbytes, stream)
+        if entry is not None and entry[0]() is left and entry[1]() is right and entry[2] == state:
+            return entry[3]
+        packed = torch.empty(nbytes, dtype=torch.uint8, device=left.device)
+        pack(packed)
+        entries = self._entries
+        self._entries[key] = (weakref.ref(left, lambda _: entries.pop(key, None)), weakref.ref(right), state, packed)
+        return packed
+
+    def __len__(self):
+        return len(self._entries)
+
+
+_PACKED = PackedFactors()
+
+
+def _packed_factors(left, right):
+    """The packed factors when the Hopper kernel can take them (opt-in, sm_90, 16-bit), else None."""
+    if left.device.type != "cuda":
+        return None
+    nbytes = _C.factored_scores_pack_size(left, right)
+    if nbytes == 0:
+        return None
+    stream = _stream(left)
+    return _PACKED.get(left, right, nbytes, stream, lambda packed: _C.factored_scores_pack(left, right, packed, stream))
+
+
 def factored_scores(acts, grads, left, right, *, mask=None, per_token=False):
     n, t = acts.shape[:2]
     shape = (n, t, left.shape[0]) if per_token else (n, left.shape[0])
     out = torch.empty(shape, dtype=torch.float32, device=acts.device)
     with _on_device(acts):
         # a workspace when the kernel splits the tokens of few documents over more blocks, or
-        # for the Hopper kernel's rank-padded copy of the factors (PYINF_NATIVE_SM90=1)
+        # for the Hopper kernel's partial sums (PYINF_NATIVE_SM90=1; its factors packed once)
+        packed = _packed_factors(left, right)
         ws = _workspace(_C.factored_scores_workspace_size(acts, grads, left, right, bool(per_token)), acts)
-        _C.factored_scores(acts, grads, left, right, mask, bool(per_token), out, ws, _stream(acts))
+        _C.factored_scores(acts, grads, left, right, mask, bool(per_token), out, ws, _stream(acts), packed)
     return out
 
 

@@ -231,6 +231,18 @@ int main(void) {
     CHECK(s == PYINF_SUCCESS && kernel != NULL && strlen(kernel) > 0, "factored kernel name gave %d", (int)s);
     s = pyinf_cuda_factored_scores_kernel(&A, &G, &bad, &RF, 0, bytes, &kernel);
     CHECK(s == PYINF_ERROR_INVALID_VALUE, "factored kernel name with a bad left gave %d", (int)s);
+    /* packed factors: none here (fp32 factors, no opt-in, no GPU), so packing is refused */
+    size_t packed_bytes = 1;
+    s = pyinf_cuda_factored_scores_pack_size(&LF, &RF, &packed_bytes);
+    CHECK(s == PYINF_SUCCESS && packed_bytes == 0, "pack size gave %d, %zu bytes", (int)s, packed_bytes);
+    s = pyinf_cuda_factored_scores_pack_size(&bad, &RF, &packed_bytes);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE, "pack size with a bad left gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_pack(&LF, &RF, out, 16, NULL);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE, "pack of factors the Hopper kernel cannot take gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_split_packed(&A, &G, &LF, &RF, out, 16, NULL, 0, out, NULL, 0, NULL);
+    CHECK(s == PYINF_ERROR_WORKSPACE, "split with packed factors that cannot exist gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_split_packed(&A, &G, &bad, &RF, NULL, 0, NULL, 0, out, NULL, 0, NULL);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE, "split_packed with a bad left gave %d", (int)s);
   } else {
     const char* kernel = NULL;
     s = pyinf_cuda_factored_scores_kernel(&A, &G, &LF, &RF, 0, 0, &kernel);
@@ -243,6 +255,12 @@ int main(void) {
     CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: factored workspace size gave %d", (int)s);
     s = pyinf_cuda_factored_scores_split(&A, &G, &LF, &RF, NULL, 0, out, NULL, 0, NULL);
     CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: factored split gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_pack_size(&LF, &RF, &bytes);
+    CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: pack size gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_pack(&LF, &RF, out, 16, NULL);
+    CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: pack gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_split_packed(&A, &G, &LF, &RF, NULL, 0, NULL, 0, out, NULL, 0, NULL);
+    CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: split_packed gave %d", (int)s);
   }
 
   printf("pyinf C API test (cuda compiled: %d, archs '%s'): %s\n", pyinf_cuda_compiled(), pyinf_cuda_archs(),

@@ -168,6 +168,25 @@ PYINF_API pyinf_status pyinf_cuda_factored_scores_kernel(const pyinf_tensor* act
                                                          const pyinf_tensor* left, const pyinf_tensor* right,
                                                          int per_token, size_t workspace_bytes, const char** name);
 
+/* Packed query factors for the Hopper kernel, made once and reused by every call with the same
+ * factors (a scoring pass calls each layer's factors once per batch of documents): without
+ * them the Hopper kernel copies the factors into its workspace on every call (two extra
+ * launches, Q * Rp * (d_in + d_out) * 2 bytes written). pack_size gives the bytes (0 when the
+ * Hopper kernel cannot take these factors: then pass no packed factors), pack fills them on
+ * `stream` from left [Q, d_out, r] and right [Q, d_in, r]; split_packed is
+ * pyinf_cuda_factored_scores_split with them (packed NULL: identical to it). The packed factors
+ * must come from these very left and right, unchanged since: their shapes and dtype are
+ * checked, their contents cannot be. With packed factors the Hopper kernel's workspace is only
+ * its partial sums (the size pyinf_cuda_factored_scores_workspace_size reports suffices). */
+PYINF_API pyinf_status pyinf_cuda_factored_scores_pack_size(const pyinf_tensor* left, const pyinf_tensor* right,
+                                                            size_t* bytes);
+PYINF_API pyinf_status pyinf_cuda_factored_scores_pack(const pyinf_tensor* left, const pyinf_tensor* right,
+                                                       void* packed, size_t packed_bytes, void* stream);
+PYINF_API pyinf_status pyinf_cuda_factored_scores_split_packed(
+    const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left, const pyinf_tensor* right,
+    const void* packed, size_t packed_bytes, const pyinf_tensor* mask, int per_token, float* out, void* workspace,
+    size_t workspace_bytes, void* stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif
