@@ -15,7 +15,8 @@ What it shows: the kernel's index arithmetic (tiles, K steps of both products, r
 partials and their sum, per-token output), its use of CuTe (TMA boxes, the 128-byte swizzle
 both ways, wgmma descriptors, accumulator coordinates in the epilogue), its barrier protocol
 under real concurrency (a wgmma reads its stage only when waited for, so releasing a stage
-early reads the next step's data), masking (NaN / Inf in masked rows), and the host's
+early reads the next step's data; a wgmma issued before its thread waited for the stage's TMA
+load is an error), masking (NaN / Inf in masked rows), and the host's
 workspace layout, alignment and applicability checks. What it cannot show: speed, register
 or shared-memory bank behaviour, and anything the hardware does that the PTX ISA leaves
 unspecified (the emulated wgmma accumulates K in order, with fmaf).

@@ -9,6 +9,7 @@
 
 #include <cuda.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -60,11 +61,23 @@ struct MBar {
   int64_t tx = 0;                              // transaction bytes still expected
 };
 
+// Which TMA load last wrote each 16-byte chunk of shared memory: the mbarrier it completed
+// its bytes on and that barrier's phase then. A wgmma may read the chunk only if its thread
+// has seen that phase complete (an mbarrier wait that returned after it): the data's
+// happens-before edge on the GPU. Checked when the wgmma is issued.
+struct Written {
+  uint32_t bar = 0xffffffffu, phase = 0;  // bar 0xffffffff: no TMA wrote the chunk
+};
+
 struct BlockState {
   std::mutex m;
   std::condition_variable cv;
   std::map<uint32_t, MBar> bars;  // by shared address
+  std::vector<Written> written;   // per 16-byte chunk of shared memory
 };
+
+// Per thread: the phases of each mbarrier (by address) this thread has seen complete.
+thread_local std::map<uint32_t, uint32_t> t_seen;
 
 BlockState& block() {
   return *static_cast<BlockState*>(
@@ -233,6 +246,26 @@ void check_desc(const Desc& ds, const char* which) {
                              " crosses a 128-byte swizzle row");
 }
 
+// The rows of an operand this thread reads (execute()) must hold TMA data whose barrier phase
+// this thread has seen complete.
+void check_published(const Desc& ds, int row, const char* which) {
+  BlockState& s = block();
+  std::lock_guard<std::mutex> l(s.m);
+  const uint64_t row_addr = ds.start + static_cast<uint64_t>(row / 8) * ds.sbo + static_cast<uint64_t>(row % 8) * 128;
+  for (int k = 0; k < 16; k += 8) {
+    const uint64_t chunk = swizzle(row_addr + 2 * k, 128) / 16;
+    const Written w = chunk < s.written.size() ? s.written[chunk] : Written{};
+    if (w.bar == 0xffffffffu)
+      throw std::runtime_error(std::string("wgmma ") + which + " reads shared memory at " + hex(chunk * 16) +
+                               " that no TMA load wrote");
+    auto seen = t_seen.find(w.bar);
+    if (seen == t_seen.end() || seen->second <= w.phase)
+      throw std::runtime_error(std::string("wgmma ") + which + " reads shared memory at " + hex(chunk * 16) +
+                               " before waiting for its TMA load (phase " + std::to_string(w.phase) +
+                               " of the mbarrier at " + hex(w.bar) + " not seen complete by this thread)");
+  }
+}
+
 void execute(const Gmma& g) {
   const int t = linear_thread(), lane = t % 32, wq = (t / 32) % 4;
   const Desc da = decode(g.desc_a), db = decode(g.desc_b);
@@ -258,6 +291,7 @@ void exit_check() {
   t_open.clear();
   t_groups.clear();
   t_fenced = false;
+  t_seen.clear();
   if (open || pending)
     throw std::runtime_error("the kernel returned with wgmma not retired (no wgmma.wait_group 0 after its last commit)");
 }
@@ -317,13 +351,19 @@ void mbar_wait(const void* bar, uint32_t parity) {
                                ") not completed within the timeout: deadlock");
     s.cv.wait_for(l, std::chrono::milliseconds(20));
   }
+  uint32_t& seen = t_seen[a];
+  seen = std::max(seen, b.phase);
 }
 
 bool mbar_try_wait(const void* bar, uint32_t parity) {
   const uint32_t a = bar_addr(bar, "mbarrier.try_wait.parity");
   BlockState& s = block();
   std::lock_guard<std::mutex> l(s.m);
-  return (find(s, a, "mbarrier.try_wait.parity").phase & 1) != (parity & 1);
+  const MBar& b = find(s, a, "mbarrier.try_wait.parity");
+  if ((b.phase & 1) == (parity & 1)) return false;
+  uint32_t& seen = t_seen[a];
+  seen = std::max(seen, b.phase);
+  return true;
 }
 
 void tma_prefetch(const void* desc) {
@@ -384,6 +424,16 @@ void tma_load(const void* desc, void* mbar, void* smem, int rank, const int32_t*
             else
               std::memset(out, 0, m.esize);  // CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE: zeros
           }
+  {  // tag the chunks with the phase these bytes complete (the barrier's current one)
+    const uint32_t a = bar_addr(mbar, "cp.async.bulk.tensor");
+    BlockState& s = block();
+    std::lock_guard<std::mutex> l(s.m);
+    const uint32_t phase = find(s, a, "cp.async.bulk.tensor").phase;
+    size_t window = 0;
+    smem_window(&window);
+    if (s.written.size() < window / 16) s.written.resize(window / 16);
+    for (uint64_t c = dst / 16; c < (dst + bytes + 15) / 16; ++c) s.written[c] = Written{a, phase};
+  }
   complete_tx(mbar, static_cast<uint32_t>(bytes));  // the whole box counts, filled or not
 }
 
@@ -411,6 +461,15 @@ void wgmma_ss(int dtype, int M, int N, int K, uint64_t desc_a, uint64_t desc_b, 
   if (M != 64 || N != 128 || K != 16 || (dtype != 1 && dtype != 2))
     throw std::runtime_error("wgmma: only m64n128k16 with bf16 or fp16 operands is emulated");
   if (tnsp_a != 0 || tnsp_b != 0) throw std::runtime_error("wgmma: only K-major operands are emulated");
+  {  // the data's happens-before edge, at issue (the wgmma may read it any time after)
+    const int t = linear_thread(), lane = t % 32, wq = (t / 32) % 4;
+    const Desc da = decode(desc_a), db = decode(desc_b);
+    check_desc(da, "A");
+    check_desc(db, "B");
+    for (int h = 0; h < 2; ++h) check_published(da, wq * 16 + lane / 4 + 8 * h, "A operand");
+    for (int j = 0; j < 16; ++j)
+      for (int e = 0; e < 2; ++e) check_published(db, 8 * j + 2 * (lane % 4) + e, "B operand");
+  }
   Gmma g;
   g.dtype = dtype;
   g.desc_a = desc_a;

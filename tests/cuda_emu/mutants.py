@@ -2,7 +2,7 @@
 (a missing __syncthreads, an unzeroed shared array, an out-of-bounds read, a wrong WMMA
 layout; for the Hopper kernel a stage released while its wgmma runs, a wrong TMA coordinate,
 a wrong transaction byte count, swapped accumulator coordinates, unmasked rows, overlapping
-persistent tiles, a short barrier count, a lost rank column) and run the relevant part of
+persistent tiles, a short barrier count, a lost rank column, a missing full-barrier wait) and run the relevant part of
 tests/test_native_emulated.py (or test_native_sm90_emulated.py) against each. Every
 mutant must make a test fail (or error). Not part of the test suite (about 15 s a mutant):
 
@@ -74,6 +74,8 @@ MUTANTS = {
     "sm90: empty barriers expect half the consumers": (
         SM90, "EmptyBar::init(&s.empty[st], kConsumers);", "EmptyBar::init(&s.empty[st], kConsumers / 2);",
         SM90_CASE, SM90_TEST),
+    "sm90: wgmma issued without waiting for its stage's TMA load (no full-barrier wait)": (
+        SM90, "FullBar::wait(&s.full[st], (g / kStages) & 1);", ";", SM90_CASE, SM90_TEST),
     "sm90: the fold drops each query's last rank column": (
         SM90, "for (int k = 0; k < p.Rp; ++k)", "for (int k = 0; k < p.Rp - 1; ++k)",
         "test_sm90_matches_the_reference and column-tiles and bf16", SM90_TEST),
