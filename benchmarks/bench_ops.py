@@ -117,6 +117,17 @@ def sm90_kernel_available(device: torch.device) -> bool:
     return bool(getattr(_C, "cuda_sm90_compiled", lambda: False)())
 
 
+def _unpacked(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the native backend's packed query factors forgotten before every call, so
+    the Hopper kernel packs (copies) them on each call, as it did before they were kept."""
+    def run():
+        from pyinf.ops import _native
+
+        _native._PACKED.clear()
+        return fn()
+    return run
+
+
 def _with_env(key: str, value: str, fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` run with the environment variable ``key`` set to ``value`` (restored after)."""
     def run():
@@ -299,6 +310,9 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
                     for mode in ("wait0", "ws"):
                         variants.append((f"native-sm90-{mode}",
                                          _with_env("PYINF_NATIVE_SM90", mode, op_call(op, name, x))))
+                    # the factor copy on every call, as before packed factors (RESULTS row 27)
+                    variants.append(("native-sm90-copy",
+                                     _with_env("PYINF_NATIVE_SM90", "1", _unpacked(op_call(op, name, x)))))
             for name, fn in variants:
                 if (op, name) in rate and f / rate[(op, name)] > MAX_PREDICTED_S:
                     why = (f"predicted {f / rate[(op, name)]:.0f} s per call from its rate at a smaller shape "

@@ -120,6 +120,10 @@ class PackedFactors:
     def __len__(self):
         return len(self._entries)
 
+    def clear(self):
+        """Forget every packed copy (the next call with any factors packs again)."""
+        self._entries.clear()
+
 
 _PACKED = PackedFactors()
 
