@@ -402,8 +402,7 @@ void tma_load(const void* desc, void* mbar, void* smem, int rank, const int32_t*
     box_elems *= box[i];
   }
   const uint64_t bytes = box_elems * m.esize;
-  unsigned char* window = smem_at(dst, bytes, "cp.async.bulk.tensor destination");
-  (void)window;
+  smem_at(dst, bytes, "cp.async.bulk.tensor destination");  // the whole box inside shared memory
   uint64_t i[5];
   uint64_t lin = 0;
   for (i[4] = 0; i[4] < box[4]; ++i[4])
@@ -429,10 +428,10 @@ void tma_load(const void* desc, void* mbar, void* smem, int rank, const int32_t*
     BlockState& s = block();
     std::lock_guard<std::mutex> l(s.m);
     const uint32_t phase = find(s, a, "cp.async.bulk.tensor").phase;
-    size_t window = 0;
-    smem_window(&window);
-    if (s.written.size() < window / 16) s.written.resize(window / 16);
-    for (uint64_t c = dst / 16; c < (dst + bytes + 15) / 16; ++c) s.written[c] = Written{a, phase};
+    size_t smem_bytes = 0;
+    smem_window(&smem_bytes);
+    if (s.written.size() < smem_bytes / 16) s.written.resize(smem_bytes / 16);
+    for (uint64_t chunk = dst / 16; chunk < (dst + bytes + 15) / 16; ++chunk) s.written[chunk] = Written{a, phase};
   }
   complete_tx(mbar, static_cast<uint32_t>(bytes));  // the whole box counts, filled or not
 }
