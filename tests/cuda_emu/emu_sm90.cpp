@@ -10,6 +10,7 @@
 #include <cuda.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -74,10 +75,16 @@ struct BlockState {
   std::condition_variable cv;
   std::map<uint32_t, MBar> bars;  // by shared address
   std::vector<Written> written;   // per 16-byte chunk of shared memory
+  // wgmma is a warpgroup instruction (.sync.aligned): every thread of a warpgroup issues the same
+  // sequence. Per warpgroup, the (desc_a, desc_b, scale_d) of each wgmma its threads issued so
+  // far; a thread whose i-th wgmma differs, or that leaves the kernel with fewer than another
+  // thread of its warpgroup issued, is an error. (A thread that issues none is not checked.)
+  std::map<int, std::vector<std::array<uint64_t, 3>>> issued;
 };
 
 // Per thread: the phases of each mbarrier (by address) this thread has seen complete.
 thread_local std::map<uint32_t, uint32_t> t_seen;
+thread_local size_t t_issued = 0;  // wgmma issued by this thread
 
 BlockState& block() {
   return *static_cast<BlockState*>(
@@ -288,12 +295,22 @@ void execute(const Gmma& g) {
 
 void exit_check() {
   const bool open = !t_open.empty(), pending = !t_groups.empty();
+  const size_t issued = t_issued;
   t_open.clear();
   t_groups.clear();
   t_fenced = false;
   t_seen.clear();
+  t_issued = 0;
   if (open || pending)
     throw std::runtime_error("the kernel returned with wgmma not retired (no wgmma.wait_group 0 after its last commit)");
+  if (issued > 0) {
+    BlockState& s = block();
+    std::lock_guard<std::mutex> l(s.m);
+    const size_t most = s.issued[linear_thread() / 128].size();
+    if (issued < most)
+      throw std::runtime_error("a thread left the kernel after " + std::to_string(issued) + " wgmma, another of its "
+                               "warpgroup issued " + std::to_string(most) + " (wgmma is a warpgroup instruction)");
+  }
 }
 
 struct RegisterExitCheck {
@@ -468,6 +485,18 @@ void wgmma_ss(int dtype, int M, int N, int K, uint64_t desc_a, uint64_t desc_b, 
     for (int h = 0; h < 2; ++h) check_published(da, wq * 16 + lane / 4 + 8 * h, "A operand");
     for (int j = 0; j < 16; ++j)
       for (int e = 0; e < 2; ++e) check_published(db, 8 * j + 2 * (lane % 4) + e, "B operand");
+  }
+  {  // the same wgmma as the rest of the warpgroup
+    BlockState& s = block();
+    std::lock_guard<std::mutex> l(s.m);
+    auto& seq = s.issued[linear_thread() / 128];
+    const std::array<uint64_t, 3> op{desc_a, desc_b, static_cast<uint64_t>(scale_d)};
+    if (t_issued < seq.size() && seq[t_issued] != op)
+      throw std::runtime_error("wgmma " + std::to_string(t_issued) + " of this thread differs from the same wgmma of "
+                               "another thread of its warpgroup (descriptors " + hex(desc_a) + ", " + hex(desc_b) +
+                               " vs " + hex(seq[t_issued][0]) + ", " + hex(seq[t_issued][1]) + ")");
+    if (t_issued == seq.size()) seq.push_back(op);
+    ++t_issued;
   }
   Gmma g;
   g.dtype = dtype;

@@ -17,7 +17,9 @@
 //    is refilled before the wgmma reading it has been waited for gives wrong results, as it
 //    may on the GPU. When it is issued, the shared memory it will read must hold TMA data
 //    whose mbarrier phase the issuing thread has seen complete (a wait that returned after
-//    it): a wgmma issued before waiting for its stage is an error, whatever the timing. Each thread computes its own 64 accumulator elements from the PTX ISA's
+//    it): a wgmma issued before waiting for its stage is an error, whatever the timing. The
+//    threads of a warpgroup must issue the same sequence of wgmma (descriptors, scale-d),
+//    as the instruction is warpgroup-wide (.sync.aligned). Each thread computes its own 64 accumulator elements from the PTX ISA's
 //    fragment layout, decoding the matrix descriptors (start address, strides, swizzle)
 //    itself: CuTe's layouts are checked against the ISA, not against themselves.
 #pragma once

@@ -2,7 +2,8 @@
 (a missing __syncthreads, an unzeroed shared array, an out-of-bounds read, a wrong WMMA
 layout; for the Hopper kernel a stage released while its wgmma runs, a wrong TMA coordinate,
 a wrong transaction byte count, swapped accumulator coordinates, unmasked rows, overlapping
-persistent tiles, a short barrier count, a lost rank column, a missing full-barrier wait) and run the relevant part of
+persistent tiles, a short barrier count, a lost rank column, a missing full-barrier wait, a
+warpgroup whose threads issue different wgmma) and run the relevant part of
 tests/test_native_emulated.py (or test_native_sm90_emulated.py) against each. Every
 mutant must make a test fail (or error). Not part of the test suite (about 15 s a mutant):
 
@@ -76,6 +77,10 @@ MUTANTS = {
         SM90_CASE, SM90_TEST),
     "sm90: wgmma issued without waiting for its stage's TMA load (no full-barrier wait)": (
         SM90, "FullBar::wait(&s.full[st], (g / kStages) & 1);", ";", SM90_CASE, SM90_TEST),
+    "sm90: half of each warpgroup skips the first K step's wgmma": (
+        SM90, "gemm(mma, tCrA(_, _, _, st), tCrB(_, _, _, st), acc);",
+        "if (ctid % 128 < 64 || kt > 0) gemm(mma, tCrA(_, _, _, st), tCrB(_, _, _, st), acc);",
+        SM90_CASE, SM90_TEST),
     "sm90: the fold drops each query's last rank column": (
         SM90, "for (int k = 0; k < p.Rp; ++k)", "for (int k = 0; k < p.Rp - 1; ++k)",
         "test_sm90_matches_the_reference and column-tiles and bf16", SM90_TEST),
