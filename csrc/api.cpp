@@ -138,10 +138,10 @@ pyinf_status validate_factored_shapes(const pyinf_tensor* acts, const pyinf_tens
   PYINF_TRY(validate_tokens(op, acts, grads, d));
   Dims f;
   PYINF_TRY(validate_factor_pair(op, left, right, &f));
-  if (left->shape[1] != d->d_out)
+  if (f.d_out != d->d_out)
     return fail(PYINF_ERROR_INVALID_VALUE, std::string("pyinf_") + op + ": 'left' must be [Q, d_out=" +
                                                std::to_string(d->d_out) + ", r], got " + describe(left));
-  if (right->shape[1] != d->d_in)
+  if (f.d_in != d->d_in)
     return fail(PYINF_ERROR_INVALID_VALUE, std::string("pyinf_") + op + ": 'right' must be [Q, d_in=" +
                                                std::to_string(d->d_in) + ", r], got " + describe(right));
   d->q = f.q;
@@ -230,6 +230,10 @@ pyinf_status pyinf_cuda_factored_scores_pack_size(const pyinf_tensor*, const pyi
 }
 pyinf_status pyinf_cuda_factored_scores_pack(const pyinf_tensor*, const pyinf_tensor*, void*, size_t, void*) {
   return not_compiled("factored_scores_pack");
+}
+pyinf_status pyinf_cuda_factored_scores_packed_workspace_size(const pyinf_tensor*, const pyinf_tensor*,
+                                                              const pyinf_tensor*, const pyinf_tensor*, int, size_t*) {
+  return not_compiled("factored_scores_packed_workspace_size");
 }
 pyinf_status pyinf_cuda_factored_scores_split_packed(const pyinf_tensor*, const pyinf_tensor*, const pyinf_tensor*,
                                                      const pyinf_tensor*, const void*, size_t, const pyinf_tensor*,

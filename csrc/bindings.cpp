@@ -224,15 +224,15 @@ void self_influence(py::handle acts_, py::handle grads_, py::handle qa_, py::han
 }
 
 size_t factored_workspace_size(py::handle acts_, py::handle grads_, py::handle left_, py::handle right_,
-                               bool per_token) {
+                               bool per_token, bool packed) {
   const char* op = "factored_scores_workspace_size";
   Arg acts = read(acts_, op, "acts", 3), grads = read(grads_, op, "grads", 3);
   Arg left = read(left_, op, "left", 3), right = read(right_, op, "right", 3);
   if (!is_cuda(acts)) return 0;  // the CPU path needs none
   require_cuda_build(op);
   size_t bytes = 0;
-  raise_status(pyinf_cuda_factored_scores_workspace_size(&acts.t, &grads.t, &left.t, &right.t, per_token ? 1 : 0,
-                                                         &bytes));
+  raise_status((packed ? pyinf_cuda_factored_scores_packed_workspace_size : pyinf_cuda_factored_scores_workspace_size)(
+      &acts.t, &grads.t, &left.t, &right.t, per_token ? 1 : 0, &bytes));
   return bytes;
 }
 
@@ -318,7 +318,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("lambdas"), py::arg("damping"), py::arg("mask"), py::arg("out"), py::arg("workspace") = py::none(),
         py::arg("stream") = py::none());
   m.def("factored_scores_workspace_size", &factored_workspace_size, py::arg("acts"), py::arg("grads"),
-        py::arg("left"), py::arg("right"), py::arg("per_token"));
+        py::arg("left"), py::arg("right"), py::arg("per_token"), py::arg("packed") = false,
+        "Workspace bytes of a CUDA call (packed: with packed factors given, see factored_scores_pack)");
   m.def("factored_scores_kernel", &factored_kernel, py::arg("acts"), py::arg("grads"), py::arg("left"),
         py::arg("right"), py::arg("per_token"), py::arg("workspace_bytes"));
   m.def("factored_scores", &factored_scores, py::arg("acts"), py::arg("grads"), py::arg("left"), py::arg("right"),

@@ -201,19 +201,26 @@ def _ctx(*key) -> str:
 
 
 @contextlib.contextmanager
-def native_tc(mode):
-    old = os.environ.get("PYINF_NATIVE_TC")
-    if mode is None:
-        os.environ.pop("PYINF_NATIVE_TC", None)
-    else:
-        os.environ["PYINF_NATIVE_TC"] = mode
+def env(**values):
+    """The environment variables set (a value of None: unset) for the block, restored after."""
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("PYINF_NATIVE_TC", None)
-        else:
-            os.environ["PYINF_NATIVE_TC"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def native_tc(mode):
+    return env(PYINF_NATIVE_TC=mode)
 
 
 _GUARD = 64  # elements of NaN before and after every input (a multiple of 8: keeps 16-byte alignment)

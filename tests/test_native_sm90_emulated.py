@@ -24,7 +24,6 @@ tests/cuda_emu/mutants.py (the sm90 entries) breaks the kernel on purpose: each 
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 
@@ -47,6 +46,7 @@ from .test_native_emulated import (
     _problem,
     assert_close,
     emulate,
+    env,
     factored_scores_split,
     guarded,
 )
@@ -85,6 +85,7 @@ def lib():
         ctypes.c_int, [t, t, t, t, ctypes.c_int, ctypes.c_size_t, ctypes.POINTER(ctypes.c_char_p)])
     sigs["pyinf_cuda_factored_scores_pack_size"] = (ctypes.c_int, [t, t, ctypes.POINTER(ctypes.c_size_t)])
     sigs["pyinf_cuda_factored_scores_pack"] = (ctypes.c_int, [t, t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
+    sigs["pyinf_cuda_factored_scores_packed_workspace_size"] = sigs["pyinf_cuda_factored_scores_workspace_size"]
     sigs["pyinf_cuda_factored_scores_split_packed"] = (
         ctypes.c_int, [t, t, t, t, ctypes.c_void_p, ctypes.c_size_t, t, ctypes.c_int, ctypes.c_void_p,
                        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])
@@ -94,23 +95,6 @@ def lib():
     assert handle.pyinf_cuda_compiled() == 1
     assert handle.pyinf_cuda_sm90_compiled() == 1, "the emulated build did not compile the Hopper kernel in"
     return handle
-
-
-@contextlib.contextmanager
-def env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: v for k, v in values.items() if v is not None})
-    for k, v in values.items():
-        if v is None:
-            os.environ.pop(k, None)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def kernel_name(lib, acts, grads, left, right, per_token, workspace_bytes):
@@ -252,16 +236,22 @@ def _pack_size(lib, left, right):
     return nbytes.value
 
 
+def _workspace_size(lib, acts, grads, left, right, per_token, packed):
+    nbytes = ctypes.c_size_t(0)
+    size = (lib.pyinf_cuda_factored_scores_packed_workspace_size if packed
+            else lib.pyinf_cuda_factored_scores_workspace_size)
+    s = size(_desc(lib, acts), _desc(lib, grads), _desc(lib, left), _desc(lib, right), 1 if per_token else 0,
+             ctypes.byref(nbytes))
+    assert s == 0, lib.pyinf_last_error().decode()
+    return nbytes.value
+
+
 def _split_packed(lib, acts, grads, left, right, packed, mask, per_token, ctx, workspace=True, packed_bytes=None):
-    """pyinf_cuda_factored_scores_split_packed; (status, scores, launch log)."""
+    """pyinf_cuda_factored_scores_split_packed with the workspace the packed call asks for;
+    (status, scores, launch log)."""
     n, t = acts.shape[:2]
     q = left.shape[0]
-    nbytes = ctypes.c_size_t(0)
-    if workspace:
-        s = lib.pyinf_cuda_factored_scores_workspace_size(_desc(lib, acts), _desc(lib, grads), _desc(lib, left),
-                                                          _desc(lib, right), 1 if per_token else 0,
-                                                          ctypes.byref(nbytes))
-        assert s == 0
+    nbytes = ctypes.c_size_t(_workspace_size(lib, acts, grads, left, right, per_token, True) if workspace else 0)
     ws = Out(None, nbytes=nbytes.value) if nbytes.value else None
     out = Out((n, t, q) if per_token else (n, q))
     lib.pyinf_emu_reset()
@@ -305,6 +295,12 @@ def test_sm90_packed_factors(lib):
         for batch in range(2):
             args, clean_a, clean_g = sm90_problem(("packed", batch), (n, t, d_in, d_out, q, r), torch.bfloat16)
             args[2], args[3] = left, right
+            # with packed factors the workspace no longer holds a copy of them: the partial sums
+            # (2 documents x 2 token tiles x 3 queries) or the WMMA fallback's split, whichever is larger
+            partials = n * 2 * q * 4
+            with_packed = _workspace_size(lib, *args[:4], False, True)
+            assert partials <= with_packed < nbytes, (with_packed, nbytes)
+            assert _workspace_size(lib, *args[:4], False, False) >= nbytes + partials
             for per_token in (False, True):
                 ctx = _ctx("sm90 packed", batch, per_token)
                 s, out, log = _split_packed(lib, *args[:4], packed, args[4], per_token, ctx)

@@ -9,6 +9,7 @@
 // elementwise and folds each query's r columns into per-(token, query) sums in shared
 // memory in a fixed order. Per-token scores are written directly; document scores sum
 // the token rows in order inside the block. No atomics: deterministic for a given split.
+#include <algorithm>
 #include "kernels_common.cuh"
 
 namespace pyinf {
@@ -160,13 +161,44 @@ bool takes_sm90(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf
 #endif
 }
 
+// Bytes of the Hopper kernel's packed factors for a validated factor pair (0: it cannot take them).
+size_t packed_factor_bytes(const pyinf_tensor* left, const pyinf_tensor* right, const Dims& d) {
+#if defined(PYINF_WITH_SM90)
+  if (d.q > 0 && factored_scores_sm90_packable(left, right, d)) return factored_scores_sm90_packed_bytes(d);
+#else
+  (void)left, (void)right, (void)d;
+#endif
+  return 0;
+}
+
+// The workspace a call needs: the split's partials, or the Hopper kernel's (with or without
+// packed factors given), whichever is larger.
+size_t workspace_bytes_for(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
+                           const pyinf_tensor* right, const Dims& d, int per_token, bool packed) {
+  size_t bytes = plan(d, per_token, true).workspace_bytes;
+#if defined(PYINF_WITH_SM90)
+  if (factored_scores_sm90_applicable(acts, grads, left, right, d))
+    bytes = std::max(bytes, factored_scores_sm90_workspace_bytes(d, per_token ? 1 : 0, packed));
+#else
+  (void)acts, (void)grads, (void)left, (void)right, (void)packed;
+#endif
+  return bytes;
+}
+
 pyinf_status run_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                           const pyinf_tensor* right, const pyinf_tensor* mask, int per_token, float* out,
                           void* workspace, size_t workspace_bytes, bool may_split, void* stream_ptr,
-                          const void* packed = nullptr) {
+                          const void* packed = nullptr, size_t packed_bytes = 0) {
   Dims d;
   pyinf_status s = validate_factored(acts, grads, left, right, mask, per_token, out, &d);
   if (s != PYINF_SUCCESS) return s;
+  if (packed != nullptr) {
+    const size_t need = packed_factor_bytes(left, right, d);
+    if (need == 0 || packed_bytes < need)
+      return fail(PYINF_ERROR_WORKSPACE, "pyinf_cuda_factored_scores_split_packed: the packed factors have " +
+                                             std::to_string(packed_bytes) + " bytes, these factors need " +
+                                             std::to_string(need) + (need == 0 ? " (none can be packed here)" : ""));
+  }
 #if defined(PYINF_WITH_SM90)
   if ((workspace != nullptr || packed != nullptr) &&
       takes_sm90(acts, grads, left, right, d, per_token, workspace_bytes, packed != nullptr))
@@ -219,13 +251,21 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_workspace_size(const pyinf_te
   Dims d;
   pyinf_status s = validate_factored_shapes(acts, grads, left, right, &d);
   if (s != PYINF_SUCCESS) return s;
-  *bytes = plan(d, per_token, true).workspace_bytes;
-#if defined(PYINF_WITH_SM90)
-  if (factored_scores_sm90_applicable(acts, grads, left, right, d)) {
-    const size_t sm90 = factored_scores_sm90_workspace_bytes(d, per_token ? 1 : 0, false);
-    if (sm90 > *bytes) *bytes = sm90;
-  }
-#endif
+  *bytes = workspace_bytes_for(acts, grads, left, right, d, per_token, false);
+  return PYINF_SUCCESS;
+}
+
+extern "C" pyinf_status pyinf_cuda_factored_scores_packed_workspace_size(const pyinf_tensor* acts,
+                                                                         const pyinf_tensor* grads,
+                                                                         const pyinf_tensor* left,
+                                                                         const pyinf_tensor* right, int per_token,
+                                                                         size_t* bytes) {
+  if (bytes == nullptr)
+    return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores_packed_workspace_size: 'bytes' is NULL");
+  Dims d;
+  pyinf_status s = validate_factored_shapes(acts, grads, left, right, &d);
+  if (s != PYINF_SUCCESS) return s;
+  *bytes = workspace_bytes_for(acts, grads, left, right, d, per_token, true);
   return PYINF_SUCCESS;
 }
 
@@ -256,10 +296,7 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_pack_size(const pyinf_tensor*
   Dims d;
   pyinf_status s = validate_factor_pair("factored_scores_pack_size", left, right, &d);
   if (s != PYINF_SUCCESS) return s;
-  *bytes = 0;
-#if defined(PYINF_WITH_SM90)
-  if (d.q > 0 && factored_scores_sm90_packable(left, right, d)) *bytes = factored_scores_sm90_packed_bytes(d);
-#endif
+  *bytes = packed_factor_bytes(left, right, d);
   return PYINF_SUCCESS;
 }
 
@@ -269,9 +306,7 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_pack(const pyinf_tensor* left
   Dims d;
   pyinf_status s = validate_factor_pair(op, left, right, &d);
   if (s != PYINF_SUCCESS) return s;
-  size_t need = 0;
-  s = pyinf_cuda_factored_scores_pack_size(left, right, &need);
-  if (s != PYINF_SUCCESS) return s;
+  const size_t need = packed_factor_bytes(left, right, d);
   if (need == 0)
     return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores_pack: the Hopper kernel cannot take these "
                                            "factors here (pyinf_cuda_factored_scores_pack_size reports 0 bytes)");
@@ -290,15 +325,6 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_split_packed(
     const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left, const pyinf_tensor* right,
     const void* packed, size_t packed_bytes, const pyinf_tensor* mask, int per_token, float* out, void* workspace,
     size_t workspace_bytes, void* stream) {
-  if (packed != nullptr) {
-    size_t need = 0;
-    pyinf_status s = pyinf_cuda_factored_scores_pack_size(left, right, &need);
-    if (s != PYINF_SUCCESS) return s;
-    if (need == 0 || packed_bytes < need)
-      return fail(PYINF_ERROR_WORKSPACE, "pyinf_cuda_factored_scores_split_packed: the packed factors have " +
-                                             std::to_string(packed_bytes) + " bytes, these factors need " +
-                                             std::to_string(need) + (need == 0 ? " (none can be packed here)" : ""));
-  }
   return run_factored(acts, grads, left, right, mask, per_token, out, workspace, workspace_bytes, true, stream,
-                      packed);
+                      packed, packed_bytes);
 }

@@ -483,8 +483,7 @@ pyinf_status launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, c
 
 bool factored_scores_sm90_packable(const pyinf_tensor* left, const pyinf_tensor* right, const Dims& d) {
   if (sm90_mode() < 0 || !use_tensor_cores(true)) return false;
-  const pyinf_dtype dt = left->dtype;
-  if (!(dt == PYINF_BFLOAT16 || dt == PYINF_FLOAT16) || right->dtype != dt) return false;
+  if (!is_16bit(left) || right->dtype != left->dtype) return false;
   if (d.d_in < 1 || d.d_out < 1 || d.r < 1 || d.r > kTileN || (d.d_in + 255) / 256 > 65535 ||
       (d.d_out + 255) / 256 > 65535)  // the factor copy's grid
     return false;

@@ -147,7 +147,8 @@ def factored_scores(acts, grads, left, right, *, mask=None, per_token=False):
         # a workspace when the kernel splits the tokens of few documents over more blocks, or
         # for the Hopper kernel's partial sums (PYINF_NATIVE_SM90=1; its factors packed once)
         packed = _packed_factors(left, right)
-        ws = _workspace(_C.factored_scores_workspace_size(acts, grads, left, right, bool(per_token)), acts)
+        ws = _workspace(_C.factored_scores_workspace_size(acts, grads, left, right, bool(per_token),
+                                                          packed=packed is not None), acts)
         _C.factored_scores(acts, grads, left, right, mask, bool(per_token), out, ws, _stream(acts), packed)
     return out
 

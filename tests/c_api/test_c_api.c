@@ -239,6 +239,10 @@ int main(void) {
     CHECK(s == PYINF_ERROR_INVALID_VALUE, "pack size with a bad left gave %d", (int)s);
     s = pyinf_cuda_factored_scores_pack(&LF, &RF, out, 16, NULL);
     CHECK(s == PYINF_ERROR_INVALID_VALUE, "pack of factors the Hopper kernel cannot take gave %d", (int)s);
+    size_t packed_ws = 0;
+    s = pyinf_cuda_factored_scores_packed_workspace_size(&A, &G, &LF, &RF, 0, &packed_ws);
+    CHECK(s == PYINF_SUCCESS && packed_ws <= bytes, "packed workspace size gave %d, %zu > %zu", (int)s, packed_ws,
+          bytes);
     s = pyinf_cuda_factored_scores_split_packed(&A, &G, &LF, &RF, out, 16, NULL, 0, out, NULL, 0, NULL);
     CHECK(s == PYINF_ERROR_WORKSPACE, "split with packed factors that cannot exist gave %d", (int)s);
     s = pyinf_cuda_factored_scores_split_packed(&A, &G, &bad, &RF, NULL, 0, NULL, 0, out, NULL, 0, NULL);
@@ -259,6 +263,8 @@ int main(void) {
     CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: pack size gave %d", (int)s);
     s = pyinf_cuda_factored_scores_pack(&LF, &RF, out, 16, NULL);
     CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: pack gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_packed_workspace_size(&A, &G, &LF, &RF, 0, &bytes);
+    CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: packed workspace size gave %d", (int)s);
     s = pyinf_cuda_factored_scores_split_packed(&A, &G, &LF, &RF, NULL, 0, NULL, 0, out, NULL, 0, NULL);
     CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: split_packed gave %d", (int)s);
   }

@@ -129,8 +129,7 @@ struct BlockCtx {
   size_t shared_bytes = 0;
   unsigned char* dyn_smem = nullptr;  // the launch's dynamic shared memory (poisoned per block)
   size_t dyn_bytes = 0;
-  std::map<uint32_t, std::unique_ptr<Barrier>> named;  // bar.sync ids (under fail_m)
-  std::map<uint32_t, uint32_t> named_threads;
+  std::map<uint32_t, std::pair<uint32_t, std::unique_ptr<Barrier>>> named;  // bar.sync id -> (threads, barrier)
   void* state = nullptr;  // block_state(): made by the first caller, destroyed with the block
   void (*destroy_state)(void*) = nullptr;
 
@@ -199,14 +198,13 @@ void named_barrier(uint32_t id, uint32_t threads) {
     std::lock_guard<std::mutex> l(c.fail_m);
     auto it = c.named.find(id);
     if (it == c.named.end()) {
-      it = c.named.emplace(id, std::make_unique<Barrier>()).first;
-      it->second->init(static_cast<int>(threads));
-      c.named_threads[id] = threads;
-    } else if (c.named_threads[id] != threads) {
+      it = c.named.emplace(id, std::make_pair(threads, std::make_unique<Barrier>())).first;
+      it->second.second->init(static_cast<int>(threads));
+    } else if (it->second.first != threads) {
       throw std::runtime_error("bar.sync " + std::to_string(id) + ": used with " + std::to_string(threads) +
-                               " and with " + std::to_string(c.named_threads[id]) + " threads");
+                               " and with " + std::to_string(it->second.first) + " threads");
     }
-    b = it->second.get();
+    b = it->second.second.get();
   }
   b->arrive_and_wait("bar.sync (named barrier)");
 }
@@ -309,15 +307,17 @@ void* thread_main(void* p) {
   t_linear = a.t;
   t_slot = 0;
   void (*check)() = g_exit_check.load();
+  bool body_done = false;
   try {
     a.body(a.closure);
+    body_done = true;
     if (check) check();
   } catch (const std::exception& e) {
     c.fail(e.what());
   } catch (...) {
     c.fail("unknown exception");
   }
-  if (check && !c.failure.empty()) {  // leave no per-thread state to the worker's next block
+  if (check && !body_done) {  // the check also clears per-thread state: none for the worker's next block
     try {
       check();
     } catch (...) {

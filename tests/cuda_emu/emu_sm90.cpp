@@ -130,8 +130,8 @@ constexpr uint64_t kMapMagic = 0x70796e66544d4150ull;  // "pyinfTMAP"
 struct EmuMap {
   uint64_t magic;
   const unsigned char* addr;
-  uint32_t rank, esize, swizzle, oob_nan;
-  uint32_t dim_minus1[5], box[5], estride[5];
+  uint32_t rank, esize, swizzle;
+  uint32_t dim_minus1[5], box[5];  // (element strides and OOB fill: only 1 and zeros are encoded)
   uint64_t stride[4];  // bytes, of dims 1..rank-1 (dim 0 is contiguous)
 };
 static_assert(sizeof(EmuMap) <= sizeof(CUtensorMap), "the emulated tensor map must fit a CUtensorMap");
@@ -218,23 +218,41 @@ thread_local std::vector<Gmma> t_open;                 // issued since the last 
 thread_local std::deque<std::vector<Gmma>> t_groups;  // committed, not yet retired
 thread_local bool t_fenced = false;
 
+// PTX ISA, "Matrix Descriptor Format" (wgmma). The leading byte offset (bits 16-29) is not
+// used by K-major operands with a swizzle, the only kind emulated.
 struct Desc {
-  uint64_t start, lbo, sbo;
+  uint64_t start, sbo;
   uint32_t base_offset, layout;
 };
 
-Desc decode(uint64_t d) {  // PTX ISA, "Matrix Descriptor Format" (wgmma)
-  return Desc{(d & 0x3fff) << 4, ((d >> 16) & 0x3fff) << 4, ((d >> 32) & 0x3fff) << 4,
-              static_cast<uint32_t>((d >> 49) & 7), static_cast<uint32_t>((d >> 62) & 3)};
+Desc decode(uint64_t d) {
+  return Desc{(d & 0x3fff) << 4, ((d >> 32) & 0x3fff) << 4, static_cast<uint32_t>((d >> 49) & 7),
+              static_cast<uint32_t>((d >> 62) & 3)};
 }
 
-// Row `row` (M or N index), K elements 0..15 of a K-major operand with the 128-byte swizzle:
-// the canonical layout ((8, m), (T, 2k)) : ((8T, SBO), (1, T)), T = 8 16-bit elements, i.e.
-// byte (row % 8) * 128 + (row / 8) * SBO + 2 k from the start address, then swizzled.
+// The shared address of element (row, k) of a K-major operand with the 128-byte swizzle (row:
+// the M or N index, k < 16): the canonical layout ((8, m), (T, 2k)) : ((8T, SBO), (1, T)),
+// T = 8 16-bit elements, i.e. byte (row % 8) * 128 + (row / 8) * SBO + 2 k from the start
+// address, then swizzled.
+uint64_t element_addr(const Desc& ds, int row, int k) {
+  return swizzle(ds.start + static_cast<uint64_t>(row / 8) * ds.sbo + static_cast<uint64_t>(row % 8) * 128 + 2 * k,
+                 128);
+}
+
+// The rows of A and B whose elements a thread's accumulators need. PTX ISA, wgmma m64nNk16
+// fp32 accumulator fragment: element i of a thread is row 16 * (warp in warpgroup) + lane / 4
+// + 8 * ((i / 2) % 2), column 2 * (lane % 4) + i % 2 + 8 * (i / 4); a_rows[(i / 2) % 2] and
+// b_rows[2 * (i / 4) + i % 2].
+void fragment_rows(int a_rows[2], int b_rows[32]) {
+  const int t = linear_thread(), lane = t % 32, wq = (t / 32) % 4;
+  for (int h = 0; h < 2; ++h) a_rows[h] = wq * 16 + lane / 4 + 8 * h;
+  for (int j = 0; j < 16; ++j)
+    for (int e = 0; e < 2; ++e) b_rows[2 * j + e] = 8 * j + 2 * (lane % 4) + e;
+}
+
 void load_row(const Desc& ds, int row, int dtype, float* out, const char* which) {
-  const uint64_t row_addr = ds.start + static_cast<uint64_t>(row / 8) * ds.sbo + static_cast<uint64_t>(row % 8) * 128;
   for (int k = 0; k < 16; ++k) {
-    const uint64_t phys = swizzle(row_addr + 2 * k, 128);
+    const uint64_t phys = element_addr(ds, row, k);
     uint16_t h;
     std::memcpy(&h, smem_at(phys, 2, which), 2);
     out[k] = dtype == 1 ? bf16_to_float(h) : fp16_to_float(h);
@@ -258,9 +276,8 @@ void check_desc(const Desc& ds, const char* which) {
 void check_published(const Desc& ds, int row, const char* which) {
   BlockState& s = block();
   std::lock_guard<std::mutex> l(s.m);
-  const uint64_t row_addr = ds.start + static_cast<uint64_t>(row / 8) * ds.sbo + static_cast<uint64_t>(row % 8) * 128;
-  for (int k = 0; k < 16; k += 8) {
-    const uint64_t chunk = swizzle(row_addr + 2 * k, 128) / 16;
+  for (int k = 0; k < 16; k += 8) {  // the row's two 16-byte chunks
+    const uint64_t chunk = element_addr(ds, row, k) / 16;
     const Written w = chunk < s.written.size() ? s.written[chunk] : Written{};
     if (w.bar == 0xffffffffu)
       throw std::runtime_error(std::string("wgmma ") + which + " reads shared memory at " + hex(chunk * 16) +
@@ -273,17 +290,13 @@ void check_published(const Desc& ds, int row, const char* which) {
   }
 }
 
-void execute(const Gmma& g) {
-  const int t = linear_thread(), lane = t % 32, wq = (t / 32) % 4;
+void execute(const Gmma& g) {  // descriptors checked when issued
   const Desc da = decode(g.desc_a), db = decode(g.desc_b);
-  check_desc(da, "A");
-  check_desc(db, "B");
-  // PTX ISA, wgmma m64nNk16 fp32 accumulator fragment: element i of a thread is row
-  // 16 * (warp in warpgroup) + lane / 4 + 8 * ((i / 2) % 2), column 2 * (lane % 4) + i % 2 + 8 * (i / 4).
+  int a_rows[2], b_rows[32];
+  fragment_rows(a_rows, b_rows);
   float a[2][16], b[32][16];
-  for (int h = 0; h < 2; ++h) load_row(da, wq * 16 + lane / 4 + 8 * h, g.dtype, a[h], "wgmma A operand");
-  for (int j = 0; j < 16; ++j)
-    for (int e = 0; e < 2; ++e) load_row(db, 8 * j + 2 * (lane % 4) + e, g.dtype, b[2 * j + e], "wgmma B operand");
+  for (int h = 0; h < 2; ++h) load_row(da, a_rows[h], g.dtype, a[h], "wgmma A operand");
+  for (int j = 0; j < 32; ++j) load_row(db, b_rows[j], g.dtype, b[j], "wgmma B operand");
   for (int i = 0; i < 64; ++i) {
     const float* ar = a[(i / 2) % 2];
     const float* br = b[2 * (i / 4) + i % 2];
@@ -478,13 +491,13 @@ void wgmma_ss(int dtype, int M, int N, int K, uint64_t desc_a, uint64_t desc_b, 
     throw std::runtime_error("wgmma: only m64n128k16 with bf16 or fp16 operands is emulated");
   if (tnsp_a != 0 || tnsp_b != 0) throw std::runtime_error("wgmma: only K-major operands are emulated");
   {  // the data's happens-before edge, at issue (the wgmma may read it any time after)
-    const int t = linear_thread(), lane = t % 32, wq = (t / 32) % 4;
     const Desc da = decode(desc_a), db = decode(desc_b);
     check_desc(da, "A");
     check_desc(db, "B");
-    for (int h = 0; h < 2; ++h) check_published(da, wq * 16 + lane / 4 + 8 * h, "A operand");
-    for (int j = 0; j < 16; ++j)
-      for (int e = 0; e < 2; ++e) check_published(db, 8 * j + 2 * (lane % 4) + e, "B operand");
+    int a_rows[2], b_rows[32];
+    fragment_rows(a_rows, b_rows);
+    for (int row : a_rows) check_published(da, row, "A operand");
+    for (int row : b_rows) check_published(db, row, "B operand");
   }
   {  // the same wgmma as the rest of the warpgroup
     BlockState& s = block();
@@ -550,7 +563,6 @@ CUresult CUDAAPI cuTensorMapEncodeTiled(CUtensorMap* tensorMap, CUtensorMapDataT
     if (elementStrides[i] != 1) return encode_fail(tensorMap, "element strides other than 1 not emulated");
     m.dim_minus1[i] = static_cast<uint32_t>(globalDim[i] - 1);
     m.box[i] = boxDim[i];
-    m.estride[i] = elementStrides[i];
     const uint64_t st = i == 0 ? esize : globalStrides[i - 1];
     if (i > 0) {
       if (st % 16 != 0 || st >= (1ull << 40))

@@ -177,11 +177,17 @@ PYINF_API pyinf_status pyinf_cuda_factored_scores_kernel(const pyinf_tensor* act
  * pyinf_cuda_factored_scores_split with them (packed NULL: identical to it). The packed factors
  * must come from these very left and right, unchanged since: their shapes and dtype are
  * checked, their contents cannot be. With packed factors the Hopper kernel's workspace is only
- * its partial sums (the size pyinf_cuda_factored_scores_workspace_size reports suffices). */
+ * its partial sums: packed_workspace_size reports what split_packed needs then (no more than
+ * pyinf_cuda_factored_scores_workspace_size). */
 PYINF_API pyinf_status pyinf_cuda_factored_scores_pack_size(const pyinf_tensor* left, const pyinf_tensor* right,
                                                             size_t* bytes);
 PYINF_API pyinf_status pyinf_cuda_factored_scores_pack(const pyinf_tensor* left, const pyinf_tensor* right,
                                                        void* packed, size_t packed_bytes, void* stream);
+PYINF_API pyinf_status pyinf_cuda_factored_scores_packed_workspace_size(const pyinf_tensor* acts,
+                                                                        const pyinf_tensor* grads,
+                                                                        const pyinf_tensor* left,
+                                                                        const pyinf_tensor* right, int per_token,
+                                                                        size_t* bytes);
 PYINF_API pyinf_status pyinf_cuda_factored_scores_split_packed(
     const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left, const pyinf_tensor* right,
     const void* packed, size_t packed_bytes, const pyinf_tensor* mask, int per_token, float* out, void* workspace,
