@@ -241,18 +241,27 @@ extern "C" pyinf_status pyinf_cuda_factored_scores(const pyinf_tensor* acts, con
   return run_factored(acts, grads, left, right, mask, per_token, out, nullptr, 0, false, stream);
 }
 
+namespace {
+// The two workspace-size entry points: validated shapes, then workspace_bytes_for.
+pyinf_status report_workspace(const char* fn, const pyinf_tensor* acts, const pyinf_tensor* grads,
+                              const pyinf_tensor* left, const pyinf_tensor* right, int per_token, bool packed,
+                              size_t* bytes) {
+  if (bytes == nullptr) return fail(PYINF_ERROR_INVALID_VALUE, std::string(fn) + ": 'bytes' is NULL");
+  Dims d;
+  pyinf_status s = validate_factored_shapes(acts, grads, left, right, &d);
+  if (s != PYINF_SUCCESS) return s;
+  *bytes = workspace_bytes_for(acts, grads, left, right, d, per_token, packed);
+  return PYINF_SUCCESS;
+}
+}  // namespace
+
 extern "C" pyinf_status pyinf_cuda_factored_scores_workspace_size(const pyinf_tensor* acts,
                                                                   const pyinf_tensor* grads,
                                                                   const pyinf_tensor* left,
                                                                   const pyinf_tensor* right, int per_token,
                                                                   size_t* bytes) {
-  if (bytes == nullptr)
-    return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores_workspace_size: 'bytes' is NULL");
-  Dims d;
-  pyinf_status s = validate_factored_shapes(acts, grads, left, right, &d);
-  if (s != PYINF_SUCCESS) return s;
-  *bytes = workspace_bytes_for(acts, grads, left, right, d, per_token, false);
-  return PYINF_SUCCESS;
+  return report_workspace("pyinf_cuda_factored_scores_workspace_size", acts, grads, left, right, per_token, false,
+                          bytes);
 }
 
 extern "C" pyinf_status pyinf_cuda_factored_scores_packed_workspace_size(const pyinf_tensor* acts,
@@ -260,13 +269,8 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_packed_workspace_size(const p
                                                                          const pyinf_tensor* left,
                                                                          const pyinf_tensor* right, int per_token,
                                                                          size_t* bytes) {
-  if (bytes == nullptr)
-    return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores_packed_workspace_size: 'bytes' is NULL");
-  Dims d;
-  pyinf_status s = validate_factored_shapes(acts, grads, left, right, &d);
-  if (s != PYINF_SUCCESS) return s;
-  *bytes = workspace_bytes_for(acts, grads, left, right, d, per_token, true);
-  return PYINF_SUCCESS;
+  return report_workspace("pyinf_cuda_factored_scores_packed_workspace_size", acts, grads, left, right, per_token,
+                          true, bytes);
 }
 
 extern "C" pyinf_status pyinf_cuda_factored_scores_kernel(const pyinf_tensor* acts, const pyinf_tensor* grads,
