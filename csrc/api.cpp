@@ -240,6 +240,12 @@ pyinf_status pyinf_cuda_factored_scores_split_packed(const pyinf_tensor*, const 
                                                      int, float*, void*, size_t, void*) {
   return not_compiled("factored_scores_split_packed");
 }
+pyinf_status pyinf_cuda_factored_scores_grouped_workspace_size(const pyinf_factored_problem*, int, int, size_t*) {
+  return not_compiled("factored_scores_grouped_workspace_size");
+}
+pyinf_status pyinf_cuda_factored_scores_grouped(const pyinf_factored_problem*, int, int, void*, size_t, void*) {
+  return not_compiled("factored_scores_grouped");
+}
 #endif
 
 }  // extern "C"

@@ -80,20 +80,21 @@ Arg read(py::handle obj, const char* op, const char* name, int ndim, bool mask =
 }
 
 // The output: float32, C-contiguous, exactly `shape`, on the inputs' device.
-float* read_out(py::handle obj, const char* op, const std::vector<int64_t>& shape, const Arg& like) {
-  Arg o = read(obj, op, "out", static_cast<int>(shape.size()));
-  if (o.t.dtype != PYINF_FLOAT32) throw py::type_error(where(op, "out") + " must be float32, got " + o.dtype_name);
+float* read_out(py::handle obj, const char* op, const std::vector<int64_t>& shape, const Arg& like,
+               const char* name = "out") {
+  Arg o = read(obj, op, name, static_cast<int>(shape.size()));
+  if (o.t.dtype != PYINF_FLOAT32) throw py::type_error(where(op, name) + " must be float32, got " + o.dtype_name);
   int64_t expect = 1;
   for (int i = static_cast<int>(shape.size()) - 1; i >= 0; --i) {
     if (o.t.shape[i] != shape[i])
-      throw py::value_error(where(op, "out") + " has the wrong shape (dimension " + std::to_string(i) + " is " +
+      throw py::value_error(where(op, name) + " has the wrong shape (dimension " + std::to_string(i) + " is " +
                             std::to_string(o.t.shape[i]) + ", expected " + std::to_string(shape[i]) + ")");
     if (shape[i] > 1 && o.t.strides[i] != expect)
-      throw py::value_error(where(op, "out") + " must be contiguous");
+      throw py::value_error(where(op, name) + " must be contiguous");
     expect *= shape[i];
   }
   if (o.device_type != like.device_type || o.device_index != like.device_index)
-    throw py::value_error(where(op, "out") + " must be on the inputs' device");
+    throw py::value_error(where(op, name) + " must be on the inputs' device");
   return const_cast<float*>(static_cast<const float*>(o.t.data));
 }
 
@@ -297,6 +298,74 @@ void factored_scores(py::handle acts_, py::handle grads_, py::handle left_, py::
   raise_status(s);
 }
 
+// The problems of a grouped call: a sequence of (acts, grads, left, right[, mask, out])
+// tuples, all CUDA tensors on one device. `args` owns the pyinf_tensors the problems point to.
+struct Group {
+  std::vector<Arg> args;
+  std::vector<pyinf_factored_problem> problems;
+};
+
+Group read_group(py::handle seq, const char* op, bool with_outputs, bool per_token) {
+  Group g;
+  const size_t count = py::len(seq);
+  if (count > 0x7fffffff) throw py::value_error(std::string("pyinf._C.") + op + ": too many problems");
+  const size_t fields = with_outputs ? 6 : 4;
+  g.args.reserve(count * 5);  // stable addresses for the problems' pointers
+  size_t i = 0;
+  for (py::handle item : seq) {
+    const std::string at = "problems[" + std::to_string(i++) + "].";
+    py::tuple t = py::reinterpret_borrow<py::object>(item).cast<py::tuple>();
+    if (t.size() != fields)
+      throw py::value_error(std::string("pyinf._C.") + op + ": " + at.substr(0, at.size() - 1) + " must have " +
+                            std::to_string(fields) + " entries, got " + std::to_string(t.size()));
+    const std::string names[5] = {at + "acts", at + "grads", at + "left", at + "right", at + "mask"};
+    const size_t first = g.args.size();
+    for (int k = 0; k < 4; ++k) g.args.push_back(read(t[k], op, names[k].c_str(), 3));
+    g.args.push_back(with_outputs ? read(t[4], op, names[4].c_str(), 2, true, true) : Arg{});
+    const Arg* a = &g.args[first];
+    same_device(op, {{names[0].c_str(), &a[0]}, {names[1].c_str(), &a[1]}, {names[2].c_str(), &a[2]},
+                     {names[3].c_str(), &a[3]}, {names[4].c_str(), &a[4]}});
+    if (!is_cuda(a[0]))
+      throw py::value_error(where(op, names[0].c_str()) + " is on " + a[0].device_type +
+                            "; grouped calls take CUDA tensors (CPU tensors: one factored_scores call per problem)");
+    if (a[0].device_index != g.args[0].device_index)
+      throw py::value_error(std::string("pyinf._C.") + op + ": all problems must be on one device; '" + names[0] +
+                            "' is on cuda:" + std::to_string(a[0].device_index) + ", 'problems[0].acts' on cuda:" +
+                            std::to_string(g.args[0].device_index));
+    pyinf_factored_problem p{&a[0].t, &a[1].t, &a[2].t, &a[3].t, opt(a[4]), nullptr};
+    if (with_outputs) {
+      const std::vector<int64_t> shape = per_token
+                                             ? std::vector<int64_t>{a[0].t.shape[0], a[0].t.shape[1], a[2].t.shape[0]}
+                                             : std::vector<int64_t>{a[0].t.shape[0], a[2].t.shape[0]};
+      const std::string out_name = at + "out";
+      p.out = read_out(t[5], op, shape, a[0], out_name.c_str());
+    }
+    g.problems.push_back(p);
+  }
+  return g;
+}
+
+size_t factored_grouped_workspace_size(py::handle problems, bool per_token) {
+  const char* op = "factored_scores_grouped_workspace_size";
+  Group g = read_group(problems, op, false, per_token);
+  if (g.problems.empty()) return 0;
+  require_cuda_build(op);
+  size_t bytes = 0;
+  raise_status(pyinf_cuda_factored_scores_grouped_workspace_size(g.problems.data(), static_cast<int>(g.problems.size()),
+                                                                 per_token ? 1 : 0, &bytes));
+  return bytes;
+}
+
+void factored_scores_grouped(py::handle problems, bool per_token, py::handle ws_, py::handle stream) {
+  const char* op = "factored_scores_grouped";
+  Group g = read_group(problems, op, true, per_token);
+  if (g.problems.empty()) return;
+  require_cuda_build(op);
+  auto ws = read_workspace(ws_, op, g.args[0]);
+  raise_status(pyinf_cuda_factored_scores_grouped(g.problems.data(), static_cast<int>(g.problems.size()),
+                                                  per_token ? 1 : 0, ws.first, ws.second, stream_ptr(stream)));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -325,6 +394,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("factored_scores", &factored_scores, py::arg("acts"), py::arg("grads"), py::arg("left"), py::arg("right"),
         py::arg("mask"), py::arg("per_token"), py::arg("out"), py::arg("workspace") = py::none(),
         py::arg("stream") = py::none(), py::arg("packed") = py::none());
+  m.def("factored_scores_grouped_workspace_size", &factored_grouped_workspace_size, py::arg("problems"),
+        py::arg("per_token"), "Workspace bytes of a grouped CUDA call; problems: (acts, grads, left, right) tuples");
+  m.def("factored_scores_grouped", &factored_scores_grouped, py::arg("problems"), py::arg("per_token"),
+        py::arg("workspace") = py::none(), py::arg("stream") = py::none(),
+        "Several layers' factored scores in one launch (per 16 layers and kernel); problems: (acts, grads, left, "
+        "right, mask or None, out) tuples of CUDA tensors");
   m.def("factored_scores_pack_size", &factored_pack_size, py::arg("left"), py::arg("right"),
         "Bytes of the Hopper kernel's packed query factors for this pair (0 where it cannot take them)");
   m.def("factored_scores_pack", &factored_pack, py::arg("left"), py::arg("right"), py::arg("packed"),

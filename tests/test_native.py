@@ -160,6 +160,20 @@ def test_c_rejects_wrong_device():
         ops.factored_scores(acts.to("meta"), grads.to("meta"), left.to("meta"), right.to("meta"), backend="native")
 
 
+def test_grouped_binding_checks():
+    """pyinf._C.factored_scores_grouped: CUDA tensors only (CPU problems are scored one call
+    each by pyinf.ops), problems as tuples of the right length, the problem named in errors."""
+    acts, grads, left, right, mask, out = _fs_args()
+    with pytest.raises(ValueError, match=r"'problems\[0\].acts' is on cpu; grouped calls take CUDA tensors"):
+        _C.factored_scores_grouped([(acts, grads, left, right, mask, out)], False)
+    with pytest.raises(ValueError, match=r"problems\[0\] must have 6 entries, got 4"):
+        _C.factored_scores_grouped([(acts, grads, left, right)], False)
+    with pytest.raises(TypeError, match=r"'problems\[0\].grads' must be float32, bfloat16 or float16"):
+        _C.factored_scores_grouped_workspace_size([(acts, grads.double(), left, right)], False)
+    assert _C.factored_scores_grouped_workspace_size([], False) == 0
+    _C.factored_scores_grouped([], False)  # nothing to do
+
+
 def test_cuda_tensors_without_cuda_build_raise():
     if _C.cuda_compiled() or not torch.cuda.is_available():
         pytest.skip("needs a GPU and a CPU-only build")
@@ -277,6 +291,29 @@ def test_cuda_padding_garbage_never_leaks():
     assert torch.isfinite(ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="native")).all()
     out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=True, backend="native")
     assert torch.isfinite(out).all()
+
+
+@cuda_only
+@pytest.mark.parametrize("native_tc", ["", "0"], ids=["default", "fma"])
+def test_cuda_grouped_factored_scores(native_tc, monkeypatch):
+    """One grouped call over layers of mixed sizes and dtypes (one launch per kernel), each
+    against the oracle and bit for bit against its own call; 20 layers: two launches."""
+    monkeypatch.setenv("PYINF_NATIVE_TC", native_tc)
+    specs = [(3, 70, 40, 24, 4, 8, torch.bfloat16), (3, 70, 13, 11, 4, 5, torch.float16),
+             (3, 70, 9, 6, 4, 1, torch.float32), (3, 70, 64, 32, 4, 80, torch.bfloat16)] * 5
+    problems = []
+    for n, t, d_in, d_out, q, r, dtype in specs:
+        acts, grads, left, right, mask = _problem(n, t, d_in, d_out, q, r, dtype, "cuda")
+        problems.append(dict(acts=acts, grads=grads, left=left, right=right, mask=mask))
+    for per_token in (False, True):
+        outs = ops.factored_scores_grouped(problems, per_token=per_token, backend="native")
+        for p, out, spec in zip(problems, outs, specs):
+            ref = oracle.factored_scores(p["acts"], p["grads"], p["left"], p["right"], p["mask"], per_token)
+            assert oracle.rel_err(out, ref) < oracle.TOLERANCE[spec[-1]]
+            single = ops.factored_scores(p["acts"], p["grads"], p["left"], p["right"], mask=p["mask"],
+                                         per_token=per_token, backend="native")
+            if per_token:  # document scores may split differently alone (the split is sized per call)
+                assert torch.equal(out, single)
 
 
 # Tensor-core factored scores (csrc/cuda/factored_scores_tc.cu, the default for 16-bit inputs;

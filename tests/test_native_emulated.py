@@ -115,6 +115,11 @@ class PyinfTensor(ctypes.Structure):  # csrc/include/pyinf/pyinf.h
 
 
 _T = ctypes.POINTER(PyinfTensor)
+
+
+class PyinfFactoredProblem(ctypes.Structure):  # pyinf.h: one problem of a grouped call
+    _fields_ = [("acts", _T), ("grads", _T), ("left", _T), ("right", _T), ("mask", _T), ("out", ctypes.c_void_p)]
+
 _SIGNATURES = {
     "pyinf_status_string": (ctypes.c_char_p, [ctypes.c_int]),
     "pyinf_last_error": (ctypes.c_char_p, []),
@@ -133,6 +138,10 @@ _SIGNATURES = {
                                                                  ctypes.POINTER(ctypes.c_size_t)]),
     "pyinf_cuda_factored_scores_split": (ctypes.c_int, [_T, _T, _T, _T, _T, ctypes.c_int, ctypes.c_void_p,
                                                         ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]),
+    "pyinf_cuda_factored_scores_grouped_workspace_size": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                                                         ctypes.POINTER(ctypes.c_size_t)]),
+    "pyinf_cuda_factored_scores_grouped": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                                          ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]),
     "pyinf_emu_launch_log": (ctypes.c_char_p, []),
     "pyinf_emu_failures": (ctypes.c_char_p, []),
     "pyinf_emu_failure_count": (ctypes.c_longlong, []),
@@ -177,6 +186,11 @@ def _warm_up(lib):
             out, log = factored_scores(lib, acts, grads, left, right, mask, False, ctx, **_fs_kernels(tc, [dtype]))
         assert_close(out, reference.factored_scores(*_f64(acts, grads, left, right), mask=mask), FP32_ACC_TOL, ctx)
         WARM_UP_LOG[f"factored_scores {DT_ID[dtype]} {TC_ID[tc]}"] = log
+        with native_tc(tc):  # the grouped instantiation of the same kernel
+            outs, log, _ = factored_scores_grouped(lib, [(acts, grads, left, right, mask)] * 2, False, ctx)
+        for out in outs:
+            assert_close(out, reference.factored_scores(*_f64(acts, grads, left, right), mask=mask), FP32_ACC_TOL, ctx)
+        WARM_UP_LOG[f"factored_scores_grouped {DT_ID[dtype]} {TC_ID[tc]}"] = log
     acts, grads, _, _, mask = _problem(g, 1, 3, 5, 4, 1, 1, torch.float32)
     q_a, q_s, lambdas = torch.eye(5), torch.eye(4), torch.rand(4, 5, generator=g)
     for tc in ("0", "1"):
@@ -369,6 +383,50 @@ def factored_scores_split(lib, acts, grads, left, right, mask, per_token, ctx, s
     return out.t.clone(), log, nbytes.value
 
 
+def _grouped_table(lib, problems, outs=None):
+    table = (PyinfFactoredProblem * max(len(problems), 1))()
+    for i, p in enumerate(problems):
+        d = [_desc(lib, x) for x in p]
+        table[i] = PyinfFactoredProblem(d[0], d[1], d[2], d[3], d[4], outs[i].ptr if outs else None)
+    return table
+
+
+def _grouped_workspace(lib, problems, per_token=False):
+    nbytes = ctypes.c_size_t(0)
+    s = lib.pyinf_cuda_factored_scores_grouped_workspace_size(_grouped_table(lib, problems), len(problems),
+                                                              1 if per_token else 0, ctypes.byref(nbytes))
+    assert s == 0, lib.pyinf_last_error().decode()
+    return nbytes.value
+
+
+def factored_scores_grouped(lib, problems, per_token, ctx, short_by=0, **kw):
+    """pyinf_cuda_factored_scores_grouped over problems (acts, grads, left, right, mask) with
+    the workspace its size function asks for (0x7f-filled, canaries around it); (scores per
+    problem, launch log, workspace bytes)."""
+    outs = [Out((p[0].shape[0], p[0].shape[1], p[2].shape[0]) if per_token else (p[0].shape[0], p[2].shape[0]))
+            for p in problems]
+    table = _grouped_table(lib, problems, outs)
+    nbytes = ctypes.c_size_t(_grouped_workspace(lib, problems, per_token))
+    ws = Out(None, nbytes=nbytes.value)
+    ws.t.view(torch.uint8).fill_(0x7F)  # a huge float where a partial is not written
+    lib.pyinf_emu_reset()
+    for o in outs:
+        o.register(lib)
+    ws.register(lib)
+    for p in problems:  # _desc registered the inputs before the reset
+        for x in p:
+            _desc(lib, x)
+    s = lib.pyinf_cuda_factored_scores_grouped(table, len(problems), 1 if per_token else 0,
+                                               ws.ptr if nbytes.value else None, nbytes.value - short_by, None)
+    if short_by:
+        return s, lib.pyinf_last_error().decode(), lib.pyinf_emu_launch_log().decode()
+    log = check_call(lib, s, ctx, **kw)
+    for o in outs:
+        o.check_canaries(ctx)
+    ws.check_canaries(ctx)
+    return [o.t.clone() for o in outs], log, nbytes.value
+
+
 def _workspace(lib, fn, acts, grads, ctx):
     nbytes = ctypes.c_size_t(0)
     s = fn(_desc(lib, acts), _desc(lib, grads), ctypes.byref(nbytes))
@@ -423,13 +481,18 @@ def assert_close(out, ref, tol, ctx):
     return err
 
 
+TC_KERNEL = "factored_scores_tc_kernel<T,kGrouped>"  # names as the launch log gives them
+FMA_KERNEL = "factored_scores_kernel<kGrouped>"
+SUM_KERNEL = "sum_group_splits_kernel"
+
+
 def _fs_kernels(tc, dtypes):
     """The kernel a factored_scores call must launch: tensor cores for uniform 16-bit inputs
     unless PYINF_NATIVE_TC is "0" (pyinf.h)."""
     uniform_16bit = len(set(dtypes)) == 1 and dtypes[0] in (torch.bfloat16, torch.float16)
     if tc != "0" and uniform_16bit:
-        return dict(expect_kernels=["factored_scores_tc_kernel<T>"], forbid_kernels=["factored_scores_kernel"])
-    return dict(expect_kernels=["factored_scores_kernel"], forbid_kernels=["factored_scores_tc_kernel<T>"])
+        return dict(expect_kernels=[TC_KERNEL], forbid_kernels=[FMA_KERNEL])
+    return dict(expect_kernels=[FMA_KERNEL], forbid_kernels=[TC_KERNEL])
 
 
 def _eigen_tc(tc, dtype) -> bool:
@@ -563,9 +626,9 @@ def test_factored_scores_token_split(lib, shape, dtype, tc):
     ctx = _ctx("split", shape, DT_ID[dtype], TC_ID[tc])
     with native_tc(tc):
         if ranges > 1:
-            kernels = dict(kernels, expect_kernels=kernels["expect_kernels"] + ["sum_splits_kernel"])
+            kernels = dict(kernels, expect_kernels=kernels["expect_kernels"] + [SUM_KERNEL])
         else:
-            kernels = dict(kernels, forbid_kernels=kernels["forbid_kernels"] + ["sum_splits_kernel"])
+            kernels = dict(kernels, forbid_kernels=kernels["forbid_kernels"] + [SUM_KERNEL])
         out, log, nbytes = factored_scores_split(lib, *args, False, ctx, **kernels)
         assert nbytes == (n * ranges * q * 4 if ranges > 1 else 0), (nbytes, ctx)
         grid_x = int(log.split("grid=(", 1)[1].split(",", 1)[0])
@@ -599,6 +662,154 @@ def test_factored_scores_mixed_dtypes_take_fma(lib, tc):
                                  True, ctx, **_fs_kernels(tc, [torch.bfloat16, torch.float32]))
     ref = reference.factored_scores(*_f64(acts, grads, left, right), mask=mask, per_token=True)
     assert_close(out, ref, FP32_ACC_TOL, ctx)
+
+
+# ---- grouped factored scores ----------------------------------------------------------------
+
+# One problem per layer: (n, t, d_in, d_out, q, r, dtype). A model's layers share N and T, but
+# the C API takes any mix of sizes, ranks, dtypes and masks; the WMMA problems (bf16, fp16)
+# and the FMA ones (fp32, mixed) of one call go to one launch per kernel.
+GROUP = [
+    (2, 70, 40, 24, 3, 8, torch.bfloat16),  # vectorisable rows and factors, 2 token tiles
+    (2, 70, 13, 11, 3, 5, torch.bfloat16),  # odd sizes, nothing vectorisable
+    (2, 9, 24, 16, 3, 80, torch.float16),   # r > 64: a query over two column chunks; another T
+    (3, 70, 9, 6, 3, 1, torch.float32),     # FMA; another N
+    (2, 70, 24, 40, 3, 8, "mixed"),         # bf16 tokens, fp32 right factor: FMA
+    (2, 70, 33, 17, 5, 4, torch.bfloat16),  # no mask; another Q
+]
+
+
+def _group_problem(g, i, spec):
+    n, t, d_in, d_out, q, r, dtype = spec
+    acts, grads, left, right, mask = _problem(g, n, t, d_in, d_out, q, r,
+                                              torch.bfloat16 if dtype == "mixed" else dtype)
+    if dtype == "mixed":
+        right = right.float()
+    if i == len(GROUP) - 1:
+        mask = None
+    clean = (acts.clone(), grads.clone(), left, right, mask)
+    if mask is not None:
+        acts[~mask] = float("nan")  # masked rows are never read
+        grads[~mask] = float("inf")
+    return tuple(None if x is None else guarded(x) for x in (acts, grads, left, right, mask)), clean
+
+
+def _blocks(spec, per_token):
+    """Blocks of one unsplit problem (factored_scores.cu, plan())."""
+    n, t, _, _, q, r, _ = spec
+    qb = max(1, min(64 // r, 16, q))
+    return n * (-(-t // 64) if per_token else 1) * -(-q // qb)
+
+
+def _launches(log):
+    return [(e.split(" ")[0], int(e.split("grid=(", 1)[1].split(",", 1)[0])) for e in log.split(";") if e]
+
+
+@pytest.mark.parametrize("tc", TC_MODES, ids=lambda m: TC_ID[m])
+def test_factored_scores_grouped(lib, tc):
+    """pyinf_cuda_factored_scores_grouped: every problem's document and per-token scores
+    against float64 and bit for bit against its own single call (same blocks, same order);
+    one launch per kernel whose grid is the problems' blocks; determinism."""
+    g = _gen("grouped", tc)
+    problems, cleans = zip(*(_group_problem(g, i, spec) for i, spec in enumerate(GROUP)))
+    with native_tc(tc):
+        for per_token in (False, True):
+            ctx = _ctx("grouped", TC_ID[tc], "per_token" if per_token else "document")
+            outs, log, nbytes = factored_scores_grouped(lib, problems, per_token, ctx)
+            assert nbytes == 0, f"no split expected (2 token tiles at most) {ctx}"
+            for i, (out, clean, args) in enumerate(zip(outs, cleans, problems)):
+                ref = reference.factored_scores(*_f64(*clean[:4]), mask=clean[4], per_token=per_token)
+                assert_close(out, ref, FP32_ACC_TOL, f"{ctx} problem {i}")
+                single, _ = factored_scores(lib, *args, per_token, ctx)
+                assert torch.equal(out, single), f"problem {i} differs from its single call {ctx}"
+            # which problems each kernel takes, and one launch per kernel
+            kinds = {}
+            for spec in GROUP:
+                dtype = spec[-1]
+                kind = TC_KERNEL if tc == "1" and dtype in (torch.bfloat16, torch.float16) else FMA_KERNEL
+                key = (kind, dtype if kind == TC_KERNEL else None)
+                kinds[key] = kinds.get(key, 0) + _blocks(spec, per_token)
+            launched = _launches(log)
+            assert sorted(launched) == sorted((kind, blocks) for (kind, _), blocks in kinds.items()), (launched, ctx)
+            again, _, _ = factored_scores_grouped(lib, problems, per_token, ctx)
+            assert all(torch.equal(a, b) for a, b in zip(outs, again)), f"two calls differ {ctx}"
+
+
+def test_factored_scores_grouped_in_launches_of_16(lib):
+    """20 layers: two launches (16 + 4 problems), every layer scored."""
+    g = _gen("grouped-20")
+    specs = [(2, 9, 8 + i, 5 + i % 3, 2, 4, torch.bfloat16) for i in range(20)]
+    problems = [_problem(g, *spec) for spec in specs]
+    ctx = _ctx("grouped-20")
+    with native_tc(None):
+        outs, log, _ = factored_scores_grouped(lib, problems, False, ctx)
+    assert [b for _, b in _launches(log)] == [16 * 2, 4 * 2], (log, ctx)
+    for i, (out, p) in enumerate(zip(outs, problems)):
+        assert_close(out, reference.factored_scores(*_f64(*p[:4]), mask=p[4]), FP32_ACC_TOL, f"{ctx} problem {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DT_ID[d])
+def test_factored_scores_grouped_split(lib, dtype):
+    """Few documents and queries in all: every problem's tokens split in 2 ranges (sized for the
+    group), partials at 256-byte offsets of the workspace, one sum launch for the group; a
+    workspace one byte short is refused before any launch."""
+    g = _gen("grouped-split", str(dtype))
+    # 1 document x 1 query group each, 5 token tiles -> 2 ranges of 3 + 2 tiles
+    specs = [(1, 300, 24, 40, 2, 16, dtype), (1, 300, 17, 9, 2, 8, dtype), (1, 290, 8, 8, 1, 3, dtype)]
+    problems = [_problem(g, *spec) for spec in specs]
+    ctx = _ctx("grouped-split", DT_ID[dtype])
+    outs, log, nbytes = factored_scores_grouped(lib, problems, False, ctx, expect_kernels=[SUM_KERNEL])
+    assert nbytes == 3 * 256, (nbytes, ctx)
+    assert [b for name, b in _launches(log) if name != SUM_KERNEL] == [3 * 2], (log, ctx)
+    for i, (out, p) in enumerate(zip(outs, problems)):
+        assert_close(out, reference.factored_scores(*_f64(*p[:4]), mask=p[4]), FP32_ACC_TOL, f"{ctx} problem {i}")
+    status, err, launched = factored_scores_grouped(lib, problems, False, ctx, short_by=1)
+    assert status == 5 and "needs a workspace of 768 bytes" in err, (status, err)
+    assert launched == "", f"launched with a short workspace: {launched} {ctx}"
+    # six such layers fill 512 blocks no better: still split, each at its own offset
+    outs, _, nbytes = factored_scores_grouped(lib, problems * 2, False, ctx)
+    assert nbytes == 6 * 256
+    for i, (out, p) in enumerate(zip(outs, problems * 2)):
+        assert_close(out, reference.factored_scores(*_f64(*p[:4]), mask=p[4]), FP32_ACC_TOL, f"{ctx} problem {i}")
+    # 64 documents x 1 query group: one layer alone splits (64 < 512 blocks), eight layers
+    # together fill 512 blocks and split none (sizes only: nothing launched)
+    layer = _problem(g, 64, 256, 8, 8, 1, 4, dtype)
+    assert _grouped_workspace(lib, [layer]) == 64 * 2 * 4
+    assert _grouped_workspace(lib, [layer] * 7) == 7 * 512
+    assert _grouped_workspace(lib, [layer] * 8) == 0
+
+
+def test_factored_scores_grouped_empty_problems_and_errors(lib):
+    """Empty problems (N, Q or T of 0) among others; a bad problem named by its index, with
+    nothing launched; a bad count or table."""
+    g = _gen("grouped-errors")
+    ok = _problem(g, 2, 9, 8, 5, 2, 4, torch.bfloat16)
+    no_docs = _problem(g, 0, 9, 8, 5, 2, 4, torch.bfloat16)
+    no_queries = _problem(g, 2, 9, 8, 5, 0, 4, torch.bfloat16)
+    no_tokens = _problem(g, 2, 0, 8, 5, 2, 4, torch.bfloat16)
+    ctx = _ctx("grouped-empty")
+    outs, _, _ = factored_scores_grouped(lib, [no_docs, ok, no_queries, no_tokens], False, ctx)
+    assert outs[0].shape == (0, 2) and outs[2].shape == (2, 0)
+    assert torch.equal(outs[3], torch.zeros(2, 2)), "no tokens: document scores are exact zeros"
+    assert_close(outs[1], reference.factored_scores(*_f64(*ok[:4]), mask=ok[4]), FP32_ACC_TOL, ctx)
+
+    bad = list(ok)
+    bad[2] = torch.randn(2, 6, 4).to(torch.bfloat16)  # left's d_out is 6, grads' is 5
+    outs = [Out((2, 2)), Out((2, 2))]
+    table = _grouped_table(lib, [ok, bad], outs)
+    lib.pyinf_emu_reset()
+    s = lib.pyinf_cuda_factored_scores_grouped(table, 2, 0, None, 0, None)
+    err = lib.pyinf_last_error().decode()
+    assert s == 1 and err.startswith("pyinf_cuda_factored_scores_grouped: problem 1: ") and "left" in err, err
+    assert lib.pyinf_emu_launch_log().decode() == ""
+    nbytes = ctypes.c_size_t(7)
+    assert lib.pyinf_cuda_factored_scores_grouped_workspace_size(table, 2, 0, ctypes.byref(nbytes)) == 1
+    assert lib.pyinf_cuda_factored_scores_grouped(table, -1, 0, None, 0, None) == 1
+    assert "count is negative" in lib.pyinf_last_error().decode()
+    assert lib.pyinf_cuda_factored_scores_grouped(None, 1, 0, None, 0, None) == 1
+    assert lib.pyinf_cuda_factored_scores_grouped(None, 0, 0, None, 0, None) == 0
+    assert lib.pyinf_cuda_factored_scores_grouped_workspace_size(None, 0, 0, ctypes.byref(nbytes)) == 0
+    assert nbytes.value == 0
 
 
 # ---- eigen correction / self-influence ------------------------------------------------------
@@ -781,16 +992,18 @@ def test_emulation_reports_runtime_use(lib):
     before = lib.pyinf_emu_threads_run()
     with native_tc("1"):
         _, log = factored_scores(lib, acts, grads, left, right, mask, False, _ctx("log"))
-    assert log.startswith("factored_scores_tc_kernel<T> grid=(1,1,1) block=(128,1,1) smem=")
+    assert log.startswith(f"{TC_KERNEL} grid=(1,1,1) block=(128,1,1) smem=")
     assert lib.pyinf_emu_threads_run() - before == 128
-    # every kernel instantiation's arrays: 3 + 3 + 4 + 2 x 4 + 6 + 2 x 6 + 3 (see emulate.py's stats)
-    assert lib.shared_arrays_expected == 39
+    # every kernel instantiation's arrays: 3 + 3 + 4 + 2 x 4 + 3 (eigen ops, covariance) and 6 per
+    # factored-scores instantiation: FMA and 2 WMMA dtypes, each single and grouped (see
+    # emulate.py's stats)
+    assert lib.shared_arrays_expected == 21 + 6 * 6
     smem = {}
     for entry in ";".join(WARM_UP_LOG.values()).split(";"):
         if entry:
             smem[entry.split(" ")[0]] = int(entry.rsplit("smem=", 1)[1])
     print("static shared memory per kernel (bytes):", smem)
-    assert set(smem) == {"factored_scores_kernel", "factored_scores_tc_kernel<T>", "rotate_kernel", "gram_kernel",
+    assert set(smem) == {FMA_KERNEL, TC_KERNEL, "rotate_kernel", "gram_kernel",
                          "reduce_partials_kernel", "rotate_tc_kernel", "gram_tc_kernel<0>", "gram_tc_kernel<1>",
                          "covariance_kernel"}
     assert all(v <= 48 * 1024 for v in smem.values())

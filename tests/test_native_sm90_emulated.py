@@ -33,8 +33,10 @@ import torch
 from pyinf.ops import reference
 
 from .test_native_emulated import (
+    FMA_KERNEL,
     FP32_ACC_TOL,
     SEED,
+    TC_KERNEL,
     Out,
     check_call,
     _SIGNATURES,
@@ -122,8 +124,7 @@ def run_sm90(lib, args, per_token, ctx, mode="1"):
     """One call through pyinf_cuda_factored_scores_split that must run the Hopper kernel."""
     with env(PYINF_NATIVE_SM90=mode):
         out, log, nbytes = factored_scores_split(lib, *args, per_token, ctx, expect_kernels=["sm90_kernel"],
-                                                 forbid_kernels=["factored_scores_tc_kernel<T>",
-                                                                 "factored_scores_kernel"])
+                                                 forbid_kernels=[TC_KERNEL, FMA_KERNEL])
     return out, log
 
 

@@ -111,21 +111,24 @@ __device__ __forceinline__ void tc_factor_product(T (*As)[A_LD], T (*Bs)[B_LD], 
   }
 }
 
-template <typename T>
+template <typename T, bool kGrouped>
 __global__ void __launch_bounds__(TC_THREADS)
-    factored_scores_tc_kernel(const T* acts, int64_t as0, int64_t as1, int64_t as2, bool avec, const T* grads,
-                              int64_t gs0, int64_t gs1, int64_t gs2, bool gvec, const T* left, int64_t ls0, int64_t ls1,
-                              int64_t ls2, bool lvec, const T* right, int64_t rs0, int64_t rs1, int64_t rs2, bool rvec,
-                              MaskView mask, int64_t T_len, int64_t d_in, int64_t d_out, int64_t Q, int64_t R, int QB,
-                              int per_token, int64_t tblocks, int64_t tspan, float* out, float* partials) {
+    factored_scores_tc_kernel(const __grid_constant__ FactoredGroup g, int per_token) {
   __shared__ __align__(128) T As[BM][A_LD];
   __shared__ __align__(128) T Bs[TC_BK][B_LD];
   __shared__ __align__(128) float Ps[BM][P_LD];
   __shared__ float sums[BM][QMAX];
   __shared__ int64_t a_base[BM], g_base[BM];
   const int tid = threadIdx.x, warp = tid / 32, wm = warp / 2, wn = warp % 2;
-  const ScoreBlock blk = score_block(T_len, Q, R, QB, tblocks, tspan);
-  const int64_t n = blk.n, q0 = blk.q0, C = blk.C, t_begin = blk.t_begin, t_end = blk.t_end;
+  const ScoreBlock blk = score_block<kGrouped>(g);
+  const FactoredProblem& P = *blk.P;
+  const T* acts = static_cast<const T*>(P.acts);
+  const T* grads = static_cast<const T*>(P.grads);
+  const T* left = static_cast<const T*>(P.left);
+  const T* right = static_cast<const T*>(P.right);
+  const bool avec = P.vec & 1u, gvec = P.vec & 2u, lvec = P.vec & 4u, rvec = P.vec & 8u;
+  const MaskView mask = P.mask;
+  const int64_t n = blk.n, q0 = blk.q0, C = blk.C, t_begin = blk.t_begin, t_end = blk.t_end, R = P.R;
   const int qb = blk.qb;
 
   for (int e = tid; e < BM * QMAX; e += TC_THREADS) sums[e / QMAX][e % QMAX] = 0.0f;
@@ -135,18 +138,18 @@ __global__ void __launch_bounds__(TC_THREADS)
     if (tid < BM) {
       const int64_t t = t0 + tid;
       const bool ok = t < t_end && keep(mask, n, t);
-      a_base[tid] = ok ? n * as0 + t * as1 : -1;
-      g_base[tid] = ok ? n * gs0 + t * gs1 : -1;
+      a_base[tid] = ok ? n * P.as0 + t * P.as1 : -1;
+      g_base[tid] = ok ? n * P.gs0 + t * P.gs1 : -1;
     }
     __syncthreads();
     for (int64_t c0 = 0; c0 < C; c0 += BN) {
       typename Frags<T>::C gl[2][2], ar[2][2];
       fill_2x2(gl, 0.0f);
       fill_2x2(ar, 0.0f);
-      tc_factor_product<T>(As, Bs, g_base, grads, gs2, gvec, left, ls0, ls1, ls2, lvec, d_out, c0, q0, C, R, gl, tid, wm,
-                           wn);
-      tc_factor_product<T>(As, Bs, a_base, acts, as2, avec, right, rs0, rs1, rs2, rvec, d_in, c0, q0, C, R, ar, tid, wm,
-                           wn);
+      tc_factor_product<T>(As, Bs, g_base, grads, P.gs2, gvec, left, P.ls0, P.ls1, P.ls2, lvec, P.d_out, c0, q0, C, R,
+                           gl, tid, wm, wn);
+      tc_factor_product<T>(As, Bs, a_base, acts, P.as2, avec, right, P.rs0, P.rs1, P.rs2, rvec, P.d_in, c0, q0, C, R,
+                           ar, tid, wm, wn);
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -158,38 +161,24 @@ __global__ void __launch_bounds__(TC_THREADS)
       fold_query_columns<TC_THREADS>(Ps, sums, qb, c0, R, tid);
       __syncthreads();
     }
-    if (per_token) store_token_scores<TC_THREADS>(sums, qb, n, t0, t_end, T_len, Q, q0, out, tid);
+    if (per_token) store_token_scores<TC_THREADS>(sums, qb, n, t0, t_end, P.T, P.Q, q0, P.out, tid);
     __syncthreads();
   }
-  if (!per_token) store_document_scores(sums, qb, blockIdx.x, Q, q0, partials ? partials : out, tid);
+  if (!per_token) store_document_scores(sums, qb, blk.x, P.Q, q0, P.partials ? P.partials : P.out, tid);
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
-// 16-byte row loads of a [N, T, d] input: contiguous last dimension, row starts at multiples
-// of 8 elements, aligned pointer (d itself may be odd: the last partial vector of a row is
-// read element by element).
-bool rows_vectorisable(const pyinf_tensor& x) {
-  return aligned16(x.data) && x.strides[2] == 1 && x.strides[0] % 8 == 0 && x.strides[1] % 8 == 0;
+template <typename T, bool kGrouped>
+void launch(const FactoredGroup& g, int per_token, unsigned blocks, cudaStream_t stream) {
+  factored_scores_tc_kernel<T, kGrouped><<<blocks, TC_THREADS, 0, stream>>>(g, per_token);
 }
 
-// 16-byte loads of 8 ranks of a [Q, d, R] factor.
-bool factor_vectorisable(const pyinf_tensor& f) {
-  return aligned16(f.data) && f.strides[2] == 1 && f.strides[0] % 8 == 0 && f.strides[1] % 8 == 0 &&
-         f.shape[2] % 8 == 0;
-}
-
+// A table of one reads its problem from fixed kernel-parameter offsets (see score_block).
 template <typename T>
-void launch_typed(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
-                  const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
-                  const FactoredPlan& p, dim3 grid, float* out, float* partials, cudaStream_t stream) {
-  factored_scores_tc_kernel<T><<<grid, TC_THREADS, 0, stream>>>(
-      static_cast<const T*>(acts->data), acts->strides[0], acts->strides[1], acts->strides[2],
-      rows_vectorisable(*acts), static_cast<const T*>(grads->data), grads->strides[0], grads->strides[1],
-      grads->strides[2], rows_vectorisable(*grads), static_cast<const T*>(left->data), left->strides[0],
-      left->strides[1], left->strides[2], factor_vectorisable(*left), static_cast<const T*>(right->data),
-      right->strides[0], right->strides[1], right->strides[2], factor_vectorisable(*right), mask_view(mask), d.t,
-      d.d_in, d.d_out, d.q, d.r, p.qb, per_token, p.tblocks, p.tspan, out, partials);
+void launch_typed(const FactoredGroup& g, int per_token, unsigned blocks, cudaStream_t stream) {
+  if (g.count == 1)
+    launch<T, false>(g, per_token, blocks, stream);
+  else
+    launch<T, true>(g, per_token, blocks, stream);
 }
 
 }  // namespace
@@ -201,13 +190,12 @@ bool factored_scores_tc_applicable(const pyinf_tensor* acts, const pyinf_tensor*
          right->dtype == dt;
 }
 
-void launch_factored_scores_tc(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
-                               const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
-                               const FactoredPlan& p, dim3 grid, float* out, float* partials, cudaStream_t stream) {
-  if (acts->dtype == PYINF_BFLOAT16)
-    launch_typed<__nv_bfloat16>(acts, grads, left, right, mask, d, per_token, p, grid, out, partials, stream);
+void launch_factored_scores_tc(const FactoredGroup& g, int per_token, unsigned blocks, pyinf_dtype dt,
+                               cudaStream_t stream) {
+  if (dt == PYINF_BFLOAT16)
+    launch_typed<__nv_bfloat16>(g, per_token, blocks, stream);
   else
-    launch_typed<__half>(acts, grads, left, right, mask, d, per_token, p, grid, out, partials, stream);
+    launch_typed<__half>(g, per_token, blocks, stream);
 }
 
 }  // namespace cuda

@@ -80,14 +80,56 @@ __device__ __forceinline__ void mma_slice(const float (&As)[BK][BM + 4], const f
   }
 }
 
-// Factored scores: the block's share of the work, decoded the same way by the FMA and the
-// tensor-core kernel. Grid: x = document * tblocks + token range, y = query group of QB
-// (<= QMAX) queries. A token range is tspan tokens: one tile of BM for per-token scores; for
-// document scores all T tokens (tblocks = 1), or a split of them whose partial scores a
-// second kernel sums in a fixed order (few documents and queries: more blocks than that).
-constexpr int QMAX = 16;  // queries per block at most
+// Factored scores. A launch covers a table of up to kMaxGroup problems (layers), so that a
+// model's small layers are scored in one launch; a single call is a table of one. Each
+// problem is cut into blocks: one per (document, token range, query group of QB <= QMAX
+// queries). A token range is tspan tokens: one tile of BM for per-token scores; for document
+// scores all T tokens (tblocks = 1), or a split of them whose partial scores a second kernel
+// sums in a fixed order (few documents and queries: more blocks than that). The grid is 1-D:
+// a problem's blocks are [first_block, next problem's first_block), numbered query group by
+// query group, and within a group document by document, range by range.
+constexpr int QMAX = 16;       // queries per block at most
+constexpr int kMaxGroup = 16;  // problems per launch: FactoredGroup stays within 4 KiB
+
+// One problem as the kernels read it: acts [N, T, d_in], grads [N, T, d_out], left
+// [Q, d_out, R], right [Q, d_in, R] (strided, in elements), the optional mask [N, T], and
+// its plan. 248 bytes: 16 of them fit the classic 4 KiB kernel-parameter space.
+struct FactoredProblem {
+  const void* acts;
+  const void* grads;
+  const void* left;
+  const void* right;
+  int64_t as0, as1, as2, gs0, gs1, gs2, ls0, ls1, ls2, rs0, rs1, rs2;
+  MaskView mask;
+  float* out;       // [N, Q], or [N, T, Q] for per-token scores
+  float* partials;  // [N * tblocks, Q] split partial sums (document scores only), or null
+  int64_t T, d_in, d_out, Q, R;
+  int64_t tblocks, tspan;
+  int64_t xblocks;      // N * tblocks: blocks per query group
+  int32_t first_block;  // the problem's first block of the launch's grid
+  int32_t qb;           // QB: queries per block
+  uint8_t dt[4];        // pyinf_dtype of acts, grads, left, right
+  uint32_t vec;         // bit i: input i (acts, grads, left, right) allows 16-byte loads
+};
+
+struct FactoredGroup {
+  FactoredProblem p[kMaxGroup];
+  int32_t count;
+  // Every device pointer the table holds (lets a checker see them; unused by the kernels).
+  template <typename F>
+  void for_each_device_pointer(F&& f) const {
+    for (int i = 0; i < count; ++i) {
+      for (const void* q : {p[i].acts, p[i].grads, p[i].left, p[i].right, static_cast<const void*>(p[i].mask.p),
+                            static_cast<const void*>(p[i].out), static_cast<const void*>(p[i].partials)})
+        f(q);
+    }
+  }
+};
+static_assert(sizeof(FactoredGroup) <= 4096, "a grouped launch's table must fit the 4 KiB kernel-parameter space");
 
 struct ScoreBlock {
+  const FactoredProblem* P;
+  int64_t x;        // document * tblocks + token range: the row of P->partials
   int64_t n;        // document
   int64_t q0;       // first query of the group
   int qb;           // queries in the group
@@ -96,16 +138,32 @@ struct ScoreBlock {
   int64_t t_end;
 };
 
-__device__ __forceinline__ ScoreBlock score_block(int64_t T, int64_t Q, int64_t R, int QB, int64_t tblocks,
-                                                  int64_t tspan) {
+// The calling block's problem and share of it. Problems are few (<= kMaxGroup), so a scan.
+// kGrouped = false: a table of one. The kernels are compiled for both: with the problem's
+// index a constant, its fields are read straight from the constant bank as instruction
+// operands; with a block-dependent index each needs a register (the WMMA kernel's rise from
+// 166 to ~220 registers), which single-layer calls, the large layers, need not pay.
+template <bool kGrouped>
+__device__ __forceinline__ ScoreBlock score_block(const FactoredGroup& g) {
+  // 32-bit index arithmetic: a launch has at most 2^31 - 1 blocks (checked on the host), and
+  // a 64-bit division is a called subroutine whose registers the WMMA kernel cannot spare.
+  const uint32_t bid = blockIdx.x;
+  int i = 0;
+  if (kGrouped)
+    while (i + 1 < g.count && bid >= static_cast<uint32_t>(g.p[i + 1].first_block)) ++i;
+  const FactoredProblem& P = g.p[i];
+  const uint32_t local = kGrouped ? bid - static_cast<uint32_t>(P.first_block) : bid;
+  const uint32_t xblocks = static_cast<uint32_t>(P.xblocks), tblocks = static_cast<uint32_t>(P.tblocks);
   ScoreBlock b;
-  b.n = blockIdx.x / tblocks;
-  const int64_t tb = blockIdx.x % tblocks;
-  b.q0 = static_cast<int64_t>(blockIdx.y) * QB;
-  b.qb = static_cast<int>(Q - b.q0 < QB ? Q - b.q0 : QB);
-  b.C = b.qb * R;
-  b.t_begin = tb * tspan;
-  b.t_end = b.t_begin + tspan < T ? b.t_begin + tspan : T;
+  b.P = &P;
+  b.x = local % xblocks;
+  b.n = static_cast<uint32_t>(b.x) / tblocks;
+  const int64_t tb = static_cast<uint32_t>(b.x) % tblocks;
+  b.q0 = static_cast<int64_t>(local / xblocks) * P.qb;
+  b.qb = static_cast<int>(P.Q - b.q0 < P.qb ? P.Q - b.q0 : P.qb);
+  b.C = b.qb * P.R;
+  b.t_begin = tb * P.tspan;
+  b.t_end = b.t_begin + P.tspan < P.T ? b.t_begin + P.tspan : P.T;
   return b;
 }
 
@@ -213,9 +271,10 @@ void launch_rotate_tc(View3 x, View2 q, MaskView mask, int64_t N, int64_t T, int
 void launch_gram_tc(const float* rot_g, const float* rot_a, int64_t N, int64_t T, int64_t d_out, int64_t d_in,
                     int self_mode, View2 lambdas, float damping, float* out, dim3 grid, cudaStream_t stream);
 
-// How a factored-scores call is cut into blocks (factored_scores.cu): QB queries per block,
-// `groups` query groups, tblocks token ranges of tspan tokens per document; `split`: document
-// scores are written per range into a workspace of N * tblocks * Q floats, then summed.
+// How one problem of a factored-scores call is cut into blocks (factored_scores.cu): QB
+// queries per block, `groups` query groups, tblocks token ranges of tspan tokens per document;
+// `split`: document scores are written per range into N * tblocks * Q floats of the
+// workspace, then summed.
 struct FactoredPlan {
   int qb;
   int64_t groups, tblocks, tspan;
@@ -224,12 +283,12 @@ struct FactoredPlan {
 };
 
 // Tensor-core factored scores (factored_scores_tc.cu): applicable when the four inputs are
-// all bf16 or all fp16; same grid, block query groups and output as the FMA kernel.
+// all bf16 or all fp16. The launch runs a table whose problems all have dtype dt, on the
+// same 1-D grid of `blocks` blocks and with the same outputs as the FMA kernel.
 bool factored_scores_tc_applicable(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                                    const pyinf_tensor* right);
-void launch_factored_scores_tc(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
-                               const pyinf_tensor* right, const pyinf_tensor* mask, const Dims& d, int per_token,
-                               const FactoredPlan& p, dim3 grid, float* out, float* partials, cudaStream_t stream);
+void launch_factored_scores_tc(const FactoredGroup& g, int per_token, unsigned blocks, pyinf_dtype dt,
+                               cudaStream_t stream);
 
 // out [N, Q] = the partial document scores [N, S, Q] of S token ranges summed in range order
 // (factored_scores.cu; deterministic).

@@ -4,7 +4,8 @@ CPU tensors run the C++ implementations (OpenMP), CUDA tensors the portable CUDA
 kernels (sm_80+, fp32 FMA tiles) on torch's current stream. Inputs may be fp32, bf16 or
 fp16, each with its own dtype and any strides (read in place, never copied); results
 are fp32. ``dense_scores`` has no native kernel, so it is absent here: ``auto`` falls back
-and an explicit request raises. ``factored_scores_grouped`` loops over its problems.
+and an explicit request raises. ``factored_scores_grouped`` scores CUDA problems in one
+launch per 16 layers (``pyinf_cuda_factored_scores_grouped``) and CPU ones one by one.
 
 Imports fail (making the backend unavailable) when the extension was not built.
 """
@@ -154,6 +155,20 @@ def factored_scores(acts, grads, left, right, *, mask=None, per_token=False):
 
 
 def factored_scores_grouped(problems, *, per_token=False):
-    """One native call per problem (no grouped single-launch kernel yet)."""
-    return [factored_scores(p["acts"], p["grads"], p["left"], p["right"], mask=p["mask"], per_token=per_token)
-            for p in problems]
+    """CUDA problems: one grouped launch per 16 layers (the WMMA / FMA kernels; the opt-in
+    Hopper kernel takes single-layer calls only). CPU problems: one call each."""
+    first = problems[0]["acts"]
+    if first.device.type != "cuda":
+        return [factored_scores(p["acts"], p["grads"], p["left"], p["right"], mask=p["mask"], per_token=per_token)
+                for p in problems]
+    outs = []
+    for p in problems:
+        n, t = p["acts"].shape[:2]
+        q = p["left"].shape[0]
+        outs.append(torch.empty((n, t, q) if per_token else (n, q), dtype=torch.float32, device=first.device))
+    with _on_device(first):
+        ws = _workspace(_C.factored_scores_grouped_workspace_size(
+            [(p["acts"], p["grads"], p["left"], p["right"]) for p in problems], bool(per_token)), first)
+        _C.factored_scores_grouped([(p["acts"], p["grads"], p["left"], p["right"], p["mask"], out)
+                                    for p, out in zip(problems, outs)], bool(per_token), ws, _stream(first))
+    return outs

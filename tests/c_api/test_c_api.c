@@ -247,6 +247,16 @@ int main(void) {
     CHECK(s == PYINF_ERROR_WORKSPACE, "split with packed factors that cannot exist gave %d", (int)s);
     s = pyinf_cuda_factored_scores_split_packed(&A, &G, &bad, &RF, NULL, 0, NULL, 0, out, NULL, 0, NULL);
     CHECK(s == PYINF_ERROR_INVALID_VALUE, "split_packed with a bad left gave %d", (int)s);
+    /* grouped: the size of a good group; a bad second problem is named and nothing runs */
+    pyinf_factored_problem group[2] = {{&A, &G, &LF, &RF, &M, out}, {&A, &G, &bad, &RF, NULL, out}};
+    size_t group_bytes = 7;
+    s = pyinf_cuda_factored_scores_grouped_workspace_size(group, 1, 0, &group_bytes);
+    CHECK(s == PYINF_SUCCESS, "grouped workspace size gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_grouped(group, 2, 0, NULL, 0, NULL);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE && strstr(pyinf_last_error(), "problem 1") != NULL,
+          "grouped call with a bad problem 1 gave %d (%s)", (int)s, pyinf_last_error());
+    s = pyinf_cuda_factored_scores_grouped(group, 0, 0, NULL, 0, NULL);
+    CHECK(s == PYINF_SUCCESS, "empty grouped call gave %d", (int)s);
   } else {
     const char* kernel = NULL;
     s = pyinf_cuda_factored_scores_kernel(&A, &G, &LF, &RF, 0, 0, &kernel);
@@ -267,6 +277,11 @@ int main(void) {
     CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: packed workspace size gave %d", (int)s);
     s = pyinf_cuda_factored_scores_split_packed(&A, &G, &LF, &RF, NULL, 0, NULL, 0, out, NULL, 0, NULL);
     CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: split_packed gave %d", (int)s);
+    pyinf_factored_problem one = {&A, &G, &LF, &RF, NULL, out};
+    s = pyinf_cuda_factored_scores_grouped_workspace_size(&one, 1, 0, &bytes);
+    CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: grouped workspace size gave %d", (int)s);
+    s = pyinf_cuda_factored_scores_grouped(&one, 1, 0, NULL, 0, NULL);
+    CHECK(s == PYINF_ERROR_NOT_COMPILED, "CPU-only build: grouped gave %d", (int)s);
   }
 
   printf("pyinf C API test (cuda compiled: %d, archs '%s'): %s\n", pyinf_cuda_compiled(), pyinf_cuda_archs(),

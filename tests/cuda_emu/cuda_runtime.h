@@ -49,6 +49,8 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #undef __align__
 #define __align__(n) __attribute__((aligned(n)))
+#undef __grid_constant__
+#define __grid_constant__
 
 namespace emu {
 
@@ -93,11 +95,29 @@ template <typename T>
 struct has_ptr_member<T, std::void_t<decltype(std::declval<const T&>().p)>>
     : std::is_pointer<decltype(std::declval<const T&>().p)> {};
 
+// A by-value table of pointers (FactoredGroup) lists them through for_each_device_pointer.
+struct PointerVisitor {
+  void operator()(const void*) const {}
+};
+template <typename T, typename = void>
+struct lists_pointers : std::false_type {};
+template <typename T>
+struct lists_pointers<T, std::void_t<decltype(std::declval<const T&>().for_each_device_pointer(PointerVisitor{}))>>
+    : std::true_type {};
+
 template <typename T>
 inline bool kernel_arg_ok(const T& a) {
-  if constexpr (std::is_pointer_v<T>) return device_pointer_ok(static_cast<const void*>(a));
-  else if constexpr (has_ptr_member<T>::value) return device_pointer_ok(static_cast<const void*>(a.p));
-  else return true;
+  if constexpr (std::is_pointer_v<T>) {
+    return device_pointer_ok(static_cast<const void*>(a));
+  } else if constexpr (has_ptr_member<T>::value) {
+    return device_pointer_ok(static_cast<const void*>(a.p));
+  } else if constexpr (lists_pointers<T>::value) {
+    bool ok = true;
+    a.for_each_device_pointer([&ok](const void* p) { ok = ok && device_pointer_ok(p); });
+    return ok;
+  } else {
+    return true;
+  }
 }
 
 // Dynamic shared memory (`extern __shared__ T name[];`, rewritten by emulate.py into a call

@@ -166,7 +166,8 @@ def rewrite_launches(text: str, fname: str) -> tuple[str, int]:
             raise EmulationError(f"{fname}: expected '(' after the launch configuration of {name}")
         close = _match_close(text, k, "(", ")")
         args = text[k + 1:close]
-        call = (f'::emu::launch("{name}", dim3({cfg[0]}), dim3({cfg[1]}), static_cast<size_t>({cfg[2]}), '
+        logged = re.sub(r"\s+", "", name)  # the launch log separates fields with spaces
+        call = (f'::emu::launch("{logged}", dim3({cfg[0]}), dim3({cfg[1]}), static_cast<size_t>({cfg[2]}), '
                 f"static_cast<cudaStream_t>({cfg[3]}), {name}" + (f", {args})" if args.strip() else ")"))
         out.append(text[pos:start])
         out.append(call)

@@ -49,6 +49,16 @@ MUTANTS = {
     "tc: no barrier before restaging": (
         "cuda/factored_scores_tc.cu", "B_LD);\n    }\n    __syncthreads();", "B_LD);\n    }\n    ;",
         "test_factored_scores and bf16 and tc1"),
+    "grouped: each problem's blocks start one block late": (
+        "cuda/kernels_common.cuh", "bid >= static_cast<uint32_t>(g.p[i + 1].first_block)",
+        "bid > static_cast<uint32_t>(g.p[i + 1].first_block)", "test_factored_scores_grouped and tc1"),
+    "grouped: every split problem's partials at the same offset": (
+        "cuda/factored_scores.cu", "offset += calls.size() == 1 ? p.workspace_bytes : aligned_partials(p.workspace_bytes);",
+        "offset += 0;", "test_factored_scores_grouped_split"),
+    "grouped: the split sized per problem, not for the call": (
+        "cuda/factored_scores.cu", "plans.push_back(plan(c.d, per_token, may_split, call_pairs));",
+        "plans.push_back(plan(c.d, per_token, may_split, document_query_pairs(c.d)));",
+        "test_factored_scores_grouped_split"),
     "tf32: col-major A read as row-major": (
         "cuda/eigen_tc.cu", "wmma::precision::tf32, wmma::col_major>", "wmma::precision::tf32, wmma::row_major>",
         "test_eigen_ops and fp32 and tc1"),

@@ -193,6 +193,31 @@ PYINF_API pyinf_status pyinf_cuda_factored_scores_split_packed(
     const void* packed, size_t packed_bytes, const pyinf_tensor* mask, int per_token, float* out, void* workspace,
     size_t workspace_bytes, void* stream);
 
+/* Several layers' factored scores in one launch (per 16 layers, and per kernel: the WMMA
+ * kernel takes the layers whose four inputs are all bf16 or all fp16, one launch per dtype;
+ * the others take the fp32 FMA kernel). A model's small layers (GPT-2 sized) each fill only
+ * part of the GPU and would each pay a launch; grouped, they are scored as one grid.
+ * Each problem is a call of pyinf_cuda_factored_scores (its own shapes, strides, dtypes,
+ * mask and output; every problem is checked before anything is launched, and an error names
+ * the problem's index). Document scores of few documents and queries are split over token
+ * ranges as in pyinf_cuda_factored_scores_split, sized for the whole group, which needs the
+ * workspace pyinf_cuda_factored_scores_grouped_workspace_size reports (0 when nothing is
+ * split). The Hopper kernel (pyinf_cuda_factored_scores_kernel) is not used by grouped calls. */
+typedef struct pyinf_factored_problem {
+  const pyinf_tensor* acts;  /* [N, T, d_in] */
+  const pyinf_tensor* grads; /* [N, T, d_out] */
+  const pyinf_tensor* left;  /* [Q, d_out, r] */
+  const pyinf_tensor* right; /* [Q, d_in, r] */
+  const pyinf_tensor* mask;  /* [N, T] or NULL */
+  float* out;                /* [N, Q], or [N, T, Q] for per-token scores */
+} pyinf_factored_problem;
+
+PYINF_API pyinf_status pyinf_cuda_factored_scores_grouped_workspace_size(const pyinf_factored_problem* problems,
+                                                                         int count, int per_token, size_t* bytes);
+PYINF_API pyinf_status pyinf_cuda_factored_scores_grouped(const pyinf_factored_problem* problems, int count,
+                                                          int per_token, void* workspace, size_t workspace_bytes,
+                                                          void* stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif
