@@ -41,7 +41,18 @@ def _problem(device, d_in=49, d_out=70):
                 labels=torch.randint(0, 1000, (2 * t,), device=device))
 
 
+def _grouped(p):
+    """Three layers for one grouped launch: the problem, a shorter one (T=20) and one with a
+    strided rank slice (r=3), so the table's offsets and per-layer strides all differ."""
+    t, k = 20, 3
+    return [dict(acts=p["acts"], grads=p["grads"], left=p["left"], right=p["right"], mask=p["mask"]),
+            dict(acts=p["acts"][:, :t], grads=p["grads"][:, :t], left=p["left"], right=p["right"],
+                 mask=p["mask"][:, :t]),
+            dict(acts=p["acts"], grads=p["grads"], left=p["left"][..., :k], right=p["right"][..., :k], mask=None)]
+
+
 def _calls(p):
+    layers = _grouped(p)
     return {
         "covariance": lambda b: ops.covariance(p["acts"], mask=p["mask"], backend=b),
         "eigen_correction": lambda b: ops.eigen_correction(p["acts"], p["grads"], p["q_a"], p["q_s"], mask=p["mask"],
@@ -52,6 +63,8 @@ def _calls(p):
                                                          mask=p["mask"], backend=b),
         "factored_scores_per_token": lambda b: ops.factored_scores(p["acts"], p["grads"], p["left"], p["right"],
                                                                    mask=p["mask"], per_token=True, backend=b),
+        "factored_scores_grouped": lambda b: torch.cat(
+            [o.flatten() for o in ops.factored_scores_grouped(layers, backend=b)]),
         "dense_scores": lambda b: ops.dense_scores(p["acts"], p["grads"], p["dense"], mask=p["mask"], backend=b),
         "dense_scores_per_token": lambda b: ops.dense_scores(p["acts"], p["grads"], p["dense"], mask=p["mask"],
                                                              per_token=True, backend=b),
@@ -84,7 +97,7 @@ def main(argv) -> int:
         for label in backends:
             op = name.replace("_per_token", "")
             backend = "native" if label.startswith("native") else label
-            if label == "native-fma" and op not in TENSOR_CORE_OPS:
+            if label == "native-fma" and op.replace("_grouped", "") not in TENSOR_CORE_OPS:
                 continue
             sm90 = label in SM90_MODES
             if sm90 and op != "factored_scores":
