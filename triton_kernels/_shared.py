@@ -26,6 +26,9 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Multiplies the interpreter's block sizes. The small default (16) puts block edges where
 # the op tests' small shapes cross them; a whole-pipeline test raises it, since the
 # interpreter's cost grows with the number of programs and loop steps, not with block size.
+# Except BLOCK_K for 16-bit operands: there a biased layer's K (49 in the demo model) goes
+# through whole K blocks and then a column-by-column tail (project's SPLIT_K_TAIL), so a
+# K block of 64 would leave all 49 columns to the tail, one interpreted step each.
 INTERPRETER_BLOCK_SCALE = 1
 
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
@@ -43,8 +46,9 @@ def pick_config(table: dict, compute_dtype: torch.dtype, interpreter_config: dic
     CPU), else the H100 entry for this operand dtype. The tables are explicit so that a
     first call never spends time autotuning."""
     if INTERPRETING:
-        return {k: v * INTERPRETER_BLOCK_SCALE if k.startswith("BLOCK") else v
-                for k, v in interpreter_config.items()}
+        scaled = [k for k in interpreter_config
+                  if k.startswith("BLOCK") and (k != "BLOCK_K" or compute_dtype == torch.float32)]
+        return {k: v * INTERPRETER_BLOCK_SCALE if k in scaled else v for k, v in interpreter_config.items()}
     return dict(table[torch.float32 if compute_dtype == torch.float32 else torch.bfloat16])
 
 

@@ -21,34 +21,33 @@ namespace cuda {
 
 // acc += x[token rows, :] @ F[:, c0:c0+BN], K = d, staged through shared memory in slices
 // of BK. Row m of the tile is at element offset base[m] of x (-1: masked / out of range, read
-// as zeros); column c of F is rank c % R of query q0 + c / R of the factor [Q, d, R].
+// as zeros); column c of F is rank c % R of query q0 + c / R of the factor [Q, d, R]. Each
+// thread stages one fixed column of F at every K slice, so its offset is worked out once.
 __device__ __forceinline__ void factor_product(float (&As)[BK][BM + 4], float (&Bs)[BK][BN + 4],
                                                const int64_t* base, const View3& x, const View3& f, int64_t d,
                                                int64_t c0, int64_t q0, int64_t C, int64_t R, float (&acc)[4][4],
                                                int tid, int ty, int tx) {
+  static_assert(THREADS % BN == 0, "one fixed staging column per thread");
+  const int c = tid % BN;
+  const int64_t col = c0 + c;
+  const int64_t fcol = col < C ? (q0 + col / R) * f.s0 + (col % R) * f.s2 : -1;
   for (int64_t k0 = 0; k0 < d; k0 += BK) {
     for (int e = tid; e < BM * BK; e += THREADS) {
       const int m = e / BK, k = e % BK;
       As[k][m] = (base[m] >= 0 && k0 + k < d) ? ld(x.p, x.dt, base[m] + (k0 + k) * x.s2) : 0.0f;
     }
-    for (int e = tid; e < BK * BN; e += THREADS) {
-      const int k = e / BN, c = e % BN;
-      const int64_t col = c0 + c;
-      float v = 0.0f;
-      if (k0 + k < d && col < C) {
-        const int64_t q = q0 + col / R, kr = col % R;
-        v = ld(f.p, f.dt, q * f.s0 + (k0 + k) * f.s1 + kr * f.s2);
-      }
-      Bs[k][c] = v;
-    }
+    for (int k = tid / BN; k < BK; k += THREADS / BN)
+      Bs[k][c] = (k0 + k < d && fcol >= 0) ? ld(f.p, f.dt, fcol + (k0 + k) * f.s1) : 0.0f;
     __syncthreads();
     mma_slice(As, Bs, acc, ty, tx);
     __syncthreads();
   }
 }
 
+// At least 2 blocks per SM: caps registers at 128, ptxas's own choice before the grouped table;
+// without it ptxas aimed at 3 blocks (80 registers) for sm_80 and spilled 52 bytes.
 template <bool kGrouped>
-__global__ void __launch_bounds__(THREADS) factored_scores_kernel(const __grid_constant__ FactoredGroup g,
+__global__ void __launch_bounds__(THREADS, 2) factored_scores_kernel(const __grid_constant__ FactoredGroup g,
                                                                   int per_token) {
   __shared__ float As[BK][BM + 4];
   __shared__ float Bs[BK][BN + 4];

@@ -59,37 +59,34 @@ __device__ __forceinline__ void stage_rows(T (*As)[A_LD], const int64_t* base, c
   }
 }
 
-// Stage F[k0:k0+TC_BK, columns c0:c0+BN] of the factor [Q, d, R] into Bs; column c is rank
-// c % R of query q0 + c / R, columns at or past C are zeros. vec: R % 8 == 0, the rank
-// dimension is contiguous and the strides and pointer allow aligned 16-byte loads, so 8
-// consecutive columns are 8 consecutive ranks of one query.
+// Stage F[k0:k0+TC_BK, columns c0:c0+BN] of the factor [Q, d, R] into Bs; columns at or past
+// C are zeros. vec: R % 8 == 0, the rank dimension is contiguous and the strides and pointer
+// allow aligned 16-byte loads, so 8 consecutive columns are 8 consecutive ranks of one query.
+// Each thread stages one fixed column (vec: 8 columns) at every K slice: fcol is its element
+// offset in row 0 of F, or -1 past C (factor_column below), so that no K slice divides.
 template <typename T>
-__device__ __forceinline__ void stage_factor(T (*Bs)[B_LD], const T* f, int64_t s0, int64_t s1, int64_t s2, int64_t d,
-                                             int64_t c0, int64_t q0, int64_t C, int64_t R, int64_t k0, bool vec,
-                                             int tid) {
+__device__ __forceinline__ void stage_factor(T (*Bs)[B_LD], const T* f, int64_t fcol, int64_t s1, int64_t d,
+                                             int64_t k0, bool vec, int tid) {
   if (vec) {
-    for (int e = tid; e < TC_BK * (BN / 8); e += TC_THREADS) {
-      const int k = e / (BN / 8), c = (e % (BN / 8)) * 8;
-      const int64_t col = c0 + c;
+    const int c = (tid % (BN / 8)) * 8;
+    for (int k = tid / (BN / 8); k < TC_BK; k += TC_THREADS / (BN / 8)) {
       uint4 v = make_uint4(0, 0, 0, 0);
-      if (k0 + k < d && col < C) {
-        const int64_t q = q0 + col / R, kr = col % R;
-        v = *reinterpret_cast<const uint4*>(f + q * s0 + (k0 + k) * s1 + kr);
-      }
+      if (k0 + k < d && fcol >= 0) v = *reinterpret_cast<const uint4*>(f + fcol + (k0 + k) * s1);
       *reinterpret_cast<uint4*>(&Bs[k][c]) = v;
     }
   } else {
-    for (int e = tid; e < TC_BK * BN; e += TC_THREADS) {
-      const int k = e / BN, c = e % BN;
-      const int64_t col = c0 + c;
-      T v = zero_of<T>();
-      if (k0 + k < d && col < C) {
-        const int64_t q = q0 + col / R, kr = col % R;
-        v = f[q * s0 + (k0 + k) * s1 + kr * s2];
-      }
-      Bs[k][c] = v;
-    }
+    const int c = tid % BN;
+    for (int k = tid / BN; k < TC_BK; k += TC_THREADS / BN) Bs[k][c] = (k0 + k < d && fcol >= 0) ? f[fcol + (k0 + k) * s1] : zero_of<T>();
   }
+}
+
+// The calling thread's staging column of chunk c0 (see stage_factor): column c is rank c % R
+// of query q0 + c / R.
+__device__ __forceinline__ int64_t factor_column(int64_t c0, int64_t q0, int64_t C, int64_t R, int64_t s0,
+                                                 int64_t s2, bool vec, int tid) {
+  static_assert(TC_THREADS % BN == 0 && TC_THREADS % (BN / 8) == 0, "one fixed staging column per thread");
+  const int64_t col = c0 + (vec ? (tid % (BN / 8)) * 8 : tid % BN);
+  return col < C ? (q0 + col / R) * s0 + (col % R) * s2 : -1;
 }
 
 // acc (this warp's 2 x 2 fragments at rows wm*32, cols wn*32) += x[rows, :] @ F[:, c0:c0+BN].
@@ -98,9 +95,10 @@ __device__ __forceinline__ void tc_factor_product(T (*As)[A_LD], T (*Bs)[B_LD], 
                                                   int64_t xs2, bool xvec, const T* f, int64_t fs0, int64_t fs1,
                                                   int64_t fs2, bool fvec, int64_t d, int64_t c0, int64_t q0, int64_t C,
                                                   int64_t R, typename Frags<T>::C (&acc)[2][2], int tid, int wm, int wn) {
+  const int64_t fcol = factor_column(c0, q0, C, R, fs0, fs2, fvec, tid);
   for (int64_t k0 = 0; k0 < d; k0 += TC_BK) {
     stage_rows<T>(As, base, x, xs2, d, k0, xvec, tid);
-    stage_factor<T>(Bs, f, fs0, fs1, fs2, d, c0, q0, C, R, k0, fvec, tid);
+    stage_factor<T>(Bs, f, fcol, fs1, d, k0, fvec, tid);
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < TC_BK; kk += 16) {

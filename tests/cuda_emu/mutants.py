@@ -31,15 +31,15 @@ MUTANTS = {
         "cuda/factored_scores.cu",
         "Ps[ty * 4 + i][tx * 4 + j] = gl[i][j] * ar[i][j];\n      __syncthreads();",
         "Ps[ty * 4 + i][tx * 4 + j] = gl[i][j] * ar[i][j];\n      ;",
-        "test_factored_scores and fp32 and tc-unset"),
+        "test_factored_scores and fp32 and tc0"),
     "fma: sums not zeroed": (
         "cuda/factored_scores.cu",
         "e += THREADS) sums[e / QMAX][e % QMAX] = 0.0f;", "e += THREADS) ;",
-        "test_factored_scores and fp32 and tc-unset"),
+        "test_factored_scores and fp32 and tc0"),
     "fma: no barrier after staging": (
         "cuda/factored_scores.cu",
-        "      Bs[k][c] = v;\n    }\n    __syncthreads();", "      Bs[k][c] = v;\n    }\n    ;",
-        "test_factored_scores and fp32 and tc-unset"),
+        "* f.s1) : 0.0f;\n    __syncthreads();", "* f.s1) : 0.0f;\n    ;",
+        "test_factored_scores and fp32 and tc0"),
     "tc: 16-byte row load past the row end": (
         "cuda/factored_scores_tc.cu", "k0 + k + 8 <= d", "k0 + k < d",
         "test_factored_scores and bf16 and tc1"),
@@ -65,9 +65,9 @@ MUTANTS = {
     "rotate: no barrier at the end of a K slice": (
         "cuda/rotate.cu", "mma_slice(As, Bs, acc, ty, tx);\n    __syncthreads();",
         "mma_slice(As, Bs, acc, ty, tx);\n    ;",
-        "test_eigen_ops and fp32 and tc-unset"),
+        "test_eigen_ops and fp32 and tc0"),
     "reduce: one partial past the end": (
-        "cuda/eigen_correction.cu", "k < tiles; ++k", "k <= tiles; ++k", "test_eigen_ops and fp32 and tc-unset"),
+        "cuda/eigen_correction.cu", "k < tiles; ++k", "k <= tiles; ++k", "test_eigen_ops and fp32 and tc0"),
     "sm90: a stage released while its wgmma still runs (two left in flight)": (
         SM90, "warpgroup_wait<kInFlight>();", "warpgroup_wait<kInFlight + 1>();", SM90_CASE, SM90_TEST),
     "sm90: acts x right loads the wrong K step": (
@@ -115,6 +115,8 @@ def run(name, work):
                         os.path.join(ROOT, "tests", test_file), "-k", selection],
                        cwd=ROOT, env=env, capture_output=True, text=True)
     last = [line for line in r.stdout.splitlines() if line.strip()][-1:]
+    if r.returncode == 5:  # pytest: no test collected, i.e. the selection matches nothing
+        return f"NO TEST SELECTED by -k {selection!r} in {test_file}: fix the selection"
     verdict = "CAUGHT" if r.returncode == 1 else f"NOT CAUGHT (pytest exit {r.returncode})"
     return f"{verdict}: {' '.join(last)}"
 
