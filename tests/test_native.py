@@ -3,6 +3,7 @@ errors for wrong dtype / device / shape, determinism, the C test program built a
 the installed library with find_package(pyinf), and CUDA-path checks (skipped without a
 GPU). The oracle tests for every op live in test_ops.py (parametrised over backends)."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -172,6 +173,45 @@ def test_grouped_binding_checks():
         _C.factored_scores_grouped_workspace_size([(acts, grads.double(), left, right)], False)
     assert _C.factored_scores_grouped_workspace_size([], False) == 0
     _C.factored_scores_grouped([], False)  # nothing to do
+
+
+def _entries(ptx: str) -> dict:
+    """PTX kernel entry name -> its body."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"\.entry\s+(\w+)\((.*?)\n\}", ptx, re.S)}
+
+
+@pytest.mark.parametrize("source", ["factored_scores_tc.cu", "factored_scores.cu"])
+def test_portable_factored_kernels_compile_lean(source, tmp_path):
+    """What sm_90a would run of the portable factored-scores kernels, read from nvcc / ptxas:
+    no 64-bit division per K slice (each thread's factor column is decoded once per column
+    chunk: at most one div and one rem per kernel; there were 28, each a called subroutine),
+    and single-layer launches in registers: no spills, at most 168 registers for the 128-thread
+    WMMA kernel (3 blocks per SM), at most 128 for the 256-thread FMA kernel (2 per SM)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH")
+    ptx = tmp_path / "k.ptx"
+    subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=sm_90a", "-DPYINF_WITH_CUDA",
+                    f"-I{os.path.join(ROOT, 'csrc')}", f"-I{os.path.join(ROOT, 'csrc', 'include')}", "-ptx",
+                    os.path.join(ROOT, "csrc", "cuda", source), "-o", str(ptx)], check=True, capture_output=True)
+    ptxas = os.path.join(os.path.dirname(os.path.realpath(nvcc)), "ptxas")
+    res = subprocess.run([ptxas if os.path.exists(ptxas) else "ptxas", "-arch=sm_90a", "-v", str(ptx), "-o",
+                          str(tmp_path / "k.cubin")], check=True, capture_output=True, text=True)
+    log = res.stdout + res.stderr
+    kernels = {name: body for name, body in _entries(ptx.read_text()).items() if "factored_scores" in name}
+    assert len(kernels) == (4 if source.endswith("_tc.cu") else 2), list(kernels)  # dtypes x single / grouped
+    for name, body in kernels.items():
+        divisions = re.findall(r"\b(?:div|rem)\.[su]64\b", body)
+        assert len(divisions) <= 2, (name, len(divisions))
+    stats = re.findall(r"Compiling entry function '(\w*factored_scores\w*)'.*?(\d+) bytes spill stores, "
+                       r"(\d+) bytes spill loads.*?Used (\d+) registers", log, re.S)
+    assert len(stats) == len(kernels), log
+    limit = 168 if source.endswith("_tc.cu") else 128
+    for name, stores, loads, regs in stats:
+        single = "ILb0E" in name
+        assert int(regs) <= limit, (name, regs)
+        if single:
+            assert int(stores) == 0 and int(loads) == 0, (name, stores, loads)
 
 
 def test_cuda_tensors_without_cuda_build_raise():
