@@ -18,6 +18,11 @@ through per-warp scratch memory behind a 32-thread barrier; tf32 operands are tr
 10 mantissa bits inside mma_sync as the hardware does, ``__float_to_tf32`` rounds to nearest
 with ties away from zero.
 
+Asynchronous copies (cp.async through cuda_pipeline_primitives.h, the WMMA kernel's double
+buffering) are queued per thread and carried out only when __pipeline_wait_prior retires
+their group, after checking the real header's rules (size, zfill, alignment, a shared-memory
+destination): reading a stage too early sees its old contents.
+
 Faithful: the sources' semantics, i.e. the index arithmetic, staging, masking, bounds
 checks, reduction orders and fp32 / tf32 / bf16 / fp16 arithmetic of every kernel and of the
 host code that sizes grids and workspaces; the WMMA API contract as far as the kernels use

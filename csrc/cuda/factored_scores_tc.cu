@@ -2,14 +2,18 @@
 // fp16. Same grid, same per-query fold and the same fixed reduction order as the fp32-FMA
 // kernel in factored_scores.cu; only the two products GL = g L[:, chunk] and
 // AR = a R[:, chunk] change: K slices of 32 are staged through shared memory in the input
-// dtype (16-byte loads where the layout allows) and multiplied by 16x16x16 WMMA tiles with
-// fp32 accumulators. Four warps cover the 64x64 tile, 32x32 each. GL and AR fragments
+// dtype and multiplied by 16x16x16 WMMA tiles with fp32 accumulators. The staging is double
+// buffered: slice s + 1 is loaded while slice s is multiplied, by asynchronous 16-byte copies
+// (cp.async) where the layout allows, else by plain loads and stores into the other buffer.
+// Four warps cover the 64x64 tile, 32x32 each. GL and AR fragments
 // have the same type, hence the same element-to-thread mapping, so their product is taken
 // fragment element by fragment element before one store to shared memory.
 //
 // The default for such inputs; PYINF_NATIVE_TC=0 takes them to the FMA kernel instead (see
 // use_tensor_cores in kernels_common.cuh). Checked against the float64 reference on the CPU
 // (tests/test_native_emulated.py); not yet run or timed on a GPU.
+#include <cuda_pipeline_primitives.h>
+
 #include "tc_common.cuh"
 
 namespace pyinf {
@@ -35,20 +39,29 @@ struct Frags {
   using C = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 };
 
+// One asynchronous 16-byte copy global -> shared (cp.async), or 16 zero bytes when !ok (src
+// is then not read; it only has to be a valid address).
+__device__ __forceinline__ void copy16(void* dst, const void* src, bool ok) {
+  if (ok)
+    __pipeline_memcpy_async(dst, src, 16);
+  else
+    __pipeline_memcpy_async(dst, src, 16, 16);
+}
+
 // Stage x[token rows, k0:k0+TC_BK] into As (row m at element offset base[m] of x, -1: zeros).
 // vec: x's last dimension is contiguous and every row start and the pointer allow aligned
-// 16-byte loads (checked on the host).
+// 16-byte loads (checked on the host): those go by cp.async, the rest by plain stores.
 template <typename T>
 __device__ __forceinline__ void stage_rows(T (*As)[A_LD], const int64_t* base, const T* x, int64_t s2, int64_t d,
                                            int64_t k0, bool vec, int tid) {
   if (vec) {
     for (int e = tid; e < BM * (TC_BK / 8); e += TC_THREADS) {
       const int m = e / (TC_BK / 8), k = (e % (TC_BK / 8)) * 8;
-      if (base[m] >= 0 && k0 + k + 8 <= d) {
-        *reinterpret_cast<uint4*>(&As[m][k]) = *reinterpret_cast<const uint4*>(x + base[m] + k0 + k);
-      } else {  // masked row, or the last partial vector of a row (d = 769 with a bias column)
+      if (base[m] < 0 || k0 + k + 8 <= d) {  // a whole vector, or a masked row's zeros
+        copy16(&As[m][k], base[m] >= 0 ? x + base[m] + k0 + k : x, base[m] >= 0);
+      } else {  // the last partial vector of a row (d = 769 with a bias column)
 #pragma unroll
-        for (int j = 0; j < 8; ++j) As[m][k + j] = (base[m] >= 0 && k0 + k + j < d) ? x[base[m] + k0 + k + j] : zero_of<T>();
+        for (int j = 0; j < 8; ++j) As[m][k + j] = k0 + k + j < d ? x[base[m] + k0 + k + j] : zero_of<T>();
       }
     }
   } else {
@@ -70,9 +83,8 @@ __device__ __forceinline__ void stage_factor(T (*Bs)[B_LD], const T* f, int64_t 
   if (vec) {
     const int c = (tid % (BN / 8)) * 8;
     for (int k = tid / (BN / 8); k < TC_BK; k += TC_THREADS / (BN / 8)) {
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (k0 + k < d && fcol >= 0) v = *reinterpret_cast<const uint4*>(f + fcol + (k0 + k) * s1);
-      *reinterpret_cast<uint4*>(&Bs[k][c]) = v;
+      const bool ok = k0 + k < d && fcol >= 0;
+      copy16(&Bs[k][c], ok ? f + fcol + (k0 + k) * s1 : f, ok);
     }
   } else {
     const int c = tid % BN;
@@ -89,31 +101,47 @@ __device__ __forceinline__ int64_t factor_column(int64_t c0, int64_t q0, int64_t
   return col < C ? (q0 + col / R) * s0 + (col % R) * s2 : -1;
 }
 
-// acc (this warp's 2 x 2 fragments at rows wm*32, cols wn*32) += x[rows, :] @ F[:, c0:c0+BN].
+// acc (this warp's 2 x 2 fragments at rows wm*32, cols wn*32) += x[rows, :] @ F[:, c0:c0+BN],
+// through the double buffers As[2], Bs[2]: slice s + 1 is staged into buffer (s + 1) % 2
+// while slice s is multiplied from buffer s % 2. Every thread commits one copy group per
+// slice (possibly empty), so waiting for all but the newest group means slice s has landed.
 template <typename T>
-__device__ __forceinline__ void tc_factor_product(T (*As)[A_LD], T (*Bs)[B_LD], const int64_t* base, const T* x,
-                                                  int64_t xs2, bool xvec, const T* f, int64_t fs0, int64_t fs1,
-                                                  int64_t fs2, bool fvec, int64_t d, int64_t c0, int64_t q0, int64_t C,
-                                                  int64_t R, typename Frags<T>::C (&acc)[2][2], int tid, int wm, int wn) {
+__device__ __forceinline__ void tc_factor_product(T (*As)[BM][A_LD], T (*Bs)[TC_BK][B_LD], const int64_t* base,
+                                                  const T* x, int64_t xs2, bool xvec, const T* f, int64_t fs0,
+                                                  int64_t fs1, int64_t fs2, bool fvec, int64_t d, int64_t c0,
+                                                  int64_t q0, int64_t C, int64_t R,
+                                                  typename Frags<T>::C (&acc)[2][2], int tid, int wm, int wn) {
   const int64_t fcol = factor_column(c0, q0, C, R, fs0, fs2, fvec, tid);
-  for (int64_t k0 = 0; k0 < d; k0 += TC_BK) {
-    stage_rows<T>(As, base, x, xs2, d, k0, xvec, tid);
-    stage_factor<T>(Bs, f, fcol, fs1, d, k0, fvec, tid);
-    __syncthreads();
+  const int64_t slices = (d + TC_BK - 1) / TC_BK;
+  if (slices > 0) {
+    stage_rows<T>(As[0], base, x, xs2, d, 0, xvec, tid);
+    stage_factor<T>(Bs[0], f, fcol, fs1, d, 0, fvec, tid);
+  }
+  __pipeline_commit();
+  for (int64_t s = 0; s < slices; ++s) {
+    const int buf = static_cast<int>(s & 1);
+    if (s + 1 < slices) {  // buffer buf ^ 1 was last read at slice s - 1, before the barrier ending it
+      stage_rows<T>(As[buf ^ 1], base, x, xs2, d, (s + 1) * TC_BK, xvec, tid);
+      stage_factor<T>(Bs[buf ^ 1], f, fcol, fs1, d, (s + 1) * TC_BK, fvec, tid);
+    }
+    __pipeline_commit();
+    __pipeline_wait_prior(1);  // this thread's copies of slice s have landed
+    __syncthreads();           // and every thread's (copies and plain stores)
 #pragma unroll
     for (int kk = 0; kk < TC_BK; kk += 16) {
-      warp_mma_2x2<typename Frags<T>::A, typename Frags<T>::B>(acc, &As[wm * 32][kk], &As[wm * 32 + 16][kk], A_LD,
-                                                               &Bs[kk][wn * 32], &Bs[kk][wn * 32 + 16], B_LD);
+      warp_mma_2x2<typename Frags<T>::A, typename Frags<T>::B>(
+          acc, &As[buf][wm * 32][kk], &As[buf][wm * 32 + 16][kk], A_LD, &Bs[buf][kk][wn * 32],
+          &Bs[buf][kk][wn * 32 + 16], B_LD);
     }
-    __syncthreads();
+    __syncthreads();  // every warp is done with buffer buf before slice s + 2 is staged into it
   }
 }
 
 template <typename T, bool kGrouped>
 __global__ void __launch_bounds__(TC_THREADS)
     factored_scores_tc_kernel(const __grid_constant__ FactoredGroup g, int per_token) {
-  __shared__ __align__(128) T As[BM][A_LD];
-  __shared__ __align__(128) T Bs[TC_BK][B_LD];
+  __shared__ __align__(128) T As[2][BM][A_LD];
+  __shared__ __align__(128) T Bs[2][TC_BK][B_LD];
   __shared__ __align__(128) float Ps[BM][P_LD];
   __shared__ float sums[BM][QMAX];
   __shared__ int64_t a_base[BM], g_base[BM];

@@ -15,7 +15,9 @@
 #include <climits>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <ctime>
+#include <deque>
 #include <exception>
 #include <map>
 #include <memory>
@@ -132,6 +134,12 @@ struct BlockCtx {
   std::map<uint32_t, std::pair<uint32_t, std::unique_ptr<Barrier>>> named;  // bar.sync id -> (threads, barrier)
   void* state = nullptr;  // block_state(): made by the first caller, destroyed with the block
   void (*destroy_state)(void*) = nullptr;
+  uint64_t serial = next_serial();  // distinct for every block of every launch
+
+  static uint64_t next_serial() {
+    static std::atomic<uint64_t> n{0};
+    return n.fetch_add(1) + 1;
+  }
 
   ~BlockCtx() {
     if (state != nullptr) destroy_state(state);
@@ -220,6 +228,73 @@ void* block_state(void* (*make)(), void (*destroy)(void*)) {
 }
 
 bool block_failed() { return ctx().failed.load(); }
+
+// ---- cp.async (cuda_pipeline_primitives.h) ----------------------------------------------
+// Each thread's copies are queued and carried out when __pipeline_wait_prior retires their
+// group, never earlier: a thread that reads its stage before waiting (or before the barrier
+// that makes the other threads' copies visible) sees the buffer's old contents, as it may
+// on the GPU.
+namespace {
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  size_t copy, fill;  // bytes copied from src, then zero bytes
+};
+thread_local uint64_t t_pipe_block = 0;  // the block the queues below belong to
+thread_local std::vector<PendingCopy> t_open;
+thread_local std::deque<std::vector<PendingCopy>> t_groups;
+
+void pipe_sync_block() {
+  const uint64_t serial = ctx().serial;
+  if (t_pipe_block != serial) {  // a previous block's leftovers (copies never waited for) go
+    t_open.clear();
+    t_groups.clear();
+    t_pipe_block = serial;
+  }
+}
+
+bool in_shared(const void* p, size_t n) {
+  const uintptr_t u = reinterpret_cast<uintptr_t>(p);
+  BlockCtx& c = ctx();
+  if (c.dyn_smem && u >= reinterpret_cast<uintptr_t>(c.dyn_smem) &&
+      u + n <= reinterpret_cast<uintptr_t>(c.dyn_smem) + c.dyn_bytes)
+    return true;
+  std::lock_guard<std::mutex> l(g_shared_m);
+  for (const SharedArray& a : g_shared)
+    if (u >= reinterpret_cast<uintptr_t>(a.p) && u + n <= reinterpret_cast<uintptr_t>(a.p) + a.bytes) return true;
+  return false;
+}
+}  // namespace
+
+void pipeline_memcpy_async(void* dst, const void* src, size_t size, size_t zfill) {
+  pipe_sync_block();
+  if (size != 4 && size != 8 && size != 16)
+    throw std::runtime_error("__pipeline_memcpy_async: size " + std::to_string(size) + " is not 4, 8 or 16");
+  if (zfill > size) throw std::runtime_error("__pipeline_memcpy_async: zfill over the size");
+  if (reinterpret_cast<uintptr_t>(dst) % size || reinterpret_cast<uintptr_t>(src) % size)
+    throw std::runtime_error("__pipeline_memcpy_async: a pointer not aligned to the copy size " + std::to_string(size));
+  if (!in_shared(dst, size)) throw std::runtime_error("__pipeline_memcpy_async: destination not in shared memory");
+  if (zfill < size && !device_pointer_ok(src))
+    throw std::runtime_error("__pipeline_memcpy_async: source outside every registered device buffer");
+  t_open.push_back({dst, src, size - zfill, zfill});
+}
+
+void pipeline_commit() {
+  pipe_sync_block();
+  t_groups.push_back(std::move(t_open));
+  t_open.clear();
+}
+
+void pipeline_wait_prior(size_t prior) {
+  pipe_sync_block();
+  while (t_groups.size() > prior) {
+    for (const PendingCopy& c : t_groups.front()) {
+      std::memcpy(c.dst, c.src, c.copy);
+      std::memset(static_cast<char*>(c.dst) + c.copy, 0, c.fill);
+    }
+    t_groups.pop_front();
+  }
+}
 
 namespace {
 std::atomic<void (*)()> g_exit_check{nullptr};

@@ -43,8 +43,14 @@ MUTANTS = {
     "tc: 16-byte row load past the row end": (
         "cuda/factored_scores_tc.cu", "k0 + k + 8 <= d", "k0 + k < d",
         "test_factored_scores and bf16 and tc1"),
-    "tc: no barrier after staging": (
-        "cuda/factored_scores_tc.cu", "k0, fvec, tid);\n    __syncthreads();", "k0, fvec, tid);\n    ;",
+    "tc: no barrier after the slice's copies land": (
+        "cuda/factored_scores_tc.cu", "__pipeline_wait_prior(1);  // this thread's copies of slice s have landed\n"
+        "    __syncthreads();", "__pipeline_wait_prior(1);\n    ;", "test_factored_scores and bf16 and tc1"),
+    "tc: slice s multiplied before its copies land": (
+        "cuda/factored_scores_tc.cu", "__pipeline_wait_prior(1);", "__pipeline_wait_prior(2);",
+        "test_factored_scores and bf16 and tc1"),
+    "tc: the next slice staged into the buffer being multiplied": (
+        "cuda/factored_scores_tc.cu", "stage_rows<T>(As[buf ^ 1],", "stage_rows<T>(As[buf],",
         "test_factored_scores and bf16 and tc1"),
     "tc: no barrier before restaging": (
         "cuda/factored_scores_tc.cu", "B_LD);\n    }\n    __syncthreads();", "B_LD);\n    }\n    ;",
