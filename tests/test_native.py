@@ -184,8 +184,8 @@ def _entries(ptx: str) -> dict:
 def test_portable_factored_kernels_compile_lean(source, tmp_path):
     """What sm_90a would run of the portable factored-scores kernels, read from nvcc / ptxas:
     no 64-bit division per K slice (each thread's factor column is decoded once per column
-    chunk: at most one div and one rem per kernel; there were 28, each a called subroutine),
-    and single-layer launches in registers: no spills, at most 168 registers for the 128-thread
+    chunk: at most one div and one rem per kernel; there were 28, each a called subroutine), the
+    WMMA kernel's next K slice loaded by cp.async, and single-layer launches in registers: no spills, at most 168 registers for the 128-thread
     WMMA kernel (3 blocks per SM), at most 128 for the 256-thread FMA kernel (2 per SM)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -206,6 +206,9 @@ def test_portable_factored_kernels_compile_lean(source, tmp_path):
     stats = re.findall(r"Compiling entry function '(\w*factored_scores\w*)'.*?(\d+) bytes spill stores, "
                        r"(\d+) bytes spill loads.*?Used (\d+) registers", log, re.S)
     assert len(stats) == len(kernels), log
+    if source.endswith("_tc.cu"):  # the next K slice is loaded by cp.async while this one is multiplied
+        text = ptx.read_text()
+        assert "cp.async.cg.shared.global" in text and "cp.async.wait_group 1;" in text
     limit = 168 if source.endswith("_tc.cu") else 128
     for name, stores, loads, regs in stats:
         single = "ILb0E" in name
