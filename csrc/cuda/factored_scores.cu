@@ -471,9 +471,10 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_kernel(const pyinf_tensor* ac
   Dims d;
   pyinf_status s = validate_factored_shapes(acts, grads, left, right, &d);
   if (s != PYINF_SUCCESS) return s;
-  *name = takes_sm90(acts, grads, left, right, d, per_token, workspace_bytes) ? "sm90"
-          : factored_scores_tc_applicable(acts, grads, left, right) && use_tensor_cores(true) ? "wmma"
-                                                                                            : "fma";
+  *name = takes_sm90(acts, grads, left, right, d, per_token, workspace_bytes)
+              ? "sm90"
+              : portable_kernel_name(portable_kernel(ProblemCall{acts, grads, left, right, nullptr, nullptr, d},
+                                                     use_tensor_cores(true)));
   return PYINF_SUCCESS;
 }
 
