@@ -299,7 +299,7 @@ void factored_scores(py::handle acts_, py::handle grads_, py::handle left_, py::
 }
 
 // The problems of a grouped call: a sequence of (acts, grads, left, right[, mask, out])
-// tuples, all CUDA tensors on one device. `args` owns the pyinf_tensors the problems point to.
+// tuples, all tensors on one device. `args` owns the pyinf_tensors the problems point to.
 struct Group {
   std::vector<Arg> args;
   std::vector<pyinf_factored_problem> problems;
@@ -325,12 +325,10 @@ Group read_group(py::handle seq, const char* op, bool with_outputs, bool per_tok
     const Arg* a = &g.args[first];
     same_device(op, {{names[0].c_str(), &a[0]}, {names[1].c_str(), &a[1]}, {names[2].c_str(), &a[2]},
                      {names[3].c_str(), &a[3]}, {names[4].c_str(), &a[4]}});
-    if (!is_cuda(a[0]))
-      throw py::value_error(where(op, names[0].c_str()) + " is on " + a[0].device_type +
-                            "; grouped calls take CUDA tensors (CPU tensors: one factored_scores call per problem)");
-    if (a[0].device_index != g.args[0].device_index)
+    if (a[0].device_type != g.args[0].device_type || a[0].device_index != g.args[0].device_index)
       throw py::value_error(std::string("pyinf._C.") + op + ": all problems must be on one device; '" + names[0] +
-                            "' is on cuda:" + std::to_string(a[0].device_index) + ", 'problems[0].acts' on cuda:" +
+                            "' is on " + a[0].device_type + ":" + std::to_string(a[0].device_index) +
+                            ", 'problems[0].acts' on " + g.args[0].device_type + ":" +
                             std::to_string(g.args[0].device_index));
     pyinf_factored_problem p{&a[0].t, &a[1].t, &a[2].t, &a[3].t, opt(a[4]), nullptr};
     if (with_outputs) {
@@ -348,7 +346,7 @@ Group read_group(py::handle seq, const char* op, bool with_outputs, bool per_tok
 size_t factored_grouped_workspace_size(py::handle problems, bool per_token) {
   const char* op = "factored_scores_grouped_workspace_size";
   Group g = read_group(problems, op, false, per_token);
-  if (g.problems.empty()) return 0;
+  if (g.problems.empty() || !is_cuda(g.args[0])) return 0;  // the CPU path needs none
   require_cuda_build(op);
   size_t bytes = 0;
   raise_status(pyinf_cuda_factored_scores_grouped_workspace_size(g.problems.data(), static_cast<int>(g.problems.size()),
@@ -360,10 +358,18 @@ void factored_scores_grouped(py::handle problems, bool per_token, py::handle ws_
   const char* op = "factored_scores_grouped";
   Group g = read_group(problems, op, true, per_token);
   if (g.problems.empty()) return;
-  require_cuda_build(op);
-  auto ws = read_workspace(ws_, op, g.args[0]);
-  raise_status(pyinf_cuda_factored_scores_grouped(g.problems.data(), static_cast<int>(g.problems.size()),
-                                                  per_token ? 1 : 0, ws.first, ws.second, stream_ptr(stream)));
+  const int count = static_cast<int>(g.problems.size());
+  pyinf_status s;
+  if (is_cuda(g.args[0])) {
+    require_cuda_build(op);
+    auto ws = read_workspace(ws_, op, g.args[0]);
+    s = pyinf_cuda_factored_scores_grouped(g.problems.data(), count, per_token ? 1 : 0, ws.first, ws.second,
+                                           stream_ptr(stream));
+  } else {
+    py::gil_scoped_release nogil;
+    s = pyinf_cpu_factored_scores_grouped(g.problems.data(), count, per_token ? 1 : 0);
+  }
+  raise_status(s);
 }
 
 }  // namespace
@@ -398,8 +404,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("per_token"), "Workspace bytes of a grouped CUDA call; problems: (acts, grads, left, right) tuples");
   m.def("factored_scores_grouped", &factored_scores_grouped, py::arg("problems"), py::arg("per_token"),
         py::arg("workspace") = py::none(), py::arg("stream") = py::none(),
-        "Several layers' factored scores in one launch (per 16 layers and kernel); problems: (acts, grads, left, "
-        "right, mask or None, out) tuples of CUDA tensors");
+        "Several layers' factored scores, on CUDA in one launch per 16 layers and kernel; problems: (acts, grads, "
+        "left, right, mask or None, out) tuples of tensors on one device");
   m.def("factored_scores_pack_size", &factored_pack_size, py::arg("left"), py::arg("right"),
         "Bytes of the Hopper kernel's packed query factors for this pair (0 where it cannot take them)");
   m.def("factored_scores_pack", &factored_pack, py::arg("left"), py::arg("right"), py::arg("packed"),

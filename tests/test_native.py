@@ -162,15 +162,32 @@ def test_c_rejects_wrong_device():
 
 
 def test_grouped_binding_checks():
-    """pyinf._C.factored_scores_grouped: CUDA tensors only (CPU problems are scored one call
-    each by pyinf.ops), problems as tuples of the right length, the problem named in errors."""
+    """pyinf._C.factored_scores_grouped: one C call for all problems (on the CPU
+    pyinf_cpu_factored_scores_grouped), each problem's scores those of its own call; problems
+    as tuples of the right length; the problem and field named in errors, with nothing
+    written when any problem is bad."""
     acts, grads, left, right, mask, out = _fs_args()
-    with pytest.raises(ValueError, match=r"'problems\[0\].acts' is on cpu; grouped calls take CUDA tensors"):
-        _C.factored_scores_grouped([(acts, grads, left, right, mask, out)], False)
+    short = _problem(2, 1, 4, 5, 2, 3)  # T = 1, another rank, no mask
+    outs = [torch.full((2, 2), float("nan")), torch.full((2, 2), float("nan"))]
+    _C.factored_scores_grouped([(acts, grads, left, right, mask, outs[0]), (*short[:4], None, outs[1])], False)
+    _C.factored_scores(acts, grads, left, right, mask, False, out)
+    assert torch.equal(outs[0], out)
+    _C.factored_scores(*short[:4], None, False, out)
+    assert torch.equal(outs[1], out)
+    assert _C.factored_scores_grouped_workspace_size([(acts, grads, left, right)], False) == 0
+    fresh = torch.full((2, 2), float("nan"))
+    with pytest.raises(ValueError, match=r"problem 1: .*'left'"):
+        _C.factored_scores_grouped([(acts, grads, left, right, mask, fresh), (acts, grads, right, right, None, out)],
+                                   False)
+    assert fresh.isnan().all(), "problem 0 was scored although problem 1 is bad"
     with pytest.raises(ValueError, match=r"problems\[0\] must have 6 entries, got 4"):
         _C.factored_scores_grouped([(acts, grads, left, right)], False)
     with pytest.raises(TypeError, match=r"'problems\[0\].grads' must be float32, bfloat16 or float16"):
         _C.factored_scores_grouped_workspace_size([(acts, grads.double(), left, right)], False)
+    per_token = torch.empty(2, 3, 2)
+    with pytest.raises(ValueError, match=r"'problems\[1\].out' must have 3 dimensions"):
+        _C.factored_scores_grouped([(acts, grads, left, right, mask, per_token), (acts, grads, left, right, mask, out)],
+                                   True)
     assert _C.factored_scores_grouped_workspace_size([], False) == 0
     _C.factored_scores_grouped([], False)  # nothing to do
 

@@ -4,8 +4,8 @@ CPU tensors run the C++ implementations (OpenMP), CUDA tensors the portable CUDA
 kernels (sm_80+, fp32 FMA tiles) on torch's current stream. Inputs may be fp32, bf16 or
 fp16, each with its own dtype and any strides (read in place, never copied); results
 are fp32. ``dense_scores`` has no native kernel, so it is absent here: ``auto`` falls back
-and an explicit request raises. ``factored_scores_grouped`` scores CUDA problems in one
-launch per 16 layers (``pyinf_cuda_factored_scores_grouped``) and CPU ones one by one.
+and an explicit request raises. ``factored_scores_grouped`` is one C call: on CUDA one launch
+per 16 layers (``pyinf_cuda_factored_scores_grouped``).
 
 Imports fail (making the backend unavailable) when the extension was not built.
 """
@@ -155,12 +155,9 @@ def factored_scores(acts, grads, left, right, *, mask=None, per_token=False):
 
 
 def factored_scores_grouped(problems, *, per_token=False):
-    """CUDA problems: one grouped launch per 16 layers (the WMMA / FMA kernels; the opt-in
-    Hopper kernel takes single-layer calls only). CPU problems: one call each."""
+    """One C call for all problems: on CUDA one launch per 16 layers (the WMMA / FMA kernels;
+    the opt-in Hopper kernel takes single-layer calls only), on the CPU one layer after another."""
     first = problems[0]["acts"]
-    if first.device.type != "cuda":
-        return [factored_scores(p["acts"], p["grads"], p["left"], p["right"], mask=p["mask"], per_token=per_token)
-                for p in problems]
     outs = []
     for p in problems:
         n, t = p["acts"].shape[:2]

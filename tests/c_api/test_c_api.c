@@ -207,6 +207,23 @@ int main(void) {
   CHECK(s == PYINF_ERROR_INVALID_VALUE, "NULL out gave %d", (int)s);
   s = pyinf_cpu_covariance(NULL, NULL, out);
   CHECK(s == PYINF_ERROR_INVALID_VALUE, "NULL x gave %d", (int)s);
+  /* grouped on the CPU: each problem's scores are its own call's; a bad problem 1 is named
+   * and problem 0's output is left untouched */
+  {
+    float single[N * Q], grouped[2][N * Q];
+    s = pyinf_cpu_factored_scores(&A, &G, &LF, &RF, &M, 0, single);
+    CHECK(s == PYINF_SUCCESS, "single call for the grouped check gave %d", (int)s);
+    pyinf_factored_problem group[2] = {{&A, &G, &LF, &RF, &M, grouped[0]}, {&A, &G, &LF, &RF, NULL, grouped[1]}};
+    s = pyinf_cpu_factored_scores_grouped(group, 2, 0);
+    CHECK(s == PYINF_SUCCESS && memcmp(grouped[0], single, sizeof single) == 0, "cpu grouped gave %d", (int)s);
+    for (int i = 0; i < N * Q; ++i) grouped[0][i] = -7.0f;
+    group[1].left = &bad;
+    s = pyinf_cpu_factored_scores_grouped(group, 2, 0);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE && strstr(pyinf_last_error(), "problem 1") != NULL && grouped[0][0] == -7.0f,
+          "cpu grouped with a bad problem 1 gave %d (%s)", (int)s, pyinf_last_error());
+    s = pyinf_cpu_factored_scores_grouped(NULL, 0, 0);
+    CHECK(s == PYINF_SUCCESS, "empty cpu grouped call gave %d", (int)s);
+  }
   CHECK(strlen(pyinf_status_string(PYINF_ERROR_CUDA)) > 0, "status string");
   CHECK(pyinf_api_version() == PYINF_API_VERSION, "api version");
 

@@ -212,6 +212,9 @@ typedef struct pyinf_factored_problem {
   float* out;                /* [N, Q], or [N, T, Q] for per-token scores */
 } pyinf_factored_problem;
 
+/* The CPU twin: every problem checked first, then scored one after another. */
+PYINF_API pyinf_status pyinf_cpu_factored_scores_grouped(const pyinf_factored_problem* problems, int count,
+                                                         int per_token);
 PYINF_API pyinf_status pyinf_cuda_factored_scores_grouped_workspace_size(const pyinf_factored_problem* problems,
                                                                          int count, int per_token, size_t* bytes);
 PYINF_API pyinf_status pyinf_cuda_factored_scores_grouped(const pyinf_factored_problem* problems, int count,
