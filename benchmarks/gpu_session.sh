@@ -6,7 +6,7 @@
 # later step runs out of time). Run it with the device tool and timeout_s=600, carrying
 # .wheelhouse (prepare it here first: `make wheelhouse`; the GPU image has torch, triton,
 # transformers, pytest, matplotlib but no registry access):
-#   bash benchmarks/gpu_session.sh            # = all: build (sm_90a), GPU tests, ops, e2e, eigh,
+#   bash benchmarks/gpu_session.sh            # = all: build (sm_90a), GPU tests, ops, grouped, e2e, eigh,
 #                                             #   tune (factored_scores configs, in what time is left)
 # The longer modes below are for sessions with more device time (each fits one call):
 #   bash benchmarks/gpu_session.sh check     # build for 90a;80, all GPU tests, compute-sanitizer
@@ -84,6 +84,9 @@ case "$mode" in
     bench 150 ops --only ops --ops factored_scores,eigen_correction,self_influence --workloads gpt2,llama
     # auto's table from these measurements (copied back as pyinf/ops/_preferences.py)
     prefs
+    # 2b. All 24 MLP layers of GPT-2 in one grouped call against per-layer loops (issue 3's
+    #     grouped target; the native backend's grouped launch, row 28).
+    bench 45 grouped --only grouped
     # 3. End to end against kronfluence (bf16 presets, batch 8 and 32, floor at 32).
     remaining=$(( 570 - ($(date +%s) - start) ))
     limit=$(( remaining > 220 ? 220 : remaining ))

@@ -55,7 +55,7 @@ def _modules(calls):
 
 EXPECTED = {
     "all": ["-", "pip", "pyinf", "pytest", "pytest", "benchmarks.run", "benchmarks.preferences", "benchmarks.run",
-            "benchmarks.run", "benchmarks.preferences", "benchmarks.tune"],
+            "benchmarks.run", "benchmarks.run", "benchmarks.preferences", "benchmarks.tune"],
     "check": ["-", "pip", "pyinf", "pytest", "benchmarks.sanitize", "benchmarks.sanitize", "benchmarks.sanitize",
               "benchmarks.sanitize"],
     "ops": ["-", "pip", "pyinf", "benchmarks.run", "benchmarks.preferences"],
@@ -77,7 +77,7 @@ def test_every_command_of_the_session_takes_its_arguments(mode, fake_machine):
     assert "build: ok" in summary and "FAILED" not in summary
     if mode == "all":
         sections = [c["args"][c["args"].index("--only") + 1] for c in calls if "--only" in c["args"]]
-        assert sections == ["ops", "e2e", "eigh"]
+        assert sections == ["ops", "grouped", "e2e", "eigh"]
 
 
 def test_a_bad_argument_is_caught(tmp_path, monkeypatch):
