@@ -18,7 +18,7 @@
 # Benchmark steps update the repo copy's benchmarks/RESULTS.md (block cuda-full) and
 # benchmarks/results/cuda-full/ (sections of earlier calls carry over when those files were
 # copied back into the tree) and copy both into $OUT: copy them back into benchmarks/ and
-# commit. After the kernel and eigh benchmarks, benchmarks.preferences rewrites auto's table
+# commit. After the kernel, grouped and eigh benchmarks, benchmarks.preferences rewrites auto's table
 # and the fit's eigh default from them ($OUT/_preferences.py: copy it to pyinf/ops/). The
 # last lines printed are a summary.
 set -uo pipefail
@@ -82,11 +82,11 @@ case "$mode" in
     grep -E " (FAILED|ERROR)" "$OUT/tests.txt" | head -20 | tee -a "$summary"
     # 2. The headline kernels at the GPT-2 and Llama shapes, all backends side by side.
     bench 150 ops --only ops --ops factored_scores,eigen_correction,self_influence --workloads gpt2,llama
-    # auto's table from these measurements (copied back as pyinf/ops/_preferences.py)
-    prefs
     # 2b. All 24 MLP layers of GPT-2 in one grouped call against per-layer loops (issue 3's
     #     grouped target; the native backend's grouped launch, row 28).
     bench 45 grouped --only grouped
+    # auto's table from these measurements (copied back as pyinf/ops/_preferences.py)
+    prefs
     # 3. End to end against kronfluence (bf16 presets, batch 8 and 32, floor at 32).
     remaining=$(( 570 - ($(date +%s) - start) ))
     limit=$(( remaining > 220 ? 220 : remaining ))

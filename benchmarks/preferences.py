@@ -9,8 +9,9 @@ one shape to the next the rule's bound is put halfway between them (geometric me
 result replaces ``SOURCE`` and ``MEASURED`` in ``pyinf/ops/_preferences.py`` with
 ``--write``; without it, the new text is printed. Commit it with the run it came from.
 
-The run's ``eigh`` section (``benchmarks/bench_eigh.py``) sets ``EIGH_WORKERS`` there, the
-fit's default number of eigendecompositions at once on CUDA (:func:`eigh_workers`).
+The run's ``grouped`` section gives ``factored_scores_grouped`` its rule (:func:`grouped_rule`),
+and its ``eigh`` section (``benchmarks/bench_eigh.py``) sets ``EIGH_WORKERS``, the fit's
+default number of eigendecompositions at once on CUDA (:func:`eigh_workers`).
 """
 from __future__ import annotations
 
@@ -64,6 +65,29 @@ def rules(records: List[Dict[str, object]], tolerance: float = 2e-2
                 out.append((None, winner))
         table[op] = out
     return table, evidence
+
+
+def grouped_rule(grouped: Optional[Dict[str, object]], tolerance: float = 2e-2
+                 ) -> Tuple[Dict[str, List[Tuple[Optional[float], str]]], List[str]]:
+    """``factored_scores_grouped``'s rule from the ``grouped`` section: the fastest backend's
+    single grouped call (variants ``grouped:<backend>``; the per-layer loops are no backend's
+    grouped call) among those that agreed with the torch reference. One workload is measured
+    (a model's MLP layers), so the rule holds for any size."""
+    ms: Dict[str, float] = {}
+    for r in ((grouped or {}).get("records") or []):
+        kind, _, backend = str(r.get("variant", "")).partition(":")
+        err = r.get("rel_err_vs_torch")
+        if kind != "grouped" or backend not in BACKENDS:
+            continue
+        if backend != "torch" and (err is None or not err < tolerance):
+            continue
+        ms[backend] = float(r["ms"])
+    if not ms:
+        return {}, []
+    name = ((grouped or {}).get("workload") or {}).get("name", "grouped")
+    evidence = [f"factored_scores_grouped {name}: " + ", ".join(
+        f"{b} {v:.4g} ms" for b, v in sorted(ms.items(), key=lambda x: x[1]))]
+    return {"factored_scores_grouped": [(None, min(ms, key=ms.get))]}, evidence
 
 
 MIN_EIGH_GAIN = 1.1  # more eigh workers than one only when it measured at least this much faster
@@ -128,10 +152,14 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"auto's table is for CUDA devices", file=sys.stderr)
         return 2
     workers, eigh_evidence = eigh_workers(res.get("eigh"))
-    if not records and workers is None:
-        print(f"[preferences] {args.results} has neither ops records nor an eigh section", file=sys.stderr)
+    grouped_table, grouped_evidence = grouped_rule(res.get("grouped"), args.tolerance)
+    if not records and workers is None and not grouped_table:
+        print(f"[preferences] {args.results} has neither ops records, a grouped section nor an eigh section",
+              file=sys.stderr)
         return 2
     table, evidence = rules(records, args.tolerance)
+    table.update(grouped_table)
+    evidence += grouped_evidence
     source = (f"{env.get('device_name')}, torch {env.get('torch')}, triton {env.get('triton')}, "
               f"pyinf git {env.get('git')}, {res.get('started')}, {os.path.basename(args.results)}")
     block = render(table, evidence + eigh_evidence, source, workers)

@@ -273,6 +273,19 @@ def test_preferences_from_measurements(tmp_path):
     assert _preferences.preferred("factored_scores", shape, table) == "native"
     assert _preferences.preferred("factored_scores", dict(shape, t=2048, d_in=4096, d_out=11008, q=80), table) == "triton"
     assert _preferences.preferred("self_influence", shape, table) is None
+    # the grouped section: the fastest correct grouped call; loops and wrong results never win
+    grouped = dict(workload=dict(name="gpt2-small 24 MLP layers"), records=[
+        dict(variant="loop:torch", ms=9.0, rel_err_vs_torch=0.0), dict(variant="loop:native", ms=0.5, rel_err_vs_torch=0.0),
+        dict(variant="grouped:torch", ms=8.0, rel_err_vs_torch=0.0),
+        dict(variant="grouped:triton", ms=3.0, rel_err_vs_torch=1e-3),
+        dict(variant="grouped:native", ms=2.0, rel_err_vs_torch=1e-3)])
+    gtable, gevidence = preferences.grouped_rule(grouped)
+    assert gtable == {"factored_scores_grouped": [(None, "native")]} and "native 2 ms" in gevidence[0]
+    grouped["records"][-1]["rel_err_vs_torch"] = 0.5
+    assert preferences.grouped_rule(grouped)[0] == {"factored_scores_grouped": [(None, "triton")]}
+    assert preferences.grouped_rule(None) == ({}, [])
+    assert _preferences.preferred("factored_scores_grouped", dict(groups=24, n=8, q=16),
+                                  dict(table, **gtable)) == "native"
     # a CPU run is refused
     res = tmp_path / "results.json"
     res.write_text(json.dumps(dict(env=dict(device_type="cpu", device_name="cpu"), ops=dict(records=records))))

@@ -54,7 +54,7 @@ def _modules(calls):
 
 
 EXPECTED = {
-    "all": ["-", "pip", "pyinf", "pytest", "pytest", "benchmarks.run", "benchmarks.preferences", "benchmarks.run",
+    "all": ["-", "pip", "pyinf", "pytest", "pytest", "benchmarks.run", "benchmarks.run", "benchmarks.preferences",
             "benchmarks.run", "benchmarks.run", "benchmarks.preferences", "benchmarks.tune"],
     "check": ["-", "pip", "pyinf", "pytest", "benchmarks.sanitize", "benchmarks.sanitize", "benchmarks.sanitize",
               "benchmarks.sanitize"],

@@ -1,7 +1,8 @@
 """Measured backend preferences for ``backend="auto"`` on CUDA devices.
 
 ``MEASURED`` says, per op, which backend was fastest up to a size of call, as measured by
-the kernel benchmarks (``benchmarks/bench_ops.py``) on the device named in ``SOURCE``. The
+the kernel benchmarks (``benchmarks/bench_ops.py``; for ``factored_scores_grouped``, its
+grouped section) on the device named in ``SOURCE``. The
 size of a call is its FLOP count (``work``; the formulas of DESIGN.md section 2), and a rule
 ``(bound, backend)`` applies to calls of at most ``bound`` FLOP (None: any size); the first
 rule that applies wins. An empty table means nothing has been measured yet, and auto uses
