@@ -125,7 +125,8 @@ struct FactoredGroup {
     }
   }
 };
-static_assert(sizeof(FactoredGroup) <= 4096, "a grouped launch's table must fit the 4 KiB kernel-parameter space");
+// The kernels take the table and an int: both must fit the classic 4 KiB of kernel parameters.
+static_assert(sizeof(FactoredGroup) + sizeof(int) <= 4096, "a grouped launch's table must fit 4 KiB of parameters");
 
 struct ScoreBlock {
   const FactoredProblem* P;

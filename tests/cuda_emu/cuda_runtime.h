@@ -143,6 +143,12 @@ void run_grid(const char* name, const void* fn, dim3 grid, dim3 block, size_t sm
 
 template <typename K, typename... A>
 void launch(const char* name, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, K kernel, A... args) {
+  // The runtime's limit on a launch's parameters (CUDA 12.1+ on sm_70+; 4 KiB before).
+  constexpr size_t param_bytes = (sizeof(A) + ... + 0);
+  if (param_bytes > 32764) {
+    fail_launch(name, std::to_string(param_bytes) + " bytes of kernel parameters, over the 32764 CUDA allows");
+    return;
+  }
   int bad = 0, i = 0;
   ((bad = bad ? bad : (kernel_arg_ok(args) ? 0 : i + 1), ++i), ...);
   if (bad) {
