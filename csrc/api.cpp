@@ -158,6 +158,23 @@ pyinf_status validate_factored(const pyinf_tensor* acts, const pyinf_tensor* gra
   return check_out(op, out, per_token ? d->n * d->t * d->q : d->n * d->q);
 }
 
+pyinf_status validate_factored_group(const char* fn, const pyinf_factored_problem* problems, int count,
+                                     int per_token, bool with_outputs, std::vector<Dims>* dims) {
+  if (count < 0) return fail(PYINF_ERROR_INVALID_VALUE, std::string(fn) + ": count is negative");
+  if (count > 0 && problems == nullptr) return fail(PYINF_ERROR_INVALID_VALUE, std::string(fn) + ": 'problems' is NULL");
+  for (int i = 0; i < count; ++i) {
+    const pyinf_factored_problem& p = problems[i];
+    Dims d;
+    const pyinf_status s = with_outputs
+                               ? validate_factored(p.acts, p.grads, p.left, p.right, p.mask, per_token, p.out, &d)
+                               : validate_factored_shapes(p.acts, p.grads, p.left, p.right, &d);
+    if (s != PYINF_SUCCESS)
+      return fail(s, std::string(fn) + ": problem " + std::to_string(i) + ": " + pyinf_last_error());
+    if (dims) dims->push_back(d);
+  }
+  return PYINF_SUCCESS;
+}
+
 }  // namespace pyinf
 
 extern "C" {

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "pyinf/pyinf.h"
 
@@ -41,6 +42,10 @@ pyinf_status validate_factored_shapes(const pyinf_tensor* acts, const pyinf_tens
 pyinf_status validate_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
                                const pyinf_tensor* right, const pyinf_tensor* mask, int per_token,
                                const float* out, Dims* d);
+// The problems of a grouped call (fn names the entry point): each one's shapes (with_outputs:
+// also its mask and output), problem i's error reported as such; dims (or NULL) gets their Dims.
+pyinf_status validate_factored_group(const char* fn, const pyinf_factored_problem* problems, int count,
+                                     int per_token, bool with_outputs, std::vector<Dims>* dims);
 
 // Host-side element conversion (bf16 / fp16 bit patterns to float).
 inline float bf16_to_float(uint16_t h) {

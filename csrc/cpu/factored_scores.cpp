@@ -81,19 +81,14 @@ extern "C" pyinf_status pyinf_cpu_factored_scores(const pyinf_tensor* acts, cons
 
 extern "C" pyinf_status pyinf_cpu_factored_scores_grouped(const pyinf_factored_problem* problems, int count,
                                                           int per_token) {
-  const std::string fn = "pyinf_cpu_factored_scores_grouped";
-  if (count < 0) return fail(PYINF_ERROR_INVALID_VALUE, fn + ": count is negative");
-  if (count > 0 && problems == nullptr) return fail(PYINF_ERROR_INVALID_VALUE, fn + ": 'problems' is NULL");
-  for (int i = 0; i < count; ++i) {  // every problem checked before any is scored
-    const pyinf_factored_problem& p = problems[i];
-    Dims d;
-    const pyinf_status s = validate_factored(p.acts, p.grads, p.left, p.right, p.mask, per_token, p.out, &d);
-    if (s != PYINF_SUCCESS) return fail(s, fn + ": problem " + std::to_string(i) + ": " + pyinf_last_error());
-  }
+  const char* fn = "pyinf_cpu_factored_scores_grouped";
+  pyinf_status s = validate_factored_group(fn, problems, count, per_token, true, nullptr);  // all before any is scored
+  if (s != PYINF_SUCCESS) return s;
   for (int i = 0; i < count; ++i) {
     const pyinf_factored_problem& p = problems[i];
-    const pyinf_status s = pyinf_cpu_factored_scores(p.acts, p.grads, p.left, p.right, p.mask, per_token, p.out);
-    if (s != PYINF_SUCCESS) return fail(s, fn + ": problem " + std::to_string(i) + ": " + pyinf_last_error());
+    s = pyinf_cpu_factored_scores(p.acts, p.grads, p.left, p.right, p.mask, per_token, p.out);
+    if (s != PYINF_SUCCESS)
+      return fail(s, std::string(fn) + ": problem " + std::to_string(i) + ": " + pyinf_last_error());
   }
   return PYINF_SUCCESS;
 }

@@ -132,7 +132,7 @@ constexpr int64_t kSplitTargetBlocks = 512;
 // A split keeps at least this many token tiles (the block's set-up and epilogue amortised).
 constexpr int64_t kMinSplitTiles = 2;
 
-// The number of query groups of QB queries.
+// QB: the queries a block takes (as many whole queries as fit in BN columns, at most QMAX).
 int query_block(const Dims& d) {
   int qb = d.r > 0 ? static_cast<int>(BN / d.r) : QMAX;
   if (qb < 1) qb = 1;
@@ -141,10 +141,13 @@ int query_block(const Dims& d) {
   return qb < 1 ? 1 : qb;
 }
 
-int64_t document_query_pairs(const Dims& d) {
+// The query groups of QB queries.
+int64_t query_groups(const Dims& d) {
   const int qb = query_block(d);
-  return d.n * (d.q > 0 ? (d.q + qb - 1) / qb : 0);
+  return d.q > 0 ? (d.q + qb - 1) / qb : 0;
 }
+
+int64_t document_query_pairs(const Dims& d) { return d.n * query_groups(d); }
 
 // The plan of one problem of a call whose problems have call_pairs (document, query group)
 // pairs in all: the split is sized for the whole call, so a group of layers that fills the
@@ -152,7 +155,7 @@ int64_t document_query_pairs(const Dims& d) {
 FactoredPlan plan(const Dims& d, int per_token, bool may_split, int64_t call_pairs) {
   FactoredPlan p{};
   p.qb = query_block(d);
-  p.groups = d.q > 0 ? (d.q + p.qb - 1) / p.qb : 0;
+  p.groups = query_groups(d);
   if (per_token) {
     p.tspan = BM;
     p.tblocks = (d.t + BM - 1) / BM;
@@ -249,11 +252,17 @@ std::vector<FactoredPlan> plan_calls(const std::vector<ProblemCall>& calls, int 
   return plans;
 }
 
-size_t calls_workspace_bytes(const std::vector<FactoredPlan>& plans) {
-  if (plans.size() == 1) return plans[0].workspace_bytes;
-  size_t bytes = 0;
-  for (const FactoredPlan& p : plans) bytes += aligned_partials(p.workspace_bytes);
-  return bytes;
+// Where each split problem's partial sums start in the workspace (offsets[i]; unused for a
+// problem that is not split), and the bytes the call needs: one after another, each at a
+// multiple of 256 bytes (a single call's partials start at 0 and need exactly their size).
+size_t partials_layout(const std::vector<FactoredPlan>& plans, std::vector<size_t>* offsets = nullptr) {
+  size_t end = 0;
+  for (const FactoredPlan& p : plans) {
+    const size_t start = p.split ? aligned_partials(end) : end;
+    if (offsets) offsets->push_back(start);
+    if (p.split) end = start + p.workspace_bytes;
+  }
+  return end;
 }
 
 // 16-byte loads (the WMMA kernel's staging; see factored_scores_tc.cu).
@@ -324,23 +333,19 @@ struct GroupLaunch {
 pyinf_status run_portable(const std::vector<ProblemCall>& calls, int per_token, void* workspace,
                           size_t workspace_bytes, bool may_split, cudaStream_t stream, const char* fn) {
   const std::vector<FactoredPlan> plans = plan_calls(calls, per_token, may_split);
-  const size_t need = calls_workspace_bytes(plans);
+  std::vector<size_t> offsets;
+  const size_t need = partials_layout(plans, &offsets);
   if (need > workspace_bytes || (need > 0 && workspace == nullptr))
     return fail(PYINF_ERROR_WORKSPACE, std::string(fn) + ": needs a workspace of " + std::to_string(need) +
                                            " bytes, got " + std::to_string(workspace == nullptr ? 0 : workspace_bytes));
   const bool tensor_cores = use_tensor_cores(true);
   std::vector<GroupLaunch> launches;
-  size_t offset = 0;
   for (const PortableKernel kind : {PortableKernel::wmma_bf16, PortableKernel::wmma_fp16, PortableKernel::fma}) {
     for (size_t i = 0; i < calls.size(); ++i) {
       const ProblemCall& c = calls[i];
       const FactoredPlan& p = plans[i];
       if (portable_kernel(c, tensor_cores) != kind) continue;
-      float* partials = nullptr;
-      if (p.split) {
-        partials = reinterpret_cast<float*>(static_cast<char*>(workspace) + offset);
-        offset += calls.size() == 1 ? p.workspace_bytes : aligned_partials(p.workspace_bytes);
-      }
+      float* partials = p.split ? reinterpret_cast<float*>(static_cast<char*>(workspace) + offsets[i]) : nullptr;
       const int64_t blocks = c.d.n * p.tblocks * p.groups;
       if (blocks == 0) continue;  // nothing to score (N, Q or T is 0)
       if (launches.empty() || launches.back().kernel != kind || launches.back().g.count == kMaxGroup) {
@@ -400,20 +405,15 @@ pyinf_status run_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, c
                       may_split, static_cast<cudaStream_t>(stream_ptr), "pyinf_cuda_factored_scores_split");
 }
 
-// The problems of a grouped call, validated (problem i's error is reported as such).
+// The problems of a grouped call, validated (validate_factored_group), as calls.
 pyinf_status validate_group(const char* fn, const pyinf_factored_problem* problems, int count, int per_token,
                             bool with_outputs, std::vector<ProblemCall>* calls) {
-  if (count < 0) return fail(PYINF_ERROR_INVALID_VALUE, std::string(fn) + ": count is negative");
-  if (count > 0 && problems == nullptr) return fail(PYINF_ERROR_INVALID_VALUE, std::string(fn) + ": 'problems' is NULL");
+  std::vector<Dims> dims;
+  const pyinf_status s = validate_factored_group(fn, problems, count, per_token, with_outputs, &dims);
+  if (s != PYINF_SUCCESS) return s;
   for (int i = 0; i < count; ++i) {
     const pyinf_factored_problem& p = problems[i];
-    ProblemCall c{p.acts, p.grads, p.left, p.right, p.mask, p.out, Dims{}};
-    const pyinf_status s = with_outputs
-                               ? validate_factored(p.acts, p.grads, p.left, p.right, p.mask, per_token, p.out, &c.d)
-                               : validate_factored_shapes(p.acts, p.grads, p.left, p.right, &c.d);
-    if (s != PYINF_SUCCESS)
-      return fail(s, std::string(fn) + ": problem " + std::to_string(i) + ": " + pyinf_last_error());
-    calls->push_back(c);
+    calls->push_back(ProblemCall{p.acts, p.grads, p.left, p.right, p.mask, p.out, dims[i]});
   }
   return PYINF_SUCCESS;
 }
@@ -531,7 +531,7 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_grouped_workspace_size(const 
   std::vector<ProblemCall> calls;
   pyinf_status s = validate_group(fn, problems, count, per_token, false, &calls);
   if (s != PYINF_SUCCESS) return s;
-  *bytes = calls.empty() ? 0 : calls_workspace_bytes(plan_calls(calls, per_token, true));
+  *bytes = partials_layout(plan_calls(calls, per_token, true));
   return PYINF_SUCCESS;
 }
 

@@ -140,10 +140,15 @@ def _packed_factors(left, right):
     return _PACKED.get(left, right, nbytes, stream, lambda packed: _C.factored_scores_pack(left, right, packed, stream))
 
 
-def factored_scores(acts, grads, left, right, *, mask=None, per_token=False):
+def _scores_out(acts, left, per_token):
+    """The fp32 output of one layer's scores: [N, Q], or [N, T, Q] per token."""
     n, t = acts.shape[:2]
     shape = (n, t, left.shape[0]) if per_token else (n, left.shape[0])
-    out = torch.empty(shape, dtype=torch.float32, device=acts.device)
+    return torch.empty(shape, dtype=torch.float32, device=acts.device)
+
+
+def factored_scores(acts, grads, left, right, *, mask=None, per_token=False):
+    out = _scores_out(acts, left, per_token)
     with _on_device(acts):
         # a workspace when the kernel splits the tokens of few documents over more blocks, or
         # for the Hopper kernel's partial sums (PYINF_NATIVE_SM90=1; its factors packed once)
@@ -158,11 +163,7 @@ def factored_scores_grouped(problems, *, per_token=False):
     """One C call for all problems: on CUDA one launch per 16 layers (the WMMA / FMA kernels;
     the opt-in Hopper kernel takes single-layer calls only), on the CPU one layer after another."""
     first = problems[0]["acts"]
-    outs = []
-    for p in problems:
-        n, t = p["acts"].shape[:2]
-        q = p["left"].shape[0]
-        outs.append(torch.empty((n, t, q) if per_token else (n, q), dtype=torch.float32, device=first.device))
+    outs = [_scores_out(p["acts"], p["left"], per_token) for p in problems]
     with _on_device(first):
         ws = _workspace(_C.factored_scores_grouped_workspace_size(
             [(p["acts"], p["grads"], p["left"], p["right"]) for p in problems], bool(per_token)), first)

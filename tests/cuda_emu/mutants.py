@@ -59,8 +59,8 @@ MUTANTS = {
         "cuda/kernels_common.cuh", "bid >= static_cast<uint32_t>(g.p[i + 1].first_block)",
         "bid > static_cast<uint32_t>(g.p[i + 1].first_block)", "test_factored_scores_grouped and tc1"),
     "grouped: every split problem's partials at the same offset": (
-        "cuda/factored_scores.cu", "offset += calls.size() == 1 ? p.workspace_bytes : aligned_partials(p.workspace_bytes);",
-        "offset += 0;", "test_factored_scores_grouped_split"),
+        "cuda/factored_scores.cu", "const size_t start = p.split ? aligned_partials(end) : end;",
+        "const size_t start = 0;", "test_factored_scores_grouped_split"),
     "grouped: the split sized per problem, not for the call": (
         "cuda/factored_scores.cu", "plans.push_back(plan(c.d, per_token, may_split, call_pairs));",
         "plans.push_back(plan(c.d, per_token, may_split, document_query_pairs(c.d)));",
