@@ -7,6 +7,7 @@ environment description written next to every result.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -20,6 +21,52 @@ import torch
 # triton is imported anywhere (same rule as tests/conftest.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+class OutOfTime(BaseException):
+    """The run's time limit was reached (SIGTERM from ``timeout``; see :func:`stop_on_sigterm`).
+
+    A ``BaseException``, so that the ``except Exception`` guards around single benchmark runs
+    let it through: each section catches it once, at its top, and returns what it has measured
+    so far, marked as stopped."""
+
+
+_STOPPED = False
+
+
+def stop_on_sigterm() -> None:
+    """Turn the first SIGTERM into :class:`OutOfTime` in the main thread.
+
+    A GPU session runs each step of the suite under ``timeout``: without this, a step that
+    runs past its limit dies with every measurement of its section unsaved, because
+    ``benchmarks.run`` writes its JSON and markdown at the end. With it, the section in
+    progress keeps its finished measurements, later sections are not started, and the
+    results are written as usual (``timeout -k`` still kills a run that then hangs)."""
+    import signal
+
+    def handler(signum, frame):
+        global _STOPPED
+        if _STOPPED:  # a second SIGTERM while the results are being written: let them finish
+            return
+        _STOPPED = True
+        raise OutOfTime("stopped by SIGTERM (the step's time limit)")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def until_out_of_time(skipped: List[Dict[str, object]], **what):
+    """Run the block; if the time limit stops it, note that in `skipped` (``what`` plus the
+    reason) and carry on after the block with what it measured."""
+    try:
+        yield
+    except OutOfTime as exc:
+        skipped.append(dict(what, reason=f"out of time: {exc}"))
+
+
+def out_of_time() -> bool:
+    """Whether :class:`OutOfTime` has been raised in this process (no new section starts)."""
+    return _STOPPED
 
 
 def default_device() -> torch.device:

@@ -24,7 +24,7 @@ import torch
 import pyinf.ops as ops
 from pyinf.ops import _registry
 
-from . import default_device, peak_extra_bytes, sync, time_fn
+from . import default_device, peak_extra_bytes, sync, time_fn, until_out_of_time
 from .shapes import OPS, GroupedWorkload, OpWorkload, flops, grouped_workload, op_workloads, peak_matmul_size
 
 BACKENDS = tuple(ops.BACKENDS)  # ("torch", "triton", "native")
@@ -277,76 +277,85 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
     peak_tflops = float(peak["tflops"])
     records, skipped = [], []
     rate: Dict[tuple, float] = {}  # (op, variant) -> FLOP/s measured at an earlier workload
-    for op in ops_to_run:
-        for w in op_workloads(op, preset):
-            if workloads and not any(k in w.name for k in workloads):
-                continue
-            x = make_inputs(op, w, dtype, device)
-            f = flops(op, w)
-            ref_out = op_call(op, "torch", x)()
-            base: Dict[str, float] = {}
-            variants = [("torch", op_call(op, "torch", x))]
-            unf = unfused_call(op, x)
-            if unf is not None:
-                variants.append(("unfused", unf))
-            for name in backends:
-                if name == "torch":
+    with until_out_of_time(skipped, op="-", backend="(the rest)", workload="-"):
+        for op in ops_to_run:
+            for w in op_workloads(op, preset):
+                if workloads and not any(k in w.name for k in workloads):
                     continue
-                reason = _registry.unsupported_reason(name, op, tensors_of(op, x))
-                if reason is None and device.type == "cpu" and name == "triton" and preset != "smoke":
-                    reason = "Triton on CPU runs in the interpreter; only the smoke preset exercises it"
-                if reason is not None:
-                    skipped.append(dict(op=op, backend=name, workload=w.name, reason=reason))
-                    continue
-                variants.append((name, op_call(op, name, x)))
-                if name == "native" and op in TENSOR_CORE_OPS and device.type == "cuda":
-                    # The FMA kernels (PYINF_NATIVE_TC=0), side by side with the tensor-core default.
-                    variants.append(("native-fma", _with_env("PYINF_NATIVE_TC", "0", op_call(op, name, x))))
-                if name == "native" and op == "factored_scores" and sm90_kernel_available(device):
-                    # The Hopper TMA + wgmma kernel, opt-in until these numbers say it wins.
-                    variants.append(("native-sm90", _with_env("PYINF_NATIVE_SM90", "1", op_call(op, name, x))))
-                    # its other K-loop modes: waiting for every K step's wgmma (what keeping one in
-                    # flight buys), and TMA from a producer warpgroup (what warp specialisation buys)
-                    for mode in ("wait0", "ws"):
-                        variants.append((f"native-sm90-{mode}",
-                                         _with_env("PYINF_NATIVE_SM90", mode, op_call(op, name, x))))
-                    # the factor copy on every call, as before packed factors (RESULTS row 27)
-                    variants.append(("native-sm90-copy",
-                                     _with_env("PYINF_NATIVE_SM90", "1", _unpacked(op_call(op, name, x)))))
-            for name, fn in variants:
-                if (op, name) in rate and f / rate[(op, name)] > MAX_PREDICTED_S:
-                    why = (f"predicted {f / rate[(op, name)]:.0f} s per call from its rate at a smaller shape "
-                           f"(over the {MAX_PREDICTED_S:.0f} s budget of one call)")
-                    skipped.append(dict(op=op, backend=name, workload=w.name, reason=why))
-                    log(f"[ops] {op:<17} {w.name:<30} {name:<8} skipped: {why}")
-                    continue
-                try:
-                    t0 = time.perf_counter()
-                    out = fn()
-                    first_ms = (time.perf_counter() - t0) * 1e3
-                    err = _rel_err(out, ref_out)
-                    del out
-                    rec = _measure(fn, device, preset, f, peak_tflops, name, first_ms)
-                except Exception as exc:  # a backend failing must not stop the suite
-                    skipped.append(dict(op=op, backend=name, workload=w.name,
-                                        reason=f"failed: {type(exc).__name__}: {exc}"[:500]))
-                    log(f"[ops] {op:<17} {w.name:<30} {name:<8} FAILED {type(exc).__name__}: {exc}")
-                    _free(device)
-                    continue
-                base[name] = rec["ms"]
-                rate[(op, name)] = f / (rec["ms"] * 1e-3)
-                rec.update(op=op, backend=name, workload=w.to_dict(), dtype=str(dtype).replace("torch.", ""),
-                           flops=f, rel_err_vs_torch=err)
-                records.append(rec)
-                log(f"[ops] {op:<17} {w.name:<30} {name:<8} {rec['ms']:9.3f} ms {rec['tflops']:8.2f} TFLOP/s"
-                    f"  err {err if err is not None else float('nan'):.1e}")
-            for rec in records:
-                if rec["op"] == op and rec["workload"]["name"] == w.name:
-                    rec["speedup_vs_torch"] = base["torch"] / rec["ms"] if "torch" in base else None
-                    rec["speedup_vs_unfused"] = base["unfused"] / rec["ms"] if "unfused" in base else None
-            del x, ref_out, variants
-            _free(device)
+                x = make_inputs(op, w, dtype, device)
+                f = flops(op, w)
+                ref_out = op_call(op, "torch", x)()
+                variants = [("torch", op_call(op, "torch", x))]
+                unf = unfused_call(op, x)
+                if unf is not None:
+                    variants.append(("unfused", unf))
+                for name in backends:
+                    if name == "torch":
+                        continue
+                    reason = _registry.unsupported_reason(name, op, tensors_of(op, x))
+                    if reason is None and device.type == "cpu" and name == "triton" and preset != "smoke":
+                        reason = "Triton on CPU runs in the interpreter; only the smoke preset exercises it"
+                    if reason is not None:
+                        skipped.append(dict(op=op, backend=name, workload=w.name, reason=reason))
+                        continue
+                    variants.append((name, op_call(op, name, x)))
+                    if name == "native" and op in TENSOR_CORE_OPS and device.type == "cuda":
+                        # The FMA kernels (PYINF_NATIVE_TC=0), side by side with the tensor-core default.
+                        variants.append(("native-fma", _with_env("PYINF_NATIVE_TC", "0", op_call(op, name, x))))
+                    if name == "native" and op == "factored_scores" and sm90_kernel_available(device):
+                        # The Hopper TMA + wgmma kernel, opt-in until these numbers say it wins.
+                        variants.append(("native-sm90", _with_env("PYINF_NATIVE_SM90", "1", op_call(op, name, x))))
+                        # its other K-loop modes: waiting for every K step's wgmma (what keeping one in
+                        # flight buys), and TMA from a producer warpgroup (what warp specialisation buys)
+                        for mode in ("wait0", "ws"):
+                            variants.append((f"native-sm90-{mode}",
+                                             _with_env("PYINF_NATIVE_SM90", mode, op_call(op, name, x))))
+                        # the factor copy on every call, as before packed factors (RESULTS row 27)
+                        variants.append(("native-sm90-copy",
+                                         _with_env("PYINF_NATIVE_SM90", "1", _unpacked(op_call(op, name, x)))))
+                for name, fn in variants:
+                    if (op, name) in rate and f / rate[(op, name)] > MAX_PREDICTED_S:
+                        why = (f"predicted {f / rate[(op, name)]:.0f} s per call from its rate at a smaller shape "
+                               f"(over the {MAX_PREDICTED_S:.0f} s budget of one call)")
+                        skipped.append(dict(op=op, backend=name, workload=w.name, reason=why))
+                        log(f"[ops] {op:<17} {w.name:<30} {name:<8} skipped: {why}")
+                        continue
+                    try:
+                        t0 = time.perf_counter()
+                        out = fn()
+                        first_ms = (time.perf_counter() - t0) * 1e3
+                        err = _rel_err(out, ref_out)
+                        del out
+                        rec = _measure(fn, device, preset, f, peak_tflops, name, first_ms)
+                    except Exception as exc:  # a backend failing must not stop the suite
+                        skipped.append(dict(op=op, backend=name, workload=w.name,
+                                            reason=f"failed: {type(exc).__name__}: {exc}"[:500]))
+                        log(f"[ops] {op:<17} {w.name:<30} {name:<8} FAILED {type(exc).__name__}: {exc}")
+                        _free(device)
+                        continue
+                    rate[(op, name)] = f / (rec["ms"] * 1e-3)
+                    rec.update(op=op, backend=name, workload=w.to_dict(), dtype=str(dtype).replace("torch.", ""),
+                               flops=f, rel_err_vs_torch=err)
+                    records.append(rec)
+                    log(f"[ops] {op:<17} {w.name:<30} {name:<8} {rec['ms']:9.3f} ms {rec['tflops']:8.2f} TFLOP/s"
+                        f"  err {err if err is not None else float('nan'):.1e}")
+                del x, ref_out, variants
+                _free(device)
+    _add_speedups(records, dict(speedup_vs_torch="torch", speedup_vs_unfused="unfused"),
+                  lambda r: (r["op"], r["workload"]["name"], r["backend"]))
     return dict(dtype=str(dtype).replace("torch.", ""), records=records, skipped=skipped)
+
+
+def _add_speedups(records, baselines: Dict[str, str], key) -> None:
+    """For each ``field: baseline`` of `baselines`, ``rec[field]`` = the baseline's ms over
+    the record's. ``key(rec)`` is (what is compared..., variant): records that agree on all
+    but the variant are compared. None where the baseline was not measured (or the run was
+    stopped before it)."""
+    ms = {key(r): r["ms"] for r in records}
+    for rec in records:
+        for field, baseline in baselines.items():
+            base = ms.get(key(rec)[:-1] + (baseline,))
+            rec[field] = base / rec["ms"] if base else None
 
 
 # --------------------------------------------------------------------------------------
@@ -391,26 +400,25 @@ def run_grouped(preset: str, device: Optional[torch.device] = None, *, peak=None
             if reason1 is None and not (device.type == "cpu" and name == "triton" and preset != "smoke"):
                 variants.append((f"loop:{name}", (lambda n: lambda: [
                     ops.factored_scores(p["acts"], p["grads"], p["left"], p["right"], backend=n) for p in problems])(name)))
-    records, base = [], {}
-    for name, fn in variants:
-        try:
-            t0 = time.perf_counter()
-            out = fn()
-            first_ms = (time.perf_counter() - t0) * 1e3
-            err = _rel_err(list(out), list(ref))
-            del out
-            rec = _measure(fn, device, preset, f, float(peak["tflops"]), name.split(":")[-1], first_ms)
-        except Exception as exc:
-            skipped.append(dict(op="factored_scores_grouped", backend=name, workload=gw.name,
-                                reason=f"failed: {type(exc).__name__}: {exc}"[:500]))
-            log(f"[grouped] {name:<16} FAILED {type(exc).__name__}: {exc}")
-            continue
-        base[name] = rec["ms"]
-        rec.update(variant=name, flops=f, rel_err_vs_torch=err, dtype=str(dtype).replace("torch.", ""))
-        records.append(rec)
-        log(f"[grouped] {gw.name} {name:<16} {rec['ms']:9.3f} ms {rec['tflops']:8.2f} TFLOP/s")
-    for rec in records:
-        rec["speedup_vs_torch_loop"] = base["loop:torch"] / rec["ms"] if "loop:torch" in base else None
+    records = []
+    with until_out_of_time(skipped, op="factored_scores_grouped", backend="(the rest)", workload=gw.name):
+        for name, fn in variants:
+            try:
+                t0 = time.perf_counter()
+                out = fn()
+                first_ms = (time.perf_counter() - t0) * 1e3
+                err = _rel_err(list(out), list(ref))
+                del out
+                rec = _measure(fn, device, preset, f, float(peak["tflops"]), name.split(":")[-1], first_ms)
+            except Exception as exc:
+                skipped.append(dict(op="factored_scores_grouped", backend=name, workload=gw.name,
+                                    reason=f"failed: {type(exc).__name__}: {exc}"[:500]))
+                log(f"[grouped] {name:<16} FAILED {type(exc).__name__}: {exc}")
+                continue
+            rec.update(variant=name, flops=f, rel_err_vs_torch=err, dtype=str(dtype).replace("torch.", ""))
+            records.append(rec)
+            log(f"[grouped] {gw.name} {name:<16} {rec['ms']:9.3f} ms {rec['tflops']:8.2f} TFLOP/s")
+    _add_speedups(records, dict(speedup_vs_torch_loop="loop:torch"), lambda r: (r["variant"],))
     workload = dict(name=gw.name, layers=[list(x) for x in gw.layers], n=gw.n, t=gw.t, q=gw.q, r=gw.r)
     del problems, ref
     _free(device)

@@ -51,7 +51,9 @@ $PY -m pyinf backends | tee -a "$summary"
 
 bench() {  # bench <seconds> <log name> <benchmarks.run arguments...>
   local limit=$1 name=$2; shift 2
-  timeout "$limit" $PY -m benchmarks.run --tag cuda-full --out benchmarks/results/cuda-full "$@" > "$OUT/bench-$name.txt" 2>&1
+  # SIGTERM at the limit: benchmarks.run keeps and writes what it measured (rc 124); -k: killed
+  # 20 s later if writing hangs.
+  timeout -k 20 "$limit" $PY -m benchmarks.run --tag cuda-full --out benchmarks/results/cuda-full "$@" > "$OUT/bench-$name.txt" 2>&1
   note "benchmarks $name ($*): rc=$? after $(( $(date +%s) - start )) s"
   mkdir -p "$OUT/results"
   cp benchmarks/RESULTS.md "$OUT/RESULTS.md"

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import default_device, environment
+from . import OutOfTime, default_device, environment, out_of_time, stop_on_sigterm
 from .shapes import OPS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,9 +60,13 @@ def run_all(preset: str, sections=SECTIONS, backends=None, scaling_axes=None, wi
         if name in SECTIONS:
             res["section_meta"][name] = dict(at=_dt.datetime.now().isoformat(timespec="seconds"),
                                              git=res["env"].get("git"))
+        if out_of_time():  # an earlier section was stopped by the time limit: start no other
+            return dict(error="not run: the step's time limit was reached before this section")
         t0 = time.perf_counter()
         try:
             out = fn()
+        except OutOfTime as exc:  # a section that does not keep partial results itself
+            out = dict(error=f"out of time: {exc}")
         except Exception as exc:  # one broken section must not lose the others
             import traceback
 
@@ -184,6 +188,26 @@ def _dedupe_skips(skipped: List[Dict[str, str]]) -> List[str]:
     return out
 
 
+def _floor_ratios(e: Dict[str, object], smoke: bool) -> List[str]:
+    """One line per pyinf run with a floor at its batch size: its scoring seconds (queries
+    included, and the document pass alone) over the floor's forward + input-gradient pass."""
+    from .bench_e2e import run_label
+
+    lines = []
+    same_model = [r for r in e["runs"] if r["library"] == "pyinf" and r["precision"] == e["workload"]["dtype"]]
+    for r in (r for r in same_model if not r.get("checkpoint")):  # the floor runs the workload's dtype
+        floor = [f for f in e.get("floor") or [] if f["batch_size"] == r["batch_size"]
+                 and bool(f["compiled"]) == bool(r.get("compile")) and f.get("fwd_inputgrad_s")]
+        if not floor:
+            continue
+        fs = floor[0]["fwd_inputgrad_s"]
+        ratio = r["score_s"] / fs
+        goal = "" if smoke else f" (goal: {'met' if ratio <= 1.15 else 'not met'})"
+        lines.append(f"- {run_label(r)}: scoring {_f(r['score_s'])} s = {_f(ratio)}x the floor's {_f(fs)} s{goal}; "
+                     f"the document pass alone {_f(r['pairwise_s'])} s = {_f(r['pairwise_s'] / fs)}x")
+    return lines
+
+
 def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
     env = res["env"]
     smoke = res["preset"] == "smoke"
@@ -205,6 +229,10 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
         ["suite wall time", f"{sum(res['seconds'].values()):.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()) + ")"],
     ]))
     out.append("")
+    if res.get("stopped_by_time_limit"):
+        out.append("**This run was stopped by its time limit (SIGTERM)**: the section in progress kept what it had "
+                   "measured (its 'Not run' list says what it did not reach), and no later section started.")
+        out.append("")
     meta = res.get("section_meta") or {}
     if any(m.get("carried_over") for m in meta.values()):
         out.append("Sections measured in separate runs: " + "; ".join(
@@ -379,12 +407,24 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
                        + (" - CPU smoke, meaningless for speed:" if smoke else ":"))
             out += ratios
             out.append("")
+        floor_ratios = _floor_ratios(e, smoke)
+        if floor_ratios:
+            out.append("Scoring against the model's own passes (goal: at most 1.15x the forward + input-gradient "
+                       "backward at the same batch; compiled runs against the compiled floor)"
+                       + (" - CPU smoke, meaningless for speed:" if smoke else ":"))
+            out += floor_ratios
+            out.append("")
         if e.get("pearson"):
-            rows = [[p["pyinf"] or "(kronfluence vs itself)", p["kronfluence"], f"{p['min']:.6f}", f"{p['median']:.6f}",
-                     f"{p['mean']:.6f}", f"{1.0 - p['min']:.1e}"] for p in e["pearson"]]
+            def verdict(p):  # the accuracy goal: >= 0.99 for every query, against both references
+                if smoke or p.get("kind") == "kronfluence itself":
+                    return "-"
+                return "met" if p["min"] >= 0.99 else "NOT met"
+
+            rows = [[p["run"], p["against"], f"{p['min']:.6f}", f"{p['median']:.6f}", f"{p['mean']:.6f}",
+                     f"{1.0 - p['min']:.1e}", verdict(p)] for p in e["pearson"]]
             out.append("Per-query Pearson correlation of the score matrices:")
             out.append("")
-            out.append(_table(["pyinf run", "kronfluence run", "min", "median", "mean", "1 - min"], rows))
+            out.append(_table(["run", "against", "min", "median", "mean", "1 - min", "goal: min >= 0.99"], rows))
             out.append("")
         if e.get("floor"):
             rows = [[f["batch_size"], "yes" if f["compiled"] else "no", _f(f.get("train_step_s")),
@@ -567,6 +607,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    stop_on_sigterm()  # under `timeout`: keep and write what was measured (see OutOfTime)
     preset = "smoke" if args.smoke else "full"
     device = default_device()
     if args.threads is not None:
@@ -586,6 +627,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   workloads=list(args.workload_filters) if args.workload_filters else None)
     res["tag"] = tag
     res["total_seconds"] = time.perf_counter() - t0
+    res["stopped_by_time_limit"] = out_of_time()
     json_path = os.path.join(out_dir, "results.json")
     if not args.fresh:
         carry_over(res, json_path, sections)
@@ -601,6 +643,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         write_markdown_block(args.results_md, tag, md_body)
     _log(f"[run] {preset} suite done in {res['total_seconds']:.1f} s: {json_path}"
          + (f", {args.results_md} [{tag}]" if args.results_md != "none" else ""))
+    if res["stopped_by_time_limit"]:  # what was measured is written; the exit status says it is partial
+        _log("[run] stopped by the time limit: the section in progress kept what it measured, later ones did not run")
+        return 124  # what `timeout` itself returns
     errors = [k for k in SECTIONS if isinstance(res.get(k), dict) and "error" in res[k]]
     if errors:
         _log(f"[run] sections that failed: {errors}")

@@ -170,6 +170,7 @@ class E2EWorkload:
     pyinf_compiled_batch: int = 32          # also run pyinf with compile=True at this batch (GPU; 0: no)
     pyinf_checkpoint_batch: int = 32        # also run pyinf with checkpoint=True at this batch (0: no)
     kronfluence_fp32: bool = True           # also run kronfluence with its fp32 defaults (reference row)
+    pyinf_fp32: bool = True                 # also run pyinf in float32 (the bf16 runs' accuracy reference)
     kronfluence_full_svd: bool = False      # kronfluence query SVD: torch.svd_lowrank (default) or full
     seed: int = 0
 

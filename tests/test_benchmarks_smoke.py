@@ -99,7 +99,7 @@ def test_e2e_pyinf_agrees_with_kronfluence(smoke):
     assert libs == {"pyinf", "kronfluence"}, e.get("skipped")
     for r in e["runs"]:
         assert _finite_positive(r["fit_s"]) and _finite_positive(r["score_s"])
-    pairs = [p for p in e["pearson"] if p["pyinf"] is not None]
+    pairs = [p for p in e["pearson"] if p["kind"] == "kronfluence"]
     assert pairs
     for p in pairs:
         assert len(p["per_query"]) == e["workload"]["n_queries"]
@@ -290,3 +290,78 @@ def test_preferences_from_measurements(tmp_path):
     res = tmp_path / "results.json"
     res.write_text(json.dumps(dict(env=dict(device_type="cpu", device_name="cpu"), ops=dict(records=records))))
     assert preferences.main([str(res)]) == 2
+
+
+def _tiny_bf16_workload():
+    from benchmarks.shapes import TINY_NEOX, E2EWorkload
+
+    return E2EWorkload(TINY_NEOX, n_docs=8, doc_len=16, n_queries=3, query_len=8, rank=4, dtype="bfloat16",
+                       batch_sizes=(8,), query_batch_size=3, floor_batch_sizes=(8,), compile_floor=False,
+                       pyinf_compiled_batch=0, pyinf_checkpoint_batch=0, kronfluence_fp32=False)
+
+
+def test_e2e_bf16_runs_against_pyinf_float32():
+    """A bf16 workload also runs pyinf in float32 (a float32 copy of the same model), and
+    each bf16 pyinf run is correlated against it: issue 5's second accuracy reference. The
+    floor at the same batch gives the scoring-vs-floor line of the report."""
+    import torch
+
+    from benchmarks import bench_e2e
+    from benchmarks.run import _floor_ratios
+
+    e = bench_e2e.run_e2e(_tiny_bf16_workload(), torch.device("cpu"), log=lambda *_: None, with_kronfluence=False)
+    assert [(r["library"], r["precision"]) for r in e["runs"]] == [("pyinf", "bfloat16"), ("pyinf", "float32")], e
+    (p,) = e["pearson"]
+    assert (p["run"], p["against"], p["kind"]) == ("pyinf bfloat16 b8", "pyinf float32 b8", "pyinf float32")
+    assert len(p["per_query"]) == 3 and p["min"] > 0.9, p
+    (line,) = _floor_ratios(e, smoke=False)
+    assert line.startswith("- pyinf bfloat16 b8: scoring") and "(goal: " in line
+
+
+def test_e2e_keeps_what_ran_when_out_of_time():
+    """The time limit (OutOfTime, from SIGTERM) stops the e2e section after the floor: the
+    bf16 run and the floor are kept and the float32 run is listed as not reached."""
+    import torch
+
+    from benchmarks import OutOfTime, bench_e2e
+
+    def log(msg):
+        if msg.startswith("[e2e] floor"):
+            raise OutOfTime("test: the limit strikes after the floor")
+
+    e = bench_e2e.run_e2e(_tiny_bf16_workload(), torch.device("cpu"), log=log, with_kronfluence=False)
+    assert [r["precision"] for r in e["runs"]] == ["bfloat16"] and len(e["floor"]) == 1
+    assert e["pearson"] == []
+    assert e["skipped"] == [dict(what="the rest of the e2e section",
+                                 reason="out of time: test: the limit strikes after the floor")]
+
+
+def test_run_stopped_by_sigterm_writes_what_it_measured(tmp_path):
+    """`benchmarks.run` under `timeout`: a SIGTERM during the ops section keeps the records
+    timed so far, writes results.json and the markdown block saying the run was stopped,
+    and exits 124 (as `timeout` does)."""
+    import signal
+
+    env = dict(os.environ)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    md = tmp_path / "R.md"
+    cmd = [sys.executable, "-u", "-m", "benchmarks.run", "--smoke", "--only", "ops,e2e", "--out",
+           str(tmp_path / "out"), "--results-md", str(md)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("[ops]") and " ms " in line:  # one record timed: stop the run here
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    output = "".join(seen) + rest
+    assert proc.returncode == 124, output[-3000:]
+    with open(tmp_path / "out" / "results.json") as fh:
+        res = json.load(fh)
+    assert res["stopped_by_time_limit"] is True
+    assert res["ops"]["records"], output[-3000:]
+    assert any(s["backend"] == "(the rest)" and s["reason"].startswith("out of time") for s in res["ops"]["skipped"])
+    assert res["e2e"] == dict(error="not run: the step's time limit was reached before this section")
+    text = md.read_text()
+    assert "stopped by its time limit" in text and "#### Kernels" in text
