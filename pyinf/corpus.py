@@ -13,7 +13,8 @@ model's weights, a hash of the chunk's own documents and whatever the caller add
 (``run_meta``). A chunk that does not match is an error that names the difference, never a
 silent mix of two runs; a chunk that fails its checksum is computed again. When every chunk
 is present they are joined into ``scores.safetensors`` (float32 ``[n_docs, n_queries]``) or
-``self_influence.safetensors`` (``[n_docs]``)."""
+``self_influence.safetensors`` (``[n_docs]``), which records the run and a hash of all the
+documents, and is returned by a later run only while both still match."""
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, SequentialSampler, Subset
 
 from . import storage
 from .queries import Queries
@@ -80,6 +82,11 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) ->
 
 
 def _item_bytes(item: Any, h) -> None:
+    """Feeds one example into ``h``, every byte of it: two documents that differ must hash
+    apart, or a resumed run keeps a chunk of the old ones. Lists are prefixed with their
+    length and scalars end with a NUL (their repr never holds one), so ``[12, 3]`` and
+    ``[1, 23]`` differ; numpy arrays go by their bytes, never their repr, which numpy
+    shortens with "..." past 1000 elements."""
     if isinstance(item, torch.Tensor):
         storage.hash_tensor(h, item)
     elif isinstance(item, dict):
@@ -87,10 +94,26 @@ def _item_bytes(item: Any, h) -> None:
             h.update(str(k).encode())
             _item_bytes(item[k], h)
     elif isinstance(item, (list, tuple)):
+        h.update(f"[{len(item)}]".encode())
         for v in item:
             _item_bytes(v, h)
+    elif isinstance(item, (np.ndarray, np.generic)) or hasattr(item, "__array__"):
+        _array_bytes(np.asarray(item), h)
+    elif item is None or isinstance(item, (str, bytes, int, float)):  # bool is an int
+        h.update(repr(item).encode() + b"\0")  # exact and complete for these types
     else:
-        h.update(repr(item).encode())
+        raise TypeError(f"cannot hash a document holding a {type(item).__module__}.{type(item).__qualname__}: "
+                        "give examples of tensors, numpy arrays, str, bytes, numbers, None, or dicts and "
+                        "lists of those (resuming a run needs every byte of each document)")
+
+
+def _array_bytes(a: np.ndarray, h) -> None:
+    h.update(f"{a.dtype!r}{a.shape}".encode())
+    if a.dtype.hasobject:  # its bytes are pointers: hash what they point to
+        for v in a.reshape(-1):
+            _item_bytes(v, h)
+    else:
+        h.update(np.ascontiguousarray(a).tobytes())
 
 
 def documents_hash(dataset, start: int, end: int) -> str:
@@ -132,11 +155,23 @@ class ChunkedRun:
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._documents: Dict[Tuple[int, int], str] = {}  # chunk -> documents_hash, computed once
 
-    def _chunk_run(self, start: int, end: int) -> Dict:
-        """What chunk ``start..end-1`` records and is checked against: the run and its documents."""
+    def _documents_hash(self, start: int, end: int) -> str:
         if (start, end) not in self._documents:
             self._documents[start, end] = documents_hash(self.data, start, end)
-        return dict(self.run, start=start, end=end, documents=self._documents[start, end])
+        return self._documents[start, end]
+
+    def _chunk_run(self, start: int, end: int) -> Dict:
+        """What chunk ``start..end-1`` records and is checked against: the run and its documents."""
+        return dict(self.run, start=start, end=end, documents=self._documents_hash(start, end))
+
+    def _final_run(self) -> Dict:
+        """What the joined file records and is checked against: the run and every document (a
+        hash over the chunks' documents hashes), so it is never returned for another corpus,
+        nor after a document changed. Reads the whole corpus once, as joining does."""
+        h = hashlib.sha256()
+        for start, end in self.ranges:
+            h.update(self._documents_hash(start, end).encode())
+        return dict(self.run, documents=h.hexdigest())
 
     @property
     def final_path(self) -> Path:
@@ -193,8 +228,12 @@ class ChunkedRun:
             except storage.CorruptFileError as exc:
                 self.log(f"pyinf: {exc}; joining the chunks again")
             else:
-                if not storage.differences(meta.get("run", {}), self.run):
+                diff = storage.differences(meta.get("run", {}), self._final_run())
+                if not diff:
                     return tensors[self.kind]
+                # the chunks decide: they are checked one by one below (another run's raise)
+                self.log(f"pyinf: {self.final_path} was joined for another run ({'; '.join(diff)}); "
+                         "joining the chunks again")
         if self.missing():
             return None
         parts = []
@@ -205,8 +244,25 @@ class ChunkedRun:
                 return None
             parts.append(values)
         values = torch.cat(parts)
-        storage.save(self.final_path, self.kind, {self.kind: values}, dict(self.final_meta, run=self.run))
+        storage.save(self.final_path, self.kind, {self.kind: values}, dict(self.final_meta, run=self._final_run()))
         return values
+
+
+def _documents(train, what: str) -> Tuple[Any, Callable[[Subset], Any]]:
+    """The corpus to cut into chunks (chunks are ranges of its indices) and what turns a chunk
+    into the engine's input. A DataLoader, which the engine also takes, gives its dataset, and
+    each chunk is batched and collated as the loader would (its batch size wins, as in the
+    engine); it must read that dataset by index, in order, for rows to be documents."""
+    if not isinstance(train, DataLoader):
+        return train, lambda subset: subset
+    if not isinstance(train.sampler, SequentialSampler) or train.batch_size is None:
+        raise ValueError(f"{what} indexes the documents: give a DataLoader over a map-style Dataset that reads "
+                         "it in order (no shuffle, sampler or batch_sampler), or the Dataset itself")
+
+    def batched(subset):
+        return DataLoader(subset, batch_size=train.batch_size, collate_fn=train.collate_fn,
+                          num_workers=train.num_workers, pin_memory=train.pin_memory)
+    return train.dataset, batched
 
 
 def score_corpus(engine, train, queries: Queries, out_dir, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -219,11 +275,13 @@ def score_corpus(engine, train, queries: Queries, out_dir, *, chunk_size: int = 
     model's and the documents' fingerprints. See the module docstring."""
     run = dict(run_meta or {}, queries=queries.fingerprint, model=model_fingerprint(engine.model),
                n_queries=queries.n_queries)
+    train, batched = _documents(train, "score_corpus")
     if query_batch_size is None:  # copied to the device once, not once per chunk
         queries = queries.to(next(engine.model.parameters()).device)
 
     def compute(subset):
-        return engine.pairwise_scores(subset, queries, batch_size=batch_size, query_batch_size=query_batch_size)
+        return engine.pairwise_scores(batched(subset), queries, batch_size=batch_size,
+                                      query_batch_size=query_batch_size)
 
     return ChunkedRun(train, out_dir, kind=SCORES_KIND, compute=compute, run=run, chunk_size=chunk_size, log=log,
                       final_meta=dict(rank=queries.rank, damping=queries.damping,
@@ -239,10 +297,11 @@ def self_influence_corpus(engine, train, factors, out_dir, *, damping: Optional[
     values once every chunk is there, else None. The same checks as :func:`score_corpus`,
     with the factors' id and the damping in place of the queries."""
     run = dict(run_meta or {}, factors=factors.id, damping=damping, model=model_fingerprint(engine.model))
+    train, batched = _documents(train, "self_influence_corpus")
     on_device = factors.to(next(engine.model.parameters()).device)  # once, not once per chunk
 
     def compute(subset):
-        return engine.self_influence(subset, on_device, damping=damping, batch_size=batch_size)
+        return engine.self_influence(batched(subset), on_device, damping=damping, batch_size=batch_size)
 
     return ChunkedRun(train, out_dir, kind=SELF_INFLUENCE_KIND, compute=compute, run=run, chunk_size=chunk_size,
                       log=log, final_meta=dict(factors_id=factors.id, damping=damping)).execute(shard)
@@ -262,8 +321,9 @@ def top_token_scores(engine, train, queries: Queries, scores: torch.Tensor, k: i
     ``top[q]`` query q's top-k document indices, ``documents`` the sorted union, and
     ``per_token [len(documents), T, n_queries]`` (position t serves the prediction of token
     t + 1: see :func:`pyinf.scoring.display_token_scores`)."""
+    train, batched = _documents(train, "top_token_scores")
     top = top_documents(scores, k)
     documents = sorted({n for per_query in top for n in per_query})
-    per_token = engine.pairwise_scores(Subset(train, documents), queries, per_token=True, batch_size=batch_size,
-                                       query_batch_size=query_batch_size)
+    per_token = engine.pairwise_scores(batched(Subset(train, documents)), queries, per_token=True,
+                                       batch_size=batch_size, query_batch_size=query_batch_size)
     return top, documents, per_token

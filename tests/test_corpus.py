@@ -3,7 +3,9 @@ chunked scores equal one pass's, an interrupted run resumes without rescoring wh
 saved, shards join into the same matrix, and a directory of another run is refused."""
 import json
 import pickle
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,6 +176,107 @@ def test_self_influence_in_chunks_resumes_and_shards(setup, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["scores-chunks", "self_influence-chunks"]
     with pytest.raises(ValueError, match="damping: None there, 0.5 now"):
         pyinf.self_influence_corpus(engine, train, factors, tmp_path, damping=0.5, chunk_size=3, log=log.append)
+
+
+def test_the_joined_scores_are_never_returned_for_other_documents(setup, tmp_path):
+    """scores.safetensors records a hash of every document: a rerun after a document changed
+    (even one outside the rerun shard's chunks) or on another corpus of the same size does not
+    get the old joined scores back."""
+    engine, train, queries, want = setup
+    pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=4, log=lambda m: None)
+    changed = RegressionDataset(11, seed=1, dtype=torch.float64)
+    changed.x[0] += torch.randn(5, dtype=torch.float64)  # in shard 0's chunk, not in shard 1's
+    log = []
+    with pytest.raises(ValueError, match=r"0000000000-0000000004.*belongs to another run \(documents: "):
+        pyinf.score_corpus(engine, changed, queries, tmp_path, chunk_size=4, shard=(1, 2), log=log.append)
+    assert any("joined for another run" in line for line in log)
+    # the chunks gone, the joined file alone must not stand in for another corpus
+    shutil.rmtree(tmp_path / "scores-chunks")
+    other = RegressionDataset(11, seed=int(torch.randint(100, 10**6, ())), dtype=torch.float64)
+    got = pyinf.score_corpus(engine, other, queries, tmp_path, chunk_size=4, log=lambda m: None)
+    torch.testing.assert_close(got, engine.pairwise_scores(other, queries, batch_size=4), rtol=1e-10, atol=1e-12)
+    # ... and a rerun on the same documents reuses it: hashes only, no pass
+    reads = CountingDataset(other)
+    assert torch.equal(pyinf.score_corpus(engine, reads, queries, tmp_path, chunk_size=4, shard=(1, 2),
+                                          log=lambda m: None), got)
+    assert sorted(reads.reads) == list(range(11))
+
+
+def test_joined_self_influence_is_never_returned_for_other_documents(setup, tmp_path):
+    engine, train, _, _ = setup
+    factors = engine.fit_factors(train, batch_size=4)
+    pyinf.self_influence_corpus(engine, train, factors, tmp_path, chunk_size=4, log=lambda m: None)
+    shutil.rmtree(tmp_path / "self_influence-chunks")
+    other = RegressionDataset(11, seed=int(torch.randint(100, 10**6, ())), dtype=torch.float64)
+    got = pyinf.self_influence_corpus(engine, other, factors, tmp_path, chunk_size=4, log=lambda m: None)
+    torch.testing.assert_close(got, engine.self_influence(other, factors, batch_size=4), rtol=1e-10, atol=1e-12)
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _hash(*items):
+    return corpus.documents_hash(ListDataset(list(items)), 0, len(items))
+
+
+def test_documents_hash_reads_every_byte():
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    long = rng.integers(0, 50_000, 1500)
+    edited = long.copy()
+    edited[700] += 1  # inside what numpy's repr leaves out ("[a, b, c, ..., x, y, z]")
+    assert _hash({"input_ids": long}) != _hash({"input_ids": edited})
+    assert _hash(long) == _hash(long.copy()) and _hash(long) != _hash(long.astype(np.int32))
+    assert _hash(long.reshape(3, 500)) != _hash(long.reshape(500, 3))
+    assert _hash(np.float32(1.5)) != _hash(np.float64(1.5))
+    objects = np.array([long, edited[:3]], dtype=object)  # ragged: its bytes would be pointers
+    assert _hash(objects) == _hash(np.array([long.copy(), edited[:3].copy()], dtype=object))
+    assert _hash(objects) != _hash(np.array([edited, edited[:3]], dtype=object))
+    # python values: where one ends is part of the hash
+    assert _hash([12, 3]) != _hash([1, 23]) and _hash([[1], [2, 3]]) != _hash([[1, 2], [3]])
+    assert _hash({"a": "b", "n": 1}) != _hash({"a": "b", "n": 1.0}) != _hash({"a": "b", "n": True})
+    plain = {"text": "ünï", "raw": b"\x00", "n": 3, "f": 0.1, "ok": False, "none": None, "ids": (1, [2.5])}
+    assert _hash(plain) == _hash(dict(plain)) and _hash(plain) != _hash(dict(plain, raw=b"\x01"))
+    with pytest.raises(TypeError, match=r"cannot hash a document holding a .*\.Opaque"):
+        _hash({"x": Opaque()})
+
+
+class Opaque:
+    pass
+
+
+def test_a_dataloader_is_scored_as_its_dataset_with_its_collate(setup, tmp_path):
+    """The engine takes a DataLoader; so does a corpus run: chunks are ranges of its dataset,
+    each batched and collated as the loader would (here a collate the task needs)."""
+    engine, _, queries, _ = setup
+    data = RegressionDataset(7, seed=int(torch.randint(100, 10**6, ())), dtype=torch.float64)
+    wrapped = ListDataset([{"xy": data[i]} for i in range(len(data))])
+
+    def collate(items):  # the task reads (x, y); default_collate would give {"xy": [x, y]}
+        return tuple(torch.stack([it["xy"][j] for it in items]) for j in (0, 1))
+
+    loader = torch.utils.data.DataLoader(wrapped, batch_size=2, collate_fn=collate)
+    want = engine.pairwise_scores(data, queries, batch_size=3)
+    got = pyinf.score_corpus(engine, loader, queries, tmp_path, chunk_size=3, log=lambda m: None)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert _chunks(tmp_path) == ["0000000000-0000000003.safetensors", "0000000003-0000000006.safetensors",
+                                 "0000000006-0000000007.safetensors"]
+    factors = engine.fit_factors(data, batch_size=4)
+    torch.testing.assert_close(
+        pyinf.self_influence_corpus(engine, loader, factors, tmp_path, chunk_size=3, log=lambda m: None),
+        engine.self_influence(data, factors, batch_size=3), rtol=1e-10, atol=1e-12)
+    top, documents, per_token = corpus.top_token_scores(engine, loader, queries, got, 2)
+    torch.testing.assert_close(per_token.sum(1), want[documents], rtol=1e-10, atol=1e-12)
+    shuffled = torch.utils.data.DataLoader(wrapped, batch_size=2, collate_fn=collate, shuffle=True)
+    with pytest.raises(ValueError, match="score_corpus indexes the documents.*or the Dataset itself"):
+        pyinf.score_corpus(engine, shuffled, queries, tmp_path / "s", log=lambda m: None)
 
 
 def test_token_scores_of_the_top_documents_only(setup):
