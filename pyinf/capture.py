@@ -9,12 +9,15 @@ While a :class:`Capture` is active:
   requires grad through a shared zero-size "anchor" leaf, and whose backward computes only
   the input gradient (when something below needs it) and hands ``(acts, grads)`` of the
   layer to a consumer, then lets them go;
-- a Linear subclass with its own ``forward`` keeps it, and is wrapped in an identity
-  function that does the same hand-off.
+- a Linear subclass with its own ``forward``, or a layer with a ``forward`` set on the
+  instance (accelerate's hooks, monkeypatched adapters), keeps it, and its output is wrapped
+  in an identity function that does the same hand-off (like kronfluence, this relies on
+  that forward's output being ``W x + b``, plus terms that do not depend on it).
 
 Activations reach the consumer as ``[B, T, d_in]`` (with a trailing ones column when the
 bias is tracked: then a strided view whose rows are padded to 16 elements, see
-:func:`_append_ones`) and gradients as ``[B, T, d_out]``, in the model's dtype.
+:func:`_append_ones`) and gradients as ``[B, T, d_out]``, in the model's dtype, whatever
+the layer's own layout (pooled, flattened or sequence-first: see :meth:`Capture._as_tokens`).
 """
 from __future__ import annotations
 
@@ -117,10 +120,30 @@ class _TrackedIdentity(torch.autograd.Function):
 def _stock_forward(module: nn.Module) -> bool:
     """True when the layer computes exactly a stock Linear or Conv1D, so its forward can be
     replaced by :class:`_TrackedLinear` without changing what it computes."""
+    if "forward" in module.__dict__:
+        # A forward set on the instance (accelerate's add_hook_to_module, a monkeypatched
+        # adapter) is what the model computes: keep it, on the identity path.
+        return False
     cls = type(module)
     if cls.__name__ == "Conv1D":
         return True
     return cls.forward is nn.Linear.forward
+
+
+def _declared_batch_first(by_name: Dict[str, nn.Module], name: str) -> Optional[bool]:
+    """The layout that the nearest enclosing module declares for the layer's inputs: its
+    ``batch_first`` flag (nn.Transformer, nn.MultiheadAttention, or any module of the model
+    with a bool ``batch_first``; nn.TransformerEncoderLayer / DecoderLayer keep theirs on
+    ``self_attn``). None when no enclosing module declares one."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        parent = by_name.get(".".join(parts[:i]))
+        flag = getattr(parent, "batch_first", None)
+        if flag is None and isinstance(getattr(parent, "self_attn", None), nn.MultiheadAttention):
+            flag = parent.self_attn.batch_first
+        if isinstance(flag, bool):
+            return flag
+    return None
 
 
 # The site of the capture now running, per tracked module, and one forward wrapper per
@@ -154,7 +177,7 @@ class Capture:
 
     Call :meth:`begin_batch` before each forward with the batch's mask ``[B, T]`` (or None)
     and the number of documents in it; after backward call :meth:`end_batch`, which raises
-    if a tracked gradient was NaN/Inf (naming module and batch).
+    if the mask fitted no layer or a tracked gradient was NaN/Inf (naming module and batch).
     """
 
     def __init__(self, model: nn.Module, modules: Dict[str, nn.Module], specs: Dict[str, ModuleSpec],
@@ -165,10 +188,13 @@ class Capture:
         self.consumer = consumer
         self.check_finite = check_finite
         self.sites = {name: _Site(self, specs[name]) for name in modules}
+        by_name = dict(model.named_modules())
+        self._batch_first = {name: _declared_batch_first(by_name, name) for name in modules}
         self._saved_requires_grad: Dict[nn.Parameter, bool] = {}
-        self._saved_forward: Dict[str, object] = {}
         self._handles: List[object] = []
         self._mask = None  # [B, T] bool, a dict of those by module name, or None
+        self._mask_used: set = set()  # layers of the batch that the mask applied to
+        self._mask_missed: List[tuple] = []  # (name, token rows) of per-token layers it did not fit
         self._n_docs = 0
         self._batch_index = -1
         self._nonfinite: List[tuple] = []
@@ -185,12 +211,12 @@ class Capture:
         try:
             for name, module in self.modules.items():
                 site = self.sites[name]
-                if _stock_forward(module):
-                    if module in _ACTIVE_SITES:
-                        raise CaptureError(f"module {name!r} is already tracked by another active capture")
-                    if "forward" in module.__dict__:
-                        self._saved_forward[name] = module.__dict__["forward"]
-                    _ACTIVE_SITES[module] = site
+                # before _stock_forward: another capture's tracked forward is an instance forward too
+                if module in _ACTIVE_SITES:
+                    raise CaptureError(f"module {name!r} is already tracked by another active capture")
+                stock = _stock_forward(module)
+                _ACTIVE_SITES[module] = site
+                if stock:
                     module.forward = _stable_forward(module)
                 else:
                     self._handles.append(module.register_forward_hook(
@@ -215,10 +241,9 @@ class Capture:
             if _ACTIVE_SITES.get(module) is not self.sites[name]:
                 continue  # not installed by this capture (it failed before reaching this module)
             del _ACTIVE_SITES[module]
-            if name in self._saved_forward:
-                module.forward = self._saved_forward.pop(name)
-            else:
-                module.__dict__.pop("forward", None)
+            ours = _FORWARDS.get(module)
+            if ours is not None and module.__dict__.get("forward") is ours:
+                del module.__dict__["forward"]  # an instance forward of the model's own stays
         for p, flag in self._saved_requires_grad.items():
             p.requires_grad_(flag)
         self._saved_requires_grad.clear()
@@ -226,20 +251,42 @@ class Capture:
     # -- per batch ----------------------------------------------------------------------
     def begin_batch(self, batch_index: int, n_docs: int, mask) -> None:
         """`mask`: ``[B, T]`` for every layer, a dict of such masks by module name (layers
-        not named in it get none), or None."""
+        not named in it get none), or None. Layers with one row per document (on pooled
+        features) take no mask; :meth:`end_batch` raises if a mask fitted no layer that runs
+        per token."""
         self._batch_index = batch_index
         self._n_docs = n_docs
         if isinstance(mask, dict):
-            self._mask = {name: m != 0 for name, m in mask.items() if m is not None}
+            self._mask = {name: self._checked_mask(m, f" for module {name!r}")
+                          for name, m in mask.items() if m is not None}
         else:
-            self._mask = None if mask is None else (mask != 0)
+            self._mask = None if mask is None else self._checked_mask(mask, "")
+        self._mask_used.clear()
+        self._mask_missed.clear()
         self._nonfinite.clear()
         for site in self.sites.values():
             site.calls = 0
 
+    def _checked_mask(self, mask, where: str) -> torch.Tensor:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != self._n_docs:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise CaptureError(f"the attention mask{where} must have shape [B, T] = [{self._n_docs}, tokens] "
+                               f"in batch {self._batch_index}, got {shape}")
+        return mask != 0
+
     def end_batch(self) -> None:
-        """Raises if a tracked output gradient of the batch held NaN or Inf. One device-to-host
-        read for all layers (the flags stay on the device until here)."""
+        """Raises if the batch's mask fitted none of the layers that run per token (or, given
+        by module name, not its own layer): padding would otherwise count as real tokens. And
+        if a tracked output gradient held NaN or Inf: one device-to-host read for all layers
+        (the flags stay on the device until here)."""
+        if self._mask_missed and (isinstance(self._mask, dict) or not self._mask_used):
+            name, rows = self._mask_missed[0]
+            mask = self._mask[name] if isinstance(self._mask, dict) else self._mask
+            raise CaptureError(
+                f"the attention mask of batch {self._batch_index} has shape {tuple(mask.shape)} but module "
+                f"{name!r} has {rows} token rows per document; a mask must be [B, T] with the T of the "
+                f"layers it applies to (give a dict of masks by module name when layers see different sequences)"
+            )
         if not self._nonfinite:
             return
         flags = torch.stack([flag for _, flag in self._nonfinite]).cpu()
@@ -249,23 +296,51 @@ class Capture:
                     f"NaN or Inf in the output gradient of module {name!r} in batch {self._batch_index}"
                 )
 
-    def _as_tokens(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """[B, T, d] view of a layer's input or output gradient."""
+    def _as_tokens(self, name: str, t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """[B, T, d] view of a layer's input or output gradient, B the batch's documents.
+
+        - ``[B, d]``: one row per document (pooled features);
+        - ``[B*T, d]``: batch and sequence flattened, batch-major; with a mask, T must be its T;
+        - ``[B, T, ..., d]``: batch-first; ``[T, B, ..., d]``: sequence-first (torch's
+          nn.Transformer* layers by default), transposed to batch-first.
+
+        When T == B the shapes cannot tell the last two apart: batch-first is assumed, unless
+        an enclosing module declares ``batch_first=False`` (:func:`_declared_batch_first`). A
+        model that runs a layer sequence-first outside torch's transformer modules should
+        say so with a ``batch_first`` attribute on a module around it, or avoid T == B.
+        """
         b = self._n_docs
-        if t.dim() >= 3 and t.shape[0] == b:
+
+        def fail(why: str) -> CaptureError:
+            return CaptureError(f"module {name!r}: cannot split a tensor of shape {tuple(t.shape)} into the "
+                                f"batch's {b} documents: {why}")
+
+        if t.dim() == 2:
+            if t.shape[0] == b:
+                return t.unsqueeze(1)
+            if mask is not None and t.shape[0] != b * mask.shape[1]:
+                raise fail(f"flattened rows must be B*T = {b}*{mask.shape[1]} for the mask's T (a layer on "
+                           f"unpadded tokens cannot be split; one on another sequence needs its own mask, "
+                           f"given by module name)")
+            if t.shape[0] % b:
+                raise fail("its rows are not a multiple of B")
             return t.reshape(b, -1, t.shape[-1])
-        if t.dim() == 2 and t.shape[0] == b:
-            return t.unsqueeze(1)
-        if t.dim() >= 2 and t[..., 0].numel() % b == 0:
-            # Models that flatten batch and sequence before a layer ([B*T, d]), batch-major.
+        if t.dim() < 2:
+            raise fail("a layer's input needs a feature dimension")
+        batch_first, seq_first = t.shape[0] == b, t.shape[1] == b
+        if batch_first and seq_first:  # T == B: only a declared layout can tell
+            batch_first = self._batch_first[name] is not False
+        if batch_first:
             return t.reshape(b, -1, t.shape[-1])
-        raise CaptureError(
-            f"module {name!r}: cannot split a tensor of shape {tuple(t.shape)} into the batch's {b} documents"
-        )
+        if seq_first:
+            return t.transpose(0, 1).reshape(b, -1, t.shape[-1])
+        raise fail("neither batch-first [B, T, ..., d] nor sequence-first [T, B, ..., d] (when T == B, "
+                   "batch-first is assumed unless an enclosing module has batch_first=False)")
 
     def _deliver(self, spec: ModuleSpec, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-        acts = self._as_tokens(spec.name, x.detach())
-        grads = self._as_tokens(spec.name, grad_out.detach())
+        mask = self._mask.get(spec.name) if isinstance(self._mask, dict) else self._mask
+        acts = self._as_tokens(spec.name, x.detach(), mask)
+        grads = self._as_tokens(spec.name, grad_out.detach(), mask)
         if acts.shape[1] != grads.shape[1]:
             raise CaptureError(f"module {spec.name!r}: input has {acts.shape[1]} token rows but the output "
                                f"gradient has {grads.shape[1]}")
@@ -273,7 +348,11 @@ class Capture:
             self._nonfinite.append((spec.name, ~torch.isfinite(grads).all()))
         if spec.has_bias:
             acts = _append_ones(acts)
-        mask = self._mask.get(spec.name) if isinstance(self._mask, dict) else self._mask
-        if mask is not None and tuple(mask.shape) != tuple(acts.shape[:2]):
-            mask = None  # a layer that does not run per token (e.g. on pooled features)
+        if mask is not None:
+            if tuple(mask.shape) == tuple(acts.shape[:2]):
+                self._mask_used.add(spec.name)
+            else:
+                if acts.shape[1] > 1:  # one row per document (pooled features) has nothing to mask
+                    self._mask_missed.append((spec.name, acts.shape[1]))
+                mask = None
         self.consumer(spec, acts, grads, mask)

@@ -1,11 +1,15 @@
 """Capture computes no weight gradient, leaves the model as it was, and handles Linear
-subclasses, Conv1D and inputs without a sequence dimension."""
+subclasses, instance forwards, Conv1D, inputs without a sequence dimension or sequence-first,
+and masks that fit no layer."""
+import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyinf
-from pyinf.capture import Capture
+from pyinf.capture import Capture, CaptureError
 
+from . import brute_force as bf
 from .models import MLPTask, TinyMLP, TokenDataset, tiny_gpt2
 
 
@@ -85,3 +89,254 @@ def test_scores_do_not_touch_model_state():
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+# -- layer layouts, instance forwards and masks, against float64 brute force --------------
+
+class _PairTask(pyinf.Task):
+    """Summed squared error on (x, y) pairs of [T, d] documents."""
+
+    def __init__(self, tracked=None):
+        self.tracked = tracked
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        return 0.5 * ((model(x) - y) ** 2).sum()
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+    def get_influence_tracked_modules(self):
+        return self.tracked
+
+
+def _pairs(n, t, d_in, d_out, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(t, d_in, generator=g, dtype=torch.float64),
+             torch.randn(t, d_out, generator=g, dtype=torch.float64)) for _ in range(n)]
+
+
+def _rel(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _assert_matches_brute_force(model, task, train, query, batch_size):
+    """Factors and scores from batches of `batch_size` equal float64 brute force from plain
+    autograd on the unmodified model, one document at a time."""
+    engine = pyinf.InfluenceEngine(model, task, progress=False)
+    factors = engine.fit_factors(train, fisher="empirical", batch_size=batch_size)
+    covs = bf.covariances(model, task, train, engine.modules, engine.specs)
+    train_grads = bf.doc_gradients(model, task, train, engine.modules, engine.specs)
+    query_grads = bf.doc_gradients(model, task, query, engine.modules, engine.specs, measurement=True)
+    expected = torch.zeros(len(train), len(query), dtype=torch.float64)
+    for name, f in factors.modules.items():
+        assert _rel(f.a_cov, covs[name][0]) < 1e-10 and _rel(f.s_cov, covs[name][1]) < 1e-10, name
+        dense = bf.dense_inverse(f.q_a, f.q_s, f.lambdas, f.damping(None))
+        for j, qg in enumerate(query_grads):
+            p = bf.unvec(dense @ bf.vec(qg[name]), f.spec.d_out, f.spec.d_in)
+            for i, tg in enumerate(train_grads):
+                expected[i, j] += (p * tg[name]).sum()
+    queries = engine.prepare_queries(query, factors, rank=None, batch_size=batch_size)
+    assert _rel(engine.pairwise_scores(train, queries, batch_size=batch_size), expected) < 1e-6
+
+
+class _SeqFirstMLP(nn.Module):
+    """Runs its layers on [T, B, d], as torch's nn.Transformer* layers do by default."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x.transpose(0, 1)))).transpose(0, 1)
+
+
+class _TorchEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0)  # batch_first=False
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x.transpose(0, 1)).transpose(0, 1))
+
+
+@pytest.mark.parametrize("tokens", [5, 3])
+def test_sequence_first_layers_match_brute_force(tokens):
+    """[T, B, d] layer inputs are split into documents by their second dimension. With
+    T == B (3 == 3) the shapes cannot tell: the model's batch_first=False says so."""
+    torch.manual_seed(0)
+    model = _SeqFirstMLP().double()
+    if tokens == 3:
+        model.batch_first = False
+    _assert_matches_brute_force(model, _PairTask(), _pairs(6, tokens, 4, 3, seed=1),
+                                _pairs(2, tokens, 4, 3, seed=2), batch_size=3)
+
+
+@pytest.mark.parametrize("tokens", [5, 3])
+def test_torch_transformer_layer_matches_brute_force(tokens):
+    """nn.TransformerEncoderLayer's own batch_first (on its self_attn) decides when T == B."""
+    torch.manual_seed(0)
+    model = _TorchEncoder().double()
+    task = _PairTask(["layer.linear1", "layer.linear2", "head"])
+    _assert_matches_brute_force(model, task, _pairs(6, tokens, 8, 3, seed=1), _pairs(2, tokens, 8, 3, seed=2),
+                                batch_size=3)
+
+
+def test_layer_input_that_cannot_be_split_raises():
+    """Neither of the first two dimensions of [2, 6, d] is the batch's 3, and flattened rows
+    that are not B*T for the mask's T (6 rows, a [3, 3] mask: e.g. padding removed): errors
+    naming the module and the shape, not a reshape that mixes documents."""
+    model = nn.Sequential(nn.Linear(4, 2))
+    engine = pyinf.InfluenceEngine(model, MLPTask(), progress=False)
+    for x, mask in [(torch.randn(2, 6, 4), None), (torch.randn(6, 4), torch.ones(3, 3))]:
+        with Capture(model, engine.modules, engine.specs, lambda *a: None) as capture:
+            capture.begin_batch(0, 3, mask)
+            with pytest.raises(CaptureError, match=rf"'0'.*{tuple(x.shape)}".replace("(", r"\(").replace(")", r"\)")):
+                model(x).sum().backward()
+
+
+class _Regression(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _accelerate_style_hook(module):
+    """What accelerate's add_hook_to_module does: an instance forward around the old one."""
+    old_forward = module.forward
+
+    def forward(*args, **kwargs):
+        forward.calls += 1
+        args = tuple(a.clone() for a in args)  # stands for moving inputs to the execution device
+        return old_forward(*args, **kwargs).clone()
+
+    forward.calls = 0
+
+    module.forward = forward
+    return forward
+
+
+def _additive_adapter(module, rank=2):
+    """A monkeypatched LoRA-style adapter: y = W x + b + B A x."""
+    old_forward = module.forward
+    a = torch.randn(rank, module.in_features, dtype=module.weight.dtype)
+    b = torch.randn(module.out_features, rank, dtype=module.weight.dtype)
+
+    def forward(x):
+        forward.calls += 1
+        return old_forward(x) + x @ a.T @ b.T
+
+    forward.calls = 0
+
+    module.forward = forward
+    return forward
+
+
+@pytest.mark.parametrize("patch", [_accelerate_style_hook, _additive_adapter])
+def test_instance_forward_is_kept_and_matches_brute_force(patch):
+    """A stock Linear with a forward set on the instance keeps it during a capture (the
+    identity path), which is exact when that forward's output is W x + b plus terms that do
+    not depend on it; after the capture the instance forward is back."""
+    torch.manual_seed(0)
+    model = _Regression().double()
+    own = patch(model.fc1)
+    task = _PairTask()
+    train, query = _pairs(6, 1, 4, 3, seed=1), _pairs(2, 1, 4, 3, seed=2)
+    engine = pyinf.InfluenceEngine(model, task, progress=False)
+    with Capture(model, engine.modules, engine.specs, lambda *a: None) as capture:
+        capture.begin_batch(0, 6, None)
+        task.compute_train_loss(torch.utils.data.default_collate(train), model).backward()
+    assert own.calls == 1 and model.fc1.forward is own and "forward" not in model.fc2.__dict__
+    _assert_matches_brute_force(model, task, train, query, batch_size=3)
+
+
+def test_instance_forward_computes_the_same_loss_inside_a_capture():
+    """Whatever the instance forward computes is what the capture pass computes."""
+    torch.manual_seed(0)
+    model = _Regression().double()
+    stock = model.fc1.forward
+    model.fc1.forward = lambda x: stock(x) * 3.0 + 0.5
+    engine = pyinf.InfluenceEngine(model, _PairTask(), progress=False)
+    x, y = torch.randn(4, 1, 4, dtype=torch.float64), torch.randn(4, 1, 3, dtype=torch.float64)
+    outside = _PairTask().compute_train_loss((x, y), model).item()
+    with Capture(model, engine.modules, engine.specs, lambda *a: None) as capture:
+        capture.begin_batch(0, 4, None)
+        assert _PairTask().compute_train_loss((x, y), model).item() == outside
+
+
+class _ShiftedMask(pyinf.CausalLMTask):
+    def get_attention_mask(self, batch):
+        return batch["attention_mask"][:, 1:]  # [B, T - 1]: fits no layer
+
+
+class _BroadcastMask(pyinf.CausalLMTask):
+    def get_attention_mask(self, batch):
+        return batch["attention_mask"][:, None, :]  # [B, 1, T]
+
+
+@pytest.mark.parametrize("task", [_ShiftedMask(), _BroadcastMask()], ids=["shifted", "broadcast"])
+def test_mask_that_fits_no_layer_raises(task):
+    """A mask of another shape than [B, T] of the layers is an error, not silently dropped
+    (padding would count as real tokens)."""
+    engine = pyinf.InfluenceEngine(tiny_gpt2(), task, progress=False)
+    with pytest.raises(CaptureError, match="attention mask"):
+        engine.fit_factors(TokenDataset(4, seed=1), batch_size=4)
+
+
+class _PooledClassifier(nn.Module):
+    """A per-token layer, mean-pooled over the real tokens, then a head on [B, d]."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(40, 6)
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = torch.tanh(self.fc(self.embed(input_ids)))
+        m = attention_mask[..., None].to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+class _ClassifyTask(pyinf.CausalLMTask):
+    def __init__(self, tracked):
+        super().__init__()
+        self.tracked = tracked
+
+    def compute_train_loss(self, batch, model, sample=False):
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        return torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, 0] % 3, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+    def compute_measurement_per_example(self, batch, model):
+        return None
+
+    def get_influence_tracked_modules(self):
+        return self.tracked
+
+
+@pytest.mark.parametrize("tracked", [["fc", "head"], ["head"]])
+def test_pooled_layers_take_no_mask(tracked):
+    """A layer on pooled features ([B, d], one row per document) has nothing to mask: with
+    the per-token layer it runs beside, or alone, the [B, T] mask is no error, and the
+    per-token layer counts only real tokens."""
+    torch.manual_seed(0)
+    model = _PooledClassifier().double()
+    engine = pyinf.InfluenceEngine(model, _ClassifyTask(tracked), progress=False)
+    data = TokenDataset(6, seed=1)
+    factors = engine.fit_factors(data, fisher="empirical", batch_size=3)
+    assert factors.meta["n_tokens"]["head"] == len(data)
+    if "fc" in tracked:
+        assert factors.meta["n_tokens"]["fc"] == sum(len(item["input_ids"]) for item in data)
+    queries = engine.prepare_queries(TokenDataset(2, seed=2), factors, rank=None)
+    one_by_one = engine.pairwise_scores(data, queries, batch_size=1)
+    assert _rel(engine.pairwise_scores(data, queries, batch_size=3), one_by_one) < 1e-10
