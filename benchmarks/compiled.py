@@ -117,6 +117,17 @@ def _compile_all() -> List[Dict[str, object]]:
             damping="fp32", **i32("T", "D_IN", "SLAB", "D_IN_LD", "SLAB_LD", "row0", "doc0", "n_tj", "s_gn", "s_gt",
                                   "s_an", "s_at", "s_li", "s_lj", "s_pn")),
             flags, eigen_correction.H100[tdt], f"self_influence {tdt}", nodiv=("D_IN", "SLAB", "s_li"))
+        if tdt == torch.float32:  # fp16 inputs: fp32 rotated temporaries through tf32 dots (rotated_dtype_of)
+            tf32 = eigen_correction.rotated_dot_flags(torch.float16)
+            build(eigen_correction._eigen_correction_kernel, dict(g_ptr=pt, a_ptr=pt, out_ptr="*fp32", **i32(
+                "n_docs", "T", "D_IN", "SLAB", "D_IN_LD", "SLAB_LD", "row0", "s_gn", "s_gt", "s_an", "s_at", "s_oi")),
+                dict(ACCUMULATE=True, **tf32), eigen_correction.H100[tdt], "eigen_correction float16 (fp32 rotated, tf32)",
+                nodiv=("D_IN", "SLAB"))
+            build(self_influence._self_influence_kernel, dict(g_ptr=pt, a_ptr=pt, lam_ptr="*fp32", part_ptr="*fp32",
+                damping="fp32", **i32("T", "D_IN", "SLAB", "D_IN_LD", "SLAB_LD", "row0", "doc0", "n_tj", "s_gn", "s_gt",
+                                      "s_an", "s_at", "s_li", "s_lj", "s_pn")),
+                tf32, eigen_correction.H100[tdt], "self_influence float16 (fp32 rotated, tf32)",
+                nodiv=("D_IN", "SLAB", "s_li"))
         for per_token in (False, True):
             build(factored_scores._factored_scores_kernel, dict(desc_ptr="*i64", **i32("N", "Q", "S", "n_cb")),
                   dict(ACT_T=tl_dt, GRAD_T=tl_dt, LEFT_T=tl_dt, RIGHT_T=tl_dt, COMPUTE=tl_dt, PER_TOKEN=per_token,
@@ -136,7 +147,7 @@ def _compile_all() -> List[Dict[str, object]]:
               dict(HAS_MASK=True, COMPUTE=tl_dt, **flags), dense_scores.H100_PER_TOKEN[tdt], f"dense_scores {tdt} per_token")
         for sample in (False, True):
             build(cross_entropy._cross_entropy_rows_kernel, dict(x_ptr=pt, labels_ptr="*i64", loss_ptr="*fp32",
-                  **i32("V", "s_x", "seed")), dict(SAMPLE=sample, INTERP_FIX=False), cross_entropy.H100,
+                  **i32("V", "s_x", "s_label", "seed")), dict(SAMPLE=sample, INTERP_FIX=False), cross_entropy.H100,
                   f"cross_entropy_rows {tdt} sample={sample}", gemm=False)
     return report
 

@@ -289,3 +289,118 @@ def test_cross_entropy_rows_rejects_bad_input():
         ops.cross_entropy_rows(torch.randn(3, 4), None)
     with pytest.raises(ValueError, match="unit stride along the vocabulary"):
         ops.cross_entropy_rows(torch.randn(4, 3).T, torch.zeros(3, dtype=torch.int64))
+
+
+def test_cross_entropy_rows_rejects_overlapping_rows_and_an_empty_vocabulary():
+    """logits is written in place: rows sharing memory (an expanded row) would overwrite
+    each other, and an empty vocabulary has no softmax."""
+    with pytest.raises(ValueError, match=r"rows of 'logits' overlap in memory \(shape \(3, 6\), strides \(0, 1\)\)"):
+        ops.cross_entropy_rows(torch.randn(1, 6).expand(3, 6), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"'logits' has an empty vocabulary \(shape \(2, 0\)\)"):
+        ops.cross_entropy_rows(torch.randn(2, 0), torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_cross_entropy_rows_strided_labels(backend_device):
+    """Labels as a strided column view and as an expanded scalar (stride 0) are read by
+    their strides."""
+    backend, device = backend_device
+    logits = torch.randn(6, 11, device=device)
+    _skip_unless_runs(backend, device, "cross_entropy_rows", [logits])
+    for labels in (torch.randint(0, 11, (6, 3), device=device)[:, 1], torch.tensor(4, device=device).expand(6)):
+        ref_loss, ref_grad = oracle.cross_entropy_rows(logits, labels)
+        x = logits.clone()
+        loss = ops.cross_entropy_rows(x, labels, backend=backend)
+        assert oracle.rel_err(loss, ref_loss) < 1e-5 and oracle.rel_err(x, ref_grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_fp16_rotations_beyond_the_fp16_range(backend_device):
+    """fp16 tokens whose rotation gathers more than fp16's 65504 into one coordinate (every
+    entry 20000, an eigenvector along the mean): finite and exact to fp32 rounding."""
+    backend, device = backend_device
+    n, t, d_in, d_out = 2, 3, 16, 5
+    acts = (20000 * (1 + 0.01 * torch.rand(n, t, d_in))).half().to(device)
+    grads = torch.randn(n, t, d_out).half().to(device)
+    basis = torch.randn(d_in, d_in, dtype=torch.float64)
+    basis[:, 0] = 1.0  # first direction: the mean
+    q_a = torch.linalg.qr(basis)[0].float().to(device)
+    q_s = _orthonormal(d_out, device)
+    _skip_unless_runs(backend, device, "eigen_correction", [acts, grads, q_a, q_s])
+    lambdas = torch.rand(d_out, d_in, device=device) + 0.5
+    out = ops.eigen_correction(acts, grads, q_a, q_s, backend=backend)
+    assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s)) < 1e-3
+    si = ops.self_influence(acts, grads, q_a, q_s, lambdas, 0.1, backend=backend)
+    assert oracle.rel_err(si, oracle.self_influence(acts, grads, q_a, q_s, lambdas, 0.1)) < 1e-3
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+@pytest.mark.parametrize("scale", [1e5, 1e-6])
+def test_fp16_tokens_with_fp32_factors_out_of_the_fp16_range(backend_device, scale):
+    """fp16 tokens with fp32 query factors too large (or too small) for fp16: no backend
+    rounds the factors to fp16."""
+    backend, device = backend_device
+    acts, grads = _inputs((3, 5, 9, 7, 2, 3), torch.float16, device)
+    left = (scale * torch.randn(2, 7, 3)).to(device)
+    right = torch.randn(2, 9, 3).to(device)
+    _skip_unless_runs(backend, device, "factored_scores", [acts, grads, left, right])
+    out = ops.factored_scores(acts, grads, left, right, backend=backend)
+    assert oracle.rel_err(out, oracle.factored_scores(acts, grads, left, right)) < 1e-4
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_eigenbases_made_under_inference_mode(backend_device):
+    """Eigenbases created under torch.inference_mode (no version counter to cache by)."""
+    backend, device = backend_device
+    acts, grads = _inputs((2, 4, 6, 5, 1, 1), torch.bfloat16, device)
+    with torch.inference_mode():
+        q_a, q_s = _orthonormal(6, device), _orthonormal(5, device)
+        lambdas = torch.rand(5, 6, device=device)
+    _skip_unless_runs(backend, device, "eigen_correction", [acts, grads, q_a, q_s])
+    tol = oracle.TOLERANCE[torch.bfloat16]
+    for _ in range(2):  # the second call would be served from a cache
+        out = ops.eigen_correction(acts, grads, q_a, q_s, backend=backend)
+        assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s)) < tol
+        si = ops.self_influence(acts, grads, q_a, q_s, lambdas, 0.1, backend=backend)
+        assert oracle.rel_err(si, oracle.self_influence(acts, grads, q_a, q_s, lambdas, 0.1)) < tol
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_empty_sizes(backend_device):
+    """N, T, Q or d of 0: each op returns its empty (or zero) result, as the reference does."""
+    backend, device = backend_device
+
+    def r(*shape):
+        return torch.randn(*shape, device=device)
+
+    calls = [
+        ("factored_scores", lambda: ops.factored_scores(r(0, 3, 4), r(0, 3, 5), r(2, 5, 2), r(2, 4, 2), backend=backend), (0, 2)),
+        ("factored_scores", lambda: ops.factored_scores(r(2, 3, 4), r(2, 3, 5), r(0, 5, 2), r(0, 4, 2), backend=backend), (2, 0)),
+        ("factored_scores", lambda: ops.factored_scores(r(2, 0, 4), r(2, 0, 5), r(2, 5, 2), r(2, 4, 2), per_token=True,
+                                                        backend=backend), (2, 0, 2)),
+        ("dense_scores", lambda: ops.dense_scores(r(2, 0, 3), r(2, 0, 4), r(3, 4, 3), per_token=True, backend=backend),
+         (2, 0, 3)),
+        ("dense_scores", lambda: ops.dense_scores(r(2, 5, 3), r(2, 5, 4), r(0, 4, 3), per_token=True, backend=backend),
+         (2, 5, 0)),
+        ("covariance", lambda: ops.covariance(r(2, 5, 0), backend=backend), (0, 0)),
+    ]
+    ran = 0
+    for op, call, shape in calls:
+        if _registry.unsupported_reason(backend, op, [r(1, 1, 1)]) is not None:
+            continue
+        out = call()
+        assert tuple(out.shape) == shape and not out.any(), (op, shape)
+        ran += 1
+    if not ran:
+        pytest.skip(f"backend {backend} runs none of these ops here")
+
+
+def test_numpy_damping_is_a_number():
+    np = pytest.importorskip("numpy")
+    acts, grads = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    q_a, q_s, lambdas = _orthonormal(4, "cpu"), _orthonormal(5, "cpu"), torch.rand(5, 4)
+    expected = ops.self_influence(acts, grads, q_a, q_s, lambdas, 0.25)
+    for damping in (np.float32(0.25), np.float64(0.25)):
+        assert torch.allclose(ops.self_influence(acts, grads, q_a, q_s, lambdas, damping), expected)
+    with pytest.raises(ValueError, match="'damping' must be a non-negative number, got True"):
+        ops.self_influence(acts, grads, q_a, q_s, lambdas, True)

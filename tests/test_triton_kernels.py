@@ -309,7 +309,7 @@ def test_kernels_compile_for_h100_without_spills(tmp_path):
     if compiled.ptxas_path() is None:
         pytest.skip("Triton's bundled ptxas is missing")
     report = compiled.report(cache_dir=tmp_path)
-    assert len(report) == 23
+    assert len(report) == 25
     for r in report:
         assert r["ok"] and not r["spills"] and not r["serialized"], r
         if r["gemm"]:
@@ -394,3 +394,23 @@ def test_eigen_ops_biased_layer_k_tail():
     assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask)) < 2e-2
     out = ops.self_influence(acts, grads, q_a, q_s, lambdas, 0.1, mask=mask, backend="triton")
     assert oracle.rel_err(out, oracle.self_influence(acts, grads, q_a, q_s, lambdas, 0.1, mask)) < 2e-2
+
+
+def test_dense_scores_document_offsets_past_2_31():
+    """Documents 2^30 + 16 elements apart (a legal strided view of a 4 GiB buffer, of which
+    only the viewed elements are touched): the third document's offset passes 2^31, which
+    wrapped in 32-bit arithmetic."""
+    stride = 2**30 + 16
+    try:
+        base = torch.empty(2 * stride + 8, dtype=torch.bfloat16, device=DEVICE)
+    except RuntimeError as exc:  # no 4 GiB of address space here
+        pytest.skip(f"cannot reserve the 4 GiB buffer: {exc}")
+    grads = base.as_strided((3, 2, 4), (stride, 4, 1))
+    grads.copy_(torch.randn(3, 2, 4))
+    acts = torch.randn(3, 2, 4, device=DEVICE).bfloat16()
+    dense = torch.randn(2, 4, 4, device=DEVICE).bfloat16()
+    for per_token in (False, True):
+        out = ops.dense_scores(acts, grads, dense, per_token=per_token, backend="triton")
+        ref = oracle.dense_scores(acts, grads, dense, per_token=per_token)
+        assert oracle.rel_err(out, ref) < oracle.TOLERANCE[torch.bfloat16]
+    del grads, base

@@ -31,7 +31,7 @@ INTERPRETER = dict(BLOCK_V=16)  # several steps per row at the tests' vocabulary
 
 
 @triton.jit
-def _cross_entropy_rows_kernel(x_ptr, labels_ptr, loss_ptr, V, s_x, seed,
+def _cross_entropy_rows_kernel(x_ptr, labels_ptr, loss_ptr, V, s_x, s_label, seed,
                                SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr, INTERP_FIX: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * s_x
@@ -58,7 +58,7 @@ def _cross_entropy_rows_kernel(x_ptr, labels_ptr, loss_ptr, V, s_x, seed,
     if SAMPLE:
         target = best_col.to(tl.int64)
     else:
-        target = tl.load(labels_ptr + row).to(tl.int64)
+        target = tl.load(labels_ptr + row * s_label).to(tl.int64)
     valid = (target >= 0) & (target < V)
     x_target = tl.load(x_row + tl.where(valid, target, 0)).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(valid, lse - x_target, float("nan")))
@@ -83,6 +83,6 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, *, sample: bo
     seed = int(torch.randint(0, 2**31 - 1, (1,))) if sample else 0  # row r uses seed + r
     fix = INTERPRETING and logits.dtype != torch.float32
     _cross_entropy_rows_kernel[(rows,)](
-        logits, labels, loss, vocab, logits.stride(0), seed, SAMPLE=sample, BLOCK_V=cfg["BLOCK_V"],
+        logits, labels, loss, vocab, logits.stride(0), labels.stride(0), seed, SAMPLE=sample, BLOCK_V=cfg["BLOCK_V"],
         INTERP_FIX=fix, **({"num_warps": cfg["num_warps"]} if "num_warps" in cfg else {}))
     return loss

@@ -54,18 +54,20 @@ def _dense_pairwise_kernel(g_ptr, a_ptr, p_ptr, m_ptr, part_ptr, N, T, D_OUT, D_
     p_tile = p_ptr + offs_i.to(tl.int64)[:, None] * s_pi + offs_j[None, :] * s_pj
     # Documents in sequence: this program's Q tiles of P are reread once per document, from
     # L2 while it runs (Q x BLOCK_I x BLOCK_J x 2 bytes, 128 KB at Q=16), not from HBM.
-    for n in range(0, N):
+    for n32 in range(0, N):
+        n = tl.cast(n32, tl.int64)  # n * s_gn passes 2^31 elements once N * T * d_out does
         g_doc = g_ptr + n * s_gn
         a_doc = a_ptr + n * s_an
         dw = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             t_ok = offs_t < T
+            rows = offs_t.to(tl.int64)[:, None]  # strided views: T * s_gt can pass 2^31 too
             if HAS_MASK:
                 t_ok &= tl.load(m_ptr + n * s_mn + offs_t * s_mt, mask=offs_t < T, other=0) != 0
-            g = tl.load(g_doc + offs_t[:, None] * s_gt + offs_i[None, :] * s_gd, mask=t_ok[:, None] & i_ok[None, :],
+            g = tl.load(g_doc + rows * s_gt + offs_i[None, :] * s_gd, mask=t_ok[:, None] & i_ok[None, :],
                         other=0.0).to(COMPUTE)
-            a = tl.load(a_doc + offs_t[:, None] * s_at + offs_j[None, :] * s_ad, mask=t_ok[:, None] & j_ok[None, :],
+            a = tl.load(a_doc + rows * s_at + offs_j[None, :] * s_ad, mask=t_ok[:, None] & j_ok[None, :],
                         other=0.0).to(COMPUTE)
             dw = mma(tl.trans(g), a, dw, IEEE, INTERP_FIX)
         p_q = p_tile

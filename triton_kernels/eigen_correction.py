@@ -10,9 +10,10 @@ it and accumulates in registers, then writes the tile once (adding to the previo
 value). Every tile is owned by one program and chunks run in order, so the result is
 deterministic: there are no atomics and no split-over-documents variant.
 
-Precision: with bf16/fp16 inputs the eigenbases are rounded to that dtype and the rotated
-tokens are stored in it (about 0.3% relative error on Lambda against float64 for random
-data, inside the 1e-2 bf16 budget); fp32 inputs stay fp32 throughout with IEEE dots.
+Precision: with bf16/fp16 inputs the eigenbases are rounded to that dtype; bf16 rotated
+tokens are stored in bf16 (about 0.3% relative error on Lambda against float64 for random
+data, inside the 1e-2 bf16 budget), fp16 ones in fp32 (fp16 could overflow: see
+rotated_dtype_of); fp32 inputs stay fp32 throughout with IEEE dots.
 """
 from __future__ import annotations
 
@@ -80,6 +81,23 @@ def compute_dtype_of(acts: torch.Tensor, grads: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def rotated_dtype_of(compute: torch.dtype) -> torch.dtype:
+    """The rotated temporaries' dtype (and so the Gram kernels' operand dtype). fp16 operands
+    keep their rotations in fp32: a rotation can gather a token's whole norm into one
+    coordinate, and ||a||_2 can pass fp16's 65504 where no single entry of `a` does. bf16 has
+    fp32's range. (fp32 Gram operands go through tf32 tensor cores on a GPU, the precision of
+    fp16's 10-bit mantissa.)"""
+    return torch.float32 if compute == torch.float16 else compute
+
+
+def rotated_dot_flags(compute: torch.dtype) -> dict:
+    """IEEE / INTERP_FIX of the Gram kernels. The fp32 operands of fp16 inputs go through tf32
+    (not IEEE): their products would have had fp16's 10 mantissa bits anyway."""
+    if compute == torch.float16:
+        return dict(IEEE=False, INTERP_FIX=False)
+    return dot_flags(compute)
+
+
 def load_width(width: int) -> int:
     """Padded row width of a rotated temporary: the Gram kernels' load masks use it. The same
     16-element rows as pyinf._padding (not imported: this package does not depend on pyinf)."""
@@ -91,13 +109,13 @@ def rotated_chunks(acts, grads, q_a, q_s, mask, block_i: int):
     slab) with the rotated temporaries bounded by _shared.ROTATED_TEMP_BYTES."""
     n, t, d_in = acts.shape
     d_out = grads.shape[2]
-    compute = q_a.dtype
-    elsize = torch.finfo(compute).bits // 8
+    rotated = rotated_dtype_of(q_a.dtype)
+    elsize = torch.finfo(rotated).bits // 8
     docs, slab = rotation_plan(n, t, d_in, d_out, elsize, block_i, _shared.ROTATED_TEMP_BYTES)
     # Rows padded to 16 elements (zeros): a biased layer's d_in = 769 keeps aligned rows, and
     # the Gram kernels load whole padded rows (load_width).
-    a_buf = torch.zeros(docs, t, load_width(d_in), dtype=compute, device=acts.device)[..., :d_in]
-    g_buf = torch.zeros(docs, t, load_width(slab), dtype=compute, device=acts.device)[..., :slab]
+    a_buf = torch.zeros(docs, t, load_width(d_in), dtype=rotated, device=acts.device)[..., :d_in]
+    g_buf = torch.zeros(docs, t, load_width(slab), dtype=rotated, device=acts.device)[..., :slab]
     for start in range(0, n, docs):
         sl = slice(start, min(n, start + docs))
         m = None if mask is None else mask[sl]
@@ -114,7 +132,7 @@ def eigen_correction(acts, grads, q_a, q_s, mask: Optional[torch.Tensor] = None)
     n, t, d_in = acts.shape
     d_out = grads.shape[2]
     compute = q_a.dtype
-    cfg = pick_config(H100, compute, INTERPRETER)
+    cfg = pick_config(H100, rotated_dtype_of(compute), INTERPRETER)
     if n == 0 or t == 0 or d_in == 0 or d_out == 0:
         return torch.zeros(d_out, d_in, dtype=torch.float32, device=acts.device)
     # Rows padded to 16 (d_in = 769 for a biased layer): an unaligned row stride here costs
@@ -128,6 +146,6 @@ def eigen_correction(acts, grads, q_a, q_s, mask: Optional[torch.Tensor] = None)
         _eigen_correction_kernel[grid](
             g_rot, a_rot, out, a_rot.shape[0], t, d_in, width, load_width(d_in), load_width(width), row0,
             g_rot.stride(0), g_rot.stride(1), a_rot.stride(0), a_rot.stride(1), out.stride(0),
-            ACCUMULATE=row0 in seen_rows, **block_sizes(cfg), **dot_flags(compute), **launch_options(cfg))
+            ACCUMULATE=row0 in seen_rows, **block_sizes(cfg), **rotated_dot_flags(compute), **launch_options(cfg))
         seen_rows.add(row0)
     return out if out.is_contiguous() else out.contiguous()

@@ -183,11 +183,16 @@ def _k_aligned(problems: Sequence[dict]) -> bool:
     return all(p["acts"].shape[2] % 16 == 0 and p["grads"].shape[2] % 16 == 0 for p in problems)
 
 
-def _compute_dtype(acts: torch.Tensor, grads: torch.Tensor) -> torch.dtype:
-    """bf16/fp16 tensor cores when the token tensors are both that dtype, else fp32."""
-    if acts.dtype == grads.dtype and acts.dtype in (torch.bfloat16, torch.float16):
-        return acts.dtype
-    return torch.float32
+def _compute_dtype(problem: dict) -> torch.dtype:
+    """bf16/fp16 tensor cores when the token tensors are both that dtype, else fp32. fp16
+    also needs fp16 factors: rounding fp32 factors to fp16 could overflow (65504) or flush
+    small ones, where bf16 has fp32's range."""
+    dt = problem["acts"].dtype
+    if dt != problem["grads"].dtype or dt not in (torch.bfloat16, torch.float16):
+        return torch.float32
+    if dt == torch.float16 and not (problem["left"].dtype == problem["right"].dtype == dt):
+        return torch.float32
+    return dt
 
 
 def _num_sms(device: torch.device) -> int:
@@ -205,7 +210,10 @@ def factored_scores_grouped(problems: Sequence[dict], per_token: bool = False,
     first = problems[0]
     device = first["acts"].device
     n, q = first["acts"].shape[0], first["left"].shape[0]
-    compute = _compute_dtype(first["acts"], first["grads"])
+    if n == 0 or q == 0:  # nothing to launch (and no programs to divide the work among)
+        return [torch.zeros((n, p["acts"].shape[1], q) if per_token else (n, q), dtype=torch.float32, device=device)
+                for p in problems]
+    compute = _compute_dtype(first)
     cfg = pick_config(H100, compute, INTERPRETER)
     # Ranks padded with zero columns to RP, a power of two and at least 8 (16-byte rows of
     # bf16): see the kernel's column mask. Zero columns add exactly 0 to every score.

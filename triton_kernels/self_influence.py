@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from ._shared import block_sizes, dot_flags, launch_options, pick_config
-from .eigen_correction import H100, INTERPRETER, doc_gradient_tile, load_width, rotated_chunks
+from .eigen_correction import (H100, INTERPRETER, doc_gradient_tile, load_width, rotated_chunks, rotated_dot_flags,
+                               rotated_dtype_of)
 
 
 @triton.jit
@@ -51,7 +52,7 @@ def self_influence(acts, grads, q_a, q_s, lambdas, damping: float, mask: Optiona
     n, t, d_in = acts.shape
     d_out = grads.shape[2]
     compute = q_a.dtype
-    cfg = pick_config(H100, compute, INTERPRETER)
+    cfg = pick_config(H100, rotated_dtype_of(compute), INTERPRETER)
     if n == 0 or t == 0 or d_in == 0 or d_out == 0:
         return torch.zeros(n, dtype=torch.float32, device=acts.device)
     n_ti = triton.cdiv(d_out, cfg["BLOCK_I"])
@@ -66,5 +67,5 @@ def self_influence(acts, grads, q_a, q_s, lambdas, damping: float, mask: Optiona
             sl.start, n_tj,
             g_rot.stride(0), g_rot.stride(1), a_rot.stride(0), a_rot.stride(1),
             lambdas.stride(0), lambdas.stride(1), partial.stride(0),
-            **block_sizes(cfg), **dot_flags(compute), **launch_options(cfg))
+            **block_sizes(cfg), **rotated_dot_flags(compute), **launch_options(cfg))
     return partial.sum(1)

@@ -164,6 +164,11 @@ def cross_entropy_rows(logits: torch.Tensor, labels: Optional[torch.Tensor], *, 
     if logits.stride(-1) != 1:
         raise ValueError(f"pyinf.ops.{op}: 'logits' must have unit stride along the vocabulary (it is written in "
                          f"place), got strides {logits.stride()}")
+    if logits.shape[0] > 1 and logits.shape[1] > 0 and logits.stride(0) < logits.shape[1]:
+        raise ValueError(f"pyinf.ops.{op}: the rows of 'logits' overlap in memory (shape {tuple(logits.shape)}, "
+                         f"strides {logits.stride()}); it is written in place, so each row needs its own memory")
+    if logits.shape[1] == 0:
+        raise ValueError(f"pyinf.ops.{op}: 'logits' has an empty vocabulary (shape {tuple(logits.shape)})")
     if labels is None:
         if not sample:
             raise ValueError(f"pyinf.ops.{op}: 'labels' is required unless sample=True")

@@ -6,6 +6,7 @@ backend would have run it.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -102,7 +103,9 @@ def check_lambdas(op: str, lambdas, damping, d_out: int, d_in: int) -> None:
         if damping.numel() != 1:
             raise ValueError(f"pyinf.ops.{op}: 'damping' must be a scalar, got {_describe(damping)}")
         damping = float(damping)
-    if not isinstance(damping, (int, float)) or not (damping >= 0) or damping != damping:
+    if isinstance(damping, numbers.Real) and not isinstance(damping, bool):  # numpy scalars too
+        damping = float(damping)
+    if not isinstance(damping, float) or not (damping >= 0):  # NaN fails >= 0
         raise ValueError(f"pyinf.ops.{op}: 'damping' must be a non-negative number, got {damping!r}")
     return float(damping)
 

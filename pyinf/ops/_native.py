@@ -100,13 +100,19 @@ class PackedFactors:
 
     An entry is reused only for the very same tensor objects (weak references), with the
     same in-place version counters (``Tensor._version``), the same size and the same stream;
-    anything else packs again. It is dropped when ``left`` is freed."""
+    anything else packs again. It is dropped when ``left`` is freed. Writes that bypass the
+    counters (``.data``, numpy, DLPack) are not seen; inference tensors, which have no
+    counter, are packed on every call."""
 
     def __init__(self):
         self._entries: Dict[int, tuple] = {}
 
     def get(self, left: torch.Tensor, right: torch.Tensor, nbytes: int, stream,
             pack: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        if left.is_inference() or right.is_inference():  # no version counters to tell whether they changed
+            packed = torch.empty(nbytes, dtype=torch.uint8, device=left.device)
+            pack(packed)
+            return packed
         key = id(left)
         entry = self._entries.get(key)
         state = (left._version, right._version, nbytes, stream)

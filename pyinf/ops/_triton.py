@@ -67,7 +67,9 @@ class _CastCache:
     self-influence), and the bf16 kernels need them in bf16: casting on every call would
     reread and rewrite them once per layer per batch (for Llama-7B ``up_proj``, ~0.5 GB of
     traffic per call). An entry lives as long as its source tensor (a weak reference) and
-    is refreshed when the source is modified in place (its version counter moves)."""
+    is refreshed when the source is modified in place (its version counter moves). Writes
+    that bypass the counter (through ``.data``, numpy or DLPack) are not seen: replace the
+    tensor instead. Inference tensors have no counter: they are cast on every call."""
 
     def __init__(self):
         self._entries = {}  # id(source) -> (weakref to source, version, {dtype: cast})
@@ -75,6 +77,8 @@ class _CastCache:
     def get(self, src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if src.dtype == dtype:
             return src
+        if src.is_inference():  # no version counter to tell whether it changed
+            return _padded_rows(src, dtype)
         key = id(src)
         entry = self._entries.get(key)
         if entry is None or entry[0]() is not src or entry[1] != src._version:

@@ -39,7 +39,8 @@ def covariance(x: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch
     d = x.shape[-1]
     out = torch.zeros(d, d, dtype=dtype, device=x.device)
     for sl in _doc_chunks(x.shape[0], x.shape[1] * d):
-        xf = _masked(x[sl], None if mask is None else mask[sl], dtype).reshape(-1, d)
+        xs = x[sl]
+        xf = _masked(xs, None if mask is None else mask[sl], dtype).reshape(xs.shape[0] * xs.shape[1], d)
         out.addmm_(xf.T, xf)
     return out
 
@@ -106,7 +107,7 @@ def dense_scores(acts, grads, dense, *, mask=None, per_token=False) -> torch.Ten
         p_cols = p.permute(2, 0, 1).reshape(d_in, q * d_out)  # a_t -> (P_q a_t) for all q
         for sl in _doc_chunks(n, t * q * d_out):
             m = None if mask is None else mask[sl]
-            pa = (_masked(acts[sl], m, dtype) @ p_cols).view(-1, t, q, d_out)
+            pa = (_masked(acts[sl], m, dtype) @ p_cols).view(sl.stop - sl.start, t, q, d_out)
             out[sl] = (pa * _masked(grads[sl], m, dtype).unsqueeze(2)).sum(-1)
         return out
     out = torch.empty(n, q, dtype=dtype, device=acts.device)
