@@ -13,7 +13,7 @@ from . import storage
 from .factors import Factors, check_same_modules
 from .modules import ModuleSpec
 from .progress import bar
-from .runner import run_pass
+from .runner import eval_mode, run_pass
 
 
 class Queries:
@@ -211,16 +211,11 @@ def per_example_measurements(model, task, loader, progress=None) -> list:
     device = next(model.parameters()).device
     collate = loader.collate_fn
     values = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            n = len(loader.dataset)
-            for i in bar(range(n), desc="pyinf: query measurements", total=n, progress=progress):
-                batch = to_device(collate([loader.dataset[i]]), device)
-                values.append(float(task.compute_measurement(batch, model)))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        n = len(loader.dataset)
+        for i in bar(range(n), desc="pyinf: query measurements", total=n, progress=progress):
+            batch = to_device(collate([loader.dataset[i]]), device)
+            values.append(float(task.compute_measurement(batch, model)))
     return values
 
 

@@ -3,6 +3,7 @@ tracked layer captured. Factor fitting, query preparation and scoring are each s
 pass with their own objective and consumer."""
 from __future__ import annotations
 
+import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, Iterator, Optional
@@ -44,6 +45,20 @@ def prefetched(iterable: Iterable) -> Iterator:
             yield item
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode (no dropout, frozen norm statistics) inside; afterwards every
+    submodule gets back its own flag (``model.train(flag)`` would set one flag on all of
+    them, and a BatchNorm the user froze in a training model would start updating)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[str, ModuleSpec],
              loader, *, objective: Objective, consumer: Consumer, desc: str,
              on_batch_start: Optional[BatchEnd] = None, on_batch_end: Optional[BatchEnd] = None,
@@ -54,43 +69,38 @@ def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[
     device = model_device(model)
     if prefetch is None:
         prefetch = device.type == "cuda"
-    was_training = model.training
-    model.eval()
     n_seen = 0
-    try:
-        with Capture(model, modules, specs, consumer) as capture:
-            total = len(loader) if hasattr(loader, "__len__") else None
-            # An iterator, not the loader: tqdm.auto would create two DataLoader iterators,
-            # each drawing from torch's RNG, and seeded true-Fisher samples would then depend
-            # on whether batches are prefetched.
-            batches = prefetched(loader) if prefetch else iter(loader)
-            for batch_index, batch in enumerate(bar(batches, desc=desc, total=total, progress=progress)):
-                batch = data_mod.to_device(batch, device)
-                mask = task.get_attention_mask(batch)
-                per_module_masks = mask if isinstance(mask, dict) else None
-                if per_module_masks is not None:
-                    # e.g. encoder-decoder models: one mask per module; the callbacks below
-                    # see none (per-token scores then take the token count from the layers)
-                    mask = None
-                    first = next(iter(per_module_masks.values()), None)
-                    n_docs = data_mod.count_documents(batch, first)
-                else:
-                    n_docs = data_mod.count_documents(batch, mask)
-                capture.begin_batch(batch_index, n_docs, per_module_masks if per_module_masks is not None else mask)
-                if on_batch_start is not None:
-                    on_batch_start(batch_index, n_seen, n_docs, mask)
-                loss = objective(batch, model)
-                _check_loss(loss, batch_index, desc)
-                loss.backward()
-                # after backward, so that checking the loss does not stall the GPU between
-                # forward and backward (a NaN loss makes NaN gradients: reported as the loss)
-                _check_finite_loss(loss, batch_index, desc)
-                capture.end_batch()
-                if on_batch_end is not None:
-                    on_batch_end(batch_index, n_seen, n_docs, mask)
-                n_seen += n_docs
-    finally:
-        model.train(was_training)
+    with eval_mode(model), Capture(model, modules, specs, consumer) as capture:
+        total = len(loader) if hasattr(loader, "__len__") else None
+        # An iterator, not the loader: tqdm.auto would create two DataLoader iterators,
+        # each drawing from torch's RNG, and seeded true-Fisher samples would then depend
+        # on whether batches are prefetched.
+        batches = prefetched(loader) if prefetch else iter(loader)
+        for batch_index, batch in enumerate(bar(batches, desc=desc, total=total, progress=progress)):
+            batch = data_mod.to_device(batch, device)
+            mask = task.get_attention_mask(batch)
+            per_module_masks = mask if isinstance(mask, dict) else None
+            if per_module_masks is not None:
+                # e.g. encoder-decoder models: one mask per module; the callbacks below
+                # see none (per-token scores then take the token count from the layers)
+                mask = None
+                first = next(iter(per_module_masks.values()), None)
+                n_docs = data_mod.count_documents(batch, first)
+            else:
+                n_docs = data_mod.count_documents(batch, mask)
+            capture.begin_batch(batch_index, n_docs, per_module_masks if per_module_masks is not None else mask)
+            if on_batch_start is not None:
+                on_batch_start(batch_index, n_seen, n_docs, mask)
+            loss = objective(batch, model)
+            _check_loss(loss, batch_index, desc)
+            loss.backward()
+            # after backward, so that checking the loss does not stall the GPU between
+            # forward and backward (a NaN loss makes NaN gradients: reported as the loss)
+            _check_finite_loss(loss, batch_index, desc)
+            capture.end_batch()
+            if on_batch_end is not None:
+                on_batch_end(batch_index, n_seen, n_docs, mask)
+            n_seen += n_docs
     if n_seen == 0:
         raise ValueError(f"{desc}: the data yielded no batch")
     return n_seen
