@@ -71,6 +71,23 @@ class _BatchScores:
         self.total, self.modules = None, {}
 
 
+def fp16_scaled(tensors: List[torch.Tensor]):
+    """Query tensors (each [Q, ...], fp32) in fp16 for fp16 activations, each query's slice
+    divided by its largest magnitude, and the per-query product of those divisors [Q].
+
+    A query's scores are linear in each of its tensors (left and right factors, or the dense
+    matrix), so scores of the scaled tensors times that product are the scores. Without the
+    scaling, a preconditioned gradient (divided by Lambda + damping: large where the Fisher
+    is small) can pass fp16's 65504, or lose its small entries below 6e-8, when cast."""
+    out, scale = [], None
+    for t in tensors:
+        amax = t.abs().flatten(1).amax(1).float() if t.numel() else torch.ones(t.shape[0], device=t.device)
+        amax = torch.where(amax > 0, amax, torch.ones_like(amax))  # an all-zero query stays zero
+        out.append((t / amax.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)).to(torch.float16).contiguous())
+        scale = amax if scale is None else scale * amax
+    return out, scale
+
+
 def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, per_token: bool,
                     per_module: bool, backend: str, route: str, group_modules: bool, progress):
     queries.check_model(specs)
@@ -79,16 +96,23 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
     device = next(model.parameters()).device
     q = queries.n_queries
     acc = _BatchScores(modules, per_module)
-    cache: Dict[tuple, torch.Tensor] = {}  # query tensors on the device, in the activations' dtype
+    cache: Dict[tuple, tuple] = {}  # query tensors on the device, in the activations' dtype, and their scales
     token_counts: List[int] = []
-    pending: List[tuple] = []  # (name, problem) held until the batch's backward ends, when grouping
+    pending: List[tuple] = []  # (name, problem, scale) held until the batch's backward ends, when grouping
 
-    def query_tensor(name: str, field: str, dtype: torch.dtype) -> torch.Tensor:
-        key = (name, field, dtype)
+    def query_tensors(name: str, fields, dtype: torch.dtype):
+        """The module's query tensors (`fields`: ("left", "right") or ("dense",)) in `dtype`,
+        and the per-query factor their scores must be multiplied by (None: 1)."""
+        key = (name, fields, dtype)
         if key not in cache:
-            src = queries.dense_matrix(name) if field == "dense" else queries.tensors[name][field]
-            cache[key] = src.to(device=device, dtype=dtype).contiguous()
+            srcs = [queries.dense_matrix(name) if f == "dense" else queries.tensors[name][f] for f in fields]
+            srcs = [src.to(device=device) for src in srcs]
+            cache[key] = fp16_scaled(srcs) if dtype == torch.float16 else (
+                [src.to(dtype).contiguous() for src in srcs], None)
         return cache[key]
+
+    def scaled(value, scale):
+        return value if scale is None else value * scale.to(value.dtype)
 
     def consume(spec, acts, grads, mask):
         t = acts.shape[1]
@@ -101,17 +125,15 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
         dense = queries.is_dense(spec.name) or route == "dense" or (
             route == "auto" and prefer_dense(t, spec.d_in, spec.d_out, q, queries.rank))
         if dense:
-            value = ops.dense_scores(acts, grads, query_tensor(spec.name, "dense", dtype), mask=mask,
-                                     per_token=per_token, backend=backend)
-        elif group_modules:
-            pending.append((spec.name, dict(acts=acts, grads=grads, left=query_tensor(spec.name, "left", dtype),
-                                            right=query_tensor(spec.name, "right", dtype), mask=mask)))
-            return
+            (p,), scale = query_tensors(spec.name, ("dense",), dtype)
+            value = ops.dense_scores(acts, grads, p, mask=mask, per_token=per_token, backend=backend)
         else:
-            value = ops.factored_scores(acts, grads, query_tensor(spec.name, "left", dtype),
-                                        query_tensor(spec.name, "right", dtype), mask=mask,
-                                        per_token=per_token, backend=backend)
-        acc.add(spec.name, value)
+            (left, right), scale = query_tensors(spec.name, ("left", "right"), dtype)
+            if group_modules:
+                pending.append((spec.name, dict(acts=acts, grads=grads, left=left, right=right, mask=mask), scale))
+                return
+            value = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend=backend)
+        acc.add(spec.name, scaled(value, scale))
 
     def on_start(batch_index, first, n_docs, mask):
         if per_token:
@@ -119,9 +141,9 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
 
     def on_end(batch_index, first, n_docs, mask):
         if pending:  # every layer of the batch in one grouped launch
-            values = ops.factored_scores_grouped([p for _, p in pending], per_token=per_token, backend=backend)
-            for (name, _), value in zip(pending, values):
-                acc.add(name, value)
+            values = ops.factored_scores_grouped([p for _, p, _ in pending], per_token=per_token, backend=backend)
+            for (name, _, scale), value in zip(pending, values):
+                acc.add(name, scaled(value, scale))
             pending.clear()
         acc.finish_batch(n_docs, ((token_counts[-1] or 1,) if per_token else ()) + (q,))
 
