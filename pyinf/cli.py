@@ -53,6 +53,17 @@ def _shard(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def max_positions(model) -> Optional[int]:
+    """The longest sequence the model's config allows (GPT-2's n_positions, most others'
+    max_position_embeddings), or None when it names none."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _engine(args):
     from . import CausalLMTask, InfluenceEngine
     from .modules import find_tracked_modules
@@ -60,6 +71,11 @@ def _engine(args):
 
     model, tokenizer = load_model(args.model, seed=args.seed, dtype=DTYPES.get(args.dtype))
     model = model.to(args.device)
+    limit = max_positions(model)
+    if limit is not None and args.max_length > limit:  # longer documents would index past its position table
+        print(f"pyinf: --max-length {args.max_length} lowered to {limit}, the model's maximum number of positions",
+              file=sys.stderr)
+        args.max_length = limit
     tracked: Optional[List[str]] = None
     if args.track:
         pattern = re.compile(args.track)
@@ -88,19 +104,23 @@ def cmd_fit(args) -> int:
         train = Subset(train, range(min(args.max_examples, len(train))))
     shard = args.shard or (0, 1)
     work_dir = Path(args.work_dir or f"{args.out}.parts")
+    saved = []
+
+    def save(factors):  # before the work files are removed: a failed save keeps them
+        factors.meta["model"] = str(args.model)
+        saved.append(factors.save(args.out))
+
     factors = fit_factors_staged(engine, train, work_dir, shard=shard, fisher=args.fisher,
                                  batch_size=args.batch_size, seed=args.seed, eigh_workers=args.eigh_workers,
-                                 wait=not args.no_wait,
+                                 wait=not args.no_wait, save=save,
                                  run_meta=dict(max_length=args.max_length, dtype=args.dtype, model_path=str(args.model)))
     if factors is None:
         print(f"pyinf: shard {shard[0]}/{shard[1]}: its part of the fit is saved in {work_dir}"
               + ("; rerun it once the other shards' files are there" if args.no_wait else
                  "; shard 0 writes the factors"))
         return 0
-    factors.meta["model"] = str(args.model)
-    path = factors.save(args.out)
     print(f"pyinf: fitted EK-FAC factors for {len(factors.modules)} modules on {factors.meta['n_examples']} "
-          f"documents -> {path}")
+          f"documents -> {saved[0]}")
     return 0
 
 

@@ -197,10 +197,13 @@ class StagedFit:
         return assemble_factors(self.engine.specs, eigen["eigen"], totals, n_docs, self.dtype, meta)
 
     def run_stages(self, *, wait: bool = True, timeout: Optional[float] = None, poll_seconds: float = 10.0,
-                   keep_parts: bool = False) -> Optional[Factors]:
+                   keep_parts: bool = False, save: Optional[Callable[[Factors], object]] = None
+                   ) -> Optional[Factors]:
         """Runs this shard's stages. Returns the factors on shard 0 once every shard's sums
         are in (and, unless ``keep_parts``, removes the work files); None on another shard
-        when its part is done, or, with ``wait=False``, when another shard's file is missing."""
+        when its part is done, or, with ``wait=False``, when another shard's file is missing.
+        ``save(factors)`` runs on shard 0 before the work files go: if it fails (a full disk,
+        a bad path), they are kept and a rerun only repeats the last step."""
         k, n = self.shard
         self._covariance()
         covs = [self._path("covariance", j) for j in range(n)]
@@ -220,6 +223,8 @@ class StagedFit:
         if not self._wait_for(lambdas, "the other shards' eigenvalue-correction sums", wait, timeout, poll_seconds):
             return None
         factors = self._finish(eigen)
+        if save is not None:
+            save(factors)
         if not keep_parts:
             for path in [*covs, self._path("eigen"), *lambdas]:
                 path.unlink(missing_ok=True)
@@ -231,12 +236,12 @@ class StagedFit:
 def fit_factors_staged(engine, data, work_dir, *, shard: Tuple[int, int] = (0, 1), fisher: str = "true",
                        batch_size: int = 8, seed: int = 0, eigh_workers: Optional[int] = None, wait: bool = True,
                        timeout: Optional[float] = None, poll_seconds: float = 10.0, keep_parts: bool = False,
-                       run_meta: Optional[Dict] = None, log: Optional[Callable[[str], None]] = None
-                       ) -> Optional[Factors]:
+                       run_meta: Optional[Dict] = None, log: Optional[Callable[[str], None]] = None,
+                       save: Optional[Callable[[Factors], object]] = None) -> Optional[Factors]:
     """:meth:`pyinf.InfluenceEngine.fit_factors` in saved stages under ``work_dir``: resumable,
     and split over ``shard=(k, n)`` processes sharing that directory. Returns the factors on
     shard 0, None elsewhere (or, with ``wait=False``, while other shards' files are missing).
     See the module docstring."""
     return StagedFit(engine, data, work_dir, shard=shard, fisher=fisher, batch_size=batch_size, seed=seed,
                      eigh_workers=eigh_workers, run_meta=run_meta, log=log).run_stages(
-        wait=wait, timeout=timeout, poll_seconds=poll_seconds, keep_parts=keep_parts)
+        wait=wait, timeout=timeout, poll_seconds=poll_seconds, keep_parts=keep_parts, save=save)

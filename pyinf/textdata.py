@@ -134,6 +134,10 @@ class JsonlTextDataset(Dataset):
                 if not isinstance(tokenizer, ByteTokenizer) else tokenizer.encode(rec["completion"])
             ids = prompt + completion
             labels = [-100] * len(prompt) + completion
+            if len(ids) > max_length:  # a text is cut to its first max_length tokens; a completion may not be
+                raise ValueError(f"{where}: prompt ({len(prompt)} tokens) and completion ({len(completion)}) "
+                                 f"exceed max_length={max_length}: the completion would be cut, and its loss "
+                                 f"measured on part of it; raise --max-length or shorten the record")
         ids, labels = ids[:max_length], labels[:max_length]
         if len(ids) < 2 or all(l == -100 for l in labels[1:]):
             raise ValueError(f"{where}: too short to carry a loss after tokenisation ({len(ids)} tokens)")

@@ -168,3 +168,21 @@ def test_self_influence_command(workdir, capsys):
     (workdir / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(pyinf.CorruptFileError, match="not a readable pyinf file"):
         main(["info", str(workdir / "junk.safetensors")])
+
+
+def test_max_length_is_bounded_by_the_model_and_completions_are_never_cut(workdir, capsys):
+    """A document longer than the model's position table (n_positions=64 here) is cut to it,
+    with a notice, instead of indexing past the table; a query whose completion would be cut
+    is refused, naming the record."""
+    (workdir / "long.jsonl").write_text(json.dumps({"text": "a long document " * 6}) + "\n"
+                                        + json.dumps({"text": "short one"}) + "\n")
+    assert main(["fit", "--model", str(workdir / "model"), "--train", str(workdir / "long.jsonl"), "--out",
+                 str(workdir / "f.safetensors"), "--no-progress", "--track", "mlp", "--fisher", "empirical"]) == 0
+    assert "--max-length 512 lowered to 64" in capsys.readouterr().err
+    (workdir / "longq.jsonl").write_text(json.dumps({"prompt": "where is paris? ", "completion": "in france " * 6}))
+    with pytest.raises(ValueError, match=r"longq.jsonl:1: prompt \(16 tokens\) and completion \(60\) exceed "
+                                         r"max_length=64: the completion would be cut"):
+        main(["score", "--model", str(workdir / "model"), "--factors", str(workdir / "f.safetensors"), "--train",
+              str(workdir / "long.jsonl"), "--queries", str(workdir / "longq.jsonl"), "--out", str(workdir / "out"),
+              "--no-progress", "--track", "mlp"])
+    assert not (workdir / "out" / "scores.safetensors").exists()

@@ -150,3 +150,24 @@ def test_files_of_another_fit_are_refused(setup, tmp_path):
     with pytest.raises(TimeoutError, match="covariance sums still missing"):
         pyinf.fit_factors_staged(engine, train, tmp_path, shard=(1, 2), fisher="empirical", batch_size=4,
                                  timeout=0.05, poll_seconds=0.01, log=_quiet)
+
+
+def test_a_failed_save_keeps_the_work_files(setup, tmp_path):
+    """`save` runs before the work files are removed: when it fails (here: the factors'
+    directory is a file), the stages stay on disk and the rerun only assembles and saves."""
+    engine, train = setup
+    parts = tmp_path / "parts"
+    (tmp_path / "notadir").write_text("a file, not a directory")
+
+    def bad_save(factors):
+        factors.save(tmp_path / "notadir" / "factors.safetensors")
+
+    with pytest.raises((OSError, ValueError)):
+        pyinf.fit_factors_staged(engine, train, parts, fisher="empirical", batch_size=4, log=_quiet, save=bad_save)
+    assert sorted(p.name for p in parts.iterdir()) == ["covariance-0-of-1.safetensors", "eigen.safetensors",
+                                                       "lambda-0-of-1.safetensors"]
+    resumed, saved = CountingDataset(train), []
+    got = pyinf.fit_factors_staged(engine, resumed, parts, fisher="empirical", batch_size=4, log=_quiet,
+                                   save=lambda f: saved.append(f.save(tmp_path / "factors.safetensors")))
+    assert resumed.reads == 13  # the documents' hash only: no pass is repeated
+    assert not parts.exists() and saved and pyinf.Factors.load(saved[0]).id == got.id
