@@ -59,6 +59,7 @@ class InfluenceEngine:
         self.compile = bool(compile)
         self.checkpoint = bool(checkpoint)
         self.modules: Dict[str, nn.Module] = find_tracked_modules(model, task.get_influence_tracked_modules())
+        _check_fused_head_untracked(model, task, self.modules)
         self.specs: Dict[str, ModuleSpec] = {n: spec_of(n, m) for n, m in self.modules.items()}
 
     def __repr__(self) -> str:
@@ -154,3 +155,16 @@ class InfluenceEngine:
         with self._stage_context():
             return scoring.self_influence(**self._common(), loader=loader, factors=factors, damping=damping,
                                           backend=self.backend, progress=self.progress)
+
+
+def _check_fused_head_untracked(model: nn.Module, task: Task, modules: Dict[str, nn.Module]) -> None:
+    """CausalLMTask(fused_head=True) takes the loss from the output embedding's weight
+    directly (pyinf.fused_ce), never through its forward: tracked, it would see no token."""
+    if not getattr(task, "fused_head", False) or not hasattr(model, "get_output_embeddings"):
+        return
+    head = model.get_output_embeddings()
+    for name, module in modules.items():
+        if module is head:
+            raise ValueError(f"{type(task).__name__}(fused_head=True) computes the loss from {name!r}'s weight "
+                             f"directly, so it cannot be tracked: leave it out of tracked_modules, or use "
+                             f"fused_head=False")

@@ -18,9 +18,22 @@ import torch
 from .queries import Queries
 
 
-def normalize(scores: torch.Tensor, how: str, *, queries: Optional[Queries] = None,
-              train_self_influence: Optional[torch.Tensor] = None, eps: float = 1e-30) -> torch.Tensor:
-    """``scores [n_train, n_query]`` (or ``[n_train, T, n_query]``) normalised as `how` says."""
+def normalize(scores, how: str, *, queries: Optional[Queries] = None,
+              train_self_influence: Optional[torch.Tensor] = None, eps: float = 1e-30):
+    """``scores [n_train, n_query]`` (or ``[n_train, T, n_query]``, or a dict of those per
+    module, as ``per_module=True`` gives) normalised as `how` says."""
+    if isinstance(scores, dict):
+        return {name: normalize(value, how, queries=queries, train_self_influence=train_self_influence, eps=eps)
+                for name, value in scores.items()}
+    if not isinstance(scores, torch.Tensor) or scores.dim() not in (2, 3):
+        what = f"shape {tuple(scores.shape)}" if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"normalize: scores must be [n_train, n_query] or [n_train, T, n_query], got {what}")
+    if queries is not None and queries.n_queries != scores.shape[-1]:
+        raise ValueError(f"normalize: scores of shape {tuple(scores.shape)} hold {scores.shape[-1]} queries, the "
+                         f"given Queries {queries.n_queries}")
+    if train_self_influence is not None and tuple(train_self_influence.shape) != (scores.shape[0],):
+        raise ValueError(f"normalize: train_self_influence must be [n_train={scores.shape[0]}] for scores of shape "
+                         f"{tuple(scores.shape)}, got shape {tuple(train_self_influence.shape)}")
     scores64 = scores.double()
     query_shape = (1,) * (scores.dim() - 1) + (-1,)
     train_shape = (-1,) + (1,) * (scores.dim() - 1)

@@ -61,6 +61,14 @@ def test_fused_head_refuses_plain_modules():
             {"input_ids": torch.ones(1, 3, dtype=torch.long)}, TinyMLP())
 
 
+def test_fused_head_cannot_be_tracked():
+    """The fused head takes the output embedding's weight directly, never its forward: a
+    tracked output embedding is refused when the engine is made, not after a pass."""
+    task = pyinf.CausalLMTask(tracked_modules=["transformer.h.0.mlp.c_fc", "lm_head"], fused_head=True)
+    with pytest.raises(ValueError, match="'lm_head''s weight directly, so it cannot be tracked"):
+        pyinf.InfluenceEngine(tiny_gpt2(seed=1), task, progress=False)
+
+
 def test_per_row_losses_and_their_gradient_match_autograd(monkeypatch):
     monkeypatch.setattr(fused_ce, "_CHUNK_ELEMENTS", 2 * 29)
     torch.manual_seed(1)

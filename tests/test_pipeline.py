@@ -281,6 +281,17 @@ def test_normalisations(gpt2_fp32):
     assert _rel(rel, scores / si.sqrt()[:, None]) < 1e-6
     with pytest.raises(ValueError, match="needs queries"):
         normalize(scores, "cosine", train_self_influence=si)
+    # shapes that do not belong together are named, not broadcast
+    n = len(train)
+    with pytest.raises(ValueError, match=rf"hold 5 queries, the given Queries {n}"):
+        normalize(scores[:, :5], "per_nat", queries=queries)
+    with pytest.raises(ValueError, match=rf"train_self_influence must be \[n_train={n}\] for scores of shape "
+                                         rf"\({n}, {n}\), got shape \(1,\)"):
+        normalize(scores, "relative", train_self_influence=si[:1])
+    # per-module scores (a dict) are normalised module by module
+    per_module = {"a": scores, "b": 2 * scores}
+    out = normalize(per_module, "relative", train_self_influence=si)
+    assert set(out) == {"a", "b"} and _rel(out["b"], 2 * rel) < 1e-6
 
 
 def test_dataloader_input_matches_dataset_input(gpt2_fp32):
@@ -396,3 +407,41 @@ def test_prefetching_passes_give_the_same_results(gpt2_fp32, monkeypatch):
     f2 = engine.fit_factors(train, batch_size=4, seed=0)
     name = factors.module_names[0]
     assert torch.equal(f2[name].lambdas, factors[name].lambdas)
+
+
+def test_every_submodule_keeps_its_own_training_flag():
+    """The passes run the model in eval mode and give each submodule back its own flag: a
+    training model with one block frozen in eval mode (say, for its dropout or norm
+    statistics) keeps that block in eval mode, and the rest in training mode."""
+    model = tiny_gpt2(seed=2)
+    model.train()
+    model.transformer.h[0].eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    data = TokenDataset(4, seed=3)
+    factors = engine.fit_factors(data, batch_size=2)
+    queries = engine.prepare_queries(TokenDataset(2, seed=4), factors, rank=2)
+    engine.pairwise_scores(data, queries, batch_size=2)
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("group_modules", [False, True])
+def test_fp16_model_scores_with_query_factors_outside_the_fp16_range(group_modules):
+    """An fp16 model's query factors are cast to fp16 per query scaled to at most 1 (and the
+    scores scaled back): factors of 1e6 and 1e-7 (past fp16's 65504, and under its 6e-8
+    smallest subnormal after products) give the scores of the unscaled ones, times 0.1."""
+    import copy
+
+    model = tiny_gpt2(seed=1, dtype=torch.float16)
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    data = TokenDataset(4, seed=2)
+    factors = engine.fit_factors(data, batch_size=2)
+    queries = engine.prepare_queries(TokenDataset(2, seed=3), factors, rank=2)
+    base = engine.pairwise_scores(data, queries, batch_size=2, group_modules=group_modules)
+    scaled = copy.deepcopy(queries)
+    for tensors in scaled.tensors.values():
+        tensors["left"] = tensors["left"] * 1e6
+        tensors["right"] = tensors["right"] * 1e-7
+    got = engine.pairwise_scores(data, scaled, batch_size=2, group_modules=group_modules)
+    assert torch.isfinite(got).all()
+    assert _rel(got, 0.1 * base) < 1e-3
