@@ -130,7 +130,13 @@ def _query_source(args, path) -> dict:
     import hashlib
 
     return dict(queries_sha256=hashlib.sha256(Path(path).read_bytes()).hexdigest(), rank=args.rank,
-                damping_arg=args.damping, svd=args.svd, max_length=args.max_length)
+                damping_arg=args.damping, svd=args.svd, max_length=args.max_length, **_model_source(args))
+
+
+def _model_source(args) -> dict:
+    """What decides the model's weights and its loss: a prepared file made with others is not
+    reused (--seed draws a config-only model's random weights)."""
+    return dict(model=str(args.model), seed=args.seed, dtype=args.dtype, fused_head=bool(args.fused_head))
 
 
 def _prepare(engine, args, factors, query):
@@ -170,6 +176,10 @@ def _load_or_prepare(engine, args, factors, query, out: Path):
                 None, _query_source(args, args.queries)["queries_sha256"]):
             raise ValueError(f"{args.prepared} was not prepared from {args.queries} ({queries.n_queries} queries "
                              f"there, {len(query)} in {args.queries})")
+        differ = [f"{k}: {source[k]!r} there, {v!r} here" for k, v in _model_source(args).items()
+                  if k in source and source[k] != v]
+        if differ:
+            raise ValueError(f"{args.prepared} was prepared with another model ({'; '.join(differ)})")
         return queries
     if args.shard is not None and args.shard[1] > 1:
         raise SystemExit("pyinf: --shard needs --prepared QUERIES (from `pyinf prepare`), so that every shard "

@@ -3,6 +3,7 @@ stages (factors, queries, scores)."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -13,6 +14,7 @@ from . import queries as queries_mod
 from . import scoring
 from .checkpoint import CheckpointedBlocks
 from .compile import CompiledBlocks
+from .corpus import model_fingerprint
 from .data import make_loader
 from .factors import Factors
 from .modules import ModuleSpec, find_tracked_modules, spec_of
@@ -85,6 +87,15 @@ class InfluenceEngine:
             stack.enter_context(CheckpointedBlocks(self.model, self.modules))
         return stack
 
+    def _check_weights(self, meta: Dict, what: str) -> str:
+        """This model's fingerprint (:func:`pyinf.corpus.model_fingerprint`); warns when
+        `meta` (of factors or queries) records another one."""
+        ours = model_fingerprint(self.model)
+        theirs = meta.get("model_fingerprint")
+        if theirs is not None and theirs != ours:
+            warnings.warn(_weights_warning(what, theirs, ours), stacklevel=3)
+        return ours
+
     def fit_factors(self, data: Any, *, fisher: str = "true", batch_size: int = 8,
                     max_examples: Optional[int] = None, seed: int = 0,
                     eigh_workers: Optional[int] = None) -> Factors:
@@ -96,8 +107,10 @@ class InfluenceEngine:
         ``pyinf/ops/_preferences.py``, else 1; see :mod:`pyinf.eigen`)."""
         loader = self._loader(data, batch_size, "factor data", max_examples)
         with self._stage_context():
-            return factors_mod.fit_factors(**self._common(), loader=loader, fisher=fisher, backend=self.backend,
-                                           seed=seed, progress=self.progress, eigh_workers=eigh_workers)
+            factors = factors_mod.fit_factors(**self._common(), loader=loader, fisher=fisher, backend=self.backend,
+                                              seed=seed, progress=self.progress, eigh_workers=eigh_workers)
+        factors.meta["model_fingerprint"] = model_fingerprint(self.model)
+        return factors
 
     def prepare_queries(self, query_data: Any, factors: Factors, *, rank: Optional[int] = 32,
                         damping: Optional[float] = None, batch_size: int = 8, svd: str = "full") -> Queries:
@@ -106,9 +119,12 @@ class InfluenceEngine:
         ``svd="randomized"`` truncates with a randomized SVD: far cheaper for wide layers on
         a GPU, near-exact when the spectrum decays (see :func:`pyinf.queries.low_rank`)."""
         loader = self._loader(query_data, batch_size, "query data")
+        fingerprint = self._check_weights(factors.meta, "these factors")
         with self._stage_context():
-            return queries_mod.prepare_queries(**self._common(), loader=loader, factors=factors, rank=rank,
-                                               damping=damping, svd=svd, progress=self.progress)
+            queries = queries_mod.prepare_queries(**self._common(), loader=loader, factors=factors, rank=rank,
+                                                  damping=damping, svd=svd, progress=self.progress)
+        queries.meta["model_fingerprint"] = fingerprint
+        return queries
 
     def pairwise_scores(self, train_data: Any, queries: Queries, *, per_token: bool = False,
                         per_module: bool = False, batch_size: int = 8,
@@ -128,6 +144,7 @@ class InfluenceEngine:
         time (every tracked layer's, ``queries.bytes_per_query()`` each: ~0.16 GB per query at
         rank 32 for the MLPs of a 35B model). Default: all queries in one pass."""
         loader = self._loader(train_data, batch_size, "training data")
+        self._check_weights(queries.meta, "these queries")
         if query_batch_size is not None and (not isinstance(query_batch_size, int) or query_batch_size < 1):
             raise ValueError(f"query_batch_size must be a positive integer or None, got {query_batch_size!r}")
         step = queries.n_queries if query_batch_size is None else query_batch_size
@@ -152,9 +169,16 @@ class InfluenceEngine:
                        batch_size: int = 8) -> torch.Tensor:
         """float32 ``[n_train]``: ``grad(loss_n)^T (G + lambda I)^-1 grad(loss_n)``."""
         loader = self._loader(train_data, batch_size, "training data")
+        self._check_weights(factors.meta, "these factors")
         with self._stage_context():
             return scoring.self_influence(**self._common(), loader=loader, factors=factors, damping=damping,
                                           backend=self.backend, progress=self.progress)
+
+
+def _weights_warning(what: str, theirs: str, ours: str) -> str:
+    return (f"pyinf: {what} were made with other weights than this model's (fingerprint {theirs[:12]} there, "
+            f"{ours[:12]} here: another checkpoint, or the same one in another dtype); influence computed "
+            f"from them mixes two models")
 
 
 def _check_fused_head_untracked(model: nn.Module, task: Task, modules: Dict[str, nn.Module]) -> None:

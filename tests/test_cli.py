@@ -121,6 +121,15 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     with pytest.raises(SystemExit):
         main([*score, "--out", str(workdir / "bad"), "--shard", "2/2"])
     assert "shard 2/2" in capsys.readouterr().err
+    # another --seed draws other random weights: neither the prepared queries nor the ones a
+    # run saved in its directory are reused for it
+    with pytest.raises(ValueError, match=r"prepared with another model \(seed: 0 there, 1 here\)"):
+        main([*score, "--seed", "1", "--out", str(workdir / "sharded"), "--prepared", prepared])
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="these factors were made with other weights"), \
+            pytest.raises(ValueError, match=r"belongs to another run \(queries: .*; model: "):
+        main([*score, "--seed", "1", "--out", str(workdir / "whole")])  # new queries, then the old chunks refuse
+    assert "reusing the queries" not in capsys.readouterr().err
 
 
 def test_sharded_fit_gives_the_plain_fit(workdir, capsys):

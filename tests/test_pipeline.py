@@ -1,6 +1,8 @@
 """The EK-FAC pipeline against exact math and brute force, in float64, and its
 consistency properties (full rank, per-token/per-module sums, self-influence, batch size
 and padding invariance)."""
+import warnings
+
 import pytest
 import torch
 
@@ -445,3 +447,23 @@ def test_fp16_model_scores_with_query_factors_outside_the_fp16_range(group_modul
     got = engine.pairwise_scores(data, scaled, batch_size=2, group_modules=group_modules)
     assert torch.isfinite(got).all()
     assert _rel(got, 0.1 * base) < 1e-3
+
+
+def test_factors_and_queries_of_other_weights_are_flagged():
+    """Factors and queries record a fingerprint of the model they were made with; using them
+    with other weights (another checkpoint of the same shapes) warns, naming both."""
+    train, query = TokenDataset(4, seed=2), TokenDataset(2, seed=3)
+    engine_a = pyinf.InfluenceEngine(tiny_gpt2(seed=1), pyinf.CausalLMTask(), progress=False)
+    engine_b = pyinf.InfluenceEngine(tiny_gpt2(seed=5), pyinf.CausalLMTask(), progress=False)
+    factors = engine_a.fit_factors(train, fisher="empirical", batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same model: no warning
+        queries = engine_a.prepare_queries(query, factors, rank=2)
+        engine_a.pairwise_scores(train, queries)
+    assert factors.meta["model_fingerprint"] == queries.meta["model_fingerprint"]
+    with pytest.warns(UserWarning, match="these factors were made with other weights than this model's"):
+        engine_b.prepare_queries(query, factors, rank=2)
+    with pytest.warns(UserWarning, match="these queries were made with other weights"):
+        engine_b.pairwise_scores(train, queries)
+    with pytest.warns(UserWarning, match="these factors were made with other weights"):
+        engine_b.self_influence(train, factors)
