@@ -59,6 +59,23 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
+@contextlib.contextmanager
+def no_attention_fastpath():
+    """torch's nn.TransformerEncoderLayer and nn.MultiheadAttention, in eval mode with no
+    parameter needing a gradient (as in every pyinf pass), take a fused fast path that never
+    calls their Linear submodules: tracked ones would see no token. Off during a pass."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
 def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[str, ModuleSpec],
              loader, *, objective: Objective, consumer: Consumer, desc: str,
              on_batch_start: Optional[BatchEnd] = None, on_batch_end: Optional[BatchEnd] = None,
@@ -70,7 +87,7 @@ def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[
     if prefetch is None:
         prefetch = device.type == "cuda"
     n_seen = 0
-    with eval_mode(model), Capture(model, modules, specs, consumer) as capture:
+    with eval_mode(model), no_attention_fastpath(), Capture(model, modules, specs, consumer) as capture:
         total = len(loader) if hasattr(loader, "__len__") else None
         # An iterator, not the loader: tqdm.auto would create two DataLoader iterators,
         # each drawing from torch's RNG, and seeded true-Fisher samples would then depend

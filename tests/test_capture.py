@@ -154,12 +154,15 @@ class _SeqFirstMLP(nn.Module):
 
 
 class _TorchEncoder(nn.Module):
-    def __init__(self):
+    def __init__(self, batch_first=False):
         super().__init__()
-        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0)  # batch_first=False
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=batch_first)
         self.head = nn.Linear(8, 3)
+        self.batch_first_layer = batch_first
 
     def forward(self, x):
+        if self.batch_first_layer:
+            return self.head(self.layer(x))
         return self.head(self.layer(x.transpose(0, 1)).transpose(0, 1))
 
 
@@ -183,6 +186,19 @@ def test_torch_transformer_layer_matches_brute_force(tokens):
     task = _PairTask(["layer.linear1", "layer.linear2", "head"])
     _assert_matches_brute_force(model, task, _pairs(6, tokens, 8, 3, seed=1), _pairs(2, tokens, 8, 3, seed=2),
                                 batch_size=3)
+
+
+def test_torch_transformer_layer_fast_path_is_off_during_passes():
+    """In eval mode with no parameter needing a gradient (every pass), torch's batch-first
+    encoder layer would take its fused fast path and never call the tracked linears; the
+    passes turn it off (and back on after)."""
+    torch.manual_seed(0)
+    model = _TorchEncoder(batch_first=True)
+    task = _PairTask(["layer.linear1", "layer.linear2", "head"])
+    train = [(a.float(), b.float()) for a, b in _pairs(6, 5, 8, 3, seed=1)]
+    factors = pyinf.InfluenceEngine(model, task, progress=False).fit_factors(train, fisher="empirical", batch_size=3)
+    assert factors.meta["n_tokens"] == {"head": 30, "layer.linear1": 30, "layer.linear2": 30}
+    assert torch.backends.mha.get_fastpath_enabled()
 
 
 def test_layer_input_that_cannot_be_split_raises():
