@@ -210,13 +210,24 @@ def per_example_measurements(model, task, loader, progress=None) -> list:
 
     device = next(model.parameters()).device
     collate = loader.collate_fn
+    order = _query_order(loader)
     values = []
     with eval_mode(model), torch.no_grad():
-        n = len(loader.dataset)
-        for i in bar(range(n), desc="pyinf: query measurements", total=n, progress=progress):
+        for i in bar(order, desc="pyinf: query measurements", total=len(order), progress=progress):
             batch = to_device(collate([loader.dataset[i]]), device)
             values.append(float(task.compute_measurement(batch, model)))
     return values
+
+
+def _query_order(loader) -> list:
+    """The dataset indices in the order the loader yields them (its sampler: the order of the
+    query gradients, so each measurement stays with its own query)."""
+    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        raise ValueError("per-query measurements of a task without compute_measurement_per_example read the "
+                         "queries one at a time by index: give a map-style Dataset of queries")
+    if loader.batch_sampler is not None:
+        return [i for batch in loader.batch_sampler for i in batch]
+    return list(loader.sampler)
 
 
 def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, rank: Optional[int],

@@ -6,6 +6,7 @@ works unchanged; :class:`CausalLMTask` covers Hugging Face style causal language
 """
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -56,10 +57,31 @@ def _model_inputs(model, batch) -> Dict[str, Any]:
     runs with ``use_cache=False``: no pass needs the key/value cache, building it costs memory,
     and a cache filled in the forward would be filled again when activation checkpointing
     (``InfluenceEngine(checkpoint=True)``) recomputes a block."""
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    mask = batch.get("attention_mask")
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=mask)
     if hasattr(getattr(model, "config", None), "use_cache"):
         kwargs["use_cache"] = False
+    if batch.get("position_ids") is not None:
+        kwargs["position_ids"] = batch["position_ids"]
+    elif mask is not None and _takes_position_ids(model):
+        # Positions count real tokens, as Hugging Face's generate() does: in a left-padded
+        # batch GPT-2-style models (learned absolute positions) would otherwise place each
+        # row's tokens after its padding. Padding gets position 1; the mask hides it.
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
     return kwargs
+
+
+_TAKES_POSITION_IDS: Dict[type, bool] = {}
+
+
+def _takes_position_ids(model) -> bool:
+    cls = type(model)
+    if cls not in _TAKES_POSITION_IDS:
+        try:
+            _TAKES_POSITION_IDS[cls] = "position_ids" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            _TAKES_POSITION_IDS[cls] = False
+    return _TAKES_POSITION_IDS[cls]
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -75,11 +97,16 @@ def _logits(output: Any) -> torch.Tensor:
     return logits
 
 
-def pad_collate(examples: Sequence[Dict[str, Any]], pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
-    """Pads a list of ``{"input_ids", "attention_mask"?, "labels"?}`` examples on the right:
-    ``input_ids`` with ``pad_token_id``, ``attention_mask`` with 0, ``labels`` with -100."""
+def pad_collate(examples: Sequence[Dict[str, Any]], pad_token_id: int = 0, side: str = "right"
+                ) -> Dict[str, torch.Tensor]:
+    """Pads a list of ``{"input_ids", "attention_mask"?, "labels"?}`` examples on the right
+    (or, ``side="left"``, on the left): ``input_ids`` with ``pad_token_id``, ``attention_mask``
+    with 0, ``labels`` with -100. Both give the same scores (:class:`CausalLMTask` passes
+    positions that count real tokens)."""
     if len(examples) == 0:
         raise ValueError("pad_collate: empty batch")
+    if side not in ("right", "left"):
+        raise ValueError(f"pad_collate: side must be 'right' or 'left', got {side!r}")
     ids = [torch.as_tensor(e["input_ids"], dtype=torch.long).reshape(-1) for e in examples]
     length = max(x.numel() for x in ids)
     batch = {
@@ -89,11 +116,12 @@ def pad_collate(examples: Sequence[Dict[str, Any]], pad_token_id: int = 0) -> Di
     }
     for i, (e, x) in enumerate(zip(examples, ids)):
         n = x.numel()
-        batch["input_ids"][i, :n] = x
+        at = slice(0, n) if side == "right" else slice(length - n, length)
+        batch["input_ids"][i, at] = x
         mask = e.get("attention_mask")
-        batch["attention_mask"][i, :n] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long).reshape(-1)
+        batch["attention_mask"][i, at] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long).reshape(-1)
         labels = e.get("labels")
-        batch["labels"][i, :n] = x if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        batch["labels"][i, at] = x if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     return batch
 
 
@@ -125,11 +153,16 @@ class CausalLMTask(Task):
         return pad_collate(examples, self.pad_token_id)
 
     def _labels(self, batch):
+        """The label each position predicts, ``[B, T-1]``: -100 (no loss) on padding, and on a
+        left-padded row's first real token too, which a padding position would predict."""
         labels = batch.get("labels")
+        mask = batch.get("attention_mask")
         if labels is None:
-            mask = batch.get("attention_mask")
             labels = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, -100)
-        return labels[:, 1:]
+        labels = labels[:, 1:]
+        if mask is not None:
+            labels = labels.masked_fill(mask[:, :-1] == 0, -100)
+        return labels
 
     def _token_losses(self, batch, model, sample: bool) -> torch.Tensor:
         """Cross-entropy of each next-token prediction, ``[B, T-1]``, zero where the label is
@@ -141,8 +174,9 @@ class CausalLMTask(Task):
             rows = linear_cross_entropy(h, head.weight, labels.reshape(-1), getattr(head, "bias", None),
                                         sample=sample, reduction="none")
             return rows.reshape(labels.shape)
-        logits = _logits(model(**_model_inputs(model, batch)))
-        logits = logits[:, :-1].float()
+        logits = _logits(model(**_model_inputs(model, batch)))[:, :-1]
+        if logits.dtype != torch.float64:
+            logits = logits.float()
         labels = self._labels(batch)
         if sample:
             # True Fisher: labels drawn from the model's own predictive distribution, on the

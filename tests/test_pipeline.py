@@ -467,3 +467,44 @@ def test_factors_and_queries_of_other_weights_are_flagged():
         engine_b.pairwise_scores(train, queries)
     with pytest.warns(UserWarning, match="these factors were made with other weights"):
         engine_b.self_influence(train, factors)
+
+
+def test_left_padding_gives_the_scores_of_right_padding():
+    """Left-padded batches (a GPT-2 has learned absolute positions): the same factors, query
+    measurements and scores as right-padded ones, which equal one document at a time. The
+    first real token of a left-padded row is predicted by no real position: it carries no loss."""
+    import functools
+
+    model = tiny_gpt2(seed=3, dtype=torch.float64)
+    train, query = TokenDataset(6, seed=4), TokenDataset(3, seed=5)  # fully labelled queries
+    results = {}
+    for side in ("right", "left"):
+        task = pyinf.CausalLMTask()
+        task.collate_fn = functools.partial(pyinf.pad_collate, side=side)
+        engine = pyinf.InfluenceEngine(model, task, progress=False)
+        factors = engine.fit_factors(train, fisher="empirical", batch_size=3)
+        queries = engine.prepare_queries(query, factors, rank=None, batch_size=3)
+        results[side] = (factors, queries, engine.pairwise_scores(train, queries, batch_size=3))
+    (f_r, q_r, s_r), (f_l, q_l, s_l) = results["right"], results["left"]
+    for name in f_r.module_names:
+        assert _rel(f_l[name].a_cov, f_r[name].a_cov) < 1e-12 and _rel(f_l[name].lambdas, f_r[name].lambdas) < 1e-10
+    assert _rel(q_l.measurements, q_r.measurements) < 1e-12
+    assert _rel(s_l, s_r) < 1e-10
+    # a float64 model's loss stays float64 (it was computed from float32 logits)
+    assert pyinf.CausalLMTask().compute_train_loss(pyinf.pad_collate([query[0]]), model).dtype == torch.float64
+
+
+def test_measurements_follow_the_query_loaders_order():
+    """A task without per-example measurements gets them one query at a time, in the query
+    loader's own order (its sampler), as the query gradients are."""
+    torch.manual_seed(1)
+    model = TinyMLP().double()
+    engine = pyinf.InfluenceEngine(model, MLPTask(), progress=False)
+    train, query = RegressionDataset(8, seed=2, dtype=torch.float64), RegressionDataset(4, seed=3, dtype=torch.float64)
+    factors = engine.fit_factors(train, fisher="empirical", batch_size=4)
+    order = [3, 1, 0, 2]
+    loader = torch.utils.data.DataLoader(query, batch_size=2, sampler=order)
+    in_order = engine.prepare_queries(torch.utils.data.Subset(query, order), factors, rank=None)
+    shuffled = engine.prepare_queries(loader, factors, rank=None)
+    assert _rel(shuffled.measurements, in_order.measurements) < 1e-12
+    assert _rel(engine.pairwise_scores(train, shuffled), engine.pairwise_scores(train, in_order)) < 1e-12
