@@ -18,6 +18,22 @@ std::string describe(const pyinf_tensor* t) {
   s << "], dtype " << static_cast<int>(t->dtype);
   return s.str();
 }
+
+// Fails unless every element offset of a non-empty tensor, in bytes, is at most kMaxSize:
+// the implementations form n * s0 + t * s1 + k * s2 (and pointer + offset) in int64 /
+// pointer arithmetic. Always true of a real strided tensor; stride-0 views give 0.
+pyinf_status check_extent(const std::string& where, const pyinf_tensor* t, int64_t element_bytes) {
+  int64_t last = 0;  // offset of the last element, in elements
+  for (int i = 0; i < t->ndim; ++i) {
+    int64_t span = 0;
+    if (!size_product({t->shape[i] - 1, t->strides[i]}, &span) || span > kMaxSize - last)
+      return fail(PYINF_ERROR_INVALID_VALUE, where + " spans more than 2^60 bytes (" + describe(t) + ")");
+    last += span;
+  }
+  if (!size_product({last + 1, element_bytes}))
+    return fail(PYINF_ERROR_INVALID_VALUE, where + " spans more than 2^60 bytes (" + describe(t) + ")");
+  return PYINF_SUCCESS;
+}
 }  // namespace
 
 pyinf_status fail(pyinf_status status, const std::string& msg) {
@@ -40,8 +56,12 @@ pyinf_status check_input(const char* op, const char* name, const pyinf_tensor* t
     if (t->shape[i] < 0 || t->strides[i] < 0)
       return fail(PYINF_ERROR_INVALID_VALUE, where + " has a negative size or stride (" + describe(t) + ")");
   }
-  if (t->data == nullptr && numel(*t) > 0) return fail(PYINF_ERROR_INVALID_VALUE, where + " has a NULL data pointer");
-  return PYINF_SUCCESS;
+  if (!size_product({t->shape[0], ndim > 1 ? t->shape[1] : 1, ndim > 2 ? t->shape[2] : 1}))
+    return fail(PYINF_ERROR_INVALID_VALUE,
+                where + " is too large: the product of its sizes exceeds 2^60 (" + describe(t) + ")");
+  if (numel(*t) == 0) return PYINF_SUCCESS;  // nothing is read: any pointer will do
+  if (t->data == nullptr) return fail(PYINF_ERROR_INVALID_VALUE, where + " has a NULL data pointer");
+  return check_extent(where, t, t->dtype == PYINF_FLOAT32 ? 4 : 2);
 }
 
 pyinf_status check_mask(const char* op, const pyinf_tensor* mask, int64_t n, int64_t t) {
@@ -53,8 +73,19 @@ pyinf_status check_mask(const char* op, const pyinf_tensor* mask, int64_t n, int
                                                std::to_string(t) + "], got " + describe(mask));
   if (mask->strides[0] < 0 || mask->strides[1] < 0)
     return fail(PYINF_ERROR_INVALID_VALUE, where + " has a negative stride");
-  if (mask->data == nullptr && n * t > 0) return fail(PYINF_ERROR_INVALID_VALUE, where + " has a NULL data pointer");
-  return PYINF_SUCCESS;
+  if (n * t == 0) return PYINF_SUCCESS;  // nothing is read (n * t: the inputs' checked N*T)
+  if (mask->data == nullptr) return fail(PYINF_ERROR_INVALID_VALUE, where + " has a NULL data pointer");
+  return check_extent(where, mask, 1);
+}
+
+pyinf_status check_sizes(const char* op, const char* what, std::initializer_list<int64_t> factors) {
+  if (size_product(factors)) return PYINF_SUCCESS;
+  std::ostringstream s;
+  s << "pyinf_" << op << ": sizes too large: " << what << " = ";
+  const char* sep = "";
+  for (int64_t f : factors) s << sep << f, sep = " * ";
+  s << " exceeds 2^60 elements";
+  return fail(PYINF_ERROR_INVALID_VALUE, s.str());
 }
 
 pyinf_status check_out(const char* op, const float* out, int64_t count) {
@@ -75,6 +106,7 @@ pyinf_status validate_covariance(const pyinf_tensor* x, const pyinf_tensor* mask
   d->t = x->shape[1];
   d->d_in = x->shape[2];
   PYINF_TRY(check_mask("covariance", mask, d->n, d->t));
+  PYINF_TRY(check_sizes("covariance", "d*d", {d->d_in, d->d_in}));  // the output
   return check_out("covariance", out, d->d_in * d->d_in);
 }
 
@@ -114,6 +146,7 @@ pyinf_status validate_rotated(const char* op, const pyinf_tensor* acts, const py
       return fail(PYINF_ERROR_INVALID_VALUE, std::string("pyinf_") + op + ": 'damping' must be >= 0");
   }
   PYINF_TRY(check_mask(op, mask, d->n, d->t));
+  PYINF_TRY(check_sizes(op, "d_out*d_in", {d->d_out, d->d_in}));  // eigen_correction's output, the CPU sums
   return check_out(op, out, self ? d->n : d->d_out * d->d_in);
 }
 
@@ -129,7 +162,7 @@ pyinf_status validate_factor_pair(const char* op, const pyinf_tensor* left, cons
   d->r = left->shape[2];
   d->d_out = left->shape[1];
   d->d_in = right->shape[1];
-  return PYINF_SUCCESS;
+  return check_sizes(op, "Q*r", {d->q, d->r});  // the factor columns (a product of no tensor when d is 0)
 }
 
 pyinf_status validate_factored_shapes(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,
@@ -146,7 +179,9 @@ pyinf_status validate_factored_shapes(const pyinf_tensor* acts, const pyinf_tens
                                                std::to_string(d->d_in) + ", r], got " + describe(right));
   d->q = f.q;
   d->r = f.r;
-  return PYINF_SUCCESS;
+  // the per-token scores (the CPU keeps them for document scores too) and the document scores
+  PYINF_TRY(check_sizes(op, "N*T*Q", {d->n, d->t, d->q}));
+  return check_sizes(op, "N*Q", {d->n, d->q});
 }
 
 pyinf_status validate_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, const pyinf_tensor* left,

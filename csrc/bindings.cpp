@@ -84,13 +84,19 @@ float* read_out(py::handle obj, const char* op, const std::vector<int64_t>& shap
                const char* name = "out") {
   Arg o = read(obj, op, name, static_cast<int>(shape.size()));
   if (o.t.dtype != PYINF_FLOAT32) throw py::type_error(where(op, name) + " must be float32, got " + o.dtype_name);
-  int64_t expect = 1;
-  for (int i = static_cast<int>(shape.size()) - 1; i >= 0; --i) {
+  bool empty = false;
+  for (size_t i = 0; i < shape.size(); ++i) {
     if (o.t.shape[i] != shape[i])
       throw py::value_error(where(op, name) + " has the wrong shape (dimension " + std::to_string(i) + " is " +
                             std::to_string(o.t.shape[i]) + ", expected " + std::to_string(shape[i]) + ")");
-    if (shape[i] > 1 && o.t.strides[i] != expect)
-      throw py::value_error(where(op, name) + " must be contiguous");
+    empty = empty || shape[i] == 0;
+  }
+  // Dense row-major: each dimension of size > 1 strides over the ones after it. An empty
+  // output is never written, so its strides do not matter (torch gives it any: [2, 0, 3]
+  // has strides (3, 3, 1), while the running product past a 0 would expect 0).
+  int64_t expect = 1;
+  for (int i = static_cast<int>(shape.size()) - 1; i >= 0 && !empty; --i) {
+    if (shape[i] > 1 && o.t.strides[i] != expect) throw py::value_error(where(op, name) + " must be contiguous");
     expect *= shape[i];
   }
   if (o.device_type != like.device_type || o.device_index != like.device_index)

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,26 @@ namespace pyinf {
 pyinf_status fail(pyinf_status status, const std::string& msg);
 void clear_error();
 
+// The largest size, or product of sizes, the C API accepts: 2^60 elements (no real tensor
+// comes near; stride-0 views can claim more). A bound below INT64_MAX, so that the
+// implementations can count a checked size's fp32 / fp64 bytes, add a few such counts or
+// round one up to a tile in int64 / size_t without overflowing.
+constexpr int64_t kMaxSize = int64_t(1) << 60;
+
+// The product of sizes >= 0, formed left to right as the implementations form it; false
+// when it, or any partial product, exceeds kMaxSize (a zero factor later does not excuse
+// an overflowed prefix: the code may form that prefix on its own, e.g. N * T).
+inline bool size_product(std::initializer_list<int64_t> factors, int64_t* out = nullptr) {
+  int64_t p = 1;
+  for (int64_t f : factors) {
+    if (f < 0 || f > kMaxSize || (p != 0 && f > kMaxSize / p)) return false;
+    p *= f;
+  }
+  if (out) *out = p;
+  return true;
+}
+
+// Call only once check_input has checked the sizes (size_product(shape) holds).
 inline int64_t numel(const pyinf_tensor& t) {
   int64_t n = 1;
   for (int i = 0; i < t.ndim; ++i) n *= t.shape[i];
@@ -29,6 +50,9 @@ struct Dims {
 pyinf_status check_input(const char* op, const char* name, const pyinf_tensor* t, int ndim);
 pyinf_status check_mask(const char* op, const pyinf_tensor* mask, int64_t n, int64_t t);
 pyinf_status check_out(const char* op, const float* out, int64_t count);
+// Fails unless size_product(factors) holds; `what` names the product for the message
+// ("N*T*Q"), whose factors, the shape, it lists.
+pyinf_status check_sizes(const char* op, const char* what, std::initializer_list<int64_t> factors);
 
 pyinf_status validate_covariance(const pyinf_tensor* x, const pyinf_tensor* mask, const float* out, Dims* d);
 pyinf_status validate_rotated(const char* op, const pyinf_tensor* acts, const pyinf_tensor* grads,

@@ -117,6 +117,79 @@ def test_padding_garbage_never_leaks_native():
     assert torch.isfinite(out).all() and (out[~mask] == 0).all()
 
 
+def _expanded(*shape):
+    """A stride-0 view of one element: any logical size, one float of memory."""
+    return torch.ones((1,) * len(shape)).expand(*shape)
+
+
+def test_empty_outputs_match_torch():
+    """Outputs with a zero dimension (T = 0 per token, Q = 0, d = 0, N = 0) are accepted (an
+    empty tensor's strides are not those of the running product) and equal the torch
+    backend's, single and grouped."""
+    def same(native, ref):
+        assert native.shape == ref.shape and torch.equal(native, ref), (native, ref)
+
+    def problem(n, t, d_in, d_out, q, r):  # _problem's, with a mask that may be empty too
+        return (torch.randn(n, t, d_in), torch.randn(n, t, d_out), torch.randn(q, d_out, r), torch.randn(q, d_in, r),
+                torch.rand(n, t) > 0.3)
+
+    fs_cases = [  # (n, t, d_in, d_out, q, r)
+        (2, 0, 3, 4, 3, 2), (2, 5, 3, 4, 0, 2), (0, 5, 3, 4, 3, 2), (2, 5, 0, 4, 3, 2), (2, 5, 3, 4, 3, 0),
+    ]
+    for n, t, d_in, d_out, q, r in fs_cases:
+        acts, grads, left, right, mask = problem(n, t, d_in, d_out, q, r)
+        for per_token in (False, True):
+            same(ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="native"),
+                 ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="torch"))
+    for n, t, d in [(2, 4, 0), (0, 4, 3), (2, 0, 3)]:
+        x = torch.randn(n, t, d)
+        same(ops.covariance(x, backend="native"), ops.covariance(x, backend="torch"))
+    for n, t, d_in, d_out in [(2, 4, 0, 3), (2, 4, 3, 0), (2, 0, 3, 4), (0, 4, 3, 4), (2, 4, 0, 0)]:
+        acts, grads = torch.randn(n, t, d_in), torch.randn(n, t, d_out)
+        q_a, q_s, lam = _orthonormal(d_in), _orthonormal(d_out), torch.rand(d_out, d_in)
+        same(ops.eigen_correction(acts, grads, q_a, q_s, backend="native"),
+             ops.eigen_correction(acts, grads, q_a, q_s, backend="torch"))
+        same(ops.self_influence(acts, grads, q_a, q_s, lam, 0.1, backend="native"),
+             ops.self_influence(acts, grads, q_a, q_s, lam, 0.1, backend="torch"))
+    # grouped: a problem with T = 0 beside a full one (per token and per document), and Q = 0
+    full, empty_t = problem(2, 5, 3, 4, 3, 2), problem(2, 0, 6, 2, 3, 4)
+    no_q = [problem(2, 5, 3, 4, 0, 2), problem(2, 0, 6, 2, 0, 4)]
+    for group in ([full, empty_t], no_q):
+        problems = [dict(acts=a, grads=g, left=l, right=r, mask=m) for a, g, l, r, m in group]
+        for per_token in (False, True):
+            native = ops.factored_scores_grouped(problems, per_token=per_token, backend="native")
+            ref = ops.factored_scores_grouped(problems, per_token=per_token, backend="torch")
+            assert len(native) == len(ref)
+            for a, b in zip(native, ref):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # shapes too; the full problem is not 0
+
+
+def test_sizes_past_2_60_raise_value_error():
+    """Sizes whose products overflow (stride-0 views claim any size) are refused by the C API
+    with a ValueError naming the product and the shape: never a wrapped buffer size and a crash.
+    (Products no torch output can reach, d*d, N*Q, Q*r, offsets: tests/c_api/test_c_api.c.)"""
+    q4 = _expanded(4, 1, 1)
+    # T = 2^62 (the original crash): the inputs themselves are past 2^60 elements
+    with pytest.raises(ValueError, match=r"'acts' is too large.*shape \[1, 4611686018427387904, 1\]"):
+        ops.factored_scores(_expanded(1, 2**62, 1), _expanded(1, 2**62, 1), q4, q4, backend="native")
+    # N*T*Q = 2^62 from inputs of 2^50 elements (the CPU's per-token buffer)
+    acts, q4096 = _expanded(1, 2**50, 1), _expanded(2**12, 1, 1)
+    product = r"sizes too large: N\*T\*Q = 1 \* 1125899906842624 \* 4096"
+    with pytest.raises(ValueError, match="pyinf_factored_scores: " + product):
+        ops.factored_scores(acts, acts, q4096, q4096, backend="native")
+    small = torch.randn(1, 3, 1)
+    with pytest.raises(ValueError, match="problem 1: .*" + product):
+        ops.factored_scores_grouped([dict(acts=a, grads=a, left=q4096, right=q4096) for a in (small, acts)],
+                                    backend="native")
+    with pytest.raises(ValueError, match=r"pyinf_covariance: 'x' is too large.*shape \[1, 2305843009213693952, 2\]"):
+        ops.covariance(_expanded(1, 2**61, 2), backend="native")
+    acts, grads = _expanded(1, 2**61, 2), _expanded(1, 2**61, 3)
+    with pytest.raises(ValueError, match=r"pyinf_eigen_correction: 'acts' is too large"):
+        ops.eigen_correction(acts, grads, torch.eye(2), torch.eye(3), backend="native")
+    with pytest.raises(ValueError, match=r"pyinf_self_influence: 'acts' is too large"):
+        ops.self_influence(acts, grads, torch.eye(2), torch.eye(3), torch.ones(3, 2), 0.1, backend="native")
+
+
 # ---- errors from pyinf._C itself (the adapter's callers never get a crash) ----------------
 
 def _fs_args():

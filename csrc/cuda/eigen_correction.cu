@@ -26,15 +26,21 @@ struct Layout {
   int64_t tiles = 0;
 };
 
-Layout layout(const Dims& d, bool self) {
-  Layout l;
+// Validated sizes are at most kMaxSize (2^60), so the rotated tokens' bytes (the inputs'
+// element counts times 4) cannot overflow; the output tiles and self_influence's partials
+// (N * tiles, the product of no tensor) are checked here.
+pyinf_status layout(const char* op, const Dims& d, bool self, Layout* l) {
+  const int64_t ti = (d.d_out + BM - 1) / BM, tj = (d.d_in + BN - 1) / BN;
+  pyinf_status s = check_sizes(op, "tiles(d_out)*tiles(d_in)", {ti, tj});
+  if (s == PYINF_SUCCESS && self) s = check_sizes(op, "N*tiles(d_out)*tiles(d_in)", {d.n, ti, tj});
+  if (s != PYINF_SUCCESS) return s;
   const size_t rows = static_cast<size_t>(d.n * d.t);
-  l.tiles = ((d.d_out + BM - 1) / BM) * ((d.d_in + BN - 1) / BN);
-  l.rot_a = 0;
-  l.rot_g = align_up(rows * static_cast<size_t>(d.d_in) * sizeof(float));
-  l.partials = l.rot_g + align_up(rows * static_cast<size_t>(d.d_out) * sizeof(float));
-  l.total = l.partials + (self ? align_up(static_cast<size_t>(d.n * l.tiles) * sizeof(float)) : 0);
-  return l;
+  l->tiles = ti * tj;
+  l->rot_a = 0;
+  l->rot_g = align_up(rows * static_cast<size_t>(d.d_in) * sizeof(float));
+  l->partials = l->rot_g + align_up(rows * static_cast<size_t>(d.d_out) * sizeof(float));
+  l->total = l->partials + (self ? align_up(static_cast<size_t>(d.n * l->tiles) * sizeof(float)) : 0);
+  return PYINF_SUCCESS;
 }
 
 }  // namespace
@@ -127,7 +133,9 @@ pyinf_status run(const char* op, const pyinf_tensor* acts, const pyinf_tensor* g
   pyinf_status s = validate_rotated(op, acts, grads, q_a, q_s, lambdas, damping, mask, out, &d);
   if (s != PYINF_SUCCESS) return s;
   const bool self = lambdas != nullptr;
-  const Layout l = layout(d, self);
+  Layout l;
+  s = layout(op, d, self, &l);
+  if (s != PYINF_SUCCESS) return s;
   if (workspace_bytes < l.total || (workspace == nullptr && l.total > 0))
     return fail(PYINF_ERROR_WORKSPACE, std::string("pyinf_cuda_") + op + ": needs a workspace of " +
                                            std::to_string(l.total) + " bytes, got " +
@@ -136,6 +144,10 @@ pyinf_status run(const char* op, const pyinf_tensor* acts, const pyinf_tensor* g
   if (self ? d.n == 0 : d.d_out * d.d_in == 0) return PYINF_SUCCESS;
   if (l.tiles == 0)  // self_influence of a layer with no weights: every score is 0
     return cuda_check(cudaMemsetAsync(out, 0, static_cast<size_t>(d.n) * sizeof(float), stream), op, "memset");
+  // the Gram tiles' grid and the sums' grid, checked before anything is launched
+  const int64_t tj = (d.d_in + BN - 1) / BN, ti = (d.d_out + BM - 1) / BM;
+  if (tj > 0x7fffffffLL || ti > 65535 || (self && (d.n + 127) / 128 > 0x7fffffffLL))
+    return fail(PYINF_ERROR_INVALID_VALUE, std::string("pyinf_cuda_") + op + ": problem too large for one launch");
   char* ws = static_cast<char*>(workspace);
   float* rot_a = reinterpret_cast<float*>(ws + l.rot_a);
   float* rot_g = reinterpret_cast<float*>(ws + l.rot_g);
@@ -145,9 +157,6 @@ pyinf_status run(const char* op, const pyinf_tensor* acts, const pyinf_tensor* g
   if (s != PYINF_SUCCESS) return s;
   s = launch_rotate(op, view3(*grads), view2(*q_s), mv, d.n, d.t, d.d_out, tc, rot_g, stream);
   if (s != PYINF_SUCCESS) return s;
-  const int64_t tj = (d.d_in + BN - 1) / BN, ti = (d.d_out + BM - 1) / BM;
-  if (tj > 0x7fffffffLL || ti > 65535)
-    return fail(PYINF_ERROR_INVALID_VALUE, std::string("pyinf_cuda_") + op + ": problem too large for one launch");
   const View2 lv = self ? view2(*lambdas) : View2{nullptr, 0, 0, 0};
   if (!self) {
     dim3 grid(static_cast<unsigned>(tj), static_cast<unsigned>(ti), 1);
@@ -175,7 +184,10 @@ pyinf_status workspace_size(const char* op, const pyinf_tensor* acts, const pyin
   pyinf_status s = validate_tokens(op, acts, grads, &d);
   if (s != PYINF_SUCCESS) return s;
   if (bytes == nullptr) return fail(PYINF_ERROR_INVALID_VALUE, std::string("pyinf_cuda_") + op + ": 'bytes' is NULL");
-  *bytes = layout(d, self).total;
+  Layout l;
+  s = layout(op, d, self, &l);
+  if (s != PYINF_SUCCESS) return s;
+  *bytes = l.total;
   return PYINF_SUCCESS;
 }
 

@@ -245,8 +245,10 @@ const char* portable_kernel_name(PortableKernel k) { return k == PortableKernel:
 size_t aligned_partials(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 std::vector<FactoredPlan> plan_calls(const std::vector<ProblemCall>& calls, int per_token, bool may_split) {
+  // Only compared with kSplitTargetBlocks: capped there, so that the sum over many large
+  // problems (each at most 2^60) cannot overflow.
   int64_t call_pairs = 0;
-  for (const ProblemCall& c : calls) call_pairs += document_query_pairs(c.d);
+  for (const ProblemCall& c : calls) call_pairs = std::min(call_pairs + document_query_pairs(c.d), kSplitTargetBlocks);
   std::vector<FactoredPlan> plans;
   for (const ProblemCall& c : calls) plans.push_back(plan(c.d, per_token, may_split, call_pairs));
   return plans;

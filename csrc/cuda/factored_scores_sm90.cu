@@ -487,7 +487,8 @@ bool factored_scores_sm90_packable(const pyinf_tensor* left, const pyinf_tensor*
   if (d.d_in < 1 || d.d_out < 1 || d.r < 1 || d.r > kTileN || (d.d_in + 255) / 256 > 65535 ||
       (d.d_out + 255) / 256 > 65535)  // the factor copy's grid
     return false;
-  if (sm90_plan(d, 1).cp > 0x7fffffffLL) return false;  // int indices
+  // int indices; cp >= Q, and Q is bounded first so that the plan's Q * padded rank cannot overflow
+  if (d.q > 0x7fffffffLL || sm90_plan(d, 1).cp > 0x7fffffffLL) return false;
   return sm90_device();
 }
 

@@ -224,6 +224,66 @@ int main(void) {
     s = pyinf_cpu_factored_scores_grouped(NULL, 0, 0);
     CHECK(s == PYINF_SUCCESS, "empty cpu grouped call gave %d", (int)s);
   }
+  /* sizes past 2^60 (a stride-0 view can claim any size): refused, the product named, before
+   * any buffer is sized from them (N*T*Q once wrapped to a small buffer and a segfault) */
+  {
+    static const float one = 1.0f;
+    float sink[1];
+    const int64_t big = (int64_t)1 << 50;
+    pyinf_tensor ba = t3(&one, PYINF_FLOAT32, 1, big, 1), bl = t3(&one, PYINF_FLOAT32, 4096, 1, 1);
+    ba.strides[0] = ba.strides[1] = ba.strides[2] = 0;
+    bl.strides[0] = bl.strides[1] = bl.strides[2] = 0;
+    s = pyinf_cpu_factored_scores(&ba, &ba, &bl, &bl, NULL, 0, sink);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE && strstr(pyinf_last_error(), "N*T*Q = 1 * 1125899906842624 * 4096"),
+          "N*T*Q past 2^60 gave %d (%s)", (int)s, pyinf_last_error());
+    pyinf_factored_problem group[2] = {{&A, &G, &LF, &RF, NULL, out}, {&ba, &ba, &bl, &bl, NULL, sink}};
+    s = pyinf_cpu_factored_scores_grouped(group, 2, 1);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE && strstr(pyinf_last_error(), "problem 1") &&
+              strstr(pyinf_last_error(), "N*T*Q"), "grouped N*T*Q past 2^60 gave %d (%s)", (int)s, pyinf_last_error());
+    pyinf_tensor na = t3(NULL, PYINF_FLOAT32, (int64_t)1 << 40, 0, 1), nl = t3(&one, PYINF_FLOAT32, 1 << 30, 1, 1);
+    nl.strides[0] = 0;
+    s = pyinf_cpu_factored_scores(&na, &na, &nl, &nl, NULL, 0, sink);  /* T = 0: N*T*Q = 0, N*Q = 2^70 */
+    CHECK(s == PYINF_ERROR_INVALID_VALUE && strstr(pyinf_last_error(), "N*Q"), "N*Q past 2^60 gave %d (%s)", (int)s,
+          pyinf_last_error());
+    pyinf_tensor ea = t3(NULL, PYINF_FLOAT32, 1, 1, 0), ql = t3(NULL, PYINF_FLOAT32, big, 0, big);
+    s = pyinf_cpu_factored_scores(&ea, &ea, &ql, &ql, NULL, 0, sink);  /* d = 0: no factor elements, Q*r = 2^100 */
+    CHECK(s == PYINF_ERROR_INVALID_VALUE && strstr(pyinf_last_error(), "Q*r"), "Q*r past 2^60 gave %d (%s)", (int)s,
+          pyinf_last_error());
+    pyinf_tensor wide = t3(NULL, PYINF_FLOAT32, big, big, 0);  /* no elements, but N*T = 2^100 */
+    s = pyinf_cpu_covariance(&wide, NULL, sink);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE && strstr(pyinf_last_error(), "'x' is too large"),
+          "N*T past 2^60 gave %d (%s)", (int)s, pyinf_last_error());
+    pyinf_tensor cx = t3(&one, PYINF_FLOAT32, 1, 1, (int64_t)1 << 31);
+    cx.strides[2] = 0;
+    s = pyinf_cpu_covariance(&cx, NULL, sink);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE && strstr(pyinf_last_error(), "d*d"), "d*d past 2^60 gave %d (%s)", (int)s,
+          pyinf_last_error());
+    pyinf_tensor far = t3(&one, PYINF_FLOAT32, 2, 1, 1);
+    far.strides[0] = (int64_t)1 << 62;  /* the second document 2^64 bytes away */
+    s = pyinf_cpu_covariance(&far, NULL, sink);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE && strstr(pyinf_last_error(), "spans more than 2^60 bytes"),
+          "an offset past 2^60 bytes gave %d (%s)", (int)s, pyinf_last_error());
+    pyinf_tensor far_mask = t2(&one, PYINF_BOOL, 2, 1), x2 = t3(&one, PYINF_FLOAT32, 2, 1, 1);
+    far_mask.strides[0] = (int64_t)1 << 61;
+    x2.strides[0] = 0;
+    s = pyinf_cpu_covariance(&x2, &far_mask, sink);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE && strstr(pyinf_last_error(), "'mask' spans"),
+          "a mask offset past 2^60 bytes gave %d (%s)", (int)s, pyinf_last_error());
+  }
+  /* empty results: nothing is read or written, so NULL pointers are fine */
+  {
+    pyinf_tensor a0 = t3(NULL, PYINF_FLOAT32, N, 0, DI), g0 = t3(NULL, PYINF_FLOAT32, N, 0, DO);
+    s = pyinf_cpu_factored_scores(&a0, &g0, &LF, &RF, NULL, 1, NULL);
+    CHECK(s == PYINF_SUCCESS, "per-token scores with T = 0 gave %d (%s)", (int)s, pyinf_last_error());
+    pyinf_tensor l0 = t3(NULL, PYINF_FLOAT32, 0, DO, R), r0 = t3(NULL, PYINF_FLOAT32, 0, DI, R);
+    s = pyinf_cpu_factored_scores(&A, &G, &l0, &r0, &M, 0, NULL);
+    CHECK(s == PYINF_SUCCESS, "scores with Q = 0 gave %d (%s)", (int)s, pyinf_last_error());
+    pyinf_tensor ad = t3(NULL, PYINF_FLOAT32, N, T, 0), qa0 = t2(NULL, PYINF_FLOAT32, 0, 0);
+    s = pyinf_cpu_eigen_correction(&ad, &G, &qa0, &QS, &M, NULL);
+    CHECK(s == PYINF_SUCCESS, "eigen_correction with d_in = 0 gave %d (%s)", (int)s, pyinf_last_error());
+    s = pyinf_cpu_covariance(&ad, &M, NULL);
+    CHECK(s == PYINF_SUCCESS, "covariance with d = 0 gave %d (%s)", (int)s, pyinf_last_error());
+  }
   CHECK(strlen(pyinf_status_string(PYINF_ERROR_CUDA)) > 0, "status string");
   CHECK(pyinf_api_version() == PYINF_API_VERSION, "api version");
 
@@ -274,6 +334,13 @@ int main(void) {
           "grouped call with a bad problem 1 gave %d (%s)", (int)s, pyinf_last_error());
     s = pyinf_cuda_factored_scores_grouped(group, 0, 0, NULL, 0, NULL);
     CHECK(s == PYINF_SUCCESS, "empty grouped call gave %d", (int)s);
+    /* self_influence's partials, N * tiles(d_out) * tiles(d_in) floats, are no tensor's size */
+    static const float one = 1.0f;
+    pyinf_tensor wa = t3(&one, PYINF_FLOAT32, (int64_t)1 << 36, 1, (int64_t)1 << 24);
+    wa.strides[0] = wa.strides[1] = wa.strides[2] = 0;
+    s = pyinf_cuda_self_influence_workspace_size(&wa, &wa, &bytes);
+    CHECK(s == PYINF_ERROR_INVALID_VALUE && strstr(pyinf_last_error(), "N*tiles"),
+          "self_influence partials past 2^60 gave %d (%s)", (int)s, pyinf_last_error());
   } else {
     const char* kernel = NULL;
     s = pyinf_cuda_factored_scores_kernel(&A, &G, &LF, &RF, 0, 0, &kernel);
