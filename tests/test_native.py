@@ -402,6 +402,7 @@ def test_cuda_deterministic_strided_and_on_side_stream():
     acts, grads, left, right, mask = _problem(3, 100, 70, 90, 4, 16, torch.bfloat16, "cuda")
     acts_t = acts.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strided
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default stream
     with torch.cuda.stream(s):
         a = ops.factored_scores(acts_t, grads, left, right, mask=mask, backend="native")
         b = ops.factored_scores(acts_t, grads, left, right, mask=mask, backend="native")

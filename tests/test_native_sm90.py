@@ -310,6 +310,10 @@ class _RecordingC:
 
     def factored_scores(self, acts, grads, left, right, mask, per_token, out, ws=None, stream=None, packed=None):
         nbytes = 0 if ws is None else ws.numel() * ws.element_size()
+        if packed is not None:
+            # The kernel query describes the unpacked call, whose workspace would also hold the
+            # packed factors; with them passed apart, the workspace holds only the partials.
+            nbytes += packed.numel() * packed.element_size()
         aligned = all(x.stride(1) % 8 == 0 and x.stride(0) % 8 == 0 for x in (acts, grads))  # TMA rows
         self._names.append((self._c.factored_scores_kernel(acts, grads, left, right, per_token, nbytes), aligned))
         return self._c.factored_scores(acts, grads, left, right, mask, per_token, out, ws, stream, packed)

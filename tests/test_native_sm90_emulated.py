@@ -324,3 +324,21 @@ def test_sm90_packed_factors(lib):
     assert _pack_size(lib, left, right) == 0  # not opted in
     s = lib.pyinf_cuda_factored_scores_pack(_desc(lib, left), _desc(lib, right), packed.ptr, nbytes, None)
     assert s == 1 and "cannot take these factors" in lib.pyinf_last_error().decode()
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_sm90_kernel_query_for_a_packed_call(lib, per_token):
+    """The kernel query describes the unpacked call, whose workspace also holds the packed
+    factors: asked with the packed call's workspace plus the packed bytes (what
+    tests/test_native_sm90.py's recorder does on the GPU) it names the kernel the packed call
+    runs, "sm90"; with the packed call's workspace alone it would say "wmma"."""
+    torch.manual_seed(0)
+    for n, t, d_in, d_out, q, r in [(12, 32, 64, 64, 3, 32), (2, 70, 48, 40, 3, 16)]:
+        acts, grads = torch.randn(n, t, d_in).bfloat16(), torch.randn(n, t, d_out).bfloat16()
+        left, right = torch.randn(q, d_out, r).bfloat16(), torch.randn(q, d_in, r).bfloat16()
+        with env(PYINF_NATIVE_SM90="1"):
+            packed_ws = _workspace_size(lib, acts, grads, left, right, per_token, True)
+            pack = _pack_size(lib, left, right)
+            assert pack > 0
+            assert _workspace_size(lib, acts, grads, left, right, per_token, False) <= packed_ws + pack
+            assert kernel_name(lib, acts, grads, left, right, per_token, packed_ws + pack) == "sm90"

@@ -404,3 +404,15 @@ def test_numpy_damping_is_a_number():
         assert torch.allclose(ops.self_influence(acts, grads, q_a, q_s, lambdas, damping), expected)
     with pytest.raises(ValueError, match="'damping' must be a non-negative number, got True"):
         ops.self_influence(acts, grads, q_a, q_s, lambdas, True)
+
+
+def test_grouped_problems_on_different_devices_are_refused():
+    """One launch reads every problem: problems on two devices (here the CPU and the meta
+    device, standing in for two GPUs) are an error naming both, on every backend."""
+    def problem(device):
+        return dict(acts=torch.randn(2, 3, 4, device=device), grads=torch.randn(2, 3, 5, device=device),
+                    left=torch.randn(1, 5, 2, device=device), right=torch.randn(1, 4, 2, device=device))
+
+    for backend in ops.BACKENDS:
+        with pytest.raises(ValueError, match="all problems must be on one device; problem 0 is on cpu, problem 1 on meta"):
+            ops.factored_scores_grouped([problem("cpu"), problem("meta")], backend=backend)

@@ -35,6 +35,16 @@ TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float1
             torch.uint8: tl.uint8}
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host-built table (tile lists, problem descriptors) on `device` without blocking
+    the host: a copy from pageable memory synchronises the stream, which in a pass would drain
+    the GPU's queue once per layer per batch. Pinned memory lets the copy run in order on the
+    current stream (torch keeps the pinned buffer until the copy is done)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def dot_flags(compute_dtype: torch.dtype) -> dict:
     """IEEE / INTERP_FIX constexprs for :func:`mma` and :func:`cast_rne`."""
     fix = INTERPRETING and compute_dtype != torch.float32

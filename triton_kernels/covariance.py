@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import block_sizes, dot_flags, launch_options, mma, pick_config
+from ._shared import block_sizes, dot_flags, launch_options, mma, pick_config, to_device
 
 # H100 configs (reasoned, not measured: see benchmarks/RESULTS.md). BLOCK_D is the tile
 # edge of the d x d output, BLOCK_T the rows per tl.dot (the reduction dimension).
@@ -70,9 +70,10 @@ def _covariance_kernel(x_ptr, m_ptr, out_ptr, tiles_ptr,
         tl.store(out + offs_j[:, None] * D + offs_i[None, :], tl.trans(acc), mask=j_ok[:, None] & i_ok[None, :])
 
 
-def _upper_tiles(n_tiles: int, device) -> torch.Tensor:
+def _upper_tiles(n_tiles: int) -> torch.Tensor:
+    """The (i, j) tiles with i <= j, [n, 2] int32 on the host."""
     ti, tj = torch.triu_indices(n_tiles, n_tiles)
-    return torch.stack([ti, tj], 1).to(torch.int32).contiguous().to(device)
+    return torch.stack([ti, tj], 1).to(torch.int32).contiguous()
 
 
 def covariance(x: torch.Tensor, mask: Optional[torch.Tensor],
@@ -83,7 +84,7 @@ def covariance(x: torch.Tensor, mask: Optional[torch.Tensor],
     compute_dtype = x.dtype  # one input: its own dtype feeds the tensor cores
     cfg = pick_config(H100, compute_dtype, INTERPRETER)
     n_tiles = triton.cdiv(d, cfg["BLOCK_D"])
-    tiles = _upper_tiles(n_tiles, x.device)
+    tiles = _upper_tiles(n_tiles)  # split below on the host: a device tensor's boolean index reads back
     n_row_blocks = n * triton.cdiv(t, cfg["BLOCK_T"])
     if n_row_blocks == 0 or d == 0:
         return torch.zeros(d, d, dtype=torch.float32, device=x.device)
@@ -102,7 +103,7 @@ def covariance(x: torch.Tensor, mask: Optional[torch.Tensor],
         if sel.shape[0] == 0:
             continue
         _covariance_kernel[(sel.shape[0], splits)](
-            x, m, out, sel.contiguous(), t, d, n_row_blocks, per_split,
+            x, m, out, to_device(sel.contiguous(), x.device), t, d, n_row_blocks, per_split,
             x.stride(0), x.stride(1), x.stride(2),
             m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0, out.stride(0),
             HAS_MASK=mask is not None, EDGE=edge, **block_sizes(cfg), **dot_flags(compute_dtype),

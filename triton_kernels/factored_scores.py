@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import TL_DTYPE, block_sizes, dot_flags, launch_options, pick_config, project
+from ._shared import TL_DTYPE, block_sizes, dot_flags, launch_options, pick_config, project, to_device
 
 # H100 configs (reasoned, not measured). Two fp32 [128, 128] accumulators at 8 warps are
 # 128 registers/thread. With both operands of both products pipelined (cp.async) and the
@@ -243,7 +243,7 @@ def factored_scores_grouped(problems: Sequence[dict], per_token: bool = False,
                      int(mask is not None), acts.shape[1], acts.shape[2], grads.shape[2], left.shape[2],
                      triton.cdiv(tb, splits) if tb else 0, *acts.stride(), *grads.stride(), *left.stride(),
                      *right.stride(), s_mn, s_mt, out.stride(0), out.stride(1)])
-    desc = torch.tensor(rows, dtype=torch.int64).to(device)
+    desc = to_device(torch.tensor(rows, dtype=torch.int64), device)
     aligned, k_aligned = _aligned(problems), _k_aligned(problems)
     grid = (len(problems) * n * splits * n_cb,)
     if grid[0] > 0:

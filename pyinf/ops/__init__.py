@@ -147,6 +147,9 @@ def factored_scores_grouped(problems, *, per_token: bool = False, backend: str =
         if p["acts"].shape[0] != n or p["left"].shape[0] != q:
             raise ValueError(f"pyinf.ops.{op}: all problems must share N={n} and Q={q}; problem {i} has "
                              f"N={p['acts'].shape[0]}, Q={p['left'].shape[0]}")
+        if p["acts"].device != checked[0]["acts"].device:  # one launch reads them all
+            raise ValueError(f"pyinf.ops.{op}: all problems must be on one device; problem 0 is on "
+                             f"{checked[0]['acts'].device}, problem {i} on {p['acts'].device}")
     tensors = [t for p in checked for t in (p["acts"], p["grads"], p["left"], p["right"])]
     return _run(op, backend, tensors, dict(groups=len(checked), n=n, q=q), checked, per_token=per_token)
 
