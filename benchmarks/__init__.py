@@ -114,9 +114,10 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     return dict(ms=statistics.median(samples), p20_ms=q(0.2), p80_ms=q(0.8), min_ms=samples[0], reps=len(samples))
 
 
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device, with_result: bool = False):
     """Peak memory ``fn()`` allocates on top of what is already allocated (its result
-    included), from ``torch.cuda.max_memory_allocated`` deltas; None off CUDA."""
+    included), from ``torch.cuda.max_memory_allocated`` deltas; None off CUDA. With
+    ``with_result``: (that peak, the result), so a caller can tell the result's bytes apart."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
@@ -124,9 +125,11 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional
     torch.cuda.reset_peak_memory_stats(device)
     out = fn()
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
+    peak = int(torch.cuda.max_memory_allocated(device) - base)
+    if with_result:
+        return peak, out
     del out
-    return int(peak)
+    return peak
 
 
 class WallTimer:

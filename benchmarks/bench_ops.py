@@ -25,13 +25,14 @@ import pyinf.ops as ops
 from pyinf.ops import _registry
 
 from . import default_device, peak_extra_bytes, sync, time_fn, until_out_of_time
-from .shapes import OPS, GroupedWorkload, OpWorkload, flops, grouped_workload, op_workloads, peak_matmul_size
+from .shapes import (OPS, PER_TOKEN_OP, GroupedWorkload, OpWorkload, dispatched_op, flops, grouped_workload,
+                     op_workloads, peak_matmul_size)
 
 BACKENDS = tuple(ops.BACKENDS)  # ("torch", "triton", "native")
 # Ops whose native CUDA kernels run on tensor cores for 16-bit inputs (the default, see
 # csrc/include/pyinf/pyinf.h); their fp32 FMA kernels (PYINF_NATIVE_TC=0) are benchmarked
 # beside them as the extra variant "native-fma".
-TENSOR_CORE_OPS = ("factored_scores", "eigen_correction", "self_influence")
+TENSOR_CORE_OPS = ("factored_scores", PER_TOKEN_OP, "eigen_correction", "self_influence")
 
 
 def bench_dtype(device: torch.device) -> torch.dtype:
@@ -65,7 +66,7 @@ def make_inputs(op: str, w: OpWorkload, dtype: torch.dtype, device: torch.device
         x["q_s"] = randn(w.d_out, w.d_out, scale=w.d_out ** -0.5)
     if op == "self_influence":
         x["lambdas"] = torch.rand(w.d_out, w.d_in, generator=g, device=device, dtype=torch.float32).add_(0.1)
-    if op == "factored_scores":
+    if op in ("factored_scores", PER_TOKEN_OP):
         x["left"] = randn(w.q, w.d_out, w.r, scale=w.d_out ** -0.5)
         x["right"] = randn(w.q, w.d_in, w.r, scale=w.d_in ** -0.5)
     if op == "dense_scores":
@@ -80,7 +81,7 @@ def tensors_of(op: str, x: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
     keys = {"eigen_correction": ("acts", "grads", "q_a", "q_s"),
             "self_influence": ("acts", "grads", "q_a", "q_s", "lambdas"),
             "factored_scores": ("acts", "grads", "left", "right"),
-            "dense_scores": ("acts", "grads", "dense")}[op]
+            "dense_scores": ("acts", "grads", "dense")}[dispatched_op(op)]
     return [x[k] for k in keys]
 
 
@@ -95,8 +96,10 @@ def op_call(op: str, backend: str, x: Dict[str, torch.Tensor]) -> Callable[[], o
     if op == "self_influence":
         return lambda: ops.self_influence(x["acts"], x["grads"], x["q_a"], x["q_s"], x["lambdas"], 0.1,
                                           backend=backend)
-    if op == "factored_scores":
-        return lambda: ops.factored_scores(x["acts"], x["grads"], x["left"], x["right"], backend=backend)
+    if op in ("factored_scores", PER_TOKEN_OP):
+        per_token = op == PER_TOKEN_OP
+        return lambda: ops.factored_scores(x["acts"], x["grads"], x["left"], x["right"], per_token=per_token,
+                                           backend=backend)
     if op == "dense_scores":
         return lambda: ops.dense_scores(x["acts"], x["grads"], x["dense"], backend=backend)
     raise ValueError(op)
@@ -149,15 +152,16 @@ def unfused_call(op: str, x: Dict[str, torch.Tensor]) -> Optional[Callable[[], t
     acts, grads = x["acts"], x["grads"]
     n, t, d_in = acts.shape
     d_out = grads.shape[-1]
-    if op == "factored_scores":
+    if op in ("factored_scores", PER_TOKEN_OP):
         q, _, r = x["left"].shape
         left_cols = x["left"].permute(1, 0, 2).reshape(d_out, q * r).contiguous()
         right_cols = x["right"].permute(1, 0, 2).reshape(d_in, q * r).contiguous()
+        summed = (3,) if op == PER_TOKEN_OP else (1, 3)  # per token: over the rank only
 
         def run():
             gl = grads @ left_cols  # two matmuls ...
             ar = acts @ right_cols
-            return (gl.float() * ar.float()).view(n, t, q, r).sum((1, 3))  # ... multiply, sum
+            return (gl.float() * ar.float()).view(n, t, q, r).sum(summed)  # ... multiply, sum
         return run
     if op == "dense_scores":
         p_flat = x["dense"].reshape(x["dense"].shape[0], -1)
@@ -246,6 +250,25 @@ LONG_CALL_MS = 300.0
 MAX_PREDICTED_S = 30.0
 
 
+def _first_call_ms(fn, device):
+    """(ms, result) of one synchronised call after an untimed one on a GPU: the first call of
+    a shape compiles (Triton JIT) and an unsynchronised one times only the launches, and this
+    time chooses how the variant is timed (LONG_CALL_MS, SLOW_CALL_MS)."""
+    if device.type == "cuda":
+        fn()
+        sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def _result_bytes(out) -> int:
+    if isinstance(out, (tuple, list)):
+        return sum(_result_bytes(o) for o in out)
+    return out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
+
+
 def _measure(fn, device, preset, label_flops, peak_tflops, backend=None, first_ms=None):
     if _interpreted(device, backend) and first_ms is not None:
         timing = dict(ms=first_ms, p20_ms=first_ms, p80_ms=first_ms, min_ms=first_ms, reps=1)
@@ -258,10 +281,12 @@ def _measure(fn, device, preset, label_flops, peak_tflops, backend=None, first_m
     rec = dict(timing)
     rec["tflops"] = label_flops / (timing["ms"] * 1e-3) / 1e12
     rec["pct_peak"] = 100.0 * rec["tflops"] / peak_tflops if peak_tflops else None
-    rec["peak_extra_mb"] = None
-    mem = peak_extra_bytes(fn, device) if timing["reps"] > 1 else None  # not one more slow call
+    rec["peak_extra_mb"] = rec["temp_mb"] = None
+    mem = peak_extra_bytes(fn, device, with_result=True) if timing["reps"] > 1 else None  # not one more slow call
     if mem is not None:
-        rec["peak_extra_mb"] = mem / 2**20
+        peak, result = mem
+        rec["peak_extra_mb"] = peak / 2**20
+        rec["temp_mb"] = (peak - _result_bytes(result)) / 1e6  # the temporaries: the op's own output left out
     return rec
 
 
@@ -292,7 +317,7 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
                 for name in backends:
                     if name == "torch":
                         continue
-                    reason = _registry.unsupported_reason(name, op, tensors_of(op, x))
+                    reason = _registry.unsupported_reason(name, dispatched_op(op), tensors_of(op, x))
                     if reason is None and device.type == "cpu" and name == "triton" and preset != "smoke":
                         reason = "Triton on CPU runs in the interpreter; only the smoke preset exercises it"
                     if reason is not None:
@@ -302,7 +327,7 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
                     if name == "native" and op in TENSOR_CORE_OPS and device.type == "cuda":
                         # The FMA kernels (PYINF_NATIVE_TC=0), side by side with the tensor-core default.
                         variants.append(("native-fma", _with_env("PYINF_NATIVE_TC", "0", op_call(op, name, x))))
-                    if name == "native" and op == "factored_scores" and sm90_kernel_available(device):
+                    if name == "native" and dispatched_op(op) == "factored_scores" and sm90_kernel_available(device):
                         # The Hopper TMA + wgmma kernel, opt-in until these numbers say it wins.
                         variants.append(("native-sm90", _with_env("PYINF_NATIVE_SM90", "1", op_call(op, name, x))))
                         # its other K-loop modes: waiting for every K step's wgmma (what keeping one in
@@ -321,9 +346,7 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
                         log(f"[ops] {op:<17} {w.name:<30} {name:<8} skipped: {why}")
                         continue
                     try:
-                        t0 = time.perf_counter()
-                        out = fn()
-                        first_ms = (time.perf_counter() - t0) * 1e3
+                        first_ms, out = _first_call_ms(fn, device)
                         err = _rel_err(out, ref_out)
                         del out
                         rec = _measure(fn, device, preset, f, peak_tflops, name, first_ms)
@@ -404,9 +427,7 @@ def run_grouped(preset: str, device: Optional[torch.device] = None, *, peak=None
     with until_out_of_time(skipped, op="factored_scores_grouped", backend="(the rest)", workload=gw.name):
         for name, fn in variants:
             try:
-                t0 = time.perf_counter()
-                out = fn()
-                first_ms = (time.perf_counter() - t0) * 1e3
+                first_ms, out = _first_call_ms(fn, device)
                 err = _rel_err(list(out), list(ref))
                 del out
                 rec = _measure(fn, device, preset, f, float(peak["tflops"]), name.split(":")[-1], first_ms)
@@ -418,7 +439,14 @@ def run_grouped(preset: str, device: Optional[torch.device] = None, *, peak=None
             rec.update(variant=name, flops=f, rel_err_vs_torch=err, dtype=str(dtype).replace("torch.", ""))
             records.append(rec)
             log(f"[grouped] {gw.name} {name:<16} {rec['ms']:9.3f} ms {rec['tflops']:8.2f} TFLOP/s")
-    _add_speedups(records, dict(speedup_vs_torch_loop="loop:torch"), lambda r: (r["variant"],))
+    # the unfused loop is issue 3's baseline ("the per-layer PyTorch loop"); the fp32 reference
+    # loop is slower still, and each fused backend's own loop shows what grouping alone buys
+    _add_speedups(records, dict(speedup_vs_torch_loop="loop:torch", speedup_vs_unfused_loop="loop:unfused"),
+                  lambda r: (r["variant"],))
+    for rec in records:
+        kind, _, backend = rec["variant"].partition(":")
+        own = next((o for o in records if o["variant"] == f"loop:{backend}"), None)
+        rec["speedup_vs_own_loop"] = own["ms"] / rec["ms"] if kind == "grouped" and own is not None else None
     workload = dict(name=gw.name, layers=[list(x) for x in gw.layers], n=gw.n, t=gw.t, q=gw.q, r=gw.r)
     del problems, ref
     _free(device)

@@ -83,7 +83,7 @@ case "$mode" in
     note "tests: rc=$? $(grep -cE ' PASSED' "$OUT/tests.txt") passed, $(grep -cE ' (FAILED|ERROR)' "$OUT/tests.txt") failed, after $(( $(date +%s) - start )) s"
     grep -E " (FAILED|ERROR)" "$OUT/tests.txt" | head -20 | tee -a "$summary"
     # 2. The headline kernels at the GPT-2 and Llama shapes, all backends side by side.
-    bench 150 ops --only ops --ops factored_scores,eigen_correction,self_influence --workloads gpt2,llama
+    bench 150 ops --only ops --ops factored_scores,eigen_correction,self_influence,factored_scores_per_token --workloads gpt2,llama
     # 2b. All 24 MLP layers of GPT-2 in one grouped call against per-layer loops (issue 3's
     #     grouped target; the native backend's grouped launch, row 28).
     bench 45 grouped --only grouped

@@ -188,6 +188,43 @@ def _dedupe_skips(skipped: List[Dict[str, str]]) -> List[str]:
     return out
 
 
+# pyinf's precision names -> kronfluence's (bench_e2e.run_kronfluence)
+KRONFLUENCE_PRECISION = {"bfloat16": "bf16", "float32": "fp32"}
+
+
+def _headline_ratios(e: Dict[str, object], smoke: bool) -> List[str]:
+    """Issue 5's headline: pyinf's fastest run of the workload's precision against
+    kronfluence's fastest of the same precision (any batch size), for scoring and fitting."""
+    dtype = e["workload"]["dtype"]
+    mine = [r for r in e["runs"] if r["library"] == "pyinf" and r["precision"] == dtype]
+    theirs = [r for r in e["runs"] if r["library"] == "kronfluence" and r["precision"] == KRONFLUENCE_PRECISION.get(dtype)]
+    if not mine or not theirs:
+        return []
+    lines = []
+    for what, key, goal in (("scoring", "score_s", 10.0), ("fit", "fit_s", 5.0)):
+        p, k = min(mine, key=lambda r: r[key]), min(theirs, key=lambda r: r[key])
+        x = k[key] / p[key]
+        verdict = "" if smoke else f" (goal {goal:g}x: {'met' if x >= goal else 'not met'})"
+        lines.append(f"- best against best, {what}: pyinf {_f(p[key])} s (batch {p['batch_size']}"
+                     f"{', compile=True' if p.get('compile') else ''}{', checkpoint=True' if p.get('checkpoint') else ''}) "
+                     f"against kronfluence {_f(k[key])} s (batch {k['batch_size']}): {_f(x)}x{verdict}")
+    return lines
+
+
+def _per_token_ratios(records: List[Dict[str, object]]) -> List[str]:
+    """One line per (backend, workload) measured both per token and per document."""
+    from .shapes import PER_TOKEN_OP
+
+    pairwise = {(r["backend"], r["workload"]["name"]): r for r in records if r["op"] == "factored_scores"}
+    lines = []
+    for r in (r for r in records if r["op"] == PER_TOKEN_OP):
+        p = pairwise.get((r["backend"], r["workload"]["name"]))
+        if p is not None:
+            lines.append(f"- {r['backend']} {r['workload']['name']}: {_f(r['ms'])} ms vs {_f(p['ms'])} ms = "
+                         f"{_f(r['ms'] / p['ms'])}x")
+    return lines
+
+
 def _floor_ratios(e: Dict[str, object], smoke: bool) -> List[str]:
     """One line per pyinf run with a floor at its batch size: its scoring seconds (queries
     included, and the document pass alone) over the floor's forward + input-gradient pass."""
@@ -200,11 +237,14 @@ def _floor_ratios(e: Dict[str, object], smoke: bool) -> List[str]:
                  and bool(f["compiled"]) == bool(r.get("compile")) and f.get("fwd_inputgrad_s")]
         if not floor:
             continue
-        fs = floor[0]["fwd_inputgrad_s"]
+        # the e2e runs take the loss through the fused head: held against the floor with the same head
+        fused = floor[0].get("fwd_inputgrad_fused_s")
+        fs = fused or floor[0]["fwd_inputgrad_s"]
         ratio = r["score_s"] / fs
         goal = "" if smoke else f" (goal: {'met' if ratio <= 1.15 else 'not met'})"
-        lines.append(f"- {run_label(r)}: scoring {_f(r['score_s'])} s = {_f(ratio)}x the floor's {_f(fs)} s{goal}; "
-                     f"the document pass alone {_f(r['pairwise_s'])} s = {_f(r['pairwise_s'] / fs)}x")
+        lines.append(f"- {run_label(r)}: scoring {_f(r['score_s'])} s = {_f(ratio)}x the floor's {_f(fs)} s"
+                     f"{' (fused head)' if fused else ''}{goal}; the document pass alone {_f(r['pairwise_s'])} s = "
+                     f"{_f(r['pairwise_s'] / fs)}x")
     return lines
 
 
@@ -256,7 +296,8 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
                    "per-document gradients, then one GEMM with the flattened queries); `torch` is the reference "
                    "backend (fp32 compute). "
                    "'vs torch' / 'vs unfused' are speed-ups (>1 = faster than that baseline). "
-                   "Extra MB: peak device memory above the inputs (CUDA only). Err: relative to the torch backend."
+                   "Extra MiB: peak device memory above the inputs, the result included; temp MB: the same "
+                   "without the result (the op's temporaries; CUDA only). Err: relative to the torch backend."
                    + (" Triton here runs in its CPU interpreter and is timed once." if env.get("triton_interpret") == "1"
                       and env["device_type"] == "cpu" else ""))
         out.append("")
@@ -264,10 +305,16 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
         for r in ops_res["records"]:
             rows.append([r["op"], _shape(r["workload"]), r["backend"], _f(r["ms"]), _f(r["tflops"]),
                          _f(r["pct_peak"], 2), _f(r.get("speedup_vs_torch")), _f(r.get("speedup_vs_unfused")),
-                         _f(r.get("peak_extra_mb")), "-" if r.get("rel_err_vs_torch") is None else f"{r['rel_err_vs_torch']:.1e}"])
+                         _f(r.get("peak_extra_mb")), _f(r.get("temp_mb")),
+                         "-" if r.get("rel_err_vs_torch") is None else f"{r['rel_err_vs_torch']:.1e}"])
         out.append(_table(["op", "shape", "backend", "ms", "TFLOP/s", "% peak", "vs torch", "vs unfused",
-                           "extra MB", "err"], rows))
+                           "extra MiB", "temp MB", "err"], rows))
         out.append("")
+        per_token = _per_token_ratios(ops_res["records"])
+        if per_token:
+            out.append("Per-token scores against document scores, same shape and backend (issue 3: at most 1.2x):")
+            out += per_token
+            out.append("")
         if ops_res.get("skipped"):
             out.append("Not run:")
             out += _dedupe_skips(ops_res["skipped"])
@@ -285,10 +332,15 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
         out.append(f"#### Grouped scoring: {w['name']} ({len(w['layers'])} problems, N={w['n']} T={w['t']} "
                    f"Q={w['q']} r={w['r']})")
         out.append("")
-        rows = [[r["variant"], _f(r["ms"]), _f(r["tflops"]), _f(r["pct_peak"], 2), _f(r.get("speedup_vs_torch_loop")),
-                 _f(r.get("peak_extra_mb")), "-" if r.get("rel_err_vs_torch") is None else f"{r['rel_err_vs_torch']:.1e}"]
+        rows = [[r["variant"], _f(r["ms"]), _f(r["tflops"]), _f(r["pct_peak"], 2), _f(r.get("speedup_vs_unfused_loop")),
+                 _f(r.get("speedup_vs_own_loop")), _f(r.get("speedup_vs_torch_loop")), _f(r.get("peak_extra_mb")),
+                 "-" if r.get("rel_err_vs_torch") is None else f"{r['rel_err_vs_torch']:.1e}"]
                 for r in g["records"]]
-        out.append(_table(["variant", "ms", "TFLOP/s", "% peak", "vs torch loop", "extra MB", "err"], rows))
+        out.append("'vs unfused loop' is issue 3's target (>= 3x the per-layer PyTorch loop); 'vs own loop' the same "
+                   "backend's single-layer calls one after another; the torch loop is the fp32 reference's.")
+        out.append("")
+        out.append(_table(["variant", "ms", "TFLOP/s", "% peak", "vs unfused loop", "vs own loop", "vs torch loop",
+                           "extra MiB", "err"], rows))
         out.append("")
         if g.get("skipped"):
             out.append("Not run:")
@@ -355,17 +407,22 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
             fit_extra = (f" (cov {_f(phases['covariance_pass'])} + eigh {_f(phases['eigendecomposition'])}{workers} + "
                          f"Lambda {_f(phases['lambda_pass'])})") if len(phases) == 3 else ""
             library = r["library"] + (" (compile=True)" if r.get("compile") else "") + (
-                " (checkpoint=True)" if r.get("checkpoint") else "")
+                " (checkpoint=True)" if r.get("checkpoint") else "") + (
+                " (accuracy reference: not warmed up)" if r.get("reference") else "")
             rows.append([library, r["precision"], r["batch_size"], _f(r["fit_s"]) + fit_extra, _f(r["fit_docs_per_s"]),
                          _f(r["score_s"]) + extra, _f(r["score_docs_per_s"]), _gb(r.get("fit_peak_bytes")),
                          _gb(r.get("score_peak_bytes"))])
         out.append(_table(["library", "precision", "batch", "fit s", "fit docs/s", "score s", "score docs/s",
                            "fit peak GB", "score peak GB"], rows))
         out.append("")
-        ratios = []
-        for p in (r for r in e["runs"] if r["library"] == "pyinf"):
+        ratios = _headline_ratios(e, smoke)
+        for p in (r for r in e["runs"] if r["library"] == "pyinf" and not r.get("reference")):
             for k in (r for r in e["runs"] if r["library"] == "kronfluence" and r["batch_size"] == p["batch_size"]):
                 fit_x, score_x = k["fit_s"] / p["fit_s"], k["score_s"] / p["score_s"]
+                if KRONFLUENCE_PRECISION.get(p["precision"]) != k["precision"]:  # a reference row: no verdict
+                    ratios.append(f"- batch {p['batch_size']}: pyinf {p['precision']} vs kronfluence {k['precision']} "
+                                  f"(other precisions, no verdict): fit {_f(fit_x)}x, scoring {_f(score_x)}x")
+                    continue
                 mem = ""
                 if p.get("score_peak_bytes") is not None and k.get("score_peak_bytes") is not None:
                     pm = max(p["score_peak_bytes"], p.get("fit_peak_bytes") or 0)
@@ -382,7 +439,8 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
                     f"fit {_f(fit_x)}x (goal 5x: {'met' if fit_x >= 5 else 'not met'}), scoring {_f(score_x)}x "
                     f"(milestone 5x: {'met' if score_x >= 5 else 'not met'}; goal 10x: "
                     f"{'met' if score_x >= 10 else 'not met'}){mem}")
-        for p in (r for r in e["runs"] if r["library"] == "pyinf" and r.get("score_peak_bytes") is not None):
+        for p in (r for r in e["runs"] if r["library"] == "pyinf" and not r.get("reference")
+                  and r.get("score_peak_bytes") is not None):
             # The memory goal: a batch 4x kronfluence's fits in kronfluence's memory.
             for k in (r for r in e["runs"] if r["library"] == "kronfluence" and r.get("score_peak_bytes") is not None
                       and p["batch_size"] == 4 * r["batch_size"]):
@@ -428,10 +486,13 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
             out.append("")
         if e.get("floor"):
             rows = [[f["batch_size"], "yes" if f["compiled"] else "no", _f(f.get("train_step_s")),
-                     _f(f.get("fwd_inputgrad_s")), _gb(f.get("fwd_inputgrad_peak_bytes"))] for f in e["floor"]]
-            out.append("Floor: the same model over the same documents (no influence work):")
+                     _f(f.get("fwd_inputgrad_s")), _f(f.get("fwd_inputgrad_fused_s")),
+                     _gb(f.get("fwd_inputgrad_peak_bytes"))] for f in e["floor"]]
+            out.append("Floor: the same model over the same documents (no influence work); 'fused head' takes the "
+                       "loss as pyinf's runs do (pyinf.fused_ce, no fp32 logits):")
             out.append("")
-            out.append(_table(["batch", "compiled", "training step s", "fwd + input-grad bwd s", "peak GB"], rows))
+            out.append(_table(["batch", "compiled", "training step s", "fwd + input-grad bwd s", "same, fused head s",
+                               "peak GB"], rows))
             out.append("")
         if e.get("skipped"):
             out.append("Not run:")

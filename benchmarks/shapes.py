@@ -44,6 +44,8 @@ def flops(op: str, w: OpWorkload) -> float:
     """The dispatcher's own count (pyinf.ops._preferences.work), per benchmarked call."""
     if op == "covariance":  # both factors of the layer: A from acts, S from grads
         return work(op, dict(n=w.n, t=w.t, d=w.d_in)) + work(op, dict(n=w.n, t=w.t, d=w.d_out))
+    if op == PER_TOKEN_OP:  # the same two products; the epilogue writes [N, T, Q] instead
+        op = "factored_scores"
     if op not in OPS:
         raise ValueError(f"no FLOP formula for {op!r}")
     return work(op, dict(n=w.n, t=w.t, d_in=w.d_in, d_out=w.d_out, q=w.q, r=w.r))
@@ -91,7 +93,7 @@ def unmatched_workload_filters(filters, ops, preset: str) -> List[str]:
 def op_workloads(op: str, preset: str) -> List[OpWorkload]:
     """Workloads for one op. Score ops use the scoring shapes (Q, r); covariance,
     eigen-correction and self-influence use the factor-fitting shapes."""
-    if op in ("factored_scores", "dense_scores"):
+    if op in ("factored_scores", PER_TOKEN_OP, "dense_scores"):
         # dense_scores at Llama Q=80 needs a [Q, d_out, d_in] query tensor of 7.2 GB in
         # bf16 (14.4 GB as the torch reference's fp32 copy): fits on an 80 GB GPU.
         return _score_workloads(preset)
@@ -100,7 +102,16 @@ def op_workloads(op: str, preset: str) -> List[OpWorkload]:
     raise ValueError(op)
 
 
-OPS: Tuple[str, ...] = ("covariance", "eigen_correction", "self_influence", "factored_scores", "dense_scores")
+# factored_scores(per_token=True), benchmarked as an op of its own (issue 3: at most 1.2x the
+# time of the document scores at the same shape); the dispatcher's op is factored_scores.
+PER_TOKEN_OP = "factored_scores_per_token"
+OPS: Tuple[str, ...] = ("covariance", "eigen_correction", "self_influence", "factored_scores", PER_TOKEN_OP,
+                        "dense_scores")
+
+
+def dispatched_op(op: str) -> str:
+    """The pyinf.ops function a benchmarked op calls."""
+    return "factored_scores" if op == PER_TOKEN_OP else op
 
 
 # --------------------------------------------------------------------------------------

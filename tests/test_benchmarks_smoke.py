@@ -245,7 +245,7 @@ def test_preferences_from_measurements(tmp_path):
         rec("factored_scores", *small[:1], "unfused", 0.01, *small[1:]),    # not a backend either
         rec("factored_scores", *large[:1], "torch", 2000.0, *large[1:]),
         rec("factored_scores", *large[:1], "triton", 1800.0, *large[1:]),
-        rec("factored_scores", *large[:1], "native", 900.0, *large[1:], err=0.5),  # wrong: never chosen
+        rec("factored_scores", *large[:1], "native", 2500.0, *large[1:]),
         rec("covariance", "gpt2", "triton", 0.1, 8, 512, 768, 3072),
         rec("covariance", "gpt2", "torch", 0.2, 8, 512, 768, 3072),
     ]
@@ -273,6 +273,18 @@ def test_preferences_from_measurements(tmp_path):
     assert _preferences.preferred("factored_scores", shape, table) == "native"
     assert _preferences.preferred("factored_scores", dict(shape, t=2048, d_in=4096, d_out=11008, q=80), table) == "triton"
     assert _preferences.preferred("self_influence", shape, table) is None
+    # A backend off the reference anywhere (a biased layout too), or failing, is never chosen
+    # for that op: the tolerance is DESIGN.md's 1e-2, doubled for the squared eigen ops.
+    wrong_at_large = records[:7] + [rec("factored_scores", *large[:1], "native", 900.0, *large[1:], err=0.5)]
+    assert preferences.rules(wrong_at_large)[0]["factored_scores"] == [(None, "triton")]
+    wrong_biased = records[:8] + [dict(rec("factored_scores", *small[:1], "native", 0.1, *small[1:], err=0.02),
+                                       workload=dict(records[2]["workload"], bias=True))]
+    assert preferences.rules(wrong_biased)[0]["factored_scores"] == [(None, "triton")]
+    failed = [dict(op="factored_scores", backend="native", workload="llama", reason="failed: RuntimeError: ...")]
+    assert preferences.rules(records, failures=failed)[0]["factored_scores"] == [(None, "triton")]
+    eigen = [rec("eigen_correction", "gpt2", "torch", 0.3, 8, 512, 768, 3072),
+             rec("eigen_correction", "gpt2", "triton", 0.1, 8, 512, 768, 3072, err=1.5e-2)]
+    assert preferences.rules(eigen)[0]["eigen_correction"] == [(None, "triton")]  # within 2e-2
     # the grouped section: the fastest correct grouped call; loops and wrong results never win
     grouped = dict(workload=dict(name="gpt2-small 24 MLP layers"), records=[
         dict(variant="loop:torch", ms=9.0, rel_err_vs_torch=0.0), dict(variant="loop:native", ms=0.5, rel_err_vs_torch=0.0),
@@ -365,3 +377,21 @@ def test_run_stopped_by_sigterm_writes_what_it_measured(tmp_path):
     assert res["e2e"] == dict(error="not run: the step's time limit was reached before this section")
     text = md.read_text()
     assert "stopped by its time limit" in text and "#### Kernels" in text
+
+
+def test_report_holds_every_target_line(smoke):
+    """The lines each issue target is read from: per-token against document scores, grouped
+    against the unfused per-layer loop, best against best end to end, scoring against the
+    fused-head floor; and the temporaries' memory apart from the result."""
+    md, res = smoke["md"], smoke["res"]
+    assert "Per-token scores against document scores, same shape and backend" in md
+    assert any(r["op"] == "factored_scores_per_token" for r in res["ops"]["records"])
+    assert "| vs unfused loop | vs own loop |" in md
+    grouped = {r["variant"]: r for r in res["grouped"]["records"]}
+    assert grouped["grouped:torch"]["speedup_vs_unfused_loop"] > 0
+    assert grouped["grouped:native"]["speedup_vs_own_loop"] > 0
+    assert "- best against best, scoring: pyinf" in md and "- best against best, fit: pyinf" in md
+    floor = smoke["res"]["e2e"]["floor"][0]
+    assert floor["fwd_inputgrad_fused_s"] > 0
+    assert "(fused head)" in md
+    assert "| extra MiB | temp MB | err |" in md
