@@ -399,6 +399,9 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
                    f"{wl['doc_len']} tokens, {wl['n_queries']} queries x {wl['query_len']} tokens, rank {wl['rank']}, "
                    f"{wl['fisher']} Fisher, damping 0.1 x mean(Lambda)")
         out.append("")
+        out.append("Both libraries' 'score s' include query preparation. kronfluence's also includes loading its "
+                   "factors from disk, which its API requires; pyinf keeps them in memory.")
+        out.append("")
         rows = []
         for r in e["runs"]:
             extra = f" (queries {_f(r['prepare_queries_s'])} s)" if "prepare_queries_s" in r else ""

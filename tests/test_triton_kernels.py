@@ -414,3 +414,18 @@ def test_dense_scores_document_offsets_past_2_31():
         ref = oracle.dense_scores(acts, grads, dense, per_token=per_token)
         assert oracle.rel_err(out, ref) < oracle.TOLERANCE[torch.bfloat16]
     del grads, base
+
+
+def test_grid_limits_split_documents_and_queries(monkeypatch):
+    """A CUDA grid holds at most 65535 programs in y and z: per-token dense scores take
+    queries and documents in pieces, and the rotations' chunks hold at most that many
+    documents (here the limit is lowered to 2, so that small shapes cross it)."""
+    monkeypatch.setattr(_shared, "GRID_YZ_LIMIT", 2)
+    acts, grads = torch.randn(5, 3, 4, device=DEVICE), torch.randn(5, 3, 6, device=DEVICE)
+    dense, mask = torch.randn(5, 6, 4, device=DEVICE), _mask(5, 3)
+    out = ops.dense_scores(acts, grads, dense, mask=mask, per_token=True, backend="triton")
+    assert oracle.rel_err(out, oracle.dense_scores(acts, grads, dense, mask, per_token=True)) < 1e-5
+    assert _shared.rotation_plan(5, 3, 4, 6, 4, 16, 1 << 20)[0] == 2
+    q_a, q_s = _orthonormal(4), _orthonormal(6)
+    out = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="triton")
+    assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask)) < 1e-5

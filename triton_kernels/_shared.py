@@ -203,6 +203,8 @@ def rotate(x: torch.Tensor, mask, q: torch.Tensor, col0: int, width: int, out: t
 # take. 32 MiB is under 5% of the 720 MB [N, d_out, d_in] fp32 temporary the unfused route
 # builds at Llama-7B up_proj size (N=4). Tests lower it to exercise chunking and slabs.
 ROTATED_TEMP_BYTES = 32 << 20
+# A CUDA grid's y and z dimensions hold at most this many programs.
+GRID_YZ_LIMIT = 65535
 
 
 def rotation_plan(n: int, t: int, d_in: int, d_out: int, elsize: int, block_i: int, budget: int):
@@ -214,7 +216,8 @@ def rotation_plan(n: int, t: int, d_in: int, d_out: int, elsize: int, block_i: i
     (one document, one BLOCK_I slab is the smallest step)."""
     per_doc = t * (d_in + d_out) * elsize
     if per_doc <= budget or t == 0:
-        return max(1, min(n, budget // max(1, per_doc))), d_out
+        # documents are the rotation's and self-influence's grid z: at most 65535 on a GPU
+        return max(1, min(n, budget // max(1, per_doc), GRID_YZ_LIMIT)), d_out
     spare_cols = (budget - t * d_in * elsize) // (t * elsize)
     slab = max(block_i, spare_cols // block_i * block_i)
     return 1, min(slab, d_out)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _shared
 from ._shared import TL_DTYPE, block_sizes, dot_flags, launch_options, mma, pick_config
 
 # H100 configs (reasoned, not measured; compiled for sm_90a without spills).
@@ -142,12 +143,16 @@ def dense_scores(acts, grads, dense, mask: Optional[torch.Tensor] = None, per_to
         if out.numel() == 0 or d_in == 0 or d_out == 0:
             return out
         cfg = pick_config(H100_PER_TOKEN, compute, INTERPRETER_PER_TOKEN)
-        for n0 in range(0, n, 65535):  # grid z limit
-            n1 = min(n, n0 + 65535)
-            grid = (triton.cdiv(t, cfg["BLOCK_T"]), q, n1 - n0)
-            _dense_per_token_kernel[grid](grads[n0:n1], acts[n0:n1], dense, m[n0:n1] if mask is not None else m,
-                                          out[n0:n1], t, d_out, d_in, *strides, out.stride(0), out.stride(1),
-                                          **flags, **block_sizes(cfg), **launch_options(cfg))
+        step = _shared.GRID_YZ_LIMIT  # grid y and z: queries and documents in pieces
+        for n0 in range(0, n, step):
+            n1 = min(n, n0 + step)
+            for q0 in range(0, q, step):
+                q1 = min(q, q0 + step)
+                grid = (triton.cdiv(t, cfg["BLOCK_T"]), q1 - q0, n1 - n0)
+                _dense_per_token_kernel[grid](grads[n0:n1], acts[n0:n1], dense[q0:q1],
+                                              m[n0:n1] if mask is not None else m, out[n0:n1, :, q0:q1], t, d_out,
+                                              d_in, *strides, out.stride(0), out.stride(1),
+                                              **flags, **block_sizes(cfg), **launch_options(cfg))
         return out
     if n == 0 or q == 0 or t == 0 or d_in == 0 or d_out == 0:
         return torch.zeros(n, q, dtype=torch.float32, device=acts.device)
