@@ -6,6 +6,10 @@
 #include <string>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "cpu_common.h"
 
 using namespace pyinf;
@@ -20,6 +24,22 @@ void factor_cols(const pyinf_tensor& f, std::vector<float>& out) {
       for (int64_t k = 0; k < R; ++k)
         out[o * Q * R + q * R + k] = load_host(f.data, f.dtype, q * f.strides[0] + o * f.strides[1] + k * f.strides[2]);
 }
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
 }  // namespace
 
 extern "C" pyinf_status pyinf_cpu_factored_scores(const pyinf_tensor* acts, const pyinf_tensor* grads,
@@ -30,14 +50,25 @@ extern "C" pyinf_status pyinf_cpu_factored_scores(const pyinf_tensor* acts, cons
   if (s != PYINF_SUCCESS) return s;
   PYINF_CPU_GUARD_BEGIN
   const int64_t N = d.n, T = d.t, Q = d.q, R = d.r, C = d.q * d.r, d_in = d.d_in, d_out = d.d_out;
+  if (C == 0) {  // no query, or rank 0: every score is 0
+    for (int64_t i = 0; i < N * (per_token ? T : 1) * Q; ++i) out[i] = 0.0f;
+    return PYINF_SUCCESS;
+  }
   std::vector<float> lcols, rcols;
   factor_cols(*left, lcols);
   factor_cols(*right, rcols);
   std::vector<float> tok(static_cast<size_t>(N * T * Q), 0.0f);  // per-token scores
+  // Each thread's rows (a, g) and products (gl, ar), allocated here: an exception cannot
+  // leave an OpenMP region, so a failed allocation inside one would abort the process
+  // instead of becoming PYINF_ERROR_OUT_OF_MEMORY.
+  const int64_t per_thread = d_in + d_out + 2 * C;
+  std::vector<float> scratch(static_cast<size_t>(max_threads() * per_thread));
 #pragma omp parallel
   {
-    std::vector<float> a(static_cast<size_t>(d_in)), g(static_cast<size_t>(d_out));
-    std::vector<float> gl(static_cast<size_t>(C)), ar(static_cast<size_t>(C));
+    float* const a = scratch.data() + thread_index() * per_thread;
+    float* const g = a + d_in;
+    float* const gl = g + d_out;
+    float* const ar = gl + C;
 #pragma omp for schedule(static)
     for (int64_t nt = 0; nt < N * T; ++nt) {
       const int64_t n = nt / T, t = nt % T;

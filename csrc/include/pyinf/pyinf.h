@@ -10,11 +10,13 @@
  * have its own dtype); masks are PYINF_BOOL (one byte per element, nonzero = keep).
  * Accumulation is float32 or wider; outputs are dense row-major float32 buffers.
  *
- * Shapes (same meaning as pyinf.ops, see DESIGN.md section 1):
+ * Shapes (the same as pyinf.ops in Python):
  *   acts [N, T, d_in], grads [N, T, d_out], x [N, T, d], mask [N, T] (or NULL)
  *   q_a [d_in, d_in], q_s [d_out, d_out], lambdas [d_out, d_in]
  *   left [Q, d_out, r], right [Q, d_in, r]
- * Masked-out token rows are never read into a result (NaN/Inf in padding cannot leak).
+ * Masked-out token rows are never read into a result (NaN/Inf in padding cannot leak), and
+ * their per-token scores are exactly 0. Sizes, and the products of sizes an op forms, above
+ * 2^60 elements are refused (PYINF_ERROR_INVALID_VALUE): stride-0 views can claim them.
  *
  * CPU entry points (pyinf_cpu_*) take host pointers and run synchronously (OpenMP).
  * CUDA entry points (pyinf_cuda_*) take device pointers, enqueue work on `stream` (a
@@ -81,7 +83,8 @@ typedef struct pyinf_tensor {
 } pyinf_tensor;
 
 PYINF_API const char* pyinf_status_string(pyinf_status status);
-/* Message of the last failing call on this thread ("" if none). */
+/* Message of the last failing call on this thread ("" if none); a successful call leaves it.
+ * The pointer stays valid until the next failing call on the same thread. */
 PYINF_API const char* pyinf_last_error(void);
 PYINF_API int pyinf_api_version(void);
 /* 1 when the CUDA kernels are compiled in, else 0. */
@@ -101,7 +104,8 @@ PYINF_API pyinf_status pyinf_cpu_eigen_correction(const pyinf_tensor* acts, cons
                                                   const pyinf_tensor* q_a, const pyinf_tensor* q_s,
                                                   const pyinf_tensor* mask, float* out);
 
-/* out [N] = sum_ij (Q_S^T DW_n Q_A)[i,j]^2 / (lambdas[i,j] + damping). */
+/* out [N] = sum_ij (Q_S^T DW_n Q_A)[i,j]^2 / (lambdas[i,j] + damping); lambdas is required,
+ * and damping must be >= 0 (not NaN), else PYINF_ERROR_INVALID_VALUE. */
 PYINF_API pyinf_status pyinf_cpu_self_influence(const pyinf_tensor* acts, const pyinf_tensor* grads,
                                                 const pyinf_tensor* q_a, const pyinf_tensor* q_s,
                                                 const pyinf_tensor* lambdas, float damping,
