@@ -25,19 +25,25 @@ from torch import nn
 
 # One compiled forward per block class (it takes the block as its first argument): identical
 # blocks share compiled code, and no block is kept alive by the cache.
-_COMPILED_BY_CLASS: Dict[type, object] = {}
+_COMPILED_BY_CLASS: Dict[type, tuple] = {}  # class -> (the forward compiled, its compiled form)
 
 
 def find_blocks(model: nn.Module, tracked: Dict[str, nn.Module]) -> List[nn.Module]:
-    """The repeated blocks of `model` that hold tracked layers (the longest such list)."""
+    """The repeated blocks of `model` that hold tracked layers (the longest list not nested in another)."""
     tracked_ids = {id(m) for m in tracked.values()}
-    best: List[nn.Module] = []
+    candidates = []
     for m in model.modules():
         if not isinstance(m, nn.ModuleList) or len(m) < 2 or len({type(c) for c in m}) != 1:
             continue
         if not any(id(sub) in tracked_ids for child in m for sub in child.modules()):
             continue
-        if len(m) > len(best):
+        candidates.append(m)
+    # The outermost lists: a block's own list of heads or experts can be longer than the list
+    # of blocks, and choosing it would leave every block but the first alone.
+    inner = {id(sub) for m in candidates for child in m for sub in child.modules()}
+    best: List[nn.Module] = []
+    for m in candidates:
+        if id(m) not in inner and len(m) > len(best):
             best = list(m)
     return best
 
@@ -57,9 +63,11 @@ class CompiledBlocks:
             if "forward" in block.__dict__:
                 continue  # someone else's per-instance forward: left as it is, uncompiled
             cls = type(block)
-            if cls not in _COMPILED_BY_CLASS:
-                _COMPILED_BY_CLASS[cls] = torch.compile(cls.forward)
-            block.forward = functools.partial(_COMPILED_BY_CLASS[cls], block)
+            source, compiled = _COMPILED_BY_CLASS.get(cls, (None, None))
+            if source is not cls.forward:  # first use, or the class's forward was replaced since
+                source, compiled = cls.forward, torch.compile(cls.forward)
+                _COMPILED_BY_CLASS[cls] = (source, compiled)
+            block.forward = functools.partial(compiled, block)
             self._installed.append(block)
         return self
 

@@ -239,7 +239,7 @@ def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: st
     clock.lap("eigendecomposition")
     lam, n_lambda = lambda_sums(**common, eigen=eigen, seed=seed + 1)
     clock.lap("lambda_pass")
-    meta = dict(fisher=fisher, n_examples=n_examples, seed=seed, dtype=str(dtype),
+    meta = dict(fisher=fisher, n_examples=n_examples, seed=int(seed), dtype=str(dtype),
                 n_tokens={n: int(cov[n][2]) for n in modules}, seconds=clock.seconds, eigh_workers=eigh_workers)
     return assemble_factors(specs, eigen, lam, n_lambda, dtype, meta)
 

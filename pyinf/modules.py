@@ -6,6 +6,7 @@ activations get a trailing 1 (a homogeneous coordinate), so ``d_in`` counts it.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -69,17 +70,28 @@ def _output_embedding_names(model: nn.Module) -> set:
     return names
 
 
+def _never_called(model: nn.Module) -> Dict[str, str]:
+    """Linear layers whose owner uses their weight directly, never calling them: name -> owner.
+    ``nn.MultiheadAttention`` reads ``out_proj.weight`` inside its functional forward, so
+    hooks and forward replacements on ``out_proj`` never run."""
+    return {f"{name}.out_proj" if name else "out_proj": type(m).__name__
+            for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def find_tracked_modules(model: nn.Module, names: Optional[List[str]] = None) -> Dict[str, nn.Module]:
     """The modules to track, in the model's own order. ``names=None`` means every
-    Linear/Conv1D layer except the output embedding."""
+    Linear/Conv1D layer except the output embedding and layers whose forward never runs
+    (``nn.MultiheadAttention.out_proj``)."""
     by_name = dict(model.named_modules())
+    never_called = _never_called(model)
     if names is None:
-        skip = _output_embedding_names(model)
+        skip = _output_embedding_names(model) | set(never_called)
         tracked = {n: m for n, m in by_name.items() if is_trackable(m) and n not in skip}
         if not tracked:
             raise ValueError(
                 f"{type(model).__name__} has no trackable layer (nn.Linear or Conv1D, output embedding excluded)"
             )
+        _warn_shared_weights(tracked)
         return tracked
     if len(names) == 0:
         raise ValueError("the task's tracked module list is empty")
@@ -90,6 +102,20 @@ def find_tracked_modules(model: nn.Module, names: Optional[List[str]] = None) ->
             raise ValueError(f"tracked module {n!r} is not in the model" + (f"; similar names: {near}" if near else ""))
         if not is_trackable(by_name[n]):
             raise ValueError(f"tracked module {n!r} is a {type(by_name[n]).__name__}; pyinf tracks nn.Linear and Conv1D")
+        if n in never_called:
+            raise ValueError(f"tracked module {n!r} is never called: its {never_called[n]} uses its weight "
+                             f"directly, so no input or output gradient of it can be captured")
         tracked[n] = by_name[n]
     order = {n: i for i, n in enumerate(by_name)}
-    return dict(sorted(tracked.items(), key=lambda kv: order[kv[0]]))
+    tracked = dict(sorted(tracked.items(), key=lambda kv: order[kv[0]]))
+    _warn_shared_weights(tracked)
+    return tracked
+
+
+def _warn_shared_weights(tracked: Dict[str, nn.Module]) -> None:
+    by_weight: Dict[int, List[str]] = {}
+    for n, m in tracked.items():
+        by_weight.setdefault(id(m.weight), []).append(n)
+    for group in (g for g in by_weight.values() if len(g) > 1):
+        warnings.warn(f"pyinf: tracked layers {group} share one weight; each is scored as a layer of its own, "
+                      f"so the cross terms between their gradients are left out (as in kronfluence)", stacklevel=4)

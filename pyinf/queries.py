@@ -278,6 +278,6 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
         if not d or next(iter(d.values())).shape[0] != n_queries:
             raise RuntimeError(f"module {n!r} did not receive a gradient for every query")
     meta = dict(rank=rank, svd=svd, n_queries=n_queries, factors_id=factors.id, damping=damping_by_module,
-                damping_arg=damping, self_influence=torch.cat([t.cpu() for t in self_terms]).tolist(),
+                damping_arg=None if damping is None else float(damping), self_influence=torch.cat([t.cpu() for t in self_terms]).tolist(),
                 measurements=measurements)
     return Queries(dict(specs), tensors, meta)

@@ -57,7 +57,7 @@ class StagedFit:
         check_shard(shard)
         self.engine, self.data, self.shard = engine, data, shard
         self.work_dir = Path(work_dir)
-        self.fisher, self.batch_size, self.seed = fisher, batch_size, seed
+        self.fisher, self.batch_size, self.seed = fisher, batch_size, int(seed)  # numpy ints: JSON needs int
         self.device = next(engine.model.parameters()).device
         self.eigh_workers = resolve_workers(eigh_workers, self.device)
         self.dtype = factor_dtype(engine.model)
@@ -67,7 +67,7 @@ class StagedFit:
         self.docs = shard_documents(len(data), shard)
         if len(self.docs) == 0:
             raise ValueError(f"shard {k}/{n} of {len(data)} documents holds none: use at most {len(data)} shards")
-        self.run = dict(run_meta or {}, model=model_fingerprint(engine.model), fisher=fisher, seed=seed,
+        self.run = dict(run_meta or {}, model=model_fingerprint(engine.model), fisher=fisher, seed=self.seed,
                         n_docs=len(data), shards=n, dtype=str(self.dtype),
                         modules=sorted(engine.modules))
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))

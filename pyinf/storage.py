@@ -74,11 +74,21 @@ def write_text_atomic(path, text: str) -> Path:
     return Path(path)
 
 
+def _meta_crc(header: Dict) -> int:
+    """Checksum of the metadata itself (everything but this checksum), in a canonical JSON
+    form: settings that results depend on (a query's measurement, the damping) live there."""
+    body = {k: v for k, v in header.items() if k != "meta_crc32"}
+    return zlib.crc32(json.dumps(body, sort_keys=True).encode())
+
+
 def save(path, kind: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Path:
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     header = dict(meta, format=FORMAT, kind=kind, versions=versions(),
-                  crc32={k: _crc(v) for k, v in tensors.items()})
+                  crc32={k: _crc(v) for k, v in tensors.items()},
+                  layout={k: [str(v.dtype).replace("torch.", ""), list(v.shape)] for k, v in tensors.items()})
+    header = json.loads(json.dumps(header))  # as it will read back (tuples become lists)
+    header["meta_crc32"] = _meta_crc(header)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"pyinf": json.dumps(header)})
     return path
@@ -109,6 +119,13 @@ def load(path, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
         raise CorruptFileError(f"{path}: format {meta.get('format')!r}, this pyinf reads {FORMAT!r}")
     if meta.get("kind") != kind:
         raise CorruptFileError(f"{path} holds pyinf {meta.get('kind')!r}, not {kind!r}")
+    if "meta_crc32" in meta and _meta_crc(meta) != meta["meta_crc32"]:  # files saved before it have none
+        raise CorruptFileError(f"{path}: its metadata fails its checksum (the file was altered or damaged)")
+    for k, (dtype, shape) in (meta.get("layout") or {}).items():
+        t = tensors.get(k)
+        if t is not None and (str(t.dtype).replace("torch.", ""), list(t.shape)) != (dtype, shape):
+            raise CorruptFileError(f"{path}: tensor {k!r} is {t.dtype} {tuple(t.shape)}, its metadata says "
+                                   f"{dtype} {tuple(shape)} (the file was altered or damaged)")
     expected = meta.get("crc32", {})
     if set(expected) != set(tensors):
         missing = sorted(set(expected) ^ set(tensors))[:5]
@@ -127,7 +144,9 @@ def hash_tensor(h, t: torch.Tensor) -> None:
 
 
 def differences(found: Dict, want: Dict) -> List[str]:
-    """``key: found there, wanted now`` for each entry of ``want`` that ``found`` does not match."""
+    """``key: found there, wanted now`` for each entry of ``want`` that ``found`` does not match.
+    ``want`` is compared as it reads back from a file's JSON (a tuple is a list there)."""
+    want = json.loads(json.dumps(want))
     return [f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in want.items() if found.get(k) != v]
 
 
@@ -162,5 +181,7 @@ def describe(path) -> Dict:
                 for k, v in ((k, f.get_slice(k)) for k in f.keys())}
 
     tensors, meta = _read(path, "pyinf file", shapes)
-    meta.pop("crc32", None)
-    return dict(path=str(path), bytes=path.stat().st_size, tensors=tensors, **meta)
+    for key in ("crc32", "meta_crc32", "layout"):  # checksums and the dtypes / shapes shown as `tensors`
+        meta.pop(key, None)
+    # the file's own facts win over metadata keys of the same name (a run_meta may hold "path")
+    return {**meta, "path": str(path), "bytes": path.stat().st_size, "tensors": tensors}

@@ -45,3 +45,52 @@ def test_blocks_are_the_repeated_layers_holding_tracked_modules():
     with pytest.warns(UserWarning, match="no list of repeated blocks"):
         engine = pyinf.InfluenceEngine(mlp, MLPTask(), progress=False, compile=True)
         engine.fit_factors(RegressionDataset(6), batch_size=3)
+
+
+def test_blocks_are_the_outermost_list():
+    """A block's own list of heads can be longer than the list of blocks: the blocks are
+    still the outer list (the inner one would leave every block but the first alone)."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleList(nn.Linear(4, 4) for _ in range(5))
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList(Block() for _ in range(3))
+    tracked = {f"blocks.{i}.heads.{j}": model.blocks[i].heads[j] for i in range(3) for j in range(5)}
+    assert find_blocks(model, tracked) == list(model.blocks)
+
+
+def test_compiled_forward_follows_a_replaced_class_forward(monkeypatch):
+    """The compiled forward is cached per block class, and compiled again when the class's
+    forward has been replaced since (a patched class ran its old code)."""
+    from torch import nn
+
+    from pyinf import compile as compile_mod
+
+    compiled = []
+    monkeypatch.setattr(compile_mod.torch, "compile", lambda fn: compiled.append(fn) or fn)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList(Block() for _ in range(2))
+    tracked = {"blocks.0.fc": model.blocks[0].fc, "blocks.1.fc": model.blocks[1].fc}
+    x = torch.randn(3, 2)
+    with compile_mod.CompiledBlocks(model, tracked):
+        model.blocks[0](x)
+    with compile_mod.CompiledBlocks(model, tracked):  # cached: not compiled again
+        model.blocks[0](x)
+    assert len(compiled) == 1
+    Block.forward = lambda self, x: 2 * self.fc(x)
+    with compile_mod.CompiledBlocks(model, tracked):
+        assert torch.allclose(model.blocks[1](x), 2 * model.blocks[1].fc(x))
+    assert len(compiled) == 2

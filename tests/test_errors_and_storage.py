@@ -200,3 +200,70 @@ def test_shared_module_called_twice_is_refused():
     with pytest.raises(RuntimeError, match="ran 2 times"):
         engine.fit_factors(data)
     assert "forward" not in engine.modules["fc"].__dict__  # hooks removed after the error
+
+
+def test_altered_metadata_is_refused(fitted, tmp_path):
+    """The metadata has its own checksum: a query's measurement changed in the header (the
+    tensors intact) is refused, as is a tensor whose dtype or shape differs from the record."""
+    engine, factors, queries, train = fitted
+    path = tmp_path / "q.safetensors"
+    queries.save(path)
+    raw = path.read_bytes()
+    key = b'measurements\\": ['  # the pyinf metadata is a JSON string inside safetensors' JSON header
+    i = raw.index(key) + len(key)
+    digit = next(j for j in range(i, i + 40) if raw[j:j + 1].isdigit())
+    altered = raw[:digit] + bytes([ord("9") if raw[digit] != ord("9") else ord("8")]) + raw[digit + 1:]
+    path.write_bytes(altered)
+    with pytest.raises(storage.CorruptFileError, match="its metadata fails its checksum"):
+        pyinf.Queries.load(path, factors=factors)
+
+
+def test_run_meta_with_tuples_numpy_scalars_and_info_keys(fitted, tmp_path, capsys):
+    """A run's settings are compared as they read back from JSON (a tuple is a list there),
+    numpy seeds and dampings are saved as numbers, and `pyinf info` shows a file whose
+    run_meta has keys of its own names (path, bytes, tensors)."""
+    np = pytest.importorskip("numpy")
+    engine, factors, queries, train = fitted
+    run_meta = {"window": (0, 512), "path": "somewhere"}
+    first = pyinf.score_corpus(engine, train, queries, tmp_path / "out", chunk_size=4, run_meta=run_meta,
+                               log=lambda *_: None)
+    again = pyinf.score_corpus(engine, train, queries, tmp_path / "out", chunk_size=4, run_meta=run_meta,
+                               log=lambda *_: None)
+    assert torch.equal(first, again)
+    from pyinf.cli import main
+
+    assert main(["info", str(next((tmp_path / "out" / "scores-chunks").iterdir()))]) == 0
+    assert '"path":' in capsys.readouterr().out
+    f = engine.fit_factors(train, batch_size=3, seed=np.int64(2))
+    f.save(tmp_path / "f.safetensors")
+    q = engine.prepare_queries(TokenDataset(2, seed=2, completion=2), f, rank=2, damping=np.float32(0.01))
+    q.save(tmp_path / "q.safetensors")
+    assert pyinf.Queries.load(tmp_path / "q.safetensors", factors=f).meta["damping_arg"] == pytest.approx(0.01)
+
+
+def test_layers_that_never_run_and_shared_weights():
+    """nn.MultiheadAttention reads out_proj's weight directly: left out of default tracking,
+    refused by name. Two tracked layers sharing a weight warn (their cross terms are left out).
+    A DataLoader with a reordering batch sampler warns that scores follow its order."""
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12)
+    from pyinf.modules import find_tracked_modules
+
+    assert "self_attn.out_proj" not in find_tracked_modules(layer)
+    with pytest.raises(ValueError, match="'self_attn.out_proj' is never called: its MultiheadAttention uses"):
+        find_tracked_modules(layer, ["self_attn.out_proj"])
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    with pytest.warns(UserWarning, match=r"tracked layers \['0', '2'\] share one weight"):
+        find_tracked_modules(model)
+
+    class Reversed(torch.utils.data.BatchSampler):
+        def __iter__(self):
+            return reversed(list(super().__iter__()))
+
+    from pyinf.data import make_loader
+
+    data = RegressionDataset(6, seed=1)
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=Reversed(torch.utils.data.SequentialSampler(data), batch_size=2, drop_last=False))
+    with pytest.warns(UserWarning, match="does not iterate in order"):
+        make_loader(loader, batch_size=2, what="training data")
