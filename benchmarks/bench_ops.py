@@ -366,7 +366,8 @@ def run_ops(preset: str, device: Optional[torch.device] = None, *, peak: Optiona
                 _free(device)
     _add_speedups(records, dict(speedup_vs_torch="torch", speedup_vs_unfused="unfused"),
                   lambda r: (r["op"], r["workload"]["name"], r["backend"]))
-    return dict(dtype=str(dtype).replace("torch.", ""), records=records, skipped=skipped)
+    # the peak this section's "% peak" divides by (sections of separate runs have their own)
+    return dict(dtype=str(dtype).replace("torch.", ""), records=records, skipped=skipped, peak=peak)
 
 
 def _add_speedups(records, baselines: Dict[str, str], key) -> None:
@@ -450,7 +451,7 @@ def run_grouped(preset: str, device: Optional[torch.device] = None, *, peak=None
     workload = dict(name=gw.name, layers=[list(x) for x in gw.layers], n=gw.n, t=gw.t, q=gw.q, r=gw.r)
     del problems, ref
     _free(device)
-    return dict(workload=workload, records=records, skipped=skipped)
+    return dict(workload=workload, records=records, skipped=skipped, peak=peak)
 
 
 # --------------------------------------------------------------------------------------

@@ -211,6 +211,17 @@ def _headline_ratios(e: Dict[str, object], smoke: bool) -> List[str]:
     return lines
 
 
+def _self_influence_vs_eigen(records: List[Dict[str, object]]) -> List[str]:
+    unfused = {r["workload"]["name"]: r for r in records if r["op"] == "eigen_correction" and r["backend"] == "unfused"}
+    lines = []
+    for r in records:
+        base = unfused.get(r["workload"]["name"])
+        if r["op"] == "self_influence" and r["backend"] not in ("torch", "unfused") and base is not None:
+            lines.append(f"- {r['backend']} {r['workload']['name']}: {_f(r['ms'])} ms against {_f(base['ms'])} ms = "
+                         f"{_f(base['ms'] / r['ms'])}x")
+    return lines
+
+
 def _per_token_ratios(records: List[Dict[str, object]]) -> List[str]:
     """One line per (backend, workload) measured both per token and per document."""
     from .shapes import PER_TOKEN_OP
@@ -310,6 +321,17 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
         out.append(_table(["op", "shape", "backend", "ms", "TFLOP/s", "% peak", "vs torch", "vs unfused",
                            "extra MiB", "temp MB", "err"], rows))
         out.append("")
+        if (ops_res.get("peak") or {}).get("tflops"):
+            pk = ops_res["peak"]
+            out.append(f"'% peak' here divides by this section's measured matmul peak: {pk['dtype']} {pk['size']}^3 = "
+                       f"{_f(pk['tflops'])} TFLOP/s.")
+            out.append("")
+        si = _self_influence_vs_eigen(ops_res["records"])
+        if si:
+            out.append("self_influence against the unfused eigen_correction of the same run (the 5.36 ms baseline "
+                       "issue 3 names: its own unfused row also divides by Lambda + damping):")
+            out += si
+            out.append("")
         per_token = _per_token_ratios(ops_res["records"])
         if per_token:
             out.append("Per-token scores against document scores, same shape and backend (issue 3: at most 1.2x):")
