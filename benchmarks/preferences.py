@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 
 from pyinf.ops import BACKENDS
 
+from .shapes import dispatched_op
+
 # The ops auto dispatches by measured rules (the per-token benchmark variant is factored_scores).
 OPS_WITH_RULES = ("covariance", "eigen_correction", "self_influence", "factored_scores", "dense_scores")
 
@@ -58,10 +60,10 @@ def disqualified(records: List[Dict[str, object]], failures: List[Dict[str, obje
         err = r.get("rel_err_vs_torch")
         if r["backend"] in BACKENDS and r["backend"] != "torch" and (
                 err is None or not err < op_tolerance(r["op"], tolerance)):
-            out.add((r["op"], r["backend"]))
+            out.add((dispatched_op(r["op"]), r["backend"]))  # wrong per token: wrong for factored_scores
     for f in failures:
         if str(f.get("reason", "")).startswith("failed") and f.get("backend") in BACKENDS:
-            out.add((f.get("op"), f["backend"]))
+            out.add((dispatched_op(str(f.get("op"))), f["backend"]))
     return out
 
 

@@ -318,12 +318,12 @@ class Capture:
         if t.dim() == 2:
             if t.shape[0] == b:
                 return t.unsqueeze(1)
-            if mask is not None and t.shape[0] != b * mask.shape[1]:
-                raise fail(f"flattened rows must be B*T = {b}*{mask.shape[1]} for the mask's T (a layer on "
-                           f"unpadded tokens cannot be split; one on another sequence needs its own mask, "
-                           f"given by module name)")
             if t.shape[0] % b:
-                raise fail("its rows are not a multiple of B")
+                raise fail("its rows are not a multiple of B" + (
+                    f" (nor B*T = {b}*{mask.shape[1]} for the mask's T: a layer on unpadded tokens cannot be "
+                    f"split)" if mask is not None else ""))
+            # batch-major: B*T token rows (the mask then applies), or k rows per document (k
+            # sequences per document, e.g. multiple choice: the mask does not fit and is not applied)
             return t.reshape(b, -1, t.shape[-1])
         if t.dim() < 2:
             raise fail("a layer's input needs a feature dimension")
@@ -334,8 +334,11 @@ class Capture:
             return t.reshape(b, -1, t.shape[-1])
         if seq_first:
             return t.transpose(0, 1).reshape(b, -1, t.shape[-1])
-        raise fail("neither batch-first [B, T, ..., d] nor sequence-first [T, B, ..., d] (when T == B, "
-                   "batch-first is assumed unless an enclosing module has batch_first=False)")
+        if t.shape[0] % b == 0:  # [B*k, T, ..., d], batch-major: k sequences per document (multiple choice)
+            return t.reshape(b, -1, t.shape[-1])
+        raise fail("neither batch-first [B, T, ..., d], batch-major [B*k, T, ..., d] nor sequence-first "
+                   "[T, B, ..., d] (when T == B, batch-first is assumed unless an enclosing module has "
+                   "batch_first=False)")
 
     def _deliver(self, spec: ModuleSpec, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         mask = self._mask.get(spec.name) if isinstance(self._mask, dict) else self._mask

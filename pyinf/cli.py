@@ -176,8 +176,12 @@ def _load_or_prepare(engine, args, factors, query, out: Path):
                 None, _query_source(args, args.queries)["queries_sha256"]):
             raise ValueError(f"{args.prepared} was not prepared from {args.queries} ({queries.n_queries} queries "
                              f"there, {len(query)} in {args.queries})")
+        # the weights decide, not the path they were read from (shards may mount them elsewhere)
         differ = [f"{k}: {source[k]!r} there, {v!r} here" for k, v in _model_source(args).items()
-                  if k in source and source[k] != v]
+                  if k != "model" and k in source and source[k] != v]
+        theirs = queries.meta.get("model_fingerprint")
+        if theirs is not None and theirs != engine.fingerprint():
+            differ.append(f"weights: fingerprint {theirs[:12]} there, {engine.fingerprint()[:12]} here")
         if differ:
             raise ValueError(f"{args.prepared} was prepared with another model ({'; '.join(differ)})")
         return queries

@@ -21,6 +21,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -72,10 +73,21 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) ->
     """SHA-256 over every parameter's name, shape and dtype and an evenly strided sample of its
     values: cheap for a 7B model, and any retrained or swapped checkpoint changes it."""
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
+    params = list(model.named_parameters())
+    samples = []
+    for _, p in params:
         flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // samples_per_tensor)
-        sample = flat[::step].float().cpu()
+        samples.append(flat[::max(1, flat.numel() // samples_per_tensor)].float())
+    # one copy to the host for all of them (a copy per parameter would wait on the device each time)
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, sample in enumerate(samples):
+        by_device.setdefault(sample.device, []).append(i)
+    host: List[Optional[torch.Tensor]] = [None] * len(samples)
+    for idx in by_device.values():
+        joined = torch.cat([samples[i] for i in idx]).cpu() if idx else None
+        for i, part in zip(idx, joined.split([samples[i].numel() for i in idx])):
+            host[i] = part
+    for (name, p), sample in zip(params, host):
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
@@ -89,18 +101,18 @@ def _item_bytes(item: Any, h) -> None:
     shortens with "..." past 1000 elements."""
     if isinstance(item, torch.Tensor):
         storage.hash_tensor(h, item)
-    elif isinstance(item, dict):
+    elif item is None or isinstance(item, (str, bytes, int, float)):  # bool is an int; str is a Sequence
+        h.update(repr(item).encode() + b"\0")  # exact and complete for these types
+    elif isinstance(item, Mapping):  # dicts, and tokenizer outputs (BatchEncoding is a UserDict)
         for k in sorted(item, key=str):
             h.update(str(k).encode())
             _item_bytes(item[k], h)
-    elif isinstance(item, (list, tuple)):
+    elif isinstance(item, (np.ndarray, np.generic)) or hasattr(item, "__array__"):
+        _array_bytes(np.asarray(item), h)
+    elif isinstance(item, Sequence):
         h.update(f"[{len(item)}]".encode())
         for v in item:
             _item_bytes(v, h)
-    elif isinstance(item, (np.ndarray, np.generic)) or hasattr(item, "__array__"):
-        _array_bytes(np.asarray(item), h)
-    elif item is None or isinstance(item, (str, bytes, int, float)):  # bool is an int
-        h.update(repr(item).encode() + b"\0")  # exact and complete for these types
     else:
         raise TypeError(f"cannot hash a document holding a {type(item).__module__}.{type(item).__qualname__}: "
                         "give examples of tensors, numpy arrays, str, bytes, numbers, None, or dicts and "
@@ -273,7 +285,7 @@ def score_corpus(engine, train, queries: Queries, out_dir, *, chunk_size: int = 
     scores once every chunk is there, else None (other shards still running). ``run_meta``
     (JSON values) is recorded in and checked against every chunk, next to the queries', the
     model's and the documents' fingerprints. See the module docstring."""
-    run = dict(run_meta or {}, queries=queries.fingerprint, model=model_fingerprint(engine.model),
+    run = dict(run_meta or {}, queries=queries.fingerprint, model=engine.fingerprint(),
                n_queries=queries.n_queries)
     train, batched = _documents(train, "score_corpus")
     if query_batch_size is None:  # copied to the device once, not once per chunk
@@ -296,7 +308,7 @@ def self_influence_corpus(engine, train, factors, out_dir, *, damping: Optional[
     (``self_influence.safetensors``, chunks under ``self_influence-chunks/``): the ``[n_docs]``
     values once every chunk is there, else None. The same checks as :func:`score_corpus`,
     with the factors' id and the damping in place of the queries."""
-    run = dict(run_meta or {}, factors=factors.id, damping=damping, model=model_fingerprint(engine.model))
+    run = dict(run_meta or {}, factors=factors.id, damping=damping, model=engine.fingerprint())
     train, batched = _documents(train, "self_influence_corpus")
     on_device = factors.to(next(engine.model.parameters()).device)  # once, not once per chunk
 

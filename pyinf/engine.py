@@ -59,6 +59,7 @@ class InfluenceEngine:
         self.backend = backend
         self.progress = progress
         self.compile = bool(compile)
+        self._fingerprint: Optional[tuple] = None  # (parameter key, fingerprint): see fingerprint()
         self.checkpoint = bool(checkpoint)
         self.modules: Dict[str, nn.Module] = find_tracked_modules(model, task.get_influence_tracked_modules())
         _check_fused_head_untracked(model, task, self.modules)
@@ -87,10 +88,21 @@ class InfluenceEngine:
             stack.enter_context(CheckpointedBlocks(self.model, self.modules))
         return stack
 
+    def fingerprint(self) -> str:
+        """:func:`pyinf.corpus.model_fingerprint` of the model, computed again only when a
+        parameter was replaced or changed in place (its version counter moved)."""
+        try:
+            key = tuple((p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for p in self.model.parameters())
+        except RuntimeError:  # inference tensors have no version counter: no caching
+            return model_fingerprint(self.model)
+        if self._fingerprint is None or self._fingerprint[0] != key:
+            self._fingerprint = (key, model_fingerprint(self.model))
+        return self._fingerprint[1]
+
     def _check_weights(self, meta: Dict, what: str) -> str:
-        """This model's fingerprint (:func:`pyinf.corpus.model_fingerprint`); warns when
-        `meta` (of factors or queries) records another one."""
-        ours = model_fingerprint(self.model)
+        """This model's fingerprint (:meth:`fingerprint`); warns when `meta` (of factors or
+        queries) records another one."""
+        ours = self.fingerprint()
         theirs = meta.get("model_fingerprint")
         if theirs is not None and theirs != ours:
             warnings.warn(_weights_warning(what, theirs, ours), stacklevel=3)
@@ -109,7 +121,7 @@ class InfluenceEngine:
         with self._stage_context():
             factors = factors_mod.fit_factors(**self._common(), loader=loader, fisher=fisher, backend=self.backend,
                                               seed=seed, progress=self.progress, eigh_workers=eigh_workers)
-        factors.meta["model_fingerprint"] = model_fingerprint(self.model)
+        factors.meta["model_fingerprint"] = self.fingerprint()
         return factors
 
     def prepare_queries(self, query_data: Any, factors: Factors, *, rank: Optional[int] = 32,

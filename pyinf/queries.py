@@ -221,13 +221,29 @@ def per_example_measurements(model, task, loader, progress=None) -> list:
 
 def _query_order(loader) -> list:
     """The dataset indices in the order the loader yields them (its sampler: the order of the
-    query gradients, so each measurement stays with its own query)."""
+    query gradients, so each measurement stays with its own query). The loader must read in a
+    fixed order (prepare_queries makes it so: see _fixed_order)."""
     if isinstance(loader.dataset, torch.utils.data.IterableDataset):
         raise ValueError("per-query measurements of a task without compute_measurement_per_example read the "
                          "queries one at a time by index: give a map-style Dataset of queries")
     if loader.batch_sampler is not None:
         return [i for batch in loader.batch_sampler for i in batch]
     return list(loader.sampler)
+
+
+def _fixed_order(loader):
+    """The loader with its batches drawn once and kept: a shuffling sampler draws a new order on
+    every pass, and the measurements (a second pass) must follow the gradients' order. The
+    user's batches, collate function and workers are kept."""
+    from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None:
+        return loader
+    if type(loader.batch_sampler) is torch.utils.data.BatchSampler and isinstance(loader.sampler, SequentialSampler):
+        return loader  # already the same order every time
+    batches = [list(b) for b in loader.batch_sampler]
+    return DataLoader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
 
 
 def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, rank: Optional[int],
@@ -238,6 +254,7 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer or None (full rank), got {rank!r}")
     damping_by_module = {n: factors[n].damping(damping) for n in modules}
+    loader = _fixed_order(loader)  # the gradient pass and the measurements in one order
     device = next(model.parameters()).device
     on_device = factors.to(device).modules
     parts: Dict[str, Dict[str, list]] = {n: {} for n in modules}

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Subset
 
 from . import storage
-from .corpus import check_shard, documents_hash, model_fingerprint
+from .corpus import check_shard, documents_hash
 from .eigen import resolve_workers
 from .factors import Factors, assemble_factors, covariance_sums, eigenbases, factor_dtype, lambda_sums
 
@@ -67,7 +67,7 @@ class StagedFit:
         self.docs = shard_documents(len(data), shard)
         if len(self.docs) == 0:
             raise ValueError(f"shard {k}/{n} of {len(data)} documents holds none: use at most {len(data)} shards")
-        self.run = dict(run_meta or {}, model=model_fingerprint(engine.model), fisher=fisher, seed=self.seed,
+        self.run = dict(run_meta or {}, model=engine.fingerprint(), fisher=fisher, seed=self.seed,
                         n_docs=len(data), shards=n, dtype=str(self.dtype),
                         modules=sorted(engine.modules))
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -101,8 +101,10 @@ def pad_collate(examples: Sequence[Dict[str, Any]], pad_token_id: int = 0, side:
                 ) -> Dict[str, torch.Tensor]:
     """Pads a list of ``{"input_ids", "attention_mask"?, "labels"?}`` examples on the right
     (or, ``side="left"``, on the left): ``input_ids`` with ``pad_token_id``, ``attention_mask``
-    with 0, ``labels`` with -100. Both give the same scores (:class:`CausalLMTask` passes
-    positions that count real tokens)."""
+    with 0, ``labels`` with -100. Both give the same scores with :class:`CausalLMTask` for models
+    whose ``forward`` names ``position_ids`` (it passes positions that count real tokens; Hugging
+    Face models do); a model that takes them through ``**kwargs`` only, or has learned positions
+    and no such argument, needs right padding."""
     if len(examples) == 0:
         raise ValueError("pad_collate: empty batch")
     if side not in ("right", "left"):

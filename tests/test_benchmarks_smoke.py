@@ -280,6 +280,8 @@ def test_preferences_from_measurements(tmp_path):
     wrong_biased = records[:8] + [dict(rec("factored_scores", *small[:1], "native", 0.1, *small[1:], err=0.02),
                                        workload=dict(records[2]["workload"], bias=True))]
     assert preferences.rules(wrong_biased)[0]["factored_scores"] == [(None, "triton")]
+    wrong_per_token = records + [rec("factored_scores_per_token", *small[:1], "native", 0.1, *small[1:], err=0.5)]
+    assert preferences.rules(wrong_per_token)[0]["factored_scores"] == [(None, "triton")]
     failed = [dict(op="factored_scores", backend="native", workload="llama", reason="failed: RuntimeError: ...")]
     assert preferences.rules(records, failures=failed)[0]["factored_scores"] == [(None, "triton")]
     eigen = [rec("eigen_correction", "gpt2", "torch", 0.3, 8, 512, 768, 3072),

@@ -202,16 +202,41 @@ def test_torch_transformer_layer_fast_path_is_off_during_passes():
 
 
 def test_layer_input_that_cannot_be_split_raises():
-    """Neither of the first two dimensions of [2, 6, d] is the batch's 3, and flattened rows
-    that are not B*T for the mask's T (6 rows, a [3, 3] mask: e.g. padding removed): errors
-    naming the module and the shape, not a reshape that mixes documents."""
+    """No dimension of [2, 6, d] holds the batch's 3 documents (nor a multiple of them): an
+    error naming the module and the shape, not a reshape that mixes documents. Flattened rows
+    that are not B*T for the mask's T (6 rows, a [3, 3] mask: e.g. padding removed) are taken
+    as 2 rows per document, which the mask does not fit: the batch's end says so."""
     model = nn.Sequential(nn.Linear(4, 2))
     engine = pyinf.InfluenceEngine(model, MLPTask(), progress=False)
-    for x, mask in [(torch.randn(2, 6, 4), None), (torch.randn(6, 4), torch.ones(3, 3))]:
-        with Capture(model, engine.modules, engine.specs, lambda *a: None) as capture:
-            capture.begin_batch(0, 3, mask)
-            with pytest.raises(CaptureError, match=rf"'0'.*{tuple(x.shape)}".replace("(", r"\(").replace(")", r"\)")):
-                model(x).sum().backward()
+    with Capture(model, engine.modules, engine.specs, lambda *a: None) as capture:
+        capture.begin_batch(0, 3, None)
+        with pytest.raises(CaptureError, match=r"'0'.*\(2, 6, 4\)"):
+            model(torch.randn(2, 6, 4)).sum().backward()
+    with Capture(model, engine.modules, engine.specs, lambda *a: None) as capture:
+        capture.begin_batch(0, 3, torch.ones(3, 3))
+        model(torch.randn(6, 4)).sum().backward()
+        with pytest.raises(CaptureError, match=r"mask of batch 0 has shape \(3, 3\) but module '0' has 2 token rows"):
+            capture.end_batch()
+
+
+def test_several_sequences_per_document_are_batch_major():
+    """[B*k, T, d] inputs (k sequences per document, as multiple-choice models run them) are
+    split batch-major: each document's scores sum its k sequences' (against brute force)."""
+
+    class PerChoice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):  # x [B, k, T, 4] -> the layer sees [B*k, T, 4]
+            b, k, t, d = x.shape
+            return self.fc(x.reshape(b * k, t, d)).reshape(b, k, t, -1).sum(1)
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(2, 5, 4, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64))
+            for _ in range(6)]
+    _assert_matches_brute_force(PerChoice().double(), _PairTask(["fc"]), data, data[:2], batch_size=3)
 
 
 class _Regression(nn.Module):

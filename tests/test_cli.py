@@ -123,8 +123,14 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     assert "shard 2/2" in capsys.readouterr().err
     # another --seed draws other random weights: neither the prepared queries nor the ones a
     # run saved in its directory are reused for it
-    with pytest.raises(ValueError, match=r"prepared with another model \(seed: 0 there, 1 here\)"):
+    with pytest.raises(ValueError, match=r"prepared with another model \(seed: 0 there, 1 here; weights: fingerprint"):
         main([*score, "--seed", "1", "--out", str(workdir / "sharded"), "--prepared", prepared])
+    # the same weights read from another path (another mount on another machine) are the same model
+    import shutil
+
+    shutil.copytree(workdir / "model", workdir / "model-elsewhere")
+    elsewhere = [a if a != str(workdir / "model") else str(workdir / "model-elsewhere") for a in score]
+    assert main([*elsewhere, "--out", str(workdir / "elsewhere"), "--prepared", prepared]) == 0
     capsys.readouterr()
     with pytest.warns(UserWarning, match="these factors were made with other weights"), \
             pytest.raises(ValueError, match=r"belongs to another run \(queries: .*; model: "):

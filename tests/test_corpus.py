@@ -348,3 +348,14 @@ def test_an_empty_or_too_short_document_is_named(tmp_path):
                           ByteTokenizer(300))
     with pytest.raises(ValueError, match=r"s.jsonl:2: too short"):
         ds[1]
+
+
+def test_documents_hash_takes_mappings_and_sequences():
+    """Tokenizer outputs (Hugging Face's BatchEncoding is a UserDict, not a dict) and tuples
+    hash like the dicts and lists they stand for, every value counted."""
+    from collections import UserDict
+
+    doc = {"input_ids": [5, 6, 7], "attention_mask": (1, 1, 1)}
+    assert _hash(UserDict(doc)) == _hash(doc)
+    assert _hash(UserDict(doc)) != _hash(UserDict(dict(doc, input_ids=[5, 6, 8])))
+    assert _hash({"input_ids": (5, 6)}) == _hash({"input_ids": [5, 6]}) != _hash({"input_ids": [5, 6, 0]})

@@ -267,3 +267,20 @@ def test_layers_that_never_run_and_shared_weights():
         data, batch_sampler=Reversed(torch.utils.data.SequentialSampler(data), batch_size=2, drop_last=False))
     with pytest.warns(UserWarning, match="does not iterate in order"):
         make_loader(loader, batch_size=2, what="training data")
+
+
+def test_tensor_of_another_dtype_or_shape_is_refused(tmp_path):
+    """A tensor's bytes reinterpreted (another dtype or shape, the same bytes and so the same
+    CRC) is caught by the recorded layout."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "x.safetensors"
+    x = torch.randn(2, 4)
+    storage.save(path, "test", {"x": x}, {})
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    for other, what in ((x.view(torch.int32), r"int32 \(2, 4\)"), (x.reshape(4, 2), r"float32 \(4, 2\)")):
+        save_file({"x": other.contiguous()}, str(path), metadata=header)
+        with pytest.raises(storage.CorruptFileError, match=rf"tensor 'x' is torch.{what}, its metadata says float32"):
+            storage.load(path, "test")

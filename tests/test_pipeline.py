@@ -508,3 +508,12 @@ def test_measurements_follow_the_query_loaders_order():
     shuffled = engine.prepare_queries(loader, factors, rank=None)
     assert _rel(shuffled.measurements, in_order.measurements) < 1e-12
     assert _rel(engine.pairwise_scores(train, shuffled), engine.pairwise_scores(train, in_order)) < 1e-12
+    # a shuffling loader draws its order once: each measurement is its own query's (the query's
+    # self-influence, from the gradient pass, identifies it)
+    torch.manual_seed(5)
+    shuffling = torch.utils.data.DataLoader(query, batch_size=2, shuffle=True)
+    with pytest.warns(UserWarning, match="does not iterate in order"):
+        drawn = engine.prepare_queries(shuffling, factors, rank=None)
+    own = {round(s, 6): m for s, m in zip(in_order.self_influence.tolist(), in_order.measurements.tolist())}
+    for s, m in zip(drawn.self_influence.tolist(), drawn.measurements.tolist()):
+        assert own[round(s, 6)] == pytest.approx(m, rel=1e-9)
