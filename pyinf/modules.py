@@ -98,6 +98,11 @@ def find_tracked_modules(model: nn.Module, names: Optional[List[str]] = None) ->
     tracked = {}
     for n in names:
         if n not in by_name:
+            alias = dict(model.named_modules(remove_duplicate=False)).get(n)
+            if alias is not None:  # a module registered under several names: named_modules() gives its first
+                first = next(k for k, m in by_name.items() if m is alias)
+                raise ValueError(f"tracked module {n!r} is the module {first!r} under a second name: track it as "
+                                 f"{first!r} (a layer that runs twice in one forward cannot be tracked)")
             near = [k for k in by_name if k.endswith(n.split(".")[-1])][:5]
             raise ValueError(f"tracked module {n!r} is not in the model" + (f"; similar names: {near}" if near else ""))
         if not is_trackable(by_name[n]):

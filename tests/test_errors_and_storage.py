@@ -284,3 +284,15 @@ def test_tensor_of_another_dtype_or_shape_is_refused(tmp_path):
         save_file({"x": other.contiguous()}, str(path), metadata=header)
         with pytest.raises(storage.CorruptFileError, match=rf"tensor 'x' is torch.{what}, its metadata says float32"):
             storage.load(path, "test")
+
+
+def test_a_shared_module_named_by_its_second_name():
+    """A module registered twice (ModuleList([lin, lin])) is known by its first name; its
+    second name is explained, not reported as missing."""
+    from pyinf.modules import find_tracked_modules
+
+    lin = nn.Linear(3, 3)
+    model = nn.Module()
+    model.blocks = nn.ModuleList([lin, lin])
+    with pytest.raises(ValueError, match=r"'blocks.1' is the module 'blocks.0' under a second name"):
+        find_tracked_modules(model, ["blocks.1"])
