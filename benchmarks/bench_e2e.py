@@ -361,8 +361,6 @@ def run_e2e(wl: E2EWorkload, device: Optional[torch.device] = None, *, log=print
             # time includes the float32 kernels' compilation and is no speed figure.
             _guarded(runs, result, "pyinf float32", log, device, run_pyinf, copy.deepcopy(model).float(),
                      replace(wl, dtype="float32"), docs, queries, wl.batch_sizes[0], device, log=log)
-            if runs and runs[-1]["precision"] == "float32" and runs[-1]["library"] == "pyinf":
-                runs[-1]["reference"] = True
         # Then what compiles or only adds detail: a short session loses these first.
         _option_runs(model, wl, docs, queries, device, runs, result, log, with_pyinf=why_not is None,
                      with_kronfluence=with_kronfluence)

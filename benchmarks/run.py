@@ -192,11 +192,16 @@ def _dedupe_skips(skipped: List[Dict[str, str]]) -> List[str]:
 KRONFLUENCE_PRECISION = {"bfloat16": "bf16", "float32": "fp32"}
 
 
+def _is_reference(r: Dict[str, object], e: Dict[str, object]) -> bool:
+    """pyinf's float32 run of a bf16 workload: the accuracy reference (bench_e2e), no speed figure."""
+    return r["library"] == "pyinf" and r["precision"] != e["workload"]["dtype"]
+
+
 def _headline_ratios(e: Dict[str, object], smoke: bool) -> List[str]:
     """Issue 5's headline: pyinf's fastest run of the workload's precision against
     kronfluence's fastest of the same precision (any batch size), for scoring and fitting."""
     dtype = e["workload"]["dtype"]
-    mine = [r for r in e["runs"] if r["library"] == "pyinf" and r["precision"] == dtype]
+    mine = [r for r in e["runs"] if r["library"] == "pyinf" and not _is_reference(r, e)]
     theirs = [r for r in e["runs"] if r["library"] == "kronfluence" and r["precision"] == KRONFLUENCE_PRECISION.get(dtype)]
     if not mine or not theirs:
         return []
@@ -242,7 +247,7 @@ def _floor_ratios(e: Dict[str, object], smoke: bool) -> List[str]:
     from .bench_e2e import run_label
 
     lines = []
-    same_model = [r for r in e["runs"] if r["library"] == "pyinf" and r["precision"] == e["workload"]["dtype"]]
+    same_model = [r for r in e["runs"] if r["library"] == "pyinf" and not _is_reference(r, e)]
     for r in (r for r in same_model if not r.get("checkpoint")):  # the floor runs the workload's dtype
         floor = [f for f in e.get("floor") or [] if f["batch_size"] == r["batch_size"]
                  and bool(f["compiled"]) == bool(r.get("compile")) and f.get("fwd_inputgrad_s")]
@@ -433,7 +438,7 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
                          f"Lambda {_f(phases['lambda_pass'])})") if len(phases) == 3 else ""
             library = r["library"] + (" (compile=True)" if r.get("compile") else "") + (
                 " (checkpoint=True)" if r.get("checkpoint") else "") + (
-                " (accuracy reference: not warmed up)" if r.get("reference") else "")
+                " (accuracy reference: not warmed up)" if _is_reference(r, e) else "")
             rows.append([library, r["precision"], r["batch_size"], _f(r["fit_s"]) + fit_extra, _f(r["fit_docs_per_s"]),
                          _f(r["score_s"]) + extra, _f(r["score_docs_per_s"]), _gb(r.get("fit_peak_bytes")),
                          _gb(r.get("score_peak_bytes"))])
@@ -441,7 +446,7 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
                            "fit peak GB", "score peak GB"], rows))
         out.append("")
         ratios = _headline_ratios(e, smoke)
-        for p in (r for r in e["runs"] if r["library"] == "pyinf" and not r.get("reference")):
+        for p in (r for r in e["runs"] if r["library"] == "pyinf" and not _is_reference(r, e)):
             for k in (r for r in e["runs"] if r["library"] == "kronfluence" and r["batch_size"] == p["batch_size"]):
                 fit_x, score_x = k["fit_s"] / p["fit_s"], k["score_s"] / p["score_s"]
                 if KRONFLUENCE_PRECISION.get(p["precision"]) != k["precision"]:  # a reference row: no verdict
@@ -464,7 +469,7 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
                     f"fit {_f(fit_x)}x (goal 5x: {'met' if fit_x >= 5 else 'not met'}), scoring {_f(score_x)}x "
                     f"(milestone 5x: {'met' if score_x >= 5 else 'not met'}; goal 10x: "
                     f"{'met' if score_x >= 10 else 'not met'}){mem}")
-        for p in (r for r in e["runs"] if r["library"] == "pyinf" and not r.get("reference")
+        for p in (r for r in e["runs"] if r["library"] == "pyinf" and not _is_reference(r, e)
                   and r.get("score_peak_bytes") is not None):
             # The memory goal: a batch 4x kronfluence's fits in kronfluence's memory.
             for k in (r for r in e["runs"] if r["library"] == "kronfluence" and r.get("score_peak_bytes") is not None

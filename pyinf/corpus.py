@@ -27,9 +27,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, SequentialSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from . import storage
+from .data import in_order
 from .queries import Queries
 
 SCORES_KIND = "scores"
@@ -84,7 +85,7 @@ def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) ->
         by_device.setdefault(sample.device, []).append(i)
     host: List[Optional[torch.Tensor]] = [None] * len(samples)
     for idx in by_device.values():
-        joined = torch.cat([samples[i] for i in idx]).cpu() if idx else None
+        joined = torch.cat([samples[i] for i in idx]).cpu()
         for i, part in zip(idx, joined.split([samples[i].numel() for i in idx])):
             host[i] = part
     for (name, p), sample in zip(params, host):
@@ -267,7 +268,7 @@ def _documents(train, what: str) -> Tuple[Any, Callable[[Subset], Any]]:
     engine); it must read that dataset by index, in order, for rows to be documents."""
     if not isinstance(train, DataLoader):
         return train, lambda subset: subset
-    if not isinstance(train.sampler, SequentialSampler) or train.batch_size is None:
+    if not in_order(train) or train.batch_size is None:
         raise ValueError(f"{what} indexes the documents: give a DataLoader over a map-style Dataset that reads "
                          "it in order (no shuffle, sampler or batch_sampler), or the Dataset itself")
 

@@ -10,7 +10,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Subset
 from torch.utils.data.dataloader import default_collate
 
 
-def _in_order(loader: DataLoader) -> bool:
+def in_order(loader: DataLoader) -> bool:
     """Whether a map-style loader yields its dataset in index order: a SequentialSampler under
     the plain BatchSampler (a custom batch sampler may reorder, whatever its .sampler says)."""
     if loader.batch_sampler is None:  # batch_size=None: one example at a time, by the sampler
@@ -25,7 +25,7 @@ def make_loader(data: Any, *, batch_size: int, collate_fn: Optional[Callable] = 
     if isinstance(data, DataLoader):
         if max_examples is not None:
             raise ValueError(f"max_examples cannot limit a DataLoader; pass the {what} as a Dataset")
-        if not _in_order(data):
+        if not in_order(data):
             warnings.warn(f"the {what} DataLoader does not iterate in order; scores follow its order")
         _check_not_empty(data.dataset, what)
         return data

@@ -235,12 +235,12 @@ def _fixed_order(loader):
     """The loader with its batches drawn once and kept: a shuffling sampler draws a new order on
     every pass, and the measurements (a second pass) must follow the gradients' order. The
     user's batches, collate function and workers are kept."""
-    from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+    from torch.utils.data import DataLoader, IterableDataset
 
-    if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None:
-        return loader
-    if type(loader.batch_sampler) is torch.utils.data.BatchSampler and isinstance(loader.sampler, SequentialSampler):
-        return loader  # already the same order every time
+    from .data import in_order
+
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None or in_order(loader):
+        return loader  # nothing to draw, or already the same order every time
     batches = [list(b) for b in loader.batch_sampler]
     return DataLoader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn,
                       num_workers=loader.num_workers, pin_memory=loader.pin_memory)
@@ -295,6 +295,6 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
         if not d or next(iter(d.values())).shape[0] != n_queries:
             raise RuntimeError(f"module {n!r} did not receive a gradient for every query")
     meta = dict(rank=rank, svd=svd, n_queries=n_queries, factors_id=factors.id, damping=damping_by_module,
-                damping_arg=None if damping is None else float(damping), self_influence=torch.cat([t.cpu() for t in self_terms]).tolist(),
-                measurements=measurements)
+                damping_arg=None if damping is None else float(damping),
+                self_influence=torch.cat([t.cpu() for t in self_terms]).tolist(), measurements=measurements)
     return Queries(dict(specs), tensors, meta)
