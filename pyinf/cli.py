@@ -179,8 +179,8 @@ def _load_or_prepare(engine, args, factors, query, out: Path):
         # the weights decide, not the path they were read from (shards may mount them elsewhere)
         differ = [f"{k}: {source[k]!r} there, {v!r} here" for k, v in _model_source(args).items()
                   if k != "model" and k in source and source[k] != v]
-        theirs = queries.meta.get("model_fingerprint")
-        if theirs is not None and theirs != engine.fingerprint():
+        if not engine.same_weights_as(queries.meta):
+            theirs = queries.meta["model_fingerprint"]
             differ.append(f"weights: fingerprint {theirs[:12]} there, {engine.fingerprint()[:12]} here")
         if differ:
             raise ValueError(f"{args.prepared} was prepared with another model ({'; '.join(differ)})")

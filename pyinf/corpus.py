@@ -70,30 +70,6 @@ def shard_ranges(ranges: List[Tuple[int, int]], shard: Optional[Tuple[int, int]]
     return ranges[k * len(ranges) // n:(k + 1) * len(ranges) // n]
 
 
-def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
-    """SHA-256 over every parameter's name, shape and dtype and an evenly strided sample of its
-    values: cheap for a 7B model, and any retrained or swapped checkpoint changes it."""
-    h = hashlib.sha256()
-    params = list(model.named_parameters())
-    samples = []
-    for _, p in params:
-        flat = p.detach().reshape(-1)
-        samples.append(flat[::max(1, flat.numel() // samples_per_tensor)].float())
-    # one copy to the host for all of them (a copy per parameter would wait on the device each time)
-    by_device: Dict[torch.device, List[int]] = {}
-    for i, sample in enumerate(samples):
-        by_device.setdefault(sample.device, []).append(i)
-    host: List[Optional[torch.Tensor]] = [None] * len(samples)
-    for idx in by_device.values():
-        joined = torch.cat([samples[i] for i in idx]).cpu()
-        for i, part in zip(idx, joined.split([samples[i].numel() for i in idx])):
-            host[i] = part
-    for (name, p), sample in zip(params, host):
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()
-
-
 def _item_bytes(item: Any, h) -> None:
     """Feeds one example into ``h``, every byte of it: two documents that differ must hash
     apart, or a resumed run keeps a chunk of the old ones. Lists are prefixed with their

@@ -14,7 +14,7 @@ from . import queries as queries_mod
 from . import scoring
 from .checkpoint import CheckpointedBlocks
 from .compile import CompiledBlocks
-from .corpus import model_fingerprint
+from .fingerprint import WeightsIdentity, same_weights, weights_identity
 from .data import make_loader
 from .factors import Factors
 from .modules import ModuleSpec, find_tracked_modules, spec_of
@@ -59,7 +59,7 @@ class InfluenceEngine:
         self.backend = backend
         self.progress = progress
         self.compile = bool(compile)
-        self._fingerprint: Optional[tuple] = None  # (parameter key, fingerprint): see fingerprint()
+        self._identity: Optional[tuple] = None  # (parameter key, WeightsIdentity): see identity()
         self.checkpoint = bool(checkpoint)
         self.modules: Dict[str, nn.Module] = find_tracked_modules(model, task.get_influence_tracked_modules())
         _check_fused_head_untracked(model, task, self.modules)
@@ -88,25 +88,42 @@ class InfluenceEngine:
             stack.enter_context(CheckpointedBlocks(self.model, self.modules))
         return stack
 
-    def fingerprint(self) -> str:
-        """:func:`pyinf.corpus.model_fingerprint` of the model, computed again only when a
+    def identity(self) -> WeightsIdentity:
+        """:func:`pyinf.fingerprint.weights_identity` of the model, computed again only when a
         parameter was replaced or changed in place (its version counter moved)."""
         try:
             key = tuple((p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for p in self.model.parameters())
         except RuntimeError:  # inference tensors have no version counter: no caching
-            return model_fingerprint(self.model)
-        if self._fingerprint is None or self._fingerprint[0] != key:
-            self._fingerprint = (key, model_fingerprint(self.model))
-        return self._fingerprint[1]
+            return weights_identity(self.model)
+        if self._identity is None or self._identity[0] != key:
+            self._identity = (key, weights_identity(self.model))
+        return self._identity[1]
 
-    def _check_weights(self, meta: Dict, what: str) -> str:
-        """This model's fingerprint (:meth:`fingerprint`); warns when `meta` (of factors or
-        queries) records another one."""
-        ours = self.fingerprint()
+    def fingerprint(self) -> str:
+        """The model's exact fingerprint (names, shapes, dtypes, sampled values): what a
+        resumable run checks before it continues."""
+        return self.identity().fingerprint
+
+    def _check_weights(self, meta: Dict, what: str) -> None:
+        """Warns when `meta` (of factors or queries) records other weights than this model's.
+        The same weights in another dtype (factors fit in float32, scores in bf16) pass."""
+        if not self.same_weights_as(meta):
+            warnings.warn(_weights_warning(what, meta["model_fingerprint"], self.fingerprint()), stacklevel=3)
+
+    def same_weights_as(self, meta: Dict) -> bool:
+        """Whether `meta` (of factors or queries) was made with this model's weights, in any
+        dtype; True when it records no weights (made by hand, or by another tool)."""
+        ours = self.identity()
         theirs = meta.get("model_fingerprint")
-        if theirs is not None and theirs != ours:
-            warnings.warn(_weights_warning(what, theirs, ours), stacklevel=3)
-        return ours
+        if theirs is None or theirs == ours.fingerprint:
+            return True
+        same = same_weights(meta.get("model_weights"), ours.record)
+        return bool(same)  # files without a record: only the exact fingerprint can tell
+
+    def _stamp(self, meta: Dict) -> None:
+        identity = self.identity()
+        meta["model_fingerprint"] = identity.fingerprint
+        meta["model_weights"] = identity.record
 
     def fit_factors(self, data: Any, *, fisher: str = "true", batch_size: int = 8,
                     max_examples: Optional[int] = None, seed: int = 0,
@@ -121,7 +138,7 @@ class InfluenceEngine:
         with self._stage_context():
             factors = factors_mod.fit_factors(**self._common(), loader=loader, fisher=fisher, backend=self.backend,
                                               seed=seed, progress=self.progress, eigh_workers=eigh_workers)
-        factors.meta["model_fingerprint"] = self.fingerprint()
+        self._stamp(factors.meta)
         return factors
 
     def prepare_queries(self, query_data: Any, factors: Factors, *, rank: Optional[int] = 32,
@@ -131,11 +148,11 @@ class InfluenceEngine:
         ``svd="randomized"`` truncates with a randomized SVD: far cheaper for wide layers on
         a GPU, near-exact when the spectrum decays (see :func:`pyinf.queries.low_rank`)."""
         loader = self._loader(query_data, batch_size, "query data")
-        fingerprint = self._check_weights(factors.meta, "these factors")
+        self._check_weights(factors.meta, "these factors")
         with self._stage_context():
             queries = queries_mod.prepare_queries(**self._common(), loader=loader, factors=factors, rank=rank,
                                                   damping=damping, svd=svd, progress=self.progress)
-        queries.meta["model_fingerprint"] = fingerprint
+        self._stamp(queries.meta)
         return queries
 
     def pairwise_scores(self, train_data: Any, queries: Queries, *, per_token: bool = False,
@@ -189,8 +206,8 @@ class InfluenceEngine:
 
 def _weights_warning(what: str, theirs: str, ours: str) -> str:
     return (f"pyinf: {what} were made with other weights than this model's (fingerprint {theirs[:12]} there, "
-            f"{ours[:12]} here: another checkpoint, or the same one in another dtype); influence computed "
-            f"from them mixes two models")
+            f"{ours[:12]} here: another checkpoint, or other parameter names or shapes); influence "
+            f"computed from them mixes two models")
 
 
 def _check_fused_head_untracked(model: nn.Module, task: Task, modules: Dict[str, nn.Module]) -> None:

@@ -194,7 +194,7 @@ class StagedFit:
         m = eigen["meta"]
         meta = dict(fisher=self.fisher, n_examples=m["n_examples"], seed=self.seed, dtype=str(self.dtype),
                     n_tokens=m["n_tokens"], shards=n, eigh_workers=self.eigh_workers,
-                    model_fingerprint=self.run["model"])
+                    model_fingerprint=self.run["model"], model_weights=self.engine.identity().record)
         return assemble_factors(self.engine.specs, eigen["eigen"], totals, n_docs, self.dtype, meta)
 
     def run_stages(self, *, wait: bool = True, timeout: Optional[float] = None, poll_seconds: float = 10.0,

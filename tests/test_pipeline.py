@@ -469,6 +469,55 @@ def test_factors_and_queries_of_other_weights_are_flagged():
         engine_b.self_influence(train, factors)
 
 
+def test_the_same_weights_in_another_dtype_are_not_flagged(tmp_path):
+    """Factors fit with the float32 model and used with its bf16 (or fp16, float64) cast are
+    the same weights: no warning, through a save and a load too. Another checkpoint in
+    another dtype still warns, and so do renamed or reshaped parameters."""
+    import copy
+
+    train, query = TokenDataset(4, seed=2), TokenDataset(2, seed=3)
+    model = tiny_gpt2(seed=1)
+    factors = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False).fit_factors(
+        train, fisher="empirical", batch_size=2)
+    factors.save(tmp_path / "f.safetensors")
+    loaded = pyinf.Factors.load(tmp_path / "f.safetensors")
+    assert loaded.meta["model_weights"] == factors.meta["model_weights"]
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        engine = pyinf.InfluenceEngine(copy.deepcopy(model).to(dtype), pyinf.CausalLMTask(), progress=False)
+        assert engine.fingerprint() != factors.meta["model_fingerprint"]  # the exact one tells them apart
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            engine.prepare_queries(query, loaded, rank=2)
+            engine.self_influence(train, loaded)
+    other = pyinf.InfluenceEngine(tiny_gpt2(seed=5).to(torch.bfloat16), pyinf.CausalLMTask(), progress=False)
+    with pytest.warns(UserWarning, match="these factors were made with other weights"):
+        other.self_influence(train, loaded)
+    # one parameter scaled by 1% in the bf16 copy: beyond bf16's rounding, so other weights
+    nudged = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        nudged.transformer.h[1].mlp.c_fc.weight.mul_(1.01)
+    with pytest.warns(UserWarning, match="these factors were made with other weights"):
+        pyinf.InfluenceEngine(nudged, pyinf.CausalLMTask(), progress=False).self_influence(train, loaded)
+
+
+def test_weights_records_compare_per_parameter():
+    """pyinf.fingerprint.same_weights: names and shapes must match; values within the lower
+    dtype's rounding; a record missing from an old file is 'unknown' (None)."""
+    from pyinf.fingerprint import same_weights, weights_identity
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    ours = weights_identity(a).record
+    assert same_weights(ours, ours) is True
+    assert same_weights(weights_identity(a.to(torch.float16)).record, ours) is True
+    a.float()
+    b = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 4))  # a shape differs
+    assert same_weights(weights_identity(b).record, ours) is False
+    c = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))  # same shapes, other values
+    assert same_weights(weights_identity(c).record, ours) is False
+    assert same_weights(None, ours) is None and same_weights({"layout": "x"}, ours) is None
+
+
 def test_left_padding_gives_the_scores_of_right_padding():
     """Left-padded batches (a GPT-2 has learned absolute positions): the same factors, query
     measurements and scores as right-padded ones, which equal one document at a time. The
