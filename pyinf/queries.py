@@ -174,6 +174,31 @@ def _randomized_svd(p: torch.Tensor, r: int, *, oversample: int, power_iteration
     return basis @ u_small, s, vh
 
 
+def _consistent_per_example(task):
+    """``task.compute_measurement_per_example``, unless the measurement was redefined below the
+    class that defines it: a ``CausalLMTask`` subclass that overrides ``compute_measurement``
+    (or ``compute_train_loss``, which it calls) inherits a per-example method that still
+    computes the summed cross-entropy, and its gradient would be the wrong one. Such a task
+    gets the other path (the batch's ``compute_measurement``, and per-query values from one
+    more gradient-free pass)."""
+    name = "compute_measurement_per_example"
+    if getattr(task, name, None) is None:
+        return None
+
+    def owner(attr):  # the instance, or the most derived class that defines attr
+        if attr in getattr(task, "__dict__", {}):
+            return task
+        return next((c for c in type(task).__mro__ if attr in vars(c)), None)
+
+    mine = owner(name)
+    if isinstance(mine, type):
+        for dep in ("compute_measurement", "compute_train_loss"):
+            theirs = owner(dep)
+            if theirs is task or (isinstance(theirs, type) and not issubclass(mine, theirs)):
+                return None
+    return getattr(task, name)
+
+
 class _MeasurementObjective:
     """The query pass's objective: the batch's summed measurement. When the task has
     ``compute_measurement_per_example``, each query's own value is kept from the same forward
@@ -181,7 +206,7 @@ class _MeasurementObjective:
 
     def __init__(self, task):
         self.task = task
-        self.per_example = getattr(task, "compute_measurement_per_example", None)
+        self.per_example = _consistent_per_example(task)
         self.n_docs = 0
         self.kept: list = []
         self.complete = self.per_example is not None

@@ -38,7 +38,10 @@ class Task(ABC):
         """Optional (not in kronfluence): the measurement of each example of the batch,
         ``[B]``, whose sum is :meth:`compute_measurement`. When given, query preparation takes
         the gradient and each query's own measurement (the per-nat normalisation needs it)
-        from one pass; when None, it makes one more gradient-free pass, one example at a time."""
+        from one pass; when None, it makes one more gradient-free pass, one example at a time.
+        A subclass that redefines compute_measurement or compute_train_loss without redefining
+        this method gets that second pass too (the inherited method would measure the parent's
+        objective)."""
         return None
 
     def get_influence_tracked_modules(self) -> Optional[List[str]]:

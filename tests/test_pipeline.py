@@ -518,6 +518,47 @@ def test_weights_records_compare_per_parameter():
     assert same_weights(None, ours) is None and same_weights({"layout": "x"}, ours) is None
 
 
+class _HalfMeasurement(pyinf.CausalLMTask):
+    """Redefines the measurement only: half the summed cross-entropy."""
+
+    def compute_measurement(self, batch, model):
+        return 0.5 * super().compute_measurement(batch, model)
+
+
+class _LastTokenMeasurement(pyinf.CausalLMTask):
+    """-log p of each query's last token only, and its own per-example values (consistent)."""
+
+    def compute_measurement_per_example(self, batch, model):
+        losses = self._token_losses(batch, model, sample=False)
+        last = batch["attention_mask"][:, 1:].sum(1) - 1  # right padding: the last real label
+        return losses.gather(1, last[:, None]).squeeze(1)
+
+    def compute_measurement(self, batch, model):
+        return self.compute_measurement_per_example(batch, model).sum()
+
+
+def test_a_redefined_measurement_is_the_one_differentiated():
+    """A CausalLMTask subclass that redefines compute_measurement (but inherits
+    compute_measurement_per_example, which measures the summed cross-entropy) gets its own
+    measurement's gradient and values; a subclass that redefines both is taken at its word."""
+    model = tiny_gpt2(seed=2, dtype=torch.float64)
+    train, query = TokenDataset(5, seed=6), TokenDataset(3, seed=7)
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    factors = engine.fit_factors(train, fisher="empirical", batch_size=2)
+    base = engine.prepare_queries(query, factors, rank=None, damping=1e-3, batch_size=3)
+    base_scores = engine.pairwise_scores(train, base, batch_size=2)
+    half = pyinf.InfluenceEngine(model, _HalfMeasurement(), progress=False)
+    queries = half.prepare_queries(query, factors, rank=None, damping=1e-3, batch_size=3)
+    assert torch.allclose(torch.as_tensor(queries.measurements), 0.5 * torch.as_tensor(base.measurements))
+    assert _rel(half.pairwise_scores(train, queries, batch_size=2), 0.5 * base_scores) < 1e-10
+    # the last token only: one query at a time equals the batch, and not the summed CE
+    last = pyinf.InfluenceEngine(model, _LastTokenMeasurement(), progress=False)
+    together = last.prepare_queries(query, factors, rank=None, damping=1e-3, batch_size=3)
+    alone = last.prepare_queries(query, factors, rank=None, damping=1e-3, batch_size=1)
+    assert _rel(last.pairwise_scores(train, together), last.pairwise_scores(train, alone)) < 1e-10
+    assert _rel(last.pairwise_scores(train, together), base_scores) > 0.1
+
+
 def test_left_padding_gives_the_scores_of_right_padding():
     """Left-padded batches (a GPT-2 has learned absolute positions): the same factors, query
     measurements and scores as right-padded ones, which equal one document at a time. The
