@@ -22,6 +22,7 @@ the layer's own layout (pooled, flattened or sequence-first: see :meth:`Capture.
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from typing import Callable, Dict, List, Optional
 
@@ -150,6 +151,9 @@ def _declared_batch_first(by_name: Dict[str, nn.Module], name: str) -> Optional[
 # module that lives as long as the module. The wrapper is the same object in every pass,
 # so a model compiled by torch.compile (``InfluenceEngine(compile=True)``) keeps its
 # compiled code from pass to pass instead of recompiling on a new bound function.
+# Per layer, whether its input was batch-first/batch-major in the first batch whose shape
+# fitted one reading only: a layout is the model's, so it holds for every later pass.
+_LAYOUT_SEEN: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 _ACTIVE_SITES: "weakref.WeakKeyDictionary[nn.Module, _Site]" = weakref.WeakKeyDictionary()
 _FORWARDS: "weakref.WeakKeyDictionary[nn.Module, functools.partial]" = weakref.WeakKeyDictionary()
 
@@ -190,6 +194,7 @@ class Capture:
         self.sites = {name: _Site(self, specs[name]) for name in modules}
         by_name = dict(model.named_modules())
         self._batch_first = {name: _declared_batch_first(by_name, name) for name in modules}
+        self._warned_layout = False
         self._saved_requires_grad: Dict[nn.Parameter, bool] = {}
         self._handles: List[object] = []
         self._mask = None  # [B, T] bool, a dict of those by module name, or None
@@ -304,10 +309,13 @@ class Capture:
         - ``[B, T, ..., d]``: batch-first; ``[T, B, ..., d]``: sequence-first (torch's
           nn.Transformer* layers by default), transposed to batch-first.
 
-        When T == B the shapes cannot tell the last two apart: batch-first is assumed, unless
-        an enclosing module declares ``batch_first=False`` (:func:`_declared_batch_first`). A
-        model that runs a layer sequence-first outside torch's transformer modules should
-        say so with a ``batch_first`` attribute on a module around it, or avoid T == B.
+        When the shapes fit both a batch-first or batch-major reading and a sequence-first one
+        (``[B, B, d]``, or ``[k*B, B, d]``: k sequences of B tokens per document, or k*B tokens
+        sequence-first), the layout is, in this order: the one an enclosing module declares
+        (``batch_first``, :func:`_declared_batch_first`); the one this layer showed in an
+        earlier batch (of any pass) whose shape fitted one reading only; else batch-first for ``[B, B, d]``
+        and sequence-first, with a warning, for ``[k*B, B, d]``. A model that runs a layer sequence-first outside torch's transformer
+        modules should say so with a ``batch_first`` attribute on a module around it.
         """
         b = self._n_docs
 
@@ -327,18 +335,38 @@ class Capture:
             return t.reshape(b, -1, t.shape[-1])
         if t.dim() < 2:
             raise fail("a layer's input needs a feature dimension")
-        batch_first, seq_first = t.shape[0] == b, t.shape[1] == b
-        if batch_first and seq_first:  # T == B: only a declared layout can tell
-            batch_first = self._batch_first[name] is not False
-        if batch_first:
+        # batch-first [B, T, ..., d] and batch-major [B*k, T, ..., d] (k sequences per document,
+        # e.g. multiple choice) are both read by a reshape; sequence-first [T, B, ..., d] by a transpose
+        batch_major, seq_first = t.shape[0] % b == 0, t.shape[1] == b
+        if batch_major and seq_first:
+            batch_major = self._ambiguous_layout_is_batch_major(name, t)
+        elif batch_major or seq_first:
+            _LAYOUT_SEEN.setdefault(self.modules[name], batch_major)
+        if batch_major:
             return t.reshape(b, -1, t.shape[-1])
         if seq_first:
             return t.transpose(0, 1).reshape(b, -1, t.shape[-1])
-        if t.shape[0] % b == 0:  # [B*k, T, ..., d], batch-major: k sequences per document (multiple choice)
-            return t.reshape(b, -1, t.shape[-1])
         raise fail("neither batch-first [B, T, ..., d], batch-major [B*k, T, ..., d] nor sequence-first "
-                   "[T, B, ..., d] (when T == B, batch-first is assumed unless an enclosing module has "
-                   "batch_first=False)")
+                   "[T, B, ..., d]")
+
+    def _ambiguous_layout_is_batch_major(self, name: str, t: torch.Tensor) -> bool:
+        """The layout of a ``[k*B, B, ..., d]`` tensor (k >= 1): see :meth:`_as_tokens`."""
+        declared = self._batch_first[name]
+        if declared is not None:
+            return declared
+        seen = _LAYOUT_SEEN.get(self.modules[name])
+        if seen is not None:
+            return seen
+        # (a mask cannot tell: [B, k*B] fits k sequences of B tokens as well as k*B tokens)
+        if t.shape[0] == t.shape[1]:  # T == B: batch-first, the common layout
+            return True
+        if not self._warned_layout:  # once per pass
+            self._warned_layout = True
+            warnings.warn(f"pyinf: module {name!r} sees a [{t.shape[0]}, {t.shape[1]}, ...] input in a batch of "
+                          f"{t.shape[1]} documents: sequence-first (T = {t.shape[0]}) is assumed, not "
+                          f"{t.shape[0] // t.shape[1]} sequences of {t.shape[1]} tokens per document; set a "
+                          f"batch_first attribute on a module around it to say which", stacklevel=2)
+        return False
 
     def _deliver(self, spec: ModuleSpec, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         mask = self._mask.get(spec.name) if isinstance(self._mask, dict) else self._mask

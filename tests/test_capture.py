@@ -1,6 +1,8 @@
 """Capture computes no weight gradient, leaves the model as it was, and handles Linear
 subclasses, instance forwards, Conv1D, inputs without a sequence dimension or sequence-first,
 and masks that fit no layer."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -237,6 +239,50 @@ def test_several_sequences_per_document_are_batch_major():
     data = [(torch.randn(2, 5, 4, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64))
             for _ in range(6)]
     _assert_matches_brute_force(PerChoice().double(), _PairTask(["fc"]), data, data[:2], batch_size=3)
+
+
+class _PerChoice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):  # x [B, k, T, 4] -> the layer sees [B*k, T, 4]
+        b, k, t, d = x.shape
+        return self.fc(x.reshape(b * k, t, d)).reshape(b, k, t, -1).sum(1)
+
+
+def _choices(n, k, tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(k, tokens, 4, generator=g, dtype=torch.float64),
+             torch.randn(tokens, 3, generator=g, dtype=torch.float64)) for _ in range(n)]
+
+
+def test_several_sequences_of_b_tokens_keep_the_layout_shown_earlier():
+    """k sequences of T tokens per document with T == B in the last batch ([k*B, B, d], which
+    k*B tokens sequence-first would also give): the layout the layer showed in batches whose
+    shape fitted one reading only (here [4*2, 2, d] for 4 documents) holds, in this pass and
+    in the later ones (the queries' batch of 2 is ambiguous too)."""
+    torch.manual_seed(0)
+    data = _choices(6, 2, 2, seed=3)  # batches of 4 and 2 documents
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*sequence-first")
+        _assert_matches_brute_force(_PerChoice().double(), _PairTask(["fc"]), data, data[:2], batch_size=4)
+
+
+def test_an_undecidable_layout_is_declared_or_warned():
+    """Every batch [k*B, B, d]: the model's batch_first attribute decides; without one,
+    sequence-first is assumed with a warning that says how to declare it."""
+    torch.manual_seed(0)
+    data = _choices(4, 2, 2, seed=4)
+    declared = _PerChoice().double()
+    declared.batch_first = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*sequence-first")
+        _assert_matches_brute_force(declared, _PairTask(["fc"]), data, data[:2], batch_size=2)
+    engine = pyinf.InfluenceEngine(_PerChoice().double(), _PairTask(["fc"]), progress=False)
+    with pytest.warns(UserWarning, match=r"module 'fc' sees a \[4, 2, \.\.\.\] input in a batch of 2 documents: "
+                                         r"sequence-first \(T = 4\) is assumed.*batch_first attribute"):
+        engine.fit_factors(data, fisher="empirical", batch_size=2)
 
 
 class _Regression(nn.Module):
