@@ -42,6 +42,20 @@ def _pad_tokens(chunks: List[torch.Tensor], t_max: int) -> torch.Tensor:
     return torch.cat(padded)
 
 
+def _from_first_token(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token scores ``[B, T, Q]`` of a batch whose rows may be left-padded, moved so that
+    each document's first real token (by ``mask``, [B, T]) is at position 0, as it is with
+    right padding: position ``t`` is then the document's own ``t``-th token in every batch."""
+    mask = mask.to(device="cpu", dtype=torch.bool)
+    lead = torch.where(mask.any(1), mask.int().argmax(1), 0)  # leading padding per row
+    if not bool(lead.any()):
+        return scores
+    t = scores.shape[1]
+    idx = torch.arange(t)[None, :] + lead[:, None]
+    moved = scores.gather(1, idx.clamp(max=t - 1)[..., None].expand(-1, -1, scores.shape[2]))
+    return moved * (idx < t)[..., None]
+
+
 class _BatchScores:
     """Per-batch accumulator of total and per-module scores, moved to CPU at batch end."""
 
@@ -59,15 +73,21 @@ class _BatchScores:
         if self.per_module:
             self.modules[name] = value
 
-    def finish_batch(self, n_docs: int, shape_tail) -> None:
+    def finish_batch(self, n_docs: int, shape_tail, token_mask: Optional[torch.Tensor] = None) -> None:
+        """``token_mask``: the batch's [B, T] mask, for per-token scores (see _from_first_token)."""
         if self.total is None:  # no tracked layer received a gradient (the loss ignored them)
             self.total = torch.zeros((n_docs,) + tuple(shape_tail))
-        self.done_total.append(self.total.cpu())
+
+        def done(value):
+            value = value.cpu()
+            return value if token_mask is None else _from_first_token(value, token_mask)
+
+        self.done_total.append(done(self.total))
         if self.per_module:
             for name in self.names:  # a layer the batch's loss never reached scores zero
                 value = self.modules.get(name)
                 value = torch.zeros_like(self.total) if value is None else value
-                self.done_modules.setdefault(name, []).append(value.cpu())
+                self.done_modules.setdefault(name, []).append(done(value))
         self.total, self.modules = None, {}
 
 
@@ -145,7 +165,10 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
             for (name, _, scale), value in zip(pending, values):
                 acc.add(name, scaled(value, scale))
             pending.clear()
-        acc.finish_batch(n_docs, ((token_counts[-1] or 1,) if per_token else ()) + (q,))
+        # per token: left-padded rows moved to start at their first real token
+        aligned = per_token and mask is not None and tuple(mask.shape) == (n_docs, token_counts[-1])
+        acc.finish_batch(n_docs, ((token_counts[-1] or 1,) if per_token else ()) + (q,),
+                         token_mask=mask if aligned else None)
 
     run_pass(model, task, modules, specs, loader, objective=lambda b, m: task.compute_train_loss(b, m, sample=False),
              consumer=consume, desc="pyinf: pairwise scores", on_batch_start=on_start, on_batch_end=on_end,

@@ -567,7 +567,7 @@ def test_left_padding_gives_the_scores_of_right_padding():
 
     model = tiny_gpt2(seed=3, dtype=torch.float64)
     train, query = TokenDataset(6, seed=4), TokenDataset(3, seed=5)  # fully labelled queries
-    results = {}
+    results, per_token = {}, {}
     for side in ("right", "left"):
         task = pyinf.CausalLMTask()
         task.collate_fn = functools.partial(pyinf.pad_collate, side=side)
@@ -575,7 +575,12 @@ def test_left_padding_gives_the_scores_of_right_padding():
         factors = engine.fit_factors(train, fisher="empirical", batch_size=3)
         queries = engine.prepare_queries(query, factors, rank=None, batch_size=3)
         results[side] = (factors, queries, engine.pairwise_scores(train, queries, batch_size=3))
+        per_token[side] = engine.pairwise_scores(train, queries, batch_size=3, per_token=True, per_module=True)
     (f_r, q_r, s_r), (f_l, q_l, s_l) = results["right"], results["left"]
+    # per token: position t is the document's t-th token on either side (batches of lengths
+    # that differ, so left-padded rows start at different positions)
+    for name in f_r.module_names:
+        assert _rel(per_token["left"][name], per_token["right"][name]) < 1e-10, name
     for name in f_r.module_names:
         assert _rel(f_l[name].a_cov, f_r[name].a_cov) < 1e-12 and _rel(f_l[name].lambdas, f_r[name].lambdas) < 1e-10
     assert _rel(q_l.measurements, q_r.measurements) < 1e-12
