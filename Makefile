@@ -6,16 +6,20 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
-# torch is installed first and pinned so that pip never pulls a multi-GB CUDA build on
-# a CPU machine; an already present torch (a GPU image) is kept as it is.
+# torch is installed first, pinned, so that later installs (kronfluence's dependencies) do
+# not move it; an already present torch (a GPU image) is kept as it is. It comes from pip's
+# configured index: plain PyPI serves the multi-GB CUDA build, so on a CPU machine pass
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu (this project's CI machines provide a CPU
+# wheel locally).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: demo test install install-dev bench-smoke wheelhouse clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PIP) install -q setuptools wheel "pybind11>=2.12" cmake ninja
 	# headers only (CUTLASS/CuTe for the Hopper kernel); --no-deps: it needs nothing at build time
 	$(PIP) install -q --no-deps "nvidia-cutlass==4.2.0.0"

@@ -21,13 +21,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local Hugging Face model directory, or a config JSON "
                    "(random weights)")
     p.add_argument("--track", default=None, help="regex over module names: track only the matching "
-                   "Linear/Conv1D layers (default: all but the output embedding)")
+                   "Linear/Conv1D layers (default: those of --factors where given, else all but the output "
+                   "embedding)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the model (default: as stored)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "native"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512, help="truncate documents to this many tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (true-Fisher label samples; a config-only "
+                   "--model also draws its random weights from it, so every command must use the same)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--fused-head", action="store_true", help="loss from the final hidden states without fp32 "
                    "[tokens, vocab] logits (pyinf.fused_ce)")
@@ -64,7 +66,9 @@ def max_positions(model) -> Optional[int]:
     return None
 
 
-def _engine(args):
+def _engine(args, factors=None):
+    """The model and its tokenizer, tracking --track's layers, else those of ``factors`` (the
+    layers they were fitted on), else every Linear/Conv1D but the output embedding."""
     from . import CausalLMTask, InfluenceEngine
     from .modules import find_tracked_modules
     from .textdata import load_model
@@ -82,6 +86,8 @@ def _engine(args):
         tracked = [n for n in find_tracked_modules(model) if pattern.search(n)]
         if not tracked:
             raise SystemExit(f"pyinf: --track {args.track!r} matches no trackable module")
+    elif factors is not None:
+        tracked = factors.module_names
     task = CausalLMTask(tracked_modules=tracked, pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
                         fused_head=args.fused_head)
     engine = InfluenceEngine(model, task, backend=args.backend, progress=False if args.no_progress else None,
@@ -115,9 +121,9 @@ def cmd_fit(args) -> int:
                                  wait=not args.no_wait, save=save,
                                  run_meta=dict(max_length=args.max_length, dtype=args.dtype, model_path=str(args.model)))
     if factors is None:
-        print(f"pyinf: shard {shard[0]}/{shard[1]}: its part of the fit is saved in {work_dir}"
-              + ("; rerun it once the other shards' files are there" if args.no_wait else
-                 "; shard 0 writes the factors"))
+        # the staged fit has said why it stopped: done (shard 0 writes the factors), or, with
+        # --no-wait, waiting for other shards' files (run it again later)
+        print(f"pyinf: shard {shard[0]}/{shard[1]}: its part of the fit is saved in {work_dir}")
         return 0
     print(f"pyinf: fitted EK-FAC factors for {len(factors.modules)} modules on {factors.meta['n_examples']} "
           f"documents -> {saved[0]}")
@@ -156,8 +162,8 @@ def cmd_prepare(args) -> int:
     from . import Factors
     from .textdata import JsonlTextDataset
 
-    engine, tokenizer = _engine(args)
     factors = Factors.load(args.factors)
+    engine, tokenizer = _engine(args, factors)
     query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length)
     path = _prepare(engine, args, factors, query).save(args.out)
     print(f"pyinf: prepared {len(query)} queries (rank {args.rank or 'full'}) -> {path}")
@@ -176,9 +182,11 @@ def _load_or_prepare(engine, args, factors, query, out: Path):
                 None, _query_source(args, args.queries)["queries_sha256"]):
             raise ValueError(f"{args.prepared} was not prepared from {args.queries} ({queries.n_queries} queries "
                              f"there, {len(query)} in {args.queries})")
-        # the weights decide, not the path they were read from (shards may mount them elsewhere)
+        # the weights decide, in any dtype, not the path they were read from (shards may mount
+        # them elsewhere); the seed is named since it draws a config-only model's weights; the
+        # loss's implementation (--fused-head) does not change the queries
         differ = [f"{k}: {source[k]!r} there, {v!r} here" for k, v in _model_source(args).items()
-                  if k != "model" and k in source and source[k] != v]
+                  if k == "seed" and k in source and source[k] != v]
         if not engine.same_weights_as(queries.meta):
             theirs = queries.meta["model_fingerprint"]
             differ.append(f"weights: fingerprint {theirs[:12]} there, {engine.fingerprint()[:12]} here")
@@ -228,8 +236,8 @@ def cmd_score(args) -> int:
     from .corpus import score_corpus, top_documents, top_token_scores
     from .textdata import JsonlTextDataset
 
-    engine, tokenizer = _engine(args)
     factors = Factors.load(args.factors)
+    engine, tokenizer = _engine(args, factors)
     train = JsonlTextDataset(args.train, tokenizer, max_length=args.max_length)
     query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length)
     out = Path(args.out)
@@ -276,8 +284,8 @@ def cmd_self_influence(args) -> int:
     from .corpus import self_influence_corpus
     from .textdata import JsonlTextDataset
 
-    engine, tokenizer = _engine(args)
     factors = Factors.load(args.factors)
+    engine, tokenizer = _engine(args, factors)
     train = JsonlTextDataset(args.train, tokenizer, max_length=args.max_length)
     out = Path(args.out)
     values = self_influence_corpus(engine, train, factors, out, damping=args.damping, chunk_size=args.chunk_size,
@@ -324,9 +332,15 @@ def cmd_demo(args) -> int:
 def cmd_backends(args) -> int:
     from .ops import available_backends
 
+    import os
+
     available = available_backends()
     for name, reason in available.items():
-        print(f"{name:7s} {'available' if reason is None else reason}")
+        status = "available" if reason is None else reason
+        if name == "triton" and reason is None and not torch.cuda.is_available() \
+                and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            status = "importable; runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (slow)"
+        print(f"{name:7s} {status}")
     if available.get("native") is None:
         from . import _C
 
@@ -381,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--queries", required=True, help="JSONL, {'prompt': ..., 'completion': ...} per line")
     score.add_argument("--out", required=True, help="output directory (a rerun into it resumes)")
     score.add_argument("--prepared", default=None, help="queries prepared by `pyinf prepare` from --queries "
-                       "(their rank, damping and SVD apply; default: prepare them, once per output directory)")
+                       "(their rank, damping and SVD apply; the model's weights must be theirs, in any --dtype; default: "
+                       "prepare them, once per output directory)")
     _add_query_args(score)
     score.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="documents per saved chunk: "
                        "an interrupted run loses at most one chunk")
@@ -419,9 +434,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def run(argv: Optional[List[str]] = None) -> int:
+    """The command line, raising what goes wrong (for callers and tests)."""
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The ``pyinf`` command: :func:`run`, with a user's mistake (a missing file, a bad record,
+    a mismatched run, an unavailable backend) printed as one line and exit status 1 instead of
+    a traceback; ``PYINF_TRACEBACK=1`` shows the traceback."""
+    import os
+
+    from .capture import CaptureError
+    from .ops import BackendUnavailable
+
+    try:
+        return run(argv)
+    except (ValueError, OSError, re.error, BackendUnavailable, CaptureError, FloatingPointError) as exc:
+        if os.environ.get("PYINF_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"pyinf: error: {exc}\n(PYINF_TRACEBACK=1 shows where it came from)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pyinf
-from pyinf.cli import main
+from pyinf.cli import main, run
 
 
 @pytest.fixture
@@ -24,14 +24,14 @@ def workdir(tmp_path):
 
 def test_fit_then_score(workdir, capsys):
     common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress", "--track", "mlp"]
-    assert main(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", str(workdir / "f.safetensors"),
-                 "--fisher", "empirical", "--eigh-workers", "2"]) == 0
+    assert run(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", str(workdir / "f.safetensors"),
+                "--fisher", "empirical", "--eigh-workers", "2"]) == 0
     factors = pyinf.Factors.load(workdir / "f.safetensors")
     assert factors.meta["eigh_workers"] == 2
     assert factors.module_names == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
-    assert main(["score", *common, "--factors", str(workdir / "f.safetensors"), "--train",
-                 str(workdir / "train.jsonl"), "--queries", str(workdir / "queries.jsonl"), "--out",
-                 str(workdir / "out"), "--rank", "4", "--top-k", "3", "--per-token"]) == 0
+    assert run(["score", *common, "--factors", str(workdir / "f.safetensors"), "--train",
+                str(workdir / "train.jsonl"), "--queries", str(workdir / "queries.jsonl"), "--out",
+                str(workdir / "out"), "--rank", "4", "--top-k", "3", "--per-token"]) == 0
     tensors, meta = pyinf.storage.load(workdir / "out" / "scores.safetensors", "scores")
     assert tensors["scores"].shape == (4, 2) and torch.isfinite(tensors["scores"]).all()
     top = json.loads((workdir / "out" / "top.json").read_text())
@@ -54,15 +54,15 @@ def test_fit_then_score(workdir, capsys):
     assert float(per_token[best["position"] - 1]) == pytest.approx(best["score"], rel=1e-6)
     assert "query: 'where is paris? france'" in capsys.readouterr().out
     # the fused LM head gives the same scores
-    assert main(["score", *common, "--fused-head", "--factors", str(workdir / "f.safetensors"), "--train",
-                 str(workdir / "train.jsonl"), "--queries", str(workdir / "queries.jsonl"), "--out",
-                 str(workdir / "fused"), "--rank", "4"]) == 0
+    assert run(["score", *common, "--fused-head", "--factors", str(workdir / "f.safetensors"), "--train",
+                str(workdir / "train.jsonl"), "--queries", str(workdir / "queries.jsonl"), "--out",
+                str(workdir / "fused"), "--rank", "4"]) == 0
     fused, _ = pyinf.storage.load(workdir / "fused" / "scores.safetensors", "scores")
     assert torch.allclose(fused["scores"], tensors["scores"], rtol=1e-4, atol=1e-6)
     # and so does activation checkpointing of the blocks
-    assert main(["score", *common, "--checkpoint", "--factors", str(workdir / "f.safetensors"), "--train",
-                 str(workdir / "train.jsonl"), "--queries", str(workdir / "queries.jsonl"), "--out",
-                 str(workdir / "ckpt"), "--rank", "4"]) == 0
+    assert run(["score", *common, "--checkpoint", "--factors", str(workdir / "f.safetensors"), "--train",
+                str(workdir / "train.jsonl"), "--queries", str(workdir / "queries.jsonl"), "--out",
+                str(workdir / "ckpt"), "--rank", "4"]) == 0
     ckpt, _ = pyinf.storage.load(workdir / "ckpt" / "scores.safetensors", "scores")
     assert torch.allclose(ckpt["scores"], tensors["scores"], rtol=1e-4, atol=1e-6)
 
@@ -70,16 +70,48 @@ def test_fit_then_score(workdir, capsys):
 def test_bad_inputs_are_named(workdir):
     (workdir / "bad.jsonl").write_text('{"text": "fine"}\n{"oops": 1}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: a record needs 'text'"):
-        main(["fit", "--model", str(workdir / "model"), "--train", str(workdir / "bad.jsonl"),
-              "--out", str(workdir / "f.safetensors"), "--no-progress"])
+        run(["fit", "--model", str(workdir / "model"), "--train", str(workdir / "bad.jsonl"),
+             "--out", str(workdir / "f.safetensors"), "--no-progress"])
     assert not (workdir / "f.safetensors").exists()
     with pytest.raises(SystemExit, match="matches no trackable module"):
-        main(["fit", "--model", str(workdir / "model"), "--train", str(workdir / "train.jsonl"),
-              "--out", str(workdir / "f.safetensors"), "--track", "nothing-like-this", "--no-progress"])
+        run(["fit", "--model", str(workdir / "model"), "--train", str(workdir / "train.jsonl"),
+             "--out", str(workdir / "f.safetensors"), "--track", "nothing-like-this", "--no-progress"])
+
+
+def test_the_command_says_what_is_wrong_in_one_line(workdir, capsys, monkeypatch):
+    """`pyinf` (main) prints a user's mistake as one line and exits 1; PYINF_TRACEBACK=1 raises."""
+    (workdir / "bad.jsonl").write_text('{"text": "fine"}\n{"oops": 1}\n')
+    bad = ["fit", "--model", str(workdir / "model"), "--train", str(workdir / "bad.jsonl"),
+           "--out", str(workdir / "f.safetensors"), "--no-progress"]
+    assert main(bad) == 1
+    err = capsys.readouterr().err
+    assert "pyinf: error: " in err and "bad.jsonl:2: a record needs 'text'" in err and "Traceback" not in err
+    assert main(["info", str(workdir / "nothing-here.safetensors")]) == 1
+    assert "pyinf: error: " in capsys.readouterr().err
+    assert main(["fit", *bad[1:3], "--train", str(workdir / "train.jsonl"), "--out", str(workdir / "g.safetensors"),
+                 "--track", "(", "--no-progress"]) == 1
+    monkeypatch.setenv("PYINF_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="a record needs 'text'"):
+        main(bad)
+
+
+def test_later_commands_track_the_factors_layers(workdir):
+    """Factors fitted on --track's layers: prepare, score and self-influence track those same
+    layers without being told again."""
+    common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress"]
+    factors = str(workdir / "f.safetensors")
+    assert run(["fit", *common, "--track", "mlp", "--train", str(workdir / "train.jsonl"), "--out", factors,
+                "--fisher", "empirical"]) == 0
+    assert run(["self-influence", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"),
+                "--out", str(workdir / "si")]) == 0
+    assert run(["prepare", *common, "--factors", factors, "--queries", str(workdir / "queries.jsonl"),
+                "--out", str(workdir / "q.safetensors"), "--rank", "2"]) == 0
+    assert sorted(pyinf.Queries.load(workdir / "q.safetensors").module_names) == sorted(
+        pyinf.Factors.load(factors).module_names)
 
 
 def test_backends_lists_every_backend(capsys):
-    assert main(["backends"]) == 0
+    assert run(["backends"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("torch", "triton", "native"))
     if "native  available" in out:  # what the native build holds: its CUDA architectures, the Hopper kernel
@@ -92,97 +124,102 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     texts = [f"document {i}: " + "abcdefgh"[i % 8] * (3 + i % 5) for i in range(9)]
     (workdir / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     factors = str(workdir / "f.safetensors")
-    assert main(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", factors,
-                 "--fisher", "empirical"]) == 0
+    assert run(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", factors,
+                "--fisher", "empirical"]) == 0
     score = ["score", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"), "--queries",
              str(workdir / "queries.jsonl"), "--rank", "4", "--chunk-size", "2"]
-    assert main([*score, "--out", str(workdir / "whole")]) == 0
+    assert run([*score, "--out", str(workdir / "whole")]) == 0
     whole, _ = pyinf.storage.load(workdir / "whole" / "scores.safetensors", "scores")
     assert whole["scores"].shape == (9, 2)
     capsys.readouterr()
     # a rerun into the same directory reuses its queries and chunks
-    assert main([*score, "--out", str(workdir / "whole")]) == 0
+    assert run([*score, "--out", str(workdir / "whole")]) == 0
     err = capsys.readouterr().err
     assert "reusing the queries" in err and "5 of 5 chunks already done" in err
     # shards need queries prepared once, then share one directory
     with pytest.raises(SystemExit, match="--shard needs --prepared"):
-        main([*score, "--out", str(workdir / "sharded"), "--shard", "0/2"])
+        run([*score, "--out", str(workdir / "sharded"), "--shard", "0/2"])
     prepared = str(workdir / "q.safetensors")
-    assert main(["prepare", *common, "--factors", factors, "--queries", str(workdir / "queries.jsonl"),
-                 "--rank", "4", "--out", prepared]) == 0
-    assert main([*score, "--out", str(workdir / "sharded"), "--prepared", prepared, "--shard", "1/2"]) == 0
+    assert run(["prepare", *common, "--factors", factors, "--queries", str(workdir / "queries.jsonl"),
+                "--rank", "4", "--out", prepared]) == 0
+    assert run([*score, "--out", str(workdir / "sharded"), "--prepared", prepared, "--shard", "1/2"]) == 0
     assert "chunks of other shards are still missing" in capsys.readouterr().out
     assert not (workdir / "sharded" / "scores.safetensors").exists()
-    assert main([*score, "--out", str(workdir / "sharded"), "--prepared", prepared, "--shard", "0/2",
-                 "--query-batch-size", "1"]) == 0
+    assert run([*score, "--out", str(workdir / "sharded"), "--prepared", prepared, "--shard", "0/2",
+                "--query-batch-size", "1"]) == 0
     sharded, _ = pyinf.storage.load(workdir / "sharded" / "scores.safetensors", "scores")
     torch.testing.assert_close(sharded["scores"], whole["scores"], rtol=1e-5, atol=1e-7)
     assert json.loads((workdir / "sharded" / "top.json").read_text())[0]["top"]
     with pytest.raises(SystemExit):
-        main([*score, "--out", str(workdir / "bad"), "--shard", "2/2"])
+        run([*score, "--out", str(workdir / "bad"), "--shard", "2/2"])
     assert "shard 2/2" in capsys.readouterr().err
     # another --seed draws other random weights: neither the prepared queries nor the ones a
     # run saved in its directory are reused for it
     with pytest.raises(ValueError, match=r"prepared with another model \(seed: 0 there, 1 here; weights: fingerprint"):
-        main([*score, "--seed", "1", "--out", str(workdir / "sharded"), "--prepared", prepared])
+        run([*score, "--seed", "1", "--out", str(workdir / "sharded"), "--prepared", prepared])
     # the same weights read from another path (another mount on another machine) are the same model
     import shutil
 
     shutil.copytree(workdir / "model", workdir / "model-elsewhere")
     elsewhere = [a if a != str(workdir / "model") else str(workdir / "model-elsewhere") for a in score]
-    assert main([*elsewhere, "--out", str(workdir / "elsewhere"), "--prepared", prepared]) == 0
+    assert run([*elsewhere, "--out", str(workdir / "elsewhere"), "--prepared", prepared]) == 0
+    # and so are they in another dtype, with the fused LM head
+    assert run([*score, "--out", str(workdir / "bf16"), "--prepared", prepared, "--dtype", "bfloat16",
+                "--fused-head"]) == 0
     capsys.readouterr()
     with pytest.warns(UserWarning, match="these factors were made with other weights"), \
             pytest.raises(ValueError, match=r"belongs to another run \(queries: .*; model: "):
-        main([*score, "--seed", "1", "--out", str(workdir / "whole")])  # new queries, then the old chunks refuse
+        run([*score, "--seed", "1", "--out", str(workdir / "whole")])  # new queries, then the old chunks refuse
     assert "reusing the queries" not in capsys.readouterr().err
 
 
 def test_sharded_fit_gives_the_plain_fit(workdir, capsys):
     common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress", "--track", "mlp",
               "--train", str(workdir / "train.jsonl"), "--fisher", "empirical"]
-    assert main(["fit", *common, "--out", str(workdir / "plain.safetensors")]) == 0
+    assert run(["fit", *common, "--out", str(workdir / "plain.safetensors")]) == 0
     assert not (workdir / "plain.safetensors.parts").exists()
     plain = pyinf.Factors.load(workdir / "plain.safetensors")
     sharded = ["fit", *common, "--out", str(workdir / "sharded.safetensors"), "--no-wait"]
-    assert main([*sharded, "--shard", "1/2"]) == 0
-    assert "rerun it once the other shards' files are there" in capsys.readouterr().out
-    assert main([*sharded, "--shard", "0/2"]) == 0  # decomposes, then its Lambda sums; shard 1's are missing
+    assert run([*sharded, "--shard", "1/2"]) == 0
+    said = capsys.readouterr()
+    assert "waits for the other shards' covariance sums" in said.err and "run it again once" in said.err
+    assert "its part of the fit is saved in" in said.out
+    assert run([*sharded, "--shard", "0/2"]) == 0  # decomposes, then its Lambda sums; shard 1's are missing
     assert not (workdir / "sharded.safetensors").exists()
-    assert main([*sharded, "--shard", "1/2"]) == 0
-    assert main([*sharded, "--shard", "0/2"]) == 0
+    assert run([*sharded, "--shard", "1/2"]) == 0
+    assert run([*sharded, "--shard", "0/2"]) == 0
     got = pyinf.Factors.load(workdir / "sharded.safetensors")
     assert got.meta["shards"] == 2 and got.meta["n_examples"] == plain.meta["n_examples"] == 4
     for name in plain.module_names:
         torch.testing.assert_close(got[name].lambdas, plain[name].lambdas, rtol=1e-4, atol=1e-8)
         torch.testing.assert_close(got[name].a_cov, plain[name].a_cov, rtol=1e-5, atol=1e-8)
     with pytest.raises(SystemExit, match="--max-examples must be positive"):
-        main(["fit", *common, "--out", str(workdir / "x.safetensors"), "--max-examples", "0"])
+        run(["fit", *common, "--out", str(workdir / "x.safetensors"), "--max-examples", "0"])
 
 
 def test_self_influence_command(workdir, capsys):
     common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress", "--track", "mlp"]
-    assert main(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", str(workdir / "f.safetensors"),
-                 "--fisher", "empirical"]) == 0
+    assert run(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", str(workdir / "f.safetensors"),
+                "--fisher", "empirical"]) == 0
     args = ["self-influence", *common, "--factors", str(workdir / "f.safetensors"), "--train",
             str(workdir / "train.jsonl"), "--out", str(workdir / "self"), "--chunk-size", "3", "--top-k", "2"]
-    assert main(args) == 0
+    assert run(args) == 0
     saved, _ = pyinf.storage.load(workdir / "self" / "self_influence.safetensors", "self_influence")
     values = saved["self_influence"]
     assert values.shape == (4,) and bool((values > 0).all())  # grad^T H^-1 grad of a positive-definite H
     top = json.loads((workdir / "self" / "top_self_influence.json").read_text())
     assert [row["index"] for row in top] == values.topk(2).indices.tolist()
     assert "highest self-influence" in capsys.readouterr().out
-    assert main(args) == 0 and "2 of 2 chunks already done" in capsys.readouterr().err
+    assert run(args) == 0 and "2 of 2 chunks already done" in capsys.readouterr().err
     # pyinf info reads any saved file's header: kind, settings, run fingerprints, shapes
     chunk = next((workdir / "self" / "self_influence-chunks").iterdir())
-    assert main(["info", str(workdir / "f.safetensors"), str(chunk), "--max-tensors", "2"]) == 0
+    assert run(["info", str(workdir / "f.safetensors"), str(chunk), "--max-tensors", "2"]) == 0
     out = capsys.readouterr().out
     assert '"kind": "factors"' in out and '"fisher": "empirical"' in out and "more tensors" in out
     assert '"kind": "self_influence-chunk"' in out and '"documents": ' in out and "values: F32 [3]" in out
     (workdir / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(pyinf.CorruptFileError, match="not a readable pyinf file"):
-        main(["info", str(workdir / "junk.safetensors")])
+        run(["info", str(workdir / "junk.safetensors")])
 
 
 def test_max_length_is_bounded_by_the_model_and_completions_are_never_cut(workdir, capsys):
@@ -191,13 +228,13 @@ def test_max_length_is_bounded_by_the_model_and_completions_are_never_cut(workdi
     is refused, naming the record."""
     (workdir / "long.jsonl").write_text(json.dumps({"text": "a long document " * 6}) + "\n"
                                         + json.dumps({"text": "short one"}) + "\n")
-    assert main(["fit", "--model", str(workdir / "model"), "--train", str(workdir / "long.jsonl"), "--out",
-                 str(workdir / "f.safetensors"), "--no-progress", "--track", "mlp", "--fisher", "empirical"]) == 0
+    assert run(["fit", "--model", str(workdir / "model"), "--train", str(workdir / "long.jsonl"), "--out",
+                str(workdir / "f.safetensors"), "--no-progress", "--track", "mlp", "--fisher", "empirical"]) == 0
     assert "--max-length 512 lowered to 64" in capsys.readouterr().err
     (workdir / "longq.jsonl").write_text(json.dumps({"prompt": "where is paris? ", "completion": "in france " * 6}))
     with pytest.raises(ValueError, match=r"longq.jsonl:1: prompt \(16 tokens\) and completion \(60\) exceed "
                                          r"max_length=64: the completion would be cut"):
-        main(["score", "--model", str(workdir / "model"), "--factors", str(workdir / "f.safetensors"), "--train",
-              str(workdir / "long.jsonl"), "--queries", str(workdir / "longq.jsonl"), "--out", str(workdir / "out"),
-              "--no-progress", "--track", "mlp"])
+        run(["score", "--model", str(workdir / "model"), "--factors", str(workdir / "f.safetensors"), "--train",
+             str(workdir / "long.jsonl"), "--queries", str(workdir / "longq.jsonl"), "--out", str(workdir / "out"),
+             "--no-progress", "--track", "mlp"])
     assert not (workdir / "out" / "scores.safetensors").exists()

@@ -1,7 +1,8 @@
 """The kernel contract of pyinf: one function per hot op, backend-agnostic.
 
 ``backend="auto"`` picks a fused backend for CUDA tensors (measured preferences first,
-then Triton, then native) and the PyTorch reference elsewhere; ``"torch"``, ``"triton"``
+then Triton, then the PyTorch reference; native only where it measured fastest) and the
+PyTorch reference elsewhere; ``"torch"``, ``"triton"``
 and ``"native"`` force one, and raise :class:`BackendUnavailable` when it cannot run the
 call. Inputs may be fp32, bf16 or fp16 (fp64 runs on the reference only); accumulation is
 fp32, and every result is fp32 (fp64 for fp64 inputs).
