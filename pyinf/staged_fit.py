@@ -23,9 +23,10 @@ different sample than an unsharded one; with one shard the fit is bit for bit
 the float64 rounding of the sums' order."""
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -71,7 +72,7 @@ class StagedFit:
                         n_docs=len(data), shards=n, dtype=str(self.dtype),
                         modules=sorted(engine.modules))
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self._docs_hash: Optional[str] = None
+        self._docs_hash: Dict[int, str] = {}  # shard -> hash of its documents
 
     # --------------------------------------------------------------- files
 
@@ -87,9 +88,15 @@ class StagedFit:
             remedy=f"use a new work directory, or delete {self.work_dir} to start over")
 
     def _mine(self) -> Dict:
-        if self._docs_hash is None:
-            self._docs_hash = documents_hash(self.data, self.docs.start, self.docs.stop)
-        return dict(self.run, documents=self._docs_hash)
+        return self._of_shard(self.shard[0])
+
+    def _of_shard(self, j: int) -> Dict:
+        """The run as shard ``j``'s files must record it: with the hash of its documents, so
+        that a shard run on another corpus (of the same size) is refused, not summed in."""
+        if j not in self._docs_hash:
+            docs = shard_documents(len(self.data), (j, self.shard[1]))
+            self._docs_hash[j] = documents_hash(self.data, docs.start, docs.stop)
+        return dict(self.run, documents=self._docs_hash[j])
 
     def _wait_for(self, paths, what: str, wait: bool, timeout: Optional[float], poll: float) -> bool:
         start, said = time.monotonic(), False
@@ -139,18 +146,23 @@ class StagedFit:
             t0 = time.perf_counter()
             total: Dict[str, list] = {}
             n_examples = 0
+            content = hashlib.sha256()
             for j in range(self.shard[1]):  # in shard order: the same float64 sums on every rerun
-                loaded = self._load(self._path("covariance", j), COVARIANCE_KIND, self.run)
+                loaded = self._load(self._path("covariance", j), COVARIANCE_KIND, self._of_shard(j))
                 if loaded is None:
                     raise RuntimeError(f"{self._path('covariance', j)} disappeared or is damaged; rerun shard "
                                        f"{j}/{self.shard[1]}")
                 tensors, meta = loaded
                 n_examples += meta["n_examples"]
+                content.update(json.dumps([meta["documents"], meta["n_examples"], meta["crc32"]],
+                                          sort_keys=True).encode())
                 for name in self.engine.modules:
                     parts = [tensors[f"{name}::{f}"].to(self.device) for f in ("a_sum", "s_sum", "n_tokens")]
                     total[name] = parts if name not in total else [a + b for a, b in zip(total[name], parts)]
             eigen = eigenbases(total, self.dtype, self.eigh_workers)
-            meta = dict(self.run, eigen_id=uuid.uuid4().hex, n_examples=n_examples,
+            # the id follows the covariance sums' content: decomposed again (a damaged file), the
+            # same sums give the same id, and the Lambda sums already saved against it still hold
+            meta = dict(self.run, eigen_id=content.hexdigest(), n_examples=n_examples,
                         n_tokens={n: int(total[n][2]) for n in total})
             storage.save(path, EIGEN_KIND, {f"{name}::{f}": e[f] for name, e in eigen.items() for f in _EIGEN_FIELDS},
                          meta)
@@ -179,10 +191,10 @@ class StagedFit:
 
     def _finish(self, eigen: Dict) -> Factors:
         n = self.shard[1]
-        want = dict(self.run, eigen_id=eigen["meta"]["eigen_id"])
         totals: Dict[str, torch.Tensor] = {}
         n_docs = 0
         for j in range(n):
+            want = dict(self._of_shard(j), eigen_id=eigen["meta"]["eigen_id"])
             loaded = self._load(self._path("lambda", j), LAMBDA_KIND, want)
             if loaded is None:
                 raise RuntimeError(f"{self._path('lambda', j)} disappeared or is damaged; rerun shard {j}/{n}")

@@ -90,7 +90,12 @@ def save(path, kind: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Path:
     header = json.loads(json.dumps(header))  # as it will read back (tuples become lists)
     header["meta_crc32"] = _meta_crc(header)
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"pyinf": json.dumps(header)})
+        try:
+            save_file(tensors, tmp, metadata={"pyinf": json.dumps(header)})
+        except Exception as exc:  # safetensors' own error (a full disk) names no file
+            if isinstance(exc, OSError):
+                raise
+            raise OSError(f"could not write {path}: {exc}") from exc
     return path
 
 
@@ -119,7 +124,9 @@ def load(path, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
         raise CorruptFileError(f"{path}: format {meta.get('format')!r}, this pyinf reads {FORMAT!r}")
     if meta.get("kind") != kind:
         raise CorruptFileError(f"{path} holds pyinf {meta.get('kind')!r}, not {kind!r}")
-    if "meta_crc32" in meta and _meta_crc(meta) != meta["meta_crc32"]:  # files saved before it have none
+    # files saved before the metadata had a checksum have neither it nor a layout; a file with
+    # one of them has both, so damage to the checksum's own key does not switch the check off
+    if ("meta_crc32" in meta or "layout" in meta) and _meta_crc(meta) != meta.get("meta_crc32"):
         raise CorruptFileError(f"{path}: its metadata fails its checksum (the file was altered or damaged)")
     for k, (dtype, shape) in (meta.get("layout") or {}).items():
         t = tensors.get(k)

@@ -218,6 +218,35 @@ def test_altered_metadata_is_refused(fitted, tmp_path):
         pyinf.Queries.load(path, factors=factors)
 
 
+def test_a_damaged_checksum_key_does_not_switch_the_check_off(fitted, tmp_path):
+    """A flipped byte in the name of the metadata checksum's own key, plus an altered value:
+    the file still records a layout, so it must have had a checksum: refused."""
+    engine, factors, queries, train = fitted
+    path = tmp_path / "q.safetensors"
+    queries.save(path)
+    raw = path.read_bytes().replace(b"meta_crc32", b"meta_crc3X", 1)
+    key = b'measurements\\": ['
+    i = raw.index(key) + len(key)
+    digit = next(j for j in range(i, i + 40) if raw[j:j + 1].isdigit())
+    path.write_bytes(raw[:digit] + bytes([ord("9") if raw[digit] != ord("9") else ord("8")]) + raw[digit + 1:])
+    with pytest.raises(storage.CorruptFileError, match="its metadata fails its checksum"):
+        pyinf.Queries.load(path, factors=factors)
+
+
+def test_a_failed_write_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    """safetensors' own errors (a full disk: SafetensorError) name no file: the save says
+    which, as an OSError, and no file (nor temporary file) is left."""
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device")
+
+    monkeypatch.setattr(storage, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*x\.safetensors: .*No space left"):
+        storage.save(tmp_path / "x.safetensors", "scores", {"scores": torch.zeros(2)}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_run_meta_with_tuples_numpy_scalars_and_info_keys(fitted, tmp_path, capsys):
     """A run's settings are compared as they read back from JSON (a tuple is a list there),
     numpy seeds and dampings are saved as numbers, and `pyinf info` shows a file whose

@@ -3,6 +3,7 @@ fit, a crash in the second pass resumes without repeating the first, shards (one
 another, or at once in threads) give the plain fit's factors, and files of another fit are
 refused."""
 import copy
+import shutil
 import threading
 
 import pytest
@@ -171,3 +172,48 @@ def test_a_failed_save_keeps_the_work_files(setup, tmp_path):
                                    save=lambda f: saved.append(f.save(tmp_path / "factors.safetensors")))
     assert resumed.reads == 13  # the documents' hash only: no pass is repeated
     assert not parts.exists() and saved and pyinf.Factors.load(saved[0]).id == got.id
+
+
+def test_a_shard_fitted_on_other_documents_is_refused(setup, tmp_path):
+    """Shard 1 ran on another corpus of the same size: shard 0, summing every shard's files,
+    refuses them by their documents' hash (covariance sums, and Lambda sums), never adds them in."""
+    engine, train = setup
+    other = RegressionDataset(13, seed=1, dtype=torch.float64)
+    other.y[10] += 1.0  # one of shard 1's documents (6..12)
+    kw = dict(fisher="empirical", batch_size=4, wait=False, log=_quiet)
+    pyinf.fit_factors_staged(engine, other, tmp_path / "a", shard=(1, 2), **kw)
+    with pytest.raises(ValueError, match=r"covariance-1-of-2.safetensors belongs to another run \(documents: "):
+        pyinf.fit_factors_staged(engine, train, tmp_path / "a", shard=(0, 2), **kw)
+    # the same in the second pass: shard 1's covariance sums were right, its Lambda sums are not
+    pyinf.fit_factors_staged(engine, train, tmp_path / "b", shard=(1, 2), **kw)
+    assert pyinf.fit_factors_staged(engine, train, tmp_path / "b", shard=(0, 2), **kw) is None  # decomposes
+    # Lambda sums of the other corpus's shard 1 against this run's eigenbases
+    assert pyinf.fit_factors_staged(engine, other, tmp_path / "b2", shard=(1, 2), **kw) is None
+    for name in ("covariance-0-of-2.safetensors", "eigen.safetensors"):  # shard 0's documents are the same
+        shutil.copy(tmp_path / "b" / name, tmp_path / "b2")
+    assert pyinf.fit_factors_staged(engine, other, tmp_path / "b2", shard=(1, 2), **kw) is None
+    shutil.copy(tmp_path / "b2" / "lambda-1-of-2.safetensors", tmp_path / "b")
+    with pytest.raises(ValueError, match=r"lambda-1-of-2.safetensors belongs to another run \(documents: "):
+        pyinf.fit_factors_staged(engine, train, tmp_path / "b", shard=(0, 2), **kw)
+
+
+def test_damaged_eigenbases_are_decomposed_again_and_keep_the_lambda_sums(setup, tmp_path):
+    """The eigenbases' id follows the covariance sums: decomposed again after damage, they
+    have the same id, so the Lambda sums already saved still count (no pass is repeated)."""
+    engine, train = setup
+
+    def bad_save(factors):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        pyinf.fit_factors_staged(engine, train, tmp_path, fisher="empirical", batch_size=4, log=_quiet,
+                                 save=bad_save)
+    eigen = tmp_path / "eigen.safetensors"
+    raw = bytearray(eigen.read_bytes())
+    raw[-20] ^= 0xFF  # a flipped byte in the tensors
+    eigen.write_bytes(bytes(raw))
+    resumed, log = CountingDataset(train), []
+    got = pyinf.fit_factors_staged(engine, resumed, tmp_path, fisher="empirical", batch_size=4, log=log.append)
+    assert any("computing that stage again" in line for line in log)
+    assert not any("eigenvalue-correction sums of" in line for line in log) and resumed.reads == 13
+    _assert_same_factors(got, engine.fit_factors(train, fisher="empirical", batch_size=4), exact=True)
