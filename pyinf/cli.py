@@ -27,7 +27,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the model (default: as stored)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "native"])
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512, help="truncate documents to this many tokens")
+    p.add_argument("--max-length", type=_at_least(2), default=512, help="truncate documents to this many tokens")
     p.add_argument("--seed", type=int, default=0, help="random seed (true-Fisher label samples; a config-only "
                    "--model also draws its random weights from it, so every command must use the same)")
     p.add_argument("--no-progress", action="store_true")
@@ -39,11 +39,52 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "(a fraction of the activation memory, for one more forward of the blocks)")
 
 
+QUERY_DEFAULTS = dict(rank=32, svd="full")
+
+
 def _add_query_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rank", type=int, default=32, help="query rank (0 = full rank)")
+    # defaults None: `score --prepared` refuses a setting given explicitly that the prepared
+    # queries do not have (see _query_settings)
+    p.add_argument("--rank", type=_at_least(0), default=None, help="query rank (0 = full rank; default 32)")
     p.add_argument("--damping", type=float, default=None, help="default: 0.1 x mean(Lambda) per module")
-    p.add_argument("--svd", choices=["full", "randomized"], default="full", help="how query gradients are "
-                   "truncated to the rank (randomized: far cheaper for wide layers)")
+    p.add_argument("--svd", choices=["full", "randomized"], default=None, help="how query gradients are "
+                   "truncated to the rank (randomized: far cheaper for wide layers; default full)")
+
+
+def _query_settings(args, prepared: Optional[dict] = None) -> None:
+    """Fills in the query settings left unset. With ``prepared`` (the source recorded in a
+    prepared queries file), the prepared ones apply, and one given explicitly that differs is
+    an error rather than silently ignored."""
+    if prepared is not None:
+        given = dict(rank=args.rank, damping_arg=args.damping, svd=args.svd)
+        differ = [f"--{k.replace('_arg', '')} {v!r} (prepared: {prepared.get(k)!r})" for k, v in given.items()
+                  if v is not None and k in prepared and prepared[k] != v]
+        if differ:
+            raise ValueError(f"{args.prepared} was prepared with other settings than {', '.join(differ)}: leave "
+                             f"them out (the prepared ones apply), or prepare the queries again")
+        for k in ("rank", "svd"):
+            if k in prepared:
+                setattr(args, k, prepared[k])
+        if "damping_arg" in prepared:
+            args.damping = prepared["damping_arg"]
+    for k, v in QUERY_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def _shard(text: str):
@@ -119,7 +160,7 @@ def cmd_fit(args) -> int:
     factors = fit_factors_staged(engine, train, work_dir, shard=shard, fisher=args.fisher,
                                  batch_size=args.batch_size, seed=args.seed, eigh_workers=args.eigh_workers,
                                  wait=not args.no_wait, save=save,
-                                 run_meta=dict(max_length=args.max_length, dtype=args.dtype, model_path=str(args.model)))
+                                 run_meta=dict(max_length=args.max_length, dtype=args.dtype))
     if factors is None:
         # the staged fit has said why it stopped: done (shard 0 writes the factors), or, with
         # --no-wait, waiting for other shards' files (run it again later)
@@ -164,6 +205,7 @@ def cmd_prepare(args) -> int:
 
     factors = Factors.load(args.factors)
     engine, tokenizer = _engine(args, factors)
+    _query_settings(args)
     query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length)
     path = _prepare(engine, args, factors, query).save(args.out)
     print(f"pyinf: prepared {len(query)} queries (rank {args.rank or 'full'}) -> {path}")
@@ -178,6 +220,7 @@ def _load_or_prepare(engine, args, factors, query, out: Path):
     if args.prepared:
         queries = Queries.load(args.prepared, factors)
         source = queries.meta.get("source", {})
+        _query_settings(args, source)
         if queries.n_queries != len(query) or source.get("queries_sha256") not in (
                 None, _query_source(args, args.queries)["queries_sha256"]):
             raise ValueError(f"{args.prepared} was not prepared from {args.queries} ({queries.n_queries} queries "
@@ -193,6 +236,7 @@ def _load_or_prepare(engine, args, factors, query, out: Path):
         if differ:
             raise ValueError(f"{args.prepared} was prepared with another model ({'; '.join(differ)})")
         return queries
+    _query_settings(args)
     if args.shard is not None and args.shard[1] > 1:
         raise SystemExit("pyinf: --shard needs --prepared QUERIES (from `pyinf prepare`), so that every shard "
                          "scores against the same query factors")
@@ -245,7 +289,7 @@ def cmd_score(args) -> int:
     queries = _load_or_prepare(engine, args, factors, query, out)
     scores = score_corpus(engine, train, queries, out, chunk_size=args.chunk_size, shard=args.shard,
                           batch_size=args.batch_size, query_batch_size=args.query_batch_size,
-                          run_meta=dict(max_length=args.max_length, dtype=args.dtype, model_path=str(args.model)))
+                          run_meta=dict(max_length=args.max_length, dtype=args.dtype))
     if scores is None:
         return _shard_pending(args.shard)
     k = min(args.top_k, scores.shape[0])
@@ -290,8 +334,7 @@ def cmd_self_influence(args) -> int:
     out = Path(args.out)
     values = self_influence_corpus(engine, train, factors, out, damping=args.damping, chunk_size=args.chunk_size,
                                    shard=args.shard, batch_size=args.batch_size,
-                                   run_meta=dict(max_length=args.max_length, dtype=args.dtype,
-                                                 model_path=str(args.model)))
+                                   run_meta=dict(max_length=args.max_length, dtype=args.dtype))
     if values is None:
         return _shard_pending(args.shard)
     k = min(args.top_k, values.shape[0])
@@ -398,16 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "(their rank, damping and SVD apply; the model's weights must be theirs, in any --dtype; default: "
                        "prepare them, once per output directory)")
     _add_query_args(score)
-    score.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="documents per saved chunk: "
+    score.add_argument("--chunk-size", type=_at_least(1), default=DEFAULT_CHUNK_SIZE, help="documents per saved chunk: "
                        "an interrupted run loses at most one chunk")
     score.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="score only shard K of N "
                        "(from 0) of the chunks; shards share --out, the last to finish joins the scores")
     score.add_argument("--query-batch-size", type=int, default=None, help="score the queries in groups of this "
                        "many, one pass each, when all their factors do not fit on the device at once")
-    score.add_argument("--top-k", type=int, default=10)
+    score.add_argument("--top-k", type=_at_least(1), default=10)
     score.add_argument("--per-token", action="store_true", help="per-token scores of each query's top documents "
                        "(tokens.safetensors, and their most influential tokens in top.json)")
-    score.add_argument("--top-tokens", type=int, default=5, help="tokens listed per top document with --per-token")
+    score.add_argument("--top-tokens", type=_at_least(1), default=5, help="tokens listed per top document with --per-token")
     score.set_defaults(func=cmd_score)
 
     self_inf = sub.add_parser("self-influence", help="each training document's self-influence (resumable, "
@@ -417,10 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     self_inf.add_argument("--train", required=True, help="JSONL, one {'text': ...} per line")
     self_inf.add_argument("--out", required=True, help="output directory (a rerun into it resumes)")
     self_inf.add_argument("--damping", type=float, default=None, help="default: 0.1 x mean(Lambda) per module")
-    self_inf.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="documents per saved chunk")
+    self_inf.add_argument("--chunk-size", type=_at_least(1), default=DEFAULT_CHUNK_SIZE, help="documents per saved chunk")
     self_inf.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="only shard K of N (from 0) of "
                           "the chunks; shards share --out, the last to finish joins the values")
-    self_inf.add_argument("--top-k", type=int, default=10)
+    self_inf.add_argument("--top-k", type=_at_least(1), default=10)
     self_inf.set_defaults(func=cmd_self_influence)
 
     info = sub.add_parser("info", help="what a saved pyinf file holds (kind, versions, settings, run "

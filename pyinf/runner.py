@@ -93,31 +93,40 @@ def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[
         # each drawing from torch's RNG, and seeded true-Fisher samples would then depend
         # on whether batches are prefetched.
         batches = prefetched(loader) if prefetch else iter(loader)
-        for batch_index, batch in enumerate(bar(batches, desc=desc, total=total, progress=progress)):
-            batch = data_mod.to_device(batch, device)
-            mask = task.get_attention_mask(batch)
-            per_module_masks = mask if isinstance(mask, dict) else None
-            if per_module_masks is not None:
-                # e.g. encoder-decoder models: one mask per module; the callbacks below
-                # see none (per-token scores then take the token count from the layers)
-                mask = None
-                first = next(iter(per_module_masks.values()), None)
-                n_docs = data_mod.count_documents(batch, first)
-            else:
-                n_docs = data_mod.count_documents(batch, mask)
-            capture.begin_batch(batch_index, n_docs, per_module_masks if per_module_masks is not None else mask)
-            if on_batch_start is not None:
-                on_batch_start(batch_index, n_seen, n_docs, mask)
-            loss = objective(batch, model)
-            _check_loss(loss, batch_index, desc)
-            loss.backward()
-            # after backward, so that checking the loss does not stall the GPU between
-            # forward and backward (a NaN loss makes NaN gradients: reported as the loss)
-            _check_finite_loss(loss, batch_index, desc)
-            capture.end_batch()
-            if on_batch_end is not None:
-                on_batch_end(batch_index, n_seen, n_docs, mask)
-            n_seen += n_docs
+        where = "loading batch 0"
+        try:
+            for batch_index, batch in enumerate(bar(batches, desc=desc, total=total, progress=progress)):
+                where = f"batch {batch_index} (from document {n_seen} in the loader's order)"
+                batch = data_mod.to_device(batch, device)
+                mask = task.get_attention_mask(batch)
+                per_module_masks = mask if isinstance(mask, dict) else None
+                if per_module_masks is not None:
+                    # e.g. encoder-decoder models: one mask per module; the callbacks below
+                    # see none (per-token scores then take the token count from the layers)
+                    mask = None
+                    first = next(iter(per_module_masks.values()), None)
+                    n_docs = data_mod.count_documents(batch, first)
+                else:
+                    n_docs = data_mod.count_documents(batch, mask)
+                where = f"batch {batch_index} (documents {n_seen} to {n_seen + n_docs - 1} in the loader's order)"
+                capture.begin_batch(batch_index, n_docs, per_module_masks if per_module_masks is not None else mask)
+                if on_batch_start is not None:
+                    on_batch_start(batch_index, n_seen, n_docs, mask)
+                loss = objective(batch, model)
+                _check_loss(loss, batch_index, desc)
+                loss.backward()
+                # after backward, so that checking the loss does not stall the GPU between
+                # forward and backward (a NaN loss makes NaN gradients: reported as the loss)
+                _check_finite_loss(loss, batch_index, desc)
+                capture.end_batch()
+                if on_batch_end is not None:
+                    on_batch_end(batch_index, n_seen, n_docs, mask)
+                n_seen += n_docs
+                where = f"loading batch {batch_index + 1}"
+        except Exception as exc:  # which batch: a model's or loader's own error names none (a token id
+            if hasattr(exc, "add_note"):  # past the vocabulary); Python 3.11+
+                exc.add_note(f"{desc}: in {where}")
+            raise
     if n_seen == 0:
         raise ValueError(f"{desc}: the data yielded no batch")
     return n_seen

@@ -241,6 +241,10 @@ class StagedFit:
         if not keep_parts:
             for path in [*covs, self._path("eigen"), *lambdas]:
                 path.unlink(missing_ok=True)
+                # and what a process killed while saving it left (storage.atomic_path's temporary
+                # name): every shard has saved its last file by now
+                for stray in self.work_dir.glob(f".{path.name}.*.tmp"):
+                    stray.unlink(missing_ok=True)
             if not any(self.work_dir.iterdir()):
                 self.work_dir.rmdir()
         return factors

@@ -74,6 +74,9 @@ class JsonlTextDataset(Dataset):
     def __init__(self, path: str, tokenizer, *, max_length: int = 512):
         self.path = str(path)
         self.tokenizer = tokenizer
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an integer >= 2 (a document needs two tokens to carry a "
+                             f"loss), got {max_length!r}")
         self.max_length = max_length
         offsets, lengths, line_numbers = array("q"), array("q"), array("q")
         with open(path, "rb") as f:

@@ -163,6 +163,12 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     shutil.copytree(workdir / "model", workdir / "model-elsewhere")
     elsewhere = [a if a != str(workdir / "model") else str(workdir / "model-elsewhere") for a in score]
     assert run([*elsewhere, "--out", str(workdir / "elsewhere"), "--prepared", prepared]) == 0
+    # a shard reading them from there joins the others' run (the weights decide, not their path)
+    assert run([*elsewhere, "--out", str(workdir / "sharded"), "--prepared", prepared, "--shard", "1/2"]) == 0
+    # a setting of the prepared queries given otherwise is refused, not ignored; the same one is fine
+    with pytest.raises(ValueError, match=r"prepared with other settings than --rank 1 \(prepared: 4\)"):
+        run([*score, "--out", str(workdir / "sharded"), "--prepared", prepared, "--rank", "1"])
+    assert run([*score, "--out", str(workdir / "sharded"), "--prepared", prepared, "--rank", "4"]) == 0
     # and so are they in another dtype, with the fused LM head
     assert run([*score, "--out", str(workdir / "bf16"), "--prepared", prepared, "--dtype", "bfloat16",
                 "--fused-head"]) == 0

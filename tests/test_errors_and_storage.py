@@ -1,6 +1,8 @@
 """Bad input gets a clear error naming what is wrong; saved files round-trip and a
 corrupt, truncated or mismatched file is refused; nothing half-written is left behind."""
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -216,6 +218,31 @@ def test_altered_metadata_is_refused(fitted, tmp_path):
     path.write_bytes(altered)
     with pytest.raises(storage.CorruptFileError, match="its metadata fails its checksum"):
         pyinf.Queries.load(path, factors=factors)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_a_model_error_is_noted_with_its_batch_and_documents(fitted):
+    """A model's own error (a token id past the vocabulary, in document 4) names no batch:
+    the pass adds a note with the pass, the batch and its documents; a loader's error too."""
+    engine, factors, queries, train = fitted
+    bad = TokenDataset(6, seed=1)
+    bad.items[4]["input_ids"][1] = 10_000
+    with pytest.raises(IndexError) as info:
+        engine.fit_factors(bad, batch_size=2)
+    assert "pyinf: covariances: in batch 2 (documents 4 to 5 in the loader's order)" in info.value.__notes__
+
+    class Failing(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            if i == 3:
+                raise KeyError("record 3 is missing")
+            return train[i]
+
+    with pytest.raises(KeyError) as info:
+        engine.self_influence(Failing(), factors, batch_size=2)
+    assert info.value.__notes__ == ["pyinf: self-influence: in loading batch 1"]
 
 
 def test_a_damaged_checksum_key_does_not_switch_the_check_off(fitted, tmp_path):

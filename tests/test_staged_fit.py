@@ -199,7 +199,8 @@ def test_a_shard_fitted_on_other_documents_is_refused(setup, tmp_path):
 
 def test_damaged_eigenbases_are_decomposed_again_and_keep_the_lambda_sums(setup, tmp_path):
     """The eigenbases' id follows the covariance sums: decomposed again after damage, they
-    have the same id, so the Lambda sums already saved still count (no pass is repeated)."""
+    have the same id, so the Lambda sums already saved still count (no pass is repeated).
+    The work directory goes at the end, with what a killed save left in it."""
     engine, train = setup
 
     def bad_save(factors):
@@ -212,8 +213,10 @@ def test_damaged_eigenbases_are_decomposed_again_and_keep_the_lambda_sums(setup,
     raw = bytearray(eigen.read_bytes())
     raw[-20] ^= 0xFF  # a flipped byte in the tensors
     eigen.write_bytes(bytes(raw))
+    (tmp_path / ".eigen.safetensors.k1ll3d.tmp").write_bytes(b"left by a process killed while saving")
     resumed, log = CountingDataset(train), []
     got = pyinf.fit_factors_staged(engine, resumed, tmp_path, fisher="empirical", batch_size=4, log=log.append)
+    assert not tmp_path.exists()  # the stray temporary file went with the work files
     assert any("computing that stage again" in line for line in log)
     assert not any("eigenvalue-correction sums of" in line for line in log) and resumed.reads == 13
     _assert_same_factors(got, engine.fit_factors(train, fisher="empirical", batch_size=4), exact=True)
