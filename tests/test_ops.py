@@ -205,6 +205,17 @@ def test_padding_garbage_never_leaks():
         (lambda: ops.self_influence(torch.randn(2, 3, 4), torch.randn(2, 3, 6), torch.eye(4), torch.eye(6),
                                     torch.rand(6, 4), -1.0), "'damping' must be a non-negative number"),
         (lambda: ops.covariance(torch.randn(2, 3, 4), backend="cuda-magic"), "unknown pyinf backend"),
+        (lambda: ops.covariance(torch.randn(2, 3, 4), mask=torch.full((2, 3), 0.5)), "'mask' must hold only 0 and 1"),
+        (lambda: ops.covariance(torch.randn(2, 3, 4), mask=torch.tensor([[1, 2, 0], [1, 1, 1]])),
+         "'mask' must hold only 0 and 1"),
+        (lambda: ops.covariance(torch.randn(2, 3, 4), mask=torch.full((2, 3), float("nan"))),
+         "'mask' must hold only 0 and 1"),
+        (lambda: ops.factored_scores(torch.randn(2, 3, 4), torch.randn(2, 3, 6), torch.randn(1, 6, 2),
+                                     torch.randn(1, 4, 2), per_token="yes"), "'per_token' must be True or False"),
+        (lambda: ops.factored_scores_grouped([(torch.randn(2, 3, 4),)]), "problem 0 must be a dict"),
+        (lambda: ops.factored_scores_grouped(p for p in []), "'problems' must be a list or tuple"),
+        (lambda: ops.factored_scores_grouped([], backend="bogus"), "unknown pyinf backend 'bogus'"),
+        (lambda: ops.cross_entropy_rows(torch.randn(2, 3), None, sample=1), "'sample' must be True or False"),
     ],
 )
 def test_bad_input_is_named(call, message):
@@ -280,6 +291,61 @@ def test_cross_entropy_rows_sampling_follows_the_softmax(backend_device):
         ops.cross_entropy_rows(y, None, sample=True, backend=backend)
         draws.append(y)
     assert torch.equal(draws[0], draws[1])
+
+
+def test_zero_one_masks_of_any_number_dtype():
+    """A mask of 0/1 in any integer or float dtype (uint16 too) is the bool mask's result."""
+    x = torch.randn(2, 3, 4)
+    keep = torch.tensor([[True, False, True], [False, True, True]])
+    want = ops.covariance(x, mask=keep)
+    for dtype in (torch.uint8, torch.int16, torch.uint16, torch.int32, torch.float16, torch.float64):
+        assert torch.equal(ops.covariance(x, mask=keep.to(dtype)), want), dtype
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_inputs_that_need_a_gradient(backend_device):
+    """Only the PyTorch reference builds a gradient: a fused backend asked by name refuses an
+    input that requires one (it would return a detached result), auto takes the reference."""
+    backend, device = backend_device
+    acts = torch.randn(2, 3, 4, device=device, requires_grad=True)
+    grads, left, right = torch.randn(2, 3, 5, device=device), torch.randn(2, 5, 2, device=device), \
+        torch.randn(2, 4, 2, device=device)
+    _skip_unless_runs(backend, device, "factored_scores", [acts.detach()])
+    if backend == "torch":
+        ops.factored_scores(acts, grads, left, right, backend=backend).sum().backward()
+        assert acts.grad is not None
+        return
+    with pytest.raises(ops.BackendUnavailable, match="an input requires a gradient"):
+        ops.factored_scores(acts, grads, left, right, backend=backend)
+    with torch.no_grad():  # no gradient wanted: the fused backend runs
+        ops.factored_scores(acts, grads, left, right, backend=backend)
+    assert ops.resolve_backend("factored_scores", "auto", [acts, grads, left, right]) == "torch"
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_cross_entropy_rows_sampling_a_non_finite_row(backend_device):
+    """sample=True on a row holding Inf or NaN (an overflowed fp16 logit): a NaN loss for that
+    row, the others drawn as usual; and the in-place write moves the version counter."""
+    backend, device = backend_device
+    logits = torch.randn(4, 7, device=device)
+    _skip_unless_runs(backend, device, "cross_entropy_rows", [logits])
+    logits[1, 3] = float("inf")
+    logits[2, 0] = float("nan")
+    version = logits._version
+    loss = ops.cross_entropy_rows(logits, None, sample=True, backend=backend)
+    assert torch.isnan(loss[1:3]).all() and torch.isfinite(loss[[0, 3]]).all()
+    assert logits._version > version
+
+
+def test_fp16_tokens_with_bases_beyond_fp16_are_refused_by_triton():
+    """Triton rotates fp16 tokens with fp16 bases: a (non-orthonormal) basis with entries past
+    65504 would turn to Inf there; it is refused, naming the basis, instead."""
+    if _registry.unsupported_reason("triton", "eigen_correction", [torch.zeros(1)]) is not None:
+        pytest.skip("triton cannot run here")
+    acts, grads = torch.randn(2, 3, 4).half(), torch.randn(2, 3, 5).half()
+    q_a = torch.eye(4) * 1e5
+    with pytest.raises(ValueError, match=r"eigenbasis of shape \(4, 4\).*beyond fp16's range"):
+        ops.eigen_correction(acts, grads, q_a, torch.eye(5), backend="triton")
 
 
 def test_cross_entropy_rows_rejects_bad_input():

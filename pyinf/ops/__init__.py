@@ -15,6 +15,7 @@ logits ``[R, V]`` and int64 labels ``[R]``.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Optional, Sequence
 
 import torch
@@ -37,17 +38,31 @@ __all__ = [
 ]
 
 
+def _check_backend_name(backend: str) -> None:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown pyinf backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
+
+
+def _needs_autograd(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+    """Whether the result must carry a gradient: only the PyTorch reference builds one (the
+    fused kernels are for the no-grad passes, where their inputs are detached)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def resolve_backend(op: str, backend: str, tensors: Sequence[Optional[torch.Tensor]], shape=None) -> str:
     """The backend name that will run `op` on `tensors` when asked for `backend`."""
+    _check_backend_name(backend)
     if backend != "auto":
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown pyinf backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
         reason = _registry.unsupported_reason(backend, op, tensors)
+        if reason is None and backend != "torch" and _needs_autograd(tensors):
+            reason = ("an input requires a gradient and this backend computes none; detach the inputs or call "
+                      "under torch.no_grad(), or use backend='torch'")
         if reason is not None:
             raise BackendUnavailable(f"pyinf.ops.{op}: backend {backend!r} cannot run this call: {reason}")
         return backend
     first = next(t for t in tensors if t is not None)
-    if first.device.type != "cuda" or any(t is not None and t.dtype == torch.float64 for t in tensors):
+    if first.device.type != "cuda" or any(t is not None and t.dtype == torch.float64 for t in tensors) \
+            or _needs_autograd(tensors):
         return "torch"
     candidates = list(_registry.CUDA_ORDER)
     measured = _preferences.preferred(op, shape or {})
@@ -104,6 +119,7 @@ def factored_scores(acts, grads, left, right, *, mask=None, per_token: bool = Fa
     _checks.check_query_factors(op, acts, grads, left, right)
     mask = _checks.check_mask(op, mask, acts.shape[0], acts.shape[1])
     _checks.check_same_device(op, acts=acts, grads=grads, left=left, right=right, mask=mask)
+    per_token = _checks.check_flag(op, "per_token", per_token)
     shape = dict(n=acts.shape[0], t=acts.shape[1], d_in=acts.shape[2], d_out=grads.shape[2],
                  q=left.shape[0], r=left.shape[2], per_token=int(per_token))
     return _run(op, backend, (acts, grads, left, right), shape, acts, grads, left, right,
@@ -119,6 +135,7 @@ def dense_scores(acts, grads, dense, *, mask=None, per_token: bool = False, back
     _checks.check_dense_queries(op, acts, grads, dense)
     mask = _checks.check_mask(op, mask, acts.shape[0], acts.shape[1])
     _checks.check_same_device(op, acts=acts, grads=grads, dense=dense, mask=mask)
+    per_token = _checks.check_flag(op, "per_token", per_token)
     shape = dict(n=acts.shape[0], t=acts.shape[1], d_in=acts.shape[2], d_out=grads.shape[2], q=dense.shape[0])
     return _run(op, backend, (acts, grads, dense), shape, acts, grads, dense, mask=mask, per_token=per_token)
 
@@ -130,10 +147,17 @@ def factored_scores_grouped(problems, *, per_token: bool = False, backend: str =
     list of per-problem results. A fused backend scores all of them in one launch, so small
     layers (GPT-2 sized) do not pay one launch each."""
     op = "factored_scores_grouped"
+    _check_backend_name(backend)
+    if not isinstance(problems, (list, tuple)):
+        raise TypeError(f"pyinf.ops.{op}: 'problems' must be a list or tuple of dicts, got {type(problems).__name__}")
+    per_token = _checks.check_flag(op, "per_token", per_token)
     if len(problems) == 0:
         return []
     checked = []
     for i, p in enumerate(problems):
+        if not isinstance(p, Mapping):
+            raise TypeError(f"pyinf.ops.{op}: problem {i} must be a dict with keys acts, grads, left, right (and "
+                            f"optionally mask), got {type(p).__name__}")
         try:
             acts, grads, left, right = p["acts"], p["grads"], p["left"], p["right"]
         except KeyError as exc:
@@ -181,5 +205,6 @@ def cross_entropy_rows(logits: torch.Tensor, labels: Optional[torch.Tensor], *, 
         what = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"pyinf.ops.{op}: 'labels' must be int64 of shape [R={logits.shape[0]}], got {what}")
     _checks.check_same_device(op, logits=logits, labels=labels)
+    sample = _checks.check_flag(op, "sample", sample)
     shape = dict(r=logits.shape[0], v=logits.shape[1], sample=int(sample))
     return _run(op, backend, (logits,), shape, logits, labels, sample=sample)

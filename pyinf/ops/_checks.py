@@ -44,11 +44,23 @@ def check_mask(op: str, mask: Optional[torch.Tensor], n: int, t: int) -> Optiona
         raise TypeError(f"pyinf.ops.{op}: 'mask' must be a torch.Tensor or None, got {type(mask).__name__}")
     if tuple(mask.shape) != (n, t):
         raise ValueError(f"pyinf.ops.{op}: 'mask' must have shape [N, T] = [{n}, {t}], got {_describe(mask)}")
-    if mask.dtype == torch.bool:
+    if mask.dtype == torch.bool:  # no values to check: no host sync
         return mask
-    if mask.is_floating_point() or mask.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
-        return mask != 0
-    raise TypeError(f"pyinf.ops.{op}: 'mask' must be bool or 0/1 numbers, got {_describe(mask)}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"pyinf.ops.{op}: 'mask' must be bool or 0/1 numbers, got {_describe(mask)}")
+    keep = mask != 0
+    # one host sync (pass a bool mask to avoid it): 0.5 or NaN is no answer to "keep this token?"
+    if not bool((keep == (mask == 1)).all()):
+        raise ValueError(f"pyinf.ops.{op}: 'mask' must hold only 0 and 1 (or be bool), got other values "
+                         f"({_describe(mask)})")
+    return keep
+
+
+def check_flag(op: str, name: str, value) -> bool:
+    """A bool argument (numpy's bool too); anything else is refused by name."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"pyinf.ops.{op}: '{name}' must be True or False, got {value!r}")
 
 
 def check_tokens(op: str, acts: torch.Tensor, grads: torch.Tensor) -> None:

@@ -78,7 +78,7 @@ class _CastCache:
         if src.dtype == dtype:
             return src
         if src.is_inference():  # no version counter to tell whether it changed
-            return _padded_rows(src, dtype)
+            return _fp16_checked(src, _padded_rows(src, dtype))
         key = id(src)
         entry = self._entries.get(key)
         if entry is None or entry[0]() is not src or entry[1] != src._version:
@@ -86,8 +86,19 @@ class _CastCache:
             self._entries[key] = entry
         casts = entry[2]
         if dtype not in casts:
-            casts[dtype] = _padded_rows(src, dtype)
+            casts[dtype] = _fp16_checked(src, _padded_rows(src, dtype))
         return casts[dtype]
+
+
+def _fp16_checked(src: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
+    """An eigenbasis cast to fp16 (the kernels' dtype for fp16 tokens) must still be finite:
+    an orthonormal basis is (entries <= 1), a basis of other vectors may not be. Checked once
+    per cached cast (one host sync)."""
+    if cast.dtype == torch.float16 and not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(src).all()):
+        raise ValueError(f"an eigenbasis of shape {tuple(src.shape)} ({src.dtype}) has entries beyond fp16's range "
+                         f"(largest {float(src.abs().max()):.3g}): the triton backend rotates fp16 tokens with "
+                         f"fp16 bases; give orthonormal bases (entries <= 1), or fp32 tokens")
+    return cast
 
 
 def _padded_rows(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -147,4 +158,8 @@ def factored_scores_grouped(problems, *, per_token=False) -> List[torch.Tensor]:
 
 def cross_entropy_rows(logits, labels, *, sample=False) -> torch.Tensor:
     with _cuda_context(logits):
-        return _ce.cross_entropy_rows(logits, labels, sample=sample)
+        loss = _ce.cross_entropy_rows(logits, labels, sample=sample)
+    # the kernel's store bypasses autograd's version counter: move it, as an in-place op does
+    # (the version-keyed caches, and autograd's checks of saved tensors, rely on it)
+    torch.autograd.graph.increment_version(logits)
+    return loss

@@ -133,7 +133,12 @@ def cross_entropy_rows(logits, labels, *, sample=False) -> torch.Tensor:
     lse = torch.logsumexp(x, dim=-1)
     probs = torch.exp(x - lse[:, None])
     if sample:
-        target = torch.multinomial(probs, 1).squeeze(1) if rows else labels
+        # a row with NaN or Inf has no distribution to draw from: it gets a NaN loss (an invalid
+        # target), as in the fused kernels, and the pass stops on its non-finite loss
+        finite = torch.isfinite(probs).all(1)
+        drawable = torch.where(finite[:, None], probs, torch.ones_like(probs))
+        target = torch.multinomial(drawable, 1).squeeze(1) if rows else labels
+        target = torch.where(finite, target, torch.full_like(target, -1))
     else:
         target = labels
     valid = (target >= 0) & (target < vocab)
