@@ -234,6 +234,10 @@ def test_explicit_unavailable_backend_raises():
     assert ops.resolve_backend("covariance", "auto", [x]) == "torch"
     with pytest.raises(ops.BackendUnavailable, match="backend 'native' cannot run"):
         ops.dense_scores(torch.randn(1, 2, 3), torch.randn(1, 2, 4), torch.randn(1, 4, 3), backend="native")
+    # one argument of another dtype: the refusal names it
+    with pytest.raises(ops.BackendUnavailable, match=r"cannot run this call \('lambdas'\): .*float64"):
+        ops.self_influence(torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.eye(4), torch.eye(5),
+                           torch.rand(5, 4, dtype=torch.float64), 0.1, backend="native")
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_PARAMS)

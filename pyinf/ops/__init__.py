@@ -49,16 +49,24 @@ def _needs_autograd(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def resolve_backend(op: str, backend: str, tensors: Sequence[Optional[torch.Tensor]], shape=None) -> str:
-    """The backend name that will run `op` on `tensors` when asked for `backend`."""
+def resolve_backend(op: str, backend: str, tensors, shape=None) -> str:
+    """The backend name that will run `op` on `tensors` (a sequence, or a dict of them by
+    argument name, which a refusal then names) when asked for `backend`."""
     _check_backend_name(backend)
+    named = dict(tensors) if isinstance(tensors, Mapping) else None
+    tensors = list(named.values()) if named is not None else list(tensors)
     if backend != "auto":
         reason = _registry.unsupported_reason(backend, op, tensors)
         if reason is None and backend != "torch" and _needs_autograd(tensors):
             reason = ("an input requires a gradient and this backend computes none; detach the inputs or call "
                       "under torch.no_grad(), or use backend='torch'")
         if reason is not None:
-            raise BackendUnavailable(f"pyinf.ops.{op}: backend {backend!r} cannot run this call: {reason}")
+            culprits = [] if named is None else [
+                name for name, t in named.items() if t is not None and (
+                    _registry.unsupported_reason(backend, op, [t]) is not None
+                    or (backend != "torch" and _needs_autograd([t])))]
+            which = f" ('{', '.join(culprits)}')" if 0 < len(culprits) < len(named) else ""
+            raise BackendUnavailable(f"pyinf.ops.{op}: backend {backend!r} cannot run this call{which}: {reason}")
         return backend
     first = next(t for t in tensors if t is not None)
     if first.device.type != "cuda" or any(t is not None and t.dtype == torch.float64 for t in tensors) \
@@ -85,7 +93,7 @@ def covariance(x: torch.Tensor, *, mask: Optional[torch.Tensor] = None, backend:
     mask = _checks.check_mask("covariance", mask, x.shape[0], x.shape[1])
     _checks.check_same_device("covariance", x=x, mask=mask)
     shape = dict(n=x.shape[0], t=x.shape[1], d=x.shape[2])
-    return _run("covariance", backend, (x,), shape, x, mask=mask)
+    return _run("covariance", backend, dict(x=x), shape, x, mask=mask)
 
 
 def eigen_correction(acts, grads, q_a, q_s, *, mask=None, backend: str = "auto") -> torch.Tensor:
@@ -96,7 +104,7 @@ def eigen_correction(acts, grads, q_a, q_s, *, mask=None, backend: str = "auto")
     mask = _checks.check_mask(op, mask, acts.shape[0], acts.shape[1])
     _checks.check_same_device(op, acts=acts, grads=grads, q_a=q_a, q_s=q_s, mask=mask)
     shape = dict(n=acts.shape[0], t=acts.shape[1], d_in=acts.shape[2], d_out=grads.shape[2])
-    return _run(op, backend, (acts, grads, q_a, q_s), shape, acts, grads, q_a, q_s, mask=mask)
+    return _run(op, backend, dict(acts=acts, grads=grads, q_a=q_a, q_s=q_s), shape, acts, grads, q_a, q_s, mask=mask)
 
 
 def self_influence(acts, grads, q_a, q_s, lambdas, damping, *, mask=None, backend: str = "auto") -> torch.Tensor:
@@ -108,7 +116,8 @@ def self_influence(acts, grads, q_a, q_s, lambdas, damping, *, mask=None, backen
     mask = _checks.check_mask(op, mask, acts.shape[0], acts.shape[1])
     _checks.check_same_device(op, acts=acts, grads=grads, q_a=q_a, q_s=q_s, lambdas=lambdas, mask=mask)
     shape = dict(n=acts.shape[0], t=acts.shape[1], d_in=acts.shape[2], d_out=grads.shape[2])
-    return _run(op, backend, (acts, grads, q_a, q_s, lambdas), shape, acts, grads, q_a, q_s, lambdas, damping, mask=mask)
+    tensors = dict(acts=acts, grads=grads, q_a=q_a, q_s=q_s, lambdas=lambdas)
+    return _run(op, backend, tensors, shape, acts, grads, q_a, q_s, lambdas, damping, mask=mask)
 
 
 def factored_scores(acts, grads, left, right, *, mask=None, per_token: bool = False, backend: str = "auto"):
@@ -122,7 +131,7 @@ def factored_scores(acts, grads, left, right, *, mask=None, per_token: bool = Fa
     per_token = _checks.check_flag(op, "per_token", per_token)
     shape = dict(n=acts.shape[0], t=acts.shape[1], d_in=acts.shape[2], d_out=grads.shape[2],
                  q=left.shape[0], r=left.shape[2], per_token=int(per_token))
-    return _run(op, backend, (acts, grads, left, right), shape, acts, grads, left, right,
+    return _run(op, backend, dict(acts=acts, grads=grads, left=left, right=right), shape, acts, grads, left, right,
                 mask=mask, per_token=per_token)
 
 
@@ -137,7 +146,8 @@ def dense_scores(acts, grads, dense, *, mask=None, per_token: bool = False, back
     _checks.check_same_device(op, acts=acts, grads=grads, dense=dense, mask=mask)
     per_token = _checks.check_flag(op, "per_token", per_token)
     shape = dict(n=acts.shape[0], t=acts.shape[1], d_in=acts.shape[2], d_out=grads.shape[2], q=dense.shape[0])
-    return _run(op, backend, (acts, grads, dense), shape, acts, grads, dense, mask=mask, per_token=per_token)
+    return _run(op, backend, dict(acts=acts, grads=grads, dense=dense), shape, acts, grads, dense, mask=mask,
+                per_token=per_token)
 
 
 def factored_scores_grouped(problems, *, per_token: bool = False, backend: str = "auto"):
@@ -175,7 +185,7 @@ def factored_scores_grouped(problems, *, per_token: bool = False, backend: str =
         if p["acts"].device != checked[0]["acts"].device:  # one launch reads them all
             raise ValueError(f"pyinf.ops.{op}: all problems must be on one device; problem 0 is on "
                              f"{checked[0]['acts'].device}, problem {i} on {p['acts'].device}")
-    tensors = [t for p in checked for t in (p["acts"], p["grads"], p["left"], p["right"])]
+    tensors = {f"problems[{i}].{k}": p[k] for i, p in enumerate(checked) for k in ("acts", "grads", "left", "right")}
     return _run(op, backend, tensors, dict(groups=len(checked), n=n, q=q), checked, per_token=per_token)
 
 
@@ -207,4 +217,4 @@ def cross_entropy_rows(logits: torch.Tensor, labels: Optional[torch.Tensor], *, 
     _checks.check_same_device(op, logits=logits, labels=labels)
     sample = _checks.check_flag(op, "sample", sample)
     shape = dict(r=logits.shape[0], v=logits.shape[1], sample=int(sample))
-    return _run(op, backend, (logits,), shape, logits, labels, sample=sample)
+    return _run(op, backend, dict(logits=logits), shape, logits, labels, sample=sample)
