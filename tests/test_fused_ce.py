@@ -1,5 +1,7 @@
 """The fused linear cross-entropy against plain autograd, and CausalLMTask's fused head
 against its default path on a Hugging Face model."""
+import secrets
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,3 +135,61 @@ def test_fused_kernel_backend_matches_torch_backend(sample, monkeypatch):
         return
     assert torch.allclose(out["triton"][0], out["torch"][0], rtol=1e-5)
     assert ((out["triton"][1].float() - out["torch"][1].float()).norm() / out["torch"][1].float().norm()) < 1e-2
+
+
+_PEAKED = torch.tensor([2.0, 0.0, -1.0, 1.0, -2.0])  # softmax ~ [.63, .09, .03, .23, .01]
+
+
+def _assert_drawn_from_softmax(losses: torch.Tensor, z: torch.Tensor, seed: int) -> None:
+    """Each loss is lse(z) - z[y] for the drawn y: the draws' frequencies must be the softmax
+    (within 4 standard errors), not the given labels' nor a uniform draw's."""
+    p = torch.softmax(z.double(), 0)
+    lse = torch.logsumexp(z.double(), 0)
+    y = ((lse - losses.double())[:, None] - z.double()[None, :]).abs().argmin(1)
+    assert ((lse - losses.double()) - z.double()[y]).abs().max() < 1e-3, seed  # each loss is one of V values
+    freq = torch.bincount(y, minlength=z.numel()).double() / y.numel()
+    se = (p * (1 - p) / y.numel()).sqrt()
+    assert ((freq - p).abs() <= 4.5 * se + 1e-3).all(), (freq, p, seed)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_true_fisher_draws_from_the_softmax(backend):
+    """sample=True in the fused loss: each row's label is drawn from its softmax (the given
+    labels, all the least likely token, are ignored), and the hidden gradient is the drawn
+    label's: (p - onehot(y)) W per row, which averages to zero over draws."""
+    rows, v = 800, _PEAKED.numel()  # the interpreter runs one program per row
+    weight = torch.zeros(v, v)
+    weight[:, 0] = _PEAKED  # logits of hidden e_0 = the peaked vector
+    hidden = torch.zeros(rows, v)
+    hidden[:, 0] = 1.0
+    hidden.requires_grad_()
+    labels = torch.full((rows,), 4, dtype=torch.int64)
+    seed = secrets.randbelow(2**31)  # fresh draws every run (the seed is in a failure's message)
+    torch.manual_seed(seed)
+    losses = fused_ce.linear_cross_entropy(hidden, weight, labels, sample=True, reduction="none", backend=backend)
+    _assert_drawn_from_softmax(losses.detach(), _PEAKED, seed)
+    losses.sum().backward()
+    p = torch.softmax(_PEAKED.double(), 0)
+    y = (torch.logsumexp(_PEAKED.double(), 0) - losses.detach().double() - _PEAKED.double()[:, None]).abs().argmin(0)
+    want = (p[None, :] - torch.nn.functional.one_hot(y, v).double()) @ weight.double()
+    assert torch.allclose(hidden.grad.double(), want, atol=1e-5)
+    spread = ((p * _PEAKED.double() ** 2).sum() - (p * _PEAKED.double()).sum() ** 2).sqrt()
+    assert hidden.grad[:, 0].double().mean().abs() < 4.5 * spread / rows ** 0.5, seed
+
+
+def test_true_fisher_labels_of_the_default_path_are_drawn_from_the_softmax():
+    """CausalLMTask(sample=True) without the fused head: the same, through torch.multinomial."""
+
+    class Peaked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.z = torch.nn.Parameter(_PEAKED.clone())
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.z.expand(*input_ids.shape, -1)
+
+    ids = torch.full((40, 21), 4, dtype=torch.int64)  # labels: all the least likely token
+    seed = secrets.randbelow(2**31)
+    torch.manual_seed(seed)
+    losses = pyinf.CausalLMTask()._token_losses({"input_ids": ids}, Peaked(), sample=True)
+    _assert_drawn_from_softmax(losses.detach().reshape(-1), _PEAKED, seed)

@@ -35,6 +35,21 @@ SHAPES = [
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def _tolerance(dtype, backend, device, op):
+    """The relative error allowed against the float64 oracle. The oracle is given the very
+    16-bit tensors the backend gets (float64 holds them exactly), so for 16-bit inputs the
+    only error is the fp32 accumulation (~1e-8 measured): 1e-5 on a CPU, 1e-4 on a GPU
+    (tensor-core accumulation orders), either of which fails a 16-bit accumulation (~3e-3) or
+    an all-zero result. The exceptions are the eigen ops (squares of rotated values) where
+    the backend rounds on purpose: Triton's, which casts the fp32 eigenbases to the input
+    dtype, and the native CUDA kernels', which rotate in TF32 (oracle.SQUARED_TOLERANCE)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return oracle.TOLERANCE[dtype]
+    if op in ("eigen_correction", "self_influence") and (backend == "triton" or device == "cuda"):
+        return oracle.SQUARED_TOLERANCE[dtype]
+    return 1e-5 if device == "cpu" else 1e-4
+
+
 def _skip_unless_runs(backend, device, op, tensors):
     reason = _registry.unsupported_reason(backend, op, tensors)
     if reason is not None:
@@ -74,7 +89,7 @@ def test_covariance(backend_device, shape, dtype, mask_kind):
     _skip_unless_runs(backend, device, "covariance", [acts])
     out = ops.covariance(acts, mask=mask, backend=backend)
     assert out.dtype == torch.float32 and out.device.type == device
-    assert oracle.rel_err(out, oracle.covariance(acts, mask)) < oracle.TOLERANCE[dtype]
+    assert oracle.rel_err(out, oracle.covariance(acts, mask)) < _tolerance(dtype, backend, device, "covariance")
     assert torch.allclose(out, out.T), "covariance must be exactly symmetric"
 
 
@@ -90,7 +105,8 @@ def test_eigen_correction(backend_device, shape, dtype, mask_kind):
     _skip_unless_runs(backend, device, "eigen_correction", [acts, grads, q_a, q_s])
     out = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend=backend)
     assert out.dtype == torch.float32 and out.shape == (shape[3], shape[2])
-    assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask)) < oracle.SQUARED_TOLERANCE[dtype]
+    err = oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask))
+    assert err < _tolerance(dtype, backend, device, "eigen_correction")
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
@@ -108,7 +124,7 @@ def test_self_influence(backend_device, shape, dtype, mask_kind):
     out = ops.self_influence(acts, grads, q_a, q_s, lambdas, damping, mask=mask, backend=backend)
     assert out.dtype == torch.float32 and out.shape == (shape[0],)
     ref = oracle.self_influence(acts, grads, q_a, q_s, lambdas, damping, mask)
-    assert oracle.rel_err(out, ref) < oracle.SQUARED_TOLERANCE[dtype]
+    assert oracle.rel_err(out, ref) < _tolerance(dtype, backend, device, "self_influence")
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
@@ -128,7 +144,7 @@ def test_factored_scores(backend_device, shape, dtype, mask_kind, per_token):
     assert out.dtype == torch.float32 and out.shape == ((n, t, q) if per_token else (n, q))
     ref = oracle.factored_scores(acts, grads, left, right, mask, per_token)
     scale = oracle.factored_scores(acts, grads, left, right, mask, per_token, absolute=True)
-    assert oracle.rel_err(out, ref, scale) < oracle.TOLERANCE[dtype]
+    assert oracle.rel_err(out, ref, scale) < _tolerance(dtype, backend, device, "factored_scores")
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
@@ -164,7 +180,7 @@ def test_dense_scores(backend_device, per_token, dtype, shape, mask_kind):
     out = ops.dense_scores(acts, grads, dense, mask=mask, per_token=per_token, backend=backend)
     ref = oracle.dense_scores(acts, grads, dense, mask, per_token)
     scale = oracle.dense_scores(acts, grads, dense, mask, per_token, absolute=True)
-    assert oracle.rel_err(out, ref, scale) < oracle.TOLERANCE[dtype]
+    assert oracle.rel_err(out, ref, scale) < _tolerance(dtype, backend, device, "dense_scores")
 
 
 def test_fp64_stays_exact_on_reference():

@@ -63,8 +63,10 @@ def test_factors_match_brute_force(setup64):
     for name, f in factors.modules.items():
         a, s = covs[name]
         assert _rel(f.a_cov, a) < 1e-10 and _rel(f.s_cov, s) < 1e-10, name
-        # the eigenbases are eigenbases of the covariances
-        assert torch.allclose(f.q_a @ torch.diag(f.a_eigvals) @ f.q_a.T, a, atol=1e-10)
+        # the eigenbases are orthonormal eigenbases of the covariances, A's and S's
+        for q, eigvals, cov in ((f.q_a, f.a_eigvals, a), (f.q_s, f.s_eigvals, s)):
+            assert torch.allclose(q.T @ q, torch.eye(q.shape[0], dtype=q.dtype), atol=1e-10), name
+            assert torch.allclose(q @ torch.diag(eigvals) @ q.T, cov, atol=1e-10), name
         lam = torch.stack([(f.q_s.T @ g[name] @ f.q_a) ** 2 for g in grads]).mean(0)
         assert _rel(f.lambdas, lam) < 1e-10, name
 
@@ -72,7 +74,8 @@ def test_factors_match_brute_force(setup64):
 def _brute_scores(factors, train_grads, query_grads, damping=None, rank=None):
     total = torch.zeros(len(train_grads), len(query_grads), dtype=torch.float64)
     for name, f in factors.modules.items():
-        lam = f.damping(damping)
+        # the default, 0.1 x mean(Lambda) per module, computed here rather than by f.damping
+        lam = 0.1 * f.lambdas.mean().item() if damping is None else damping
         dense = bf.dense_inverse(f.q_a, f.q_s, f.lambdas, lam)
         for j, qg in enumerate(query_grads):
             p = bf.unvec(dense @ bf.vec(qg[name]), f.spec.d_out, f.spec.d_in)
