@@ -244,3 +244,33 @@ def test_max_length_is_bounded_by_the_model_and_completions_are_never_cut(workdi
              str(workdir / "long.jsonl"), "--queries", str(workdir / "longq.jsonl"), "--out", str(workdir / "out"),
              "--no-progress", "--track", "mlp"])
     assert not (workdir / "out" / "scores.safetensors").exists()
+
+
+def test_cli_results_are_the_python_apis(workdir):
+    """fit, score (with --rank and --damping) and self-influence through the CLI give what the
+    same model, data and settings give through InfluenceEngine."""
+    from pyinf.textdata import JsonlTextDataset, load_model
+
+    common = ["--model", str(workdir / "model"), "--batch-size", "3", "--no-progress", "--track", "mlp",
+              "--seed", "3"]
+    factors_path = str(workdir / "f.safetensors")
+    assert run(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", factors_path,
+                "--fisher", "empirical"]) == 0
+    assert run(["score", *common, "--factors", factors_path, "--train", str(workdir / "train.jsonl"),
+                "--queries", str(workdir / "queries.jsonl"), "--out", str(workdir / "out"), "--rank", "3",
+                "--damping", "0.02"]) == 0
+    assert run(["self-influence", *common, "--factors", factors_path, "--train", str(workdir / "train.jsonl"),
+                "--out", str(workdir / "si"), "--damping", "0.05"]) == 0
+    model, tokenizer = load_model(str(workdir / "model"), seed=3)
+    names = [n for n in pyinf.modules.find_tracked_modules(model) if "mlp" in n]
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(tracked_modules=names), progress=False)
+    train = JsonlTextDataset(str(workdir / "train.jsonl"), tokenizer, max_length=64)
+    query = JsonlTextDataset(str(workdir / "queries.jsonl"), tokenizer, max_length=64)
+    factors = engine.fit_factors(train, fisher="empirical", batch_size=3)
+    queries = engine.prepare_queries(query, factors, rank=3, damping=0.02, batch_size=3)
+    want = engine.pairwise_scores(train, queries, batch_size=3)
+    got, _ = pyinf.storage.load(workdir / "out" / "scores.safetensors", "scores")
+    torch.testing.assert_close(got["scores"], want, rtol=1e-4, atol=1e-6)
+    want_si = engine.self_influence(train, factors, damping=0.05, batch_size=3)
+    got_si, _ = pyinf.storage.load(workdir / "si" / "self_influence.safetensors", "self_influence")
+    torch.testing.assert_close(got_si["self_influence"], want_si, rtol=1e-4, atol=1e-6)
