@@ -5,6 +5,8 @@ from torch.utils.data import Dataset
 
 import pyinf
 
+from . import seeds
+
 
 class MatmulLinear(nn.Linear):
     """A Linear subclass with its own forward (as wrappers such as quantised or adapter
@@ -28,7 +30,7 @@ class TinyMLP(nn.Module):
 
 class RegressionDataset(Dataset):
     def __init__(self, n, d_in=5, d_out=3, seed=0, dtype=torch.float32):
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seeds.offset(seed))
         self.x = torch.randn(n, d_in, generator=g, dtype=torch.float64).to(dtype)
         self.y = torch.randn(n, d_out, generator=g, dtype=torch.float64).to(dtype)
 
@@ -58,7 +60,7 @@ class TokenDataset(Dataset):
     """Random token sequences of varied lengths; queries label only their last tokens."""
 
     def __init__(self, n, vocab=40, min_len=3, max_len=11, seed=0, completion=None):
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seeds.offset(seed))
         self.items = []
         for _ in range(n):
             length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
@@ -78,7 +80,7 @@ class TokenDataset(Dataset):
 def tiny_gpt2(seed=0, dtype=torch.float32, vocab=40):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seeds.offset(seed))
     cfg = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=vocab, n_positions=32, bos_token_id=0,
                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg).to(dtype).eval()
