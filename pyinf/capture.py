@@ -338,6 +338,8 @@ class Capture:
         # batch-first [B, T, ..., d] and batch-major [B*k, T, ..., d] (k sequences per document,
         # e.g. multiple choice) are both read by a reshape; sequence-first [T, B, ..., d] by a transpose
         batch_major, seq_first = t.shape[0] % b == 0, t.shape[1] == b
+        if b == 1:  # one document: both readings give the same rows
+            return t.reshape(1, -1, t.shape[-1])
         if batch_major and seq_first:
             batch_major = self._ambiguous_layout_is_batch_major(name, t)
         elif batch_major or seq_first:

@@ -220,20 +220,23 @@ def _load_or_prepare(engine, args, factors, query, out: Path):
     if args.prepared:
         queries = Queries.load(args.prepared, factors)
         source = queries.meta.get("source", {})
-        _query_settings(args, source)
+        # the settings the queries were prepared with, from the queries themselves (files
+        # prepared with the Python API have no CLI source)
+        _query_settings(args, dict(rank=queries.meta.get("rank") or 0, svd=queries.meta.get("svd"),
+                                   damping_arg=queries.meta.get("damping_arg")))
         if queries.n_queries != len(query) or source.get("queries_sha256") not in (
                 None, _query_source(args, args.queries)["queries_sha256"]):
             raise ValueError(f"{args.prepared} was not prepared from {args.queries} ({queries.n_queries} queries "
                              f"there, {len(query)} in {args.queries})")
         # the weights decide, in any dtype, not the path they were read from (shards may mount
-        # them elsewhere); the seed is named since it draws a config-only model's weights; the
-        # loss's implementation (--fused-head) does not change the queries
-        differ = [f"{k}: {source[k]!r} there, {v!r} here" for k, v in _model_source(args).items()
-                  if k == "seed" and k in source and source[k] != v]
+        # them elsewhere) nor the seed (it only draws a config-only model's weights, named
+        # then as the likely cause); the loss's implementation (--fused-head) does not change
+        # the queries
         if not engine.same_weights_as(queries.meta):
+            differ = [f"{k}: {source[k]!r} there, {v!r} here" for k, v in _model_source(args).items()
+                      if k == "seed" and k in source and source[k] != v]
             theirs = queries.meta["model_fingerprint"]
             differ.append(f"weights: fingerprint {theirs[:12]} there, {engine.fingerprint()[:12]} here")
-        if differ:
             raise ValueError(f"{args.prepared} was prepared with another model ({'; '.join(differ)})")
         return queries
     _query_settings(args)
@@ -497,7 +500,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, OSError, re.error, BackendUnavailable, CaptureError, FloatingPointError) as exc:
         if os.environ.get("PYINF_TRACEBACK", "") not in ("", "0"):
             raise
-        print(f"pyinf: error: {exc}\n(PYINF_TRACEBACK=1 shows where it came from)", file=sys.stderr)
+        notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))  # e.g. the batch it happened in
+        print(f"pyinf: error: {exc}{notes}\n(PYINF_TRACEBACK=1 shows where it came from)", file=sys.stderr)
         return 1
 
 

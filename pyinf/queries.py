@@ -192,9 +192,12 @@ def _consistent_per_example(task):
 
     mine = owner(name)
     if isinstance(mine, type):
+        mro = type(task).__mro__
         for dep in ("compute_measurement", "compute_train_loss"):
             theirs = owner(dep)
-            if theirs is task or (isinstance(theirs, type) and not issubclass(mine, theirs)):
+            # redefined on the instance, or by a class that comes before it in the MRO (a
+            # subclass, or a mixin listed first): the per-example method predates it
+            if theirs is task or (isinstance(theirs, type) and mro.index(theirs) < mro.index(mine)):
                 return None
     return getattr(task, name)
 

@@ -53,7 +53,7 @@ def _from_first_token(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     t = scores.shape[1]
     idx = torch.arange(t)[None, :] + lead[:, None]
     moved = scores.gather(1, idx.clamp(max=t - 1)[..., None].expand(-1, -1, scores.shape[2]))
-    return moved * (idx < t)[..., None]
+    return torch.where((idx < t)[..., None], moved, torch.zeros((), dtype=moved.dtype))  # Inf * 0 would be NaN
 
 
 class _BatchScores:

@@ -190,5 +190,8 @@ def describe(path) -> Dict:
     tensors, meta = _read(path, "pyinf file", shapes)
     for key in ("crc32", "meta_crc32", "layout"):  # checksums and the dtypes / shapes shown as `tensors`
         meta.pop(key, None)
+    record = meta.get("model_weights")
+    if isinstance(record, dict) and isinstance(record.get("tensors"), list):  # a hash per parameter: summarised
+        meta["model_weights"] = f"record of {len(record['tensors'])} parameters (see pyinf.fingerprint)"
     # the file's own facts win over metadata keys of the same name (a run_meta may hold "path")
     return {**meta, "path": str(path), "bytes": path.stat().st_size, "tensors": tensors}

@@ -269,6 +269,15 @@ def test_several_sequences_of_b_tokens_keep_the_layout_shown_earlier():
         _assert_matches_brute_force(_PerChoice().double(), _PairTask(["fc"]), data, data[:2], batch_size=4)
 
 
+def test_one_document_per_batch_is_never_ambiguous():
+    """A batch of one document: [T, 1, d] reads the same either way, so no warning."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*sequence-first")
+        _assert_matches_brute_force(_SeqFirstMLP().double(), _PairTask(), _pairs(3, 4, 4, 3, seed=1),
+                                    _pairs(2, 4, 4, 3, seed=2), batch_size=1)
+
+
 def test_an_undecidable_layout_is_declared_or_warned():
     """Every batch [k*B, B, d]: the model's batch_first attribute decides; without one,
     sequence-first is assumed with a warning that says how to declare it."""

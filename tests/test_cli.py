@@ -169,6 +169,13 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     with pytest.raises(ValueError, match=r"prepared with other settings than --rank 1 \(prepared: 4\)"):
         run([*score, "--out", str(workdir / "sharded"), "--prepared", prepared, "--rank", "1"])
     assert run([*score, "--out", str(workdir / "sharded"), "--prepared", prepared, "--rank", "4"]) == 0
+    # queries saved by the Python API carry no CLI source: their own rank and SVD are compared
+    api = pyinf.Queries.load(prepared)
+    api.meta.pop("source")
+    api.save(workdir / "api.safetensors")
+    with pytest.raises(ValueError, match=r"other settings than --svd 'randomized' \(prepared: 'full'\)"):
+        run([*score, "--out", str(workdir / "sharded"), "--prepared", str(workdir / "api.safetensors"),
+             "--svd", "randomized"])
     # and so are they in another dtype, with the fused LM head
     assert run([*score, "--out", str(workdir / "bf16"), "--prepared", prepared, "--dtype", "bfloat16",
                 "--fused-head"]) == 0
@@ -222,6 +229,7 @@ def test_self_influence_command(workdir, capsys):
     assert run(["info", str(workdir / "f.safetensors"), str(chunk), "--max-tensors", "2"]) == 0
     out = capsys.readouterr().out
     assert '"kind": "factors"' in out and '"fisher": "empirical"' in out and "more tensors" in out
+    assert '"model_weights": "record of ' in out  # a hash per parameter, summarised
     assert '"kind": "self_influence-chunk"' in out and '"documents": ' in out and "values: F32 [3]" in out
     (workdir / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(pyinf.CorruptFileError, match="not a readable pyinf file"):

@@ -504,21 +504,34 @@ def test_the_same_weights_in_another_dtype_are_not_flagged(tmp_path):
 
 
 def test_weights_records_compare_per_parameter():
-    """pyinf.fingerprint.same_weights: names and shapes must match; values within the lower
-    dtype's rounding; a record missing from an old file is 'unknown' (None)."""
+    """pyinf.fingerprint.same_weights: names and shapes must match, and every parameter's
+    sample must be equal at the coarser dtype of the two, exactly: a checkpoint that differs in
+    one value is other weights, in the same dtype or (beyond the rounding) in another; a record
+    missing from an old file is 'unknown' (None)."""
+    import copy
+
     from pyinf.fingerprint import same_weights, weights_identity
 
-    torch.manual_seed(0)
     a = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
     ours = weights_identity(a).record
     assert same_weights(ours, ours) is True
-    assert same_weights(weights_identity(a.to(torch.float16)).record, ours) is True
-    a.float()
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert same_weights(weights_identity(copy.deepcopy(a).to(dtype)).record, ours) is True, dtype
     b = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 4))  # a shape differs
     assert same_weights(weights_identity(b).record, ours) is False
     c = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))  # same shapes, other values
     assert same_weights(weights_identity(c).record, ours) is False
     assert same_weights(None, ours) is None and same_weights({"layout": "x"}, ours) is None
+    # one value changed, the last of a tensor, by far less than bf16's rounding: in float32
+    # the same dtype, so other weights; against the bf16 copy, it rounds the same
+    d = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    d.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        d[1].bias[-1] += 1e-7 * max(1.0, float(d[1].bias[-1].abs()))
+    assert same_weights(weights_identity(d).record, ours) is False
+    with torch.no_grad():
+        d[1].bias[-1] += 1.0
+    assert same_weights(weights_identity(d.to(torch.bfloat16)).record, ours) is False
 
 
 class _HalfMeasurement(pyinf.CausalLMTask):
@@ -538,6 +551,32 @@ class _LastTokenMeasurement(pyinf.CausalLMTask):
 
     def compute_measurement(self, batch, model):
         return self.compute_measurement_per_example(batch, model).sum()
+
+
+def test_a_per_example_measurement_from_a_mixin_is_kept():
+    """The per-example method is kept when nothing before its class in the MRO redefines the
+    measurement: from a mixin listed first, or from a class defining both."""
+    from pyinf.queries import _consistent_per_example
+
+    class PerExample:
+        def compute_measurement_per_example(self, batch, model):
+            return None
+
+    class Both:
+        def compute_measurement(self, batch, model):
+            return None
+
+        def compute_measurement_per_example(self, batch, model):
+            return None
+
+    class LossMixin:
+        def compute_train_loss(self, batch, model, sample=False):
+            return None
+
+    assert _consistent_per_example(type("T1", (PerExample, _HalfMeasurement), {})()) is not None
+    assert _consistent_per_example(type("T2", (Both, LossMixin), {})()) is not None
+    assert _consistent_per_example(_HalfMeasurement()) is None  # the inherited one is CausalLMTask's
+    assert _consistent_per_example(type("T3", (LossMixin, pyinf.CausalLMTask), {})()) is None
 
 
 def test_a_redefined_measurement_is_the_one_differentiated():
@@ -584,6 +623,16 @@ def test_left_padding_gives_the_scores_of_right_padding():
     # that differ, so left-padded rows start at different positions)
     for name in f_r.module_names:
         assert _rel(per_token["left"][name], per_token["right"][name]) < 1e-10, name
+    # a non-finite score moved to the front leaves zeros behind it, not Inf * 0
+    from pyinf.scoring import _from_first_token
+
+    moved = _from_first_token(torch.tensor([[[0.0], [2.0], [float("inf")]]]), torch.tensor([[0, 1, 1]]))
+    assert moved.flatten().tolist() == [2.0, float("inf"), 0.0]
+    # yes/no arguments: 0/1 as bools, anything else refused by name
+    assert torch.equal(engine.pairwise_scores(train, q_l, batch_size=3, per_token=1),
+                       engine.pairwise_scores(train, q_l, batch_size=3, per_token=True))
+    with pytest.raises(TypeError, match="per_module must be True or False, got 'yes'"):
+        engine.pairwise_scores(train, q_l, per_module="yes")
     for name in f_r.module_names:
         assert _rel(f_l[name].a_cov, f_r[name].a_cov) < 1e-12 and _rel(f_l[name].lambdas, f_r[name].lambdas) < 1e-10
     assert _rel(q_l.measurements, q_r.measurements) < 1e-12
