@@ -161,7 +161,8 @@ class InfluenceEngine:
                         query_batch_size: Optional[int] = None) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
         """float32 ``[n_train, n_query]`` on the CPU (``per_token``: ``[n_train, T, n_query]``, T the
         longest padded document, position ``t`` the document's ``t``-th token whichever side
-        its batch was padded on; ``per_module``: a dict of those by module name).
+        its batch was padded on (given one ``[B, T]`` mask per batch; per-module masks are not
+        moved); ``per_module``: a dict of those by module name).
 
         ``route="factored"`` scores low-rank queries without building any per-document
         gradient; ``"auto"`` lets DESIGN.md's cost model pick the dense route per layer.
