@@ -12,6 +12,7 @@ import pyinf
 from pyinf.capture import Capture, CaptureError
 
 from . import brute_force as bf
+from . import seeds
 from .models import MLPTask, TinyMLP, TokenDataset, tiny_gpt2
 
 
@@ -113,7 +114,7 @@ class _PairTask(pyinf.Task):
 
 
 def _pairs(n, t, d_in, d_out, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seeds.offset(seed))
     return [(torch.randn(t, d_in, generator=g, dtype=torch.float64),
              torch.randn(t, d_out, generator=g, dtype=torch.float64)) for _ in range(n)]
 
@@ -221,26 +222,6 @@ def test_layer_input_that_cannot_be_split_raises():
             capture.end_batch()
 
 
-def test_several_sequences_per_document_are_batch_major():
-    """[B*k, T, d] inputs (k sequences per document, as multiple-choice models run them) are
-    split batch-major: each document's scores sum its k sequences' (against brute force)."""
-
-    class PerChoice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 3)
-
-        def forward(self, x):  # x [B, k, T, 4] -> the layer sees [B*k, T, 4]
-            b, k, t, d = x.shape
-            return self.fc(x.reshape(b * k, t, d)).reshape(b, k, t, -1).sum(1)
-
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(2, 5, 4, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64))
-            for _ in range(6)]
-    _assert_matches_brute_force(PerChoice().double(), _PairTask(["fc"]), data, data[:2], batch_size=3)
-
-
 class _PerChoice(nn.Module):
     def __init__(self):
         super().__init__()
@@ -252,9 +233,16 @@ class _PerChoice(nn.Module):
 
 
 def _choices(n, k, tokens, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seeds.offset(seed))
     return [(torch.randn(k, tokens, 4, generator=g, dtype=torch.float64),
              torch.randn(tokens, 3, generator=g, dtype=torch.float64)) for _ in range(n)]
+
+
+def test_several_sequences_per_document_are_batch_major():
+    """[B*k, T, d] inputs (k sequences per document, as multiple-choice models run them) are
+    split batch-major: each document's scores sum its k sequences' (against brute force)."""
+    data = _choices(6, 2, 5, seed=1)
+    _assert_matches_brute_force(_PerChoice().double(), _PairTask(["fc"]), data, data[:2], batch_size=3)
 
 
 def test_several_sequences_of_b_tokens_keep_the_layout_shown_earlier():
