@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,6 +26,13 @@ from torch import nn
 # One compiled forward per block class (it takes the block as its first argument): identical
 # blocks share compiled code, and no block is kept alive by the cache.
 _COMPILED_BY_CLASS: Dict[type, tuple] = {}  # class -> (the forward compiled, its compiled form)
+
+# Variants of one block forward that dynamo compiles: the first block's input needs no
+# gradient and the others' do, the last partial batch (then dynamic sizes), the queries'
+# length, and each dtype of a model compiled in the same process (the benchmarks' bf16 run and
+# its float32 reference). Dynamo's default limit (8 per code object) is reached by two engines,
+# and past it dynamo runs the rest eagerly: silently slower. Raised while the blocks are compiled.
+RECOMPILE_LIMIT = 64
 
 
 def find_blocks(model: nn.Module, tracked: Dict[str, nn.Module]) -> List[nn.Module]:
@@ -57,8 +64,13 @@ class CompiledBlocks:
             warnings.warn(f"pyinf compile=True: {type(model).__name__} has no list of repeated blocks holding "
                           f"tracked layers; running uncompiled", stacklevel=3)
         self._installed: List[nn.Module] = []
+        self._limit: Optional[Tuple[str, int]] = None  # (dynamo's config name, its value before)
 
     def __enter__(self) -> "CompiledBlocks":
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        self._limit = (name, getattr(config, name))
+        setattr(config, name, max(self._limit[1], RECOMPILE_LIMIT))
         for block in self.blocks:
             if "forward" in block.__dict__:
                 continue  # someone else's per-instance forward: left as it is, uncompiled
@@ -75,3 +87,6 @@ class CompiledBlocks:
         for block in self._installed:
             block.__dict__.pop("forward", None)
         self._installed.clear()
+        if self._limit is not None:
+            setattr(torch._dynamo.config, *self._limit)
+            self._limit = None

@@ -35,6 +35,22 @@ def test_compiled_blocks_score_like_eager_and_compile_once():
     assert all("forward" not in m.__dict__ for m in compiled.modules.values())
 
 
+def test_the_recompile_limit_is_raised_only_while_blocks_are_compiled():
+    """A block forward has more variants than dynamo's default limit of 8 once two engines (a
+    bf16 run and its float32 reference) compile the same block class; past the limit dynamo
+    would run the rest eagerly. The limit is raised inside the context and restored after."""
+    from pyinf.compile import RECOMPILE_LIMIT, CompiledBlocks
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    before = getattr(config, name)
+    model = tiny_gpt2(seed=1)
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    with CompiledBlocks(model, engine.modules):
+        assert getattr(config, name) == max(before, RECOMPILE_LIMIT)
+    assert getattr(config, name) == before
+
+
 def test_blocks_are_the_repeated_layers_holding_tracked_modules():
     model = tiny_gpt2()
     engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
