@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from . import storage
 from .data import in_order
@@ -244,7 +244,7 @@ def _documents(train, what: str) -> Tuple[Any, Callable[[Subset], Any]]:
     engine); it must read that dataset by index, in order, for rows to be documents."""
     if not isinstance(train, DataLoader):
         return train, lambda subset: subset
-    if not in_order(train) or train.batch_size is None:
+    if isinstance(train.dataset, IterableDataset) or not in_order(train) or train.batch_size is None:
         raise ValueError(f"{what} indexes the documents: give a DataLoader over a map-style Dataset that reads "
                          "it in order (no shuffle, sampler or batch_sampler), or the Dataset itself")
 
@@ -297,9 +297,14 @@ def self_influence_corpus(engine, train, factors, out_dir, *, damping: Optional[
 
 
 def top_documents(scores: torch.Tensor, k: int) -> List[List[int]]:
-    """Per query (column of ``scores``), the indices of its ``k`` highest-scoring documents."""
+    """Per query (column of ``scores``), the indices of its ``k`` highest-scoring documents;
+    ties in document order, NaN scores last."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"top_documents: k must be a non-negative integer, got {k!r}")
     k = min(k, scores.shape[0])
-    return [scores[:, q].topk(k).indices.tolist() for q in range(scores.shape[1])]
+    ranked = torch.nan_to_num(scores.double(), nan=-float("inf"))  # a NaN is no evidence of influence
+    order = torch.sort(ranked, dim=0, descending=True, stable=True).indices[:k]
+    return order.T.tolist()
 
 
 def top_token_scores(engine, train, queries: Queries, scores: torch.Tensor, k: int, *, batch_size: int = 8,

@@ -6,13 +6,15 @@ import warnings
 from typing import Any, Callable, Optional
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, Subset
 from torch.utils.data.dataloader import default_collate
 
 
 def in_order(loader: DataLoader) -> bool:
     """Whether a map-style loader yields its dataset in index order: a SequentialSampler under
     the plain BatchSampler (a custom batch sampler may reorder, whatever its .sampler says)."""
+    if isinstance(loader.dataset, IterableDataset):  # no sampler: its own iteration order is the order
+        return True
     if loader.batch_sampler is None:  # batch_size=None: one example at a time, by the sampler
         return isinstance(loader.sampler, SequentialSampler)
     return (type(loader.batch_sampler) is BatchSampler and isinstance(loader.batch_sampler.sampler, SequentialSampler))

@@ -23,6 +23,7 @@ oversubscribe it.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -51,9 +52,9 @@ def resolve_workers(workers: Optional[int], device: Optional[torch.device] = Non
             workers = int(raw)
         except ValueError:
             raise ValueError(f"{where} must be a positive integer, got {raw!r}") from None
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
         raise ValueError(f"{where} must be a positive integer, got {workers!r}")
-    return workers
+    return int(workers)  # numpy integers too
 
 
 def _check(key: Hashable, m: torch.Tensor) -> None:

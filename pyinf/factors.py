@@ -168,8 +168,13 @@ def covariance_sums(model, task, modules, specs, loader, *, fisher: str, backend
         n_examples = run_pass(model, task, modules, specs, loader, objective=objective, consumer=add_covariance,
                               desc="pyinf: covariances", progress=progress)
     for name, (a_sum, _, n_tokens) in sums.items():
-        if a_sum is None or float(n_tokens) == 0:
-            raise RuntimeError(f"module {name!r} saw no unmasked token while fitting factors")
+        if a_sum is None:
+            raise RuntimeError(f"module {name!r} was never called in the factor pass: the model's forward does not "
+                               f"run it (a spare head or adapter), or reads its weight directly (F.linear(x, "
+                               f"m.weight)); leave it out of the tracked modules")
+        if float(n_tokens) == 0:
+            raise RuntimeError(f"module {name!r} saw no unmasked token while fitting factors (every token it saw "
+                               f"was padding)")
     return sums, n_examples
 
 

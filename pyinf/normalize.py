@@ -31,6 +31,11 @@ def normalize(scores, how: str, *, queries: Optional[Queries] = None,
     if queries is not None and queries.n_queries != scores.shape[-1]:
         raise ValueError(f"normalize: scores of shape {tuple(scores.shape)} hold {scores.shape[-1]} queries, the "
                          f"given Queries {queries.n_queries}")
+    if train_self_influence is not None:
+        train_self_influence = torch.as_tensor(train_self_influence)
+        if bool((train_self_influence < 0).any()) or not bool(torch.isfinite(train_self_influence).all()):
+            raise ValueError("normalize: train_self_influence must be finite and >= 0 (grad^T H^-1 grad), got "
+                             f"{train_self_influence.min().item()} at its smallest")
     if train_self_influence is not None and tuple(train_self_influence.shape) != (scores.shape[0],):
         raise ValueError(f"normalize: train_self_influence must be [n_train={scores.shape[0]}] for scores of shape "
                          f"{tuple(scores.shape)}, got shape {tuple(train_self_influence.shape)}")
@@ -39,7 +44,13 @@ def normalize(scores, how: str, *, queries: Optional[Queries] = None,
     train_shape = (-1,) + (1,) * (scores.dim() - 1)
     if how == "per_nat":
         _need(queries, "queries", how)
-        out = scores64 / queries.measurements.clamp_min(eps).reshape(query_shape)
+        measured = queries.measurements
+        bad = (~(measured > 0)).nonzero().flatten().tolist()  # <= 0 or NaN
+        if bad:
+            raise ValueError(f"normalize: per_nat divides by each query's measurement, and queries {bad[:10]} have "
+                             f"{[float(measured[i]) for i in bad[:10]]}: a measurement must be > 0 (for "
+                             f"CausalLMTask, -log p of the completion: 0 when the model is certain of it)")
+        out = scores64 / measured.reshape(query_shape)
     elif how == "relative":
         _need(train_self_influence, "train_self_influence", how)
         out = scores64 / train_self_influence.double().clamp_min(eps).sqrt().reshape(train_shape)

@@ -153,7 +153,10 @@ class JsonlTextDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"document {i} of {self.path}, which holds {len(self)}")
         i %= len(self)
-        return self._encode(self.record(i), self.tokenizer, self.max_length, self.where(i))
+        try:
+            return self._encode(self.record(i), self.tokenizer, self.max_length, self.where(i))
+        except (UnicodeError, TypeError) as exc:  # e.g. a lone surrogate ("\ud800") the tokenizer cannot encode
+            raise ValueError(f"{self.where(i)}: cannot tokenise this record: {exc}") from exc
 
     def text(self, i: int) -> str:
         rec = self.record(i)

@@ -288,6 +288,12 @@ def test_token_scores_of_the_top_documents_only(setup):
     assert per_token.shape == (len(documents), 1, 3)  # the MLP's "documents" are single rows
     torch.testing.assert_close(per_token.sum(1), scores[documents], rtol=1e-10, atol=1e-12)
     assert corpus.top_documents(scores, 50) == [scores[:, q].argsort(descending=True).tolist() for q in range(3)]
+    # ties in document order, NaN last; k checked
+    tied = torch.tensor([[0.0, 1.0], [float("nan"), 1.0], [0.0, 2.0], [0.0, float("nan")]])
+    assert corpus.top_documents(tied, 3) == [[0, 2, 3], [2, 0, 1]]
+    assert corpus.top_documents(tied, 0) == [[], []]
+    with pytest.raises(ValueError, match="k must be a non-negative integer, got -1"):
+        corpus.top_documents(tied, -1)
 
 
 def test_queries_fingerprint_follows_content(setup, tmp_path):

@@ -69,6 +69,9 @@ def test_work_is_balanced_largest_first():
 def test_workers_from_the_environment(monkeypatch):
     monkeypatch.delenv(ENV_WORKERS, raising=False)
     assert resolve_workers(None) == 1
+    import numpy as np
+
+    assert resolve_workers(np.int64(2)) == 2 and type(resolve_workers(np.int64(2))) is int  # numpy integers too
     monkeypatch.setenv(ENV_WORKERS, "3")
     assert resolve_workers(None) == 3
     assert resolve_workers(2) == 2  # an explicit value wins

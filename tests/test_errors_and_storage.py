@@ -2,6 +2,7 @@
 corrupt, truncated or mismatched file is refused; nothing half-written is left behind."""
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -295,6 +296,41 @@ def test_run_meta_with_tuples_numpy_scalars_and_info_keys(fitted, tmp_path, caps
     q = engine.prepare_queries(TokenDataset(2, seed=2, completion=2), f, rank=2, damping=np.float32(0.01))
     q.save(tmp_path / "q.safetensors")
     assert pyinf.Queries.load(tmp_path / "q.safetensors", factors=f).meta["damping_arg"] == pytest.approx(0.01)
+
+
+def test_a_tracked_layer_never_called_is_named_as_such():
+    """A registered Linear the forward never runs (a spare head) is tracked by default; the
+    fit says it was never called, not that it saw only padding."""
+    class WithSpare(TinyMLP):
+        def __init__(self):
+            super().__init__()
+            self.spare = nn.Linear(3, 3)
+
+    engine = pyinf.InfluenceEngine(WithSpare(), MLPTask(), progress=False)
+    with pytest.raises(RuntimeError, match="module 'spare' was never called in the factor pass"):
+        engine.fit_factors(RegressionDataset(4), batch_size=2)
+
+
+def test_an_iterable_dataset_loader_keeps_its_own_order_without_a_warning():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(RegressionDataset(4))
+
+    from pyinf.data import make_loader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_loader(torch.utils.data.DataLoader(Stream(), batch_size=2), batch_size=2)
+
+
+def test_a_record_the_tokenizer_cannot_encode_is_named(tmp_path):
+    from pyinf.textdata import ByteTokenizer, JsonlTextDataset
+
+    (tmp_path / "t.jsonl").write_text('{"text": "fine text"}\n{"text": "bad \\ud800 surrogate"}\n')
+    data = JsonlTextDataset(str(tmp_path / "t.jsonl"), ByteTokenizer(260), max_length=32)
+    data[0]
+    with pytest.raises(ValueError, match=r"t.jsonl:2: cannot tokenise this record"):
+        data[1]
 
 
 def test_layers_that_never_run_and_shared_weights():

@@ -297,6 +297,15 @@ def test_normalisations(gpt2_fp32):
     per_module = {"a": scores, "b": 2 * scores}
     out = normalize(per_module, "relative", train_self_influence=si)
     assert set(out) == {"a", "b"} and _rel(out["b"], 2 * rel) < 1e-6
+    # a list of self-influences is taken; values no self-influence can have, and measurements
+    # per_nat cannot divide by (0, negative: 1e30-scale scores, signs lost), are refused
+    assert _rel(normalize(scores, "relative", train_self_influence=si.tolist()), rel) < 1e-6
+    with pytest.raises(ValueError, match="train_self_influence must be finite and >= 0"):
+        normalize(scores, "relative", train_self_influence=-si)
+    zeroed = queries.select(range(n))
+    zeroed.meta["measurements"] = [0.0] + [-1.5] + list(zeroed.meta["measurements"][2:])
+    with pytest.raises(ValueError, match=r"queries \[0, 1\] have \[0.0, -1.5\]: a measurement must be > 0"):
+        normalize(scores, "per_nat", queries=zeroed)
 
 
 def test_dataloader_input_matches_dataset_input(gpt2_fp32):
