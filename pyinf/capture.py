@@ -313,9 +313,10 @@ class Capture:
         (``[B, B, d]``, or ``[k*B, B, d]``: k sequences of B tokens per document, or k*B tokens
         sequence-first), the layout is, in this order: the one an enclosing module declares
         (``batch_first``, :func:`_declared_batch_first`); the one this layer showed in an
-        earlier batch (of any pass) whose shape fitted one reading only; else batch-first for ``[B, B, d]``
-        and sequence-first, with a warning, for ``[k*B, B, d]``. A model that runs a layer sequence-first outside torch's transformer
-        modules should say so with a ``batch_first`` attribute on a module around it.
+        earlier batch (of any pass) whose shape fitted one reading only; else batch-first for
+        ``[B, B, d]`` and sequence-first, with a warning, for ``[k*B, B, d]``. A model that runs
+        a layer sequence-first outside torch's transformer modules should say so with a
+        ``batch_first`` attribute on a module around it.
         """
         b = self._n_docs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -378,8 +379,6 @@ def cmd_demo(args) -> int:
 def cmd_backends(args) -> int:
     from .ops import available_backends
 
-    import os
-
     available = available_backends()
     for name, reason in available.items():
         status = "available" if reason is None else reason
@@ -441,8 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--queries", required=True, help="JSONL, {'prompt': ..., 'completion': ...} per line")
     score.add_argument("--out", required=True, help="output directory (a rerun into it resumes)")
     score.add_argument("--prepared", default=None, help="queries prepared by `pyinf prepare` from --queries "
-                       "(their rank, damping and SVD apply; the model's weights must be theirs, in any --dtype; default: "
-                       "prepare them, once per output directory)")
+                       "(their rank, damping and SVD apply; the model's weights must be theirs, in any --dtype; "
+                       "default: prepare them, once per output directory)")
     _add_query_args(score)
     score.add_argument("--chunk-size", type=_at_least(1), default=DEFAULT_CHUNK_SIZE, help="documents per saved chunk: "
                        "an interrupted run loses at most one chunk")
@@ -453,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--top-k", type=_at_least(1), default=10)
     score.add_argument("--per-token", action="store_true", help="per-token scores of each query's top documents "
                        "(tokens.safetensors, and their most influential tokens in top.json)")
-    score.add_argument("--top-tokens", type=_at_least(1), default=5, help="tokens listed per top document with --per-token")
+    score.add_argument("--top-tokens", type=_at_least(1), default=5,
+                       help="tokens listed per top document with --per-token")
     score.set_defaults(func=cmd_score)
 
     self_inf = sub.add_parser("self-influence", help="each training document's self-influence (resumable, "
@@ -463,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     self_inf.add_argument("--train", required=True, help="JSONL, one {'text': ...} per line")
     self_inf.add_argument("--out", required=True, help="output directory (a rerun into it resumes)")
     self_inf.add_argument("--damping", type=float, default=None, help="default: 0.1 x mean(Lambda) per module")
-    self_inf.add_argument("--chunk-size", type=_at_least(1), default=DEFAULT_CHUNK_SIZE, help="documents per saved chunk")
+    self_inf.add_argument("--chunk-size", type=_at_least(1), default=DEFAULT_CHUNK_SIZE,
+                          help="documents per saved chunk")
     self_inf.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="only shard K of N (from 0) of "
                           "the chunks; shards share --out, the last to finish joins the values")
     self_inf.add_argument("--top-k", type=_at_least(1), default=10)
@@ -490,8 +491,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     """The ``pyinf`` command: :func:`run`, with a user's mistake (a missing file, a bad record,
     a mismatched run, an unavailable backend) printed as one line and exit status 1 instead of
     a traceback; ``PYINF_TRACEBACK=1`` shows the traceback."""
-    import os
-
     from .capture import CaptureError
     from .ops import BackendUnavailable
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from . import storage
 from .data import in_order
@@ -244,7 +244,7 @@ def _documents(train, what: str) -> Tuple[Any, Callable[[Subset], Any]]:
     engine); it must read that dataset by index, in order, for rows to be documents."""
     if not isinstance(train, DataLoader):
         return train, lambda subset: subset
-    if isinstance(train.dataset, IterableDataset) or not in_order(train) or train.batch_size is None:
+    if not in_order(train) or train.batch_size is None:
         raise ValueError(f"{what} indexes the documents: give a DataLoader over a map-style Dataset that reads "
                          "it in order (no shuffle, sampler or batch_sampler), or the Dataset itself")
 

@@ -13,8 +13,6 @@ from torch.utils.data.dataloader import default_collate
 def in_order(loader: DataLoader) -> bool:
     """Whether a map-style loader yields its dataset in index order: a SequentialSampler under
     the plain BatchSampler (a custom batch sampler may reorder, whatever its .sampler says)."""
-    if isinstance(loader.dataset, IterableDataset):  # no sampler: its own iteration order is the order
-        return True
     if loader.batch_sampler is None:  # batch_size=None: one example at a time, by the sampler
         return isinstance(loader.sampler, SequentialSampler)
     return (type(loader.batch_sampler) is BatchSampler and isinstance(loader.batch_sampler.sampler, SequentialSampler))
@@ -27,7 +25,8 @@ def make_loader(data: Any, *, batch_size: int, collate_fn: Optional[Callable] = 
     if isinstance(data, DataLoader):
         if max_examples is not None:
             raise ValueError(f"max_examples cannot limit a DataLoader; pass the {what} as a Dataset")
-        if not in_order(data):
+        # an IterableDataset has no index order: its own iteration order is the order
+        if not isinstance(data.dataset, IterableDataset) and not in_order(data):
             warnings.warn(f"the {what} DataLoader does not iterate in order; scores follow its order")
         _check_not_empty(data.dataset, what)
         return data

@@ -18,6 +18,7 @@ from .fingerprint import WeightsIdentity, same_weights, weights_identity
 from .data import make_loader
 from .factors import Factors
 from .modules import ModuleSpec, find_tracked_modules, spec_of
+from .ops._checks import check_flag
 from .ops import BACKENDS
 from .queries import Queries
 from .task import Task
@@ -174,7 +175,7 @@ class InfluenceEngine:
         training data per group, so that only one group's query factors are on the device at a
         time (every tracked layer's, ``queries.bytes_per_query()`` each: ~0.16 GB per query at
         rank 32 for the MLPs of a 35B model). Default: all queries in one pass."""
-        per_token, per_module, group_modules = (_flag(n, v) for n, v in (
+        per_token, per_module, group_modules = (check_flag("pairwise_scores", n, v) for n, v in (
             ("per_token", per_token), ("per_module", per_module), ("group_modules", group_modules)))
         loader = self._loader(train_data, batch_size, "training data")
         self._check_weights(queries.meta, "these queries")
@@ -206,13 +207,6 @@ class InfluenceEngine:
         with self._stage_context():
             return scoring.self_influence(**self._common(), loader=loader, factors=factors, damping=damping,
                                           backend=self.backend, progress=self.progress)
-
-
-def _flag(name: str, value) -> bool:
-    """A yes/no argument: a bool (numpy's too) or 0/1; anything else is refused by name."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_" or (isinstance(value, int) and value in (0, 1)):
-        return bool(value)
-    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _weights_warning(what: str, theirs: str, ours: str) -> str:

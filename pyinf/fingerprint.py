@@ -54,11 +54,6 @@ def weights_identity(model: torch.nn.Module, samples_per_tensor: int = 4096) -> 
     return WeightsIdentity(exact.hexdigest(), record)
 
 
-def model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
-    """The exact fingerprint of :func:`weights_identity`."""
-    return weights_identity(model, samples_per_tensor).fingerprint
-
-
 def same_weights(theirs: Optional[Dict], ours: Dict) -> Optional[bool]:
     """Whether two weights records describe the same weights: the same parameter names and
     shapes, and each parameter's sample equal once both are cast to the coarser of their two

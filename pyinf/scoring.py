@@ -42,14 +42,18 @@ def _pad_tokens(chunks: List[torch.Tensor], t_max: int) -> torch.Tensor:
     return torch.cat(padded)
 
 
-def _from_first_token(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token scores ``[B, T, Q]`` of a batch whose rows may be left-padded, moved so that
-    each document's first real token (by ``mask``, [B, T]) is at position 0, as it is with
-    right padding: position ``t`` is then the document's own ``t``-th token in every batch."""
+def _leading_padding(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """Each row's count of padding positions before its first real token (``mask`` [B, T]), on
+    the host; None when no row has any (right padding)."""
     mask = mask.to(device="cpu", dtype=torch.bool)
-    lead = torch.where(mask.any(1), mask.int().argmax(1), 0)  # leading padding per row
-    if not bool(lead.any()):
-        return scores
+    lead = torch.where(mask.any(1), mask.int().argmax(1), 0)
+    return lead if bool(lead.any()) else None
+
+
+def _from_first_token(scores: torch.Tensor, lead: torch.Tensor) -> torch.Tensor:
+    """Per-token scores ``[B, T, Q]`` (on the host) of a left-padded batch moved so that each
+    document's first real token is at position 0, as it is with right padding: position ``t``
+    is then the document's own ``t``-th token in every batch. ``lead``: :func:`_leading_padding`."""
     t = scores.shape[1]
     idx = torch.arange(t)[None, :] + lead[:, None]
     moved = scores.gather(1, idx.clamp(max=t - 1)[..., None].expand(-1, -1, scores.shape[2]))
@@ -77,10 +81,11 @@ class _BatchScores:
         """``token_mask``: the batch's [B, T] mask, for per-token scores (see _from_first_token)."""
         if self.total is None:  # no tracked layer received a gradient (the loss ignored them)
             self.total = torch.zeros((n_docs,) + tuple(shape_tail))
+        lead = None if token_mask is None else _leading_padding(token_mask)  # once for every module
 
         def done(value):
             value = value.cpu()
-            return value if token_mask is None else _from_first_token(value, token_mask)
+            return value if lead is None else _from_first_token(value, lead)
 
         self.done_total.append(done(self.total))
         if self.per_module:

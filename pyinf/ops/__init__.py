@@ -128,7 +128,7 @@ def factored_scores(acts, grads, left, right, *, mask=None, per_token: bool = Fa
     _checks.check_query_factors(op, acts, grads, left, right)
     mask = _checks.check_mask(op, mask, acts.shape[0], acts.shape[1])
     _checks.check_same_device(op, acts=acts, grads=grads, left=left, right=right, mask=mask)
-    per_token = _checks.check_flag(op, "per_token", per_token)
+    per_token = _checks.check_flag(f"pyinf.ops.{op}", "per_token", per_token)
     shape = dict(n=acts.shape[0], t=acts.shape[1], d_in=acts.shape[2], d_out=grads.shape[2],
                  q=left.shape[0], r=left.shape[2], per_token=int(per_token))
     return _run(op, backend, dict(acts=acts, grads=grads, left=left, right=right), shape, acts, grads, left, right,
@@ -144,7 +144,7 @@ def dense_scores(acts, grads, dense, *, mask=None, per_token: bool = False, back
     _checks.check_dense_queries(op, acts, grads, dense)
     mask = _checks.check_mask(op, mask, acts.shape[0], acts.shape[1])
     _checks.check_same_device(op, acts=acts, grads=grads, dense=dense, mask=mask)
-    per_token = _checks.check_flag(op, "per_token", per_token)
+    per_token = _checks.check_flag(f"pyinf.ops.{op}", "per_token", per_token)
     shape = dict(n=acts.shape[0], t=acts.shape[1], d_in=acts.shape[2], d_out=grads.shape[2], q=dense.shape[0])
     return _run(op, backend, dict(acts=acts, grads=grads, dense=dense), shape, acts, grads, dense, mask=mask,
                 per_token=per_token)
@@ -160,7 +160,7 @@ def factored_scores_grouped(problems, *, per_token: bool = False, backend: str =
     _check_backend_name(backend)
     if not isinstance(problems, (list, tuple)):
         raise TypeError(f"pyinf.ops.{op}: 'problems' must be a list or tuple of dicts, got {type(problems).__name__}")
-    per_token = _checks.check_flag(op, "per_token", per_token)
+    per_token = _checks.check_flag(f"pyinf.ops.{op}", "per_token", per_token)
     if len(problems) == 0:
         return []
     checked = []
@@ -215,6 +215,6 @@ def cross_entropy_rows(logits: torch.Tensor, labels: Optional[torch.Tensor], *, 
         what = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"pyinf.ops.{op}: 'labels' must be int64 of shape [R={logits.shape[0]}], got {what}")
     _checks.check_same_device(op, logits=logits, labels=labels)
-    sample = _checks.check_flag(op, "sample", sample)
+    sample = _checks.check_flag(f"pyinf.ops.{op}", "sample", sample)
     shape = dict(r=logits.shape[0], v=logits.shape[1], sample=int(sample))
     return _run(op, backend, dict(logits=logits), shape, logits, labels, sample=sample)

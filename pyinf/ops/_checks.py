@@ -56,11 +56,11 @@ def check_mask(op: str, mask: Optional[torch.Tensor], n: int, t: int) -> Optiona
     return keep
 
 
-def check_flag(op: str, name: str, value) -> bool:
-    """A bool argument (numpy's bool too); anything else is refused by name."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+def check_flag(where: str, name: str, value) -> bool:
+    """A yes/no argument: a bool (numpy's too) or 0/1; anything else is refused by name."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or (isinstance(value, int) and value in (0, 1)):
         return bool(value)
-    raise TypeError(f"pyinf.ops.{op}: '{name}' must be True or False, got {value!r}")
+    raise TypeError(f"{where}: '{name}' must be True or False, got {value!r}")
 
 
 def check_tokens(op: str, acts: torch.Tensor, grads: torch.Tensor) -> None:
