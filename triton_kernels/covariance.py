@@ -10,7 +10,8 @@ fixed order: deterministic, no atomics.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -70,10 +71,16 @@ def _covariance_kernel(x_ptr, m_ptr, out_ptr, tiles_ptr,
         tl.store(out + offs_j[:, None] * D + offs_i[None, :], tl.trans(acc), mask=j_ok[:, None] & i_ok[None, :])
 
 
-def _upper_tiles(n_tiles: int) -> torch.Tensor:
-    """The (i, j) tiles with i <= j, [n, 2] int32 on the host."""
+@functools.lru_cache(maxsize=256)
+def _tile_lists(n_tiles: int, full: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (i, j) tiles with i <= j, [n, 2] int32 on `device`: those inside the first `full`
+    whole tiles, and those crossing d. Built and copied once per (layer width, device), not
+    once per call (a fit calls this twice per layer per batch). Split on the host: a device
+    tensor's boolean index reads back."""
     ti, tj = torch.triu_indices(n_tiles, n_tiles)
-    return torch.stack([ti, tj], 1).to(torch.int32).contiguous()
+    tiles = torch.stack([ti, tj], 1).to(torch.int32)
+    inside = (tiles < full).all(1)
+    return (to_device(tiles[inside].contiguous(), device), to_device(tiles[~inside].contiguous(), device))
 
 
 def covariance(x: torch.Tensor, mask: Optional[torch.Tensor],
@@ -84,26 +91,25 @@ def covariance(x: torch.Tensor, mask: Optional[torch.Tensor],
     compute_dtype = x.dtype  # one input: its own dtype feeds the tensor cores
     cfg = pick_config(H100, compute_dtype, INTERPRETER)
     n_tiles = triton.cdiv(d, cfg["BLOCK_D"])
-    tiles = _upper_tiles(n_tiles)  # split below on the host: a device tensor's boolean index reads back
+    # tiles inside d and tiles crossing it go to two launches (an odd d, e.g. 769 with a bias
+    # column, would otherwise put column masks on every load)
+    full = d // cfg["BLOCK_D"]
+    inside, crossing = _tile_lists(n_tiles, full, x.device)
     n_row_blocks = n * triton.cdiv(t, cfg["BLOCK_T"])
     if n_row_blocks == 0 or d == 0:
         return torch.zeros(d, d, dtype=torch.float32, device=x.device)
     if splits is None:
-        splits = triton.cdiv(target_programs, tiles.shape[0])
+        splits = triton.cdiv(target_programs, n_tiles * (n_tiles + 1) // 2)
     splits = max(1, min(splits, n_row_blocks, 64))
     per_split = triton.cdiv(n_row_blocks, splits)
     splits = triton.cdiv(n_row_blocks, per_split)  # no empty splits
     out = torch.empty(splits, d, d, dtype=torch.float32, device=x.device)
     m = mask.view(torch.uint8) if mask is not None else out
-    # Tiles inside d and tiles crossing it in two launches (an odd d, e.g. 769 with a bias
-    # column, would otherwise put column masks on every load).
-    full = d // cfg["BLOCK_D"]
-    inside = (tiles < full).all(1)
-    for edge, sel in ((False, tiles[inside]), (True, tiles[~inside])):
+    for edge, sel in ((False, inside), (True, crossing)):
         if sel.shape[0] == 0:
             continue
         _covariance_kernel[(sel.shape[0], splits)](
-            x, m, out, to_device(sel.contiguous(), x.device), t, d, n_row_blocks, per_split,
+            x, m, out, sel, t, d, n_row_blocks, per_split,
             x.stride(0), x.stride(1), x.stride(2),
             m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0, out.stride(0),
             HAS_MASK=mask is not None, EDGE=edge, **block_sizes(cfg), **dot_flags(compute_dtype),
