@@ -30,6 +30,13 @@ from . import WallTimer, default_device, until_out_of_time
 from .shapes import E2EWorkload, ModelConfig, ScalingPlan
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# kronfluence's precision preset of the same precision as a workload dtype (it has none for fp16)
+KRONFLUENCE_PRECISION = {"bfloat16": "bf16", "float32": "fp32"}
+
+
+def kronfluence_precision(dtype: str) -> str:
+    """The preset kronfluence runs a workload of `dtype` with: the same precision, else fp32."""
+    return KRONFLUENCE_PRECISION.get(dtype, "fp32")
 
 
 # --------------------------------------------------------------------------------------
@@ -175,7 +182,7 @@ def floor_times(model: torch.nn.Module, docs: ListDataset, batch_size: int, devi
 
         head = m.get_output_embeddings()
 
-        def fused_pass(batch):
+        def fused_pass(batch):  # CausalLMTask(fused_head=True)'s loss (task.py), from inputs_embeds
             x = emb(batch["input_ids"]).detach().requires_grad_(True)
             hidden = m.base_model(inputs_embeds=x, attention_mask=batch["attention_mask"]).last_hidden_state
             labels = batch["labels"][:, 1:].reshape(-1)
@@ -306,15 +313,13 @@ def _warm_up(model, wl: E2EWorkload, docs, queries, device, with_pyinf: bool, lo
     # divisible by 16 apart), so fewer queries here would leave a compile in the timed run
     small = replace(wl, n_docs=min(wl.n_docs, 2 * max(wl.batch_sizes)))
     sd = ListDataset(docs.items[: small.n_docs])
-    sq = ListDataset(queries.items[: small.n_queries])
     for bs in wl.batch_sizes:
         if with_pyinf:
             try:
-                run_pyinf(model, small, sd, sq, bs, device, log=lambda *_: None)
+                run_pyinf(model, small, sd, queries, bs, device, log=lambda *_: None)
             except Exception as exc:
                 log(f"[e2e] pyinf warm-up failed: {type(exc).__name__}: {exc}")
-        run_kronfluence(model, small, sd, sq, bs, device, "bf16" if wl.dtype == "bfloat16" else "fp32",
-                        log=lambda *_: None)
+        run_kronfluence(model, small, sd, queries, bs, device, kronfluence_precision(wl.dtype), log=lambda *_: None)
 
 
 def _guarded(_runs, _result, _what, _log, _device, _fn, *args, **kwargs):
@@ -405,7 +410,7 @@ def score_agreement(runs: List[Dict[str, object]]) -> List[Dict[str, object]]:
 def _library_runs(model, wl: E2EWorkload, docs, queries, device, runs, result, log, *, with_pyinf: bool,
                   with_kronfluence: bool) -> None:
     """pyinf and kronfluence at each batch size, each appended to `runs` when it finishes."""
-    kf_precision = "bf16" if wl.dtype == "bfloat16" else "fp32"
+    kf_precision = kronfluence_precision(wl.dtype)
     for bs in wl.batch_sizes:
         if with_pyinf:
             _guarded(runs, result, f"pyinf batch {bs}", log, device, run_pyinf, model, wl, docs, queries, bs, device,

@@ -26,9 +26,6 @@ from pyinf.ops import BACKENDS
 
 from .shapes import dispatched_op
 
-# The ops auto dispatches by measured rules (the per-token benchmark variant is factored_scores).
-OPS_WITH_RULES = ("covariance", "eigen_correction", "self_influence", "factored_scores", "dense_scores")
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGET = os.path.join(os.path.dirname(HERE), "pyinf", "ops", "_preferences.py")
 
@@ -76,7 +73,7 @@ def rules(records: List[Dict[str, object]], tolerance: Optional[float] = None,
     for r in records:
         if r["backend"] not in BACKENDS:
             continue  # "unfused" (no backend) and variants such as "native-fma" (an environment switch)
-        if r["op"] not in OPS_WITH_RULES:
+        if r["op"] != dispatched_op(r["op"]):
             continue  # a benchmark-only op (the per-token variant): auto dispatches factored_scores
         if r["workload"].get("bias"):
             continue  # a layout variant of a shape measured plainly: size rules cannot tell them apart
@@ -114,7 +111,7 @@ def grouped_rule(grouped: Optional[Dict[str, object]], tolerance: float = TOLERA
         err = r.get("rel_err_vs_torch")
         if kind != "grouped" or backend not in BACKENDS:
             continue
-        if backend != "torch" and (err is None or not err < tolerance):
+        if backend != "torch" and (err is None or not err < op_tolerance("factored_scores", tolerance)):
             continue
         ms[backend] = float(r["ms"])
     if not ms:

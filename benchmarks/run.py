@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import OutOfTime, default_device, environment, out_of_time, stop_on_sigterm
+from .bench_e2e import KRONFLUENCE_PRECISION
 from .shapes import OPS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -188,8 +189,6 @@ def _dedupe_skips(skipped: List[Dict[str, str]]) -> List[str]:
     return out
 
 
-# pyinf's precision names -> kronfluence's (bench_e2e.run_kronfluence)
-KRONFLUENCE_PRECISION = {"bfloat16": "bf16", "float32": "fp32"}
 
 
 def _is_reference(r: Dict[str, object], e: Dict[str, object]) -> bool:
@@ -312,7 +311,7 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
                    "per-document gradients, then one GEMM with the flattened queries); `torch` is the reference "
                    "backend (fp32 compute). "
                    "'vs torch' / 'vs unfused' are speed-ups (>1 = faster than that baseline). "
-                   "Extra MiB: peak device memory above the inputs, the result included; temp MB: the same "
+                   "Extra MiB: peak device memory above the inputs, the result included; temp MiB: the same "
                    "without the result (the op's temporaries; CUDA only). Err: relative to the torch backend."
                    + (" Triton here runs in its CPU interpreter and is timed once." if env.get("triton_interpret") == "1"
                       and env["device_type"] == "cpu" else ""))
@@ -324,7 +323,7 @@ def markdown(res: Dict[str, object], plots: Dict[str, str], md_dir: str) -> str:
                          _f(r.get("peak_extra_mb")), _f(r.get("temp_mb")),
                          "-" if r.get("rel_err_vs_torch") is None else f"{r['rel_err_vs_torch']:.1e}"])
         out.append(_table(["op", "shape", "backend", "ms", "TFLOP/s", "% peak", "vs torch", "vs unfused",
-                           "extra MiB", "temp MB", "err"], rows))
+                           "extra MiB", "temp MiB", "err"], rows))
         out.append("")
         if (ops_res.get("peak") or {}).get("tflops"):
             pk = ops_res["peak"]

@@ -44,8 +44,7 @@ def flops(op: str, w: OpWorkload) -> float:
     """The dispatcher's own count (pyinf.ops._preferences.work), per benchmarked call."""
     if op == "covariance":  # both factors of the layer: A from acts, S from grads
         return work(op, dict(n=w.n, t=w.t, d=w.d_in)) + work(op, dict(n=w.n, t=w.t, d=w.d_out))
-    if op == PER_TOKEN_OP:  # the same two products; the epilogue writes [N, T, Q] instead
-        op = "factored_scores"
+    op = dispatched_op(op)  # per token: the same two products; the epilogue writes [N, T, Q] instead
     if op not in OPS:
         raise ValueError(f"no FLOP formula for {op!r}")
     return work(op, dict(n=w.n, t=w.t, d_in=w.d_in, d_out=w.d_out, q=w.q, r=w.r))

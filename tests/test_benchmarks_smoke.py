@@ -396,6 +396,6 @@ def test_report_holds_every_target_line(smoke):
     floor = smoke["res"]["e2e"]["floor"][0]
     assert floor["fwd_inputgrad_fused_s"] > 0
     assert "(fused head)" in md
-    assert "| extra MiB | temp MB | err |" in md
+    assert "| extra MiB | temp MiB | err |" in md
     assert "self_influence against the unfused eigen_correction of the same run" in md
     assert "'% peak' here divides by this section's measured matmul peak" in md
