@@ -61,6 +61,12 @@ def covariances(model, task, dataset, modules, specs):
     return {n: (a_sum[n] / count[n], s_sum[n] / count[n]) for n in specs}
 
 
+def default_damping(lambdas) -> float:
+    """pyinf's default damping, 0.1 x mean(Lambda) of the layer, computed here and not by
+    pyinf (Factors.damping), so that a change of the default is caught."""
+    return 0.1 * lambdas.mean().item()
+
+
 def dense_inverse(q_a, q_s, lambdas, damping):
     """The dense EK-FAC inverse (Q_A kron Q_S) diag(1/(Lambda + damping)) (Q_A kron Q_S)^T,
     acting on vec(V) with column-major vec (vec(Q_S^T V Q_A) = (Q_A kron Q_S)^T vec(V))."""

@@ -34,7 +34,6 @@ class _RecordShapes(TorchDispatchMode):
 def test_no_weight_gradient_is_computed():
     """During a capture pass the backward never produces a tensor shaped like a tracked
     weight, no parameter gets a .grad, and requires_grad flags come back afterwards."""
-    torch.manual_seed(0)
     model = TinyMLP(d_in=11, hidden=13, d_out=3)  # 13x11, 4x13, 3x4 weights: unique shapes
     model.fc1.weight.requires_grad_(False)  # a user's own frozen parameter must stay frozen
     engine = pyinf.InfluenceEngine(model, MLPTask(), progress=False)
@@ -135,7 +134,7 @@ def _assert_matches_brute_force(model, task, train, query, batch_size):
     expected = torch.zeros(len(train), len(query), dtype=torch.float64)
     for name, f in factors.modules.items():
         assert _rel(f.a_cov, covs[name][0]) < 1e-10 and _rel(f.s_cov, covs[name][1]) < 1e-10, name
-        dense = bf.dense_inverse(f.q_a, f.q_s, f.lambdas, 0.1 * f.lambdas.mean().item())  # the default damping
+        dense = bf.dense_inverse(f.q_a, f.q_s, f.lambdas, bf.default_damping(f.lambdas))
         for j, qg in enumerate(query_grads):
             p = bf.unvec(dense @ bf.vec(qg[name]), f.spec.d_out, f.spec.d_in)
             for i, tg in enumerate(train_grads):
@@ -173,7 +172,6 @@ class _TorchEncoder(nn.Module):
 def test_sequence_first_layers_match_brute_force(tokens):
     """[T, B, d] layer inputs are split into documents by their second dimension. With
     T == B (3 == 3) the shapes cannot tell: the model's batch_first=False says so."""
-    torch.manual_seed(0)
     model = _SeqFirstMLP().double()
     if tokens == 3:
         model.batch_first = False
@@ -184,7 +182,6 @@ def test_sequence_first_layers_match_brute_force(tokens):
 @pytest.mark.parametrize("tokens", [5, 3])
 def test_torch_transformer_layer_matches_brute_force(tokens):
     """nn.TransformerEncoderLayer's own batch_first (on its self_attn) decides when T == B."""
-    torch.manual_seed(0)
     model = _TorchEncoder().double()
     task = _PairTask(["layer.linear1", "layer.linear2", "head"])
     _assert_matches_brute_force(model, task, _pairs(6, tokens, 8, 3, seed=1), _pairs(2, tokens, 8, 3, seed=2),
@@ -195,7 +192,6 @@ def test_torch_transformer_layer_fast_path_is_off_during_passes():
     """In eval mode with no parameter needing a gradient (every pass), torch's batch-first
     encoder layer would take its fused fast path and never call the tracked linears; the
     passes turn it off (and back on after)."""
-    torch.manual_seed(0)
     model = _TorchEncoder(batch_first=True)
     task = _PairTask(["layer.linear1", "layer.linear2", "head"])
     train = [(a.float(), b.float()) for a, b in _pairs(6, 5, 8, 3, seed=1)]
@@ -250,7 +246,6 @@ def test_several_sequences_of_b_tokens_keep_the_layout_shown_earlier():
     k*B tokens sequence-first would also give): the layout the layer showed in batches whose
     shape fitted one reading only (here [4*2, 2, d] for 4 documents) holds, in this pass and
     in the later ones (the queries' batch of 2 is ambiguous too)."""
-    torch.manual_seed(0)
     data = _choices(6, 2, 2, seed=3)  # batches of 4 and 2 documents
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*sequence-first")
@@ -259,7 +254,6 @@ def test_several_sequences_of_b_tokens_keep_the_layout_shown_earlier():
 
 def test_one_document_per_batch_is_never_ambiguous():
     """A batch of one document: [T, 1, d] reads the same either way, so no warning."""
-    torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*sequence-first")
         _assert_matches_brute_force(_SeqFirstMLP().double(), _PairTask(), _pairs(3, 4, 4, 3, seed=1),
@@ -269,7 +263,6 @@ def test_one_document_per_batch_is_never_ambiguous():
 def test_an_undecidable_layout_is_declared_or_warned():
     """Every batch [k*B, B, d]: the model's batch_first attribute decides; without one,
     sequence-first is assumed with a warning that says how to declare it."""
-    torch.manual_seed(0)
     data = _choices(4, 2, 2, seed=4)
     declared = _PerChoice().double()
     declared.batch_first = True
@@ -328,7 +321,6 @@ def test_instance_forward_is_kept_and_matches_brute_force(patch):
     """A stock Linear with a forward set on the instance keeps it during a capture (the
     identity path), which is exact when that forward's output is W x + b plus terms that do
     not depend on it; after the capture the instance forward is back."""
-    torch.manual_seed(0)
     model = _Regression().double()
     own = patch(model.fc1)
     task = _PairTask()
@@ -343,7 +335,6 @@ def test_instance_forward_is_kept_and_matches_brute_force(patch):
 
 def test_instance_forward_computes_the_same_loss_inside_a_capture():
     """Whatever the instance forward computes is what the capture pass computes."""
-    torch.manual_seed(0)
     model = _Regression().double()
     stock = model.fc1.forward
     model.fc1.forward = lambda x: stock(x) * 3.0 + 0.5
@@ -413,7 +404,6 @@ def test_pooled_layers_take_no_mask(tracked):
     """A layer on pooled features ([B, d], one row per document) has nothing to mask: with
     the per-token layer it runs beside, or alone, the [B, T] mask is no error, and the
     per-token layer counts only real tokens."""
-    torch.manual_seed(0)
     model = _PooledClassifier().double()
     engine = pyinf.InfluenceEngine(model, _ClassifyTask(tracked), progress=False)
     data = TokenDataset(6, seed=1)

@@ -12,12 +12,13 @@ import torch
 import pyinf
 from pyinf import corpus
 from pyinf.textdata import ByteTokenizer, JsonlTextDataset
+from tests import seeds
 from tests.models import MLPTask, RegressionDataset, TinyMLP
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
+    torch.manual_seed(seeds.offset(0))
     model = TinyMLP().double()
     engine = pyinf.InfluenceEngine(model, MLPTask(), progress=False)
     train = RegressionDataset(11, seed=1, dtype=torch.float64)

@@ -131,7 +131,6 @@ class _RegressionTask(pyinf.Task):
 
 
 def test_nonfinite_gradient_names_module_and_batch():
-    torch.manual_seed(0)
     x, y = torch.randn(6, 3), torch.randn(6, 1)
     x[4] = 0  # batch 2 with batch_size 2
     data = torch.utils.data.TensorDataset(x, y)
@@ -205,18 +204,21 @@ def test_shared_module_called_twice_is_refused():
     assert "forward" not in engine.modules["fc"].__dict__  # hooks removed after the error
 
 
-def test_altered_metadata_is_refused(fitted, tmp_path):
-    """The metadata has its own checksum: a query's measurement changed in the header (the
-    tensors intact) is refused, as is a tensor whose dtype or shape differs from the record."""
-    engine, factors, queries, train = fitted
-    path = tmp_path / "q.safetensors"
-    queries.save(path)
-    raw = path.read_bytes()
+def _alter_first_measurement(raw: bytes) -> bytes:
+    """A saved queries file with one digit of its first measurement changed in the header."""
     key = b'measurements\\": ['  # the pyinf metadata is a JSON string inside safetensors' JSON header
     i = raw.index(key) + len(key)
     digit = next(j for j in range(i, i + 40) if raw[j:j + 1].isdigit())
-    altered = raw[:digit] + bytes([ord("9") if raw[digit] != ord("9") else ord("8")]) + raw[digit + 1:]
-    path.write_bytes(altered)
+    return raw[:digit] + bytes([ord("9") if raw[digit] != ord("9") else ord("8")]) + raw[digit + 1:]
+
+
+def test_altered_metadata_is_refused(fitted, tmp_path):
+    """The metadata has its own checksum: a query's measurement changed in the header (the
+    tensors intact) is refused."""
+    engine, factors, queries, train = fitted
+    path = tmp_path / "q.safetensors"
+    queries.save(path)
+    path.write_bytes(_alter_first_measurement(path.read_bytes()))
     with pytest.raises(storage.CorruptFileError, match="its metadata fails its checksum"):
         pyinf.Queries.load(path, factors=factors)
 
@@ -252,11 +254,7 @@ def test_a_damaged_checksum_key_does_not_switch_the_check_off(fitted, tmp_path):
     engine, factors, queries, train = fitted
     path = tmp_path / "q.safetensors"
     queries.save(path)
-    raw = path.read_bytes().replace(b"meta_crc32", b"meta_crc3X", 1)
-    key = b'measurements\\": ['
-    i = raw.index(key) + len(key)
-    digit = next(j for j in range(i, i + 40) if raw[j:j + 1].isdigit())
-    path.write_bytes(raw[:digit] + bytes([ord("9") if raw[digit] != ord("9") else ord("8")]) + raw[digit + 1:])
+    path.write_bytes(_alter_first_measurement(path.read_bytes().replace(b"meta_crc32", b"meta_crc3X", 1)))
     with pytest.raises(storage.CorruptFileError, match="its metadata fails its checksum"):
         pyinf.Queries.load(path, factors=factors)
 
@@ -312,15 +310,19 @@ def test_a_tracked_layer_never_called_is_named_as_such():
 
 
 def test_an_iterable_dataset_loader_keeps_its_own_order_without_a_warning():
+    data = RegressionDataset(4)
+
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
-            return iter(RegressionDataset(4))
+            return iter(data)
 
     from pyinf.data import make_loader
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        make_loader(torch.utils.data.DataLoader(Stream(), batch_size=2), batch_size=2)
+        loader = make_loader(torch.utils.data.DataLoader(Stream(), batch_size=2), batch_size=2)
+    got = torch.cat([x for x, _ in loader])
+    assert torch.equal(got, torch.stack([data[i][0] for i in range(4)]))  # the stream's own order
 
 
 def test_a_record_the_tokenizer_cannot_encode_is_named(tmp_path):

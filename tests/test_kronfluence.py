@@ -5,6 +5,7 @@ import torch
 
 import pyinf
 
+from . import seeds
 from .models import MLPTask, RegressionDataset, TinyMLP, TokenDataset
 
 pytest.importorskip("kronfluence")
@@ -18,7 +19,7 @@ def _rel(a, b):
 def tiny_neox(seed=0):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seeds.offset(seed))
     cfg = GPTNeoXConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0)
     return GPTNeoXForCausalLM(cfg).eval()
@@ -26,7 +27,6 @@ def tiny_neox(seed=0):
 
 def _plain_mlp():
     # kronfluence tracks only stock nn.Linear: no custom-forward subclass here.
-    torch.manual_seed(0)
     model = TinyMLP()
     model.head = torch.nn.Linear(4, 3)
     return model

@@ -34,7 +34,8 @@ def _problem(n, t, d_in, d_out, q, r, dtype=torch.float32, device="cpu"):
     left = torch.randn(q, d_out, r).to(dtype).to(device)
     right = torch.randn(q, d_in, r).to(dtype).to(device)
     mask = torch.rand(n, t) > 0.3
-    mask[0, 0] = True
+    if mask.numel():
+        mask[0, 0] = True
     return acts, grads, left, right, mask.to(device)
 
 
@@ -129,15 +130,11 @@ def test_empty_outputs_match_torch():
     def same(native, ref):
         assert native.shape == ref.shape and torch.equal(native, ref), (native, ref)
 
-    def problem(n, t, d_in, d_out, q, r):  # _problem's, with a mask that may be empty too
-        return (torch.randn(n, t, d_in), torch.randn(n, t, d_out), torch.randn(q, d_out, r), torch.randn(q, d_in, r),
-                torch.rand(n, t) > 0.3)
-
     fs_cases = [  # (n, t, d_in, d_out, q, r)
         (2, 0, 3, 4, 3, 2), (2, 5, 3, 4, 0, 2), (0, 5, 3, 4, 3, 2), (2, 5, 0, 4, 3, 2), (2, 5, 3, 4, 3, 0),
     ]
     for n, t, d_in, d_out, q, r in fs_cases:
-        acts, grads, left, right, mask = problem(n, t, d_in, d_out, q, r)
+        acts, grads, left, right, mask = _problem(n, t, d_in, d_out, q, r)
         for per_token in (False, True):
             same(ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="native"),
                  ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="torch"))
@@ -152,8 +149,8 @@ def test_empty_outputs_match_torch():
         same(ops.self_influence(acts, grads, q_a, q_s, lam, 0.1, backend="native"),
              ops.self_influence(acts, grads, q_a, q_s, lam, 0.1, backend="torch"))
     # grouped: a problem with T = 0 beside a full one (per token and per document), and Q = 0
-    full, empty_t = problem(2, 5, 3, 4, 3, 2), problem(2, 0, 6, 2, 3, 4)
-    no_q = [problem(2, 5, 3, 4, 0, 2), problem(2, 0, 6, 2, 0, 4)]
+    full, empty_t = _problem(2, 5, 3, 4, 3, 2), _problem(2, 0, 6, 2, 3, 4)
+    no_q = [_problem(2, 5, 3, 4, 0, 2), _problem(2, 0, 6, 2, 0, 4)]
     for group in ([full, empty_t], no_q):
         problems = [dict(acts=a, grads=g, left=l, right=r, mask=m) for a, g, l, r, m in group]
         for per_token in (False, True):
@@ -310,7 +307,7 @@ def test_portable_factored_kernels_compile_lean(source, tmp_path):
 def test_cuda_tensors_without_cuda_build_raise():
     if _C.cuda_compiled() or not torch.cuda.is_available():
         pytest.skip("needs a GPU and a CPU-only build")
-    acts, grads, left, right, _, _ = _problem(2, 3, 4, 5, 2, 2, device="cuda")
+    acts, grads, left, right, _ = _problem(2, 3, 4, 5, 2, 2, device="cuda")
     with pytest.raises(ops.BackendUnavailable, match="without CUDA"):
         ops.factored_scores(acts, grads, left, right, backend="native")
 

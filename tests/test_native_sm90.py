@@ -161,7 +161,6 @@ SM90_SHAPES = [  # (N, T, d_in, d_out, Q, r)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["1", "wait0", "ws"])  # wgmma in flight, waited per step, producer + persistent
 def test_sm90_factored_scores_match_reference(shape, dtype, mode, monkeypatch):
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     n, t, d_in, d_out, q, r = shape
     acts, grads, left, right, mask = _problem(n, t, d_in, d_out, q, r, dtype)
     clean_a, clean_g = acts.clone(), grads.clone()
@@ -183,7 +182,6 @@ def test_sm90_persistent_grid_takes_every_tile_once(ctas, monkeypatch):
     """PYINF_NATIVE_SM90=ws runs a persistent grid: a CTA takes tiles blockIdx.x, + gridDim.x, ...
     and the pipeline runs on across them. With 7 CTAs for 27 tiles some take 4 tiles and some 3;
     with 1, one CTA takes them all; with one per SM, 216 tiles are more than one each."""
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     monkeypatch.setenv("PYINF_NATIVE_SM90", "ws")
     monkeypatch.setenv("PYINF_NATIVE_SM90_CTAS", ctas)
     n = 8 if ctas == "" else 1  # 8 x 9 token tiles x 3 column tiles = 216 tiles; 1 document: 27

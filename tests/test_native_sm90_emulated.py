@@ -332,7 +332,6 @@ def test_sm90_kernel_query_for_a_packed_call(lib, per_token):
     factors: asked with the packed call's workspace plus the packed bytes (what
     tests/test_native_sm90.py's recorder does on the GPU) it names the kernel the packed call
     runs, "sm90"; with the packed call's workspace alone it would say "wmma"."""
-    torch.manual_seed(0)
     for n, t, d_in, d_out, q, r in [(12, 32, 64, 64, 3, 32), (2, 70, 48, 40, 3, 16)]:
         acts, grads = torch.randn(n, t, d_in).bfloat16(), torch.randn(n, t, d_out).bfloat16()
         left, right = torch.randn(q, d_out, r).bfloat16(), torch.randn(q, d_in, r).bfloat16()

@@ -38,16 +38,18 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def _tolerance(dtype, backend, device, op):
     """The relative error allowed against the float64 oracle. The oracle is given the very
     16-bit tensors the backend gets (float64 holds them exactly), so for 16-bit inputs the
-    only error is the fp32 accumulation (~1e-8 measured): 1e-5 on a CPU, 1e-4 on a GPU
-    (tensor-core accumulation orders), either of which fails a 16-bit accumulation (~3e-3) or
-    an all-zero result. The exceptions are the eigen ops (squares of rotated values) where
-    the backend rounds on purpose: Triton's, which casts the fp32 eigenbases to the input
-    dtype, and the native CUDA kernels', which rotate in TF32 (oracle.SQUARED_TOLERANCE)."""
+    only error is the fp32 accumulation. Measured on CPU over 30 seeds of SHAPES (torch, triton
+    interpreter, native): median ~5e-9, at most 2e-7. An emulated 16-bit accumulation of
+    factored_scores measured median 4.8e-4 (bf16) and 6.6e-5 (fp16), at least 8e-6 (fp16). So
+    1e-5 on a CPU and 2e-5 on a GPU (other accumulation orders, not measured yet) fail it in
+    nearly every case (not the rare fp16 one near 8e-6), and an all-zero result always. The exceptions are the eigen ops (squares of rotated values) where the
+    backend rounds on purpose: Triton's, which casts the fp32 eigenbases to the input dtype,
+    and the native CUDA kernels', which rotate in TF32 (oracle.SQUARED_TOLERANCE)."""
     if dtype not in (torch.bfloat16, torch.float16):
         return oracle.TOLERANCE[dtype]
     if op in ("eigen_correction", "self_influence") and (backend == "triton" or device == "cuda"):
         return oracle.SQUARED_TOLERANCE[dtype]
-    return 1e-5 if device == "cpu" else 1e-4
+    return 1e-5 if device == "cpu" else 2e-5
 
 
 def _skip_unless_runs(backend, device, op, tensors):
@@ -243,7 +245,7 @@ def test_padding_garbage_never_leaks():
         (lambda: ops.factored_scores_grouped([(torch.randn(2, 3, 4),)]), "problem 0 must be a dict"),
         (lambda: ops.factored_scores_grouped(p for p in []), "'problems' must be a list or tuple"),
         (lambda: ops.factored_scores_grouped([], backend="bogus"), "unknown pyinf backend 'bogus'"),
-        (lambda: ops.cross_entropy_rows(torch.randn(2, 3), None, sample=1), "'sample' must be True or False"),
+        (lambda: ops.cross_entropy_rows(torch.randn(2, 3), None, sample=2), "'sample' must be True or False"),
     ],
 )
 def test_bad_input_is_named(call, message):
@@ -307,7 +309,6 @@ def test_cross_entropy_rows_sampling_follows_the_softmax(backend_device):
     rows = 800  # the interpreter runs one program per row: ~10 ms each
     logits = base.repeat(rows, 1).to(device)
     _skip_unless_runs(backend, device, "cross_entropy_rows", [logits])
-    torch.manual_seed(7)
     x = logits.clone()
     loss = ops.cross_entropy_rows(x, None, sample=True, backend=backend)
     target = x.argmin(dim=1).cpu()  # the only negative entry: p - 1

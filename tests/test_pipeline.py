@@ -10,6 +10,7 @@ import pyinf
 from pyinf.queries import low_rank
 
 from . import brute_force as bf
+from . import seeds
 from .models import MLPTask, RegressionDataset, TinyMLP, TokenDataset, tiny_gpt2
 
 
@@ -22,7 +23,7 @@ def _rel(a, b):
 def setup64(request):
     """A float64 model, its task, training set and query set."""
     if request.param == "mlp":
-        torch.manual_seed(1)
+        torch.manual_seed(seeds.offset(1))
         model = TinyMLP().double()
         task = MLPTask()
         train = RegressionDataset(13, seed=2, dtype=torch.float64)
@@ -36,7 +37,6 @@ def setup64(request):
 
 
 def test_inverse_hvp_equals_dense_kronecker_inverse():
-    torch.manual_seed(0)
     d_out, d_in = 4, 6
     q_a, _ = torch.linalg.qr(torch.randn(d_in, d_in, dtype=torch.float64))
     q_s, _ = torch.linalg.qr(torch.randn(d_out, d_out, dtype=torch.float64))
@@ -74,8 +74,7 @@ def test_factors_match_brute_force(setup64):
 def _brute_scores(factors, train_grads, query_grads, damping=None, rank=None):
     total = torch.zeros(len(train_grads), len(query_grads), dtype=torch.float64)
     for name, f in factors.modules.items():
-        # the default, 0.1 x mean(Lambda) per module, computed here rather than by f.damping
-        lam = 0.1 * f.lambdas.mean().item() if damping is None else damping
+        lam = bf.default_damping(f.lambdas) if damping is None else damping
         dense = bf.dense_inverse(f.q_a, f.q_s, f.lambdas, lam)
         for j, qg in enumerate(query_grads):
             p = bf.unvec(dense @ bf.vec(qg[name]), f.spec.d_out, f.spec.d_in)
@@ -238,7 +237,6 @@ def test_low_rank_is_truncated_svd():
 
 
 def test_randomized_svd_recovers_a_decaying_spectrum():
-    torch.manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(2, 60, 40, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(2, 50, 40, dtype=torch.float64))
     s = 0.7 ** torch.arange(40, dtype=torch.float64)
@@ -484,7 +482,7 @@ def test_factors_and_queries_of_other_weights_are_flagged():
 def test_the_same_weights_in_another_dtype_are_not_flagged(tmp_path):
     """Factors fit with the float32 model and used with its bf16 (or fp16, float64) cast are
     the same weights: no warning, through a save and a load too. Another checkpoint in
-    another dtype still warns, and so do renamed or reshaped parameters."""
+    another dtype still warns (renamed or reshaped parameters: the next test)."""
     import copy
 
     train, query = TokenDataset(4, seed=2), TokenDataset(2, seed=3)
@@ -517,6 +515,7 @@ def test_weights_records_compare_per_parameter():
     sample must be equal at the coarser dtype of the two, exactly: a checkpoint that differs in
     one value is other weights, in the same dtype or (beyond the rounding) in another; a record
     missing from an old file is 'unknown' (None)."""
+    import collections
     import copy
 
     from pyinf.fingerprint import same_weights, weights_identity
@@ -528,6 +527,8 @@ def test_weights_records_compare_per_parameter():
         assert same_weights(weights_identity(copy.deepcopy(a).to(dtype)).record, ours) is True, dtype
     b = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 4))  # a shape differs
     assert same_weights(weights_identity(b).record, ours) is False
+    renamed = torch.nn.Sequential(collections.OrderedDict(first=copy.deepcopy(a[0]), second=copy.deepcopy(a[1])))
+    assert same_weights(weights_identity(renamed).record, ours) is False  # the same values under other names
     c = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))  # same shapes, other values
     assert same_weights(weights_identity(c).record, ours) is False
     assert same_weights(None, ours) is None and same_weights({"layout": "x"}, ours) is None
@@ -538,6 +539,7 @@ def test_weights_records_compare_per_parameter():
     with torch.no_grad():
         d[1].bias[-1] += 1e-7 * max(1.0, float(d[1].bias[-1].abs()))
     assert same_weights(weights_identity(d).record, ours) is False
+    assert same_weights(weights_identity(copy.deepcopy(d).to(torch.bfloat16)).record, ours) is True
     with torch.no_grad():
         d[1].bias[-1] += 1.0
     assert same_weights(weights_identity(d.to(torch.bfloat16)).record, ours) is False
@@ -612,8 +614,8 @@ def test_a_redefined_measurement_is_the_one_differentiated():
 
 def test_left_padding_gives_the_scores_of_right_padding():
     """Left-padded batches (a GPT-2 has learned absolute positions): the same factors, query
-    measurements and scores as right-padded ones, which equal one document at a time. The
-    first real token of a left-padded row is predicted by no real position: it carries no loss."""
+    measurements and scores as right-padded ones, per token too. The first real token of a
+    left-padded row is predicted by no real position: it carries no loss."""
     import functools
 
     model = tiny_gpt2(seed=3, dtype=torch.float64)
@@ -632,16 +634,6 @@ def test_left_padding_gives_the_scores_of_right_padding():
     # that differ, so left-padded rows start at different positions)
     for name in f_r.module_names:
         assert _rel(per_token["left"][name], per_token["right"][name]) < 1e-10, name
-    # a non-finite score moved to the front leaves zeros behind it, not Inf * 0
-    from pyinf.scoring import _from_first_token
-
-    moved = _from_first_token(torch.tensor([[[0.0], [2.0], [float("inf")]]]), torch.tensor([[0, 1, 1]]))
-    assert moved.flatten().tolist() == [2.0, float("inf"), 0.0]
-    # yes/no arguments: 0/1 as bools, anything else refused by name
-    assert torch.equal(engine.pairwise_scores(train, q_l, batch_size=3, per_token=1),
-                       engine.pairwise_scores(train, q_l, batch_size=3, per_token=True))
-    with pytest.raises(TypeError, match="per_module must be True or False, got 'yes'"):
-        engine.pairwise_scores(train, q_l, per_module="yes")
     for name in f_r.module_names:
         assert _rel(f_l[name].a_cov, f_r[name].a_cov) < 1e-12 and _rel(f_l[name].lambdas, f_r[name].lambdas) < 1e-10
     assert _rel(q_l.measurements, q_r.measurements) < 1e-12
@@ -650,10 +642,27 @@ def test_left_padding_gives_the_scores_of_right_padding():
     assert pyinf.CausalLMTask().compute_train_loss(pyinf.pad_collate([query[0]]), model).dtype == torch.float64
 
 
+def test_a_non_finite_per_token_score_moved_to_the_front_leaves_zeros():
+    from pyinf.scoring import _from_first_token, _leading_padding
+
+    lead = _leading_padding(torch.tensor([[0, 1, 1]]))
+    moved = _from_first_token(torch.tensor([[[0.0], [2.0], [float("inf")]]]), lead)
+    assert moved.flatten().tolist() == [2.0, float("inf"), 0.0]  # not Inf * 0 = NaN behind it
+    assert _leading_padding(torch.tensor([[1, 1, 0]])) is None  # right padding: nothing to move
+
+
+def test_yes_no_arguments_take_0_and_1_and_refuse_the_rest(gpt2_fp32):
+    engine, factors, train, query = gpt2_fp32
+    queries = engine.prepare_queries(query, factors, rank=2)
+    assert torch.equal(engine.pairwise_scores(train, queries, per_token=1),
+                       engine.pairwise_scores(train, queries, per_token=True))
+    with pytest.raises(TypeError, match="pairwise_scores: 'per_module' must be True or False, got 'yes'"):
+        engine.pairwise_scores(train, queries, per_module="yes")
+
+
 def test_measurements_follow_the_query_loaders_order():
     """A task without per-example measurements gets them one query at a time, in the query
     loader's own order (its sampler), as the query gradients are."""
-    torch.manual_seed(1)
     model = TinyMLP().double()
     engine = pyinf.InfluenceEngine(model, MLPTask(), progress=False)
     train, query = RegressionDataset(8, seed=2, dtype=torch.float64), RegressionDataset(4, seed=3, dtype=torch.float64)
@@ -666,7 +675,6 @@ def test_measurements_follow_the_query_loaders_order():
     assert _rel(engine.pairwise_scores(train, shuffled), engine.pairwise_scores(train, in_order)) < 1e-12
     # a shuffling loader draws its order once: each measurement is its own query's (the query's
     # self-influence, from the gradient pass, identifies it)
-    torch.manual_seed(5)
     shuffling = torch.utils.data.DataLoader(query, batch_size=2, shuffle=True)
     with pytest.warns(UserWarning, match="does not iterate in order"):
         drawn = engine.prepare_queries(shuffling, factors, rank=None)

@@ -11,6 +11,7 @@ import torch
 
 import pyinf
 from pyinf.factors import _FIELDS
+from tests import seeds
 from tests.models import MLPTask, RegressionDataset, TinyMLP
 
 
@@ -32,7 +33,7 @@ class CountingDataset(torch.utils.data.Dataset):
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
+    torch.manual_seed(seeds.offset(0))
     model = TinyMLP().double()
     engine = pyinf.InfluenceEngine(model, MLPTask(), progress=False)
     return engine, RegressionDataset(13, seed=1, dtype=torch.float64)
