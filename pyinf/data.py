@@ -57,7 +57,13 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        moved = {k: to_device(v, device) for k, v in batch.items()}
+        if type(batch) is dict:
+            return moved
+        try:  # keep a dict subclass (OrderedDict, a task's own batch class) for the task
+            return type(batch)(moved)
+        except TypeError:  # a constructor that takes other arguments (defaultdict)
+            return moved
     if isinstance(batch, (list, tuple)):
         moved = [to_device(v, device) for v in batch]
         return type(batch)(moved) if not hasattr(batch, "_fields") else type(batch)(*moved)
@@ -67,18 +73,26 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def count_documents(batch: Any, mask: Optional[torch.Tensor]) -> int:
-    """Documents in a batch: the mask's first dimension, else the first tensor's."""
+    """Documents in a batch: the mask's first dimension, else the first tensor's that is not
+    1. A tensor broadcast over the batch (``position_ids`` of shape ``[1, T]``, a shared
+    ``[1, 1, T, T]`` mask) may come first; taking its 1 would read the whole batch as one
+    document. A batch whose tensors all lead with 1 holds one document."""
     if mask is not None:
         return int(mask.shape[0])
     stack = [batch]
+    broadcast = False
     while stack:
         item = stack.pop(0)
         if isinstance(item, torch.Tensor) and item.dim() > 0:
-            return int(item.shape[0])
+            if item.shape[0] != 1:
+                return int(item.shape[0])
+            broadcast = True
         if isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
         elif hasattr(item, "keys") and hasattr(item, "__getitem__"):
             stack.extend(item[k] for k in item.keys())
+    if broadcast:
+        return 1
     raise ValueError("cannot tell how many documents a batch holds: it has no tensor and the task gives no mask")

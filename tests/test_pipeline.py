@@ -313,6 +313,39 @@ def test_dataloader_input_matches_dataset_input(gpt2_fp32):
     assert torch.equal(engine.pairwise_scores(loader, queries), engine.pairwise_scores(train, queries, batch_size=3))
 
 
+class _BroadcastFirstTask(MLPTask):
+    """Batches are OrderedDicts whose first tensor is broadcast over the documents ([1, d],
+    as position_ids [1, T] often are); the task gives no mask, so the documents are counted
+    from the batch's tensors."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        assert type(batch).__name__ == "OrderedDict"  # the loader's batch type reaches the task
+        return super().compute_train_loss((batch["x"] * batch["scale"], batch["y"]), model, sample)
+
+
+def _broadcast_first_collate(items):
+    from collections import OrderedDict
+    x, y = torch.utils.data.default_collate(items)
+    return OrderedDict(scale=torch.ones(1, x.shape[1], dtype=x.dtype), x=x, y=y)
+
+
+def test_a_tensor_broadcast_over_the_batch_does_not_count_as_its_documents():
+    """A leading [1, ...] tensor once made each batch one document (6 documents gave 2 rows)."""
+    torch.manual_seed(seeds.offset(4))
+    model = TinyMLP().double()
+    train, query = RegressionDataset(7, seed=5, dtype=torch.float64), RegressionDataset(3, seed=6, dtype=torch.float64)
+    plain = pyinf.InfluenceEngine(model, MLPTask(), progress=False)
+    factors = plain.fit_factors(train, fisher="empirical", batch_size=3)
+    expected = plain.pairwise_scores(train, plain.prepare_queries(query, factors, rank=None), batch_size=3)
+
+    engine = pyinf.InfluenceEngine(model, _BroadcastFirstTask(), progress=False)
+    loader = lambda data: torch.utils.data.DataLoader(data, batch_size=3, collate_fn=_broadcast_first_collate)  # noqa: E731
+    factors2 = engine.fit_factors(loader(train), fisher="empirical")
+    scores = engine.pairwise_scores(loader(train), engine.prepare_queries(loader(query), factors2, rank=None))
+    assert scores.shape == (7, 3)
+    assert _rel(scores, expected) < 1e-10
+
+
 def test_per_module_masks_match_one_shared_mask(gpt2_fp32):
     engine, factors, train, query = gpt2_fp32
 
