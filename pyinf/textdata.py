@@ -29,6 +29,10 @@ class ByteTokenizer:
         return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
 
 
+# weight files of other frameworks and formats: TensorFlow, Flax, raw torch checkpoints, GGUF
+_OTHER_WEIGHT_FILES = ("*.h5", "*.msgpack", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.index")
+
+
 def load_model(path: str, *, seed: int = 0, dtype: Optional[torch.dtype] = None):
     """(model, tokenizer). `path` is a local model directory, or a config JSON file (or a
     directory holding only config.json) for a model with random weights."""
@@ -37,8 +41,16 @@ def load_model(path: str, *, seed: int = 0, dtype: Optional[torch.dtype] = None)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no model directory or config file at {path}")
-    config_only = p.is_file() or not any(p.glob("*.safetensors")) and not any(p.glob("*.bin"))
-    if config_only:
+    loadable = p.is_dir() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin")))
+    if p.is_dir() and not loadable:
+        # weights in a format from_pretrained does not read here: refuse rather than score a
+        # model with random weights as if it were this one
+        other = sorted(f.name for pattern in _OTHER_WEIGHT_FILES for f in p.glob(pattern))
+        if other:
+            raise ValueError(f"{path} holds weights pyinf cannot load ({', '.join(other[:3])}): only PyTorch "
+                             f"weights (*.safetensors, *.bin) are read; convert them, or give the config "
+                             f"JSON file itself for a model with random weights")
+    if not loadable:
         cfg_file = p if p.is_file() else p / "config.json"
         with open(cfg_file) as f:
             cfg_dict = json.load(f)

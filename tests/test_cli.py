@@ -78,6 +78,18 @@ def test_bad_inputs_are_named(workdir):
              "--out", str(workdir / "f.safetensors"), "--track", "nothing-like-this", "--no-progress"])
 
 
+def test_weights_in_another_format_are_refused_not_replaced_by_random_ones(workdir):
+    """A model directory whose weights from_pretrained cannot read here (TensorFlow's) was
+    taken as config-only and scored with random weights."""
+    from pyinf.textdata import load_model
+
+    (workdir / "model" / "tf_model.h5").write_bytes(b"\x89HDF\r\n")
+    with pytest.raises(ValueError, match=r"holds weights pyinf cannot load \(tf_model.h5\)"):
+        load_model(str(workdir / "model"))
+    model, _ = load_model(str(workdir / "model" / "config.json"), seed=1)  # the config alone: random weights
+    assert model.config.n_embd == 16
+
+
 def test_the_command_says_what_is_wrong_in_one_line(workdir, capsys, monkeypatch):
     """`pyinf` (main) prints a user's mistake as one line and exits 1; PYINF_TRACEBACK=1 raises."""
     (workdir / "bad.jsonl").write_text('{"text": "fine"}\n{"oops": 1}\n')
