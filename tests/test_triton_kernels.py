@@ -77,6 +77,37 @@ def test_strided_inputs_all_ops(dtype):
         assert oracle.rel_err(out, oracle.dense_scores(acts, grads, dense, mask, per_token)) < tol
 
 
+def test_features_outermost_past_int32_offsets_are_copied(monkeypatch):
+    """The kernels offset features in int32: a view with the features outermost (a permuted
+    [d, N, T] buffer) whose last offset passes 2^31 elements read out of bounds (a crash in
+    the interpreter, on a GPU an illegal address). The adapter copies such a tensor first.
+    The limit is lowered here so that small tensors cross it; each op must then see only
+    copies, and still give the reference's results."""
+    from pyinf.ops import _triton
+
+    monkeypatch.setattr(_triton, "_INT32_OFFSETS", 50)
+    n, t, d_in, d_out, q = 2, 5, 9, 7, 2
+    acts = torch.randn(d_in, n, t, device=DEVICE).permute(1, 2, 0)  # feature stride n*t = 10: offsets to 80
+    grads = torch.randn(d_out, n, t, device=DEVICE).permute(1, 2, 0)  # to 60
+    dense = torch.randn(d_in, q, d_out, device=DEVICE).permute(1, 2, 0)  # feature stride 14: offsets to 112
+    mask = _mask(n, t)  # token offsets to 4: kept
+    assert [_triton._int32_rows(x) is x for x in (acts, grads, dense, mask)] == [False, False, False, True]
+    seen = []
+    original = _triton._int32_rows
+    monkeypatch.setattr(_triton, "_int32_rows", lambda x: seen.append(original(x)) or seen[-1])
+    q_a, q_s = _orthonormal(d_in), _orthonormal(d_out)
+    lambdas = torch.rand(d_out, d_in, device=DEVICE)
+    got = [ops.covariance(acts, mask=mask, backend="triton"),
+           ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="triton"),
+           ops.self_influence(acts, grads, q_a, q_s, lambdas, 0.3, mask=mask, backend="triton"),
+           ops.dense_scores(acts, grads, dense, mask=mask, backend="triton")]
+    want = [oracle.covariance(acts, mask), oracle.eigen_correction(acts, grads, q_a, q_s, mask),
+            oracle.self_influence(acts, grads, q_a, q_s, lambdas, 0.3, mask),
+            oracle.dense_scores(acts, grads, dense, mask, False)]
+    assert all(oracle.rel_err(a, b) < 1e-5 for a, b in zip(got, want))
+    assert all(x.is_contiguous() for x in seen if x is not mask) and len(seen) == 2 + 3 + 3 + 4
+
+
 # --- block-boundary sizes ----------------------------------------------------------------
 
 @pytest.mark.parametrize("t, d_in, d_out", [(16, 16, 16), (17, 15, 33), (1, 1, 32), (32, 33, 1)])
@@ -103,6 +134,25 @@ def test_block_boundaries_factored(q, r, per_token):
     mask = _mask(n, t)
     out = ops.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token, backend="triton")
     assert oracle.rel_err(out, oracle.factored_scores(acts, grads, left, right, mask, per_token)) < 1e-5
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_ranks_above_one_launch_go_in_slices(monkeypatch, per_token):
+    """A rank above MAX_RANK (128 on a GPU, where one block holding a rank of 1024 needs more
+    shared memory than there is) is scored in slices of ranks, summed; grouped layers of
+    other ranks (one under the limit, one a whole number of slices) drop out of the later
+    slices. MAX_RANK is lowered here so that small ranks cross it."""
+    monkeypatch.setattr(tk_factored, "MAX_RANK", 4)
+    n, t, q = 2, 9, 3
+    problems = []
+    for d_in, d_out, r in ((7, 5, 11), (6, 4, 3), (5, 8, 8)):
+        acts, grads = _tokens(n, t, d_in, d_out)
+        problems.append(dict(acts=acts, grads=grads, left=torch.randn(q, d_out, r, device=DEVICE),
+                             right=torch.randn(q, d_in, r, device=DEVICE), mask=_mask(n, t)))
+    outs = ops.factored_scores_grouped(problems, per_token=per_token, backend="triton")
+    for p, out in zip(problems, outs):
+        want = oracle.factored_scores(p["acts"], p["grads"], p["left"], p["right"], p["mask"], per_token)
+        assert oracle.rel_err(out, want) < 1e-5
 
 
 # --- the split / chunk / slab paths ------------------------------------------------------

@@ -45,7 +45,10 @@ def _cross_entropy_rows_kernel(x_ptr, labels_ptr, loss_ptr, V, s_x, s_label, see
         ok = cols < V
         x = tl.load(x_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        # while every column so far is -inf (a vocabulary masked by a -inf bias), exp(-inf - -inf)
+        # would be NaN: shift by 0 instead, which adds exactly 0 to s
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
         m = m_new
         if SAMPLE:
             u = tl.rand(seed + row, cols)

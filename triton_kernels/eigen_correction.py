@@ -46,8 +46,9 @@ def doc_gradient_tile(g_rows, a_rows, offs_i, offs_j, i_ld, j_ld, T, s_gt, s_at,
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
-        g = tl.load(g_rows + offs_t[:, None] * s_gt + offs_i[None, :], mask=t_ok[:, None] & i_ld[None, :], other=0.0)
-        a = tl.load(a_rows + offs_t[:, None] * s_at + offs_j[None, :], mask=t_ok[:, None] & j_ld[None, :], other=0.0)
+        rows = offs_t.to(tl.int64)[:, None]  # one long document's rotated rows can pass 2^31 elements
+        g = tl.load(g_rows + rows * s_gt + offs_i[None, :], mask=t_ok[:, None] & i_ld[None, :], other=0.0)
+        a = tl.load(a_rows + rows * s_at + offs_j[None, :], mask=t_ok[:, None] & j_ld[None, :], other=0.0)
         acc = mma(tl.trans(g), a, acc, IEEE, INTERP_FIX)
     return acc
 

@@ -40,6 +40,10 @@ H100 = {
     torch.float32: dict(BLOCK_T=64, BLOCK_C=64, BLOCK_K=16, num_warps=8, num_stages=3),
 }
 INTERPRETER = dict(BLOCK_T=16, BLOCK_C=16, BLOCK_K=16)
+# The largest rank one launch takes; higher ranks go in slices (see _rank_slices). At 128 the
+# bf16 config compiles for sm_90a without spills (80 KB of shared memory per block); a padded
+# rank of 256 spilled 1.8 KB of registers, 1024 asked for 360 KB of shared memory.
+MAX_RANK = 128
 
 # Columns of the per-problem descriptor table (int64); the kernel reads them by position
 # ("r" records the padded rank RP for debugging; the kernel does not need it).
@@ -207,6 +211,8 @@ def factored_scores_grouped(problems: Sequence[dict], per_token: bool = False,
     and the dtypes of each of acts / grads / left / right, in one launch. Returns fp32
     [N, Q] (or [N, T, Q]) per problem. `splits` token splits per (problem, doc) (default:
     enough programs to fill the GPU about four times)."""
+    if max(p["left"].shape[2] for p in problems) > MAX_RANK:
+        return _rank_slices(problems, per_token, splits)
     first = problems[0]
     device = first["acts"].device
     n, q = first["acts"].shape[0], first["left"].shape[0]
@@ -263,6 +269,21 @@ def factored_scores_grouped(problems: Sequence[dict], per_token: bool = False,
     if grid[0] == 0:
         return [torch.zeros(n, q, dtype=torch.float32, device=device) for _ in problems]
     return list(partial.sum(2).unbind(0))
+
+
+def _rank_slices(problems: Sequence[dict], per_token: bool, splits: Optional[int]) -> List[torch.Tensor]:
+    """Ranks above MAX_RANK, one launch per slice of MAX_RANK ranks, summed in slice order:
+    the score is a sum over ranks, so slices of it add up. (One block holding all of a rank
+    of 256 or more spills registers, and from 1024 needs more shared memory than an H100 has.)
+    The slices are views: the factors are not copied."""
+    results: List[Optional[torch.Tensor]] = [None] * len(problems)
+    for k0 in range(0, max(p["left"].shape[2] for p in problems), MAX_RANK):
+        members = [i for i, p in enumerate(problems) if p["left"].shape[2] > k0]
+        sliced = [dict(problems[i], left=problems[i]["left"][:, :, k0:k0 + MAX_RANK],
+                       right=problems[i]["right"][:, :, k0:k0 + MAX_RANK]) for i in members]
+        for i, out in zip(members, factored_scores_grouped(sliced, per_token=per_token, splits=splits)):
+            results[i] = out if results[i] is None else results[i].add_(out)
+    return results
 
 
 def factored_scores(acts, grads, left, right, mask=None, per_token=False, splits=None) -> torch.Tensor:

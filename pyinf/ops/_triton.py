@@ -54,7 +54,21 @@ class _Null:
         return False
 
 
+_INT32_OFFSETS = 2**31  # the kernels' int32 offsets (a module constant, so tests can lower it)
+
+
+def _int32_rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`t`, or a contiguous copy when an offset along its last dimension passes 2^31 elements.
+    The kernels index documents and tokens in int64, but the last dimension (features; a
+    mask's tokens) in int32, which its unit or small stride keeps far below 2^31; only a view
+    with the features outermost (a permuted [d, N, T] buffer) can pass it."""
+    if t is not None and t.dim() and (t.shape[-1] - 1) * abs(t.stride(-1)) >= _INT32_OFFSETS:
+        return t.contiguous()
+    return t
+
+
 def covariance(x: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    x, mask = _int32_rows(x), _int32_rows(mask)
     with _cuda_context(x):
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         return _cov.covariance(x, mask, target_programs=2 * sms)
@@ -118,12 +132,14 @@ def _eigenbases(acts, grads, q_a, q_s):
 
 
 def eigen_correction(acts, grads, q_a, q_s, *, mask=None) -> torch.Tensor:
+    acts, grads, mask = _int32_rows(acts), _int32_rows(grads), _int32_rows(mask)
     with _cuda_context(acts):
         q_a, q_s = _eigenbases(acts, grads, q_a, q_s)
         return _eig.eigen_correction(acts, grads, q_a, q_s, mask)
 
 
 def self_influence(acts, grads, q_a, q_s, lambdas, damping, *, mask=None) -> torch.Tensor:
+    acts, grads, mask = _int32_rows(acts), _int32_rows(grads), _int32_rows(mask)
     with _cuda_context(acts):
         q_a, q_s = _eigenbases(acts, grads, q_a, q_s)
         return _si.self_influence(acts, grads, q_a, q_s, lambdas, float(damping), mask)
@@ -135,6 +151,7 @@ def factored_scores(acts, grads, left, right, *, mask=None, per_token=False) -> 
 
 
 def dense_scores(acts, grads, dense, *, mask=None, per_token=False) -> torch.Tensor:
+    acts, grads, dense, mask = _int32_rows(acts), _int32_rows(grads), _int32_rows(dense), _int32_rows(mask)
     with _cuda_context(acts):
         return _dense.dense_scores(acts, grads, dense, mask=mask, per_token=per_token)
 
