@@ -133,6 +133,15 @@ def _compile_all() -> List[Dict[str, object]]:
                   dict(ACT_T=tl_dt, GRAD_T=tl_dt, LEFT_T=tl_dt, RIGHT_T=tl_dt, COMPUTE=tl_dt, PER_TOKEN=per_token,
                        RP=32, NF=factored_scores.NF, ALIGNED=True, K_ALIGNED=True, SPLIT_K_TAIL=False, **flags),
                   factored_scores.H100[tdt], f"factored_scores {tdt} per_token={per_token}")
+        # the largest rank one launch takes (higher ranks go in slices of it): one query per
+        # column block, and a column block at least that wide
+        widest = dict(factored_scores.H100[tdt])
+        widest["BLOCK_C"] = max(widest["BLOCK_C"], factored_scores.MAX_RANK)
+        build(factored_scores._factored_scores_kernel, dict(desc_ptr="*i64", **i32("N", "Q", "S", "n_cb")),
+              dict(ACT_T=tl_dt, GRAD_T=tl_dt, LEFT_T=tl_dt, RIGHT_T=tl_dt, COMPUTE=tl_dt, PER_TOKEN=False,
+                   RP=factored_scores.MAX_RANK, NF=factored_scores.NF, ALIGNED=True, K_ALIGNED=True,
+                   SPLIT_K_TAIL=False, **flags),
+              widest, f"factored_scores {tdt} rank {factored_scores.MAX_RANK} (the most one launch takes)")
         if tdt == torch.bfloat16:  # biased layers: aligned rows, K = d + 1 (main slices + CUDA-core tail)
             build(factored_scores._factored_scores_kernel, dict(desc_ptr="*i64", **i32("N", "Q", "S", "n_cb")),
                   dict(ACT_T=tl_dt, GRAD_T=tl_dt, LEFT_T=tl_dt, RIGHT_T=tl_dt, COMPUTE=tl_dt, PER_TOKEN=False,

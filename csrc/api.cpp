@@ -1,6 +1,8 @@
 // Status strings, error reporting, argument validation and the CUDA stubs of a CPU-only build.
+#include <cstring>
 #include <sstream>
 #include <string>
+#include <type_traits>
 
 #include "common.h"
 
@@ -9,13 +11,33 @@ namespace pyinf {
 namespace {
 thread_local std::string g_last_error;
 
+// The dtype field as the integer a caller stored: comparing a pyinf_dtype that holds none of
+// the enum's values is undefined behaviour in C++ (a compiler may assume it cannot happen),
+// and a C caller can store any int there.
+int dtype_code(const pyinf_tensor* t) {
+  std::underlying_type<pyinf_dtype>::type code;
+  static_assert(sizeof code == sizeof t->dtype, "pyinf_dtype's storage");
+  std::memcpy(&code, &t->dtype, sizeof code);
+  return static_cast<int>(code);
+}
+
+std::string dtype_name(int code) {
+  switch (code) {
+    case PYINF_FLOAT32: return "float32";
+    case PYINF_BFLOAT16: return "bfloat16";
+    case PYINF_FLOAT16: return "float16";
+    case PYINF_BOOL: return "bool";
+    default: return "unknown (" + std::to_string(code) + ")";
+  }
+}
+
 std::string describe(const pyinf_tensor* t) {
   std::ostringstream s;
   s << "shape [";
   for (int i = 0; i < t->ndim && i < 3; ++i) s << (i ? ", " : "") << t->shape[i];
   s << "], strides [";
   for (int i = 0; i < t->ndim && i < 3; ++i) s << (i ? ", " : "") << t->strides[i];
-  s << "], dtype " << static_cast<int>(t->dtype);
+  s << "], dtype " << dtype_name(dtype_code(t));
   return s.str();
 }
 
@@ -25,6 +47,7 @@ std::string describe(const pyinf_tensor* t) {
 pyinf_status check_extent(const std::string& where, const pyinf_tensor* t, int64_t element_bytes) {
   int64_t last = 0;  // offset of the last element, in elements
   for (int i = 0; i < t->ndim; ++i) {
+    if (t->shape[i] <= 1) continue;  // its stride is never applied (a size-1 dimension's may be anything)
     int64_t span = 0;
     if (!size_product({t->shape[i] - 1, t->strides[i]}, &span) || span > kMaxSize - last)
       return fail(PYINF_ERROR_INVALID_VALUE, where + " spans more than 2^60 bytes (" + describe(t) + ")");
@@ -49,7 +72,8 @@ pyinf_status check_input(const char* op, const char* name, const pyinf_tensor* t
   if (t->ndim != ndim)
     return fail(PYINF_ERROR_INVALID_VALUE, where + " must have " + std::to_string(ndim) +
                                                " dimensions, got " + std::to_string(t->ndim));
-  if (t->dtype != PYINF_FLOAT32 && t->dtype != PYINF_BFLOAT16 && t->dtype != PYINF_FLOAT16)
+  const int dtype = dtype_code(t);
+  if (dtype != PYINF_FLOAT32 && dtype != PYINF_BFLOAT16 && dtype != PYINF_FLOAT16)
     return fail(PYINF_ERROR_UNSUPPORTED_DTYPE,
                 where + " must be float32, bfloat16 or float16 (" + describe(t) + ")");
   for (int i = 0; i < ndim; ++i) {
@@ -61,13 +85,14 @@ pyinf_status check_input(const char* op, const char* name, const pyinf_tensor* t
                 where + " is too large: the product of its sizes exceeds 2^60 (" + describe(t) + ")");
   if (numel(*t) == 0) return PYINF_SUCCESS;  // nothing is read: any pointer will do
   if (t->data == nullptr) return fail(PYINF_ERROR_INVALID_VALUE, where + " has a NULL data pointer");
-  return check_extent(where, t, t->dtype == PYINF_FLOAT32 ? 4 : 2);
+  return check_extent(where, t, dtype == PYINF_FLOAT32 ? 4 : 2);
 }
 
 pyinf_status check_mask(const char* op, const pyinf_tensor* mask, int64_t n, int64_t t) {
   if (mask == nullptr) return PYINF_SUCCESS;
   std::string where = std::string("pyinf_") + op + ": 'mask'";
-  if (mask->dtype != PYINF_BOOL) return fail(PYINF_ERROR_UNSUPPORTED_DTYPE, where + " must be PYINF_BOOL");
+  if (dtype_code(mask) != PYINF_BOOL)
+    return fail(PYINF_ERROR_UNSUPPORTED_DTYPE, where + " must be PYINF_BOOL, got " + dtype_name(dtype_code(mask)));
   if (mask->ndim != 2 || mask->shape[0] != n || mask->shape[1] != t)
     return fail(PYINF_ERROR_INVALID_VALUE, where + " must be [N, T] = [" + std::to_string(n) + ", " +
                                                std::to_string(t) + "], got " + describe(mask));

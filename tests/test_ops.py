@@ -356,6 +356,36 @@ def test_inputs_that_need_a_gradient(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_lazily_negated_inputs(backend_device):
+    """A float view carrying torch's negative bit (``.conj().imag`` of a complex tensor) is
+    negated only in torch's view of its memory: the native backend read the memory and
+    returned exactly the negated scores. A fused backend asked by name refuses it, naming
+    the argument; auto takes the reference; the reference gives the values of the view."""
+    backend, device = backend_device
+    acts = torch.randn(2, 3, 4, dtype=torch.complex64, device=device).conj().imag
+    assert acts.is_neg()
+    grads, left, right = torch.randn(2, 3, 5, device=device), torch.randn(2, 5, 2, device=device), \
+        torch.randn(2, 4, 2, device=device)
+    want = oracle.factored_scores(acts.resolve_neg(), grads, left, right, None, False)
+    if backend == "torch":
+        assert oracle.rel_err(ops.factored_scores(acts, grads, left, right, backend=backend), want) < 1e-6
+        return
+    _skip_unless_runs(backend, device, "factored_scores", [acts.resolve_neg()])
+    with pytest.raises(ops.BackendUnavailable, match=r"\('acts'\): an input is a lazily negated view"):
+        ops.factored_scores(acts, grads, left, right, backend=backend)
+    assert oracle.rel_err(ops.factored_scores(acts, grads, left, right), want) < 1e-6
+
+
+def test_sparse_inputs_are_refused_by_name():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match=r"covariance: 'x' must be a dense \(strided\) tensor, got layout "
+                                        r"torch.sparse_coo"):
+        ops.covariance(x.to_sparse())
+    with pytest.raises(TypeError, match=r"'mask' must be a dense"):
+        ops.covariance(x, mask=torch.ones(2, 3).to_sparse())
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
 def test_cross_entropy_rows_with_a_masked_vocabulary(backend_device):
     """-inf logits (a vocabulary masked by a -inf bias) over the first columns, wider than any
     kernel's column block (8192 on a GPU): a finite loss and gradient, as the reference gives

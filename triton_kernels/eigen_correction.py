@@ -43,12 +43,17 @@ def doc_gradient_tile(g_rows, a_rows, offs_i, offs_j, i_ld, j_ld, T, s_gt, s_at,
     rotated_chunks): constant along 16-element groups, so loads stay 16-byte and pipelined.
     Rows / columns past the true widths are garbage or zeros; callers mask them."""
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    block = tl.arange(0, BLOCK_T)[:, None]
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
-        rows = offs_t.to(tl.int64)[:, None]  # one long document's rotated rows can pass 2^31 elements
-        g = tl.load(g_rows + rows * s_gt + offs_i[None, :], mask=t_ok[:, None] & i_ld[None, :], other=0.0)
-        a = tl.load(a_rows + rows * s_at + offs_j[None, :], mask=t_ok[:, None] & j_ld[None, :], other=0.0)
+        # the block's first row in int64 (one long document's rotated rows can pass 2^31
+        # elements), the offsets within it in int32 (fewer registers than int64 vectors)
+        t64 = tl.full((), t0, tl.int64)
+        g = tl.load(g_rows + t64 * s_gt + (block * s_gt + offs_i[None, :]), mask=t_ok[:, None] & i_ld[None, :],
+                    other=0.0)
+        a = tl.load(a_rows + t64 * s_at + (block * s_at + offs_j[None, :]), mask=t_ok[:, None] & j_ld[None, :],
+                    other=0.0)
         acc = mma(tl.trans(g), a, acc, IEEE, INTERP_FIX)
     return acc
 

@@ -21,12 +21,20 @@ def _describe(t: torch.Tensor) -> str:
 def check_tensor(name: str, t, ndim: int, *, op: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"pyinf.ops.{op}: '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    check_dense(op, name, t)
     if t.dim() != ndim:
         raise ValueError(f"pyinf.ops.{op}: '{name}' must have {ndim} dimensions, got {_describe(t)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"pyinf.ops.{op}: '{name}' must be float32, bfloat16, float16 or float64, got {_describe(t)}"
         )
+
+
+def check_dense(op: str, name: str, t: torch.Tensor) -> None:
+    """A strided tensor: a sparse or nested one has no strides for a kernel to follow."""
+    if t.layout != torch.strided or t.is_nested:
+        raise TypeError(f"pyinf.ops.{op}: '{name}' must be a dense (strided) tensor, got layout {t.layout}"
+                        f"{' (nested)' if t.is_nested else ''}; call .to_dense() on it")
 
 
 def check_same_device(op: str, **tensors) -> None:
@@ -42,6 +50,7 @@ def check_mask(op: str, mask: Optional[torch.Tensor], n: int, t: int) -> Optiona
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"pyinf.ops.{op}: 'mask' must be a torch.Tensor or None, got {type(mask).__name__}")
+    check_dense(op, "mask", mask)
     if tuple(mask.shape) != (n, t):
         raise ValueError(f"pyinf.ops.{op}: 'mask' must have shape [N, T] = [{n}, {t}], got {_describe(mask)}")
     if mask.dtype == torch.bool:  # no values to check: no host sync

@@ -60,8 +60,13 @@ def unsupported_reason(name: str, op: str, tensors: Sequence[Optional[torch.Tens
         return str(exc)
     if not hasattr(module, op):
         return f"pyinf backend {name!r} does not implement {op!r}"
+    tensors = [t for t in tensors if t is not None]
+    if name != "torch" and any(t.is_neg() for t in tensors):
+        # a kernel reads the memory, not torch's view of it: the values would come out negated
+        return ("an input is a lazily negated view (torch's negative bit, e.g. from .conj().imag), which a "
+                "kernel would read unnegated; call .resolve_neg() on it first")
     check = getattr(module, "unsupported_reason", None)
-    return check(op, [t for t in tensors if t is not None]) if check is not None else None
+    return check(op, tensors) if check is not None else None
 
 
 def available_backends() -> Dict[str, Optional[str]]:

@@ -203,6 +203,19 @@ int main(void) {
   wrong.dtype = PYINF_BOOL;
   s = pyinf_cpu_covariance(&wrong, NULL, out);
   CHECK(s == PYINF_ERROR_UNSUPPORTED_DTYPE, "bool x gave %d", (int)s);
+  CHECK(strstr(pyinf_last_error(), "dtype bool") != NULL, "error message names the dtype: '%s'", pyinf_last_error());
+  wrong.dtype = (pyinf_dtype)99; /* a C caller can store any int there */
+  s = pyinf_cpu_covariance(&wrong, NULL, out);
+  CHECK(s == PYINF_ERROR_UNSUPPORTED_DTYPE, "dtype 99 gave %d", (int)s);
+  CHECK(strstr(pyinf_last_error(), "unknown (99)") != NULL, "error message shows the code: '%s'", pyinf_last_error());
+  {
+    /* a size-1 dimension's stride is never applied: any value is accepted */
+    pyinf_tensor one = t3(acts, PYINF_FLOAT32, 1, 1, DI);
+    one.strides[0] = (int64_t)1 << 61;
+    one.strides[1] = (int64_t)1 << 61;
+    s = pyinf_cpu_covariance(&one, NULL, out);
+    CHECK(s == PYINF_SUCCESS, "size-1 dimensions with 2^61 strides gave %d: %s", (int)s, pyinf_last_error());
+  }
   s = pyinf_cpu_factored_scores(&A, &G, &LF, &RF, NULL, 0, NULL);
   CHECK(s == PYINF_ERROR_INVALID_VALUE, "NULL out gave %d", (int)s);
   s = pyinf_cpu_covariance(NULL, NULL, out);
