@@ -158,15 +158,19 @@ class CausalLMTask(Task):
         return pad_collate(examples, self.pad_token_id)
 
     def _labels(self, batch):
-        """The label each position predicts, ``[B, T-1]``: -100 (no loss) on padding, and on a
-        left-padded row's first real token too, which a padding position would predict."""
+        """The label each position predicts, ``[B, T-1]``: -100 (no loss) where either the
+        predicting position or the predicted one is padding: on a left-padded row's first real
+        token (a padding position would predict it), and on a right-padded row's first padding
+        token even when the labels hold it (``labels = input_ids`` after padding, where Hugging
+        Face's loss and kronfluence count it), so that a document's loss does not depend on
+        the batch it was padded in."""
         labels = batch.get("labels")
         mask = batch.get("attention_mask")
         if labels is None:
-            labels = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, -100)
+            labels = batch["input_ids"]
         labels = labels[:, 1:]
         if mask is not None:
-            labels = labels.masked_fill(mask[:, :-1] == 0, -100)
+            labels = labels.masked_fill((mask[:, :-1] == 0) | (mask[:, 1:] == 0), -100)
         return labels
 
     def _token_losses(self, batch, model, sample: bool) -> torch.Tensor:

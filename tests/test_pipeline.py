@@ -203,6 +203,32 @@ def test_scores_invariant_to_batch_size_and_padding(gpt2_fp32):
     assert _rel(si7, si1) < 1e-5
 
 
+class _LabelsAreInputIds(pyinf.CausalLMTask):
+    """The common recipe: pad on the right, then ``labels = input_ids.clone()`` (padding is
+    not -100 in the labels, only 0 in the attention mask)."""
+
+    def collate_fn(self, examples):
+        batch = pyinf.pad_collate([{"input_ids": e["input_ids"]} for e in examples], pad_token_id=0)
+        batch["labels"] = batch["input_ids"].clone()
+        return batch
+
+
+def test_padding_in_the_labels_is_no_target():
+    """The first padding token after a right-padded document was counted as a target (it is
+    predicted from a real position), so a document scored differently padded than alone
+    (0.5-4x here); padding is no target wherever the labels put it."""
+    model = tiny_gpt2(seed=12)
+    train, query = TokenDataset(6, seed=13), TokenDataset(2, seed=14, completion=2)
+    engine = pyinf.InfluenceEngine(model, _LabelsAreInputIds(), progress=False)
+    factors = engine.fit_factors(train, fisher="empirical", batch_size=1)
+    queries = engine.prepare_queries(query, factors, rank=None)
+    assert _rel(engine.pairwise_scores(train, queries, batch_size=6),
+                engine.pairwise_scores(train, queries, batch_size=1)) < 1e-5
+    batch = engine.task.collate_fn([train[i] for i in range(6)])
+    targets = (engine.task._labels(batch) != -100).sum(1)
+    assert targets.tolist() == [len(train[i]["input_ids"]) - 1 for i in range(6)]
+
+
 def test_factors_invariant_to_batch_size_and_padding():
     model, task = tiny_gpt2(seed=8), pyinf.CausalLMTask()
     train = TokenDataset(9, seed=9)
