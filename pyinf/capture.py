@@ -154,6 +154,8 @@ def _declared_batch_first(by_name: Dict[str, nn.Module], name: str) -> Optional[
 # Per layer, whether its input was batch-first/batch-major in the first batch whose shape
 # fitted one reading only: a layout is the model's, so it holds for every later pass.
 _LAYOUT_SEEN: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+# Layers already warned about reading k flattened rows per document (once per process).
+_ROWS_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _ACTIVE_SITES: "weakref.WeakKeyDictionary[nn.Module, _Site]" = weakref.WeakKeyDictionary()
 _FORWARDS: "weakref.WeakKeyDictionary[nn.Module, functools.partial]" = weakref.WeakKeyDictionary()
 
@@ -201,6 +203,7 @@ class Capture:
         self._mask_used: set = set()  # layers of the batch that the mask applied to
         self._mask_missed: List[tuple] = []  # (name, token rows) of per-token layers it did not fit
         self._n_docs = 0
+        self._rows_per_doc: Dict[str, int] = {}  # k of layers read as k flattened rows per document
         self._batch_index = -1
         self._nonfinite: List[tuple] = []
         self.anchor: Optional[torch.Tensor] = None
@@ -329,10 +332,12 @@ class Capture:
                 return t.unsqueeze(1)
             if t.shape[0] % b:
                 raise fail("its rows are not a multiple of B" + (
-                    f" (nor B*T = {b}*{mask.shape[1]} for the mask's T: a layer on unpadded tokens cannot be "
-                    f"split)" if mask is not None else ""))
+                    f" (nor B*T = {b}*{mask.shape[1]} for the mask's T: a layer on unpadded tokens, or on those "
+                    f"routed to it by a mixture-of-experts router, cannot be split)" if mask is not None else ""))
             # batch-major: B*T token rows (the mask then applies), or k rows per document (k
             # sequences per document, e.g. multiple choice: the mask does not fit and is not applied)
+            if b > 1 and mask is not None and t.shape[0] != b * mask.shape[1]:
+                self._check_rows_per_document(name, t.shape[0] // b, mask.shape[1])
             return t.reshape(b, -1, t.shape[-1])
         if t.dim() < 2:
             raise fail("a layer's input needs a feature dimension")
@@ -351,6 +356,26 @@ class Capture:
             return t.transpose(0, 1).reshape(b, -1, t.shape[-1])
         raise fail("neither batch-first [B, T, ..., d], batch-major [B*k, T, ..., d] nor sequence-first "
                    "[T, B, ..., d]")
+
+    def _check_rows_per_document(self, name: str, k: int, tokens: int) -> None:
+        """A flattened input of k rows per document that are not its T tokens: k sequences
+        per document (multiple choice, pooled), which keep k from batch to batch, or a layer
+        that runs on a subset of the tokens (a routed mixture-of-experts expert), whose rows
+        cannot be split into documents at all and whose count changes with the routing.
+        Warned at first sight (the first batch cannot tell them apart), refused on a change."""
+        seen = self._rows_per_doc.setdefault(name, k)
+        if seen != k:
+            raise CaptureError(
+                f"module {name!r} sees {k} input rows per document in batch {self._batch_index} but {seen} in an "
+                f"earlier one, and neither one row per document nor one per token (T = {tokens}): a layer that "
+                f"runs on a subset of the tokens (a routed mixture-of-experts expert) cannot be split into "
+                f"documents; leave it out of the tracked modules, or use batches of one document")
+        if self.modules[name] not in _ROWS_WARNED:
+            _ROWS_WARNED.add(self.modules[name])
+            warnings.warn(f"pyinf: module {name!r} sees {k} input rows per document in a batch of {tokens} tokens "
+                          f"per document: read as {k} sequences per document; if it runs on a subset of the "
+                          f"tokens (a routed mixture-of-experts expert), its scores are wrong: leave it out of "
+                          f"the tracked modules, or use batches of one document", stacklevel=2)
 
     def _ambiguous_layout_is_batch_major(self, name: str, t: torch.Tensor) -> bool:
         """The layout of a ``[k*B, B, ..., d]`` tensor (k >= 1): see :meth:`_as_tokens`."""

@@ -252,6 +252,57 @@ def test_several_sequences_of_b_tokens_keep_the_layout_shown_earlier():
         _assert_matches_brute_force(_PerChoice().double(), _PairTask(["fc"]), data, data[:2], batch_size=4)
 
 
+class _RoutedExperts(nn.Module):
+    """A mixture-of-experts LM written as transformers 4.x wrote Mixtral's: nn.Linear experts
+    called on the rows of the tokens routed to them (``expert(hidden[token_idx])``)."""
+
+    def __init__(self, vocab=30, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.router = nn.Linear(d, 2, bias=False)
+        self.experts = nn.ModuleList([nn.Linear(d, d) for _ in range(2)])
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        flat = h.reshape(-1, h.shape[-1])
+        weight, choice = self.router(flat).softmax(-1).max(-1)
+        out = flat
+        for e, expert in enumerate(self.experts):
+            rows = (choice == e).nonzero().squeeze(-1)
+            out = out.index_add(0, rows, weight[rows, None] * expert(flat[rows]))
+        return self.head(out.reshape(h.shape))
+
+
+def test_routed_experts_are_refused_in_batches_and_exact_one_document_at_a_time():
+    """An expert's [routed rows, d] input was split into documents by a reshape whenever the
+    row count was a multiple of B: silently mixed documents (0.5-1x relative error on
+    unpadded documents). The first batch cannot tell it from k sequences per document and
+    warns; a later batch with another count per document is refused, naming the module. One
+    document per batch needs no split: exact against brute force."""
+    torch.manual_seed(seeds.offset(20))
+    model = _RoutedExperts().double()
+    g = torch.Generator().manual_seed(seeds.offset(21))
+    train = [{"input_ids": torch.randint(1, 30, (6,), generator=g)} for _ in range(32)]
+    query = [{"input_ids": torch.randint(1, 30, (6,), generator=g)} for _ in range(2)]
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    # 8 batches of 4 documents: an expert's rows are a multiple of 4 in a batch about one time
+    # in four (else the split is refused at once), the same multiple in all 8 almost never
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the first batch's (if its rows were a multiple of 4)
+        with pytest.raises(CaptureError, match=r"module 'experts\.\d'.*routed .*mixture-of-experts"):
+            engine.fit_factors(train, fisher="empirical", batch_size=4)
+    with pytest.warns(UserWarning, match=r"'experts\.0' sees 2 input rows per document in a batch of 6 tokens.*"
+                                         r"routed mixture-of-experts expert"):
+        fresh = pyinf.InfluenceEngine(_RoutedExperts(), pyinf.CausalLMTask(), progress=False)  # not warned yet
+        with Capture(fresh.model, fresh.modules, fresh.specs, lambda *a: None) as capture:  # 4 of 12 rows routed
+            capture.begin_batch(0, 2, torch.ones(2, 6))
+            capture._as_tokens("experts.0", torch.randn(4, 8), capture._mask)
+            with pytest.raises(CaptureError, match=r"sees 3 input rows per document in batch 0 but 2 in an earlier"):
+                capture._as_tokens("experts.0", torch.randn(6, 8), capture._mask)
+    _assert_matches_brute_force(model, pyinf.CausalLMTask(), train[:8], query, batch_size=1)
+
+
 def test_one_document_per_batch_is_never_ambiguous():
     """A batch of one document: [T, 1, d] reads the same either way, so no warning."""
     with warnings.catch_warnings():
