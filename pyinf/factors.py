@@ -4,8 +4,9 @@ correction ``Lambda = E_n[(Q_S^T DW_n Q_A)^2]`` over documents (DESIGN.md sectio
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from . import ops, storage
 from .eigen import eigendecompose, resolve_workers
+from .fingerprint import host_samples
 from .modules import ModuleSpec
 from .runner import run_pass
 
@@ -226,7 +228,27 @@ def lambda_sums(model, task, modules, specs, loader, eigen, *, fisher: str, back
 def assemble_factors(specs, eigen, lambda_totals, n_lambda: int, dtype: torch.dtype, meta: Dict) -> Factors:
     out = {name: ModuleFactors(specs[name], lambdas=(lam / n_lambda).to(dtype), **eigen[name])
            for name, lam in lambda_totals.items()}
-    return Factors(out, dict(meta, id=uuid.uuid4().hex))
+    return Factors(out, dict(meta, id=content_id(out, meta)))
+
+
+# metadata that says how a fit went, not what it computed
+_VOLATILE_META = ("seconds", "eigh_workers", "id")
+
+
+def content_id(modules: Dict[str, ModuleFactors], meta: Dict) -> str:
+    """The factors' id: a hash of their settings and of an evenly strided sample of each
+    layer's eigenbases and Lambda (as :func:`pyinf.fingerprint.weights_identity` samples a
+    model's weights), not a random one. A fit repeated bit for bit (a ``fit; score`` script
+    run again after a crash) then keeps its id, and the query and score files prepared
+    against the first one still count; a fit of other data or settings gets another."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k not in _VOLATILE_META}, sort_keys=True,
+                                  default=str).encode())
+    tensors = [getattr(m, field) for m in modules.values() for field in ("q_a", "q_s", "lambdas")]
+    for name, sample in zip((f"{n}.{f}" for n in modules for f in ("q_a", "q_s", "lambdas")),
+                            host_samples(tensors, 4096)):
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: str, seed: int,

@@ -39,7 +39,7 @@ def weights_identity(model: torch.nn.Module, samples_per_tensor: int = 4096) -> 
     any retrained or swapped checkpoint changes it) and its weights record (see the module
     docstring) of the same samples."""
     params = list(model.named_parameters())
-    host = _host_samples([p for _, p in params], samples_per_tensor)
+    host = host_samples([p for _, p in params], samples_per_tensor)
     exact = hashlib.sha256()
     layout = hashlib.sha256()
     tensors = []
@@ -80,7 +80,7 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(raw.numpy().tobytes()).hexdigest()[:16]
 
 
-def _host_samples(params: List[torch.Tensor], samples_per_tensor: int) -> List[torch.Tensor]:
+def host_samples(params: List[torch.Tensor], samples_per_tensor: int) -> List[torch.Tensor]:
     """Each parameter's strided sample as float32 on the host, with one copy per device (a
     copy per parameter would wait on the device each time)."""
     samples = []

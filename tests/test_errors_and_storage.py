@@ -56,10 +56,23 @@ def test_text_files_are_written_whole(tmp_path, monkeypatch):
 
 def test_queries_against_other_factors_fail(fitted, tmp_path):
     engine, factors, queries, train = fitted
-    other = engine.fit_factors(train, batch_size=3)
+    other = engine.fit_factors(torch.utils.data.Subset(train, range(len(train) - 1)), batch_size=3)
     queries.save(tmp_path / "q.safetensors")
     with pytest.raises(ValueError, match="prepared with factors"):
         pyinf.Queries.load(tmp_path / "q.safetensors", factors=other)
+
+
+def test_a_fit_repeated_bit_for_bit_keeps_its_id(fitted, tmp_path):
+    """The id follows the factors' content and settings (it was random): a `fit; score` script
+    run again after a crash refits the same factors, and the queries and score chunks saved
+    against the first fit still count. Another seed (true Fisher draws) is another fit."""
+    engine, factors, queries, train = fitted
+    again = engine.fit_factors(train, fisher=factors.meta["fisher"], batch_size=3, seed=factors.meta["seed"])
+    assert again.id == factors.id
+    queries.save(tmp_path / "q.safetensors")
+    pyinf.Queries.load(tmp_path / "q.safetensors", factors=again)
+    assert engine.fit_factors(train, fisher=factors.meta["fisher"], batch_size=3,
+                              seed=factors.meta["seed"] + 1).id != factors.id
 
 
 def test_factors_for_another_model_fail(fitted):
