@@ -113,9 +113,10 @@ def _engine(args, factors=None):
     layers they were fitted on), else every Linear/Conv1D but the output embedding."""
     from . import CausalLMTask, InfluenceEngine
     from .modules import find_tracked_modules
-    from .textdata import load_model
+    from .textdata import load_model, tokenizer_fingerprint
 
     model, tokenizer = load_model(args.model, seed=args.seed, dtype=DTYPES.get(args.dtype))
+    args.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
     model = model.to(args.device)
     limit = max_positions(model)
     if limit is not None and args.max_length > limit:  # longer documents would index past its position table
@@ -161,7 +162,7 @@ def cmd_fit(args) -> int:
     factors = fit_factors_staged(engine, train, work_dir, shard=shard, fisher=args.fisher,
                                  batch_size=args.batch_size, seed=args.seed, eigh_workers=args.eigh_workers,
                                  wait=not args.no_wait, save=save,
-                                 run_meta=dict(max_length=args.max_length, dtype=args.dtype))
+                                 run_meta=_run_meta(args))
     if factors is None:
         # the staged fit has said why it stopped: done (shard 0 writes the factors), or, with
         # --no-wait, waiting for other shards' files (run it again later)
@@ -182,9 +183,18 @@ def _query_source(args, path) -> dict:
 
 
 def _model_source(args) -> dict:
-    """What decides the model's weights and its loss: a prepared file made with others is not
-    reused (--seed draws a config-only model's random weights)."""
-    return dict(model=str(args.model), seed=args.seed, dtype=args.dtype, fused_head=bool(args.fused_head))
+    """What decides the model's weights, its loss and its token ids: a prepared file made with
+    others is not reused (--seed draws a config-only model's random weights)."""
+    return dict(model=str(args.model), seed=args.seed, dtype=args.dtype, fused_head=bool(args.fused_head),
+                tokenizer=args.tokenizer_fingerprint)
+
+
+def _run_meta(args) -> dict:
+    """The settings a resumable run (fit, score, self-influence) records in each of its files
+    besides the model's fingerprint, the data's and the factors' or queries': a rerun with
+    others is refused rather than mixed in. (model_dtype: the staged fit records the factors'
+    dtype as dtype.)"""
+    return dict(max_length=args.max_length, model_dtype=args.dtype, tokenizer=args.tokenizer_fingerprint)
 
 
 def _prepare(engine, args, factors, query):
@@ -229,6 +239,9 @@ def _load_or_prepare(engine, args, factors, query, out: Path):
                 None, _query_source(args, args.queries)["queries_sha256"]):
             raise ValueError(f"{args.prepared} was not prepared from {args.queries} ({queries.n_queries} queries "
                              f"there, {len(query)} in {args.queries})")
+        if source.get("tokenizer") not in (None, args.tokenizer_fingerprint):
+            raise ValueError(f"{args.prepared} was prepared with another tokenizer (fingerprint "
+                             f"{source['tokenizer']} there, {args.tokenizer_fingerprint} here)")
         # the weights decide, in any dtype, not the path they were read from (shards may mount
         # them elsewhere) nor the seed (it only draws a config-only model's weights, named
         # then as the likely cause); the loss's implementation (--fused-head) does not change
@@ -251,12 +264,34 @@ def _load_or_prepare(engine, args, factors, query, out: Path):
         except ValueError as exc:  # damaged (CorruptFileError) or of other modules: prepare again
             print(f"pyinf: not reusing {saved}: {exc}", file=sys.stderr)
         else:
-            if queries.factors_id == factors.id and queries.meta.get("source") == _query_source(args, args.queries):
+            differ = _query_differences(queries, engine, factors, _query_source(args, args.queries))
+            if not differ:
                 print(f"pyinf: reusing the queries prepared by an earlier run: {saved}", file=sys.stderr)
                 return queries
+            # the saved queries are those the directory's scores were computed against: not
+            # replaced while any of those scores is there (the run could not be resumed after)
+            from .corpus import SCORES_KIND
+
+            if (out / f"{SCORES_KIND}.safetensors").exists() or any((out / f"{SCORES_KIND}-chunks").glob("*.safetensors")):
+                raise ValueError(f"{out} holds scores of other queries ({'; '.join(differ)}): write into a new output "
+                                 f"directory, or delete {out} to start over")
+            print(f"pyinf: not reusing {saved} ({'; '.join(differ)})", file=sys.stderr)
     queries = _prepare(engine, args, factors, query)
     queries.save(saved)
     return queries
+
+
+def _query_differences(queries, engine, factors, source: dict) -> List[str]:
+    """How saved queries differ from the ones this run would prepare: ``setting: there, now``."""
+    from .storage import differences
+
+    differ = []
+    if queries.factors_id != factors.id:
+        differ.append(f"factors: {queries.factors_id[:12]} there, {factors.id[:12]} now")
+    if sorted(queries.specs) != sorted(engine.specs):
+        differ.append(f"tracked modules: {len(queries.specs)} there ({', '.join(sorted(queries.specs)[:2])}, ...), "
+                      f"{len(engine.specs)} now ({', '.join(sorted(engine.specs)[:2])}, ...)")
+    return differ + differences(queries.meta.get("source") or {}, source)
 
 
 def _token_highlights(args, train, tokenizer, queries, documents, per_token, out: Path) -> dict:
@@ -293,7 +328,7 @@ def cmd_score(args) -> int:
     queries = _load_or_prepare(engine, args, factors, query, out)
     scores = score_corpus(engine, train, queries, out, chunk_size=args.chunk_size, shard=args.shard,
                           batch_size=args.batch_size, query_batch_size=args.query_batch_size,
-                          run_meta=dict(max_length=args.max_length, dtype=args.dtype))
+                          run_meta=_run_meta(args))
     if scores is None:
         return _shard_pending(args.shard)
     k = min(args.top_k, scores.shape[0])
@@ -338,7 +373,7 @@ def cmd_self_influence(args) -> int:
     out = Path(args.out)
     values = self_influence_corpus(engine, train, factors, out, damping=args.damping, chunk_size=args.chunk_size,
                                    shard=args.shard, batch_size=args.batch_size,
-                                   run_meta=dict(max_length=args.max_length, dtype=args.dtype))
+                                   run_meta=_run_meta(args))
     if values is None:
         return _shard_pending(args.shard)
     k = min(args.top_k, values.shape[0])

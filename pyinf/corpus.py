@@ -191,6 +191,11 @@ class ChunkedRun:
     def execute(self, shard: Optional[Tuple[int, int]] = None) -> Optional[torch.Tensor]:
         """Computes this shard's missing chunks; returns the values of every document once
         every chunk of every shard is present (and writes them), else None."""
+        joined = self._joined()  # a finished run needs none of its chunks (they may be deleted)
+        if joined is not None:
+            self.log(f"pyinf: {self.final_path} holds this run's {self.kind}, complete: nothing to compute")
+            return joined
+        self._check_grid()
         mine = shard_ranges(self.ranges, shard)
         todo = [(s, e) for s, e in mine if self._load_chunk(s, e) is None]
         if len(todo) < len(mine):
@@ -203,26 +208,49 @@ class ChunkedRun:
             dt = time.perf_counter() - t0
             self.log(f"pyinf: {self.kind} chunk {i + 1}/{len(todo)} (documents {start}..{end - 1}) in {dt:.1f} s, "
                      f"{(end - start) / dt:.1f} docs/s")
-        return self.assemble()
+        return self.assemble(joined_checked=True)
+
+    def _check_grid(self) -> None:
+        """Chunk files of another grid (another chunk size, or another corpus length) would
+        lie beside this run's unused, and the run would compute everything again: refused."""
+        grid = {self._chunk_path(s, e).name for s, e in self.ranges}
+        folder = self._chunk_path(0, 0).parent
+        foreign = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in grid) if folder.exists() else []
+        if foreign:
+            sizes = sorted({int(e) - int(s) for s, e in (name[: -len(".safetensors")].split("-") for name in foreign)
+                            if s.isdigit() and e.isdigit()})
+            raise ValueError(
+                f"{folder} holds chunks that are not on this run's grid of {self.run['chunk_size']}-document chunks over "
+                f"{self.n_docs} documents (e.g. {foreign[0]}, chunks of {sizes[-1] if sizes else '?'} documents): "
+                f"another chunk size or another corpus; rerun with that chunk size, or write into a new output "
+                f"directory")
 
     def missing(self) -> List[Tuple[int, int]]:
         return [(s, e) for s, e in self.ranges if not self._chunk_path(s, e).exists()]
 
-    def assemble(self) -> Optional[torch.Tensor]:
+    def _joined(self) -> Optional[torch.Tensor]:
+        """The values of ``<kind>.safetensors`` if it was joined for this run, else None."""
+        if not self.final_path.exists():
+            return None
+        try:
+            tensors, meta = storage.load(self.final_path, self.kind)
+        except storage.CorruptFileError as exc:
+            self.log(f"pyinf: {exc}; joining the chunks again")
+            return None
+        diff = storage.differences(meta.get("run", {}), self._final_run())
+        if not diff:
+            return tensors[self.kind]
+        # the chunks decide: they are checked one by one (another run's raise)
+        self.log(f"pyinf: {self.final_path} was joined for another run ({'; '.join(diff)}); joining the chunks again")
+        return None
+
+    def assemble(self, joined_checked: bool = False) -> Optional[torch.Tensor]:
         """The joined values if every chunk is present (``<kind>.safetensors`` is written once
         and reused after), else None."""
-        if self.final_path.exists():
-            try:
-                tensors, meta = storage.load(self.final_path, self.kind)
-            except storage.CorruptFileError as exc:
-                self.log(f"pyinf: {exc}; joining the chunks again")
-            else:
-                diff = storage.differences(meta.get("run", {}), self._final_run())
-                if not diff:
-                    return tensors[self.kind]
-                # the chunks decide: they are checked one by one below (another run's raise)
-                self.log(f"pyinf: {self.final_path} was joined for another run ({'; '.join(diff)}); "
-                         "joining the chunks again")
+        if not joined_checked:
+            joined = self._joined()
+            if joined is not None:
+                return joined
         if self.missing():
             return None
         parts = []
@@ -262,6 +290,8 @@ def score_corpus(engine, train, queries: Queries, out_dir, *, chunk_size: int = 
     scores once every chunk is there, else None (other shards still running). ``run_meta``
     (JSON values) is recorded in and checked against every chunk, next to the queries', the
     model's and the documents' fingerprints. See the module docstring."""
+    # before any chunk is skipped as done: a finished run must not answer for other layers
+    queries.check_model(engine.specs)
     run = dict(run_meta or {}, queries=queries.fingerprint, model=engine.fingerprint(),
                n_queries=queries.n_queries)
     train, batched = _documents(train, "score_corpus")
@@ -285,6 +315,7 @@ def self_influence_corpus(engine, train, factors, out_dir, *, damping: Optional[
     (``self_influence.safetensors``, chunks under ``self_influence-chunks/``): the ``[n_docs]``
     values once every chunk is there, else None. The same checks as :func:`score_corpus`,
     with the factors' id and the damping in place of the queries."""
+    factors.check_model(engine.specs)  # before any chunk is skipped as done (as in score_corpus)
     run = dict(run_meta or {}, factors=factors.id, damping=damping, model=engine.fingerprint())
     train, batched = _documents(train, "self_influence_corpus")
     on_device = factors.to(next(engine.model.parameters()).device)  # once, not once per chunk

@@ -150,8 +150,8 @@ class StagedFit:
             for j in range(self.shard[1]):  # in shard order: the same float64 sums on every rerun
                 loaded = self._load(self._path("covariance", j), COVARIANCE_KIND, self._of_shard(j))
                 if loaded is None:
-                    raise RuntimeError(f"{self._path('covariance', j)} disappeared or is damaged; rerun shard "
-                                       f"{j}/{self.shard[1]}")
+                    raise storage.CorruptFileError(f"{self._path('covariance', j)} disappeared or is damaged; rerun "
+                                                   f"shard {j}/{self.shard[1]}")
                 tensors, meta = loaded
                 n_examples += meta["n_examples"]
                 content.update(json.dumps([meta["documents"], meta["n_examples"], meta["crc32"]],
@@ -197,7 +197,8 @@ class StagedFit:
             want = dict(self._of_shard(j), eigen_id=eigen["meta"]["eigen_id"])
             loaded = self._load(self._path("lambda", j), LAMBDA_KIND, want)
             if loaded is None:
-                raise RuntimeError(f"{self._path('lambda', j)} disappeared or is damaged; rerun shard {j}/{n}")
+                raise storage.CorruptFileError(f"{self._path('lambda', j)} disappeared or is damaged; rerun shard "
+                                               f"{j}/{n}")
             tensors, meta = loaded
             n_docs += meta["lambda_docs"]
             for name in self.engine.modules:
@@ -227,7 +228,7 @@ class StagedFit:
             return None
         eigen = self._eigen()
         if eigen is None:  # shard 0 writes it; it was there a moment ago, so it is damaged
-            raise RuntimeError(f"{self._path('eigen')} is damaged: delete it and rerun shard 0/{n}")
+            raise storage.CorruptFileError(f"{self._path('eigen')} is damaged: delete it and rerun shard 0/{n}")
         self._lambda(eigen)
         if k != 0:
             self.log(f"pyinf: shard {k}/{n} done; shard 0 writes the factors")

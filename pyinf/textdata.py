@@ -29,6 +29,28 @@ class ByteTokenizer:
         return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
 
 
+# the files of a Hugging Face tokenizer that decide how it splits text
+_TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "spiece", "sentencepiece")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the token ids of a text, hashed: the tokenizer's class and the files it
+    was loaded from (or the byte tokenizer's). Recorded by resumable CLI runs, so that a
+    model directory given a tokenizer since is another run, not one continued with other ids."""
+    import hashlib
+
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    where = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if where.is_dir():
+        for f in sorted(where.iterdir()):
+            if f.is_file() and f.name.startswith(_TOKENIZER_FILES):
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    else:  # no files to hash (the byte tokenizer, or one built in memory): what it holds
+        h.update(json.dumps(sorted(getattr(tokenizer, "get_vocab", dict)().items())).encode())
+    return h.hexdigest()[:16]
+
+
 # weight files of other frameworks and formats: TensorFlow, Flax, raw torch checkpoints, GGUF
 _OTHER_WEIGHT_FILES = ("*.h5", "*.msgpack", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.index")
 
@@ -117,6 +139,14 @@ class JsonlTextDataset(Dataset):
         for key in ("text", "prompt", "completion"):
             if key in rec and not isinstance(rec[key], str):
                 raise ValueError(f"{where}: '{key}' must be a string, got {type(rec[key]).__name__}")
+            # found when the file is opened, not when a pass reaches the record (a fit would
+            # lose the pass; a score run could only drop the line, which renumbers the corpus)
+            if key in rec and key != "prompt" and not rec[key]:
+                raise ValueError(f"{where}: '{key}' is empty: it carries no loss")
+            try:
+                rec.get(key, "").encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800"), which no tokenizer encodes
+                raise ValueError(f"{where}: '{key}' is not valid Unicode: {exc}") from None
         return rec
 
     def _read(self, i: int) -> bytes:

@@ -90,6 +90,31 @@ def test_weights_in_another_format_are_refused_not_replaced_by_random_ones(workd
     assert model.config.n_embd == 16
 
 
+def test_a_tokenizer_added_since_is_another_run(workdir):
+    """The runs record the tokenizer: a model directory given one after a run (same weights,
+    other token ids) was continued with the old queries and chunks (scores off by up to 200)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress", "--track", "mlp"]
+    factors = str(workdir / "f.safetensors")
+    assert run(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", factors, "--fisher",
+                "empirical"]) == 0
+    score = ["score", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"), "--queries",
+             str(workdir / "queries.jsonl"), "--rank", "2", "--out", str(workdir / "out")]
+    self_inf = ["self-influence", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"),
+                "--out", str(workdir / "si")]
+    assert run(score) == 0 and run(self_inf) == 0
+    words = {w: i for i, w in enumerate(["[UNK]", "the", "cat", "is", "paris", "france", "5"])}
+    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[UNK]").save_pretrained(workdir / "model")
+    with pytest.raises(ValueError, match=r"holds scores of other queries \(tokenizer: '[0-9a-f]+' there"):
+        run(score)
+    with pytest.raises(ValueError, match=r"belongs to another run \(tokenizer: '[0-9a-f]+' there"):
+        run(self_inf)
+
+
 def test_the_command_says_what_is_wrong_in_one_line(workdir, capsys, monkeypatch):
     """`pyinf` (main) prints a user's mistake as one line and exits 1; PYINF_TRACEBACK=1 raises."""
     (workdir / "bad.jsonl").write_text('{"text": "fine"}\n{"oops": 1}\n')
@@ -147,7 +172,13 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     # a rerun into the same directory reuses its queries and chunks
     assert run([*score, "--out", str(workdir / "whole")]) == 0
     err = capsys.readouterr().err
-    assert "reusing the queries" in err and "5 of 5 chunks already done" in err
+    assert "reusing the queries" in err and "scores.safetensors holds this run's scores, complete" in err
+    # so does it with the chunks deleted after the join (they are not needed any more)
+    import shutil
+
+    shutil.rmtree(workdir / "whole" / "scores-chunks")
+    assert run([*score, "--out", str(workdir / "whole")]) == 0
+    assert "holds this run's scores, complete" in capsys.readouterr().err
     # shards need queries prepared once, then share one directory
     with pytest.raises(SystemExit, match="--shard needs --prepared"):
         run([*score, "--out", str(workdir / "sharded"), "--shard", "0/2"])
@@ -170,7 +201,6 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     with pytest.raises(ValueError, match=r"prepared with another model \(seed: 0 there, 1 here; weights: fingerprint"):
         run([*score, "--seed", "1", "--out", str(workdir / "sharded"), "--prepared", prepared])
     # the same weights read from another path (another mount on another machine) are the same model
-    import shutil
 
     shutil.copytree(workdir / "model", workdir / "model-elsewhere")
     elsewhere = [a if a != str(workdir / "model") else str(workdir / "model-elsewhere") for a in score]
@@ -192,10 +222,13 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     assert run([*score, "--out", str(workdir / "bf16"), "--prepared", prepared, "--dtype", "bfloat16",
                 "--fused-head"]) == 0
     capsys.readouterr()
-    with pytest.warns(UserWarning, match="these factors were made with other weights"), \
-            pytest.raises(ValueError, match=r"belongs to another run \(queries: .*; model: "):
-        run([*score, "--seed", "1", "--out", str(workdir / "whole")])  # new queries, then the old chunks refuse
+    # the queries a directory's scores were computed against are not replaced: the run could
+    # not be resumed after
+    saved = (workdir / "whole" / "queries.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"whole holds scores of other queries \(.*seed: 0 there, 1 now"):
+        run([*score, "--seed", "1", "--out", str(workdir / "whole")])
     assert "reusing the queries" not in capsys.readouterr().err
+    assert (workdir / "whole" / "queries.safetensors").read_bytes() == saved
 
 
 def test_sharded_fit_gives_the_plain_fit(workdir, capsys):
@@ -235,7 +268,7 @@ def test_self_influence_command(workdir, capsys):
     top = json.loads((workdir / "self" / "top_self_influence.json").read_text())
     assert [row["index"] for row in top] == values.topk(2).indices.tolist()
     assert "highest self-influence" in capsys.readouterr().out
-    assert run(args) == 0 and "2 of 2 chunks already done" in capsys.readouterr().err
+    assert run(args) == 0 and "holds this run's self_influence, complete" in capsys.readouterr().err
     # pyinf info reads any saved file's header: kind, settings, run fingerprints, shapes
     chunk = next((workdir / "self" / "self_influence-chunks").iterdir())
     assert run(["info", str(workdir / "f.safetensors"), str(chunk), "--max-tensors", "2"]) == 0

@@ -149,6 +149,40 @@ def test_a_directory_of_another_run_is_refused(setup, tmp_path):
             engine.model.fc1.weight[0, 0] -= 1.0
 
 
+class _FirstLayerOnly(MLPTask):
+    def get_influence_tracked_modules(self):
+        return ["fc1"]
+
+
+def test_a_finished_run_answers_only_for_its_own_settings(setup, tmp_path):
+    """A finished directory was returned for queries or factors of other layers (the chunks
+    were skipped as done before any layer check); chunks of another chunk size lay unused
+    beside a run that scored everything again; chunks deleted after the join made it score
+    everything again."""
+    engine, train, queries, want = setup
+    pyinf.score_corpus(engine, train, queries, tmp_path / "s", chunk_size=4, log=lambda m: None)
+    fewer = pyinf.InfluenceEngine(engine.model, _FirstLayerOnly(), progress=False)
+    with pytest.raises(ValueError, match="these queries"):
+        pyinf.score_corpus(fewer, train, queries, tmp_path / "s", chunk_size=4, log=lambda m: None)
+    factors = engine.fit_factors(train, batch_size=4)
+    pyinf.self_influence_corpus(engine, train, factors, tmp_path / "si", chunk_size=4, log=lambda m: None)
+    with pytest.raises(ValueError, match="these factors"):
+        pyinf.self_influence_corpus(fewer, train, factors, tmp_path / "si", chunk_size=4, log=lambda m: None)
+    with pytest.raises(ValueError, match=r"scores-chunks holds chunks that are not on this run's grid of "
+                                         r"3-document chunks over 11 documents \(e.g. 0000000000-0000000004"
+                                         r".safetensors, chunks of 4 documents\)"):
+        (tmp_path / "s" / "scores.safetensors").unlink()
+        pyinf.score_corpus(engine, train, queries, tmp_path / "s", chunk_size=3, log=lambda m: None)
+    pyinf.score_corpus(engine, train, queries, tmp_path / "s", chunk_size=4, log=lambda m: None)  # joined again
+    shutil.rmtree(tmp_path / "s" / "scores-chunks")
+    log = []
+    got = pyinf.score_corpus(engine, train, queries, tmp_path / "s", chunk_size=4,
+                             log=log.append)
+    assert torch.equal(got, pyinf.storage.load(tmp_path / "s" / "scores.safetensors", "scores")[0]["scores"])
+    assert log == [f"pyinf: {tmp_path / 's' / 'scores.safetensors'} holds this run's scores, complete: "
+                   "nothing to compute"]
+
+
 def test_a_damaged_chunk_is_scored_again(setup, tmp_path):
     engine, train, queries, want = setup
     pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=5, log=lambda m: None)
@@ -341,6 +375,9 @@ def test_jsonl_documents_are_read_when_asked(tmp_path):
     ('{"oops": 1}', "c.jsonl:2: a record needs 'text'"),
     ('{"text": 5}', "c.jsonl:2: 'text' must be a string"),
     ('["text"]', "c.jsonl:2: a record needs 'text'"),
+    ('{"text": ""}', "c.jsonl:2: 'text' is empty"),
+    ('{"prompt": "2+2=", "completion": ""}', "c.jsonl:2: 'completion' is empty"),
+    ('{"text": "a lone \\udc80 surrogate"}', "c.jsonl:2: 'text' is not valid Unicode"),
 ])
 def test_a_bad_jsonl_line_is_named_before_any_compute(tmp_path, line, message):
     path = _write(tmp_path / "c.jsonl", [json.dumps({"text": "fine"}), line])

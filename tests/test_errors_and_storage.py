@@ -342,10 +342,8 @@ def test_a_record_the_tokenizer_cannot_encode_is_named(tmp_path):
     from pyinf.textdata import ByteTokenizer, JsonlTextDataset
 
     (tmp_path / "t.jsonl").write_text('{"text": "fine text"}\n{"text": "bad \\ud800 surrogate"}\n')
-    data = JsonlTextDataset(str(tmp_path / "t.jsonl"), ByteTokenizer(260), max_length=32)
-    data[0]
-    with pytest.raises(ValueError, match=r"t.jsonl:2: cannot tokenise this record"):
-        data[1]
+    with pytest.raises(ValueError, match=r"t.jsonl:2: 'text' is not valid Unicode"):  # when the file is opened
+        JsonlTextDataset(str(tmp_path / "t.jsonl"), ByteTokenizer(260), max_length=32)
 
 
 def test_layers_that_never_run_and_shared_weights():
