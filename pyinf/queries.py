@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -322,7 +323,14 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
     for n, d in tensors.items():
         if not d or next(iter(d.values())).shape[0] != n_queries:
             raise RuntimeError(f"module {n!r} did not receive a gradient for every query")
+    self_influence = torch.cat([t.cpu() for t in self_terms]).tolist()
+    # grad^T H^-1 grad is 0 only for a zero gradient (H^-1 is positive definite)
+    empty = [i for i, v in enumerate(self_influence) if v == 0.0]
+    if empty:
+        warnings.warn(f"pyinf: queries {empty[:10]}{' ...' if len(empty) > 10 else ''} have a zero gradient in the "
+                      f"tracked layers (no token carries a loss: every label -100?): every score against them is 0",
+                      stacklevel=3)
     meta = dict(rank=rank, svd=svd, n_queries=n_queries, factors_id=factors.id, damping=damping_by_module,
                 damping_arg=None if damping is None else float(damping),
-                self_influence=torch.cat([t.cpu() for t in self_terms]).tolist(), measurements=measurements)
+                self_influence=self_influence, measurements=measurements)
     return Queries(dict(specs), tensors, meta)

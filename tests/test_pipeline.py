@@ -229,6 +229,20 @@ def test_padding_in_the_labels_is_no_target():
     assert targets.tolist() == [len(train[i]["input_ids"]) - 1 for i in range(6)]
 
 
+def test_a_query_without_a_target_is_named():
+    """A query whose labels are all -100 has a zero gradient: every score against it is 0,
+    which a warning names instead of leaving for a ranking of ties."""
+    model = tiny_gpt2(seed=15)
+    train, query = TokenDataset(4, seed=16), TokenDataset(3, seed=17, completion=2)
+    query.items[1]["labels"][:] = -100
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    factors = engine.fit_factors(train, batch_size=2)
+    with pytest.warns(UserWarning, match=r"queries \[1\] have a zero gradient"):
+        queries = engine.prepare_queries(query, factors, rank=2)
+    scores = engine.pairwise_scores(train, queries)
+    assert (scores[:, 1] == 0).all() and (scores[:, [0, 2]] != 0).all()
+
+
 def test_factors_invariant_to_batch_size_and_padding():
     model, task = tiny_gpt2(seed=8), pyinf.CausalLMTask()
     train = TokenDataset(9, seed=9)
