@@ -29,6 +29,10 @@ def make_loader(data: Any, *, batch_size: int, collate_fn: Optional[Callable] = 
         if not isinstance(data.dataset, IterableDataset) and not in_order(data):
             warnings.warn(f"the {what} DataLoader does not iterate in order; scores follow its order")
         _check_not_empty(data.dataset, what)
+        dropped = _dropped(data)
+        if dropped:
+            warnings.warn(f"the {what} DataLoader drops its last {dropped} examples (drop_last=True): the results "
+                          f"leave them out")
         return data
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
         raise TypeError(f"the {what} must be a torch Dataset (with __len__ and __getitem__) or a DataLoader, "
@@ -42,6 +46,17 @@ def make_loader(data: Any, *, batch_size: int, collate_fn: Optional[Callable] = 
         data = Subset(data, range(min(max_examples, len(data))))
     return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn or default_collate,
                       pin_memory=pin_memory)
+
+
+def _dropped(loader: DataLoader) -> int:
+    """Examples a loader with drop_last=True never yields (0 when it drops none, or cannot tell)."""
+    sampler = loader.batch_sampler
+    if sampler is None or not getattr(sampler, "drop_last", False) or not getattr(sampler, "batch_size", None):
+        return 0
+    try:
+        return len(sampler.sampler) % sampler.batch_size
+    except TypeError:
+        return 0
 
 
 def _check_not_empty(dataset, what: str) -> None:

@@ -386,6 +386,15 @@ def test_a_tensor_broadcast_over_the_batch_does_not_count_as_its_documents():
     assert _rel(scores, expected) < 1e-10
 
 
+def test_a_loader_that_drops_its_last_batch_is_named(gpt2_fp32):
+    engine, factors, train, query = gpt2_fp32
+    queries = engine.prepare_queries(query, factors, rank=3)
+    loader = torch.utils.data.DataLoader(train, batch_size=4, drop_last=True, collate_fn=engine.task.collate_fn)
+    with pytest.warns(UserWarning, match=f"drops its last {len(train) % 4} examples"):
+        scores = engine.pairwise_scores(loader, queries)
+    assert scores.shape[0] == len(train) - len(train) % 4
+
+
 def test_per_module_masks_match_one_shared_mask(gpt2_fp32):
     engine, factors, train, query = gpt2_fp32
 
