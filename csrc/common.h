@@ -15,6 +15,16 @@ namespace pyinf {
 pyinf_status fail(pyinf_status status, const std::string& msg);
 void clear_error();
 
+// A workspace or packed-factor buffer must be 16-byte aligned (cudaMalloc's and torch's
+// allocations are): the kernels read it as floats, and the Hopper kernel's TMA descriptors
+// need 16 bytes, whose failed encoding CuTe only asserts (nothing in a release build: the
+// kernel would then fault on the device, after the call returned success).
+inline pyinf_status check_aligned(const char* fn, const char* what, const void* p) {
+  if (p != nullptr && (reinterpret_cast<uintptr_t>(p) & 15) != 0)
+    return fail(PYINF_ERROR_WORKSPACE, std::string(fn) + ": '" + what + "' must be 16-byte aligned");
+  return PYINF_SUCCESS;
+}
+
 // The largest size, or product of sizes, the C API accepts: 2^60 elements (no real tensor
 // comes near; stride-0 views can claim more). A bound below INT64_MAX, so that the
 // implementations can count a checked size's fp32 / fp64 bytes, add a few such counts or

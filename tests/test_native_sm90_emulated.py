@@ -326,6 +326,52 @@ def test_sm90_packed_factors(lib):
     assert s == 1 and "cannot take these factors" in lib.pyinf_last_error().decode()
 
 
+def test_sm90_workspace_misuse_is_refused_before_any_launch(lib):
+    """A workspace or packed buffer not 16-byte aligned was handed to TMA, whose failed encoding
+    CuTe only asserts (nothing in a release build): the kernel launched with a zeroed
+    descriptor. Packed factors with a NULL workspace and a nonzero size put the partial sums at
+    address 0. A misaligned buffer is refused with PYINF_ERROR_WORKSPACE (5) before anything is
+    launched; the NULL workspace keeps the call off the Hopper kernel."""
+    shape = (2, 150, 72, 200, 3, 5)  # two token tiles: document scores need partial sums
+    args, clean_a, clean_g = sm90_problem(("misuse", 0), shape, torch.bfloat16)
+    acts, grads, left, right, mask = args
+    n, q = acts.shape[0], left.shape[0]
+    with env(PYINF_NATIVE_SM90="1"):
+        need = _workspace_size(lib, acts, grads, left, right, False, False)
+        ws, out = Out(None, nbytes=need + 16), Out((n, q))
+        lib.pyinf_emu_reset()
+        ws.register(lib)
+        out.register(lib)
+        s = lib.pyinf_cuda_factored_scores_split(_desc(lib, acts), _desc(lib, grads), _desc(lib, left),
+                                                 _desc(lib, right), _desc(lib, mask), 0, out.ptr, ws.ptr + 2, need,
+                                                 None)
+        assert s == 5 and "'workspace' must be 16-byte aligned" in lib.pyinf_last_error().decode()
+        assert lib.pyinf_emu_launch_log().decode() == ""
+        nbytes = _pack_size(lib, left, right)
+        packed = Out(None, nbytes=nbytes + 16)
+        lib.pyinf_emu_reset()
+        packed.register(lib)
+        s = lib.pyinf_cuda_factored_scores_pack(_desc(lib, left), _desc(lib, right), packed.ptr + 8, nbytes, None)
+        assert s == 5 and "'packed' must be 16-byte aligned" in lib.pyinf_last_error().decode()
+        s = lib.pyinf_cuda_factored_scores_pack(_desc(lib, left), _desc(lib, right), packed.ptr, nbytes, None)
+        assert s == 0
+        lib.pyinf_emu_reset()
+        packed.register(lib)
+        out.register(lib)
+        s = lib.pyinf_cuda_factored_scores_split_packed(
+            _desc(lib, acts), _desc(lib, grads), _desc(lib, left), _desc(lib, right), packed.ptr, nbytes,
+            _desc(lib, mask), 0, out.ptr, None, _workspace_size(lib, acts, grads, left, right, False, True), None)
+        log = lib.pyinf_emu_launch_log().decode()
+        if s == 0:  # the portable kernel, without partial sums
+            ctx = _ctx("sm90 packed, NULL workspace")
+            check_call(lib, s, ctx)
+            assert "sm90_kernel" not in log, log
+            ref = reference.factored_scores(*_f64(clean_a, clean_g, left, right), mask=mask, per_token=False)
+            assert_close(out.t, ref, FP32_ACC_TOL, ctx)
+        else:
+            assert s == 5 and "needs a workspace" in lib.pyinf_last_error().decode() and log == "", (s, log)
+
+
 @pytest.mark.parametrize("per_token", [False, True])
 def test_sm90_kernel_query_for_a_packed_call(lib, per_token):
     """The kernel query describes the unpacked call, whose workspace also holds the packed

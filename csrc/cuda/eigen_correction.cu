@@ -136,6 +136,8 @@ pyinf_status run(const char* op, const pyinf_tensor* acts, const pyinf_tensor* g
   Layout l;
   s = layout(op, d, self, &l);
   if (s != PYINF_SUCCESS) return s;
+  s = check_aligned((std::string("pyinf_cuda_") + op).c_str(), "workspace", workspace);
+  if (s != PYINF_SUCCESS) return s;
   if (workspace_bytes < l.total || (workspace == nullptr && l.total > 0))
     return fail(PYINF_ERROR_WORKSPACE, std::string("pyinf_cuda_") + op + ": needs a workspace of " +
                                            std::to_string(l.total) + " bytes, got " +

@@ -337,6 +337,8 @@ pyinf_status run_portable(const std::vector<ProblemCall>& calls, int per_token, 
   const std::vector<FactoredPlan> plans = plan_calls(calls, per_token, may_split);
   std::vector<size_t> offsets;
   const size_t need = partials_layout(plans, &offsets);
+  const pyinf_status aligned = check_aligned(fn, "workspace", workspace);
+  if (aligned != PYINF_SUCCESS) return aligned;
   if (need > workspace_bytes || (need > 0 && workspace == nullptr))
     return fail(PYINF_ERROR_WORKSPACE, std::string(fn) + ": needs a workspace of " + std::to_string(need) +
                                            " bytes, got " + std::to_string(workspace == nullptr ? 0 : workspace_bytes));
@@ -390,6 +392,9 @@ pyinf_status run_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, c
   Dims d;
   pyinf_status s = validate_factored(acts, grads, left, right, mask, per_token, out, &d);
   if (s != PYINF_SUCCESS) return s;
+  s = check_aligned("pyinf_cuda_factored_scores_split", "workspace", workspace);
+  if (s == PYINF_SUCCESS) s = check_aligned("pyinf_cuda_factored_scores_split_packed", "packed", packed);
+  if (s != PYINF_SUCCESS) return s;
   if (packed != nullptr) {
     const size_t need = packed_factor_bytes(left, right, d);
     if (need == 0 || packed_bytes < need)
@@ -398,8 +403,11 @@ pyinf_status run_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, c
                                              std::to_string(need) + (need == 0 ? " (none can be packed here)" : ""));
   }
 #if defined(PYINF_WITH_SM90)
+  // (no workspace counts as 0 bytes: packed factors with a NULL workspace and nonzero bytes
+  // would otherwise put the partial sums at address 0)
   if ((workspace != nullptr || packed != nullptr) &&
-      takes_sm90(acts, grads, left, right, d, per_token, workspace_bytes, packed != nullptr))
+      takes_sm90(acts, grads, left, right, d, per_token, workspace == nullptr ? 0 : workspace_bytes,
+                 packed != nullptr))
     return launch_factored_scores_sm90(acts, grads, left, right, mask, d, per_token ? 1 : 0, out, packed, workspace,
                                        static_cast<cudaStream_t>(stream_ptr));
 #endif
@@ -507,6 +515,8 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_pack(const pyinf_tensor* left
   if (need == 0)
     return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_factored_scores_pack: the Hopper kernel cannot take these "
                                            "factors here (pyinf_cuda_factored_scores_pack_size reports 0 bytes)");
+  s = check_aligned("pyinf_cuda_factored_scores_pack", "packed", packed);
+  if (s != PYINF_SUCCESS) return s;
   if (packed == nullptr || packed_bytes < need)
     return fail(PYINF_ERROR_WORKSPACE, "pyinf_cuda_factored_scores_pack: needs " + std::to_string(need) +
                                            " bytes of packed factors, got " + std::to_string(packed ? packed_bytes : 0));

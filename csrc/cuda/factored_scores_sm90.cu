@@ -364,8 +364,9 @@ Sm90Plan sm90_plan(const Dims& d, int per_token) {
 // and a plain nested layout (rows and documents that do not overlap; no zero strides).
 bool tma_rows_ok(const pyinf_tensor& x) {
   const int64_t n = x.shape[0], t = x.shape[1], d = x.shape[2], s0 = x.strides[0], s1 = x.strides[1];
+  constexpr int64_t kMaxStride = (int64_t(1) << 40) / 2;  // TMA: global strides below 2^40 bytes (16-bit data)
   return (reinterpret_cast<uintptr_t>(x.data) & 15) == 0 && x.strides[2] == 1 && s1 % 8 == 0 && s0 % 8 == 0 &&
-         s1 >= d && (n == 1 || s0 >= t * s1) && s0 > 0 && s1 > 0;
+         s1 >= d && (n == 1 || s0 >= t * s1) && s0 > 0 && s1 > 0 && s0 < kMaxStride && s1 < kMaxStride;
 }
 
 // PYINF_NATIVE_SM90, read per call: "1", "wait0" or "ws" (Sm90Mode); anything else = off (-1).

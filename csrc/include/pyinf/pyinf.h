@@ -22,7 +22,8 @@
  * CUDA entry points (pyinf_cuda_*) take device pointers, enqueue work on `stream` (a
  * cudaStream_t passed as void*, NULL = legacy default stream) on the calling thread's
  * current device, and return without synchronising. Ops that need scratch memory take a
- * device workspace whose size the matching *_workspace_size function reports. When the
+ * device workspace whose size the matching *_workspace_size function reports, 16-byte
+ * aligned (as cudaMalloc's are; so must packed factors be). When the
  * library was built without CUDA, pyinf_cuda_* return PYINF_ERROR_NOT_COMPILED.
  * Results are deterministic: no atomics, fixed reduction orders.
  * Tensor cores: pyinf_cuda_factored_scores runs on WMMA (fp32 accumulation) when the four
