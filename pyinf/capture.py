@@ -154,8 +154,6 @@ def _declared_batch_first(by_name: Dict[str, nn.Module], name: str) -> Optional[
 # Per layer, whether its input was batch-first/batch-major in the first batch whose shape
 # fitted one reading only: a layout is the model's, so it holds for every later pass.
 _LAYOUT_SEEN: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-# Layers already warned about reading k flattened rows per document (once per process).
-_ROWS_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _ACTIVE_SITES: "weakref.WeakKeyDictionary[nn.Module, _Site]" = weakref.WeakKeyDictionary()
 _FORWARDS: "weakref.WeakKeyDictionary[nn.Module, functools.partial]" = weakref.WeakKeyDictionary()
 
@@ -203,7 +201,7 @@ class Capture:
         self._mask_used: set = set()  # layers of the batch that the mask applied to
         self._mask_missed: List[tuple] = []  # (name, token rows) of per-token layers it did not fit
         self._n_docs = 0
-        self._rows_per_doc: Dict[str, int] = {}  # k of layers read as k flattened rows per document
+        self._rows_per_doc: Dict[str, int] = {}  # this batch's layers read as k flattened rows per document
         self._batch_index = -1
         self._nonfinite: List[tuple] = []
         self.anchor: Optional[torch.Tensor] = None
@@ -271,6 +269,7 @@ class Capture:
             self._mask = None if mask is None else self._checked_mask(mask, "")
         self._mask_used.clear()
         self._mask_missed.clear()
+        self._rows_per_doc.clear()
         self._nonfinite.clear()
         for site in self.sites.values():
             site.calls = 0
@@ -329,6 +328,8 @@ class Capture:
 
         if t.dim() == 2:
             if t.shape[0] == b:
+                if b > 1 and mask is not None and mask.shape[1] > 1:  # (an expert given B of the tokens)
+                    self._check_rows_per_document(name, 1, mask.shape[1])
                 return t.unsqueeze(1)
             if t.shape[0] % b:
                 raise fail("its rows are not a multiple of B" + (
@@ -359,23 +360,19 @@ class Capture:
 
     def _check_rows_per_document(self, name: str, k: int, tokens: int) -> None:
         """A flattened input of k rows per document that are not its T tokens: k sequences
-        per document (multiple choice, pooled), which keep k from batch to batch, or a layer
-        that runs on a subset of the tokens (a routed mixture-of-experts expert), whose rows
-        cannot be split into documents at all and whose count changes with the routing.
-        Warned at first sight (the first batch cannot tell them apart), refused on a change."""
-        seen = self._rows_per_doc.setdefault(name, k)
-        if seen != k:
-            raise CaptureError(
-                f"module {name!r} sees {k} input rows per document in batch {self._batch_index} but {seen} in an "
-                f"earlier one, and neither one row per document nor one per token (T = {tokens}): a layer that "
-                f"runs on a subset of the tokens (a routed mixture-of-experts expert) cannot be split into "
-                f"documents; leave it out of the tracked modules, or use batches of one document")
-        if self.modules[name] not in _ROWS_WARNED:
-            _ROWS_WARNED.add(self.modules[name])
-            warnings.warn(f"pyinf: module {name!r} sees {k} input rows per document in a batch of {tokens} tokens "
-                          f"per document: read as {k} sequences per document; if it runs on a subset of the "
-                          f"tokens (a routed mixture-of-experts expert), its scores are wrong: leave it out of "
-                          f"the tracked modules, or use batches of one document", stacklevel=2)
+        per document (multiple choice, pooled), which every such layer of a batch sees alike,
+        or rows of a layer that runs on a subset of the tokens (a routed mixture-of-experts
+        expert), which cannot be split into documents at all. Experts of one batch get
+        different numbers of tokens: two such layers with different k in one batch are refused.
+        (An expert whose row count is no multiple of B is refused by :meth:`_as_tokens`.)"""
+        for other, k_other in self._rows_per_doc.items():
+            if k_other != k and other != name:
+                raise CaptureError(
+                    f"modules {other!r} and {name!r} see {k_other} and {k} input rows per document in batch "
+                    f"{self._batch_index} (neither one row per document nor one per token, T = {tokens}): layers "
+                    f"that run on the tokens routed to them (mixture-of-experts experts) cannot be split into "
+                    f"documents; leave them out of the tracked modules, or use batches of one document")
+        self._rows_per_doc[name] = k
 
     def _ambiguous_layout_is_batch_major(self, name: str, t: torch.Tensor) -> bool:
         """The layout of a ``[k*B, B, ..., d]`` tensor (k >= 1): see :meth:`_as_tokens`."""

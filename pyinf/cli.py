@@ -281,17 +281,29 @@ def _load_or_prepare(engine, args, factors, query, out: Path):
     return queries
 
 
+# what the weights decide (compared by their fingerprint, not by the path they were read
+# from, nor by the seed that drew a config-only model's), and the loss's implementation,
+# which does not change the queries (as with --prepared)
+_NOT_COMPARED = ("model", "seed", "fused_head")
+
+
 def _query_differences(queries, engine, factors, source: dict) -> List[str]:
     """How saved queries differ from the ones this run would prepare: ``setting: there, now``."""
     from .storage import differences
 
+    theirs = queries.meta.get("source") or {}
     differ = []
     if queries.factors_id != factors.id:
         differ.append(f"factors: {queries.factors_id[:12]} there, {factors.id[:12]} now")
     if sorted(queries.specs) != sorted(engine.specs):
         differ.append(f"tracked modules: {len(queries.specs)} there ({', '.join(sorted(queries.specs)[:2])}, ...), "
                       f"{len(engine.specs)} now ({', '.join(sorted(engine.specs)[:2])}, ...)")
-    return differ + differences(queries.meta.get("source") or {}, source)
+    if not engine.same_weights_as(queries.meta):
+        seed = f" (seed: {theirs['seed']!r} there, {source['seed']!r} now)" if theirs.get("seed") != source["seed"] else ""
+        differ.append(f"weights: fingerprint {str(queries.meta.get('model_fingerprint'))[:12]} there, "
+                      f"{engine.fingerprint()[:12]} now{seed}")
+    return differ + differences({k: v for k, v in theirs.items() if k not in _NOT_COMPARED},
+                                {k: v for k, v in source.items() if k not in _NOT_COMPARED})
 
 
 def _token_highlights(args, train, tokenizer, queries, documents, per_token, out: Path) -> dict:

@@ -87,27 +87,31 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+# keys whose tensor has one row per document in Hugging Face-style batches
+_DOCUMENT_KEYS = ("input_ids", "attention_mask", "labels", "inputs_embeds", "pixel_values")
+
+
 def count_documents(batch: Any, mask: Optional[torch.Tensor]) -> int:
-    """Documents in a batch: the mask's first dimension, else the first tensor's that is not
-    1. A tensor broadcast over the batch (``position_ids`` of shape ``[1, T]``, a shared
-    ``[1, 1, T, T]`` mask) may come first; taking its 1 would read the whole batch as one
-    document. A batch whose tensors all lead with 1 holds one document."""
+    """Documents in a batch: the mask's first dimension; else, in a mapping, that of its
+    ``input_ids`` (or another key of :data:`_DOCUMENT_KEYS`), which a tensor shared by the
+    batch's documents (``position_ids`` of shape ``[1, T]``, a ``[H, T, T]`` bias) may precede;
+    else the first tensor's. A task whose batches hold shared tensors first, under other
+    keys, should give a mask (:meth:`pyinf.Task.get_attention_mask`)."""
     if mask is not None:
         return int(mask.shape[0])
+    if hasattr(batch, "keys") and hasattr(batch, "__getitem__"):
+        for key in _DOCUMENT_KEYS:
+            if key in batch.keys() and isinstance(batch[key], torch.Tensor) and batch[key].dim() > 0:
+                return int(batch[key].shape[0])
     stack = [batch]
-    broadcast = False
     while stack:
         item = stack.pop(0)
         if isinstance(item, torch.Tensor) and item.dim() > 0:
-            if item.shape[0] != 1:
-                return int(item.shape[0])
-            broadcast = True
+            return int(item.shape[0])
         if isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
         elif hasattr(item, "keys") and hasattr(item, "__getitem__"):
             stack.extend(item[k] for k in item.keys())
-    if broadcast:
-        return 1
     raise ValueError("cannot tell how many documents a batch holds: it has no tensor and the task gives no mask")

@@ -277,29 +277,31 @@ class _RoutedExperts(nn.Module):
 def test_routed_experts_are_refused_in_batches_and_exact_one_document_at_a_time():
     """An expert's [routed rows, d] input was split into documents by a reshape whenever the
     row count was a multiple of B: silently mixed documents (0.5-1x relative error on
-    unpadded documents). The first batch cannot tell it from k sequences per document and
-    warns; a later batch with another count per document is refused, naming the module. One
-    document per batch needs no split: exact against brute force."""
+    unpadded documents). Experts of one batch get different numbers of rows per document
+    (or a count that is no multiple of B): refused, naming the modules. Pooled layers of a
+    multiple-choice model see one number of choices per batch, which may change from batch to
+    batch. One document per batch needs no split: exact against brute force."""
     torch.manual_seed(seeds.offset(20))
     model = _RoutedExperts().double()
     g = torch.Generator().manual_seed(seeds.offset(21))
     train = [{"input_ids": torch.randint(1, 30, (6,), generator=g)} for _ in range(32)]
     query = [{"input_ids": torch.randint(1, 30, (6,), generator=g)} for _ in range(2)]
     engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
-    # 8 batches of 4 documents: an expert's rows are a multiple of 4 in a batch about one time
-    # in four (else the split is refused at once), the same multiple in all 8 almost never
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the first batch's (if its rows were a multiple of 4)
-        with pytest.raises(CaptureError, match=r"module 'experts\.\d'.*routed .*mixture-of-experts"):
-            engine.fit_factors(train, fisher="empirical", batch_size=4)
-    with pytest.warns(UserWarning, match=r"'experts\.0' sees 2 input rows per document in a batch of 6 tokens.*"
-                                         r"routed mixture-of-experts expert"):
-        fresh = pyinf.InfluenceEngine(_RoutedExperts(), pyinf.CausalLMTask(), progress=False)  # not warned yet
-        with Capture(fresh.model, fresh.modules, fresh.specs, lambda *a: None) as capture:  # 4 of 12 rows routed
-            capture.begin_batch(0, 2, torch.ones(2, 6))
-            capture._as_tokens("experts.0", torch.randn(4, 8), capture._mask)
-            with pytest.raises(CaptureError, match=r"sees 3 input rows per document in batch 0 but 2 in an earlier"):
-                capture._as_tokens("experts.0", torch.randn(6, 8), capture._mask)
+    # 8 batches of 4 documents (24 tokens, 2 experts): a batch passes only if it routes 12
+    # tokens to each expert (about one in six), all 8 almost never
+    with pytest.raises(CaptureError, match=r"module.* 'experts\.\d'.*(routed .*mixture-of-experts|"
+                                           r"mixture-of-experts router)"):
+        engine.fit_factors(train, fisher="empirical", batch_size=4)
+    with Capture(model, engine.modules, engine.specs, lambda *a: None) as capture:
+        capture.begin_batch(0, 2, torch.ones(2, 6))
+        capture._as_tokens("experts.0", torch.randn(4, 8), capture._mask)  # 4 of 12 rows: 2 per document?
+        with pytest.raises(CaptureError, match=r"modules 'experts\.0' and 'experts\.1' see 2 and 4 input rows per "
+                                               r"document in batch 0 \(.*T = 6\)"):
+            capture._as_tokens("experts.1", torch.randn(8, 8), capture._mask)
+        for batch, choices in enumerate((2, 3)):  # pooled multiple choice: k per batch, alike in every layer
+            capture.begin_batch(batch, 2, torch.ones(2, 6))
+            for name in ("experts.0", "experts.1"):
+                assert capture._as_tokens(name, torch.randn(2 * choices, 8), capture._mask).shape == (2, choices, 8)
     _assert_matches_brute_force(model, pyinf.CausalLMTask(), train[:8], query, batch_size=1)
 
 

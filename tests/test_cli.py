@@ -205,6 +205,9 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     shutil.copytree(workdir / "model", workdir / "model-elsewhere")
     elsewhere = [a if a != str(workdir / "model") else str(workdir / "model-elsewhere") for a in score]
     assert run([*elsewhere, "--out", str(workdir / "elsewhere"), "--prepared", prepared]) == 0
+    capsys.readouterr()
+    assert run([*elsewhere, "--out", str(workdir / "whole")]) == 0  # and so does a run resumed from there
+    assert "reusing the queries" in capsys.readouterr().err
     # a shard reading them from there joins the others' run (the weights decide, not their path)
     assert run([*elsewhere, "--out", str(workdir / "sharded"), "--prepared", prepared, "--shard", "1/2"]) == 0
     # a setting of the prepared queries given otherwise is refused, not ignored; the same one is fine
@@ -225,7 +228,8 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     # the queries a directory's scores were computed against are not replaced: the run could
     # not be resumed after
     saved = (workdir / "whole" / "queries.safetensors").read_bytes()
-    with pytest.raises(ValueError, match=r"whole holds scores of other queries \(.*seed: 0 there, 1 now"):
+    with pytest.raises(ValueError, match=r"whole holds scores of other queries \(.*weights: fingerprint .* "
+                                         r"\(seed: 0 there, 1 now\)"):
         run([*score, "--seed", "1", "--out", str(workdir / "whole")])
     assert "reusing the queries" not in capsys.readouterr().err
     assert (workdir / "whole" / "queries.safetensors").read_bytes() == saved

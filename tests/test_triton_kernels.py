@@ -141,11 +141,11 @@ def test_ranks_above_one_launch_go_in_slices(monkeypatch, per_token):
     """A rank above MAX_RANK (128 on a GPU, where one block holding a rank of 1024 needs more
     shared memory than there is) is scored in slices of ranks, summed; grouped layers of
     other ranks (one under the limit, one a whole number of slices) drop out of the later
-    slices. MAX_RANK is lowered here so that small ranks cross it."""
+    slices (a rank of 0 gives zeros). MAX_RANK is lowered here so that small ranks cross it."""
     monkeypatch.setattr(tk_factored, "MAX_RANK", 4)
     n, t, q = 2, 9, 3
     problems = []
-    for d_in, d_out, r in ((7, 5, 11), (6, 4, 3), (5, 8, 8)):
+    for d_in, d_out, r in ((7, 5, 11), (6, 4, 3), (5, 8, 8), (3, 2, 0)):
         acts, grads = _tokens(n, t, d_in, d_out)
         problems.append(dict(acts=acts, grads=grads, left=torch.randn(q, d_out, r, device=DEVICE),
                              right=torch.randn(q, d_in, r, device=DEVICE), mask=_mask(n, t)))

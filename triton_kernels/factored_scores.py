@@ -278,7 +278,7 @@ def _rank_slices(problems: Sequence[dict], per_token: bool, splits: Optional[int
     The slices are views: the factors are not copied."""
     results: List[Optional[torch.Tensor]] = [None] * len(problems)
     for k0 in range(0, max(p["left"].shape[2] for p in problems), MAX_RANK):
-        members = [i for i, p in enumerate(problems) if p["left"].shape[2] > k0]
+        members = [i for i, p in enumerate(problems) if k0 == 0 or p["left"].shape[2] > k0]  # rank 0: zeros
         sliced = [dict(problems[i], left=problems[i]["left"][:, :, k0:k0 + MAX_RANK],
                        right=problems[i]["right"][:, :, k0:k0 + MAX_RANK]) for i in members]
         for i, out in zip(members, factored_scores_grouped(sliced, per_token=per_token, splits=splits)):
