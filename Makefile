@@ -57,9 +57,14 @@ bench-smoke: $(VENV)/.installed-dev
 
 # Wheels a GPU session carries (the GPU image has no registry access): see
 # benchmarks/gpu_session.sh.
+# What the GPU machine (no registry access) needs beyond its image: kronfluence and its one
+# dependency the image lacks (einconv), CUTLASS's headers, and the commit being measured
+# (the machine gets the working tree without .git). Carry .wheelhouse to that machine.
 wheelhouse:
 	mkdir -p .wheelhouse
-	python3 -m pip download -q --no-deps -d .wheelhouse kronfluence==1.0.1 nvidia-cutlass==4.2.0.0
+	python3 -m pip download -q --no-deps -d .wheelhouse kronfluence==1.0.1 einconv==0.1.0 nvidia-cutlass==4.2.0.0
+	git rev-parse --short HEAD > .wheelhouse/REV
+	git diff --quiet HEAD || sed -i 's/$$/+dirty/' .wheelhouse/REV
 
 clean:
 	rm -rf $(VENV) build *.egg-info

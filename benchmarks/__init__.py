@@ -165,6 +165,11 @@ def _version(module_name: str) -> Optional[str]:
 
 
 def _git_rev() -> Optional[str]:
+    """The commit measured: git's, else $PYINF_GIT_REV (the GPU machine gets a copy of the
+    working tree without .git: `make wheelhouse` records the commit in .wheelhouse/REV, which
+    gpu_session.sh exports)."""
+    if os.environ.get("PYINF_GIT_REV"):
+        return os.environ["PYINF_GIT_REV"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,

@@ -225,7 +225,7 @@ def run_kronfluence(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batc
         kmodel = kmodel.float()
     result = run(kmodel, CausalLMTask(tracked_modules=names), names, docs, queries, factor_args=fa, score_args=sa,
                  batch_size=batch_size, query_batch_size=wl.query_batch_size, collate_fn=_collate,
-                 timer=lambda: WallTimer(device))
+                 timer=lambda: WallTimer(device), copy_model=False)  # kmodel is this run's own copy
     out: Dict[str, object] = dict(library="kronfluence", precision=precision, batch_size=batch_size,
                                   factor_args=fa.to_str_dict(), score_args=sa.to_str_dict(),
                                   fit_s=result.fit_seconds, fit_peak_bytes=result.fit_peak_bytes,
@@ -304,9 +304,12 @@ def run_pyinf(model: torch.nn.Module, wl: E2EWorkload, docs, queries, batch_size
     return out
 
 
-def _warm_up(model, wl: E2EWorkload, docs, queries, device, with_pyinf: bool, log=print):
+def _warm_up(model, wl: E2EWorkload, docs, queries, device, with_pyinf: bool, with_kronfluence: bool = True,
+             log=print):
     """One small untimed pass of each library (CUDA context, cuBLAS, Triton JIT/autotune
-    for the batch shapes), so that the timed runs measure steady state."""
+    for the batch shapes), so that the timed runs measure steady state. A library that fails
+    here (kronfluence missing a dependency on the GPU machine) is logged, not raised: the
+    other library's runs must still happen."""
     if device.type != "cuda":
         return
     # every query: the scoring kernels specialise on the query count (Triton compiles an int
@@ -319,7 +322,12 @@ def _warm_up(model, wl: E2EWorkload, docs, queries, device, with_pyinf: bool, lo
                 run_pyinf(model, small, sd, queries, bs, device, log=lambda *_: None)
             except Exception as exc:
                 log(f"[e2e] pyinf warm-up failed: {type(exc).__name__}: {exc}")
-        run_kronfluence(model, small, sd, queries, bs, device, kronfluence_precision(wl.dtype), log=lambda *_: None)
+        if with_kronfluence:
+            try:
+                run_kronfluence(model, small, sd, queries, bs, device, kronfluence_precision(wl.dtype),
+                                log=lambda *_: None)
+            except Exception as exc:
+                log(f"[e2e] kronfluence warm-up failed: {type(exc).__name__}: {exc}")
 
 
 def _guarded(_runs, _result, _what, _log, _device, _fn, *args, **kwargs):
@@ -355,7 +363,7 @@ def run_e2e(wl: E2EWorkload, device: Optional[torch.device] = None, *, log=print
     # Most important first: if the step's time limit stops the section (OutOfTime), what ran
     # is kept and reported, and the rest is listed as not run.
     with until_out_of_time(result["skipped"], what="the rest of the e2e section"):
-        _warm_up(model, wl, docs, queries, device, why_not is None, log)
+        _warm_up(model, wl, docs, queries, device, why_not is None, with_kronfluence, log)
         _library_runs(model, wl, docs, queries, device, runs, result, log, with_pyinf=why_not is None,
                       with_kronfluence=with_kronfluence)
         if with_floor:

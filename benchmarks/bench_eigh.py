@@ -16,7 +16,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from . import sync
+from . import sync, until_out_of_time
 from .shapes import ModelConfig, e2e_workload
 
 WORKERS_FULL = (1, 2, 4, 8)
@@ -66,23 +66,26 @@ def run_eigh(preset: str, device: torch.device, log=print) -> Dict[str, object]:
         f"{n}: {ms:.1f} ms" for n, ms in per_size.items()))
 
     serial = eigendecompose(mats, workers=1)
-    runs = []
-    for workers in workers_list:
-        got = None
+    runs: List[Dict[str, object]] = []
+    skipped: List[Dict[str, object]] = []
+    # the step's time limit keeps the worker counts measured so far (1 first: the base)
+    with until_out_of_time(skipped, what="the remaining worker counts"):
+        for workers in workers_list:
+            got = None
 
-        def call():
-            nonlocal got
-            got = eigendecompose(mats, workers=workers)
+            def call():
+                nonlocal got
+                got = eigendecompose(mats, workers=workers)
 
-        samples = [_wall(call, device)]
-        while len(samples) < reps and samples[0] < LONG_RUN_S:
-            samples.append(_wall(call, device))
-        same = all(torch.equal(got[k][0], serial[k][0]) and torch.equal(got[k][1], serial[k][1]) for k in mats)
-        runs.append(dict(workers=workers, s=statistics.median(samples), min_s=min(samples), reps=len(samples),
-                         identical=same))
-        log(f"[eigh] workers={workers}: {runs[-1]['s']:.3f} s (median of {len(samples)}), same bits: {same}")
-    base = runs[0]["s"]
+            samples = [_wall(call, device)]
+            while len(samples) < reps and samples[0] < LONG_RUN_S:
+                samples.append(_wall(call, device))
+            same = all(torch.equal(got[k][0], serial[k][0]) and torch.equal(got[k][1], serial[k][1]) for k in mats)
+            runs.append(dict(workers=workers, s=statistics.median(samples), min_s=min(samples), reps=len(samples),
+                             identical=same))
+            log(f"[eigh] workers={workers}: {runs[-1]['s']:.3f} s (median of {len(samples)}), same bits: {same}")
+    base = runs[0]["s"] if runs else None
     for r in runs:
         r["speedup"] = base / r["s"] if r["s"] > 0 else None
     return dict(sizes=sizes, n_matrices=len(sizes), per_size_ms={str(k): v for k, v in per_size.items()},
-                sum_of_single_s=sum(per_size[n] for n in sizes) / 1e3, runs=runs)
+                sum_of_single_s=sum(per_size[n] for n in sizes) / 1e3, runs=runs, skipped=skipped)

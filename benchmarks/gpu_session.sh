@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything a GPU session needs. A session now gets 15 device-minutes in all, machine start
 # included, and one command may run 10 minutes: so the default mode, `all`, is ONE call that
-# builds, tests and measures the headline numbers in about 9.5 minutes, each step under its
-# own time limit, writing its logs under $OUT as it goes (what finished comes back even if a
-# later step runs out of time). Run it with the device tool and timeout_s=600, carrying
-# .wheelhouse (prepare it here first: `make wheelhouse`; the GPU image has torch, triton,
+# builds, tests and measures the headline numbers in about 9.5 minutes (PYINF_SESSION_BUDGET,
+# 550 s, from its first line), each step under its own time limit, packing its logs into
+# $OUT/session.tgz as it goes (what finished comes back even if a later step runs out of
+# time). Run it with the device tool and timeout_s=600, carrying .wheelhouse (prepare it here
+# first: `make wheelhouse`, which also records the commit; the GPU image has torch, triton,
 # transformers, pytest, matplotlib but no registry access):
 #   bash benchmarks/gpu_session.sh            # = all: build (sm_90a), GPU tests, ops, grouped, e2e, eigh,
 #                                             #   tune (factored_scores configs, in what time is left)
@@ -17,19 +18,31 @@
 #   bash benchmarks/gpu_session.sh tune      # sweep the Triton launch configs (benchmarks/tune.py)
 # Benchmark steps update the repo copy's benchmarks/RESULTS.md (block cuda-full) and
 # benchmarks/results/cuda-full/ (sections of earlier calls carry over when those files were
-# copied back into the tree) and copy both into $OUT: copy them back into benchmarks/ and
-# commit. After the kernel, grouped and eigh benchmarks, benchmarks.preferences rewrites auto's table
-# and the fit's eigh default from them ($OUT/_preferences.py: copy it to pyinf/ops/). The
-# last lines printed are a summary.
+# copied back into the tree). After the kernel, grouped and eigh benchmarks,
+# benchmarks.preferences rewrites auto's table and the fit's eigh default from them.
+# At most 8 files come back from $OUT: every log and result is written under $LOGS, and after
+# each step $OUT/session.tgz is rebuilt from it (what finished comes back even if a later step
+# is killed); $OUT/summary-<mode>.txt is the summary, also printed last. Unpack session.tgz,
+# then copy RESULTS.md and results/ back into benchmarks/ and _preferences.py into pyinf/ops/.
 set -uo pipefail
+start=$(date +%s)  # the budget counts from here: the wheel install and the build are in it
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pyinf-gpu}
-mkdir -p "$OUT"
+LOGS=${PYINF_SESSION_LOGS:-/tmp/pyinf-session}
+BUDGET=${PYINF_SESSION_BUDGET:-550}  # seconds of this command; the device call is limited to 600
+mkdir -p "$OUT" "$LOGS"
 mode=${1:-all}
 PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1  # a step killed at its limit still leaves every line it printed
 summary="$OUT/summary-$mode.txt"
 : > "$summary"
-note() { echo "$*" | tee -a "$summary"; }
+pack() {  # everything so far into $OUT/session.tgz (renamed into place: never half-written)
+  cp "$summary" "$LOGS/" 2>/dev/null
+  tar -czf "$OUT/session.tgz.part" -C "$LOGS" . 2>/dev/null && mv "$OUT/session.tgz.part" "$OUT/session.tgz"
+}
+note() { echo "$*" | tee -a "$summary"; pack; }
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # cap <seconds>: at most that, at most what is left
 
 note "== $(date -u +%FT%TZ) mode=$mode"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$summary"
@@ -39,30 +52,36 @@ print(f"torch {torch.__version__} cuda {torch.version.cuda} triton {triton.__ver
 PY
 
 if ls .wheelhouse/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps .wheelhouse/*.whl > "$OUT/wheels.log" 2>&1 || note "wheel install failed (see wheels.log)"
+  $PY -m pip install -q --no-index --no-deps .wheelhouse/*.whl > "$LOGS/wheels.log" 2>&1 || note "wheel install failed (see wheels.log)"
+  [ -f .wheelhouse/REV ] && export PYINF_GIT_REV=${PYINF_GIT_REV:-$(cat .wheelhouse/REV)}
+else
+  note "NO .wheelhouse: kronfluence (e2e baseline) and CUTLASS's headers (the sm90 kernel) are missing; run \`make wheelhouse\` and carry .wheelhouse"
 fi
-start=$(date +%s)
+$PY -c "import kronfluence" > "$LOGS/kronfluence-import.log" 2>&1 \
+  && note "kronfluence: imports" || note "kronfluence: DOES NOT IMPORT (kronfluence-import.log): the e2e baseline is skipped"
+note "commit: ${PYINF_GIT_REV:-unknown}"
 # `all` builds for the Hopper chip at hand only (half the compile time); `check` builds the
 # default architectures, the portable sm_80 path included.
 archs=${PYINF_CUDA_ARCHS:-}; [ "$mode" = all ] && archs=${archs:-90a}
-PYINF_CUDA_ARCHS=$archs PYINF_CUDA=1 PYINF_BUILD_JOBS=16 timeout 240 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-  && note "build: ok in $(( $(date +%s) - start )) s" || { note "build: FAILED (build.log)"; tail -30 "$OUT/build.log"; exit 1; }
+PYINF_CUDA_ARCHS=$archs PYINF_CUDA=1 PYINF_BUILD_JOBS=16 timeout 240 $PY -m pip install --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1 \
+  && note "build: ok in $(( $(date +%s) - start )) s" || { note "build: FAILED (build.log)"; tail -30 "$LOGS/build.log"; exit 1; }
 $PY -m pyinf backends | tee -a "$summary"
 
 bench() {  # bench <seconds> <log name> <benchmarks.run arguments...>
   local limit=$1 name=$2; shift 2
   # SIGTERM at the limit: benchmarks.run keeps and writes what it measured (rc 124); -k: killed
   # 20 s later if writing hangs.
-  timeout -k 20 "$limit" $PY -m benchmarks.run --tag cuda-full --out benchmarks/results/cuda-full "$@" > "$OUT/bench-$name.txt" 2>&1
-  note "benchmarks $name ($*): rc=$? after $(( $(date +%s) - start )) s"
-  mkdir -p "$OUT/results"
-  cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
-  cp benchmarks/results/cuda-full/* "$OUT/results/" 2>/dev/null
+  timeout -k 20 "$limit" $PY -m benchmarks.run --tag cuda-full --out benchmarks/results/cuda-full "$@" > "$LOGS/bench-$name.txt" 2>&1
+  local rc=$?
+  mkdir -p "$LOGS/results"
+  cp benchmarks/RESULTS.md "$LOGS/RESULTS.md"
+  cp benchmarks/results/cuda-full/* "$LOGS/results/" 2>/dev/null
+  note "benchmarks $name ($*): rc=$rc after $(( $(date +%s) - start )) s"
 }
 
 prefs() {  # auto's table and the fit's eigh default from the measurements so far
-  $PY -m benchmarks.preferences benchmarks/results/cuda-full/results.json --write > "$OUT/preferences.txt" 2>&1 \
-    && cp pyinf/ops/_preferences.py "$OUT/_preferences.py"; note "preferences: $(tail -1 "$OUT/preferences.txt")"
+  $PY -m benchmarks.preferences benchmarks/results/cuda-full/results.json --write > "$LOGS/preferences.txt" 2>&1 \
+    && cp pyinf/ops/_preferences.py "$LOGS/_preferences.py"; note "preferences: $(tail -1 "$LOGS/preferences.txt")"
 }
 
 case "$mode" in
@@ -70,67 +89,66 @@ case "$mode" in
     # 1a. The native Hopper kernel (never run before its first GPU session), alone and under a
     #     short limit: if it fails or hangs, its benchmark variants are skipped below instead of
     #     hanging the session. Its compile-only check (nvcc, ~20 s) is left to CI.
-    timeout 60 $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_native_sm90.py -k "not compiles_to_wgmma" \
-      > "$OUT/tests-sm90.txt" 2>&1
+    timeout "$(cap 60)" $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_native_sm90.py -k "not compiles_to_wgmma" \
+      > "$LOGS/tests-sm90.txt" 2>&1
     rc=$?
-    note "sm90 tests: rc=$rc $(grep -cE ' PASSED' "$OUT/tests-sm90.txt") passed, $(grep -cE ' (FAILED|ERROR)' "$OUT/tests-sm90.txt") failed"
+    note "sm90 tests: rc=$rc $(grep -cE ' PASSED' "$LOGS/tests-sm90.txt") passed, $(grep -cE ' (FAILED|ERROR)' "$LOGS/tests-sm90.txt") failed"
     [ "$rc" -eq 0 ] || { export PYINF_BENCH_SKIP_SM90=1; note "sm90: its benchmark variants are skipped"; }
     # 1b. Every other CUDA kernel against the references (verbose, so a partial log still says
     #     which passed). The compile-only checks (nvcc, cmake) are CI's: no GPU time for them.
-    timeout 110 $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_triton_kernels.py tests/test_native.py \
+    timeout "$(cap 90)" $PY -m pytest -v --tb=short -p no:cacheprovider tests/test_triton_kernels.py tests/test_native.py \
       tests/test_ops.py tests/test_backends_pipeline.py tests/test_eigen.py \
-      -k "(cuda or not cpu) and not compile_lean and not c_api_program and not compile_for_h100" > "$OUT/tests.txt" 2>&1
-    note "tests: rc=$? $(grep -cE ' PASSED' "$OUT/tests.txt") passed, $(grep -cE ' (FAILED|ERROR)' "$OUT/tests.txt") failed, after $(( $(date +%s) - start )) s"
-    grep -E " (FAILED|ERROR)" "$OUT/tests.txt" | head -20 | tee -a "$summary"
+      -k "(cuda or not cpu) and not compile_lean and not c_api_program and not compile_for_h100" > "$LOGS/tests.txt" 2>&1
+    note "tests: rc=$? $(grep -cE ' PASSED' "$LOGS/tests.txt") passed, $(grep -cE ' (FAILED|ERROR)' "$LOGS/tests.txt") failed, after $(( $(date +%s) - start )) s"
+    grep -E " (FAILED|ERROR)" "$LOGS/tests.txt" | head -20 | tee -a "$summary"
     # 2. The headline kernels at the GPT-2 and Llama shapes, all backends side by side.
-    bench 150 ops --only ops --ops factored_scores,eigen_correction,self_influence,factored_scores_per_token --workloads gpt2,llama
-    # 2b. All 24 MLP layers of GPT-2 in one grouped call against per-layer loops (issue 3's
-    #     grouped target; the native backend's grouped launch, row 28).
-    bench 45 grouped --only grouped
+    bench "$(cap 140)" ops --only ops --ops factored_scores,eigen_correction,self_influence,factored_scores_per_token --workloads gpt2,llama
+    # 3. End to end against kronfluence (bf16 presets, batch 8 and 32, floor at 32), before the
+    #    shorter steps: it holds issue 5's headline, and 45 s stay for the grouped step.
+    limit=$(( $(cap 220) - 45 ))
+    [ "$limit" -gt 60 ] && bench "$limit" e2e --only e2e --e2e-quick || note "e2e: no time left"
+    tail -30 "$LOGS/bench-e2e.txt" 2>/dev/null
+    # 4. All 24 MLP layers of GPT-2 in one grouped call against per-layer loops (issue 3's
+    #    grouped target; the native backend's grouped launch, row 28).
+    [ "$(left)" -gt 25 ] && bench "$(cap 45)" grouped --only grouped || note "grouped: no time left"
     # auto's table from these measurements (copied back as pyinf/ops/_preferences.py)
     prefs
-    # 3. End to end against kronfluence (bf16 presets, batch 8 and 32, floor at 32).
-    remaining=$(( 570 - ($(date +%s) - start) ))
-    limit=$(( remaining > 220 ? 220 : remaining ))
-    [ "$limit" -gt 60 ] && bench "$limit" e2e --only e2e --e2e-quick || note "e2e: no time left"
-    tail -30 "$OUT/bench-e2e.txt" 2>/dev/null
-    # 4. The fit's eigendecompositions one after another and over 2/4/8 streams (row 21).
-    remaining=$(( 570 - ($(date +%s) - start) ))
-    [ "$remaining" -gt 40 ] && bench $(( remaining > 75 ? 75 : remaining )) eigh --only eigh || note "eigh: no time left"
-    grep -E "^\[eigh\]" "$OUT/bench-eigh.txt" 2>/dev/null | tee -a "$summary"
+    # 5. The fit's eigendecompositions one after another and over 2/4/8 streams (row 21).
+    [ "$(left)" -gt 40 ] && bench "$(cap 75)" eigh --only eigh || note "eigh: no time left"
+    grep -E "^\[eigh\]" "$LOGS/bench-eigh.txt" 2>/dev/null | tee -a "$summary"
     prefs  # again, now with the eigh section (EIGH_WORKERS)
-    # 5. What time is left: the factored_scores launch configs (benchmarks.tune).
-    remaining=$(( 570 - ($(date +%s) - start) ))
+    # 6. What time is left: the factored_scores launch configs (benchmarks.tune).
+    remaining=$(left)
     if [ "$remaining" -gt 45 ]; then
       timeout "$remaining" $PY -m benchmarks.tune --kernels factored_scores --workloads gpt2,llama \
-        --max-seconds $(( remaining - 25 )) --out "$OUT/tune" > "$OUT/tune.txt" 2>&1
-      note "tune: rc=$? $(grep -E 'best bf16' "$OUT/tune.txt")"
+        --max-seconds $(( remaining - 25 )) --out "$LOGS/tune" > "$LOGS/tune.txt" 2>&1
+      note "tune: rc=$? $(grep -E 'best bf16' "$LOGS/tune.txt")"
     fi
     ;;
   tune)
-    timeout 560 $PY -m benchmarks.tune --max-seconds 500 --out "$OUT/tune" > "$OUT/tune.txt" 2>&1
-    note "tune: rc=$?"; grep -E "best bf16|nothing measured" "$OUT/tune.txt" | tee -a "$summary"
+    timeout 560 $PY -m benchmarks.tune --max-seconds 500 --out "$LOGS/tune" > "$LOGS/tune.txt" 2>&1
+    note "tune: rc=$?"; grep -E "best bf16|nothing measured" "$LOGS/tune.txt" | tee -a "$summary"
     ;;
   check)
     timeout 420 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_triton_kernels.py tests/test_native.py tests/test_native_sm90.py \
-      tests/test_backends_pipeline.py tests/test_pipeline.py tests/test_fused_ce.py > "$OUT/tests.txt" 2>&1
-    note "tests: $(tail -1 "$OUT/tests.txt")"
-    grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | head -20 | tee -a "$summary"
-    $PY -m benchmarks.sanitize > "$OUT/sanitize-plain.txt" 2>&1; note "sanitize (no tool): rc=$?"
+      tests/test_backends_pipeline.py tests/test_pipeline.py tests/test_fused_ce.py > "$LOGS/tests.txt" 2>&1
+    note "tests: $(tail -1 "$LOGS/tests.txt")"
+    grep -E "^(FAILED|ERROR)" "$LOGS/tests.txt" | head -20 | tee -a "$summary"
+    $PY -m benchmarks.sanitize > "$LOGS/sanitize-plain.txt" 2>&1; note "sanitize (no tool): rc=$?"
     for tool in memcheck racecheck; do
       timeout 120 compute-sanitizer --tool $tool --print-limit 20 $PY -m benchmarks.sanitize native native-fma native-sm90 native-sm90-wait0 native-sm90-ws \
-        > "$OUT/sanitizer-$tool-native.txt" 2>&1
-      note "compute-sanitizer $tool native: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-$tool-native.txt" | tail -1)"
+        > "$LOGS/sanitizer-$tool-native.txt" 2>&1
+      note "compute-sanitizer $tool native: rc=$? $(grep -E 'ERROR SUMMARY' "$LOGS/sanitizer-$tool-native.txt" | tail -1)"
     done
     timeout 120 compute-sanitizer --tool memcheck --print-limit 20 $PY -m benchmarks.sanitize triton \
-      > "$OUT/sanitizer-memcheck-triton.txt" 2>&1
-    note "compute-sanitizer memcheck triton: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-memcheck-triton.txt" | tail -1)"
+      > "$LOGS/sanitizer-memcheck-triton.txt" 2>&1
+    note "compute-sanitizer memcheck triton: rc=$? $(grep -E 'ERROR SUMMARY' "$LOGS/sanitizer-memcheck-triton.txt" | tail -1)"
     ;;
   ops|e2e|eigh|scaling)
     sections=$mode; [ "$mode" = ops ] && sections=ops,grouped,head
     bench 540 "$mode" --only "$sections"
     if [ "$mode" = ops ] || [ "$mode" = eigh ]; then prefs; fi
-    tail -40 "$OUT/bench-$mode.txt"
+    tail -40 "$LOGS/bench-$mode.txt"
     ;;
   *) note "unknown mode $mode"; exit 2 ;;
 esac

@@ -90,9 +90,12 @@ def kronfluence_arguments(*, fisher: str = "empirical", rank: Optional[int] = 32
 def run_kronfluence(model: nn.Module, task, tracked_modules: List[str], train_data, query_data, *,
                     factor_args=None, score_args=None, batch_size: int = 8, query_batch_size: int = 8,
                     collate_fn: Optional[Callable] = None, output_dir: Optional[str] = None,
-                    timer: Callable[[], object] = _Timer) -> KronfluenceRun:
+                    timer: Callable[[], object] = _Timer, copy_model: bool = True) -> KronfluenceRun:
     """Fits EK-FAC factors and computes pairwise scores with kronfluence (arguments from
-    :func:`kronfluence_arguments` unless given), timing each phase with `timer()`."""
+    :func:`kronfluence_arguments` unless given), timing each phase with `timer()`.
+    kronfluence wraps the model's modules in place: it gets a copy, unless ``copy_model=False``
+    (a caller whose model is already a private copy: the timed peak memory then holds one
+    model, as pyinf's does)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.utils.dataset import DataLoaderKwargs
 
@@ -100,7 +103,7 @@ def run_kronfluence(model: nn.Module, task, tracked_modules: List[str], train_da
         fa, sa = kronfluence_arguments()
         factor_args, score_args = factor_args or fa, score_args or sa
     ktask = as_kronfluence_task(task, tracked_modules)
-    kmodel = prepare_model(copy.deepcopy(model), ktask)
+    kmodel = prepare_model(copy.deepcopy(model) if copy_model else model, ktask)
     device = next(model.parameters()).device
     with tempfile.TemporaryDirectory(prefix="pyinf-kronfluence-", dir=output_dir) as out:
         analyzer = Analyzer("pyinf_compare", kmodel, ktask, cpu=device.type == "cpu", disable_tqdm=True,

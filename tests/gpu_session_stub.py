@@ -29,6 +29,13 @@ def main(args):
             _fail(args, f"heredoc does not compile: {exc}")
         _log(dict(args=args))
         return 0
+    if len(args) == 2 and args[0] == "-c":  # a one-liner: it must compile (it is not run)
+        try:
+            compile(args[1], "<-c>", "exec")
+        except SyntaxError as exc:
+            _fail(args, f"-c does not compile: {exc}")
+        _log(dict(args=args))
+        return 0
     if len(args) < 2 or args[0] != "-m":
         _fail(args, "expected 'python -m MODULE ...' or 'python -'")
     module, rest = args[1], args[2:]

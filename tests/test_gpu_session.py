@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import tarfile
 import sys
 
 import pytest
@@ -37,6 +38,7 @@ shift 2
 "$@" && echo "========= ERROR SUMMARY: 0 errors"
 """)
     env = dict(os.environ, PYTHON=str(fake_python), OUT=str(tmp_path / "out"), STUB_LOG=str(tmp_path / "calls.jsonl"),
+               PYINF_SESSION_LOGS=str(tmp_path / "logs"),
                PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=ROOT)
     env.pop("PYINF_CUDA_ARCHS", None)
     return tmp_path, env
@@ -54,13 +56,13 @@ def _modules(calls):
 
 
 EXPECTED = {
-    "all": ["-", "pip", "pyinf", "pytest", "pytest", "benchmarks.run", "benchmarks.run", "benchmarks.preferences",
-            "benchmarks.run", "benchmarks.run", "benchmarks.preferences", "benchmarks.tune"],
-    "check": ["-", "pip", "pyinf", "pytest", "benchmarks.sanitize", "benchmarks.sanitize", "benchmarks.sanitize",
-              "benchmarks.sanitize"],
-    "ops": ["-", "pip", "pyinf", "benchmarks.run", "benchmarks.preferences"],
-    "eigh": ["-", "pip", "pyinf", "benchmarks.run", "benchmarks.preferences"],  # the branch e2e and scaling take
-    "tune": ["-", "pip", "pyinf", "benchmarks.tune"],
+    "all": ["-", "-c", "pip", "pyinf", "pytest", "pytest", "benchmarks.run", "benchmarks.run", "benchmarks.run",
+            "benchmarks.preferences", "benchmarks.run", "benchmarks.preferences", "benchmarks.tune"],
+    "check": ["-", "-c", "pip", "pyinf", "pytest", "benchmarks.sanitize", "benchmarks.sanitize",
+              "benchmarks.sanitize", "benchmarks.sanitize"],
+    "ops": ["-", "-c", "pip", "pyinf", "benchmarks.run", "benchmarks.preferences"],
+    "eigh": ["-", "-c", "pip", "pyinf", "benchmarks.run", "benchmarks.preferences"],  # the branch e2e and scaling take
+    "tune": ["-", "-c", "pip", "pyinf", "benchmarks.tune"],
 }
 
 
@@ -75,9 +77,15 @@ def test_every_command_of_the_session_takes_its_arguments(mode, fake_machine):
     assert _modules(calls) == EXPECTED[mode], calls
     summary = (tmp_path / "out" / f"summary-{mode}.txt").read_text()
     assert "build: ok" in summary and "FAILED" not in summary
+    # at most 8 files come back from $OUT: the summary and one archive of every log and result
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["session.tgz", f"summary-{mode}.txt"]
+    with tarfile.open(tmp_path / "out" / "session.tgz") as tar:
+        names = tar.getnames()
+    assert f"./summary-{mode}.txt" in names and "./build.log" in names
     if mode == "all":
         sections = [c["args"][c["args"].index("--only") + 1] for c in calls if "--only" in c["args"]]
-        assert sections == ["ops", "grouped", "e2e", "eigh"]
+        assert sections == ["ops", "e2e", "grouped", "eigh"]  # e2e (issue 5's headline) before the short steps
+        assert "RESULTS.md" in " ".join(names) and "kronfluence: imports" in summary
 
 
 def test_a_bad_argument_is_caught(tmp_path, monkeypatch):
