@@ -87,22 +87,12 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-# keys whose tensor has one row per document in Hugging Face-style batches
-_DOCUMENT_KEYS = ("input_ids", "attention_mask", "labels", "inputs_embeds", "pixel_values")
-
-
 def count_documents(batch: Any, mask: Optional[torch.Tensor]) -> int:
-    """Documents in a batch: the mask's first dimension; else, in a mapping, that of its
-    ``input_ids`` (or another key of :data:`_DOCUMENT_KEYS`), which a tensor shared by the
-    batch's documents (``position_ids`` of shape ``[1, T]``, a ``[H, T, T]`` bias) may precede;
-    else the first tensor's. A task whose batches hold shared tensors first, under other
-    keys, should give a mask (:meth:`pyinf.Task.get_attention_mask`)."""
+    """Documents in a batch: the mask's first dimension, else the first tensor's. (A first
+    tensor shared by the documents, ``position_ids [1, T]``, says 1: the runner then asks the
+    loader how many examples it batched, :func:`batch_sizes`.)"""
     if mask is not None:
         return int(mask.shape[0])
-    if hasattr(batch, "keys") and hasattr(batch, "__getitem__"):
-        for key in _DOCUMENT_KEYS:
-            if key in batch.keys() and isinstance(batch[key], torch.Tensor) and batch[key].dim() > 0:
-                return int(batch[key].shape[0])
     stack = [batch]
     while stack:
         item = stack.pop(0)
@@ -115,3 +105,17 @@ def count_documents(batch: Any, mask: Optional[torch.Tensor]) -> int:
         elif hasattr(item, "keys") and hasattr(item, "__getitem__"):
             stack.extend(item[k] for k in item.keys())
     raise ValueError("cannot tell how many documents a batch holds: it has no tensor and the task gives no mask")
+
+
+def batch_sizes(loader) -> Optional[Callable[[int], int]]:
+    """For a loader over a map-style dataset in index order, batch ``i``'s number of examples
+    (the documents, whatever the collate function puts first); else None. Worked out from the
+    sizes, not by iterating the sampler (a random one would draw from torch's generator)."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset) or not in_order(loader):
+        return None
+    size = loader.batch_sampler.batch_size if loader.batch_sampler is not None else 1
+    try:
+        n = len(loader.batch_sampler.sampler) if loader.batch_sampler is not None else len(loader.sampler)
+    except TypeError:
+        return None
+    return lambda i: max(0, min(size, n - i * size))

@@ -89,6 +89,7 @@ def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[
     n_seen = 0
     with eval_mode(model), no_attention_fastpath(), Capture(model, modules, specs, consumer) as capture:
         total = len(loader) if hasattr(loader, "__len__") else None
+        sizes = data_mod.batch_sizes(loader)  # examples per batch, when the loader can say
         # An iterator, not the loader: tqdm.auto would create two DataLoader iterators,
         # each drawing from torch's RNG, and seeded true-Fisher samples would then depend
         # on whether batches are prefetched.
@@ -108,6 +109,10 @@ def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[
                     n_docs = data_mod.count_documents(batch, first)
                 else:
                     n_docs = data_mod.count_documents(batch, mask)
+                    if mask is None and n_docs == 1 and sizes is not None:
+                        # a first tensor shared by the batch's documents ([1, T] position_ids):
+                        # the loader says how many examples it batched
+                        n_docs = max(1, sizes(batch_index))
                 where = f"batch {batch_index} (documents {n_seen} to {n_seen + n_docs - 1} in the loader's order)"
                 capture.begin_batch(batch_index, n_docs, per_module_masks if per_module_masks is not None else mask)
                 if on_batch_start is not None:

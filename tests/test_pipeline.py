@@ -354,25 +354,34 @@ def test_dataloader_input_matches_dataset_input(gpt2_fp32):
 
 
 class _BroadcastFirstTask(MLPTask):
-    """Hugging Face-style batches (an OrderedDict here) whose first tensor is shared by the
-    documents (``position_ids`` [1, d]); the task gives no mask, so the documents are counted
-    from the batch's tensors. (MLP inputs under the keys of token batches.)"""
+    """Batches (OrderedDicts) whose first tensor is shared by the documents (``scale [1, d]``,
+    as ``position_ids [1, T]`` often is); the task gives no mask."""
 
     def compute_train_loss(self, batch, model, sample=False):
         assert type(batch).__name__ == "OrderedDict"  # the loader's batch type reaches the task
-        return super().compute_train_loss((batch["input_ids"] * batch["position_ids"], batch["labels"]), model,
-                                          sample)
+        return super().compute_train_loss((batch["x"] * batch["scale"], batch["y"]), model, sample)
 
 
 def _broadcast_first_collate(items):
     from collections import OrderedDict
     x, y = torch.utils.data.default_collate(items)
-    return OrderedDict(position_ids=torch.ones(1, x.shape[1], dtype=x.dtype), input_ids=x, labels=y)
+    return OrderedDict(scale=torch.ones(1, x.shape[1], dtype=x.dtype), x=x, y=y)
+
+
+def _shared_after_collate(items):  # a one-document batch may come last: its shared tensor follows
+    x, y = torch.utils.data.default_collate(items)
+    return (x, y, torch.ones(5, dtype=x.dtype))
+
+
+class _SharedAfterTask(MLPTask):
+    def compute_train_loss(self, batch, model, sample=False):
+        return super().compute_train_loss(batch[:2], model, sample)
 
 
 def test_a_tensor_shared_by_the_documents_does_not_count_as_them():
-    """A leading [1, ...] tensor once made each batch one document (7 documents gave 3 rows);
-    a one-document batch with a shared [T] or [H, T, T] tensor after its input is still one."""
+    """A leading [1, ...] tensor made each batch one document (7 documents gave 3 score rows):
+    the loader says how many examples it batched. A one-document batch whose shared tensor
+    comes after its inputs ([T]) stays one document."""
     torch.manual_seed(seeds.offset(4))
     model = TinyMLP().double()
     train, query = RegressionDataset(7, seed=5, dtype=torch.float64), RegressionDataset(3, seed=6, dtype=torch.float64)
@@ -380,20 +389,23 @@ def test_a_tensor_shared_by_the_documents_does_not_count_as_them():
     factors = plain.fit_factors(train, fisher="empirical", batch_size=3)
     expected = plain.pairwise_scores(train, plain.prepare_queries(query, factors, rank=None), batch_size=3)
 
-    engine = pyinf.InfluenceEngine(model, _BroadcastFirstTask(), progress=False)
-    loader = lambda data: torch.utils.data.DataLoader(data, batch_size=3, collate_fn=_broadcast_first_collate)  # noqa: E731
-    factors2 = engine.fit_factors(loader(train), fisher="empirical")
-    assert factors2.meta["n_examples"] == 7
-    scores = engine.pairwise_scores(loader(train), engine.prepare_queries(loader(query), factors2, rank=None))
-    assert scores.shape == (7, 3)
-    assert _rel(scores, expected) < 1e-10
+    for task, collate in ((_BroadcastFirstTask(), _broadcast_first_collate), (_SharedAfterTask(), _shared_after_collate)):
+        engine = pyinf.InfluenceEngine(model, task, progress=False)
+        loader = lambda data: torch.utils.data.DataLoader(data, batch_size=3, collate_fn=collate)  # noqa: E731
+        factors2 = engine.fit_factors(loader(train), fisher="empirical")
+        assert factors2.meta["n_examples"] == 7
+        scores = engine.pairwise_scores(loader(train), engine.prepare_queries(loader(query), factors2, rank=None))
+        assert scores.shape == (7, 3)
+        assert _rel(scores, expected) < 1e-10
 
-    from pyinf.data import count_documents
-    ids = torch.zeros(1, 5, dtype=torch.long)
-    assert count_documents({"input_ids": ids, "position_ids": torch.arange(5)}, None) == 1
-    assert count_documents({"position_ids": torch.arange(5)[None], "input_ids": ids.expand(4, 5)}, None) == 4
-    assert count_documents((torch.zeros(1, 3), torch.zeros(2, 8, 8)), None) == 1  # the first tensor's
-    assert count_documents({"input_ids": ids.expand(4, 5)}, torch.ones(2, 5)) == 2  # a mask decides
+
+def test_a_loader_that_drops_its_last_batch_is_named(gpt2_fp32):
+    engine, factors, train, query = gpt2_fp32
+    queries = engine.prepare_queries(query, factors, rank=3)
+    loader = torch.utils.data.DataLoader(train, batch_size=4, drop_last=True, collate_fn=engine.task.collate_fn)
+    with pytest.warns(UserWarning, match=f"drops its last {len(train) % 4} examples"):
+        scores = engine.pairwise_scores(loader, queries)
+    assert scores.shape[0] == len(train) - len(train) % 4
 
 
 def test_per_module_masks_match_one_shared_mask(gpt2_fp32):
