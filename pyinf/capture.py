@@ -22,6 +22,7 @@ the layer's own layout (pooled, flattened or sequence-first: see :meth:`Capture.
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 import weakref
 from typing import Callable, Dict, List, Optional
@@ -131,6 +132,16 @@ def _stock_forward(module: nn.Module) -> bool:
     return cls.forward is nn.Linear.forward
 
 
+def _is_expert(name: str) -> bool:
+    """Whether a module's name places it in a mixture-of-experts layer's experts (``experts.3``,
+    ``experts.expert_1.wi``; a shared expert, which sees every token, is not): such a layer
+    runs on the tokens routed to it, which cannot be told apart from other flattened rows."""
+    return any(_EXPERT_PART.match(part) for part in name.split("."))
+
+
+_EXPERT_PART = re.compile(r"^experts?(_?\d+)?$")
+
+
 def _declared_batch_first(by_name: Dict[str, nn.Module], name: str) -> Optional[bool]:
     """The layout that the nearest enclosing module declares for the layer's inputs: its
     ``batch_first`` flag (nn.Transformer, nn.MultiheadAttention, or any module of the model
@@ -201,7 +212,7 @@ class Capture:
         self._mask_used: set = set()  # layers of the batch that the mask applied to
         self._mask_missed: List[tuple] = []  # (name, token rows) of per-token layers it did not fit
         self._n_docs = 0
-        self._rows_per_doc: Dict[str, int] = {}  # this batch's layers read as k flattened rows per document
+        self._experts = {n for n in modules if _is_expert(n)}
         self._batch_index = -1
         self._nonfinite: List[tuple] = []
         self.anchor: Optional[torch.Tensor] = None
@@ -269,7 +280,6 @@ class Capture:
             self._mask = None if mask is None else self._checked_mask(mask, "")
         self._mask_used.clear()
         self._mask_missed.clear()
-        self._rows_per_doc.clear()
         self._nonfinite.clear()
         for site in self.sites.values():
             site.calls = 0
@@ -327,9 +337,14 @@ class Capture:
                                 f"batch's {b} documents: {why}")
 
         if t.dim() == 2:
+            if name in self._experts and b > 1 and (mask is None or t.shape[0] != b * mask.shape[1]):
+                # the rows of the tokens routed to it, which a reshape would deal out to the
+                # documents by count (with or without k rows per document: silently wrong)
+                raise fail(f"it is a mixture-of-experts expert (by its name) and sees {t.shape[0]} rows, not the "
+                           f"batch's tokens{f' (B*T = {b}*{mask.shape[1]})' if mask is not None else ''}: the "
+                           f"tokens routed to it cannot be split into documents; leave the experts out of the "
+                           f"tracked modules, or use batches of one document")
             if t.shape[0] == b:
-                if b > 1 and mask is not None and mask.shape[1] > 1:  # (an expert given B of the tokens)
-                    self._check_rows_per_document(name, 1, mask.shape[1])
                 return t.unsqueeze(1)
             if t.shape[0] % b:
                 raise fail("its rows are not a multiple of B" + (
@@ -337,8 +352,6 @@ class Capture:
                     f"routed to it by a mixture-of-experts router, cannot be split)" if mask is not None else ""))
             # batch-major: B*T token rows (the mask then applies), or k rows per document (k
             # sequences per document, e.g. multiple choice: the mask does not fit and is not applied)
-            if b > 1 and mask is not None and t.shape[0] != b * mask.shape[1]:
-                self._check_rows_per_document(name, t.shape[0] // b, mask.shape[1])
             return t.reshape(b, -1, t.shape[-1])
         if t.dim() < 2:
             raise fail("a layer's input needs a feature dimension")
@@ -357,22 +370,6 @@ class Capture:
             return t.transpose(0, 1).reshape(b, -1, t.shape[-1])
         raise fail("neither batch-first [B, T, ..., d], batch-major [B*k, T, ..., d] nor sequence-first "
                    "[T, B, ..., d]")
-
-    def _check_rows_per_document(self, name: str, k: int, tokens: int) -> None:
-        """A flattened input of k rows per document that are not its T tokens: k sequences
-        per document (multiple choice, pooled), which every such layer of a batch sees alike,
-        or rows of a layer that runs on a subset of the tokens (a routed mixture-of-experts
-        expert), which cannot be split into documents at all. Experts of one batch get
-        different numbers of tokens: two such layers with different k in one batch are refused.
-        (An expert whose row count is no multiple of B is refused by :meth:`_as_tokens`.)"""
-        for other, k_other in self._rows_per_doc.items():
-            if k_other != k and other != name:
-                raise CaptureError(
-                    f"modules {other!r} and {name!r} see {k_other} and {k} input rows per document in batch "
-                    f"{self._batch_index} (neither one row per document nor one per token, T = {tokens}): layers "
-                    f"that run on the tokens routed to them (mixture-of-experts experts) cannot be split into "
-                    f"documents; leave them out of the tracked modules, or use batches of one document")
-        self._rows_per_doc[name] = k
 
     def _ambiguous_layout_is_batch_major(self, name: str, t: torch.Tensor) -> bool:
         """The layout of a ``[k*B, B, ..., d]`` tensor (k >= 1): see :meth:`_as_tokens`."""

@@ -277,32 +277,39 @@ class _RoutedExperts(nn.Module):
 def test_routed_experts_are_refused_in_batches_and_exact_one_document_at_a_time():
     """An expert's [routed rows, d] input was split into documents by a reshape whenever the
     row count was a multiple of B: silently mixed documents (0.5-1x relative error on
-    unpadded documents). Experts of one batch get different numbers of rows per document
-    (or a count that is no multiple of B): refused, naming the modules. Pooled layers of a
-    multiple-choice model see one number of choices per batch, which may change from batch to
-    batch. One document per batch needs no split: exact against brute force."""
+    unpadded documents). A module named as an expert (``experts.0``, ``experts.expert_1.wi``)
+    whose flattened input is not the batch's tokens is refused, naming it; other modules keep
+    the k-rows-per-document reading (pooled multiple choice, a number of choices that changes
+    from batch to batch, layers at different stages with different k). One document per batch
+    needs no split: exact against brute force."""
     torch.manual_seed(seeds.offset(20))
     model = _RoutedExperts().double()
     g = torch.Generator().manual_seed(seeds.offset(21))
-    train = [{"input_ids": torch.randint(1, 30, (6,), generator=g)} for _ in range(32)]
+    train = [{"input_ids": torch.randint(1, 30, (6,), generator=g)} for _ in range(8)]
     query = [{"input_ids": torch.randint(1, 30, (6,), generator=g)} for _ in range(2)]
     engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
-    # 8 batches of 4 documents (24 tokens, 2 experts): a batch passes only if it routes 12
-    # tokens to each expert (about one in six), all 8 almost never
-    with pytest.raises(CaptureError, match=r"module.* 'experts\.\d'.*(routed .*mixture-of-experts|"
-                                           r"mixture-of-experts router)"):
-        engine.fit_factors(train, fisher="empirical", batch_size=4)
+    assert {"experts.0", "experts.1"} <= set(engine.modules)  # tracked by default
+    with pytest.raises(CaptureError, match=r"module 'experts\.\d': .*it is a mixture-of-experts expert \(by its "
+                                           r"name\) and sees \d+ rows, not the batch's tokens \(B\*T = 2\*6\)"):
+        engine.fit_factors(train, fisher="empirical", batch_size=2)
     with Capture(model, engine.modules, engine.specs, lambda *a: None) as capture:
         capture.begin_batch(0, 2, torch.ones(2, 6))
-        capture._as_tokens("experts.0", torch.randn(4, 8), capture._mask)  # 4 of 12 rows: 2 per document?
-        with pytest.raises(CaptureError, match=r"modules 'experts\.0' and 'experts\.1' see 2 and 4 input rows per "
-                                               r"document in batch 0 \(.*T = 6\)"):
-            capture._as_tokens("experts.1", torch.randn(8, 8), capture._mask)
-        for batch, choices in enumerate((2, 3)):  # pooled multiple choice: k per batch, alike in every layer
+        with pytest.raises(CaptureError, match="mixture-of-experts expert"):  # exactly B rows: no excuse either
+            capture._as_tokens("experts.0", torch.randn(2, 8), capture._mask)
+        assert capture._as_tokens("experts.0", torch.randn(12, 8), capture._mask).shape == (2, 6, 8)  # every token
+        for batch, choices in enumerate((2, 3)):  # other layers: k rows per document, any k
             capture.begin_batch(batch, 2, torch.ones(2, 6))
-            for name in ("experts.0", "experts.1"):
-                assert capture._as_tokens(name, torch.randn(2 * choices, 8), capture._mask).shape == (2, choices, 8)
-    _assert_matches_brute_force(model, pyinf.CausalLMTask(), train[:8], query, batch_size=1)
+            assert capture._as_tokens("router", torch.randn(2 * choices, 8), capture._mask).shape == (2, choices, 8)
+            assert capture._as_tokens("head", torch.randn(8 * choices, 8), capture._mask).shape == (2, 4 * choices, 8)
+    _assert_matches_brute_force(model, pyinf.CausalLMTask(), train, query, batch_size=1)
+
+
+def test_expert_names():
+    from pyinf.capture import _is_expert
+
+    assert all(_is_expert(n) for n in ("moe.experts.0", "mlp.experts.expert_1.wi", "ffn.expert3.fc", "experts"))
+    assert not any(_is_expert(n) for n in ("mlp.shared_expert.gate_proj", "mlp.shared_experts.up", "expert_gate",
+                                           "mlp.experts_router", "mlp.fc1"))
 
 
 def test_one_document_per_batch_is_never_ambiguous():
