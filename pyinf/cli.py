@@ -117,6 +117,8 @@ def _engine(args, factors=None):
 
     model, tokenizer = load_model(args.model, seed=args.seed, dtype=DTYPES.get(args.dtype))
     args.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+    # the dtype the model runs in (--dtype float32 on a float32 checkpoint is no other setting)
+    args.model_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     model = model.to(args.device)
     limit = max_positions(model)
     if limit is not None and args.max_length > limit:  # longer documents would index past its position table
@@ -185,7 +187,7 @@ def _query_source(args, path) -> dict:
 def _model_source(args) -> dict:
     """What decides the model's weights, its loss and its token ids: a prepared file made with
     others is not reused (--seed draws a config-only model's random weights)."""
-    return dict(model=str(args.model), seed=args.seed, dtype=args.dtype, fused_head=bool(args.fused_head),
+    return dict(model=str(args.model), seed=args.seed, dtype=args.model_dtype, fused_head=bool(args.fused_head),
                 tokenizer=args.tokenizer_fingerprint)
 
 
@@ -194,7 +196,7 @@ def _run_meta(args) -> dict:
     besides the model's fingerprint, the data's and the factors' or queries': a rerun with
     others is refused rather than mixed in. (model_dtype: the staged fit records the factors'
     dtype as dtype.)"""
-    return dict(max_length=args.max_length, model_dtype=args.dtype, tokenizer=args.tokenizer_fingerprint)
+    return dict(max_length=args.max_length, model_dtype=args.model_dtype, tokenizer=args.tokenizer_fingerprint)
 
 
 def _prepare(engine, args, factors, query):

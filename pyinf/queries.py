@@ -289,7 +289,10 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
     parts: Dict[str, Dict[str, list]] = {n: {} for n in modules}
     self_terms: list = []  # per batch: grad_q^T H^-1 grad_q summed over modules, [B]
 
+    called: set = set()  # the modules the current batch ran
+
     def consume(spec, acts, grads, mask):
+        called.add(spec.name)
         f = on_device[spec.name]
         dtype = f.q_a.dtype
         if mask is not None:
@@ -312,10 +315,27 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
 
     def on_start(batch_index, first, n_docs, mask):
         self_terms.append(None)
+        called.clear()
         objective.n_docs = n_docs
 
+    def on_end(batch_index, first, n_docs, mask):
+        # a layer this batch never ran (an expert no token of these queries was routed to):
+        # their gradients there are 0
+        for name in modules:
+            if name not in called:
+                f = on_device[name]
+                d_out, d_in = f.q_s.shape[0], f.q_a.shape[0]
+                if rank is None:
+                    parts[name].setdefault("dense", []).append(torch.zeros(n_docs, d_out, d_in, dtype=f.q_a.dtype))
+                else:
+                    r = min(rank, d_out, d_in)
+                    parts[name].setdefault("left", []).append(torch.zeros(n_docs, d_out, r, dtype=f.q_a.dtype))
+                    parts[name].setdefault("right", []).append(torch.zeros(n_docs, d_in, r, dtype=f.q_a.dtype))
+        if self_terms[-1] is None:  # no tracked layer ran at all
+            self_terms[-1] = torch.zeros(n_docs)
+
     n_queries = run_pass(model, task, modules, specs, loader, objective=objective, consumer=consume,
-                         desc="pyinf: queries", progress=progress, on_batch_start=on_start)
+                         desc="pyinf: queries", progress=progress, on_batch_start=on_start, on_batch_end=on_end)
     measurements = objective.values()
     if measurements is None:  # the task gives batch sums only
         measurements = per_example_measurements(model, task, loader, progress)

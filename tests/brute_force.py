@@ -20,10 +20,12 @@ def doc_gradients(model, task, dataset, modules, specs, *, measurement=False):
         doc = {}
         for name, spec in specs.items():
             m = modules[name]
-            w = m.weight.grad.double()
+            # a layer the document never ran (an expert none of its tokens reached): zero gradient
+            w = (m.weight.grad if m.weight.grad is not None else torch.zeros_like(m.weight)).double()
             w = w.T if spec.transposed else w
             if spec.has_bias:
-                w = torch.cat([w, m.bias.grad.double()[:, None]], dim=1)
+                b = m.bias.grad if m.bias.grad is not None else torch.zeros_like(m.bias)
+                w = torch.cat([w, b.double()[:, None]], dim=1)
             doc[name] = w.clone()
         grads.append(doc)
     model.zero_grad(set_to_none=True)

@@ -270,7 +270,8 @@ class _RoutedExperts(nn.Module):
         out = flat
         for e, expert in enumerate(self.experts):
             rows = (choice == e).nonzero().squeeze(-1)
-            out = out.index_add(0, rows, weight[rows, None] * expert(flat[rows]))
+            if rows.numel():  # an expert no token is routed to does not run (as transformers' do)
+                out = out.index_add(0, rows, weight[rows, None] * expert(flat[rows]))
         return self.head(out.reshape(h.shape))
 
 
@@ -301,6 +302,24 @@ def test_routed_experts_are_refused_in_batches_and_exact_one_document_at_a_time(
             capture.begin_batch(batch, 2, torch.ones(2, 6))
             assert capture._as_tokens("router", torch.randn(2 * choices, 8), capture._mask).shape == (2, choices, 8)
             assert capture._as_tokens("head", torch.randn(8 * choices, 8), capture._mask).shape == (2, 4 * choices, 8)
+    _assert_matches_brute_force(model, pyinf.CausalLMTask(), train, query, batch_size=1)
+
+
+def test_a_query_no_token_of_which_reaches_an_expert():
+    """One query at a time, an expert that none of a query's tokens is routed to has a zero
+    gradient there (query preparation refused it: 'did not receive a gradient for every
+    query'). Routing by the sign of a token's first embedding feature: the first query's
+    tokens all go to expert 0."""
+    torch.manual_seed(seeds.offset(22))
+    model = _RoutedExperts().double()
+    with torch.no_grad():
+        model.router.weight.zero_()
+        model.router.weight[1, 0] = 1.0  # expert 1 iff feature 0 > 0
+        model.emb.weight[:15, 0] = -model.emb.weight[:15, 0].abs() - 0.1
+        model.emb.weight[15:, 0] = model.emb.weight[15:, 0].abs() + 0.1
+    g = torch.Generator().manual_seed(seeds.offset(23))
+    train = [{"input_ids": torch.randint(1, 30, (6,), generator=g)} for _ in range(5)]
+    query = [{"input_ids": torch.randint(1, 15, (5,), generator=g)}, {"input_ids": torch.randint(1, 30, (5,), generator=g)}]
     _assert_matches_brute_force(model, pyinf.CausalLMTask(), train, query, batch_size=1)
 
 
