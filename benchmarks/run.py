@@ -43,7 +43,10 @@ def _log(msg: str) -> None:
 # Running
 # --------------------------------------------------------------------------------------
 def run_all(preset: str, sections=SECTIONS, backends=None, scaling_axes=None, with_kronfluence=True,
-            with_floor=True, ops_to_run=None, workloads=None, e2e_quick=False, log=_log) -> Dict[str, object]:
+            with_floor=True, ops_to_run=None, workloads=None, e2e_quick=False, log=_log,
+            after_section=None) -> Dict[str, object]:
+    """Runs the sections; ``after_section(res)``, if given, is called after each one (the
+    command line saves what is finished, so that a run killed in a later section keeps it)."""
     from . import bench_ops
     from .shapes import e2e_workload, scaling_plan
 
@@ -61,38 +64,42 @@ def run_all(preset: str, sections=SECTIONS, backends=None, scaling_axes=None, wi
         if name in SECTIONS:
             res["section_meta"][name] = dict(at=_dt.datetime.now().isoformat(timespec="seconds"),
                                              git=res["env"].get("git"))
-        if out_of_time():  # an earlier section was stopped by the time limit: start no other
-            return dict(error="not run: the step's time limit was reached before this section")
         t0 = time.perf_counter()
-        try:
-            out = fn()
-        except OutOfTime as exc:  # a section that does not keep partial results itself
-            out = dict(error=f"out of time: {exc}")
-        except Exception as exc:  # one broken section must not lose the others
-            import traceback
+        if out_of_time():  # an earlier section was stopped by the time limit: start no other
+            out = dict(error="not run: the step's time limit was reached before this section")
+        else:
+            try:
+                out = fn()
+            except OutOfTime as exc:  # a section that does not keep partial results itself
+                out = dict(error=f"out of time: {exc}")
+            except Exception as exc:  # one broken section must not lose the others
+                import traceback
 
-            traceback.print_exc()
-            out = dict(error=f"{type(exc).__name__}: {exc}"[:1000])
-        res["seconds"][name] = time.perf_counter() - t0
+                traceback.print_exc()
+                out = dict(error=f"{type(exc).__name__}: {exc}"[:1000])
+            res["seconds"][name] = time.perf_counter() - t0
+        if name in SECTIONS:  # the section's result, in `res` before after_section sees it
+            res[name] = out
+            if after_section is not None:
+                after_section(res)
         return out
 
     if "ops" in sections or "grouped" in sections:
         res["peak"] = timed("peak", lambda: bench_ops.measure_peak(device, preset, log))
     if "ops" in sections:
-        res["ops"] = timed("ops", lambda: bench_ops.run_ops(
+        timed("ops", lambda: bench_ops.run_ops(
             preset, device, peak=res["peak"], backends=backends, ops_to_run=tuple(ops_to_run or bench_ops.OPS),
             workloads=workloads, log=log))
     if "grouped" in sections:
-        res["grouped"] = timed("grouped", lambda: bench_ops.run_grouped(preset, device, peak=res["peak"],
-                                                                        backends=backends, log=log))
+        timed("grouped", lambda: bench_ops.run_grouped(preset, device, peak=res["peak"], backends=backends, log=log))
     if "head" in sections:
         from . import bench_head
 
-        res["head"] = timed("head", lambda: bench_head.run_head(preset, device, log=log))
+        timed("head", lambda: bench_head.run_head(preset, device, log=log))
     if "eigh" in sections:
         from . import bench_eigh
 
-        res["eigh"] = timed("eigh", lambda: bench_eigh.run_eigh(preset, device, log=log))
+        timed("eigh", lambda: bench_eigh.run_eigh(preset, device, log=log))
     if "e2e" in sections:
         from . import bench_e2e
 
@@ -101,30 +108,34 @@ def run_all(preset: str, sections=SECTIONS, backends=None, scaling_axes=None, wi
             from dataclasses import replace
 
             wl = replace(wl, kronfluence_fp32=False, floor_batch_sizes=wl.floor_batch_sizes[1:2] or wl.floor_batch_sizes)
-        res["e2e"] = timed("e2e", lambda: bench_e2e.run_e2e(wl, device, log=log,
-                                                            with_kronfluence=with_kronfluence, with_floor=with_floor))
+        timed("e2e", lambda: bench_e2e.run_e2e(wl, device, log=log, with_kronfluence=with_kronfluence,
+                                               with_floor=with_floor))
     if "scaling" in sections:
         from . import bench_e2e
 
         plan = scaling_plan(preset)
         axes = scaling_axes or ("n_docs", "doc_len", "n_queries", "rank")
-        res["scaling"] = timed("scaling", lambda: bench_e2e.run_scaling(plan, device, log=log, axes=axes))
+        timed("scaling", lambda: bench_e2e.run_scaling(plan, device, log=log, axes=axes))
     return res
 
 
-def carry_over(res: Dict[str, object], json_path: str, sections) -> None:
-    """Sections this run skipped (``--only``) are taken from an earlier run of the same tag
-    and preset in the same folder, with their own timestamps, so that a GPU suite can run
-    in parts (each under the per-command time limit) and still fill one report."""
-    if not os.path.exists(json_path):
-        return
+def read_previous(json_path: str) -> Optional[Dict[str, object]]:
+    """The results an earlier run left in the folder, if readable. Read before this run
+    starts: this run saves its own over them after each section."""
     try:
         with open(json_path) as fh:
-            prev = json.load(fh)
+            return json.load(fh)
     except (OSError, ValueError):
-        return
-    if prev.get("tag") != res.get("tag") or prev.get("preset") != res.get("preset"):
-        return
+        return None
+
+
+def carry_over(res: Dict[str, object], prev: Optional[Dict[str, object]], sections) -> List[str]:
+    """Sections this run skipped (``--only``) are taken from an earlier run of the same tag
+    and preset in the same folder, with their own timestamps, so that a GPU suite can run
+    in parts (each under the per-command time limit) and still fill one report. Returns the
+    sections carried over."""
+    if prev is None or prev.get("tag") != res.get("tag") or prev.get("preset") != res.get("preset"):
+        return []
     carried = []
     for sec in SECTIONS:
         if sec in sections or sec not in prev:
@@ -139,7 +150,15 @@ def carry_over(res: Dict[str, object], json_path: str, sections) -> None:
         res["peak"] = prev["peak"]
     if carried:
         res["sections"] = [s for s in SECTIONS if s in res]
-        _log(f"[run] carried over from {json_path}: {', '.join(carried)}")
+    return carried
+
+
+def save_json(res: Dict[str, object], json_path: str) -> None:
+    """Written whole and renamed into place: a run killed while writing leaves the old file."""
+    part = json_path + ".part"
+    with open(part, "w") as fh:
+        json.dump(res, fh, indent=1, default=str)
+    os.replace(part, json_path)
 
 
 # --------------------------------------------------------------------------------------
@@ -710,21 +729,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     sections, ops_to_run = args.sections, args.ops_to_run
     warnings.filterwarnings("ignore", category=FutureWarning)  # kronfluence's GradScaler deprecation notices
 
+    json_path = os.path.join(out_dir, "results.json")
+    previous = None if args.fresh else read_previous(json_path)
+
+    def finish(res, sections=sections):  # the tag and the carried-over sections (partial saves too)
+        res["tag"] = tag
+        return carry_over(res, previous, sections)
+
+    def save_finished_sections(res):
+        """A process killed in a later section (a hang in a CUDA call outlives SIGTERM, and
+        `timeout -k` kills it) keeps these in results.json, marked partial."""
+        partial = dict(res, partial=True)
+        partial["seconds"], partial["section_meta"] = dict(res["seconds"]), dict(res["section_meta"])
+        finish(partial, sections=[s for s in SECTIONS if s in res])  # an unfinished one keeps its old results
+        save_json(partial, json_path)
+
     t0 = time.perf_counter()
     res = run_all(preset, sections=sections, backends=args.backend_list, scaling_axes=args.axes,
                   with_kronfluence=not args.no_kronfluence, with_floor=not args.no_floor,
                   ops_to_run=ops_to_run, e2e_quick=args.e2e_quick,
-                  workloads=list(args.workload_filters) if args.workload_filters else None)
-    res["tag"] = tag
+                  workloads=list(args.workload_filters) if args.workload_filters else None,
+                  after_section=save_finished_sections)
     res["total_seconds"] = time.perf_counter() - t0
     res["stopped_by_time_limit"] = out_of_time()
-    json_path = os.path.join(out_dir, "results.json")
-    if not args.fresh:
-        carry_over(res, json_path, sections)
+    carried = finish(res)
+    if carried:
+        _log(f"[run] carried over from {json_path}: {', '.join(carried)}")
     plots = make_plots(res, out_dir, tag)
     res["plots"] = plots
-    with open(json_path, "w") as fh:
-        json.dump(res, fh, indent=1, default=str)
+    save_json(res, json_path)
     md_body = markdown(res, plots, os.path.dirname(os.path.abspath(args.results_md))
                        if args.results_md != "none" else out_dir)
     with open(os.path.join(out_dir, "results.md"), "w") as fh:

@@ -403,10 +403,18 @@ def cmd_self_influence(args) -> int:
 
 
 def cmd_info(args) -> int:
+    """Describes every file named; one that cannot be read is reported (on stderr, as
+    `pyinf: error:` lines are) and the rest are still described: exit status 1 if any failed."""
     from . import storage
 
+    failed = 0
     for path in args.files:
-        info = storage.describe(path)
+        try:
+            info = storage.describe(path)
+        except (ValueError, OSError) as exc:  # CorruptFileError is a ValueError
+            print(f"pyinf: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
         tensors = info.pop("tensors")
         print(json.dumps(info, indent=1, default=str))
         shown = list(tensors.items())[: args.max_tensors]
@@ -414,7 +422,7 @@ def cmd_info(args) -> int:
             print(f"  {name}: {t['dtype']} {t['shape']}")
         if len(tensors) > len(shown):
             print(f"  ... {len(tensors) - len(shown)} more tensors")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_demo(args) -> int:

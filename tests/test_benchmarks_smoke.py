@@ -399,3 +399,36 @@ def test_report_holds_every_target_line(smoke):
     assert "| extra MiB | temp MiB | err |" in md
     assert "self_influence against the unfused eigen_correction of the same run" in md
     assert "'% peak' here divides by this section's measured matmul peak" in md
+
+
+def test_a_killed_run_keeps_the_sections_it_finished(tmp_path):
+    """A step killed outright (a hang in a CUDA call outlives SIGTERM; `timeout -k` then
+    kills it) keeps every section finished before it in results.json, marked partial, and
+    an earlier run's results of the section it was in and of those it skips."""
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = dict(tag="t", preset="smoke", started="2026-01-01T00:00:00", env=dict(git="earlier"),
+                   sections=["e2e", "scaling"], seconds=dict(e2e=1.0, scaling=2.0),
+                   e2e=dict(note="earlier e2e"), scaling=dict(note="earlier scaling"))
+    (out / "results.json").write_text(json.dumps(earlier))
+    env = dict(os.environ)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-u", "-m", "benchmarks.run", "--smoke", "--tag", "t", "--only", "eigh,e2e",
+           "--no-kronfluence", "--out", str(out), "--results-md", "none"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("[e2e]"):  # the eigh section is finished: kill the run in the e2e section
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["partial"] is True and res["tag"] == "t"
+    assert res["eigh"]["runs"] and "error" not in res["eigh"], res["eigh"]
+    assert res["e2e"] == dict(note="earlier e2e") and res["section_meta"]["e2e"]["carried_over"] is True
+    assert res["scaling"] == dict(note="earlier scaling")
+    assert not (out / "results.json.part").exists()
