@@ -48,8 +48,11 @@ def covariances(model, task, dataset, modules, specs):
         for i in range(len(dataset)):
             batch = collate(task, [dataset[i]])
             model.zero_grad(set_to_none=True)
+            store.clear()
             task.compute_train_loss(batch, model).backward()
             for name, spec in specs.items():
+                if name not in store:  # a layer the document never ran (an expert none of its tokens reached)
+                    continue
                 a, g = store[name], store[name + ":g"]
                 if spec.has_bias:
                     a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
