@@ -313,6 +313,10 @@ struct Group {
 
 Group read_group(py::handle seq, const char* op, bool with_outputs, bool per_token) {
   Group g;
+  if (!py::isinstance<py::list>(seq) && !py::isinstance<py::tuple>(seq))
+    throw py::type_error(std::string("pyinf._C.") + op + ": problems must be a list of (acts, grads, left, right" +
+                         (with_outputs ? ", mask, out" : "") + ") tuples, got " +
+                         std::string(py::str(py::type::of(seq).attr("__name__"))));
   const size_t count = py::len(seq);
   if (count > 0x7fffffff) throw py::value_error(std::string("pyinf._C.") + op + ": too many problems");
   const size_t fields = with_outputs ? 6 : 4;
@@ -320,6 +324,10 @@ Group read_group(py::handle seq, const char* op, bool with_outputs, bool per_tok
   size_t i = 0;
   for (py::handle item : seq) {
     const std::string at = "problems[" + std::to_string(i++) + "].";
+    if (!py::isinstance<py::tuple>(item) && !py::isinstance<py::list>(item))  // a tensor is a sequence too
+      throw py::type_error(std::string("pyinf._C.") + op + ": " + at.substr(0, at.size() - 1) +
+                           " must be a tuple of tensors, got " +
+                           std::string(py::str(py::type::of(item).attr("__name__"))));
     py::tuple t = py::reinterpret_borrow<py::object>(item).cast<py::tuple>();
     if (t.size() != fields)
       throw py::value_error(std::string("pyinf._C.") + op + ": " + at.substr(0, at.size() - 1) + " must have " +

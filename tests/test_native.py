@@ -258,6 +258,11 @@ def test_grouped_binding_checks():
     with pytest.raises(ValueError, match=r"'problems\[1\].out' must have 3 dimensions"):
         _C.factored_scores_grouped([(acts, grads, left, right, mask, per_token), (acts, grads, left, right, mask, out)],
                                    True)
+    with pytest.raises(TypeError, match=r"factored_scores_grouped: problems must be a list of \(acts, grads, left, "
+                                        r"right, mask, out\) tuples, got int"):
+        _C.factored_scores_grouped(5, False)
+    with pytest.raises(TypeError, match=r"problems\[0\] must be a tuple of tensors, got Tensor"):
+        _C.factored_scores_grouped_workspace_size([acts], False)
     assert _C.factored_scores_grouped_workspace_size([], False) == 0
     _C.factored_scores_grouped([], False)  # nothing to do
 

@@ -57,7 +57,10 @@ extern "C" pyinf_status pyinf_cpu_factored_scores(const pyinf_tensor* acts, cons
   std::vector<float> lcols, rcols;
   factor_cols(*left, lcols);
   factor_cols(*right, rcols);
-  std::vector<float> tok(static_cast<size_t>(N * T * Q), 0.0f);  // per-token scores
+  // Per-token scores: written straight into `out` when they are the result; else into a
+  // buffer summed over tokens below, in a fixed order (the result does not depend on threads).
+  std::vector<float> tok_buffer(per_token ? 0 : static_cast<size_t>(N * T * Q));
+  float* const tok = per_token ? out : tok_buffer.data();
   // Each thread's rows (a, g) and products (gl, ar), allocated here: an exception cannot
   // leave an OpenMP region, so a failed allocation inside one would abort the process
   // instead of becoming PYINF_ERROR_OUT_OF_MEMORY.
@@ -72,7 +75,11 @@ extern "C" pyinf_status pyinf_cpu_factored_scores(const pyinf_tensor* acts, cons
 #pragma omp for schedule(static)
     for (int64_t nt = 0; nt < N * T; ++nt) {
       const int64_t n = nt / T, t = nt % T;
-      if (!cpu::keep(mask, n, t)) continue;  // stays 0, never read
+      float* o = tok + nt * Q;
+      if (!cpu::keep(mask, n, t)) {  // a masked token scores 0
+        for (int64_t q = 0; q < Q; ++q) o[q] = 0.0f;
+        continue;
+      }
       const int64_t ab = n * acts->strides[0] + t * acts->strides[1];
       const int64_t gb = n * grads->strides[0] + t * grads->strides[1];
       for (int64_t k = 0; k < d_in; ++k) a[k] = load_host(acts->data, acts->dtype, ab + k * acts->strides[2]);
@@ -88,7 +95,6 @@ extern "C" pyinf_status pyinf_cpu_factored_scores(const pyinf_tensor* acts, cons
         const float* rr = rcols.data() + k * C;
         for (int64_t c = 0; c < C; ++c) ar[c] += av * rr[c];
       }
-      float* o = tok.data() + nt * Q;
       for (int64_t q = 0; q < Q; ++q) {
         float acc = 0.0f;
         for (int64_t k = 0; k < R; ++k) acc += gl[q * R + k] * ar[q * R + k];
@@ -96,9 +102,7 @@ extern "C" pyinf_status pyinf_cpu_factored_scores(const pyinf_tensor* acts, cons
       }
     }
   }
-  if (per_token) {
-    for (int64_t i = 0; i < N * T * Q; ++i) out[i] = tok[i];
-  } else {
+  if (!per_token) {
     for (int64_t n = 0; n < N; ++n)
       for (int64_t q = 0; q < Q; ++q) {
         double acc = 0.0;

@@ -500,7 +500,10 @@ bool factored_scores_sm90_applicable(const pyinf_tensor* acts, const pyinf_tenso
   if (!tma_rows_ok(*acts) || !tma_rows_ok(*grads)) return false;
   if (!factored_scores_sm90_packable(left, right, d)) return false;  // (checks r <= 128 before any plan)
   const Sm90Plan plan = sm90_plan(d, 0);
-  return plan.cp / kTileN * plan.tblocks * d.n <= 0x7fffffffLL;  // int tile indices
+  const int64_t tiles = plan.cp / kTileN * plan.tblocks * d.n;
+  // int tile indices, and int K-step counters: a CTA runs up to all tiles' K steps (grid of one)
+  const int64_t k_steps = (d.d_out + kTileK - 1) / kTileK + (d.d_in + kTileK - 1) / kTileK;
+  return tiles <= 0x7fffffffLL && tiles * k_steps <= 0x7fffffffLL;
 }
 
 size_t factored_scores_sm90_packed_bytes(const Dims& d) { return sm90_plan(d, 1).packed_bytes; }
