@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, Iterator, Optional
 
@@ -59,21 +60,37 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
+_FASTPATH_LOCK = threading.Lock()
+_fastpath_users = 0        # passes running now, in any thread
+_fastpath_before = True    # the setting the first of them found, restored by the last
+
+
 @contextlib.contextmanager
 def no_attention_fastpath():
     """torch's nn.TransformerEncoderLayer and nn.MultiheadAttention, in eval mode with no
     parameter needing a gradient (as in every pyinf pass), take a fused fast path that never
-    calls their Linear submodules: tracked ones would see no token. Off during a pass."""
+    calls their Linear submodules: tracked ones would see no token. Off during a pass.
+
+    The setting is process-wide and passes may overlap in threads (shards of a staged fit):
+    the first pass in saves it, the last one out restores it (a save and restore per pass
+    left it off when two passes overlapped)."""
+    global _fastpath_users, _fastpath_before
     mha = getattr(torch.backends, "mha", None)
     if mha is None or not hasattr(mha, "set_fastpath_enabled"):
         yield
         return
-    was = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
+    with _FASTPATH_LOCK:
+        if _fastpath_users == 0:
+            _fastpath_before = mha.get_fastpath_enabled()
+        _fastpath_users += 1
+        mha.set_fastpath_enabled(False)
     try:
         yield
     finally:
-        mha.set_fastpath_enabled(was)
+        with _FASTPATH_LOCK:
+            _fastpath_users -= 1
+            if _fastpath_users == 0:
+                mha.set_fastpath_enabled(_fastpath_before)
 
 
 def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[str, ModuleSpec],
@@ -88,7 +105,7 @@ def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[
         prefetch = device.type == "cuda"
     n_seen = 0
     with eval_mode(model), no_attention_fastpath(), Capture(model, modules, specs, consumer) as capture:
-        total = len(loader) if hasattr(loader, "__len__") else None
+        total = data_mod.batch_count(loader)  # for the progress bar
         sizes = data_mod.batch_sizes(loader)  # examples per batch, when the loader can say
         # An iterator, not the loader: tqdm.auto would create two DataLoader iterators,
         # each drawing from torch's RNG, and seeded true-Fisher samples would then depend

@@ -200,6 +200,23 @@ def test_torch_transformer_layer_fast_path_is_off_during_passes():
     assert torch.backends.mha.get_fastpath_enabled()
 
 
+
+def test_overlapping_passes_restore_the_attention_fast_path():
+    """Passes in two threads (shards of a staged fit) overlap: A turns the fast path off, B
+    finds it off, A ends, B ends. Each restoring what it found left it off for good (an
+    order-dependent failure of the test above); the last pass out restores the first's."""
+    from pyinf.runner import no_attention_fastpath
+
+    mha = torch.backends.mha
+    assert mha.get_fastpath_enabled()
+    a, b = no_attention_fastpath(), no_attention_fastpath()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert not mha.get_fastpath_enabled()  # B's pass is still running
+    b.__exit__(None, None, None)
+    assert mha.get_fastpath_enabled()
+
 def test_layer_input_that_cannot_be_split_raises():
     """No dimension of [2, 6, d] holds the batch's 3 documents (nor a multiple of them): an
     error naming the module and the shape, not a reshape that mixes documents. Flattened rows

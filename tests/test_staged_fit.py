@@ -133,6 +133,7 @@ def test_shards_at_once_wait_for_each_other(setup, tmp_path):
         t.join(180)
     assert not errors and results[1] is None
     _assert_same_factors(results[0], want, exact=False)
+    assert torch.backends.mha.get_fastpath_enabled()  # back on after the overlapping passes
 
 
 def test_files_of_another_fit_are_refused(setup, tmp_path):
