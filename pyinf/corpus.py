@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader, Subset
 
 from . import storage
 from .data import in_order
+from .factors import Factors
+from .ops._checks import check_instance
 from .queries import Queries
 
 SCORES_KIND = "scores"
@@ -290,6 +292,7 @@ def score_corpus(engine, train, queries: Queries, out_dir, *, chunk_size: int = 
     scores once every chunk is there, else None (other shards still running). ``run_meta``
     (JSON values) is recorded in and checked against every chunk, next to the queries', the
     model's and the documents' fingerprints. See the module docstring."""
+    check_instance("score_corpus", "queries", queries, Queries)
     # before any chunk is skipped as done: a finished run must not answer for other layers
     queries.check_model(engine.specs)
     run = dict(run_meta or {}, queries=queries.fingerprint, model=engine.fingerprint(),
@@ -307,6 +310,12 @@ def score_corpus(engine, train, queries: Queries, out_dir, *, chunk_size: int = 
                                       factors_id=queries.factors_id)).execute(shard)
 
 
+def _layers_key(specs) -> str:
+    """Which layers a result sums over, in a line: their count and a hash of their names."""
+    names = "\n".join(sorted(specs))
+    return f"{len(specs)} layers, {hashlib.sha256(names.encode()).hexdigest()[:12]}"
+
+
 def self_influence_corpus(engine, train, factors, out_dir, *, damping: Optional[float] = None,
                           chunk_size: int = DEFAULT_CHUNK_SIZE, shard: Optional[Tuple[int, int]] = None,
                           batch_size: int = 8, run_meta: Optional[Dict] = None,
@@ -315,8 +324,11 @@ def self_influence_corpus(engine, train, factors, out_dir, *, damping: Optional[
     (``self_influence.safetensors``, chunks under ``self_influence-chunks/``): the ``[n_docs]``
     values once every chunk is there, else None. The same checks as :func:`score_corpus`,
     with the factors' id and the damping in place of the queries."""
+    check_instance("self_influence_corpus", "factors", factors, Factors)
     factors.check_model(engine.specs)  # before any chunk is skipped as done (as in score_corpus)
-    run = dict(run_meta or {}, factors=factors.id, damping=damping, model=engine.fingerprint())
+    # the layers summed over: factors of more layers serve a subset (Factors.check_model)
+    run = dict(run_meta or {}, factors=factors.id, damping=damping, model=engine.fingerprint(),
+               layers=_layers_key(engine.specs))
     train, batched = _documents(train, "self_influence_corpus")
     on_device = factors.to(next(engine.model.parameters()).device)  # once, not once per chunk
 

@@ -107,6 +107,15 @@ def count_documents(batch: Any, mask: Optional[torch.Tensor]) -> int:
     raise ValueError("cannot tell how many documents a batch holds: it has no tensor and the task gives no mask")
 
 
+def batch_count(loader) -> Optional[int]:
+    """The loader's number of batches, or None when it cannot say (a DataLoader over an
+    IterableDataset without ``__len__`` has ``__len__`` itself, which raises TypeError)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 def batch_sizes(loader) -> Optional[Callable[[int], int]]:
     """For a loader over a map-style dataset in index order, batch ``i``'s number of examples
     (the documents, whatever the collate function puts first); else None. Worked out from the

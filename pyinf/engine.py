@@ -18,7 +18,7 @@ from .fingerprint import WeightsIdentity, same_weights, weights_identity
 from .data import make_loader
 from .factors import Factors
 from .modules import ModuleSpec, find_tracked_modules, spec_of
-from .ops._checks import check_flag
+from .ops._checks import check_flag, check_instance
 from .ops import BACKENDS
 from .queries import Queries
 from .task import Task
@@ -36,7 +36,8 @@ class InfluenceEngine:
             its hooks around each pass.
         task: a :class:`pyinf.Task` (kronfluence's method names).
         backend: ``"auto"`` (fused kernels on CUDA, PyTorch elsewhere), ``"torch"``,
-            ``"triton"`` or ``"native"``.
+            ``"triton"`` or ``"native"`` (whose ops have no full-rank ``dense_scores``: queries
+            scored on that route, ``rank=None`` or ``route="dense"``, use PyTorch's).
         progress: tqdm bars on passes over data; None means on only when stderr is a TTY.
         compile: run the model's repeated blocks under ``torch.compile`` during the passes
             (see :mod:`pyinf.compile`): fuses the work between tracked layers, at the cost
@@ -60,7 +61,6 @@ class InfluenceEngine:
         self.backend = backend
         self.progress = progress
         self.compile = bool(compile)
-        self._identity: Optional[tuple] = None  # (parameter key, WeightsIdentity): see identity()
         self.checkpoint = bool(checkpoint)
         self.modules: Dict[str, nn.Module] = find_tracked_modules(model, task.get_influence_tracked_modules())
         _check_fused_head_untracked(model, task, self.modules)
@@ -90,15 +90,10 @@ class InfluenceEngine:
         return stack
 
     def identity(self) -> WeightsIdentity:
-        """:func:`pyinf.fingerprint.weights_identity` of the model, computed again only when a
-        parameter was replaced or changed in place (its version counter moved)."""
-        try:
-            key = tuple((p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for p in self.model.parameters())
-        except RuntimeError:  # inference tensors have no version counter: no caching
-            return weights_identity(self.model)
-        if self._identity is None or self._identity[0] != key:
-            self._identity = (key, weights_identity(self.model))
-        return self._identity[1]
+        """:func:`pyinf.fingerprint.weights_identity` of the model, read again at every call (a
+        few milliseconds per hundred parameters): weights edited through ``.data`` move no
+        version counter, so a cache keyed on them let a resumed run mix two sets of weights."""
+        return weights_identity(self.model)
 
     def fingerprint(self) -> str:
         """The model's exact fingerprint (names, shapes, dtypes, sampled values): what a
@@ -148,6 +143,7 @@ class InfluenceEngine:
         (``rank=None`` keeps it full). ``damping=None`` means 0.1 x mean(Lambda) per module.
         ``svd="randomized"`` truncates with a randomized SVD: far cheaper for wide layers on
         a GPU, near-exact when the spectrum decays (see :func:`pyinf.queries.low_rank`)."""
+        check_instance("prepare_queries", "factors", factors, Factors)
         loader = self._loader(query_data, batch_size, "query data")
         self._check_weights(factors.meta, "these factors")
         with self._stage_context():
@@ -175,11 +171,13 @@ class InfluenceEngine:
         training data per group, so that only one group's query factors are on the device at a
         time (every tracked layer's, ``queries.bytes_per_query()`` each: ~0.16 GB per query at
         rank 32 for the MLPs of a 35B model). Default: all queries in one pass."""
+        check_instance("pairwise_scores", "queries", queries, Queries)
         per_token, per_module, group_modules = (check_flag("pairwise_scores", n, v) for n, v in (
             ("per_token", per_token), ("per_module", per_module), ("group_modules", group_modules)))
         loader = self._loader(train_data, batch_size, "training data")
         self._check_weights(queries.meta, "these queries")
-        if query_batch_size is not None and (not isinstance(query_batch_size, int) or query_batch_size < 1):
+        if query_batch_size is not None and (not isinstance(query_batch_size, int) or isinstance(query_batch_size, bool)
+                                             or query_batch_size < 1):
             raise ValueError(f"query_batch_size must be a positive integer or None, got {query_batch_size!r}")
         step = queries.n_queries if query_batch_size is None else query_batch_size
         groups = [range(s, min(s + step, queries.n_queries)) for s in range(0, queries.n_queries, step)]
@@ -202,6 +200,7 @@ class InfluenceEngine:
     def self_influence(self, train_data: Any, factors: Factors, *, damping: Optional[float] = None,
                        batch_size: int = 8) -> torch.Tensor:
         """float32 ``[n_train]``: ``grad(loss_n)^T (G + lambda I)^-1 grad(loss_n)``."""
+        check_instance("self_influence", "factors", factors, Factors)
         loader = self._loader(train_data, batch_size, "training data")
         self._check_weights(factors.meta, "these factors")
         with self._stage_context():

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -34,12 +36,25 @@ class ModuleFactors:
     lambdas: torch.Tensor     # [d_out, d_in]  E_n[(Q_S^T DW_n Q_A)^2]
 
     def damping(self, damping: Optional[float] = None) -> float:
-        """The damping to use: `damping` when given, else 0.1 x mean(Lambda)."""
-        if damping is None:
-            return HEURISTIC_DAMPING_SCALE * float(self.lambdas.double().mean())
-        if not (damping >= 0):
-            raise ValueError(f"damping must be a non-negative number, got {damping!r}")
-        return float(damping)
+        """The damping to use: `damping` when given, else 0.1 x mean(Lambda). Refused where the
+        damped inverse ``1 / (Lambda + damping)`` would not exist (a NaN or infinite score
+        otherwise, or a failed SVD of the query gradient), naming the module."""
+        name = self.spec.name
+        if damping is not None and (isinstance(damping, bool) or not (0 <= damping < float("inf"))):
+            raise ValueError(f"damping must be a finite non-negative number, got {damping!r}")
+        low, high = torch.aminmax(self.lambdas.double())
+        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+            raise ValueError(f"module {name!r}: its eigenvalue correction Lambda holds NaN or infinite values "
+                             f"(factors fitted from non-finite gradients, or damaged)")
+        damping = HEURISTIC_DAMPING_SCALE * float(self.lambdas.double().mean()) if damping is None else float(damping)
+        if float(low) + damping <= 0:
+            zero = int((self.lambdas == 0).sum())
+            why = ("every entry is 0: the fit saw no gradient for this layer (no token with a loss: every label "
+                   "-100, or documents of one token?)" if float(high) == 0 else
+                   f"{zero} of {self.lambdas.numel()} entries are 0 (directions the fit's gradients never took)")
+            raise ValueError(f"module {name!r}: Lambda + damping is 0 in some directions, so the damped inverse does "
+                             f"not exist (damping {damping:g}; Lambda: {why}); give a positive damping")
+        return damping
 
     def inverse_hvp(self, v: torch.Tensor, damping: float) -> torch.Tensor:
         """``H^-1 V = Q_S [(Q_S^T V Q_A) / (Lambda + damping)] Q_A^T`` for ``v [..., d_out, d_in]``,
@@ -83,8 +98,10 @@ class Factors:
                 f"examples={self.meta.get('n_examples')})")
 
     def check_model(self, specs: Dict[str, ModuleSpec]) -> None:
-        """Raises unless these factors were fitted for exactly these tracked layers."""
-        check_same_modules(self.specs, specs, what="these factors")
+        """Raises unless these factors hold every tracked layer, with its shape. Factors of
+        more layers serve any subset of them: EK-FAC's blocks are per layer, so a layer's
+        factors (and its default damping) do not depend on which others were fitted."""
+        check_same_modules({n: s for n, s in self.specs.items() if n in specs}, specs, what="these factors")
 
     def to(self, device) -> "Factors":
         moved = {n: ModuleFactors(m.spec, *[getattr(m, f).to(device) for f in _FIELDS])
@@ -188,6 +205,10 @@ def eigenbases(sums, dtype: torch.dtype, eigh_workers: int) -> Dict[str, Dict[st
 
     covariances = {}
     for name, (a_sum, s_sum, n_tokens) in sums.items():
+        if not bool(s_sum.any()):
+            warnings.warn(f"pyinf: module {name!r} received only zero output gradients while fitting factors (no "
+                          f"token with a loss: every label -100, or documents of one token?); its Lambda will be 0, "
+                          f"and scoring with it needs a positive damping")
         covariances[key(name, "A")] = a_sum / n_tokens
         covariances[key(name, "S")] = s_sum / n_tokens
     decomposed = eigendecompose(covariances, workers=eigh_workers)
@@ -254,6 +275,9 @@ def content_id(modules: Dict[str, ModuleFactors], meta: Dict) -> str:
 def fit_factors(model, task, modules, specs, loader, *, fisher: str, backend: str, seed: int,
                 progress, eigh_workers: Optional[int] = None) -> Factors:
     _objective(task, fisher)  # a bad value fails now, not after the first pass
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):  # numpy integers too
+        raise TypeError(f"fit_factors: seed must be an integer (it seeds the true Fisher's label draws), got {seed!r}")
+    seed = int(seed)
     dtype = factor_dtype(model)
     device = next(model.parameters()).device
     eigh_workers = resolve_workers(eigh_workers, device)

@@ -280,7 +280,7 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
     factors.check_model(specs)
     if svd not in ("full", "randomized"):
         raise ValueError(f"svd must be 'full' or 'randomized', got {svd!r}")
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ValueError(f"rank must be a positive integer or None (full rank), got {rank!r}")
     damping_by_module = {n: factors[n].damping(damping) for n in modules}
     loader = _fixed_order(loader)  # the gradient pass and the measurements in one order

@@ -139,6 +139,9 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
     def scaled(value, scale):
         return value if scale is None else value * scale.to(value.dtype)
 
+    # the full-rank route is one GEMM, which the native backend leaves to PyTorch
+    dense_backend = backend if ops.implements(backend, "dense_scores") else "torch"
+
     def consume(spec, acts, grads, mask):
         t = acts.shape[1]
         if per_token and token_counts[-1] is None:
@@ -151,7 +154,7 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
             route == "auto" and prefer_dense(t, spec.d_in, spec.d_out, q, queries.rank))
         if dense:
             (p,), scale = query_tensors(spec.name, ("dense",), dtype)
-            value = ops.dense_scores(acts, grads, p, mask=mask, per_token=per_token, backend=backend)
+            value = ops.dense_scores(acts, grads, p, mask=mask, per_token=per_token, backend=dense_backend)
         else:
             (left, right), scale = query_tensors(spec.name, ("left", "right"), dtype)
             if group_modules:

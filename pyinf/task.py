@@ -119,14 +119,18 @@ def pad_collate(examples: Sequence[Dict[str, Any]], pad_token_id: int = 0, side:
         "attention_mask": torch.zeros(len(ids), length, dtype=torch.long),
         "labels": torch.full((len(ids), length), -100, dtype=torch.long),
     }
+    def field(i, e, key, n):  # an example's attention_mask or labels: one value per token
+        value = torch.as_tensor(e[key], dtype=torch.long).reshape(-1)
+        if value.numel() != n:
+            raise ValueError(f"pad_collate: example {i} of the batch has {n} input_ids but {value.numel()} {key}")
+        return value
+
     for i, (e, x) in enumerate(zip(examples, ids)):
         n = x.numel()
         at = slice(0, n) if side == "right" else slice(length - n, length)
         batch["input_ids"][i, at] = x
-        mask = e.get("attention_mask")
-        batch["attention_mask"][i, at] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long).reshape(-1)
-        labels = e.get("labels")
-        batch["labels"][i, at] = x if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        batch["attention_mask"][i, at] = 1 if e.get("attention_mask") is None else field(i, e, "attention_mask", n)
+        batch["labels"][i, at] = x if e.get("labels") is None else field(i, e, "labels", n)
     return batch
 
 
@@ -192,6 +196,9 @@ class CausalLMTask(Task):
             # positions that carry a loss.
             with torch.no_grad():
                 probs = torch.softmax(logits.detach(), dim=-1)
+                if not bool(torch.isfinite(probs).all()):  # multinomial would only say "probability tensor"
+                    raise FloatingPointError("the model's logits are not finite (NaN or infinite), so no label "
+                                             "can be drawn from them for the true Fisher")
                 sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(labels.shape)
             labels = torch.where(labels == -100, labels, sampled)
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),

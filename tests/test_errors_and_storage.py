@@ -192,6 +192,47 @@ def test_bad_arguments():
         engine.prepare_queries(data, factors, damping=-1.0)
     with pytest.raises(ValueError, match="unknown backend"):
         pyinf.InfluenceEngine(TinyMLP(), MLPTask(), backend="cuda")
+    # swapped arguments are named, not an AttributeError from deep inside
+    queries = engine.prepare_queries(data, factors, rank=1)
+    with pytest.raises(TypeError, match="pairwise_scores: 'queries' must be a pyinf Queries, got Factors"):
+        engine.pairwise_scores(data, factors)
+    with pytest.raises(TypeError, match="self_influence: 'factors' must be a pyinf Factors, got Queries"):
+        engine.self_influence(data, queries)
+    with pytest.raises(TypeError, match="prepare_queries: 'factors' must be a pyinf Factors, got Queries"):
+        engine.prepare_queries(data, queries)
+    with pytest.raises(TypeError, match="score_corpus: 'queries' must be a pyinf Queries, got Factors"):
+        pyinf.score_corpus(engine, data, factors, "unused")
+    with pytest.raises(TypeError, match="self_influence_corpus: 'factors' must be a pyinf Factors, got Queries"):
+        pyinf.self_influence_corpus(engine, data, queries, "unused")
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        engine.prepare_queries(data, factors, rank=True)
+    with pytest.raises(ValueError, match="query_batch_size must be a positive integer"):
+        engine.pairwise_scores(data, queries, query_batch_size=True)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        engine.fit_factors(data, seed=None)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="damping must be a finite non-negative number"):
+            engine.prepare_queries(data, factors, damping=bad)
+
+
+def test_pad_collate_names_a_field_of_another_length():
+    from pyinf.task import pad_collate
+
+    good = {"input_ids": [1, 2, 3], "labels": [1, 2, 3]}
+    with pytest.raises(ValueError, match="example 1 of the batch has 5 input_ids but 3 labels"):
+        pad_collate([good, {"input_ids": [1, 2, 3, 4, 5], "labels": [1, 2, 3]}])
+    with pytest.raises(ValueError, match="example 0 of the batch has 3 input_ids but 2 attention_mask"):
+        pad_collate([dict(good, attention_mask=[1, 1])])
+
+
+def test_true_fisher_on_non_finite_logits_names_the_batch():
+    model = tiny_gpt2(seed=3)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    with pytest.raises(FloatingPointError, match=r"logits are not finite .*true Fisher") as info:
+        engine.fit_factors(TokenDataset(4, seed=1), batch_size=2)
+    assert "batch 0" in "".join(getattr(info.value, "__notes__", [])) + str(info.value)
 
 
 def test_loss_that_ignores_tracked_layers():
@@ -339,6 +380,14 @@ def test_an_iterable_dataset_loader_keeps_its_own_order_without_a_warning():
         loader = make_loader(torch.utils.data.DataLoader(Stream(), batch_size=2), batch_size=2)
     got = torch.cat([x for x, _ in loader])
     assert torch.equal(got, torch.stack([data[i][0] for i in range(4)]))  # the stream's own order
+    # and every pass runs on it (its len() raises TypeError): the same numbers as the dataset's
+    engine = pyinf.InfluenceEngine(TinyMLP(), MLPTask(), progress=False)
+    stream = torch.utils.data.DataLoader(Stream(), batch_size=2)
+    factors, expected = engine.fit_factors(data, batch_size=2), engine.fit_factors(stream)
+    for name in factors.modules:
+        assert torch.equal(factors[name].lambdas, expected[name].lambdas)
+    queries = engine.prepare_queries(data, factors, rank=2)  # (MLPTask's measurements read queries by index)
+    assert torch.equal(engine.pairwise_scores(stream, queries), engine.pairwise_scores(data, queries, batch_size=2))
 
 
 def test_a_record_the_tokenizer_cannot_encode_is_named(tmp_path):
@@ -404,3 +453,37 @@ def test_a_shared_module_named_by_its_second_name():
     model.blocks = nn.ModuleList([lin, lin])
     with pytest.raises(ValueError, match=r"'blocks.1' is the module 'blocks.0' under a second name"):
         find_tracked_modules(model, ["blocks.1"])
+
+
+def test_a_layer_without_gradients_is_named_instead_of_scoring_nan():
+    """Factors fitted where no token carried a loss (every label -100) have S = Lambda = 0 and
+    a default damping of 0: queries came out NaN (no warning), or a rank-limited preparation
+    failed in torch's SVD. The fit warns, naming the layer, and using such factors, or a
+    damping of 0 where Lambda has zero entries, is refused, naming the module."""
+    model = tiny_gpt2(seed=3)
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    train, query = TokenDataset(4, seed=1, completion=0), TokenDataset(2, seed=2, completion=2)
+    for item in train.items:
+        item["labels"][:] = -100
+    with pytest.warns(UserWarning, match=r"module '[^']+' received only zero output gradients .*every label -100"):
+        factors = engine.fit_factors(train, batch_size=2, fisher="empirical")
+    for rank in (None, 2):
+        with pytest.raises(ValueError, match=r"module '[^']+': Lambda \+ damping is 0 .*every entry is 0.*positive damping"):
+            engine.prepare_queries(query, factors, rank=rank)
+    with pytest.raises(ValueError, match=r"Lambda \+ damping is 0"):
+        engine.self_influence(train, factors)
+    queries = engine.prepare_queries(query, factors, rank=2, damping=1e-3)  # a positive damping works
+    assert torch.isfinite(engine.pairwise_scores(train, queries)).all()
+    # some zero entries: the default damping is positive, damping=0 is refused
+    f = next(iter(factors.modules.values()))
+    f.lambdas = torch.rand_like(f.lambdas)
+    f.lambdas[0, 0] = 0
+    assert f.damping() > 0
+    with pytest.raises(ValueError, match=r"1 of \d+ entries are 0"):
+        f.damping(0.0)
+    for bad in (float("inf"), float("nan"), -1.0, True):
+        with pytest.raises(ValueError, match="finite non-negative"):
+            f.damping(bad)
+    f.lambdas[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="Lambda holds NaN or infinite values"):
+        f.damping(1.0)

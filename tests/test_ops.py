@@ -233,7 +233,7 @@ def test_padding_garbage_never_leaks():
         (lambda: ops.eigen_correction(torch.randn(2, 3, 4), torch.randn(2, 3, 6), torch.eye(5), torch.eye(6)),
          "'q_a' must be [d_in, d_in]"),
         (lambda: ops.self_influence(torch.randn(2, 3, 4), torch.randn(2, 3, 6), torch.eye(4), torch.eye(6),
-                                    torch.rand(6, 4), -1.0), "'damping' must be a non-negative number"),
+                                    torch.rand(6, 4), -1.0), "'damping' must be a finite non-negative number"),
         (lambda: ops.covariance(torch.randn(2, 3, 4), backend="cuda-magic"), "unknown pyinf backend"),
         (lambda: ops.covariance(torch.randn(2, 3, 4), mask=torch.full((2, 3), 0.5)), "'mask' must hold only 0 and 1"),
         (lambda: ops.covariance(torch.randn(2, 3, 4), mask=torch.tensor([[1, 2, 0], [1, 1, 1]])),
@@ -553,7 +553,7 @@ def test_numpy_damping_is_a_number():
     expected = ops.self_influence(acts, grads, q_a, q_s, lambdas, 0.25)
     for damping in (np.float32(0.25), np.float64(0.25)):
         assert torch.allclose(ops.self_influence(acts, grads, q_a, q_s, lambdas, damping), expected)
-    with pytest.raises(ValueError, match="'damping' must be a non-negative number, got True"):
+    with pytest.raises(ValueError, match="'damping' must be a finite non-negative number, got True"):
         ops.self_influence(acts, grads, q_a, q_s, lambdas, True)
 
 

@@ -640,6 +640,42 @@ def test_weights_records_compare_per_parameter():
     assert same_weights(weights_identity(d.to(torch.bfloat16)).record, ours) is False
 
 
+def test_factors_of_more_layers_serve_a_subset():
+    """EK-FAC's factors are per layer: factors fitted on every layer give a subset of them the
+    same queries, scores and self-influence as factors fitted on that subset alone."""
+    model = tiny_gpt2(seed=5)
+    train, query = TokenDataset(5, seed=1), TokenDataset(2, seed=2, completion=2)
+    every = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    mlp = [n for n in every.modules if ".mlp." in n]
+    subset = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(tracked_modules=mlp), progress=False)
+    all_factors = every.fit_factors(train, fisher="empirical", batch_size=5)
+    own_factors = subset.fit_factors(train, fisher="empirical", batch_size=5)
+    for factors_ in (all_factors, own_factors):
+        queries = subset.prepare_queries(query, factors_, rank=2)
+        assert queries.module_names == mlp
+    a, b = (subset.prepare_queries(query, f, rank=2) for f in (all_factors, own_factors))
+    assert torch.allclose(subset.pairwise_scores(train, a), subset.pairwise_scores(train, b), rtol=1e-5, atol=1e-9)
+    assert torch.allclose(subset.self_influence(train, all_factors), subset.self_influence(train, own_factors),
+                          rtol=1e-5)
+    with pytest.raises(ValueError, match="these factors do not match the model's tracked modules: missing"):
+        every.prepare_queries(query, own_factors)  # a layer without factors is refused
+
+
+def test_weights_edited_through_data_are_other_weights():
+    """Edits through ``.data`` (a hand-written EMA, weights loaded by hand) move no version
+    counter: the engine's cached fingerprint missed them, and a resumed corpus run joined
+    chunks of two sets of weights. The fingerprint is read again at every call."""
+    model = tiny_gpt2(seed=4)
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    before = engine.fingerprint()
+    factors = engine.fit_factors(TokenDataset(4, seed=1), batch_size=2)
+    for p in model.parameters():
+        p.data.mul_(1.5)
+    assert engine.fingerprint() != before
+    with pytest.warns(UserWarning, match="these factors were made with other weights"):
+        engine.prepare_queries(TokenDataset(2, seed=2, completion=2), factors, rank=2)
+
+
 class _HalfMeasurement(pyinf.CausalLMTask):
     """Redefines the measurement only: half the summed cross-entropy."""
 

@@ -33,6 +33,7 @@ __all__ = [
     "cross_entropy_rows",
     "resolve_backend",
     "available_backends",
+    "implements",
     "BackendUnavailable",
     "BACKENDS",
 ]
@@ -80,6 +81,18 @@ def resolve_backend(op: str, backend: str, tensors, shape=None) -> str:
         if _registry.unsupported_reason(name, op, tensors) is None:
             return name
     return "torch"
+
+
+def implements(backend: str, op: str) -> bool:
+    """Whether backend `backend` (a name, or "auto": always) has an implementation of `op` at
+    all; whether it can run a given call is :func:`resolve_backend`'s question."""
+    _check_backend_name(backend)
+    if backend == "auto":
+        return True
+    try:
+        return hasattr(_registry.load(backend), op)
+    except BackendUnavailable:
+        return False
 
 
 def _run(op: str, backend: str, tensors, shape, *args, **kwargs):

@@ -72,6 +72,12 @@ def check_flag(where: str, name: str, value) -> bool:
     raise TypeError(f"{where}: '{name}' must be True or False, got {value!r}")
 
 
+def check_instance(where: str, name: str, value, cls: type) -> None:
+    """`value` must be a `cls` (Factors where Queries go, and the reverse, are easy to swap)."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{where}: '{name}' must be a pyinf {cls.__name__}, got {type(value).__name__}")
+
+
 def check_tokens(op: str, acts: torch.Tensor, grads: torch.Tensor) -> None:
     check_tensor("acts", acts, 3, op=op)
     check_tensor("grads", grads, 3, op=op)
@@ -126,8 +132,8 @@ def check_lambdas(op: str, lambdas, damping, d_out: int, d_in: int) -> None:
         damping = float(damping)
     if isinstance(damping, numbers.Real) and not isinstance(damping, bool):  # numpy scalars too
         damping = float(damping)
-    if not isinstance(damping, float) or not (damping >= 0):  # NaN fails >= 0
-        raise ValueError(f"pyinf.ops.{op}: 'damping' must be a non-negative number, got {damping!r}")
+    if not isinstance(damping, float) or not (0 <= damping < float("inf")):  # NaN fails both
+        raise ValueError(f"pyinf.ops.{op}: 'damping' must be a finite non-negative number, got {damping!r}")
     return float(damping)
 
 
