@@ -29,7 +29,7 @@ $(VENV)/.base:
 NATIVE_SRC := $(shell find csrc cmake -type f 2>/dev/null)
 
 $(VENV)/.installed: $(VENV)/.base pyproject.toml setup.py CMakeLists.txt $(NATIVE_SRC)
-	$(PIP) install -q --no-build-isolation -e . "$(TORCH_SPEC)"
+	$(PIP) install -q --no-build-isolation -e ".[hf]" "$(TORCH_SPEC)"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.base pyproject.toml setup.py CMakeLists.txt $(NATIVE_SRC)

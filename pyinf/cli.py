@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,6 +17,7 @@ import torch
 from .corpus import DEFAULT_CHUNK_SIZE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_LENGTH = 512  # tokens per training document, unless --max-length or the model says fewer
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +30,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the model (default: as stored)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "native"])
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=_at_least(2), default=512, help="truncate documents to this many tokens")
+    p.add_argument("--max-length", type=_at_least(2), default=None,
+                   help=f"truncate training documents to this many tokens (default {DEFAULT_MAX_LENGTH}, or the "
+                        f"model's number of positions if fewer); a query that does not fit is refused")
     p.add_argument("--seed", type=int, default=0, help="random seed (true-Fisher label samples; a config-only "
                    "--model also draws its random weights from it, so every command must use the same)")
     p.add_argument("--no-progress", action="store_true")
@@ -121,7 +125,9 @@ def _engine(args, factors=None):
     args.model_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     model = model.to(args.device)
     limit = max_positions(model)
-    if limit is not None and args.max_length > limit:  # longer documents would index past its position table
+    if args.max_length is None:  # the default: 512 tokens, or fewer if the model has fewer positions
+        args.max_length = min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
+    elif limit is not None and args.max_length > limit:  # longer documents would index past its position table
         print(f"pyinf: --max-length {args.max_length} lowered to {limit}, the model's maximum number of positions",
               file=sys.stderr)
         args.max_length = limit
@@ -130,7 +136,8 @@ def _engine(args, factors=None):
         pattern = re.compile(args.track)
         tracked = [n for n in find_tracked_modules(model) if pattern.search(n)]
         if not tracked:
-            raise SystemExit(f"pyinf: --track {args.track!r} matches no trackable module")
+            raise ValueError(f"--track {args.track!r} matches no trackable module (every nn.Linear / Conv1D layer "
+                             f"but the output embedding, which is never tracked by default)")
     elif factors is not None:
         tracked = factors.module_names
     task = CausalLMTask(tracked_modules=tracked, pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
@@ -150,7 +157,7 @@ def cmd_fit(args) -> int:
         from torch.utils.data import Subset
 
         if args.max_examples < 1:
-            raise SystemExit(f"pyinf: --max-examples must be positive, got {args.max_examples}")
+            raise ValueError(f"--max-examples must be positive, got {args.max_examples}")
 
         train = Subset(train, range(min(args.max_examples, len(train))))
     shard = args.shard or (0, 1)
@@ -257,7 +264,7 @@ def _load_or_prepare(engine, args, factors, query, out: Path):
         return queries
     _query_settings(args)
     if args.shard is not None and args.shard[1] > 1:
-        raise SystemExit("pyinf: --shard needs --prepared QUERIES (from `pyinf prepare`), so that every shard "
+        raise ValueError("--shard needs --prepared QUERIES (from `pyinf prepare`), so that every shard "
                          "scores against the same query factors")
     saved = out / "queries.safetensors"
     if saved.exists():
@@ -544,21 +551,32 @@ def run(argv: Optional[List[str]] = None) -> int:
     return int(args.func(args) or 0)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"pyinf: warning: {str(message).removeprefix('pyinf: ')}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """The ``pyinf`` command: :func:`run`, with a user's mistake (a missing file, a bad record,
     a mismatched run, an unavailable backend) printed as one line and exit status 1 instead of
-    a traceback; ``PYINF_TRACEBACK=1`` shows the traceback."""
+    a traceback; ``PYINF_TRACEBACK=1`` shows the traceback. Warnings are lines too,
+    ``pyinf: warning: ...``, without Python's source line."""
     from .capture import CaptureError
     from .ops import BackendUnavailable
+    from .textdata import MissingDependency
 
+    python_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         return run(argv)
-    except (ValueError, OSError, re.error, BackendUnavailable, CaptureError, FloatingPointError) as exc:
+    except (ValueError, OSError, re.error, BackendUnavailable, CaptureError, FloatingPointError,
+            MissingDependency) as exc:
         if os.environ.get("PYINF_TRACEBACK", "") not in ("", "0"):
             raise
         notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))  # e.g. the batch it happened in
         print(f"pyinf: error: {exc}{notes}\n(PYINF_TRACEBACK=1 shows where it came from)", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = python_format
 
 
 if __name__ == "__main__":

@@ -55,10 +55,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
 _OTHER_WEIGHT_FILES = ("*.h5", "*.msgpack", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.index")
 
 
+class MissingDependency(ImportError):
+    """An optional dependency a command needs is not installed (said in one line by the CLI)."""
+
+
 def load_model(path: str, *, seed: int = 0, dtype: Optional[torch.dtype] = None):
     """(model, tokenizer). `path` is a local model directory, or a config JSON file (or a
     directory holding only config.json) for a model with random weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise MissingDependency(f"reading a model needs Hugging Face transformers, which does not import here "
+                                f"({exc}): pip install 'pyinf[hf]' (make install does)") from exc
 
     p = Path(path)
     if not p.exists():

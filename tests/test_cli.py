@@ -1,6 +1,7 @@
 """The CLI on user inputs: a transformers config with random weights (byte tokens) and
 JSONL files, fit then score, outputs checked against the Python API."""
 import json
+import sys
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def test_bad_inputs_are_named(workdir):
         run(["fit", "--model", str(workdir / "model"), "--train", str(workdir / "bad.jsonl"),
              "--out", str(workdir / "f.safetensors"), "--no-progress"])
     assert not (workdir / "f.safetensors").exists()
-    with pytest.raises(SystemExit, match="matches no trackable module"):
+    with pytest.raises(ValueError, match="matches no trackable module"):
         run(["fit", "--model", str(workdir / "model"), "--train", str(workdir / "train.jsonl"),
              "--out", str(workdir / "f.safetensors"), "--track", "nothing-like-this", "--no-progress"])
 
@@ -127,6 +128,24 @@ def test_the_command_says_what_is_wrong_in_one_line(workdir, capsys, monkeypatch
     assert "pyinf: error: " in capsys.readouterr().err
     assert main(["fit", *bad[1:3], "--train", str(workdir / "train.jsonl"), "--out", str(workdir / "g.safetensors"),
                  "--track", "(", "--no-progress"]) == 1
+    with monkeypatch.context() as m:  # no transformers (pip install without the [hf] extra)
+        m.setitem(sys.modules, "transformers", None)
+        assert main(["fit", *bad[1:3], "--train", str(workdir / "train.jsonl"), "--out",
+                     str(workdir / "g.safetensors"), "--no-progress"]) == 1
+    assert "needs Hugging Face transformers" in capsys.readouterr().err
+    import warnings
+
+    shown = []
+
+    def command(args):  # how the command's warnings are shown: one line, without Python's source line
+        shown.append(warnings.formatwarning("pyinf: something to know", UserWarning, "engine.py", 12))
+        return 0
+
+    python_format = warnings.formatwarning
+    with monkeypatch.context() as m:
+        m.setattr("pyinf.cli.cmd_backends", command)
+        assert main(["backends"]) == 0
+    assert shown == ["pyinf: warning: something to know\n"] and warnings.formatwarning is python_format
     monkeypatch.setenv("PYINF_TRACEBACK", "1")
     with pytest.raises(ValueError, match="a record needs 'text'"):
         main(bad)
@@ -145,6 +164,22 @@ def test_later_commands_track_the_factors_layers(workdir):
                 "--out", str(workdir / "q.safetensors"), "--rank", "2"]) == 0
     assert sorted(pyinf.Queries.load(workdir / "q.safetensors").module_names) == sorted(
         pyinf.Factors.load(factors).module_names)
+    # --track picks a subset of the fitted layers (EK-FAC's factors are per layer); a
+    # self-influence directory then holds the values of one set of layers only
+    one = sorted(pyinf.Factors.load(factors).module_names)[0]
+    assert run(["prepare", *common, "--factors", factors, "--queries", str(workdir / "queries.jsonl"),
+                "--out", str(workdir / "q1.safetensors"), "--rank", "2", "--track", f"^{one}$"]) == 0
+    assert pyinf.Queries.load(workdir / "q1.safetensors").module_names == [one]
+    with pytest.raises(ValueError, match=r"belongs to another run \(layers: '\d+ layers, [0-9a-f]+' there, "
+                                         r"'1 layers, [0-9a-f]+' now"):
+        run(["self-influence", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"),
+             "--out", str(workdir / "si"), "--track", f"^{one}$"])
+    with pytest.raises(ValueError, match="these factors do not match the model's tracked modules: missing"):
+        run(["prepare", *common, "--factors", factors, "--queries", str(workdir / "queries.jsonl"),
+             "--out", str(workdir / "q2.safetensors"), "--track", "attn"])
+    with pytest.raises(ValueError, match=r"--track 'nothing' matches no trackable module .*output embedding"):
+        run(["prepare", *common, "--factors", factors, "--queries", str(workdir / "queries.jsonl"),
+             "--out", str(workdir / "q2.safetensors"), "--track", "nothing"])
 
 
 def test_backends_lists_every_backend(capsys):
@@ -180,7 +215,7 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     assert run([*score, "--out", str(workdir / "whole")]) == 0
     assert "holds this run's scores, complete" in capsys.readouterr().err
     # shards need queries prepared once, then share one directory
-    with pytest.raises(SystemExit, match="--shard needs --prepared"):
+    with pytest.raises(ValueError, match="--shard needs --prepared"):
         run([*score, "--out", str(workdir / "sharded"), "--shard", "0/2"])
     prepared = str(workdir / "q.safetensors")
     assert run(["prepare", *common, "--factors", factors, "--queries", str(workdir / "queries.jsonl"),
@@ -255,7 +290,7 @@ def test_sharded_fit_gives_the_plain_fit(workdir, capsys):
     for name in plain.module_names:
         torch.testing.assert_close(got[name].lambdas, plain[name].lambdas, rtol=1e-4, atol=1e-8)
         torch.testing.assert_close(got[name].a_cov, plain[name].a_cov, rtol=1e-5, atol=1e-8)
-    with pytest.raises(SystemExit, match="--max-examples must be positive"):
+    with pytest.raises(ValueError, match="--max-examples must be positive"):
         run(["fit", *common, "--out", str(workdir / "x.safetensors"), "--max-examples", "0"])
 
 
@@ -294,9 +329,12 @@ def test_max_length_is_bounded_by_the_model_and_completions_are_never_cut(workdi
     is refused, naming the record."""
     (workdir / "long.jsonl").write_text(json.dumps({"text": "a long document " * 6}) + "\n"
                                         + json.dumps({"text": "short one"}) + "\n")
-    assert run(["fit", "--model", str(workdir / "model"), "--train", str(workdir / "long.jsonl"), "--out",
-                str(workdir / "f.safetensors"), "--no-progress", "--track", "mlp", "--fisher", "empirical"]) == 0
+    fit = ["fit", "--model", str(workdir / "model"), "--train", str(workdir / "long.jsonl"), "--out",
+           str(workdir / "f.safetensors"), "--no-progress", "--track", "mlp", "--fisher", "empirical"]
+    assert run(fit + ["--max-length", "512"]) == 0
     assert "--max-length 512 lowered to 64" in capsys.readouterr().err
+    assert run(fit) == 0  # the default (512) is capped without a notice
+    assert "lowered" not in capsys.readouterr().err
     (workdir / "longq.jsonl").write_text(json.dumps({"prompt": "where is paris? ", "completion": "in france " * 6}))
     with pytest.raises(ValueError, match=r"longq.jsonl:1: prompt \(16 tokens\) and completion \(60\) exceed "
                                          r"max_length=64: the completion would be cut"):
