@@ -313,7 +313,7 @@ def score_corpus(engine, train, queries: Queries, out_dir, *, chunk_size: int = 
 def _layers_key(specs) -> str:
     """Which layers a result sums over, in a line: their count and a hash of their names."""
     names = "\n".join(sorted(specs))
-    return f"{len(specs)} layers, {hashlib.sha256(names.encode()).hexdigest()[:12]}"
+    return f"{len(specs)} layer{'' if len(specs) == 1 else 's'}, {hashlib.sha256(names.encode()).hexdigest()[:12]}"
 
 
 def self_influence_corpus(engine, train, factors, out_dir, *, damping: Optional[float] = None,

@@ -171,7 +171,7 @@ def test_later_commands_track_the_factors_layers(workdir):
                 "--out", str(workdir / "q1.safetensors"), "--rank", "2", "--track", f"^{one}$"]) == 0
     assert pyinf.Queries.load(workdir / "q1.safetensors").module_names == [one]
     with pytest.raises(ValueError, match=r"belongs to another run \(layers: '\d+ layers, [0-9a-f]+' there, "
-                                         r"'1 layers, [0-9a-f]+' now"):
+                                         r"'1 layer, [0-9a-f]+' now"):
         run(["self-influence", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"),
              "--out", str(workdir / "si"), "--track", f"^{one}$"])
     with pytest.raises(ValueError, match="these factors do not match the model's tracked modules: missing"):
