@@ -5,7 +5,10 @@ tag ``cpu-smoke``, ``cuda-full``, ...), and a markdown report into ``benchmarks/
 between the marker comments ``<!-- pyinf-bench:begin <tag> -->`` and
 ``<!-- pyinf-bench:end <tag> -->`` (created at the end of the file when missing). Everything
 outside the markers, hand-written notes included, is left as it is; each tag has its own
-block, so a CPU smoke run never overwrites the GPU numbers.
+block, so a CPU smoke run never overwrites the GPU numbers. ``results.json`` is also saved
+after each section (marked ``"partial": true``), so a run killed in a later section keeps the
+sections it finished; sections of an earlier run in the same folder that this one skips (or
+has not finished) are carried over.
 
 ``--smoke`` runs tiny sizes (seconds on a CPU; the timings mean nothing, the code paths and
 the pyinf-vs-kronfluence agreement do). Without it the sizes of the benchmark issue run,

@@ -56,7 +56,11 @@ def find_blocks(model: nn.Module, tracked: Dict[str, nn.Module]) -> List[nn.Modu
 
 
 class CompiledBlocks:
-    """Context manager: each block's forward is its ``torch.compile`` wrapper inside."""
+    """Context manager: each block's forward is its ``torch.compile`` wrapper inside.
+
+    It raises dynamo's recompile limit for its scope and restores it after: per thread from
+    torch 2.12, process-wide before. Passes with ``compile=True`` in overlapping threads are
+    not supported (torch.compile itself is not thread-safe); run such shards as processes."""
 
     def __init__(self, model: nn.Module, tracked: Dict[str, nn.Module]):
         self.blocks = find_blocks(model, tracked)

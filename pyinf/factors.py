@@ -154,8 +154,14 @@ def factor_dtype(model: nn.Module) -> torch.dtype:
 
 @contextlib.contextmanager
 def _seeded(device: torch.device, seed: int):
-    """A pass's random draws (true-Fisher labels) from ``seed``, leaving the caller's RNG as it was."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    """A pass's random draws (true-Fisher labels) from ``seed``, leaving the caller's RNG as it was.
+
+    ``torch.manual_seed`` seeds the CPU and every GPU, so every GPU's state is kept and given
+    back, not only the model's. These generators are the process's: passes that overlap in
+    threads (shards of one fit in one process) draw from each other's seeds, so a sharded
+    true-Fisher fit is reproducible when its shards are processes, as the CLI runs them."""
+    gpus = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(seed)
         yield
 

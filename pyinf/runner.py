@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, Iterator, Optional
 
@@ -13,6 +12,8 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from . import ops
+from ._process_setting import ProcessSetting
 from .capture import Capture, Consumer
 from .modules import ModuleSpec
 from .progress import bar
@@ -60,37 +61,32 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
-_FASTPATH_LOCK = threading.Lock()
-_fastpath_users = 0        # passes running now, in any thread
-_fastpath_before = True    # the setting the first of them found, restored by the last
-
-
 @contextlib.contextmanager
-def no_attention_fastpath():
-    """torch's nn.TransformerEncoderLayer and nn.MultiheadAttention, in eval mode with no
-    parameter needing a gradient (as in every pyinf pass), take a fused fast path that never
-    calls their Linear submodules: tracked ones would see no token. Off during a pass.
-
-    The setting is process-wide and passes may overlap in threads (shards of a staged fit):
-    the first pass in saves it, the last one out restores it (a save and restore per pass
-    left it off when two passes overlapped)."""
-    global _fastpath_users, _fastpath_before
-    mha = getattr(torch.backends, "mha", None)
-    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
-        yield
-        return
-    with _FASTPATH_LOCK:
-        if _fastpath_users == 0:
-            _fastpath_before = mha.get_fastpath_enabled()
-        _fastpath_users += 1
-        mha.set_fastpath_enabled(False)
+def caches_released_after():
+    """The fused backends' casts and packed factors, made for this pass's factors or queries,
+    are freed when it ends (they would live as long as those, on the GPU)."""
     try:
         yield
     finally:
-        with _FASTPATH_LOCK:
-            _fastpath_users -= 1
-            if _fastpath_users == 0:
-                mha.set_fastpath_enabled(_fastpath_before)
+        ops.release_caches()
+
+
+def _attention_fastpath():
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        return None
+    return ProcessSetting(mha.get_fastpath_enabled, mha.set_fastpath_enabled)
+
+
+_FASTPATH = _attention_fastpath()
+
+
+def no_attention_fastpath():
+    """torch's nn.TransformerEncoderLayer and nn.MultiheadAttention, in eval mode with no
+    parameter needing a gradient (as in every pyinf pass), take a fused fast path that never
+    calls their Linear submodules: tracked ones would see no token. Off during a pass (a
+    process-wide flag: see :mod:`pyinf._process_setting` for passes in threads)."""
+    return _FASTPATH.changed(lambda before: False) if _FASTPATH is not None else contextlib.nullcontext()
 
 
 def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[str, ModuleSpec],
@@ -104,7 +100,8 @@ def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[
     if prefetch is None:
         prefetch = device.type == "cuda"
     n_seen = 0
-    with eval_mode(model), no_attention_fastpath(), Capture(model, modules, specs, consumer) as capture:
+    with eval_mode(model), no_attention_fastpath(), caches_released_after(), \
+            Capture(model, modules, specs, consumer) as capture:
         total = data_mod.batch_count(loader)  # for the progress bar
         sizes = data_mod.batch_sizes(loader)  # examples per batch, when the loader can say
         # An iterator, not the loader: tqdm.auto would create two DataLoader iterators,

@@ -259,7 +259,8 @@ def fit_factors_staged(engine, data, work_dir, *, shard: Tuple[int, int] = (0, 1
     """:meth:`pyinf.InfluenceEngine.fit_factors` in saved stages under ``work_dir``: resumable,
     and split over ``shard=(k, n)`` processes sharing that directory. Returns the factors on
     shard 0, None elsewhere (or, with ``wait=False``, while other shards' files are missing).
-    See the module docstring."""
+    See the module docstring. Shards of a true-Fisher fit should be processes: threads of one
+    process share torch's generators, and the draws then depend on their timing."""
     return StagedFit(engine, data, work_dir, shard=shard, fisher=fisher, batch_size=batch_size, seed=seed,
                      eigh_workers=eigh_workers, run_meta=run_meta, log=log).run_stages(
         wait=wait, timeout=timeout, poll_seconds=poll_seconds, keep_parts=keep_parts, save=save)

@@ -567,3 +567,24 @@ def test_grouped_problems_on_different_devices_are_refused():
     for backend in ops.BACKENDS:
         with pytest.raises(ValueError, match="all problems must be on one device; problem 0 is on cpu, problem 1 on meta"):
             ops.factored_scores_grouped([problem("cpu"), problem("meta")], backend=backend)
+
+
+def test_gpus_before_ampere_are_left_to_the_reference(monkeypatch):
+    """On an sm_70 / sm_75 GPU the fused backends say why they do not run (the native build's
+    oldest architecture is sm_80: 'no kernel image' at launch; Triton's bf16 dots need sm_80),
+    so auto takes PyTorch there and an explicit request names the GPU."""
+    class OnCuda:  # a tensor's face on a GPU this machine does not have
+        device, dtype = torch.device("cuda", 0), torch.bfloat16
+
+        def is_neg(self):
+            return False
+
+    monkeypatch.setattr(_registry, "_capability", lambda index: (7, 5))
+    for backend in ("triton", "native"):
+        if _registry.unsupported_reason(backend, "covariance", [torch.zeros(1)]) is not None:
+            continue  # not installed here
+        reason = _registry.unsupported_reason(backend, "covariance", [OnCuda()])
+        assert reason == "the fused kernels need an sm_80 or newer GPU, cuda:0 is sm_75", backend
+    assert _registry.unsupported_reason("torch", "covariance", [OnCuda()]) is None
+    monkeypatch.setattr(_registry, "_capability", lambda index: (8, 6))
+    assert _registry.older_than_ampere([OnCuda()]) is None

@@ -398,6 +398,23 @@ def test_eigenbasis_casts_are_reused_until_the_source_changes():
     assert torch.equal(one, _eig_fresh(acts, grads, q_a, q_s))
 
 
+def test_every_pass_releases_the_casts():
+    """A cast lives as long as its source, and factors outlive their passes: a bf16 copy of
+    every eigenbasis stayed on the GPU after a fit. Every pass ends by releasing the casts
+    (pyinf.ops.release_caches); the next one casts again."""
+    import pyinf
+    from pyinf.ops import _triton
+
+    from .models import MLPTask, RegressionDataset, TinyMLP
+
+    acts, grads = torch.randn(2, 5, 4, device=DEVICE).bfloat16(), torch.randn(2, 5, 3, device=DEVICE).bfloat16()
+    q_a, q_s = torch.linalg.qr(torch.randn(4, 4))[0].to(DEVICE), torch.linalg.qr(torch.randn(3, 3))[0].to(DEVICE)
+    ops.eigen_correction(acts, grads, q_a, q_s, backend="triton")
+    assert len(_triton._casts) == 2
+    pyinf.InfluenceEngine(TinyMLP(), MLPTask(), progress=False).fit_factors(RegressionDataset(4), batch_size=2)
+    assert len(_triton._casts) == 0
+
+
 def _eig_fresh(acts, grads, q_a, q_s):
     from triton_kernels import eigen_correction as eig
     return eig.eigen_correction(acts, grads, q_a.bfloat16(), q_s.bfloat16(), None)
@@ -479,3 +496,54 @@ def test_grid_limits_split_documents_and_queries(monkeypatch):
     q_a, q_s = _orthonormal(4), _orthonormal(6)
     out = ops.eigen_correction(acts, grads, q_a, q_s, mask=mask, backend="triton")
     assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s, mask)) < 1e-5
+
+
+def test_a_config_too_large_for_the_device_runs_with_fewer_stages(monkeypatch):
+    """The configs are the H100's: on a GPU with less shared memory per block (99 KiB on
+    sm_86 / sm_89) Triton refuses a 4-stage bf16 covariance (128 KiB) when it loads the
+    kernel, before it runs; the launch retries with fewer stages and remembers what fits."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(_shared, "INTERPRETING", False)
+    monkeypatch.setattr(_shared, "_STAGES_THAT_FIT", {})
+    tried = []
+
+    class Kernel:  # stands in for a jitted kernel on a GPU with room for 2 stages
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **kwargs):
+                tried.append(num_stages)
+                if num_stages > 2:
+                    raise OutOfResources(32768 * num_stages, 101376, "shared memory")
+            return run
+
+    kernel = Kernel()
+    _shared.launch(kernel, (1,), 7, BLOCK=128, num_warps=8, num_stages=4)
+    assert tried == [4, 3, 2]
+    _shared.launch(kernel, (1,), 7, BLOCK=128, num_warps=8, num_stages=4)  # straight to what fits
+    assert tried == [4, 3, 2, 2]
+    _shared.launch(kernel, (1,), 7, BLOCK=64, num_warps=8, num_stages=2)  # another config: its own
+    assert tried[-1] == 2
+
+    class TooLarge:
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **kwargs):
+                raise OutOfResources(300000, 101376, "shared memory")
+            return run
+
+    with pytest.raises(OutOfResources):  # even one stage does not fit: Triton's own error
+        _shared.launch(TooLarge(), (1,), num_stages=3)
+
+
+def test_sampling_keys_of_two_calls_do_not_overlap(monkeypatch):
+    """Row r of a sampling call draws from Philox key seed + r. Seeds drawn below 2^31 made
+    two calls whose seeds differed by less than their row count share draws (shifted by that
+    difference): over ~1e5 chunked calls a few percent of the true Fisher's labels. Seeds are
+    62-bit now (and >= 2^32, one compiled seed type)."""
+    from triton_kernels import cross_entropy as tk_ce
+
+    seeds = []
+    monkeypatch.setattr(tk_ce, "launch", lambda kernel, grid, *args, **kwargs: seeds.append(args[6]))
+    logits = torch.randn(5, 7, device=DEVICE)
+    for sample in (True, True, False):
+        tk_ce.cross_entropy_rows(logits.clone(), torch.zeros(5, dtype=torch.int64, device=DEVICE), sample=sample)
+    assert all(2**32 <= s < 2**62 for s in seeds) and seeds[0] != seeds[1], seeds

@@ -66,6 +66,35 @@ def launch_options(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
 
 
+# The pipeline depth that fits each (kernel, device, launch) whose config asked for more shared
+# memory than the device has per block (found once, then used directly).
+_STAGES_THAT_FIT: dict = {}
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, with fewer pipeline stages on a GPU with less shared
+    memory per block than the H100 the configs were written for (99 KiB on sm_86 / sm_89
+    against 227 KiB: a 4-stage bf16 covariance tile needs 128 KiB). Triton refuses such a
+    config when it loads the compiled kernel, before anything runs, so retrying is safe."""
+    from triton.runtime.errors import OutOfResources
+
+    stages = kwargs.get("num_stages")
+    key = None
+    if stages is not None and not INTERPRETING:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        key = (kernel, device, tuple(sorted((k, str(v)) for k, v in kwargs.items() if k != "num_stages")))
+        kwargs["num_stages"] = min(stages, _STAGES_THAT_FIT.get(key, stages))
+    while True:
+        try:
+            kernel[grid](*args, **kwargs)
+            return
+        except OutOfResources:
+            if key is None or kwargs["num_stages"] <= 1:
+                raise
+            kwargs["num_stages"] -= 1
+            _STAGES_THAT_FIT[key] = kwargs["num_stages"]
+
+
 def block_sizes(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
 
@@ -187,7 +216,7 @@ def rotate(x: torch.Tensor, mask, q: torch.Tensor, col0: int, width: int, out: t
     cfg = pick_config(ROTATE_H100, q.dtype, ROTATE_INTERPRETER)
     m = mask if mask is not None else out  # dummy pointer, never read when HAS_MASK=False
     grid = (triton.cdiv(t, cfg["BLOCK_T"]), triton.cdiv(width, cfg["BLOCK_C"]), n)
-    _rotate_kernel[grid](
+    launch(_rotate_kernel, grid,
         x, m, q, out, t, k, width, col0,
         x.stride(0), x.stride(1), x.stride(2),
         m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0,

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import block_sizes, dot_flags, launch_options, mma, pick_config, to_device
+from ._shared import block_sizes, dot_flags, launch, launch_options, mma, pick_config, to_device
 
 # H100 configs (reasoned, not measured: see benchmarks/RESULTS.md). BLOCK_D is the tile
 # edge of the d x d output, BLOCK_T the rows per tl.dot (the reduction dimension).
@@ -108,7 +108,7 @@ def covariance(x: torch.Tensor, mask: Optional[torch.Tensor],
     for edge, sel in ((False, inside), (True, crossing)):
         if sel.shape[0] == 0:
             continue
-        _covariance_kernel[(sel.shape[0], splits)](
+        launch(_covariance_kernel, (sel.shape[0], splits),
             x, m, out, sel, t, d, n_row_blocks, per_split,
             x.stride(0), x.stride(1), x.stride(2),
             m.stride(0) if mask is not None else 0, m.stride(1) if mask is not None else 0, out.stride(0),

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import INTERPRETING, cast_rne
+from ._shared import INTERPRETING, cast_rne, launch
 
 # One program per row; a block of columns per step. Not autotuned: a 50k-column bf16 row
 # is ~100 KB, so 8192-column steps with 16 warps keep 16 fp32 values per thread in flight.
@@ -83,9 +83,13 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, *, sample: bo
     if rows == 0:
         return loss
     cfg = INTERPRETER if INTERPRETING else H100
-    seed = int(torch.randint(0, 2**31 - 1, (1,))) if sample else 0  # row r uses seed + r
+    # Row r draws from Philox key seed + r: the keys of two calls overlap only when their
+    # seeds are closer than their row counts, which a 62-bit seed makes negligible (a 31-bit
+    # one did not: about 1e5 calls of 1.3k rows share a few percent of their draws). Always
+    # >= 2^32, so the kernel is compiled for one (int64) seed type.
+    seed = int(torch.randint(2**32, 2**62, (1,))) if sample else 2**32
     fix = INTERPRETING and logits.dtype != torch.float32
-    _cross_entropy_rows_kernel[(rows,)](
+    launch(_cross_entropy_rows_kernel, (rows,),
         logits, labels, loss, vocab, logits.stride(0), labels.stride(0), seed, SAMPLE=sample, BLOCK_V=cfg["BLOCK_V"],
         INTERP_FIX=fix, **({"num_warps": cfg["num_warps"]} if "num_warps" in cfg else {}))
     return loss

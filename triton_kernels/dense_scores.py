@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _shared
-from ._shared import TL_DTYPE, block_sizes, dot_flags, launch_options, mma, pick_config
+from ._shared import TL_DTYPE, block_sizes, dot_flags, launch, launch_options, mma, pick_config
 
 # H100 configs (reasoned, not measured; compiled for sm_90a without spills).
 H100_PAIRWISE = {  # 64 x 64 tiles: a program's Q query tiles stay small enough for L2
@@ -149,7 +149,7 @@ def dense_scores(acts, grads, dense, mask: Optional[torch.Tensor] = None, per_to
             for q0 in range(0, q, step):
                 q1 = min(q, q0 + step)
                 grid = (triton.cdiv(t, cfg["BLOCK_T"]), q1 - q0, n1 - n0)
-                _dense_per_token_kernel[grid](grads[n0:n1], acts[n0:n1], dense[q0:q1],
+                launch(_dense_per_token_kernel, grid, grads[n0:n1], acts[n0:n1], dense[q0:q1],
                                               m[n0:n1] if mask is not None else m, out[n0:n1, :, q0:q1], t, d_out,
                                               d_in, *strides, out.stride(0), out.stride(1),
                                               **flags, **block_sizes(cfg), **launch_options(cfg))
@@ -159,7 +159,7 @@ def dense_scores(acts, grads, dense, mask: Optional[torch.Tensor] = None, per_to
     cfg = pick_config(H100_PAIRWISE, compute, INTERPRETER_PAIRWISE)
     n_ti, n_tj = triton.cdiv(d_out, cfg["BLOCK_I"]), triton.cdiv(d_in, cfg["BLOCK_J"])
     partial = torch.empty(n, q, n_ti * n_tj, dtype=torch.float32, device=acts.device)  # each slot written once
-    _dense_pairwise_kernel[(n_ti, n_tj)](
+    launch(_dense_pairwise_kernel, (n_ti, n_tj),
         grads, acts, dense, m, partial, n, t, d_out, d_in, q, *strides, partial.stride(0), partial.stride(1),
         **flags, **block_sizes(cfg), **launch_options(cfg))
     return partial.sum(2)

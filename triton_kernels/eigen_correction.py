@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _shared
-from ._shared import block_sizes, dot_flags, launch_options, mma, pick_config, rotate, rotation_plan
+from ._shared import block_sizes, dot_flags, launch, launch_options, mma, pick_config, rotate, rotation_plan
 
 # H100 configs (reasoned, not measured). BLOCK_T is the reduction (token) dimension.
 H100 = {
@@ -149,7 +149,7 @@ def eigen_correction(acts, grads, q_a, q_s, mask: Optional[torch.Tensor] = None)
     for sl, a_rot, g_rot, row0 in rotated_chunks(acts, grads, q_a, q_s, mask, cfg["BLOCK_I"]):
         width = g_rot.shape[2]
         grid = (triton.cdiv(width, cfg["BLOCK_I"]), triton.cdiv(d_in, cfg["BLOCK_J"]))
-        _eigen_correction_kernel[grid](
+        launch(_eigen_correction_kernel, grid,
             g_rot, a_rot, out, a_rot.shape[0], t, d_in, width, load_width(d_in), load_width(width), row0,
             g_rot.stride(0), g_rot.stride(1), a_rot.stride(0), a_rot.stride(1), out.stride(0),
             ACCUMULATE=row0 in seen_rows, **block_sizes(cfg), **rotated_dot_flags(compute), **launch_options(cfg))

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import TL_DTYPE, block_sizes, dot_flags, launch_options, pick_config, project, to_device
+from ._shared import TL_DTYPE, block_sizes, dot_flags, launch, launch_options, pick_config, project, to_device
 
 # H100 configs (reasoned, not measured). Two fp32 [128, 128] accumulators at 8 warps are
 # 128 registers/thread. With both operands of both products pipelined (cp.async) and the
@@ -253,7 +253,7 @@ def factored_scores_grouped(problems: Sequence[dict], per_token: bool = False,
     aligned, k_aligned = _aligned(problems), _k_aligned(problems)
     grid = (len(problems) * n * splits * n_cb,)
     if grid[0] > 0:
-        _factored_scores_kernel[grid](
+        launch(_factored_scores_kernel, grid,
             desc, n, q, splits, n_cb,
             ACT_T=TL_DTYPE[first["acts"].dtype], GRAD_T=TL_DTYPE[first["grads"].dtype],
             LEFT_T=TL_DTYPE[first["left"].dtype], RIGHT_T=TL_DTYPE[first["right"].dtype],

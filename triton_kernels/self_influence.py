@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._shared import block_sizes, dot_flags, launch_options, pick_config
+from ._shared import block_sizes, dot_flags, launch, launch_options, pick_config
 from .eigen_correction import (H100, INTERPRETER, doc_gradient_tile, load_width, rotated_chunks, rotated_dot_flags,
                                rotated_dtype_of)
 
@@ -62,7 +62,7 @@ def self_influence(acts, grads, q_a, q_s, lambdas, damping: float, mask: Optiona
     for sl, a_rot, g_rot, row0 in rotated_chunks(acts, grads, q_a, q_s, mask, cfg["BLOCK_I"]):
         width = g_rot.shape[2]
         grid = (triton.cdiv(width, cfg["BLOCK_I"]), n_tj, a_rot.shape[0])
-        _self_influence_kernel[grid](
+        launch(_self_influence_kernel, grid,
             g_rot, a_rot, lambdas, partial, float(damping), t, d_in, width, load_width(d_in), load_width(width), row0,
             sl.start, n_tj,
             g_rot.stride(0), g_rot.stride(1), a_rot.stride(0), a_rot.stride(1),

@@ -34,6 +34,7 @@ __all__ = [
     "resolve_backend",
     "available_backends",
     "implements",
+    "release_caches",
     "BackendUnavailable",
     "BACKENDS",
 ]
@@ -81,6 +82,18 @@ def resolve_backend(op: str, backend: str, tensors, shape=None) -> str:
         if _registry.unsupported_reason(name, op, tensors) is None:
             return name
     return "torch"
+
+
+def release_caches() -> None:
+    """Frees what the fused backends keep between calls for the tensors they were given: the
+    Triton backend's eigenbases cast to 16 bits, the native backend's packed query factors.
+    Each lives as long as its source tensor, and factors or queries usually outlive a pass
+    (a bf16 copy of every eigenbasis stayed on the GPU after a fit: half as much again as the
+    fp32 bases). Every pass over data ends with this; the next pass casts or packs again."""
+    for module in list(_registry.loaded_modules()):
+        release = getattr(module, "release_caches", None)
+        if release is not None:
+            release()
 
 
 def implements(backend: str, op: str) -> bool:

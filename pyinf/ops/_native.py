@@ -135,6 +135,11 @@ class PackedFactors:
 _PACKED = PackedFactors()
 
 
+def release_caches() -> None:
+    """Drops the packed query factors (see :func:`pyinf.ops.release_caches`)."""
+    _PACKED.clear()
+
+
 def _packed_factors(left, right):
     """The packed factors when the Hopper kernel can take them (opt-in, sm_90, 16-bit), else None."""
     if left.device.type != "cuda":

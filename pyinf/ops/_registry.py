@@ -9,6 +9,7 @@ back to the next candidate.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 from typing import Dict, Optional, Sequence
@@ -52,6 +53,27 @@ def load(name: str) -> ModuleType:
     return module
 
 
+def loaded_modules():
+    """The backends imported so far (a backend never imported holds nothing)."""
+    return _loaded.values()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def older_than_ampere(tensors) -> Optional[str]:
+    """Why the fused kernels do not run on these tensors' GPU, if it predates sm_80 (no bf16
+    tensor cores, and the native build's oldest architecture is sm_80); else None."""
+    for t in tensors:
+        if t is not None and t.device.type == "cuda":
+            major, minor = _capability(t.device.index if t.device.index is not None else torch.cuda.current_device())
+            if major < 8:
+                return f"the fused kernels need an sm_80 or newer GPU, {t.device} is sm_{major}{minor}"
+    return None
+
+
 def unsupported_reason(name: str, op: str, tensors: Sequence[Optional[torch.Tensor]]) -> Optional[str]:
     """None when backend `name` can run `op` on these tensors, else why not."""
     try:
@@ -65,6 +87,10 @@ def unsupported_reason(name: str, op: str, tensors: Sequence[Optional[torch.Tens
         # a kernel reads the memory, not torch's view of it: the values would come out negated
         return ("an input is a lazily negated view (torch's negative bit, e.g. from .conj().imag), which a "
                 "kernel would read unnegated; call .resolve_neg() on it first")
+    if name != "torch":
+        old = older_than_ampere(tensors)
+        if old is not None:
+            return old
     check = getattr(module, "unsupported_reason", None)
     return check(op, tensors) if check is not None else None
 

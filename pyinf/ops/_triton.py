@@ -103,6 +103,12 @@ class _CastCache:
             casts[dtype] = _fp16_checked(src, _padded_rows(src, dtype))
         return casts[dtype]
 
+    def __len__(self):
+        return len(self._entries)
+
+    def clear(self):
+        self._entries.clear()
+
 
 def _fp16_checked(src: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
     """An eigenbasis cast to fp16 (the kernels' dtype for fp16 tokens) must still be finite:
@@ -124,6 +130,11 @@ def _padded_rows(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 _casts = _CastCache()
+
+
+def release_caches() -> None:
+    """Drops the cached casts (see :func:`pyinf.ops.release_caches`)."""
+    _casts.clear()
 
 
 def _eigenbases(acts, grads, q_a, q_s):
