@@ -21,10 +21,9 @@ class ProcessSetting:
     def changed(self, value: Callable[[Any], Any]):
         """Inside, the setting is ``value(what it was before any open scope)``."""
         with self._lock:
-            if self._users == 0:
-                self._saved = self._get()
-            self._users += 1
-            self._set(value(self._saved))
+            saved = self._get() if self._users == 0 else self._saved
+            self._set(value(saved))  # counted only once it took effect (a setter may raise)
+            self._saved, self._users = saved, self._users + 1
         try:
             yield
         finally:

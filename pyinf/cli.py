@@ -112,9 +112,10 @@ def max_positions(model) -> Optional[int]:
     return None
 
 
-def _engine(args, factors=None):
-    """The model and its tokenizer, tracking --track's layers, else those of ``factors`` (the
-    layers they were fitted on), else every Linear/Conv1D but the output embedding."""
+def _engine(args, factors=None, layers=None):
+    """The model and its tokenizer, tracking --track's layers, else ``layers`` (those of the
+    --prepared queries), else those of ``factors`` (the layers they were fitted on), else every
+    Linear/Conv1D but the output embedding."""
     from . import CausalLMTask, InfluenceEngine
     from .modules import find_tracked_modules
     from .textdata import load_model, tokenizer_fingerprint
@@ -138,6 +139,8 @@ def _engine(args, factors=None):
         if not tracked:
             raise ValueError(f"--track {args.track!r} matches no trackable module (every nn.Linear / Conv1D layer "
                              f"but the output embedding, which is never tracked by default)")
+    elif layers is not None:
+        tracked = list(layers)
     elif factors is not None:
         tracked = factors.module_names
     task = CausalLMTask(tracked_modules=tracked, pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
@@ -341,7 +344,9 @@ def cmd_score(args) -> int:
     from .textdata import JsonlTextDataset
 
     factors = Factors.load(args.factors)
-    engine, tokenizer = _engine(args, factors)
+    # --prepared queries of some of the factors' layers (prepare --track): score those layers
+    layers = [m["name"] for m in storage.describe(args.prepared).get("modules", [])] if args.prepared else None
+    engine, tokenizer = _engine(args, factors, layers=layers or None)
     train = JsonlTextDataset(args.train, tokenizer, max_length=args.max_length)
     query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length)
     out = Path(args.out)

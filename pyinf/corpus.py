@@ -326,11 +326,14 @@ def self_influence_corpus(engine, train, factors, out_dir, *, damping: Optional[
     with the factors' id and the damping in place of the queries."""
     check_instance("self_influence_corpus", "factors", factors, Factors)
     factors.check_model(engine.specs)  # before any chunk is skipped as done (as in score_corpus)
-    # the layers summed over: factors of more layers serve a subset (Factors.check_model)
+    # the layers summed over, when factors of more layers serve a subset (Factors.check_model);
+    # all the factors' layers record none, as runs did before subsets
+    subset = sorted(engine.specs) != sorted(factors.specs)
     run = dict(run_meta or {}, factors=factors.id, damping=damping, model=engine.fingerprint(),
-               layers=_layers_key(engine.specs))
+               layers=_layers_key(engine.specs) if subset else None)
     train, batched = _documents(train, "self_influence_corpus")
-    on_device = factors.to(next(engine.model.parameters()).device)  # once, not once per chunk
+    # once, not once per chunk; the tracked layers' only
+    on_device = factors.subset(engine.specs).to(next(engine.model.parameters()).device)
 
     def compute(subset):
         return engine.self_influence(batched(subset), on_device, damping=damping, batch_size=batch_size)

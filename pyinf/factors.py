@@ -103,6 +103,10 @@ class Factors:
         factors (and its default damping) do not depend on which others were fitted."""
         check_same_modules({n: s for n, s in self.specs.items() if n in specs}, specs, what="these factors")
 
+    def subset(self, names) -> "Factors":
+        """The factors of these layers only (the same id: each layer's factors are its own)."""
+        return Factors({n: self.modules[n] for n in names}, dict(self.meta))
+
     def to(self, device) -> "Factors":
         moved = {n: ModuleFactors(m.spec, *[getattr(m, f).to(device) for f in _FIELDS])
                  for n, m in self.modules.items()}

@@ -285,7 +285,7 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
     damping_by_module = {n: factors[n].damping(damping) for n in modules}
     loader = _fixed_order(loader)  # the gradient pass and the measurements in one order
     device = next(model.parameters()).device
-    on_device = factors.to(device).modules
+    on_device = factors.subset(specs).to(device).modules  # the tracked layers' only
     parts: Dict[str, Dict[str, list]] = {n: {} for n in modules}
     self_terms: list = []  # per batch: grad_q^T H^-1 grad_q summed over modules, [B]
 

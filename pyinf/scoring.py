@@ -197,7 +197,7 @@ def self_influence(model, task, modules, specs, loader, factors: Factors, *, dam
                    backend: str, progress) -> torch.Tensor:
     factors.check_model(specs)
     device = next(model.parameters()).device
-    on_device = factors.to(device).modules
+    on_device = factors.subset(specs).to(device).modules  # the tracked layers' only
     damping_by_module = {n: factors[n].damping(damping) for n in modules}
     acc = _BatchScores(modules, per_module=False)
 

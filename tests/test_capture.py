@@ -216,6 +216,23 @@ def test_overlapping_passes_restore_the_attention_fast_path():
     assert not mha.get_fastpath_enabled()  # B's pass is still running
     b.__exit__(None, None, None)
     assert mha.get_fastpath_enabled()
+    # a setter that fails is not counted: the next pass still restores the setting
+    from pyinf._process_setting import ProcessSetting
+
+    state = {"value": True, "fail": True}
+
+    def set_value(v):
+        if state.pop("fail", False):
+            raise RuntimeError("setter failed")
+        state["value"] = v
+
+    setting = ProcessSetting(lambda: state["value"], set_value)
+    with pytest.raises(RuntimeError):
+        with setting.changed(lambda before: False):
+            pass
+    with setting.changed(lambda before: False):
+        assert state["value"] is False
+    assert state["value"] is True
 
 def test_layer_input_that_cannot_be_split_raises():
     """No dimension of [2, 6, d] holds the batch's 3 documents (nor a multiple of them): an

@@ -170,7 +170,11 @@ def test_later_commands_track_the_factors_layers(workdir):
     assert run(["prepare", *common, "--factors", factors, "--queries", str(workdir / "queries.jsonl"),
                 "--out", str(workdir / "q1.safetensors"), "--rank", "2", "--track", f"^{one}$"]) == 0
     assert pyinf.Queries.load(workdir / "q1.safetensors").module_names == [one]
-    with pytest.raises(ValueError, match=r"belongs to another run \(layers: '\d+ layers, [0-9a-f]+' there, "
+    # scoring with them tracks their layer without being told again
+    assert run(["score", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"), "--queries",
+                str(workdir / "queries.jsonl"), "--prepared", str(workdir / "q1.safetensors"), "--out",
+                str(workdir / "s1")]) == 0
+    with pytest.raises(ValueError, match=r"belongs to another run \(layers: None there, "
                                          r"'1 layer, [0-9a-f]+' now"):
         run(["self-influence", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"),
              "--out", str(workdir / "si"), "--track", f"^{one}$"])

@@ -588,3 +588,18 @@ def test_gpus_before_ampere_are_left_to_the_reference(monkeypatch):
     assert _registry.unsupported_reason("torch", "covariance", [OnCuda()]) is None
     monkeypatch.setattr(_registry, "_capability", lambda index: (8, 6))
     assert _registry.older_than_ampere([OnCuda()]) is None
+
+
+def test_implements_says_whether_a_backend_has_an_op(monkeypatch):
+    """The full-rank route runs on PyTorch under the native backend, which has no
+    dense_scores; a backend asked for by name that does not load still says so."""
+    assert ops.implements("auto", "dense_scores") and ops.implements("torch", "dense_scores")
+    if _registry.unsupported_reason("native", "covariance", [torch.zeros(1)]) is None:
+        assert not ops.implements("native", "dense_scores") and ops.implements("native", "covariance")
+
+    def unavailable(name):
+        raise ops.BackendUnavailable(f"pyinf backend {name!r} is not available: test")
+
+    monkeypatch.setattr(_registry, "load", unavailable)
+    with pytest.raises(ops.BackendUnavailable, match="'native' is not available"):
+        ops.implements("native", "dense_scores")

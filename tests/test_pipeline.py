@@ -653,6 +653,14 @@ def test_factors_of_more_layers_serve_a_subset():
     for factors_ in (all_factors, own_factors):
         queries = subset.prepare_queries(query, factors_, rank=2)
         assert queries.module_names == mlp
+    assert all_factors.subset(mlp).module_names == mlp and all_factors.subset(mlp).id == all_factors.id
+    moved = []  # only the tracked layers' factors go to the model's device
+    original_to = pyinf.Factors.to
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pyinf.Factors, "to", lambda self, device: moved.append(len(self.modules)) or original_to(self, device))
+        subset.prepare_queries(query, all_factors, rank=2)
+        subset.self_influence(train, all_factors)
+    assert moved == [len(mlp), len(mlp)]
     a, b = (subset.prepare_queries(query, f, rank=2) for f in (all_factors, own_factors))
     assert torch.allclose(subset.pairwise_scores(train, a), subset.pairwise_scores(train, b), rtol=1e-5, atol=1e-9)
     assert torch.allclose(subset.self_influence(train, all_factors), subset.self_influence(train, own_factors),

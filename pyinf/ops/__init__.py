@@ -98,14 +98,10 @@ def release_caches() -> None:
 
 def implements(backend: str, op: str) -> bool:
     """Whether backend `backend` (a name, or "auto": always) has an implementation of `op` at
-    all; whether it can run a given call is :func:`resolve_backend`'s question."""
+    all; whether it can run a given call is :func:`resolve_backend`'s question. A backend
+    that does not load raises BackendUnavailable (asked for by name, it must say so)."""
     _check_backend_name(backend)
-    if backend == "auto":
-        return True
-    try:
-        return hasattr(_registry.load(backend), op)
-    except BackendUnavailable:
-        return False
+    return backend == "auto" or hasattr(_registry.load(backend), op)
 
 
 def _run(op: str, backend: str, tensors, shape, *args, **kwargs):
