@@ -33,8 +33,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=_at_least(2), default=None,
                    help=f"truncate training documents to this many tokens (default {DEFAULT_MAX_LENGTH}, or the "
                         f"model's number of positions if fewer); a query that does not fit is refused")
-    p.add_argument("--seed", type=int, default=0, help="random seed (true-Fisher label samples; a config-only "
-                   "--model also draws its random weights from it, so every command must use the same)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (true-Fisher label samples; a config-only "
+                   "--model also draws its random weights from it, so every command must use the same; default "
+                   "0 for fit, and the fit's seed, recorded in the factors, for the later commands)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--fused-head", action="store_true", help="loss from the final hidden states without fp32 "
                    "[tokens, vocab] logits (pyinf.fused_ce)")
@@ -120,6 +121,9 @@ def _engine(args, factors=None, layers=None):
     from .modules import find_tracked_modules
     from .textdata import load_model, tokenizer_fingerprint
 
+    if args.seed is None:  # the fit's: a config-only model's random weights come from it
+        recorded = factors.meta.get("seed") if factors is not None else None
+        args.seed = recorded if isinstance(recorded, int) else 0
     model, tokenizer = load_model(args.model, seed=args.seed, dtype=DTYPES.get(args.dtype))
     args.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
     # the dtype the model runs in (--dtype float32 on a float32 checkpoint is no other setting)
