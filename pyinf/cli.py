@@ -239,13 +239,14 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def _load_or_prepare(engine, args, factors, query, out: Path):
-    """The run's queries: ``--prepared``, else the ones an earlier run into ``out`` prepared
-    from the same inputs (so a resumed run scores against the very same factors), else new."""
+def _load_or_prepare(engine, args, factors, query, out: Path, prepared=None):
+    """The run's queries: ``prepared`` (``--prepared``, loaded), else the ones an earlier run
+    into ``out`` prepared from the same inputs (so a resumed run scores against the very same
+    factors), else new."""
     from .queries import Queries
 
-    if args.prepared:
-        queries = Queries.load(args.prepared, factors)
+    if prepared is not None:
+        queries = prepared
         source = queries.meta.get("source", {})
         # the settings the queries were prepared with, from the queries themselves (files
         # prepared with the Python API have no CLI source)
@@ -343,19 +344,19 @@ def _token_highlights(args, train, tokenizer, queries, documents, per_token, out
 
 
 def cmd_score(args) -> int:
-    from . import Factors, storage
+    from . import Factors, Queries, storage
     from .corpus import score_corpus, top_documents, top_token_scores
     from .textdata import JsonlTextDataset
 
     factors = Factors.load(args.factors)
     # --prepared queries of some of the factors' layers (prepare --track): score those layers
-    layers = [m["name"] for m in storage.describe(args.prepared).get("modules", [])] if args.prepared else None
-    engine, tokenizer = _engine(args, factors, layers=layers or None)
+    prepared = Queries.load(args.prepared, factors) if args.prepared else None
+    engine, tokenizer = _engine(args, factors, layers=prepared.module_names if prepared is not None else None)
     train = JsonlTextDataset(args.train, tokenizer, max_length=args.max_length)
     query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    queries = _load_or_prepare(engine, args, factors, query, out)
+    queries = _load_or_prepare(engine, args, factors, query, out, prepared)
     scores = score_corpus(engine, train, queries, out, chunk_size=args.chunk_size, shard=args.shard,
                           batch_size=args.batch_size, query_batch_size=args.query_batch_size,
                           run_meta=_run_meta(args))

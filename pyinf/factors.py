@@ -164,8 +164,12 @@ def _seeded(device: torch.device, seed: int):
     back, not only the model's. These generators are the process's: passes that overlap in
     threads (shards of one fit in one process) draw from each other's seeds, so a sharded
     true-Fisher fit is reproducible when its shards are processes, as the CLI runs them."""
-    gpus = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=gpus):
+    if device.type != "cuda":  # the CPU generator only: torch.manual_seed would reseed the GPUs too
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+        return
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         torch.manual_seed(seed)
         yield
 

@@ -574,20 +574,25 @@ def test_gpus_before_ampere_are_left_to_the_reference(monkeypatch):
     oldest architecture is sm_80: 'no kernel image' at launch; Triton's bf16 dots need sm_80),
     so auto takes PyTorch there and an explicit request names the GPU."""
     class OnCuda:  # a tensor's face on a GPU this machine does not have
-        device, dtype = torch.device("cuda", 0), torch.bfloat16
+        device = torch.device("cuda", 0)
+
+        def __init__(self, dtype):
+            self.dtype = dtype
 
         def is_neg(self):
             return False
 
     monkeypatch.setattr(_registry, "_capability", lambda index: (7, 5))
-    for backend in ("triton", "native"):
-        if _registry.unsupported_reason(backend, "covariance", [torch.zeros(1)]) is not None:
-            continue  # not installed here
-        reason = _registry.unsupported_reason(backend, "covariance", [OnCuda()])
-        assert reason == "the fused kernels need an sm_80 or newer GPU, cuda:0 is sm_75", backend
-    assert _registry.unsupported_reason("torch", "covariance", [OnCuda()]) is None
+    assert _registry._gpu_reason("native", [OnCuda(torch.float32)]) == (
+        "the native CUDA kernels need an sm_80 or newer GPU, cuda:0 is sm_75")
+    assert _registry._gpu_reason("triton", [OnCuda(torch.bfloat16)]) == (
+        "the Triton kernels on bf16 need an sm_80 or newer GPU, cuda:0 is sm_75")
+    assert _registry._gpu_reason("triton", [OnCuda(torch.float16)]) is None  # fp16 / fp32 dots run there
+    assert _registry._gpu_reason("torch", [OnCuda(torch.bfloat16)]) is None
+    if _registry.unsupported_reason("native", "covariance", [torch.zeros(1)]) is None:  # through the registry
+        assert "sm_75" in _registry.unsupported_reason("native", "covariance", [OnCuda(torch.float32)])
     monkeypatch.setattr(_registry, "_capability", lambda index: (8, 6))
-    assert _registry.older_than_ampere([OnCuda()]) is None
+    assert _registry.older_than_ampere([OnCuda(torch.bfloat16)]) is None
 
 
 def test_implements_says_whether_a_backend_has_an_op(monkeypatch):

@@ -63,14 +63,23 @@ def _capability(index: int):
     return torch.cuda.get_device_capability(index)
 
 
-def older_than_ampere(tensors) -> Optional[str]:
-    """Why the fused kernels do not run on these tensors' GPU, if it predates sm_80 (no bf16
-    tensor cores, and the native build's oldest architecture is sm_80); else None."""
+def older_than_ampere(tensors, what: str = "the fused kernels need") -> Optional[str]:
+    """Why a kernel does not run on these tensors' GPU, if it predates sm_80; else None."""
     for t in tensors:
         if t is not None and t.device.type == "cuda":
             major, minor = _capability(t.device.index if t.device.index is not None else torch.cuda.current_device())
             if major < 8:
-                return f"the fused kernels need an sm_80 or newer GPU, {t.device} is sm_{major}{minor}"
+                return f"{what} an sm_80 or newer GPU, {t.device} is sm_{major}{minor}"
+    return None
+
+
+def _gpu_reason(name: str, tensors) -> Optional[str]:
+    """The native build's oldest architecture is sm_80 (older GPUs: 'no kernel image' at
+    launch); Triton's bf16 dots need sm_80, its fp32 and fp16 kernels run on older GPUs."""
+    if name == "native":
+        return older_than_ampere(tensors, "the native CUDA kernels need")
+    if name == "triton" and any(t is not None and t.dtype == torch.bfloat16 for t in tensors):
+        return older_than_ampere(tensors, "the Triton kernels on bf16 need")
     return None
 
 
@@ -87,10 +96,9 @@ def unsupported_reason(name: str, op: str, tensors: Sequence[Optional[torch.Tens
         # a kernel reads the memory, not torch's view of it: the values would come out negated
         return ("an input is a lazily negated view (torch's negative bit, e.g. from .conj().imag), which a "
                 "kernel would read unnegated; call .resolve_neg() on it first")
-    if name != "torch":
-        old = older_than_ampere(tensors)
-        if old is not None:
-            return old
+    old_gpu = _gpu_reason(name, tensors)
+    if old_gpu is not None:
+        return old_gpu
     check = getattr(module, "unsupported_reason", None)
     return check(op, tensors) if check is not None else None
 
