@@ -371,6 +371,8 @@ def cmd_score(args) -> int:
         tokens = _token_highlights(args, train, tokenizer, queries, documents, per_token, out)
     else:
         top_docs = top_documents(scores, k)
+        # an earlier run's token scores would no longer belong to this top.json
+        (out / "tokens.safetensors").unlink(missing_ok=True)
     top = []
     for q, docs in enumerate(top_docs):
         rows = []

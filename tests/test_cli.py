@@ -54,6 +54,13 @@ def test_fit_then_score(workdir, capsys):
     assert best["token"] == row["text"][best["position"]]  # byte tokens: position = character
     assert float(per_token[best["position"] - 1]) == pytest.approx(best["score"], rel=1e-6)
     assert "query: 'where is paris? france'" in capsys.readouterr().out
+    # rerun without --per-token: the finished scores are reused, and the old token scores,
+    # which this top.json no longer names, are gone
+    assert run(["score", *common, "--factors", str(workdir / "f.safetensors"), "--train",
+                str(workdir / "train.jsonl"), "--queries", str(workdir / "queries.jsonl"), "--out",
+                str(workdir / "out"), "--rank", "4", "--top-k", "3"]) == 0
+    assert not (workdir / "out" / "tokens.safetensors").exists()
+    assert "tokens" not in json.loads((workdir / "out" / "top.json").read_text())[0]["top"][0]
     # the fused LM head gives the same scores
     assert run(["score", *common, "--fused-head", "--factors", str(workdir / "f.safetensors"), "--train",
                 str(workdir / "train.jsonl"), "--queries", str(workdir / "queries.jsonl"), "--out",
