@@ -15,6 +15,7 @@ from . import scoring
 from .checkpoint import CheckpointedBlocks
 from .compile import CompiledBlocks
 from .fingerprint import WeightsIdentity, same_weights, weights_identity
+from .fused_ce import backend_of_pass
 from .data import make_loader
 from .factors import Factors
 from .modules import ModuleSpec, find_tracked_modules, spec_of
@@ -80,9 +81,11 @@ class InfluenceEngine:
         return dict(model=self.model, task=self.task, modules=self.modules, specs=self.specs)
 
     def _stage_context(self):
-        """The stage's context: the model's blocks compiled when ``compile=True``, and
-        checkpointed (around the compiled forward) when ``checkpoint=True``."""
+        """The stage's context: the engine's backend for the fused LM head's softmax step too,
+        the model's blocks compiled when ``compile=True``, and checkpointed (around the
+        compiled forward) when ``checkpoint=True``."""
         stack = contextlib.ExitStack()
+        stack.enter_context(backend_of_pass(self.backend))
         if self.compile:
             stack.enter_context(CompiledBlocks(self.model, self.modules))
         if self.checkpoint:

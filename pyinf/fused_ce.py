@@ -11,11 +11,27 @@ output layer's weight gets no gradient (influence needs none).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional
 
 import torch
 
 from . import ops
+
+# The backend of the softmax step when a caller names none: an engine's passes set theirs
+# (InfluenceEngine(backend="torch") runs its fused head on PyTorch too), else "auto".
+_PASS_BACKEND = contextvars.ContextVar("pyinf_fused_head_backend", default="auto")
+
+
+@contextlib.contextmanager
+def backend_of_pass(backend: str):
+    """Inside, ``linear_cross_entropy(backend=None)`` runs its softmax step on `backend`."""
+    token = _PASS_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _PASS_BACKEND.reset(token)
 
 # Rows per chunk are chosen so one chunk's logits stay near this many elements (128 MiB in
 # bf16; the PyTorch reference of cross_entropy_rows adds fp32 copies of the chunk).
@@ -49,11 +65,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, *, sample: bool = False,
-                         reduction: str = "sum", backend: str = "auto") -> torch.Tensor:
+                         reduction: str = "sum", backend: Optional[str] = None) -> torch.Tensor:
     """Cross-entropy of ``hidden [N, d] @ weight[V, d]^T (+ bias)`` against ``labels [N]``
     (-100 ignored): summed (``reduction="sum"``) or per row (``"none"``: ``[N]``, zero on
     ignored rows), in fp32 (fp64 for fp64 inputs). ``sample=True`` replaces each label by a
-    draw from the softmax. ``backend`` runs the softmax step (:func:`pyinf.ops.cross_entropy_rows`)."""
+    draw from the softmax. ``backend`` runs the softmax step (:func:`pyinf.ops.cross_entropy_rows`);
+    None: the engine's, in its passes (:func:`backend_of_pass`), else ``"auto"``."""
+    backend = _PASS_BACKEND.get() if backend is None else backend
     if reduction not in ("sum", "none"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'sum' or 'none', got {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:

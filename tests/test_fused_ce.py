@@ -185,3 +185,22 @@ def test_true_fisher_labels_of_the_default_path_are_drawn_from_the_softmax():
     ids = torch.full((40, 21), 4, dtype=torch.int64)  # labels: all the least likely token
     losses = pyinf.CausalLMTask()._token_losses({"input_ids": ids}, Peaked(), sample=True)
     _assert_drawn_from_softmax(losses.detach().reshape(-1), _PEAKED)
+
+
+def test_the_fused_head_follows_the_engines_backend(monkeypatch):
+    """InfluenceEngine(backend="torch") runs the fused head's softmax step on PyTorch too (it
+    took 'auto', Triton on a GPU); outside an engine's passes the head's default is 'auto'."""
+    from pyinf import ops
+
+    seen = []
+    real = ops.cross_entropy_rows
+    monkeypatch.setattr(ops, "cross_entropy_rows",
+                        lambda *args, backend, **kwargs: seen.append(backend) or real(*args, backend="torch", **kwargs))
+    model = tiny_gpt2(seed=2)
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(fused_head=True), backend="torch", progress=False)
+    engine.fit_factors(TokenDataset(2, seed=1), batch_size=2)
+    assert seen and set(seen) == {"torch"}
+    seen.clear()
+    hidden, weight = torch.randn(3, 4), torch.randn(5, 4)
+    fused_ce.linear_cross_entropy(hidden, weight, torch.tensor([1, -100, 2]))
+    assert seen == ["auto"]
