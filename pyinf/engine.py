@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import factors as factors_mod
+from . import ops
 from . import queries as queries_mod
 from . import scoring
 from .checkpoint import CheckpointedBlocks
@@ -37,8 +38,9 @@ class InfluenceEngine:
             its hooks around each pass.
         task: a :class:`pyinf.Task` (kronfluence's method names).
         backend: ``"auto"`` (fused kernels on CUDA, PyTorch elsewhere), ``"torch"``,
-            ``"triton"`` or ``"native"`` (whose ops have no full-rank ``dense_scores``: queries
-            scored on that route, ``rank=None`` or ``route="dense"``, use PyTorch's).
+            ``"triton"`` or ``"native"``, for every op of the passes, the fused LM head's
+            softmax step included; an op the backend lacks (native: ``dense_scores``, the
+            full-rank route, and ``cross_entropy_rows``) runs on auto's choice.
         progress: tqdm bars on passes over data; None means on only when stderr is a TTY.
         compile: run the model's repeated blocks under ``torch.compile`` during the passes
             (see :mod:`pyinf.compile`): fuses the work between tracked layers, at the cost
@@ -85,7 +87,8 @@ class InfluenceEngine:
         the model's blocks compiled when ``compile=True``, and checkpointed (around the
         compiled forward) when ``checkpoint=True``."""
         stack = contextlib.ExitStack()
-        stack.enter_context(backend_of_pass(self.backend))
+        head = self.backend if ops.implements(self.backend, "cross_entropy_rows") else "auto"
+        stack.enter_context(backend_of_pass(head))
         if self.compile:
             stack.enter_context(CompiledBlocks(self.model, self.modules))
         if self.checkpoint:

@@ -139,8 +139,8 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
     def scaled(value, scale):
         return value if scale is None else value * scale.to(value.dtype)
 
-    # the full-rank route is one GEMM, which the native backend leaves to PyTorch
-    dense_backend = backend if ops.implements(backend, "dense_scores") else "torch"
+    # the full-rank route: an op the native backend lacks, left to auto's choice
+    dense_backend = backend if ops.implements(backend, "dense_scores") else "auto"
 
     def consume(spec, acts, grads, mask):
         t = acts.shape[1]

@@ -34,7 +34,7 @@ def _run(model, train, query, backend):
                per_token=engine.pairwise_scores(train, queries, batch_size=6, per_token=True),
                self_influence=engine.self_influence(train, factors, batch_size=6),
                # the same low-rank queries through per-document gradients (the native backend
-               # has no dense_scores: the engine leaves that route to PyTorch)
+               # has no dense_scores: the engine leaves that route to auto's choice)
                dense=engine.pairwise_scores(train, queries, batch_size=6, route="dense"))
     return out
 

@@ -201,6 +201,14 @@ def test_the_fused_head_follows_the_engines_backend(monkeypatch):
     engine.fit_factors(TokenDataset(2, seed=1), batch_size=2)
     assert seen and set(seen) == {"torch"}
     seen.clear()
+    from pyinf.ops import _registry
+
+    if _registry.unsupported_reason("native", "covariance", [torch.zeros(1)]) is None:
+        # native has no cross_entropy_rows: its engine's head takes auto's choice
+        pyinf.InfluenceEngine(model, pyinf.CausalLMTask(fused_head=True), backend="native",
+                              progress=False).fit_factors(TokenDataset(2, seed=1), batch_size=2)
+        assert seen and set(seen) == {"auto"}
+        seen.clear()
     hidden, weight = torch.randn(3, 4), torch.randn(5, 4)
     fused_ce.linear_cross_entropy(hidden, weight, torch.tensor([1, -100, 2]))
     assert seen == ["auto"]
