@@ -115,8 +115,19 @@ def _op_of(kernel: str) -> str:
 
 def sweep(kernels=KERNELS, preset: str = "full", workloads: Optional[List[str]] = None, max_seconds: float = 240.0,
           tolerance: float = 2e-2, log=print) -> Dict[str, object]:
+    from triton_kernels import _shared
+
     device = default_device()
     deadline = time.perf_counter() + max_seconds
+    # a candidate that does not fit the device must fail, not run with fewer stages under its name
+    retry, _shared.RETRY_WITH_FEWER_STAGES = _shared.RETRY_WITH_FEWER_STAGES, False
+    try:
+        return _sweep(kernels, preset, workloads, deadline, tolerance, device, log)
+    finally:
+        _shared.RETRY_WITH_FEWER_STAGES = retry
+
+
+def _sweep(kernels, preset, workloads, deadline, tolerance, device, log) -> Dict[str, object]:
     results: Dict[str, object] = dict(env=environment(device), preset=preset, kernels={})
     for kernel in kernels:
         table = _table(kernel)
