@@ -202,9 +202,10 @@ def covariance_sums(model, task, modules, specs, loader, *, fisher: str, backend
                               desc="pyinf: covariances", progress=progress)
     for name, (a_sum, _, n_tokens) in sums.items():
         if a_sum is None:
-            raise RuntimeError(f"module {name!r} was never called in the factor pass: the model's forward does not "
-                               f"run it (a spare head or adapter), or reads its weight directly (F.linear(x, "
-                               f"m.weight)); leave it out of the tracked modules")
+            raise RuntimeError(f"module {name!r} received no gradient in the factor pass: the model's forward does "
+                               f"not run it (a spare head or adapter), reads its weight directly (F.linear(x, "
+                               f"m.weight)), or its output does not reach the loss (used only through an argmax, "
+                               f"or detached); leave it out of the tracked modules")
         if float(n_tokens) == 0:
             raise RuntimeError(f"module {name!r} saw no unmasked token while fitting factors (every token it saw "
                                f"was padding)")

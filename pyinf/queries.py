@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import warnings
 from typing import Dict, Optional
 
@@ -15,6 +16,10 @@ from .factors import Factors, check_same_modules
 from .modules import ModuleSpec
 from .progress import bar
 from .runner import eval_mode, run_pass
+
+
+def _is_position(i) -> bool:
+    return isinstance(i, numbers.Integral) and not isinstance(i, bool)
 
 
 class Queries:
@@ -103,10 +108,12 @@ class Queries:
         return moved
 
     def select(self, index) -> "Queries":
-        """The queries at ``index`` (a range or a list of positions), in that order."""
-        idx = list(index)
-        if not idx or not all(isinstance(i, int) and 0 <= i < self.n_queries for i in idx):
+        """The queries at ``index`` (a range, a list, a numpy array or a 1-D tensor of
+        positions), in that order."""
+        idx = list(index.tolist() if hasattr(index, "tolist") else index)
+        if not idx or not all(_is_position(i) and 0 <= i < self.n_queries for i in idx):
             raise ValueError(f"query positions must be a non-empty list in 0..{self.n_queries - 1}, got {idx!r}")
+        idx = [int(i) for i in idx]
         tensors = {n: {k: v[idx] for k, v in d.items()} for n, d in self.tensors.items()}
         meta = dict(self.meta, n_queries=len(idx))
         for key in ("measurements", "self_influence"):

@@ -166,8 +166,13 @@ def test_query_groups_give_the_scores_of_one_pass(gpt2_fp32):
     picked = queries.select([3, 1])
     assert picked.n_queries == 2 and picked.measurements.tolist() == queries.measurements[[3, 1]].tolist()
     assert queries.bytes_per_query() == sum(4 * 3 * (s.d_in + s.d_out) for s in engine.specs.values())
-    with pytest.raises(ValueError, match="query positions"):
-        queries.select([4])
+    import numpy as np
+
+    for index in (np.array([3, 1]), torch.tensor([3, 1]), [np.int64(3), 1]):  # positions from topk / argsort
+        assert torch.equal(queries.select(index).measurements, picked.measurements)
+    for bad in ([4], [True], [1.0], []):
+        with pytest.raises(ValueError, match="query positions"):
+            queries.select(bad)
     with pytest.raises(ValueError, match="query_batch_size"):
         engine.pairwise_scores(train, queries, query_batch_size=0)
 
