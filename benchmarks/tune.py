@@ -119,12 +119,25 @@ def sweep(kernels=KERNELS, preset: str = "full", workloads: Optional[List[str]] 
 
     device = default_device()
     deadline = time.perf_counter() + max_seconds
-    # a candidate that does not fit the device must fail, not run with fewer stages under its name
-    retry, _shared.RETRY_WITH_FEWER_STAGES = _shared.RETRY_WITH_FEWER_STAGES, False
+    # a candidate that does not fit the device must fail, not run with fewer stages under its
+    # name (only the swept kernels: the others an op launches keep adapting)
+    swept = {_jitted(kernel) for kernel in kernels} - _shared.EXACT_STAGES
+    _shared.EXACT_STAGES.update(swept)
     try:
         return _sweep(kernels, preset, workloads, deadline, tolerance, device, log)
     finally:
-        _shared.RETRY_WITH_FEWER_STAGES = retry
+        _shared.EXACT_STAGES.difference_update(swept)
+
+
+def _jitted(kernel: str):
+    """The Triton kernel whose launch configs the table of `kernel` holds."""
+    from triton_kernels import _shared
+    from triton_kernels import covariance as cov
+    from triton_kernels import eigen_correction as eig
+    from triton_kernels import factored_scores as fs
+
+    return {"factored_scores": fs._factored_scores_kernel, "eigen_correction": eig._eigen_correction_kernel,
+            "rotate": _shared._rotate_kernel, "covariance": cov._covariance_kernel}[kernel]
 
 
 def _sweep(kernels, preset, workloads, deadline, tolerance, device, log) -> Dict[str, object]:

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from . import factors as factors_mod
-from . import ops
 from . import queries as queries_mod
 from . import scoring
 from .checkpoint import CheckpointedBlocks
@@ -87,8 +86,7 @@ class InfluenceEngine:
         the model's blocks compiled when ``compile=True``, and checkpointed (around the
         compiled forward) when ``checkpoint=True``."""
         stack = contextlib.ExitStack()
-        head = self.backend if ops.implements(self.backend, "cross_entropy_rows") else "auto"
-        stack.enter_context(backend_of_pass(head))
+        stack.enter_context(backend_of_pass(self.backend))
         if self.compile:
             stack.enter_context(CompiledBlocks(self.model, self.modules))
         if self.checkpoint:

@@ -20,7 +20,8 @@ import torch
 from . import ops
 
 # The backend of the softmax step when a caller names none: an engine's passes set theirs
-# (InfluenceEngine(backend="torch") runs its fused head on PyTorch too), else "auto".
+# (InfluenceEngine(backend="torch") runs its fused head on PyTorch too), else "auto". Read
+# where the head runs, so that a backend that is not there fails only if it is needed.
 _PASS_BACKEND = contextvars.ContextVar("pyinf_fused_head_backend", default="auto")
 
 
@@ -71,7 +72,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     ignored rows), in fp32 (fp64 for fp64 inputs). ``sample=True`` replaces each label by a
     draw from the softmax. ``backend`` runs the softmax step (:func:`pyinf.ops.cross_entropy_rows`);
     None: the engine's, in its passes (:func:`backend_of_pass`), else ``"auto"``."""
-    backend = _PASS_BACKEND.get() if backend is None else backend
+    if backend is None:  # the engine's, unless it lacks the op (native): then auto's choice
+        backend = _PASS_BACKEND.get()
+        if not ops.implements(backend, "cross_entropy_rows"):
+            backend = "auto"
     if reduction not in ("sum", "none"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'sum' or 'none', got {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:

@@ -179,11 +179,16 @@ def test_tune_sweep_checks_each_candidate_and_restores_the_table():
     a best entry is named, and the kernel's table in the source is left as it was. (Under
     the CPU interpreter the tables are ignored: this exercises the harness only.)"""
     from benchmarks import tune
+    from triton_kernels import _shared
 
     table = tune._table("covariance")
     before = {k: dict(v) for k, v in table.items()}
-    res = tune.sweep(("covariance",), preset="smoke", workloads=["tiny-b"], max_seconds=120, log=lambda *_: None)
+    seen = []
+    res = tune.sweep(("covariance",), preset="smoke", workloads=["tiny-b"], max_seconds=120,
+                     log=lambda *_: seen.append(set(_shared.EXACT_STAGES)))
     assert {k: dict(v) for k, v in table.items()} == before
+    # the swept kernel launched at its candidates' exact stages, and only during the sweep
+    assert seen and all(s == {tune._jitted("covariance")} for s in seen) and not _shared.EXACT_STAGES
     entries = res["kernels"]["covariance"]["entries"]
     assert len(entries) == len(tune.CANDIDATES["covariance"])
     assert all(e["rel_err"] < 1e-2 and e["ms"] > 0 for e in entries), entries

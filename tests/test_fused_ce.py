@@ -212,3 +212,29 @@ def test_the_fused_head_follows_the_engines_backend(monkeypatch):
     hidden, weight = torch.randn(3, 4), torch.randn(5, 4)
     fused_ce.linear_cross_entropy(hidden, weight, torch.tensor([1, -100, 2]))
     assert seen == ["auto"]
+
+
+def test_an_unbuilt_backend_fails_only_where_the_head_needs_it(monkeypatch):
+    """The pass's backend is resolved where the fused head runs: a stage that runs no op of
+    an explicit backend that is not there (query preparation of a model without a fused
+    head) works, and the head that needs it names it."""
+    from pyinf import ops
+    from pyinf.ops import _registry
+
+    from .models import MLPTask, RegressionDataset, TinyMLP
+
+    engine = pyinf.InfluenceEngine(TinyMLP(), MLPTask(), backend="torch", progress=False)
+    data = RegressionDataset(4)
+    factors = engine.fit_factors(data, batch_size=2)
+    real_load = _registry.load
+
+    def load(name):
+        if name == "native":
+            raise ops.BackendUnavailable("pyinf backend 'native' is not available: test")
+        return real_load(name)
+
+    monkeypatch.setattr(_registry, "load", load)
+    native = pyinf.InfluenceEngine(engine.model, MLPTask(), backend="native", progress=False)
+    native.prepare_queries(data, factors, rank=1)
+    with fused_ce.backend_of_pass("native"), pytest.raises(ops.BackendUnavailable, match="'native' is not"):
+        fused_ce.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([1, 2, 3]))

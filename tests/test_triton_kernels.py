@@ -534,9 +534,10 @@ def test_a_config_too_large_for_the_device_runs_with_fewer_stages(monkeypatch):
         _shared.launch(TooLarge(), (1,), num_stages=3)
     # benchmarks.tune: a candidate that does not fit fails, instead of being timed with fewer
     # stages under its own name
-    monkeypatch.setattr(_shared, "RETRY_WITH_FEWER_STAGES", False)
+    monkeypatch.setattr(_shared, "EXACT_STAGES", {kernel})
     with pytest.raises(OutOfResources):
         _shared.launch(kernel, (1,), 7, BLOCK=32, num_warps=8, num_stages=4)
+    _shared.launch(Kernel(), (1,), 7, BLOCK=32, num_warps=8, num_stages=4)  # another kernel still adapts
 
 
 def test_sampling_keys_of_two_calls_do_not_overlap(monkeypatch):

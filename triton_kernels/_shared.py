@@ -69,9 +69,10 @@ def launch_options(cfg: dict) -> dict:
 # The pipeline depth that fits each (kernel, device, launch) whose config asked for more shared
 # memory than the device has per block (found once, then used directly).
 _STAGES_THAT_FIT: dict = {}
-# benchmarks.tune turns this off: a candidate config that does not fit must fail, not be
-# timed with fewer stages under its name.
-RETRY_WITH_FEWER_STAGES = True
+# Kernels launched at exactly their config's stages: benchmarks.tune adds the kernel it
+# sweeps, whose candidate configs must fail when they do not fit, not be timed with fewer
+# stages under their names (the other kernels of the op keep retrying).
+EXACT_STAGES: set = set()
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -83,7 +84,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
     stages = kwargs.get("num_stages")
     key = None
-    if stages is not None and not INTERPRETING and RETRY_WITH_FEWER_STAGES:
+    if stages is not None and not INTERPRETING and kernel not in EXACT_STAGES:
         device = torch.cuda.current_device() if torch.cuda.is_available() else None
         key = (kernel, device, tuple(sorted((k, str(v)) for k, v in kwargs.items() if k != "num_stages")))
         kwargs["num_stages"] = min(stages, _STAGES_THAT_FIT.get(key, stages))
