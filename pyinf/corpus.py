@@ -210,7 +210,7 @@ class ChunkedRun:
             dt = time.perf_counter() - t0
             self.log(f"pyinf: {self.kind} chunk {i + 1}/{len(todo)} (documents {start}..{end - 1}) in {dt:.1f} s, "
                      f"{(end - start) / dt:.1f} docs/s")
-        return self.assemble(joined_checked=True)
+        return self._join_chunks()
 
     def _check_grid(self) -> None:
         """Chunk files of another grid (another chunk size, or another corpus length) would
@@ -246,13 +246,9 @@ class ChunkedRun:
         self.log(f"pyinf: {self.final_path} was joined for another run ({'; '.join(diff)}); joining the chunks again")
         return None
 
-    def assemble(self, joined_checked: bool = False) -> Optional[torch.Tensor]:
-        """The joined values if every chunk is present (``<kind>.safetensors`` is written once
-        and reused after), else None."""
-        if not joined_checked:
-            joined = self._joined()
-            if joined is not None:
-                return joined
+    def _join_chunks(self) -> Optional[torch.Tensor]:
+        """The chunks' values joined, and written as ``<kind>.safetensors``, if every chunk is
+        present, else None."""
         if self.missing():
             return None
         parts = []
@@ -328,9 +324,9 @@ def self_influence_corpus(engine, train, factors, out_dir, *, damping: Optional[
     factors.check_model(engine.specs)  # before any chunk is skipped as done (as in score_corpus)
     # the layers summed over, when factors of more layers serve a subset (Factors.check_model);
     # all the factors' layers record none, as runs did before subsets
-    subset = sorted(engine.specs) != sorted(factors.specs)
+    fewer_layers = sorted(engine.specs) != sorted(factors.specs)
     run = dict(run_meta or {}, factors=factors.id, damping=damping, model=engine.fingerprint(),
-               layers=_layers_key(engine.specs) if subset else None)
+               layers=_layers_key(engine.specs) if fewer_layers else None)
     train, batched = _documents(train, "self_influence_corpus")
     # once, not once per chunk; the tracked layers' only
     on_device = factors.subset(engine.specs).to(next(engine.model.parameters()).device)

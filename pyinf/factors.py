@@ -19,6 +19,7 @@ from . import ops, storage
 from .eigen import eigendecompose, resolve_workers
 from .fingerprint import host_samples
 from .modules import ModuleSpec
+from .ops._checks import check_damping
 from .runner import run_pass
 
 HEURISTIC_DAMPING_SCALE = 0.1
@@ -40,13 +41,15 @@ class ModuleFactors:
         damped inverse ``1 / (Lambda + damping)`` would not exist (a NaN or infinite score
         otherwise, or a failed SVD of the query gradient), naming the module."""
         name = self.spec.name
-        if damping is not None and (isinstance(damping, bool) or not (0 <= damping < float("inf"))):
-            raise ValueError(f"damping must be a finite non-negative number, got {damping!r}")
-        low, high = torch.aminmax(self.lambdas.double())
+        if damping is not None:
+            damping = check_damping("", damping)
+        lambdas = self.lambdas.double()
+        low, high = torch.aminmax(lambdas)
         if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
             raise ValueError(f"module {name!r}: its eigenvalue correction Lambda holds NaN or infinite values "
                              f"(factors fitted from non-finite gradients, or damaged)")
-        damping = HEURISTIC_DAMPING_SCALE * float(self.lambdas.double().mean()) if damping is None else float(damping)
+        if damping is None:
+            damping = HEURISTIC_DAMPING_SCALE * float(lambdas.mean())
         if float(low) + damping <= 0:
             zero = int((self.lambdas == 0).sum())
             why = ("every entry is 0: the fit saw no gradient for this layer (no token with a loss: every label "

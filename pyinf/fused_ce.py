@@ -73,9 +73,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     draw from the softmax. ``backend`` runs the softmax step (:func:`pyinf.ops.cross_entropy_rows`);
     None: the engine's, in its passes (:func:`backend_of_pass`), else ``"auto"``."""
     if backend is None:  # the engine's, unless it lacks the op (native): then auto's choice
-        backend = _PASS_BACKEND.get()
-        if not ops.implements(backend, "cross_entropy_rows"):
-            backend = "auto"
+        backend = ops.backend_for("cross_entropy_rows", _PASS_BACKEND.get())
     if reduction not in ("sum", "none"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'sum' or 'none', got {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:

@@ -139,8 +139,7 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
     def scaled(value, scale):
         return value if scale is None else value * scale.to(value.dtype)
 
-    # the full-rank route: an op the native backend lacks, left to auto's choice
-    dense_backend = backend if ops.implements(backend, "dense_scores") else "auto"
+    dense_backend = ops.backend_for("dense_scores", backend)  # the full-rank route (native has none)
 
     def consume(spec, acts, grads, mask):
         t = acts.shape[1]

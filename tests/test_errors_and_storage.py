@@ -211,7 +211,7 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="seed must be an integer"):
         engine.fit_factors(data, seed=None)
     for bad in (float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="damping must be a finite non-negative number"):
+        with pytest.raises(ValueError, match="'damping' must be a finite non-negative number"):
             engine.prepare_queries(data, factors, damping=bad)
 
 

@@ -595,16 +595,17 @@ def test_gpus_before_ampere_are_left_to_the_reference(monkeypatch):
     assert _registry.older_than_ampere([OnCuda(torch.bfloat16)]) is None
 
 
-def test_implements_says_whether_a_backend_has_an_op(monkeypatch):
-    """The full-rank route runs on PyTorch under the native backend, which has no
+def test_an_op_the_backend_lacks_runs_on_autos_choice(monkeypatch):
+    """The full-rank route takes auto's choice under the native backend, which has no
     dense_scores; a backend asked for by name that does not load still says so."""
-    assert ops.implements("auto", "dense_scores") and ops.implements("torch", "dense_scores")
+    assert ops.backend_for("dense_scores", "auto") == "auto" and ops.backend_for("dense_scores", "torch") == "torch"
     if _registry.unsupported_reason("native", "covariance", [torch.zeros(1)]) is None:
-        assert not ops.implements("native", "dense_scores") and ops.implements("native", "covariance")
+        assert ops.backend_for("dense_scores", "native") == "auto"
+        assert ops.backend_for("covariance", "native") == "native"
 
     def unavailable(name):
         raise ops.BackendUnavailable(f"pyinf backend {name!r} is not available: test")
 
     monkeypatch.setattr(_registry, "load", unavailable)
     with pytest.raises(ops.BackendUnavailable, match="'native' is not available"):
-        ops.implements("native", "dense_scores")
+        ops.backend_for("dense_scores", "native")

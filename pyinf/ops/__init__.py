@@ -33,7 +33,7 @@ __all__ = [
     "cross_entropy_rows",
     "resolve_backend",
     "available_backends",
-    "implements",
+    "backend_for",
     "release_caches",
     "BackendUnavailable",
     "BACKENDS",
@@ -96,12 +96,13 @@ def release_caches() -> None:
             release()
 
 
-def implements(backend: str, op: str) -> bool:
-    """Whether backend `backend` (a name, or "auto": always) has an implementation of `op` at
-    all; whether it can run a given call is :func:`resolve_backend`'s question. A backend
-    that does not load raises BackendUnavailable (asked for by name, it must say so)."""
+def backend_for(op: str, backend: str) -> str:
+    """`backend`, or "auto" when it has no implementation of `op` at all (native has no
+    ``dense_scores`` nor ``cross_entropy_rows``): what an engine whose backend is `backend`
+    runs `op` on. Whether it can run a given call is :func:`resolve_backend`'s question. A
+    backend that does not load raises BackendUnavailable (asked for by name, it must say so)."""
     _check_backend_name(backend)
-    return backend == "auto" or hasattr(_registry.load(backend), op)
+    return backend if backend == "auto" or hasattr(_registry.load(backend), op) else "auto"
 
 
 def _run(op: str, backend: str, tensors, shape, *args, **kwargs):

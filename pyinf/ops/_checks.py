@@ -122,19 +122,24 @@ def check_dense_queries(op: str, acts, grads, dense) -> None:
         raise ValueError(f"pyinf.ops.{op}: 'dense' must be [Q, d_out={d_out}, d_in={d_in}], got {_describe(dense)}")
 
 
-def check_lambdas(op: str, lambdas, damping, d_out: int, d_in: int) -> None:
+def check_lambdas(op: str, lambdas, damping, d_out: int, d_in: int) -> float:
     check_tensor("lambdas", lambdas, 2, op=op)
     if tuple(lambdas.shape) != (d_out, d_in):
         raise ValueError(f"pyinf.ops.{op}: 'lambdas' must be [d_out, d_in] = [{d_out}, {d_in}], got {_describe(lambdas)}")
+    return check_damping(f"pyinf.ops.{op}: ", damping)
+
+
+def check_damping(where: str, damping) -> float:
+    """A damping: a finite non-negative number (a Python, numpy or one-element torch scalar)."""
     if isinstance(damping, torch.Tensor):
         if damping.numel() != 1:
-            raise ValueError(f"pyinf.ops.{op}: 'damping' must be a scalar, got {_describe(damping)}")
+            raise ValueError(f"{where}'damping' must be a scalar, got {_describe(damping)}")
         damping = float(damping)
     if isinstance(damping, numbers.Real) and not isinstance(damping, bool):  # numpy scalars too
         damping = float(damping)
     if not isinstance(damping, float) or not (0 <= damping < float("inf")):  # NaN fails both
-        raise ValueError(f"pyinf.ops.{op}: 'damping' must be a finite non-negative number, got {damping!r}")
-    return float(damping)
+        raise ValueError(f"{where}'damping' must be a finite non-negative number, got {damping!r}")
+    return damping
 
 
 def accum_dtype(*tensors) -> torch.dtype:
