@@ -55,8 +55,6 @@ test: $(VENV)/.installed-dev
 bench-smoke: $(VENV)/.installed-dev
 	$(PY) -m benchmarks.run --smoke
 
-# Wheels a GPU session carries (the GPU image has no registry access): see
-# benchmarks/gpu_session.sh.
 # What the GPU machine (no registry access) needs beyond its image: kronfluence and its one
 # dependency the image lacks (einconv), CUTLASS's headers, and the commit being measured
 # (the machine gets the working tree without .git). Carry .wheelhouse to that machine.

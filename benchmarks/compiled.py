@@ -156,7 +156,7 @@ def _compile_all() -> List[Dict[str, object]]:
               dict(HAS_MASK=True, COMPUTE=tl_dt, **flags), dense_scores.H100_PER_TOKEN[tdt], f"dense_scores {tdt} per_token")
         for sample in (False, True):
             build(cross_entropy._cross_entropy_rows_kernel, dict(x_ptr=pt, labels_ptr="*i64", loss_ptr="*fp32",
-                  **i32("V", "s_x", "s_label", "seed")), dict(SAMPLE=sample, INTERP_FIX=False), cross_entropy.H100,
+                  seed="i64", **i32("V", "s_x", "s_label")), dict(SAMPLE=sample, INTERP_FIX=False), cross_entropy.H100,
                   f"cross_entropy_rows {tdt} sample={sample}", gemm=False)
     return report
 

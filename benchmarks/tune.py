@@ -69,15 +69,21 @@ CANDIDATES: Dict[str, List[dict]] = {
 KERNELS = tuple(CANDIDATES)
 
 
-def _table(kernel: str) -> dict:
-    """The dict in the source that holds this kernel's per-dtype launch configs."""
+def _source(kernel: str):
+    """(the dict in the source that holds this kernel's per-dtype launch configs, its Triton kernel)."""
     import triton_kernels.covariance as cov
     import triton_kernels.eigen_correction as eig
     import triton_kernels.factored_scores as fs
     from triton_kernels import _shared
 
-    return {"factored_scores": fs.H100, "eigen_correction": eig.H100, "rotate": _shared.ROTATE_H100,
-            "covariance": cov.H100}[kernel]
+    return {"factored_scores": (fs.H100, fs._factored_scores_kernel),
+            "eigen_correction": (eig.H100, eig._eigen_correction_kernel),
+            "rotate": (_shared.ROTATE_H100, _shared._rotate_kernel),
+            "covariance": (cov.H100, cov._covariance_kernel)}[kernel]
+
+
+def _table(kernel: str) -> dict:
+    return _source(kernel)[0]
 
 
 def _calls(kernel: str, w: OpWorkload, device) -> Tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor], float]:
@@ -130,14 +136,7 @@ def sweep(kernels=KERNELS, preset: str = "full", workloads: Optional[List[str]] 
 
 
 def _jitted(kernel: str):
-    """The Triton kernel whose launch configs the table of `kernel` holds."""
-    from triton_kernels import _shared
-    from triton_kernels import covariance as cov
-    from triton_kernels import eigen_correction as eig
-    from triton_kernels import factored_scores as fs
-
-    return {"factored_scores": fs._factored_scores_kernel, "eigen_correction": eig._eigen_correction_kernel,
-            "rotate": _shared._rotate_kernel, "covariance": cov._covariance_kernel}[kernel]
+    return _source(kernel)[1]
 
 
 def _sweep(kernels, preset, workloads, deadline, tolerance, device, log) -> Dict[str, object]:

@@ -19,8 +19,10 @@ void clear_error();
 // allocations are): the kernels read it as floats, and the Hopper kernel's TMA descriptors
 // need 16 bytes, whose failed encoding CuTe only asserts (nothing in a release build: the
 // kernel would then fault on the device, after the call returned success).
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
 inline pyinf_status check_aligned(const char* fn, const char* what, const void* p) {
-  if (p != nullptr && (reinterpret_cast<uintptr_t>(p) & 15) != 0)
+  if (p != nullptr && !aligned16(p))
     return fail(PYINF_ERROR_WORKSPACE, std::string(fn) + ": '" + what + "' must be 16-byte aligned");
   return PYINF_SUCCESS;
 }

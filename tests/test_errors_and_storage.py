@@ -391,14 +391,6 @@ def test_an_iterable_dataset_loader_keeps_its_own_order_without_a_warning():
     assert torch.equal(engine.pairwise_scores(stream, queries), engine.pairwise_scores(data, queries, batch_size=2))
 
 
-def test_a_record_the_tokenizer_cannot_encode_is_named(tmp_path):
-    from pyinf.textdata import ByteTokenizer, JsonlTextDataset
-
-    (tmp_path / "t.jsonl").write_text('{"text": "fine text"}\n{"text": "bad \\ud800 surrogate"}\n')
-    with pytest.raises(ValueError, match=r"t.jsonl:2: 'text' is not valid Unicode"):  # when the file is opened
-        JsonlTextDataset(str(tmp_path / "t.jsonl"), ByteTokenizer(260), max_length=32)
-
-
 def test_layers_that_never_run_and_shared_weights():
     """nn.MultiheadAttention reads out_proj's weight directly: left out of default tracking,
     refused by name. Two tracked layers sharing a weight warn (their cross terms are left out).

@@ -38,13 +38,15 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def _tolerance(dtype, backend, device, op):
     """The relative error allowed against the float64 oracle. The oracle is given the very
     16-bit tensors the backend gets (float64 holds them exactly), so for 16-bit inputs the
-    only error is the fp32 accumulation. Measured on CPU over 30 seeds of SHAPES (torch, triton
-    interpreter, native): median ~5e-9, at most 2e-7. An emulated 16-bit accumulation of
-    factored_scores measured median 4.8e-4 (bf16) and 6.6e-5 (fp16), at least 8e-6 (fp16). So
-    1e-5 on a CPU and 2e-5 on a GPU (other accumulation orders, not measured yet) fail it in
-    nearly every case (not the rare fp16 one near 8e-6), and an all-zero result always. The exceptions are the eigen ops (squares of rotated values) where the
-    backend rounds on purpose: Triton's, which casts the fp32 eigenbases to the input dtype,
-    and the native CUDA kernels', which rotate in TF32 (oracle.SQUARED_TOLERANCE)."""
+    only error is the fp32 accumulation: factored_scores on the torch backend, seeds 0-29 of
+    SHAPES on a CPU, measured median 7e-8 and at most 4.5e-7 (bf16; fp16 9.6e-8, 2.9e-7). An
+    emulated 16-bit accumulation of factored_scores measured median 4.8e-4 (bf16) and 6.6e-5
+    (fp16), at least 8e-6 (fp16). So 1e-5 on a CPU and 2e-5 on a GPU (other accumulation
+    orders, not measured yet) fail it in nearly every case (not the rare fp16 one near 8e-6),
+    and an all-zero result always. The exceptions are the eigen ops (squares of rotated
+    values) where the backend rounds on purpose: Triton's, which casts the fp32 eigenbases to
+    the input dtype, and the native CUDA kernels', which rotate in TF32
+    (oracle.SQUARED_TOLERANCE)."""
     if dtype not in (torch.bfloat16, torch.float16):
         return oracle.TOLERANCE[dtype]
     if op in ("eigen_correction", "self_influence") and (backend == "triton" or device == "cuda"):

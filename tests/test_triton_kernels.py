@@ -149,7 +149,17 @@ def test_ranks_above_one_launch_go_in_slices(monkeypatch, per_token):
         acts, grads = _tokens(n, t, d_in, d_out)
         problems.append(dict(acts=acts, grads=grads, left=torch.randn(q, d_out, r, device=DEVICE),
                              right=torch.randn(q, d_in, r, device=DEVICE), mask=_mask(n, t)))
+    calls = []  # (layers, largest rank) of each launch of the grouped kernel
+    grouped = tk_factored.factored_scores_grouped
+
+    def counted(problems, *args, **kwargs):
+        calls.append((len(problems), max(p["left"].shape[2] for p in problems)))
+        return grouped(problems, *args, **kwargs)
+
+    monkeypatch.setattr(tk_factored, "factored_scores_grouped", counted)
     outs = ops.factored_scores_grouped(problems, per_token=per_token, backend="triton")
+    # the call itself, then slices of ranks 0-3 (every layer), 4-7 (ranks 11 and 8), 8-10 (11)
+    assert calls == [(4, 11), (4, 4), (2, 4), (1, 3)]
     for p, out in zip(problems, outs):
         want = oracle.factored_scores(p["acts"], p["grads"], p["left"], p["right"], p["mask"], per_token)
         assert oracle.rel_err(out, want) < 1e-5

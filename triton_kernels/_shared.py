@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 # Decided once, at import, exactly as triton.jit decides whether to interpret.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -79,24 +80,28 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, with fewer pipeline stages on a GPU with less shared
     memory per block than the H100 the configs were written for (99 KiB on sm_86 / sm_89
     against 227 KiB: a 4-stage bf16 covariance tile needs 128 KiB). Triton refuses such a
-    config when it loads the compiled kernel, before anything runs, so retrying is safe."""
-    from triton.runtime.errors import OutOfResources
-
-    stages = kwargs.get("num_stages")
-    key = None
-    if stages is not None and not INTERPRETING and kernel not in EXACT_STAGES:
-        device = torch.cuda.current_device() if torch.cuda.is_available() else None
-        key = (kernel, device, tuple(sorted((k, str(v)) for k, v in kwargs.items() if k != "num_stages")))
-        kwargs["num_stages"] = min(stages, _STAGES_THAT_FIT.get(key, stages))
+    config when it loads the compiled kernel, before anything runs, so retrying is safe. On a
+    GPU where every config fits (an H100), a launch costs one empty-dict check more."""
+    if _STAGES_THAT_FIT:  # some config did not fit this process's GPU: maybe this one
+        key = _stages_key(kernel, kwargs)
+        if key in _STAGES_THAT_FIT:
+            kwargs["num_stages"] = _STAGES_THAT_FIT[key]
     while True:
         try:
             kernel[grid](*args, **kwargs)
             return
         except OutOfResources:
-            if key is None or kwargs["num_stages"] <= 1:
+            stages = kwargs.get("num_stages")
+            if stages is None or stages <= 1 or INTERPRETING or kernel in EXACT_STAGES:
                 raise
-            kwargs["num_stages"] -= 1
-            _STAGES_THAT_FIT[key] = kwargs["num_stages"]
+            kwargs["num_stages"] = stages - 1
+            _STAGES_THAT_FIT[_stages_key(kernel, kwargs)] = stages - 1
+
+
+def _stages_key(kernel, kwargs) -> tuple:
+    """A launch's kernel, device and constexprs (what decides its shared memory), stages aside."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    return kernel, device, tuple(sorted((k, str(v)) for k, v in kwargs.items() if k != "num_stages"))
 
 
 def block_sizes(cfg: dict) -> dict:

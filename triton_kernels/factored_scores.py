@@ -211,8 +211,9 @@ def factored_scores_grouped(problems: Sequence[dict], per_token: bool = False,
     and the dtypes of each of acts / grads / left / right, in one launch. Returns fp32
     [N, Q] (or [N, T, Q]) per problem. `splits` token splits per (problem, doc) (default:
     enough programs to fill the GPU about four times)."""
-    if max(p["left"].shape[2] for p in problems) > MAX_RANK:
-        return _rank_slices(problems, per_token, splits)
+    max_rank = max(p["left"].shape[2] for p in problems)
+    if max_rank > MAX_RANK:
+        return _rank_slices(problems, per_token, splits, max_rank)
     first = problems[0]
     device = first["acts"].device
     n, q = first["acts"].shape[0], first["left"].shape[0]
@@ -223,7 +224,7 @@ def factored_scores_grouped(problems: Sequence[dict], per_token: bool = False,
     cfg = pick_config(H100, compute, INTERPRETER)
     # Ranks padded with zero columns to RP, a power of two and at least 8 (16-byte rows of
     # bf16): see the kernel's column mask. Zero columns add exactly 0 to every score.
-    rp = max(8, triton.next_power_of_2(max(p["left"].shape[2] for p in problems)))
+    rp = max(8, triton.next_power_of_2(max_rank))
     problems = [_pad_rank(p, rp) for p in problems]
     cfg["BLOCK_C"] = max(cfg["BLOCK_C"], rp)
     if rp * q < cfg["BLOCK_C"]:  # do not spend a big tile on few columns
@@ -271,13 +272,14 @@ def factored_scores_grouped(problems: Sequence[dict], per_token: bool = False,
     return list(partial.sum(2).unbind(0))
 
 
-def _rank_slices(problems: Sequence[dict], per_token: bool, splits: Optional[int]) -> List[torch.Tensor]:
+def _rank_slices(problems: Sequence[dict], per_token: bool, splits: Optional[int],
+                 max_rank: int) -> List[torch.Tensor]:
     """Ranks above MAX_RANK, one launch per slice of MAX_RANK ranks, summed in slice order:
     the score is a sum over ranks, so slices of it add up. (One block holding all of a rank
     of 256 or more spills registers, and from 1024 needs more shared memory than an H100 has.)
     The slices are views: the factors are not copied."""
     results: List[Optional[torch.Tensor]] = [None] * len(problems)
-    for k0 in range(0, max(p["left"].shape[2] for p in problems), MAX_RANK):
+    for k0 in range(0, max_rank, MAX_RANK):
         members = [i for i, p in enumerate(problems) if k0 == 0 or p["left"].shape[2] > k0]  # rank 0: zeros
         sliced = [dict(problems[i], left=problems[i]["left"][:, :, k0:k0 + MAX_RANK],
                        right=problems[i]["right"][:, :, k0:k0 + MAX_RANK]) for i in members]

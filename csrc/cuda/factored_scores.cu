@@ -267,11 +267,9 @@ size_t partials_layout(const std::vector<FactoredPlan>& plans, std::vector<size_
   return end;
 }
 
-// 16-byte loads (the WMMA kernel's staging; see factored_scores_tc.cu).
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
-// Token rows of a [N, T, d] input: contiguous last dimension, row starts at multiples of 8
-// elements, aligned pointer (d itself may be odd: the last partial vector of a row is read
+// For 16-byte loads (the WMMA kernel's staging; see factored_scores_tc.cu): token rows of a
+// [N, T, d] input with a contiguous last dimension, row starts at multiples of 8 elements, an
+// aligned pointer (d itself may be odd: the last partial vector of a row is read
 // element by element).
 bool rows_vectorisable(const pyinf_tensor& x) {
   return aligned16(x.data) && x.strides[2] == 1 && x.strides[0] % 8 == 0 && x.strides[1] % 8 == 0;
