@@ -17,6 +17,9 @@ import torch
 from .corpus import DEFAULT_CHUNK_SIZE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# `fit --shard K/N --no-wait` stopped because another shard's files are missing: not an error,
+# but not done either (EX_TEMPFAIL of sysexits.h: "try again later")
+EXIT_RUN_AGAIN = 75
 DEFAULT_MAX_LENGTH = 512  # tokens per training document, unless --max-length or the model says fewer
 
 
@@ -155,7 +158,7 @@ def _engine(args, factors=None, layers=None):
 
 
 def cmd_fit(args) -> int:
-    from .staged_fit import fit_factors_staged
+    from .staged_fit import StagedFit
     from .textdata import JsonlTextDataset
 
     engine, tokenizer = _engine(args)
@@ -175,15 +178,15 @@ def cmd_fit(args) -> int:
         factors.meta["model"] = str(args.model)
         saved.append(factors.save(args.out))
 
-    factors = fit_factors_staged(engine, train, work_dir, shard=shard, fisher=args.fisher,
-                                 batch_size=args.batch_size, seed=args.seed, eigh_workers=args.eigh_workers,
-                                 wait=not args.no_wait, save=save,
-                                 run_meta=_run_meta(args))
+    fit = StagedFit(engine, train, work_dir, shard=shard, fisher=args.fisher, batch_size=args.batch_size,
+                    seed=args.seed, eigh_workers=args.eigh_workers, run_meta=_run_meta(args))
+    factors = fit.run_stages(wait=not args.no_wait, save=save)
     if factors is None:
         # the staged fit has said why it stopped: done (shard 0 writes the factors), or, with
-        # --no-wait, waiting for other shards' files (run it again later)
-        print(f"pyinf: shard {shard[0]}/{shard[1]}: its part of the fit is saved in {work_dir}")
-        return 0
+        # --no-wait, waiting for other shards' files: EX_TEMPFAIL, so a script can loop on it
+        print(f"pyinf: shard {shard[0]}/{shard[1]}: its part of the fit so far is saved in {work_dir}"
+              + ("; run it again once the other shards are further" if fit.waiting_for else ""))
+        return EXIT_RUN_AGAIN if fit.waiting_for else 0
     print(f"pyinf: fitted EK-FAC factors for {len(factors.modules)} modules on {factors.meta['n_examples']} "
           f"documents -> {saved[0]}")
     return 0
@@ -498,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="fit on shard K of N (from 0) of "
                      "the documents; shards share --work-dir and shard 0 writes the factors")
     fit.add_argument("--no-wait", action="store_true", help="with --shard: exit instead of waiting when another "
-                     "shard's files are still missing (rerun later to go on)")
+                     f"shard's files are still missing, with status {EXIT_RUN_AGAIN} (rerun later to go on)")
     fit.set_defaults(func=cmd_fit)
 
     prepare = sub.add_parser("prepare", help="prepare query factors once (for sharded or repeated scoring)")

@@ -73,6 +73,9 @@ class StagedFit:
                         modules=sorted(engine.modules))
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._docs_hash: Dict[int, str] = {}  # shard -> hash of its documents
+        # what run_stages(wait=False) stopped for (None: it ran to the end of this shard's part),
+        # so a caller can tell "done" from "run me again later"
+        self.waiting_for: Optional[str] = None
 
     # --------------------------------------------------------------- files
 
@@ -105,6 +108,7 @@ class StagedFit:
             if not missing:
                 return True
             if not wait:
+                self.waiting_for = what
                 self.log(f"pyinf: shard {self.shard[0]}/{self.shard[1]} waits for {what} "
                          f"({len(missing)} files missing in {self.work_dir}); run it again once they are there")
                 return False

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pyinf
-from pyinf.cli import main, run
+from pyinf.cli import EXIT_RUN_AGAIN, main, run
 
 
 @pytest.fixture
@@ -288,13 +288,16 @@ def test_sharded_fit_gives_the_plain_fit(workdir, capsys):
     assert not (workdir / "plain.safetensors.parts").exists()
     plain = pyinf.Factors.load(workdir / "plain.safetensors")
     sharded = ["fit", *common, "--out", str(workdir / "sharded.safetensors"), "--no-wait"]
-    assert run([*sharded, "--shard", "1/2"]) == 0
+    waiting = EXIT_RUN_AGAIN
+    assert run([*sharded, "--shard", "1/2"]) == waiting
     said = capsys.readouterr()
     assert "waits for the other shards' covariance sums" in said.err and "run it again once" in said.err
-    assert "its part of the fit is saved in" in said.out
-    assert run([*sharded, "--shard", "0/2"]) == 0  # decomposes, then its Lambda sums; shard 1's are missing
+    assert "its part of the fit so far is saved in" in said.out and "run it again once the other" in said.out
+    assert run([*sharded, "--shard", "0/2"]) == waiting  # decomposes, then its Lambda sums; shard 1's are missing
     assert not (workdir / "sharded.safetensors").exists()
-    assert run([*sharded, "--shard", "1/2"]) == 0
+    capsys.readouterr()
+    assert run([*sharded, "--shard", "1/2"]) == 0  # its part is done: shard 0 writes the factors
+    assert "run it again" not in capsys.readouterr().out
     assert run([*sharded, "--shard", "0/2"]) == 0
     got = pyinf.Factors.load(workdir / "sharded.safetensors")
     assert got.meta["shards"] == 2 and got.meta["n_examples"] == plain.meta["n_examples"] == 4
