@@ -154,6 +154,7 @@ _SIGNATURES = {
     "pyinf_emu_shared_arrays": (ctypes.c_longlong, []),
     "pyinf_emu_add_device_range": (None, [ctypes.c_void_p, ctypes.c_size_t]),
     "pyinf_emu_reset": (None, []),
+    "pyinf_emu_set_last_error": (None, [ctypes.c_int]),
 }
 
 
@@ -989,6 +990,35 @@ def test_workspace_and_argument_errors(lib):
     s = lib.pyinf_cuda_factored_scores(_desc(lib, acts.double()), _desc(lib, grads), _desc(lib, torch.randn(2, 4, 1)),
                                        _desc(lib, torch.randn(2, 3, 1)), None, 0, out.data_ptr(), None)
     assert s == 2  # PYINF_ERROR_UNSUPPORTED_DTYPE
+
+
+def test_an_earlier_pending_error_is_not_blamed_on_pyinf(lib):
+    """cudaGetLastError holds an error that earlier work on the thread left unchecked: each
+    entry point takes it before launching and says it is not pyinf's, and the next call runs."""
+    acts, grads, left, right, mask = _problem(_gen("pending"), 2, 3, 5, 4, 2, 2, torch.float32)
+    out, eig, cov = torch.empty(2, 2), torch.empty(4, 5), torch.empty(5, 5)
+    x = torch.randn(2, 3, 5)
+    calls = dict(
+        factored_scores=lambda: lib.pyinf_cuda_factored_scores(
+            *(_desc(lib, t) for t in (acts, grads, left, right, mask)), 0, out.data_ptr(), None),
+        eigen_correction=lambda: lib.pyinf_cuda_eigen_correction(
+            _desc(lib, acts), _desc(lib, grads), _desc(lib, torch.eye(5)), _desc(lib, torch.eye(4)), None,
+            eig.data_ptr(), ws.data_ptr(), ws.numel(), None),
+        covariance=lambda: lib.pyinf_cuda_covariance(_desc(lib, x), None, cov.data_ptr(), None))
+    nbytes = ctypes.c_size_t(0)
+    assert lib.pyinf_cuda_eigen_correction_workspace_size(_desc(lib, acts), _desc(lib, grads),
+                                                          ctypes.byref(nbytes)) == 0
+    ws = torch.empty(nbytes.value, dtype=torch.uint8)
+    for op, call in calls.items():
+        lib.pyinf_emu_reset()
+        for written in (out, eig, cov, ws):
+            _desc(lib, written)  # registered as device memory, as the inputs are
+        lib.pyinf_emu_set_last_error(1)  # cudaErrorInvalidValue, from somebody else's call
+        assert call() == 4, op  # PYINF_ERROR_CUDA
+        said = lib.pyinf_last_error().decode()
+        assert f"pyinf_cuda_{op}" in said and "not from pyinf" in said and "cudaErrorInvalidValue" in said, said
+        assert lib.pyinf_emu_launch_log().decode() == "", op  # nothing launched
+        assert call() == 0, (op, lib.pyinf_emu_failures().decode())  # the error was taken: the op runs
 
 
 def test_emulation_reports_runtime_use(lib):

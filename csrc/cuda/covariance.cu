@@ -60,6 +60,8 @@ extern "C" pyinf_status pyinf_cuda_covariance(const pyinf_tensor* x, const pyinf
   if (d == 0) return PYINF_SUCCESS;
   const int64_t tiles = (d + BM - 1) / BM;
   if (tiles > 65535) return fail(PYINF_ERROR_INVALID_VALUE, "pyinf_cuda_covariance: d too large");
+  s = pending_error_check("covariance");
+  if (s != PYINF_SUCCESS) return s;
   dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles));
   covariance_kernel<<<grid, THREADS, 0, static_cast<cudaStream_t>(stream)>>>(view3(*x), mask_view(mask), dims.n,
                                                                              dims.t, d, out);

@@ -144,6 +144,8 @@ pyinf_status run(const char* op, const pyinf_tensor* acts, const pyinf_tensor* g
                                            std::to_string(workspace_bytes));
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (self ? d.n == 0 : d.d_out * d.d_in == 0) return PYINF_SUCCESS;
+  s = pending_error_check(op);
+  if (s != PYINF_SUCCESS) return s;
   if (l.tiles == 0)  // self_influence of a layer with no weights: every score is 0
     return cuda_check(cudaMemsetAsync(out, 0, static_cast<size_t>(d.n) * sizeof(float), stream), op, "memset");
   // the Gram tiles' grid and the sums' grid, checked before anything is launched

@@ -400,6 +400,8 @@ pyinf_status run_factored(const pyinf_tensor* acts, const pyinf_tensor* grads, c
                                              std::to_string(packed_bytes) + " bytes, these factors need " +
                                              std::to_string(need) + (need == 0 ? " (none can be packed here)" : ""));
   }
+  s = pending_error_check("factored_scores");
+  if (s != PYINF_SUCCESS) return s;
 #if defined(PYINF_WITH_SM90)
   // (no workspace counts as 0 bytes: packed factors with a NULL workspace and nonzero bytes
   // would otherwise put the partial sums at address 0)
@@ -519,6 +521,8 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_pack(const pyinf_tensor* left
     return fail(PYINF_ERROR_WORKSPACE, "pyinf_cuda_factored_scores_pack: needs " + std::to_string(need) +
                                            " bytes of packed factors, got " + std::to_string(packed ? packed_bytes : 0));
 #if defined(PYINF_WITH_SM90)
+  s = pending_error_check(op);
+  if (s != PYINF_SUCCESS) return s;
   return pack_factors_sm90(left, right, d, packed, static_cast<cudaStream_t>(stream));
 #else
   (void)stream;
@@ -552,5 +556,7 @@ extern "C" pyinf_status pyinf_cuda_factored_scores_grouped(const pyinf_factored_
   std::vector<ProblemCall> calls;
   pyinf_status s = validate_group(fn, problems, count, per_token, true, &calls);
   if (s != PYINF_SUCCESS || calls.empty()) return s;
+  s = pending_error_check("factored_scores_grouped");
+  if (s != PYINF_SUCCESS) return s;
   return run_portable(calls, per_token, workspace, workspace_bytes, true, static_cast<cudaStream_t>(stream), fn);
 }

@@ -240,6 +240,15 @@ inline pyinf_status cuda_check(cudaError_t err, const char* op, const char* what
 // Kernel launch status (launch configuration errors; asynchronous faults surface later).
 inline pyinf_status launch_check(const char* op) { return cuda_check(cudaGetLastError(), op, "kernel launch"); }
 
+// cudaGetLastError holds the last error of any runtime call on this host thread, not only
+// pyinf's: one that earlier work left unchecked would be reported by launch_check as if
+// pyinf's launch had failed. Each entry point takes it first, after validating its
+// arguments and before launching anything, and says whose it is.
+inline pyinf_status pending_error_check(const char* op) {
+  return cuda_check(cudaGetLastError(), op, "a CUDA error of earlier work on this thread was still pending "
+                                            "(not from pyinf; nothing was launched)");
+}
+
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 // Rotation: out[row, j] (fp32, dense [N*T, d]) = keep(row) ? sum_k x[n,t,k] q[k,j] : 0

@@ -700,6 +700,9 @@ EMU_API void pyinf_emu_add_device_range(const void* p, size_t bytes) {
   emu::g_ranges.emplace_back(u, u + bytes);
 }
 
+// An error left pending by earlier work on this host thread (what cudaGetLastError returns next).
+EMU_API void pyinf_emu_set_last_error(int error) { emu::g_last_error = static_cast<cudaError_t>(error); }
+
 EMU_API void pyinf_emu_reset(void) {
   {
     std::lock_guard<std::mutex> l(emu::g_ranges_m);
