@@ -110,7 +110,11 @@ class _TrackedIdentity(torch.autograd.Function):
         del anchor
         ctx.site = site
         ctx.save_for_backward(x)
-        return out.view_as(out)
+        # a copy, not out.view_as(out): autograd forbids modifying a custom Function's view
+        # output in place, and models do (Falcon: `mlp_output += attention_output` on its
+        # FalconLinear's output). Only custom-forward layers take this path; `out` is freed
+        # once the copy is made, so it costs one elementwise pass and no lasting memory.
+        return out.clone()
 
     @staticmethod
     def backward(ctx, grad_out):

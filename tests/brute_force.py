@@ -41,9 +41,14 @@ def covariances(model, task, dataset, modules, specs):
     for name, m in modules.items():
         def fwd(mod, args, out, name=name):
             store[name] = args[0].detach().double().reshape(-1, args[0].shape[-1])
-        def bwd(mod, grad_in, grad_out, name=name):
-            store[name + ":g"] = grad_out[0].detach().double().reshape(-1, grad_out[0].shape[-1])
-        handles += [m.register_forward_hook(fwd), m.register_full_backward_hook(bwd)]
+
+            def grad(g):
+                store[name + ":g"] = g.detach().double().reshape(-1, g.shape[-1])
+            # a tensor hook, not a full backward hook: a model may modify the output in place
+            # (full backward hooks forbid it); the hook still sees the gradient of the
+            # layer's own output, the value before the in-place change
+            out.register_hook(grad)
+        handles.append(m.register_forward_hook(fwd))
     try:
         for i in range(len(dataset)):
             batch = collate(task, [dataset[i]])

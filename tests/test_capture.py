@@ -446,6 +446,35 @@ def test_instance_forward_is_kept_and_matches_brute_force(patch):
     _assert_matches_brute_force(model, task, train, query, batch_size=3)
 
 
+class _OwnForwardLinear(nn.Linear):
+    """A Linear subclass with its own forward (transformers' FalconLinear): the identity path."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class _ResidualInPlace(_Regression):
+    """Adds to a tracked layer's output in place, as Falcon does (`mlp_output += attention_output`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = _OwnForwardLinear(4, 6)
+        self.skip = nn.Linear(4, 6)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h += self.skip(x)
+        return self.fc2(torch.tanh(h))
+
+
+def test_output_of_a_custom_forward_can_be_modified_in_place():
+    """The identity path's output is a tensor of its own, not a view that autograd forbids
+    modifying in place; the gradient its hook sees is the one of the layer's own output."""
+    model = _ResidualInPlace().double()
+    train, query = _pairs(6, 1, 4, 3, seed=3), _pairs(2, 1, 4, 3, seed=4)
+    _assert_matches_brute_force(model, _PairTask(), train, query, batch_size=3)
+
+
 def test_instance_forward_computes_the_same_loss_inside_a_capture():
     """Whatever the instance forward computes is what the capture pass computes."""
     model = _Regression().double()
