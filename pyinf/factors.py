@@ -208,7 +208,8 @@ def covariance_sums(model, task, modules, specs, loader, *, fisher: str, backend
             raise RuntimeError(f"module {name!r} received no gradient in the factor pass: the model's forward does "
                                f"not run it (a spare head or adapter), reads its weight directly (F.linear(x, "
                                f"m.weight)), or its output does not reach the loss (used only through an argmax, "
-                               f"or detached); leave it out of the tracked modules")
+                               f"or detached), or it is a mixture-of-experts expert that no token of the factor "
+                               f"data was routed to; leave it out of the tracked modules (or fit on more data)")
         if float(n_tokens) == 0:
             raise RuntimeError(f"module {name!r} saw no unmasked token while fitting factors (every token it saw "
                                f"was padding)")

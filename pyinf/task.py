@@ -7,6 +7,7 @@ works unchanged; :class:`CausalLMTask` covers Hugging Face style causal language
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -112,6 +113,11 @@ def pad_collate(examples: Sequence[Dict[str, Any]], pad_token_id: int = 0, side:
         raise ValueError("pad_collate: empty batch")
     if side not in ("right", "left"):
         raise ValueError(f"pad_collate: side must be 'right' or 'left', got {side!r}")
+    for i, e in enumerate(examples):
+        if not isinstance(e, Mapping) or "input_ids" not in e:
+            what = f"a {type(e).__name__}" if not isinstance(e, Mapping) else f"a dict with keys {list(e)[:8]}"
+            raise TypeError(f"pad_collate: example {i} of the batch is {what}, not a dict with 'input_ids' "
+                            f"(CausalLMTask's examples; for other data, give the engine a Task and its collate_fn)")
     ids = [torch.as_tensor(e["input_ids"], dtype=torch.long).reshape(-1) for e in examples]
     length = max(x.numel() for x in ids)
     batch = {

@@ -357,6 +357,38 @@ def test_a_query_no_token_of_which_reaches_an_expert():
     _assert_matches_brute_force(model, pyinf.CausalLMTask(), train, query, batch_size=1)
 
 
+class _FusedExperts(nn.Module):
+    """transformers 5's MixtralExperts: every expert's weights in one 3-D parameter."""
+
+    def __init__(self, n_experts=3, d=4):
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(n_experts, d, d))
+
+    def forward(self, x, choice):
+        return torch.einsum("btd,bted->bte", x, self.up[choice])
+
+
+class _FusedMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(4, 3)
+        self.experts = _FusedExperts()
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.experts(x, self.router(x).argmax(-1)))
+
+
+def test_fused_experts_are_said_to_be_left_out():
+    with pytest.warns(UserWarning, match=r"1 mixture-of-experts layers keep their experts' weights fused in 3-D "
+                                         r"parameters \(experts\).*influence is left out"):
+        engine = pyinf.InfluenceEngine(_FusedMoE(), _PairTask(), progress=False)
+    assert list(engine.modules) == ["router", "out"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named layers: the user chose what is tracked
+        pyinf.InfluenceEngine(_FusedMoE(), _PairTask(tracked=["out"]), progress=False)
+
+
 def test_expert_names():
     from pyinf.capture import _is_expert
 

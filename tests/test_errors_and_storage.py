@@ -223,6 +223,11 @@ def test_pad_collate_names_a_field_of_another_length():
         pad_collate([good, {"input_ids": [1, 2, 3, 4, 5], "labels": [1, 2, 3]}])
     with pytest.raises(ValueError, match="example 0 of the batch has 3 input_ids but 2 attention_mask"):
         pad_collate([dict(good, attention_mask=[1, 1])])
+    # examples that are no CausalLMTask examples (a TensorDataset's tuples, other keys)
+    with pytest.raises(TypeError, match="example 1 of the batch is a tuple, not a dict with 'input_ids'"):
+        pad_collate([good, (torch.tensor([1, 2]),)])
+    with pytest.raises(TypeError, match=r"example 0 of the batch is a dict with keys \['ids'\]"):
+        pad_collate([{"ids": [1, 2]}])
 
 
 def test_true_fisher_on_non_finite_logits_names_the_batch():
