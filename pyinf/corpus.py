@@ -14,7 +14,8 @@ model's weights, a hash of the chunk's own documents and whatever the caller add
 silent mix of two runs; a chunk that fails its checksum is computed again. When every chunk
 is present they are joined into ``scores.safetensors`` (float32 ``[n_docs, n_queries]``) or
 ``self_influence.safetensors`` (``[n_docs]``), which records the run and a hash of all the
-documents, and is returned by a later run only while both still match."""
+documents, and is returned by a later run only while both still match; a later run that
+does not match it (other queries, another corpus) is refused, as for a chunk."""
 from __future__ import annotations
 
 import hashlib
@@ -242,9 +243,11 @@ class ChunkedRun:
         diff = storage.differences(meta.get("run", {}), self._final_run())
         if not diff:
             return tensors[self.kind]
-        # the chunks decide: they are checked one by one (another run's raise)
-        self.log(f"pyinf: {self.final_path} was joined for another run ({'; '.join(diff)}); joining the chunks again")
-        return None
+        # another run's finished result (other queries, another corpus...) is never replaced
+        # silently, even when its chunks were deleted (as a finished run allows)
+        raise ValueError(f"{self.final_path} holds the {self.kind} of another run ({'; '.join(diff)}): write into "
+                         f"a new output directory, or delete {self.final_path} (and {self.kind}-chunks/) to start "
+                         f"over")
 
     def _join_chunks(self) -> Optional[torch.Tensor]:
         """The chunks' values joined, and written as ``<kind>.safetensors``, if every chunk is

@@ -281,6 +281,46 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     assert (workdir / "whole" / "queries.safetensors").read_bytes() == saved
 
 
+def test_a_refused_run_leaves_a_directory_as_it_was(workdir, capsys):
+    """A run with other settings replaced a damaged queries.safetensors before the chunks
+    refused it, and then the run the chunks belong to was refused too; prepared queries of
+    another run replaced a finished result whose chunks were deleted."""
+    import shutil
+
+    common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress", "--track", "mlp"]
+    factors = str(workdir / "f.safetensors")
+    assert run(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", factors,
+                "--fisher", "empirical"]) == 0
+    score = ["score", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"), "--queries",
+             str(workdir / "queries.jsonl"), "--chunk-size", "2", "--out", str(workdir / "out")]
+    assert run([*score, "--rank", "2"]) == 0
+    want = (workdir / "out" / "scores.safetensors").read_bytes()
+    # an interrupted run (chunks only) whose saved queries were damaged
+    (workdir / "out" / "scores.safetensors").unlink()
+    queries_file = workdir / "out" / "queries.safetensors"
+    queries_file.write_bytes(queries_file.read_bytes()[:1000])
+    damaged = queries_file.read_bytes()
+    with pytest.raises(ValueError, match=r"out holds scores of other queries \(fingerprint [0-9a-f]{12} in "
+                                         r"0000000000-0000000002.safetensors, [0-9a-f]{12} now; "
+                                         r"queries.safetensors, which would name the settings"):
+        run([*score, "--rank", "3"])
+    assert queries_file.read_bytes() == damaged
+    assert run([*score, "--rank", "2"]) == 0  # the chunks' own settings: restored, resumed, joined
+    assert (workdir / "out" / "scores.safetensors").read_bytes() == want
+    # other prepared queries, once the finished run's chunks are gone
+    (workdir / "one.jsonl").write_text((workdir / "queries.jsonl").read_text().splitlines()[0] + "\n")
+    assert run(["prepare", *common, "--factors", factors, "--queries", str(workdir / "one.jsonl"), "--rank", "2",
+                "--out", str(workdir / "one.safetensors")]) == 0
+    shutil.rmtree(workdir / "out" / "scores-chunks")
+    top = (workdir / "out" / "top.json").read_bytes()
+    with pytest.raises(ValueError, match=r"scores.safetensors holds the scores of another run \(queries: .*"
+                                         r"n_queries: 2 there, 1 now\)"):
+        run([*[a if a != str(workdir / "queries.jsonl") else str(workdir / "one.jsonl") for a in score],
+             "--prepared", str(workdir / "one.safetensors")])
+    assert (workdir / "out" / "scores.safetensors").read_bytes() == want
+    assert (workdir / "out" / "top.json").read_bytes() == top
+
+
 def test_sharded_fit_gives_the_plain_fit(workdir, capsys):
     common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress", "--track", "mlp",
               "--train", str(workdir / "train.jsonl"), "--fisher", "empirical"]

@@ -167,8 +167,8 @@ def test_a_finished_run_answers_only_for_its_own_settings(setup, tmp_path):
     factors = engine.fit_factors(train, batch_size=4)
     pyinf.self_influence_corpus(engine, train, factors, tmp_path / "si", chunk_size=4, log=lambda m: None)
     # factors of more layers serve fewer (they are per layer), but not this directory's run
-    with pytest.raises(ValueError, match=r"belongs to another run \(layers: None there, "
-                                         r"'1 layer, [0-9a-f]+' now\)"):
+    with pytest.raises(ValueError, match=r"self_influence.safetensors holds the self_influence of another run "
+                                         r"\(layers: None there, '1 layer, [0-9a-f]+' now\)"):
         pyinf.self_influence_corpus(fewer, train, factors, tmp_path / "si", chunk_size=4, log=lambda m: None)
     with pytest.raises(ValueError, match=r"scores-chunks holds chunks that are not on this run's grid of "
                                          r"3-document chunks over 11 documents \(e.g. 0000000000-0000000004"
@@ -223,13 +223,17 @@ def test_the_joined_scores_are_never_returned_for_other_documents(setup, tmp_pat
     pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=4, log=lambda m: None)
     changed = RegressionDataset(11, seed=1, dtype=torch.float64)
     changed.x[0] += torch.randn(5, dtype=torch.float64)  # in shard 0's chunk, not in shard 1's
-    log = []
-    with pytest.raises(ValueError, match=r"0000000000-0000000004.*belongs to another run \(documents: "):
-        pyinf.score_corpus(engine, changed, queries, tmp_path, chunk_size=4, shard=(1, 2), log=log.append)
-    assert any("joined for another run" in line for line in log)
-    # the chunks gone, the joined file alone must not stand in for another corpus
+    with pytest.raises(ValueError, match=r"scores.safetensors holds the scores of another run \(documents: "):
+        pyinf.score_corpus(engine, changed, queries, tmp_path, chunk_size=4, shard=(1, 2), log=lambda m: None)
+    # the chunks gone (a finished run needs none), the joined file neither stands in for
+    # another corpus nor is silently replaced by its scores
     shutil.rmtree(tmp_path / "scores-chunks")
     other = RegressionDataset(11, seed=int(torch.randint(100, 10**6, ())), dtype=torch.float64)
+    before = (tmp_path / "scores.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="another run.*delete .*scores.safetensors"):
+        pyinf.score_corpus(engine, other, queries, tmp_path, chunk_size=4, log=lambda m: None)
+    assert (tmp_path / "scores.safetensors").read_bytes() == before
+    (tmp_path / "scores.safetensors").unlink()  # the remedy it names
     got = pyinf.score_corpus(engine, other, queries, tmp_path, chunk_size=4, log=lambda m: None)
     torch.testing.assert_close(got, engine.pairwise_scores(other, queries, batch_size=4), rtol=1e-10, atol=1e-12)
     # ... and a rerun on the same documents reuses it: hashes only, no pass
@@ -245,6 +249,10 @@ def test_joined_self_influence_is_never_returned_for_other_documents(setup, tmp_
     pyinf.self_influence_corpus(engine, train, factors, tmp_path, chunk_size=4, log=lambda m: None)
     shutil.rmtree(tmp_path / "self_influence-chunks")
     other = RegressionDataset(11, seed=int(torch.randint(100, 10**6, ())), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"self_influence.safetensors holds the self_influence of another run "
+                                         r"\(documents: "):
+        pyinf.self_influence_corpus(engine, other, factors, tmp_path, chunk_size=4, log=lambda m: None)
+    (tmp_path / "self_influence.safetensors").unlink()
     got = pyinf.self_influence_corpus(engine, other, factors, tmp_path, chunk_size=4, log=lambda m: None)
     torch.testing.assert_close(got, engine.self_influence(other, factors, batch_size=4), rtol=1e-10, atol=1e-12)
 
