@@ -117,6 +117,13 @@ def _read(path: Path, what: str, read_tensors: Callable) -> Tuple[Dict, Dict]:
         raise CorruptFileError(f"{path}: its pyinf metadata is not valid JSON: {exc}") from exc
 
 
+def _check_meta(path: Path, meta: Dict) -> None:
+    # files saved before the metadata had a checksum have neither it nor a layout; a file with
+    # one of them has both, so damage to the checksum's own key does not switch the check off
+    if ("meta_crc32" in meta or "layout" in meta) and _meta_crc(meta) != meta.get("meta_crc32"):
+        raise CorruptFileError(f"{path}: its metadata fails its checksum (the file was altered or damaged)")
+
+
 def load(path, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
     path = Path(path)
     tensors, meta = _read(path, f"pyinf {kind} file", lambda f: {k: f.get_tensor(k) for k in f.keys()})
@@ -124,10 +131,7 @@ def load(path, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
         raise CorruptFileError(f"{path}: format {meta.get('format')!r}, this pyinf reads {FORMAT!r}")
     if meta.get("kind") != kind:
         raise CorruptFileError(f"{path} holds pyinf {meta.get('kind')!r}, not {kind!r}")
-    # files saved before the metadata had a checksum have neither it nor a layout; a file with
-    # one of them has both, so damage to the checksum's own key does not switch the check off
-    if ("meta_crc32" in meta or "layout" in meta) and _meta_crc(meta) != meta.get("meta_crc32"):
-        raise CorruptFileError(f"{path}: its metadata fails its checksum (the file was altered or damaged)")
+    _check_meta(path, meta)
     for k, (dtype, shape) in (meta.get("layout") or {}).items():
         t = tensors.get(k)
         if t is not None and (str(t.dtype).replace("torch.", ""), list(t.shape)) != (dtype, shape):
@@ -180,7 +184,8 @@ def load_if_same_run(path, kind: str, want: Dict, *, on_damaged: Callable[[str],
 def describe(path) -> Dict:
     """What a saved pyinf file holds, read from its header without loading or checking the
     tensors (``pyinf info``): kind, format, versions, every tensor's dtype and shape, and the
-    rest of its metadata (run fingerprints, settings)."""
+    rest of its metadata (run fingerprints, settings). Metadata that fails its checksum is a
+    CorruptFileError, as for :func:`load`: its settings would be shown as if they held."""
     path = Path(path)
 
     def shapes(f):
@@ -188,6 +193,7 @@ def describe(path) -> Dict:
                 for k, v in ((k, f.get_slice(k)) for k in f.keys())}
 
     tensors, meta = _read(path, "pyinf file", shapes)
+    _check_meta(path, meta)
     for key in ("crc32", "meta_crc32", "layout"):  # checksums and the dtypes / shapes shown as `tensors`
         meta.pop(key, None)
     record = meta.get("model_weights")

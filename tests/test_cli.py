@@ -375,6 +375,17 @@ def test_self_influence_command(workdir, capsys):
     out, err = capsys.readouterr()
     assert "not a readable pyinf file" in err and str(workdir / "junk.safetensors") in err
     assert '"kind": "self_influence-chunk"' in out
+    # edited settings are not shown as if they held: the metadata's checksum is checked
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(workdir / "f.safetensors"), framework="pt") as f:
+        header = json.loads(f.metadata()["pyinf"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header["fisher"] = "true"
+    save_file(tensors, str(workdir / "edited.safetensors"), metadata={"pyinf": json.dumps(header)})
+    assert run(["info", str(workdir / "edited.safetensors")]) == 1
+    assert "edited.safetensors: its metadata fails its checksum" in capsys.readouterr().err
 
 
 def test_max_length_is_bounded_by_the_model_and_completions_are_never_cut(workdir, capsys):
