@@ -263,6 +263,8 @@ class ChunkedRun:
             parts.append(values)
         values = torch.cat(parts)
         storage.save(self.final_path, self.kind, {self.kind: values}, dict(self.final_meta, run=self._final_run()))
+        # what processes killed while saving a chunk left (hidden, but never cleaned up otherwise)
+        storage.remove_stale_temporaries(self._chunk_path(0, 0).parent)
         return values
 
 

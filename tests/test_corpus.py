@@ -185,6 +185,25 @@ def test_a_finished_run_answers_only_for_its_own_settings(setup, tmp_path):
                    "nothing to compute"]
 
 
+def test_the_join_removes_what_killed_saves_left(setup, tmp_path):
+    """A process killed while saving a chunk leaves its temporary file; the join removes
+    those not written to lately (a save in progress elsewhere keeps its own)."""
+    import os
+    import time
+
+    engine, train, queries, want = setup
+    chunks = tmp_path / "scores-chunks"
+    chunks.mkdir()
+    stale, fresh = chunks / ".0000000000-0000000004.safetensors.abc123.tmp", chunks / ".x.safetensors.def.tmp"
+    stale.write_bytes(b"half a chunk")
+    fresh.write_bytes(b"being written")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    got = pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=4, log=lambda m: None)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert not stale.exists() and fresh.exists()
+
+
 def test_a_damaged_chunk_is_scored_again(setup, tmp_path):
     engine, train, queries, want = setup
     pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=5, log=lambda m: None)
