@@ -610,6 +610,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.formatwarning = _one_line_warning
     try:
         return run(argv)
+    except KeyboardInterrupt:
+        if os.environ.get("PYINF_TRACEBACK", "") not in ("", "0"):
+            raise
+        # what was saved stays (stages, chunks, each written whole): the same command resumes
+        print("\npyinf: interrupted; rerun the same command to go on from what was saved", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+    except BrokenPipeError:
+        # the reader went away (`pyinf info ... | head`): nothing left to print to, and no error
+        # of pyinf's; stdout is pointed at /dev/null so that Python's own flush at exit is quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a writer killed by it
     except (ValueError, OSError, re.error, BackendUnavailable, CaptureError, FloatingPointError,
             MissingDependency) as exc:
         if os.environ.get("PYINF_TRACEBACK", "") not in ("", "0"):

@@ -153,6 +153,15 @@ def test_the_command_says_what_is_wrong_in_one_line(workdir, capsys, monkeypatch
         m.setattr("pyinf.cli.cmd_backends", command)
         assert main(["backends"]) == 0
     assert shown == ["pyinf: warning: something to know\n"] and warnings.formatwarning is python_format
+
+    def interrupted(args):  # Ctrl-C: a line, not a traceback, and the shell's status for SIGINT
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("pyinf.cli.cmd_backends", interrupted)
+        assert main(["backends"]) == 130
+    err = capsys.readouterr().err
+    assert "pyinf: interrupted; rerun the same command" in err and "Traceback" not in err
     monkeypatch.setenv("PYINF_TRACEBACK", "1")
     with pytest.raises(ValueError, match="a record needs 'text'"):
         main(bad)
@@ -438,3 +447,18 @@ def test_cli_results_are_the_python_apis(workdir):
     want_si = engine.self_influence(train, factors, damping=0.05, batch_size=3)
     got_si, _ = pyinf.storage.load(workdir / "si" / "self_influence.safetensors", "self_influence")
     torch.testing.assert_close(got_si["self_influence"], want_si, rtol=1e-4, atol=1e-6)
+
+
+def test_a_reader_that_goes_away_is_no_error(tmp_path):
+    """`pyinf info ... | head`: the closed pipe ends the command quietly (status 141, as a
+    shell reports SIGPIPE), not with `pyinf: error: [Errno 32] Broken pipe`."""
+    import subprocess
+
+    path = pyinf.storage.save(tmp_path / "x.safetensors", "scores", {"scores": torch.zeros(3, 2)},
+                              dict(note="x" * 2000))
+    proc = subprocess.Popen([sys.executable, "-m", "pyinf", "info", *[str(path)] * 200],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(10)  # more than a pipe's buffer follows
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
