@@ -119,7 +119,8 @@ def test_a_tokenizer_added_since_is_another_run(workdir):
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[UNK]").save_pretrained(workdir / "model")
     with pytest.raises(ValueError, match=r"holds scores of other queries \(tokenizer: '[0-9a-f]+' there"):
         run(score)
-    with pytest.raises(ValueError, match=r"belongs to another run \(tokenizer: '[0-9a-f]+' there"):
+    with pytest.raises(ValueError, match=r"self_influence.safetensors holds the self_influence of another run "
+                                         r"\(tokenizer: '[0-9a-f]+' there"):
         run(self_inf)
 
 
@@ -190,7 +191,7 @@ def test_later_commands_track_the_factors_layers(workdir):
     assert run(["score", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"), "--queries",
                 str(workdir / "queries.jsonl"), "--prepared", str(workdir / "q1.safetensors"), "--out",
                 str(workdir / "s1")]) == 0
-    with pytest.raises(ValueError, match=r"belongs to another run \(layers: None there, "
+    with pytest.raises(ValueError, match=r"holds the self_influence of another run \(layers: None there, "
                                          r"'1 layer, [0-9a-f]+' now"):
         run(["self-influence", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"),
              "--out", str(workdir / "si"), "--track", f"^{one}$"])
