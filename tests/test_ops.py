@@ -442,6 +442,9 @@ def test_cross_entropy_rows_rejects_bad_input():
         ops.cross_entropy_rows(torch.randn(3, 4), None)
     with pytest.raises(ValueError, match="unit stride along the vocabulary"):
         ops.cross_entropy_rows(torch.randn(4, 3).T, torch.zeros(3, dtype=torch.int64))
+    # a one-word vocabulary's column stride is never used: any is fine (loss 0, gradient 0)
+    loss = ops.cross_entropy_rows(torch.randn(1, 4).T, torch.zeros(4, dtype=torch.int64))
+    assert torch.equal(loss, torch.zeros(4))
 
 
 def test_cross_entropy_rows_rejects_overlapping_rows_and_an_empty_vocabulary():
@@ -557,6 +560,18 @@ def test_numpy_damping_is_a_number():
         assert torch.allclose(ops.self_influence(acts, grads, q_a, q_s, lambdas, damping), expected)
     with pytest.raises(ValueError, match="'damping' must be a finite non-negative number, got True"):
         ops.self_influence(acts, grads, q_a, q_s, lambdas, True)
+    # no float for them: an int past float's range, a tensor without a value
+    for damping, why in ((10**400, "int too large"), (torch.empty((), device="meta"), "meta")):
+        with pytest.raises(ValueError, match=f"'damping' must be a finite non-negative number, got .*{why}"):
+            ops.self_influence(acts, grads, q_a, q_s, lambdas, damping)
+
+
+def test_numpy_bools_are_flags():
+    """numpy's bool (np.bool_, named 'bool' since numpy 2) is a yes/no flag as Python's is."""
+    np = pytest.importorskip("numpy")
+    args = (torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.randn(1, 5, 2), torch.randn(1, 4, 2))
+    assert ops.factored_scores(*args, per_token=np.True_).shape == (2, 3, 1)
+    assert ops.factored_scores(*args, per_token=np.bool_(False)).shape == (2, 1)
 
 
 def test_grouped_problems_on_different_devices_are_refused():

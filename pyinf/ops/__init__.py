@@ -222,7 +222,7 @@ def cross_entropy_rows(logits: torch.Tensor, labels: Optional[torch.Tensor], *, 
     ``labels``. A label outside ``[0, V)`` gives a NaN loss and a plain softmax row."""
     op = "cross_entropy_rows"
     _checks.check_tensor("logits", logits, 2, op=op)
-    if logits.stride(-1) != 1:
+    if logits.shape[1] > 1 and logits.stride(-1) != 1:  # (one column: its stride is never used)
         raise ValueError(f"pyinf.ops.{op}: 'logits' must have unit stride along the vocabulary (it is written in "
                          f"place), got strides {logits.stride()}")
     if logits.shape[0] > 1 and logits.shape[1] > 0 and logits.stride(0) < logits.shape[1]:

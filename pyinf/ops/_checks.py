@@ -67,7 +67,8 @@ def check_mask(op: str, mask: Optional[torch.Tensor], n: int, t: int) -> Optiona
 
 def check_flag(where: str, name: str, value) -> bool:
     """A yes/no argument: a bool (numpy's too) or 0/1; anything else is refused by name."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_" or (isinstance(value, int) and value in (0, 1)):
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")  # numpy 1, 2
+    if isinstance(value, bool) or numpy_bool or (isinstance(value, int) and value in (0, 1)):
         return bool(value)
     raise TypeError(f"{where}: '{name}' must be True or False, got {value!r}")
 
@@ -131,12 +132,16 @@ def check_lambdas(op: str, lambdas, damping, d_out: int, d_in: int) -> float:
 
 def check_damping(where: str, damping) -> float:
     """A damping: a finite non-negative number (a Python, numpy or one-element torch scalar)."""
-    if isinstance(damping, torch.Tensor):
-        if damping.numel() != 1:
-            raise ValueError(f"{where}'damping' must be a scalar, got {_describe(damping)}")
-        damping = float(damping)
-    if isinstance(damping, numbers.Real) and not isinstance(damping, bool):  # numpy scalars too
-        damping = float(damping)
+    given = damping
+    try:
+        if isinstance(damping, torch.Tensor):
+            if damping.numel() != 1:
+                raise ValueError(f"{where}'damping' must be a scalar, got {_describe(damping)}")
+            damping = float(damping)
+        if isinstance(damping, numbers.Real) and not isinstance(damping, bool):  # numpy scalars too
+            damping = float(damping)
+    except (OverflowError, RuntimeError) as exc:  # an int past float's range; a meta tensor has no value
+        raise ValueError(f"{where}'damping' must be a finite non-negative number, got {given!r} ({exc})") from None
     if not isinstance(damping, float) or not (0 <= damping < float("inf")):  # NaN fails both
         raise ValueError(f"{where}'damping' must be a finite non-negative number, got {damping!r}")
     return damping
