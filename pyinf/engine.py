@@ -58,6 +58,12 @@ class InfluenceEngine:
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
         if next(model.parameters(), None) is None:
             raise ValueError(f"{type(model).__name__} has no parameters")
+        if getattr(task, "enable_post_process_per_sample_gradient", False):
+            # a kronfluence Task's hook on per-sample gradients: pyinf never forms them, and a
+            # task whose scores depend on it would be scored without it
+            raise ValueError(f"{type(task).__name__} sets enable_post_process_per_sample_gradient (kronfluence): "
+                             f"pyinf never forms per-sample gradients, so post_process_per_sample_gradient "
+                             f"cannot be applied; express it in the loss or the model instead")
         self.model = model
         self.task = task
         self.backend = backend

@@ -92,7 +92,7 @@ def find_tracked_modules(model: nn.Module, names: Optional[List[str]] = None) ->
                 f"{type(model).__name__} has no trackable layer (nn.Linear or Conv1D, output embedding excluded)"
             )
         _warn_shared_weights(tracked)
-        _warn_fused_experts(model)
+        _warn_untrackable(model)
         return tracked
     if len(names) == 0:
         raise ValueError("the task's tracked module list is empty")
@@ -127,13 +127,21 @@ def _warn_shared_weights(tracked: Dict[str, nn.Module]) -> None:
                       f"so the cross terms between their gradients are left out (as in kronfluence)", stacklevel=4)
 
 
-def _warn_fused_experts(model: nn.Module) -> None:
-    """Mixture-of-experts layers that keep all experts' weights in one 3-D parameter
-    (transformers 5's Mixtral, Qwen2-MoE, ...) have no Linear layer per expert: by default
-    pyinf tracks none of them, and a user should know that the experts' share is left out."""
+def _warn_untrackable(model: nn.Module) -> None:
+    """Weight layers that pyinf's default choice leaves out although a user (or kronfluence,
+    which tracks them) would count them: convolutions, and mixture-of-experts layers that keep
+    all experts' weights in one 3-D parameter (transformers 5's Mixtral, Qwen2-MoE, ...), with
+    no Linear layer per expert. A user should know that their share of the influence is missing."""
+    def listed(names):
+        return f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if convs:
+        warnings.warn(f"pyinf: {len(convs)} convolution layers ({listed(convs)}) are not tracked (pyinf tracks "
+                      f"nn.Linear and Conv1D layers), so their influence is left out", stacklevel=4)
     fused = [name for name, m in model.named_modules() if "expert" in name.lower()
              and any(p.dim() >= 3 for p in m.parameters(recurse=False))]
     if fused:
         warnings.warn(f"pyinf: {len(fused)} mixture-of-experts layers keep their experts' weights fused in 3-D "
-                      f"parameters ({', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''}), not in nn.Linear "
-                      f"layers: pyinf does not track them, so the experts' influence is left out", stacklevel=4)
+                      f"parameters ({listed(fused)}), not in nn.Linear layers: pyinf does not track them, so the "
+                      f"experts' influence is left out", stacklevel=4)

@@ -156,8 +156,9 @@ def low_rank(p: torch.Tensor, rank: int, svd: str = "full"):
     ``svd="full"`` is exact; ``"randomized"`` (Halko et al. 2011: a Gaussian sketch with 10
     extra columns and 2 power iterations, then a small exact SVD) costs a few GEMMs instead of
     a full decomposition per query and layer, which matters for wide layers on a GPU, where
-    batched full SVDs of 3072 x 769 matrices take tens of milliseconds each. It is what
-    kronfluence does by default (``torch.svd_lowrank``)."""
+    batched full SVDs of 3072 x 769 matrices take tens of milliseconds each. kronfluence's
+    default truncation is randomized too (``torch.svd_lowrank(q=rank)``), but without the
+    extra columns, and much less exact."""
     r = min(rank, p.shape[-1], p.shape[-2])
     if svd == "randomized" and r + 10 < min(p.shape[-2:]):
         u, s, vh = _randomized_svd(p, r, oversample=10, power_iterations=2)

@@ -19,7 +19,10 @@ from .fused_ce import linear_cross_entropy
 
 
 class Task(ABC):
-    """Same contract as ``kronfluence.Task``.
+    """Same contract and method names as ``kronfluence.Task`` (a kronfluence task runs in
+    pyinf unchanged, except one that post-processes per-sample gradients, which pyinf never
+    forms); a pyinf task goes into kronfluence through
+    :func:`pyinf.kronfluence_compat.as_kronfluence_task`.
 
     - :meth:`compute_train_loss` returns the loss summed over the batch and its tokens
       (per-document gradients then come out unscaled); with ``sample=True`` the labels are

@@ -389,6 +389,23 @@ def test_fused_experts_are_said_to_be_left_out():
         pyinf.InfluenceEngine(_FusedMoE(), _PairTask(tracked=["out"]), progress=False)
 
 
+class _ConvThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x.transpose(1, 2)).transpose(1, 2))
+
+
+def test_convolutions_are_said_to_be_left_out():
+    """kronfluence tracks Conv2d layers too: a user comparing should know pyinf does not."""
+    with pytest.warns(UserWarning, match=r"1 convolution layers \(conv\) are not tracked"):
+        engine = pyinf.InfluenceEngine(_ConvThenLinear(), _PairTask(), progress=False)
+    assert list(engine.modules) == ["fc"]
+
+
 def test_expert_names():
     from pyinf.capture import _is_expert
 

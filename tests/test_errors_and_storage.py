@@ -164,6 +164,19 @@ def test_nonfinite_loss_names_batch():
         engine.fit_factors(data, batch_size=2, fisher="empirical")
 
 
+def test_a_task_that_post_processes_per_sample_gradients_is_refused():
+    """kronfluence's per-sample-gradient hook cannot apply in pyinf (no per-sample gradient is
+    formed): such a task would be scored as if it had none (relative error 0.23 in a review)."""
+    class PostProcessed(MLPTask):
+        enable_post_process_per_sample_gradient = True
+
+        def post_process_per_sample_gradient(self, module_name, gradient):
+            return 3.0 * gradient
+
+    with pytest.raises(ValueError, match="PostProcessed sets enable_post_process_per_sample_gradient"):
+        pyinf.InfluenceEngine(TinyMLP(), PostProcessed())
+
+
 def test_empty_dataset_and_model_without_layers():
     engine = pyinf.InfluenceEngine(TinyMLP(), MLPTask(), progress=False)
     with pytest.raises(ValueError, match="empty"):

@@ -52,3 +52,8 @@ def test_matches_kronfluence(which, rank, tmp_path):
                              output_dir=str(tmp_path)).scores
     assert theirs.shape == ours.shape
     assert _rel(ours, theirs) <= 1e-4
+
+
+def test_kronfluence_arguments_refuse_an_unknown_fisher():
+    with pytest.raises(ValueError, match="fisher must be 'true' or 'empirical', got 'emprical'"):
+        kronfluence_arguments(fisher="emprical")
