@@ -58,6 +58,10 @@ class InfluenceEngine:
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
         if next(model.parameters(), None) is None:
             raise ValueError(f"{type(model).__name__} has no parameters")
+        if isinstance(task, type):
+            raise TypeError(f"task must be an instance, got the class {task.__name__}: pass {task.__name__}()")
+        if not callable(getattr(task, "compute_train_loss", None)):
+            raise TypeError(f"task must be a pyinf.Task (or a kronfluence Task), got {type(task).__name__}")
         if getattr(task, "enable_post_process_per_sample_gradient", False):
             # a kronfluence Task's hook on per-sample gradients: pyinf never forms them, and a
             # task whose scores depend on it would be scored without it

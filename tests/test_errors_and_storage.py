@@ -177,6 +177,13 @@ def test_a_task_that_post_processes_per_sample_gradients_is_refused():
         pyinf.InfluenceEngine(TinyMLP(), PostProcessed())
 
 
+def test_a_task_class_or_another_object_is_no_task():
+    with pytest.raises(TypeError, match=r"got the class MLPTask: pass MLPTask\(\)"):
+        pyinf.InfluenceEngine(TinyMLP(), MLPTask)
+    with pytest.raises(TypeError, match="task must be a pyinf.Task .* got dict"):
+        pyinf.InfluenceEngine(TinyMLP(), {"loss": "mse"})
+
+
 def test_empty_dataset_and_model_without_layers():
     engine = pyinf.InfluenceEngine(TinyMLP(), MLPTask(), progress=False)
     with pytest.raises(ValueError, match="empty"):
