@@ -357,6 +357,12 @@ def test_c_api_program(tmp_path):
     run(cmake, "--build", str(lib_build), "-j", str(min(os.cpu_count() or 2, 4)))
     run(cmake, "--install", str(lib_build), "--prefix", str(prefix))
     assert (prefix / "include" / "pyinf" / "pyinf.h").exists()
+    if shutil.which("nm") and sys.platform.startswith("linux"):  # the C API alone is exported
+        lib = next(p for p in prefix.rglob("libpyinf.so*") if not p.is_symlink())
+        defined = [line.split()[-1] for line in run("nm", "-D", "--defined-only", str(lib)).splitlines()
+                   if line.strip() and line.split()[-2] not in ("A", "a")]  # (A: version nodes)
+        assert defined and all(name.startswith("pyinf_") for name in defined), \
+            [n for n in defined if not n.startswith("pyinf_")][:10]
     run(cmake, "-S", os.path.join(ROOT, "tests", "c_api"), "-B", str(test_build), *gen,
         f"-DCMAKE_PREFIX_PATH={prefix}")
     run(cmake, "--build", str(test_build))

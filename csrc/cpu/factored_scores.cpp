@@ -50,7 +50,9 @@ extern "C" pyinf_status pyinf_cpu_factored_scores(const pyinf_tensor* acts, cons
   if (s != PYINF_SUCCESS) return s;
   PYINF_CPU_GUARD_BEGIN
   const int64_t N = d.n, T = d.t, Q = d.q, R = d.r, C = d.q * d.r, d_in = d.d_in, d_out = d.d_out;
-  if (C == 0) {  // no query, or rank 0: every score is 0
+  if (C == 0 || N * T == 0 || d_in == 0 || d_out == 0) {
+    // no query, rank 0, no token or an empty layer: every score is 0 (and the factors,
+    // whose Q * r may be up to 2^60 here, are never read)
     for (int64_t i = 0; i < N * (per_token ? T : 1) * Q; ++i) out[i] = 0.0f;
     return PYINF_SUCCESS;
   }
@@ -65,7 +67,9 @@ extern "C" pyinf_status pyinf_cpu_factored_scores(const pyinf_tensor* acts, cons
   // leave an OpenMP region, so a failed allocation inside one would abort the process
   // instead of becoming PYINF_ERROR_OUT_OF_MEMORY.
   const int64_t per_thread = d_in + d_out + 2 * C;
-  std::vector<float> scratch(static_cast<size_t>(max_threads() * per_thread));
+  int64_t scratch_floats = 0;
+  if (!size_product({max_threads(), per_thread}, &scratch_floats)) throw std::bad_alloc();  // past 2^60 floats
+  std::vector<float> scratch(static_cast<size_t>(scratch_floats));
 #pragma omp parallel
   {
     float* const a = scratch.data() + thread_index() * per_thread;

@@ -138,10 +138,11 @@ pyinf_status run(const char* op, const pyinf_tensor* acts, const pyinf_tensor* g
   if (s != PYINF_SUCCESS) return s;
   s = check_aligned((std::string("pyinf_cuda_") + op).c_str(), "workspace", workspace);
   if (s != PYINF_SUCCESS) return s;
-  if (workspace_bytes < l.total || (workspace == nullptr && l.total > 0))
+  if (workspace_bytes < l.total || (workspace == nullptr && l.total > 0))  // (NULL holds no bytes)
     return fail(PYINF_ERROR_WORKSPACE, std::string("pyinf_cuda_") + op + ": needs a workspace of " +
                                            std::to_string(l.total) + " bytes, got " +
-                                           std::to_string(workspace_bytes));
+                                           (workspace == nullptr ? std::string("NULL")
+                                                                 : std::to_string(workspace_bytes)));
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (self ? d.n == 0 : d.d_out * d.d_in == 0) return PYINF_SUCCESS;
   s = pending_error_check(op);
@@ -187,7 +188,8 @@ pyinf_status workspace_size(const char* op, const pyinf_tensor* acts, const pyin
   Dims d;
   pyinf_status s = validate_tokens(op, acts, grads, &d);
   if (s != PYINF_SUCCESS) return s;
-  if (bytes == nullptr) return fail(PYINF_ERROR_INVALID_VALUE, std::string("pyinf_cuda_") + op + ": 'bytes' is NULL");
+  if (bytes == nullptr)
+    return fail(PYINF_ERROR_INVALID_VALUE, std::string("pyinf_cuda_") + op + "_workspace_size: 'bytes' is NULL");
   Layout l;
   s = layout(op, d, self, &l);
   if (s != PYINF_SUCCESS) return s;

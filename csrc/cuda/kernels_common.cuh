@@ -243,10 +243,13 @@ inline pyinf_status launch_check(const char* op) { return cuda_check(cudaGetLast
 // cudaGetLastError holds the last error of any runtime call on this host thread, not only
 // pyinf's: one that earlier work left unchecked would be reported by launch_check as if
 // pyinf's launch had failed. Each entry point takes it first, after validating its
-// arguments and before launching anything, and says whose it is.
+// arguments and before launching anything, and says it came before pyinf's launch. (On a
+// first call it is also where a runtime that cannot start, with no driver or no device,
+// reports so.)
 inline pyinf_status pending_error_check(const char* op) {
-  return cuda_check(cudaGetLastError(), op, "a CUDA error of earlier work on this thread was still pending "
-                                            "(not from pyinf; nothing was launched)");
+  return cuda_check(cudaGetLastError(), op, "CUDA reported an error before pyinf launched anything (left "
+                                            "unchecked by earlier work on this thread, not from pyinf, or the "
+                                            "CUDA runtime could not start)");
 }
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }

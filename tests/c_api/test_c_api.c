@@ -262,6 +262,14 @@ int main(void) {
     s = pyinf_cpu_factored_scores(&ea, &ea, &ql, &ql, NULL, 0, sink);  /* d = 0: no factor elements, Q*r = 2^100 */
     CHECK(s == PYINF_ERROR_INVALID_VALUE && strstr(pyinf_last_error(), "Q*r"), "Q*r past 2^60 gave %d (%s)", (int)s,
           pyinf_last_error());
+    {  /* Q*r = 2^60, within the limit, on an empty layer: scores of 0, no per-thread scratch of
+        * threads x 2 x Q*r floats (it overflowed int64 and crashed with 8 threads) */
+      pyinf_tensor el = t3(NULL, PYINF_FLOAT32, 1, 0, (int64_t)1 << 60);
+      sink[0] = -1.0f;
+      s = pyinf_cpu_factored_scores(&ea, &ea, &el, &el, NULL, 0, sink);
+      CHECK(s == PYINF_SUCCESS && sink[0] == 0.0f, "Q*r = 2^60 on an empty layer gave %d (%s)", (int)s,
+            pyinf_last_error());
+    }
     pyinf_tensor wide = t3(NULL, PYINF_FLOAT32, big, big, 0);  /* no elements, but N*T = 2^100 */
     s = pyinf_cpu_covariance(&wide, NULL, sink);
     CHECK(s == PYINF_ERROR_INVALID_VALUE && strstr(pyinf_last_error(), "'x' is too large"),

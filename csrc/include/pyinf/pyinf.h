@@ -62,10 +62,11 @@ typedef enum pyinf_status {
   PYINF_ERROR_INVALID_VALUE = 1,     /* bad shape, stride, pointer or argument */
   PYINF_ERROR_UNSUPPORTED_DTYPE = 2, /* dtype not accepted for that argument */
   PYINF_ERROR_NOT_COMPILED = 3,      /* CUDA entry point in a CPU-only build */
-  PYINF_ERROR_CUDA = 4,              /* a CUDA runtime call or kernel launch failed, or an error of
-                                        earlier work on this thread was still pending (the message
-                                        says which; nothing was launched then, and the error is
-                                        taken, as cudaGetLastError takes it) */
+  PYINF_ERROR_CUDA = 4,              /* a CUDA runtime call or kernel launch failed, or CUDA had
+                                        an error pending before pyinf launched anything (left by
+                                        earlier work on this thread, or a runtime that cannot
+                                        start); the message says which, and the error is taken,
+                                        as cudaGetLastError takes it */
   PYINF_ERROR_WORKSPACE = 5,         /* workspace missing or too small */
   PYINF_ERROR_OUT_OF_MEMORY = 6,     /* host allocation failed */
   PYINF_ERROR_INTERNAL = 7
