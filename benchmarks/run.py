@@ -689,6 +689,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (default: 1 for --smoke on a CPU, which avoids oversubscription "
                          "on shared machines; torch's default otherwise)")
+    ap.add_argument("--splice", default=None, metavar="DIR",
+                    help="run nothing: put the block of a results folder (DIR/results.md, written by a run "
+                         "elsewhere, e.g. a GPU session) into --results-md under its tag")
     args = ap.parse_args(argv)
 
     def items(text):
@@ -717,8 +720,25 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def splice(results_dir: str, results_md: str) -> str:
+    """Puts the block that a run elsewhere wrote into ``results_dir`` (its results.md, linked
+    as seen from RESULTS.md's folder) into ``results_md`` under the run's tag; returns the tag."""
+    body_path = os.path.join(results_dir, "results.md")
+    if not os.path.exists(body_path):
+        raise SystemExit(f"--splice: no results.md in {results_dir}")
+    prev = read_previous(os.path.join(results_dir, "results.json")) or {}
+    tag = prev.get("tag") or os.path.basename(os.path.normpath(results_dir))
+    with open(body_path) as fh:
+        write_markdown_block(results_md, tag, fh.read())
+    return tag
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.splice is not None:
+        tag = splice(args.splice, args.results_md)
+        _log(f"[run] block {tag} of {args.splice} -> {args.results_md}")
+        return 0
     stop_on_sigterm()  # under `timeout`: keep and write what was measured (see OutOfTime)
     preset = "smoke" if args.smoke else "full"
     device = default_device()

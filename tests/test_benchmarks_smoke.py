@@ -157,6 +157,21 @@ def test_markdown_block_replacement(tmp_path):
     assert text.index("pyinf-bench:begin a") < text.index("pyinf-bench:begin b")
 
 
+def test_a_results_folder_is_spliced_into_results_md(smoke, tmp_path):
+    """What a GPU session sends back (results/<tag>/ with its results.md) goes into RESULTS.md
+    under its tag, the rest of the file kept, without running anything."""
+    from benchmarks.run import main
+
+    md = tmp_path / "R.md"
+    md.write_text("# notes\n\nkept\n")
+    assert main(["--splice", str(smoke["out"]), "--results-md", str(md)]) == 0
+    text = md.read_text()
+    assert text.startswith("# notes\n\nkept\n") and "<!-- pyinf-bench:begin cpu-smoke -->" in text
+    assert (smoke["out"] / "results.md").read_text().strip() in text
+    with pytest.raises(SystemExit, match="no results.md in"):
+        main(["--splice", str(tmp_path / "nothing"), "--results-md", str(md)])
+
+
 def test_ops_filters_and_slow_call_timing(monkeypatch):
     """--ops/--workloads keep only what a short GPU session asks for; a call slower than
     SLOW_CALL_MS is timed once instead of a dozen times."""

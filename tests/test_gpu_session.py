@@ -39,6 +39,7 @@ shift 2
 """)
     env = dict(os.environ, PYTHON=str(fake_python), OUT=str(tmp_path / "out"), STUB_LOG=str(tmp_path / "calls.jsonl"),
                PYINF_SESSION_LOGS=str(tmp_path / "logs"),
+               PYINF_WHEELHOUSE=str(tmp_path / "no-wheelhouse"),  # not the tree's (make wheelhouse adds a pip call)
                PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=ROOT)
     env.pop("PYINF_CUDA_ARCHS", None)
     return tmp_path, env
@@ -56,8 +57,8 @@ def _modules(calls):
 
 
 EXPECTED = {
-    "all": ["-", "-c", "pip", "pyinf", "pytest", "pytest", "benchmarks.run", "benchmarks.run", "benchmarks.run",
-            "benchmarks.preferences", "benchmarks.run", "benchmarks.preferences", "benchmarks.tune"],
+    "all": ["-", "-c", "pip", "pyinf", "pytest", "pytest", "pytest", "benchmarks.run", "benchmarks.run",
+            "benchmarks.run", "benchmarks.preferences", "benchmarks.run", "benchmarks.preferences", "benchmarks.tune"],
     "check": ["-", "-c", "pip", "pyinf", "pytest", "benchmarks.sanitize", "benchmarks.sanitize",
               "benchmarks.sanitize", "benchmarks.sanitize"],
     "ops": ["-", "-c", "pip", "pyinf", "benchmarks.run", "benchmarks.preferences"],
