@@ -54,7 +54,12 @@ pack() {  # everything so far into $OUT/session.tgz (renamed into place: never h
 # a step the device kills mid-way (its limit, or the session's) still sends what it wrote
 ( while sleep 15; do pack; done ) > /dev/null 2>&1 &
 packer=$!
-trap 'kill $packer 2>/dev/null' EXIT
+# stopped before the last pack (an older snapshot of its own must not land after it)
+stop_packer() {
+  pkill -P "$packer" 2>/dev/null; kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
+  rm -f "$OUT"/.session.tgz.*.part  # what a pack stopped mid-way left
+}
+trap stop_packer EXIT
 note() { echo "$*" | tee -a "$summary"; pack; }
 left() { echo $(( BUDGET - ($(date +%s) - start) )); }
 cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # cap <seconds>: at most that, at most what is left
@@ -181,5 +186,6 @@ case "$mode" in
     ;;
   *) note "unknown mode $mode"; exit 2 ;;
 esac
+stop_packer
 note "== done in $(( $(date +%s) - start )) s"
 cat "$summary"
