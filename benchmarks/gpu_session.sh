@@ -86,7 +86,7 @@ note "commit: ${PYINF_GIT_REV:-unknown}"
 archs=${PYINF_CUDA_ARCHS:-}; [ "$mode" = all ] && archs=${archs:-90a}
 PYINF_CUDA_ARCHS=$archs PYINF_CUDA=1 PYINF_BUILD_JOBS=16 timeout 240 $PY -m pip install --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1 \
   && note "build: ok in $(( $(date +%s) - start )) s" \
-  || { note "build: FAILED (build.log): native is missing; Triton, torch and e2e go on from the source tree"
+  || { note "build: FAILED (build.log): native is missing (the sm90 benchmark variants are skipped); Triton, torch and e2e go on from the source tree"
        tail -30 "$LOGS/build.log"; export PYINF_BENCH_SKIP_SM90=1; }
 $PY -m pyinf backends | tee -a "$summary"
 

@@ -41,7 +41,10 @@ def main(args):
     module, rest = args[1], args[2:]
     try:
         if module in ("pip", "pyinf"):
-            pass
+            if module == "pip" and "-e" in rest and os.environ.get("STUB_FAIL_BUILD") == "1":
+                _log(dict(args=args))
+                print("stub: the build fails (STUB_FAIL_BUILD=1)", file=sys.stderr)
+                return 1
         elif module == "pytest":
             # collect what the real call would run: the files exist and -k selects something
             proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *rest],

@@ -89,6 +89,18 @@ def test_every_command_of_the_session_takes_its_arguments(mode, fake_machine):
         assert "RESULTS.md" in " ".join(names) and "kronfluence: imports" in summary
 
 
+def test_a_failed_build_does_not_end_the_session(fake_machine):
+    """Triton, torch and the end-to-end comparison need no native build: they still run, and
+    the Hopper kernel's benchmark variants are skipped."""
+    tmp_path, env = fake_machine
+    proc, calls = _run("all", tmp_path, dict(env, STUB_FAIL_BUILD="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _modules(calls) == EXPECTED["all"]
+    summary = (tmp_path / "out" / "summary-all.txt").read_text()
+    assert "build: FAILED" in summary and "the sm90 benchmark variants are skipped" in summary
+    assert "benchmarks e2e" in summary and "== done" in summary
+
+
 def test_a_bad_argument_is_caught(tmp_path, monkeypatch):
     """The stub itself: a typo in a section, workload, backend or label is an error (exit 2),
     not a silent pass."""
