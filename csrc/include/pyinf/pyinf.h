@@ -16,7 +16,9 @@
  *   left [Q, d_out, r], right [Q, d_in, r]
  * Masked-out token rows are never read into a result (NaN/Inf in padding cannot leak), and
  * their per-token scores are exactly 0. Sizes, and the products of sizes an op forms, above
- * 2^60 elements are refused (PYINF_ERROR_INVALID_VALUE): stride-0 views can claim them.
+ * 2^60 elements are refused (PYINF_ERROR_INVALID_VALUE): stride-0 views can claim them. So is
+ * a tensor whose strides span more than 2^60 bytes (2^58 float32 elements) from its first
+ * element to its last.
  *
  * CPU entry points (pyinf_cpu_*) take host pointers and run synchronously (OpenMP).
  * CUDA entry points (pyinf_cuda_*) take device pointers, enqueue work on `stream` (a
