@@ -22,7 +22,6 @@ the layer's own layout (pooled, flattened or sequence-first: see :meth:`Capture.
 from __future__ import annotations
 
 import functools
-import re
 import warnings
 import weakref
 from typing import Callable, Dict, List, Optional
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._padding import padded_empty
-from .modules import ModuleSpec
+from .modules import ModuleSpec, is_expert
 
 # consumer(spec, acts [B,T,d_in], grads [B,T,d_out], mask [B,T] bool or None)
 Consumer = Callable[[ModuleSpec, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], None]
@@ -136,16 +135,6 @@ def _stock_forward(module: nn.Module) -> bool:
     return cls.forward is nn.Linear.forward
 
 
-def _is_expert(name: str) -> bool:
-    """Whether a module's name places it in a mixture-of-experts layer's experts (``experts.3``,
-    ``experts.expert_1.wi``; a shared expert, which sees every token, is not): such a layer
-    runs on the tokens routed to it, which cannot be told apart from other flattened rows."""
-    return any(_EXPERT_PART.match(part) for part in name.split("."))
-
-
-_EXPERT_PART = re.compile(r"^experts?(_?\d+)?$")
-
-
 def _declared_batch_first(by_name: Dict[str, nn.Module], name: str) -> Optional[bool]:
     """The layout that the nearest enclosing module declares for the layer's inputs: its
     ``batch_first`` flag (nn.Transformer, nn.MultiheadAttention, or any module of the model
@@ -216,7 +205,7 @@ class Capture:
         self._mask_used: set = set()  # layers of the batch that the mask applied to
         self._mask_missed: List[tuple] = []  # (name, token rows) of per-token layers it did not fit
         self._n_docs = 0
-        self._experts = {n for n in modules if _is_expert(n)}
+        self._experts = {n for n in modules if is_expert(n)}
         self._batch_index = -1
         self._nonfinite: List[tuple] = []
         self.anchor: Optional[torch.Tensor] = None

@@ -290,9 +290,9 @@ def _load_or_prepare(engine, args, factors, query, out: Path, prepared=None):
                 return queries
             # the saved queries are those the directory's scores were computed against: not
             # replaced while any of those scores is there (the run could not be resumed after)
-            from .corpus import SCORES_KIND
+            from .corpus import SCORES_KIND, result_files
 
-            if (out / f"{SCORES_KIND}.safetensors").exists() or any((out / f"{SCORES_KIND}-chunks").glob("*.safetensors")):
+            if result_files(out, SCORES_KIND):
                 raise ValueError(f"{out} holds scores of other queries ({'; '.join(differ)}): write into a new output "
                                  f"directory, or delete {out} to start over")
             print(f"pyinf: not reusing {saved} ({'; '.join(differ)})", file=sys.stderr)
@@ -307,23 +307,16 @@ def _check_saved_scores(out: Path, queries, saved: Path) -> None:
     only if the directory's scores were computed against them: a run with other settings
     would otherwise leave the directory's scores with queries they do not belong to, and
     the run that does match them refused. The scores' files record the queries' fingerprint."""
-    from . import storage
-    from .corpus import SCORES_KIND
+    from .corpus import SCORES_KIND, recorded_run, result_files
 
-    final = out / f"{SCORES_KIND}.safetensors"
-    for path in [final, *sorted((out / f"{SCORES_KIND}-chunks").glob("*.safetensors"))]:
-        if not path.exists():
-            continue
-        try:
-            meta = storage.describe(path)
-        except storage.CorruptFileError:
-            continue  # computed again by the run
-        recorded = (meta.get("run") or {}) if path == final else meta
+    for path in result_files(out, SCORES_KIND):
+        recorded = recorded_run(path)
+        if recorded is None:
+            continue  # damaged: computed again by the run
         if recorded.get("queries") in (None, queries.fingerprint):
             return  # the same queries (or a file of no queries): the run checks each file again
-        settings = "".join(f"; {k}: {meta[k]!r} there" for k in ("rank", "damping") if path == final and k in meta)
         raise ValueError(f"{out} holds scores of other queries (fingerprint {str(recorded['queries'])[:12]} in "
-                         f"{path.name}, {queries.fingerprint[:12]} now{settings}; {saved.name}, which would name the "
+                         f"{path.name}, {queries.fingerprint[:12]} now; {saved.name}, which would name the "
                          f"settings that differ, was missing or damaged): rerun with the settings those scores were "
                          f"computed with, write into a new output directory, or delete {out} to start over")
 

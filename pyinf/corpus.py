@@ -125,6 +125,32 @@ def documents_hash(dataset, start: int, end: int) -> str:
     return h.hexdigest()
 
 
+def _final_path(out_dir, kind: str) -> Path:
+    return Path(out_dir) / f"{kind}.safetensors"
+
+
+def _chunks_dir(out_dir, kind: str) -> Path:
+    return Path(out_dir) / f"{kind}-chunks"
+
+
+def result_files(out_dir, kind: str) -> List[Path]:
+    """The files a chunked run of ``kind`` left in ``out_dir``: the joined file first (when
+    there), then its chunks; empty when it has none."""
+    final = _final_path(out_dir, kind)
+    return ([final] if final.exists() else []) + sorted(_chunks_dir(out_dir, kind).glob("*.safetensors"))
+
+
+def recorded_run(path: Path) -> Optional[Dict]:
+    """The run a result file of :func:`result_files` records, from its header alone; None when
+    the header is damaged (the run computes that file again)."""
+    try:
+        meta = storage.describe(path)
+    except storage.CorruptFileError:
+        return None
+    # a chunk records the run in its metadata; the joined file under "run", beside its own keys
+    return meta if path.parent.name.endswith("-chunks") else meta.get("run") or {}
+
+
 class ChunkedRun:
     """One value per document, computed chunk by chunk into ``out_dir`` (see the module
     docstring): ``compute(subset) -> [len(subset), ...]`` for a Subset of ``data``; ``run``
@@ -167,10 +193,10 @@ class ChunkedRun:
 
     @property
     def final_path(self) -> Path:
-        return self.out_dir / f"{self.kind}.safetensors"
+        return _final_path(self.out_dir, self.kind)
 
     def _chunk_path(self, start: int, end: int) -> Path:
-        return self.out_dir / f"{self.kind}-chunks" / f"{start:010d}-{end:010d}.safetensors"
+        return _chunks_dir(self.out_dir, self.kind) / f"{start:010d}-{end:010d}.safetensors"
 
     def _load_chunk(self, start: int, end: int) -> Optional[torch.Tensor]:
         """The chunk's saved values if they are there for this run (its documents included);
@@ -217,7 +243,7 @@ class ChunkedRun:
         """Chunk files of another grid (another chunk size, or another corpus length) would
         lie beside this run's unused, and the run would compute everything again: refused."""
         grid = {self._chunk_path(s, e).name for s, e in self.ranges}
-        folder = self._chunk_path(0, 0).parent
+        folder = _chunks_dir(self.out_dir, self.kind)
         foreign = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in grid) if folder.exists() else []
         if foreign:
             sizes = sorted({int(e) - int(s) for s, e in (name[: -len(".safetensors")].split("-") for name in foreign)
@@ -264,7 +290,7 @@ class ChunkedRun:
         values = torch.cat(parts)
         storage.save(self.final_path, self.kind, {self.kind: values}, dict(self.final_meta, run=self._final_run()))
         # what processes killed while saving a chunk left (hidden, but never cleaned up otherwise)
-        storage.remove_stale_temporaries(self._chunk_path(0, 0).parent)
+        storage.remove_stale_temporaries(_chunks_dir(self.out_dir, self.kind))
         return values
 
 

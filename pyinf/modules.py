@@ -6,6 +6,7 @@ activations get a trailing 1 (a homogeneous coordinate), so ``d_in`` counts it.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -48,6 +49,16 @@ def spec_of(name: str, module: nn.Module) -> ModuleSpec:
         d_out, d_in = module.weight.shape
         transposed = False
     return ModuleSpec(name, int(d_out), int(d_in) + int(has_bias), has_bias, transposed)
+
+
+def is_expert(name: str) -> bool:
+    """Whether a module's name places it in a mixture-of-experts layer's experts (``experts.3``,
+    ``experts.expert_1.wi``; a shared expert, which sees every token, is not): such a layer
+    runs on the tokens routed to it, which cannot be told apart from other flattened rows."""
+    return any(_EXPERT_PART.match(part) for part in name.split("."))
+
+
+_EXPERT_PART = re.compile(r"^experts?(_?\d+)?$")
 
 
 def _output_embedding_names(model: nn.Module) -> set:
@@ -139,8 +150,8 @@ def _warn_untrackable(model: nn.Module) -> None:
     if convs:
         warnings.warn(f"pyinf: {len(convs)} convolution layers ({listed(convs)}) are not tracked (pyinf tracks "
                       f"nn.Linear and Conv1D layers), so their influence is left out", stacklevel=4)
-    fused = [name for name, m in model.named_modules() if "expert" in name.lower()
-             and any(p.dim() >= 3 for p in m.parameters(recurse=False))]
+    fused = [name for name, m in model.named_modules()
+             if is_expert(name) and any(p.dim() >= 3 for p in m.parameters(recurse=False))]
     if fused:
         warnings.warn(f"pyinf: {len(fused)} mixture-of-experts layers keep their experts' weights fused in 3-D "
                       f"parameters ({listed(fused)}), not in nn.Linear layers: pyinf does not track them, so the "

@@ -69,20 +69,17 @@ def atomic_path(path: Path) -> Iterator[str]:
         raise
 
 
-def remove_stale_temporaries(folder, older_than: float = 600.0) -> int:
+def remove_stale_temporaries(folder, older_than: float = 600.0) -> None:
     """Removes the temporary files (:func:`atomic_path`'s) that processes killed while
     saving left in ``folder``; those written to in the last ``older_than`` seconds may be
-    another process's save in progress, and stay. Returns how many were removed."""
-    removed = 0
+    another process's save in progress, and stay."""
     now = time.time()
     for tmp in Path(folder).glob(".*.tmp"):
         try:
             if now - tmp.stat().st_mtime > older_than:
                 tmp.unlink()
-                removed += 1
         except FileNotFoundError:  # its writer renamed or removed it meanwhile
             pass
-    return removed
 
 
 def write_text_atomic(path, text: str) -> Path:

@@ -407,7 +407,7 @@ def test_convolutions_are_said_to_be_left_out():
 
 
 def test_expert_names():
-    from pyinf.capture import _is_expert
+    from pyinf.modules import is_expert as _is_expert
 
     assert all(_is_expert(n) for n in ("moe.experts.0", "mlp.experts.expert_1.wi", "ffn.expert3.fc", "experts"))
     assert not any(_is_expert(n) for n in ("mlp.shared_expert.gate_proj", "mlp.shared_experts.up", "expert_gate",
