@@ -1,5 +1,5 @@
 # Two commands set up a fresh machine and run pyinf:
-#   make demo   # creates .venv, installs pyinf (CPU torch), runs the built-in demo
+#   make demo   # creates .venv, installs pyinf and torch, runs the built-in demo
 #   make test   # same set-up with the dev extras, then the test suite
 # Override PYTHON to pick another interpreter (3.10+).
 PYTHON ?= python3
@@ -7,7 +7,9 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 # torch is installed first, pinned, so that later installs (kronfluence's dependencies) do
-# not move it; an already present torch (a GPU image) is kept as it is. It comes from pip's
+# not move it (a .venv that already has a torch, made by an earlier run, skips this step).
+# .venv does not see the interpreter's own packages: on a GPU image whose torch should stay,
+# install with pip directly (README, "Two commands"). torch comes from pip's
 # configured index: plain PyPI serves the multi-GB CUDA build, so on a CPU machine pass
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu (this project's CI machines provide a CPU
 # wheel locally).

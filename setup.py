@@ -7,6 +7,9 @@ Environment:
                            the native build fails. 1: CUDA is required, failures are fatal.
                            0: CPU-only native build.
   PYINF_CUDA_ARCHS="90a;80" CUDA architectures (SM numbers) to compile for.
+  PYINF_CUDA_SM90=auto|0|1 the Hopper factored_scores kernel (with 90a among the archs, nvcc
+                           12.3+ and the CUTLASS headers): auto builds it when it can.
+  PYINF_CUTLASS_DIR=DIR    CUTLASS's include directory (default: the nvidia-cutlass package's).
   PYINF_BUILD_NATIVE=0     skip the native build entirely (pure-Python install).
   PYINF_BUILD_JOBS=N       parallel compile jobs (default: CPU count).
 """

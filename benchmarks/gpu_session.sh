@@ -2,7 +2,7 @@
 # Everything a GPU session needs. A session now gets 15 device-minutes in all, machine start
 # included, and one command may run 10 minutes: so the default mode, `all`, is ONE call that
 # builds, tests and measures the headline numbers in about 9.5 minutes (PYINF_SESSION_BUDGET,
-# 550 s, from its first line), each step under its own time limit, packing its logs into
+# 530 s, from its first line), each step under its own time limit, packing its logs into
 # $OUT/session.tgz as it goes (what finished comes back even if a later step runs out of
 # time). Run it with the device tool and timeout_s=600, carrying .wheelhouse (prepare it here
 # first: `make wheelhouse`, which also records the commit; the GPU image has torch, triton,

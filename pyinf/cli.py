@@ -490,7 +490,7 @@ def cmd_backends(args) -> int:
 
         if _C.cuda_compiled():
             sm90 = ("compiled, opt-in PYINF_NATIVE_SM90=1" if _C.cuda_sm90_compiled()
-                    else "not built (needs 90a and the CUTLASS headers)")
+                    else "not built (needs 90a, nvcc 12.3+ and the CUTLASS headers)")
             print(f"        CUDA kernels for {_C.cuda_archs()}; Hopper factored_scores kernel: {sm90}")
         else:
             print("        CPU kernels only (built without CUDA)")

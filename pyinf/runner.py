@@ -20,7 +20,8 @@ from .progress import bar
 
 # objective(batch, model) -> scalar loss summed over the batch's documents
 Objective = Callable[[object, nn.Module], torch.Tensor]
-# called with (batch_index, first_document_index, n_docs, mask) after each batch's backward
+# called with (batch_index, first_document_index, n_docs, mask): before a batch's forward
+# (on_batch_start) or after its backward (on_batch_end)
 BatchEnd = Callable[[int, int, int, Optional[torch.Tensor]], None]
 
 

@@ -1,9 +1,10 @@
 """The native backend of :mod:`pyinf.ops`: the C API of ``csrc/`` through ``pyinf._C``.
 
-CPU tensors run the C++ implementations (OpenMP), CUDA tensors the portable CUDA
-kernels (sm_80+, fp32 FMA tiles) on torch's current stream. Inputs may be fp32, bf16 or
-fp16, each with its own dtype and any strides (read in place, never copied); results
-are fp32. ``dense_scores`` has no native kernel, so it is absent here: ``auto`` falls back
+CPU tensors run the C++ implementations (OpenMP), CUDA tensors the CUDA kernels (sm_80+:
+tensor cores, WMMA and TF32, for 16-bit inputs, fp32 FMA otherwise; the opt-in Hopper
+kernel with ``PYINF_NATIVE_SM90=1``) on torch's current stream. Inputs may be fp32, bf16 or
+fp16, each with its own dtype and any strides, and are read in place (only the Hopper
+kernel copies the query factors, into its packed layout); results are fp32. ``dense_scores`` has no native kernel, so it is absent here: ``auto`` falls back
 and an explicit request raises. ``factored_scores_grouped`` is one C call: on CUDA one launch
 per 16 layers (``pyinf_cuda_factored_scores_grouped``).
 
@@ -26,10 +27,6 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def cuda_compiled() -> bool:
-    return bool(_C.cuda_compiled())
 
 
 def unsupported_reason(op: str, tensors: Sequence[torch.Tensor]) -> Optional[str]:

@@ -11,7 +11,7 @@ the registry's default order (fused Triton first).
 ``EIGH_WORKERS`` is the fit's default number of eigendecompositions run at once on CUDA
 (:mod:`pyinf.eigen`), from the same run's ``eigh`` benchmark; None until measured.
 
-Do not edit the table by hand: ``python -m benchmarks.preferences RESULTS_JSON`` writes it
+Do not edit the table by hand: ``python -m benchmarks.preferences RESULTS_JSON --write`` writes it
 from a GPU run's ``results.json`` (bounds halfway, geometrically, between the measured
 shapes where the winner changes). Keep entries only for what was measured.
 """

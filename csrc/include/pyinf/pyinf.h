@@ -1,8 +1,8 @@
 /* pyinf native C API: the hot EK-FAC contractions over raw pointers.
  *
- * Plain C (C99), no CUDA, torch or C++ headers needed to include it. Every function
- * returns a pyinf_status; pyinf_status_string() names a code and pyinf_last_error()
- * gives the message of the last failing call on the calling thread.
+ * Plain C (C99), no CUDA, torch or C++ headers needed to include it. Every op and
+ * workspace query returns a pyinf_status; pyinf_status_string() names a code and
+ * pyinf_last_error() gives the message of the last failing call on the calling thread.
  *
  * Tensors are described by pyinf_tensor: a data pointer, a dtype, up to 3 dimensions
  * and per-dimension strides counted in ELEMENTS (any non-negative stride is accepted,
