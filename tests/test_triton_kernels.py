@@ -158,11 +158,43 @@ def test_ranks_above_one_launch_go_in_slices(monkeypatch, per_token):
 
     monkeypatch.setattr(tk_factored, "factored_scores_grouped", counted)
     outs = ops.factored_scores_grouped(problems, per_token=per_token, backend="triton")
-    # the call itself, then slices of ranks 0-3 (every layer), 4-7 (ranks 11 and 8), 8-10 (11)
-    assert calls == [(4, 11), (4, 4), (2, 4), (1, 3)]
+    # the call itself (rank 11 padded to whole slices, 12, ahead: pyinf.ops._triton), then
+    # slices of ranks 0-3 (every layer), 4-7 (ranks 12 and 8), 8-11 (12)
+    assert calls == [(4, 12), (4, 4), (2, 4), (1, 4)]
     for p, out in zip(problems, outs):
         want = oracle.factored_scores(p["acts"], p["grads"], p["left"], p["right"], p["mask"], per_token)
         assert oracle.rel_err(out, want) < 1e-5
+
+
+def test_padded_query_factors_are_reused_until_they_change():
+    """Ranks that are not the kernel's padded rank (a power of two, at least 8) are padded
+    once per factor tensor, not on every call: a scoring pass hands each batch the same
+    query tensors. An in-place change pads again; the pass's end releases the copies."""
+    from pyinf.ops import _triton
+
+    n, t, q = 2, 9, 3
+    problems = []
+    for d_in, d_out, r in ((7, 5, 5), (6, 4, 3), (5, 8, 8)):  # padded to 8; the last one is already
+        acts, grads = _tokens(n, t, d_in, d_out)
+        problems.append(dict(acts=acts, grads=grads, left=torch.randn(q, d_out, r, device=DEVICE),
+                             right=torch.randn(q, d_in, r, device=DEVICE), mask=_mask(n, t)))
+    _triton.release_caches()
+    first = _triton._rank_padded(problems)
+    assert [p["left"].shape[2] for p in first] == [8, 8, 8] and first[2]["left"] is problems[2]["left"]
+    assert len(_triton._casts) == 4  # left and right of the two padded layers
+    again = _triton._rank_padded(problems)
+    assert all(a["left"] is b["left"] and a["right"] is b["right"] for a, b in zip(first, again))
+    for p in first[:2]:
+        assert not p["left"][..., -1].any()  # zero columns: they add exactly 0
+    want = [oracle.factored_scores(p["acts"], p["grads"], p["left"], p["right"], p["mask"], False) for p in problems]
+    for out, w in zip(ops.factored_scores_grouped(problems, backend="triton"), want):
+        assert oracle.rel_err(out, w) < 1e-5
+    problems[0]["left"].mul_(2)  # in place: padded again, and scored with the new values
+    assert _triton._rank_padded(problems)[0]["left"] is not first[0]["left"]
+    out = ops.factored_scores(**problems[0], backend="triton")
+    assert oracle.rel_err(out, 2 * want[0]) < 1e-5
+    _triton.release_caches()
+    assert len(_triton._casts) == 0
 
 
 # --- the split / chunk / slab paths ------------------------------------------------------

@@ -15,9 +15,12 @@ and torch sums the splits: deterministic, no atomics.
 Grouped launch: problems (layers) are described by rows of an int64 table (base addresses,
 sizes, strides) built on the host; program ids decompose as (problem, doc, split, column
 block) with the column block fastest, so the programs that share one token block's rows
-of g and a run together and hit L2. One launch covers every layer, document and query.
+of g and a run together and hit L2. One launch covers every layer, document and query (of
+one dtype combination, and of ranks up to MAX_RANK; higher ranks take one launch per slice).
 The query factors are read in place from left [Q, d_out, r] / right [Q, d_in, r] (any
-strides), so no per-layer re-layout launches are needed.
+strides) when r is the launch's padded rank (padded_ranks: a power of two, at least 8);
+other ranks are padded with zero columns, a copy, which pyinf.ops._triton makes once per
+pass and this module otherwise makes per call.
 """
 from __future__ import annotations
 
@@ -160,6 +163,18 @@ def _factored_scores_kernel(desc_ptr, N, Q, S, n_cb,
         tl.store(out + n * s_on + split * s_ot + offs_q, total, mask=q_ok)
 
 
+def padded_ranks(ranks: Sequence[int]) -> List[int]:
+    """The rank each problem's factors are padded to in a launch of problems of these ranks:
+    all to RP, the launch's power of two (at least 8), when the largest is at most MAX_RANK;
+    else each to whole slices of MAX_RANK (see _rank_slices), whose padded columns then fall
+    in its last slice. Callers that keep the factors across calls may pad them once ahead
+    (pyinf.ops._triton does); the kernel pads what is not."""
+    max_rank = max(ranks)
+    if max_rank > MAX_RANK:
+        return [triton.cdiv(r, MAX_RANK) * MAX_RANK for r in ranks]
+    return [max(8, triton.next_power_of_2(max_rank))] * len(ranks)
+
+
 def _pad_rank(problem: dict, rp: int) -> dict:
     r = problem["left"].shape[2]
     if r == rp:
@@ -224,7 +239,7 @@ def factored_scores_grouped(problems: Sequence[dict], per_token: bool = False,
     cfg = pick_config(H100, compute, INTERPRETER)
     # Ranks padded with zero columns to RP, a power of two and at least 8 (16-byte rows of
     # bf16): see the kernel's column mask. Zero columns add exactly 0 to every score.
-    rp = max(8, triton.next_power_of_2(max_rank))
+    rp = padded_ranks([max_rank])[0]
     problems = [_pad_rank(p, rp) for p in problems]
     cfg["BLOCK_C"] = max(cfg["BLOCK_C"], rp)
     if rp * q < cfg["BLOCK_C"]:  # do not spend a big tile on few columns
@@ -277,7 +292,7 @@ def _rank_slices(problems: Sequence[dict], per_token: bool, splits: Optional[int
     """Ranks above MAX_RANK, one launch per slice of MAX_RANK ranks, summed in slice order:
     the score is a sum over ranks, so slices of it add up. (One block holding all of a rank
     of 256 or more spills registers, and from 1024 needs more shared memory than an H100 has.)
-    The slices are views: the factors are not copied."""
+    The slices are views: factors padded to whole slices (padded_ranks) are not copied."""
     results: List[Optional[torch.Tensor]] = [None] * len(problems)
     for k0 in range(0, max_rank, MAX_RANK):
         members = [i for i, p in enumerate(problems) if k0 == 0 or p["left"].shape[2] > k0]  # rank 0: zeros

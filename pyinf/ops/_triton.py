@@ -75,33 +75,41 @@ def covariance(x: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch
 
 
 class _CastCache:
-    """The eigenbases in the kernels' compute dtype, cast once per source tensor.
+    """Copies the kernels need of tensors that stay the same over a pass, made once per
+    source tensor: the eigenbases in the kernels' compute dtype (:meth:`get`), and the query
+    factors with their rank padded for the scores kernel (:meth:`derived`).
 
     The fp32 eigenbases are the same tensors for every batch of a pass (Lambda fitting,
     self-influence), and the bf16 kernels need them in bf16: casting on every call would
     reread and rewrite them once per layer per batch (for Llama-7B ``up_proj``, ~0.5 GB of
-    traffic per call). An entry lives as long as its source tensor (a weak reference) and
-    is refreshed when the source is modified in place (its version counter moves). Writes
-    that bypass the counter (through ``.data``, numpy or DLPack) are not seen: replace the
-    tensor instead. Inference tensors have no counter: they are cast on every call."""
+    traffic per call). The same holds for the query factors of a scoring pass. An entry lives
+    as long as its source tensor (a weak reference) and is refreshed when the source is
+    modified in place (its version counter moves). Writes that bypass the counter (through
+    ``.data``, numpy or DLPack) are not seen: replace the tensor instead. Inference tensors
+    have no counter: they are copied on every call."""
 
     def __init__(self):
-        self._entries = {}  # id(source) -> (weakref to source, version, {dtype: cast})
+        self._entries = {}  # id(source) -> (weakref to source, version, {key: copy})
 
     def get(self, src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`src` in `dtype` (itself when it has that dtype), rows padded (:func:`_padded_rows`)."""
         if src.dtype == dtype:
             return src
+        return self.derived(src, dtype, lambda s: _fp16_checked(s, _padded_rows(s, dtype)))
+
+    def derived(self, src: torch.Tensor, key, make) -> torch.Tensor:
+        """``make(src)``, made once per `key` while `src` lives unmodified."""
         if src.is_inference():  # no version counter to tell whether it changed
-            return _fp16_checked(src, _padded_rows(src, dtype))
-        key = id(src)
-        entry = self._entries.get(key)
+            return make(src)
+        ident = id(src)
+        entry = self._entries.get(ident)
         if entry is None or entry[0]() is not src or entry[1] != src._version:
-            entry = (weakref.ref(src, lambda _, key=key: self._entries.pop(key, None)), src._version, {})
-            self._entries[key] = entry
-        casts = entry[2]
-        if dtype not in casts:
-            casts[dtype] = _fp16_checked(src, _padded_rows(src, dtype))
-        return casts[dtype]
+            entry = (weakref.ref(src, lambda _, ident=ident: self._entries.pop(ident, None)), src._version, {})
+            self._entries[ident] = entry
+        copies = entry[2]
+        if key not in copies:
+            copies[key] = make(src)
+        return copies[key]
 
     def __len__(self):
         return len(self._entries)
@@ -133,7 +141,7 @@ _casts = _CastCache()
 
 
 def release_caches() -> None:
-    """Drops the cached casts (see :func:`pyinf.ops.release_caches`)."""
+    """Drops the cached casts and padded factors (see :func:`pyinf.ops.release_caches`)."""
     _casts.clear()
 
 
@@ -156,9 +164,28 @@ def self_influence(acts, grads, q_a, q_s, lambdas, damping, *, mask=None) -> tor
         return _si.self_influence(acts, grads, q_a, q_s, lambdas, float(damping), mask)
 
 
+def _rank_padded(problems: Sequence[dict]) -> List[dict]:
+    """The problems of one launch with their query factors' rank padded as the kernel pads
+    it (:func:`triton_kernels.factored_scores.padded_ranks`), from the cache: a scoring pass
+    hands every batch the same factor tensors, so a rank that is not a power of two (or a
+    rank above the kernel's largest, in slices) is padded once per pass, not once per layer
+    per batch (for Llama-7B ``up_proj`` at Q=80 and rank 48, ~0.3 GB copied each time)."""
+    ranks = _fs.padded_ranks([p["left"].shape[2] for p in problems])
+    out = []
+    for p, rp in zip(problems, ranks):
+        r = p["left"].shape[2]
+        if r != rp:
+            pad = lambda t, rp=rp, r=r: torch.nn.functional.pad(t, (0, rp - r))  # noqa: E731
+            p = dict(p, left=_casts.derived(p["left"], ("rank", rp), pad),
+                     right=_casts.derived(p["right"], ("rank", rp), pad))
+        out.append(p)
+    return out
+
+
 def factored_scores(acts, grads, left, right, *, mask=None, per_token=False) -> torch.Tensor:
+    (p,) = _rank_padded([dict(acts=acts, grads=grads, left=left, right=right, mask=mask)])
     with _cuda_context(acts):
-        return _fs.factored_scores(acts, grads, left, right, mask=mask, per_token=per_token)
+        return _fs.factored_scores(acts, grads, p["left"], p["right"], mask=mask, per_token=per_token)
 
 
 def dense_scores(acts, grads, dense, *, mask=None, per_token=False) -> torch.Tensor:
@@ -178,7 +205,7 @@ def factored_scores_grouped(problems, *, per_token=False) -> List[torch.Tensor]:
     results: List[Optional[torch.Tensor]] = [None] * len(problems)
     with _cuda_context(problems[0]["acts"]):
         for members in groups.values():
-            outs = _fs.factored_scores_grouped([problems[i] for i in members], per_token=per_token)
+            outs = _fs.factored_scores_grouped(_rank_padded([problems[i] for i in members]), per_token=per_token)
             for i, out in zip(members, outs):
                 results[i] = out
     return results
