@@ -22,6 +22,7 @@ the layer's own layout (pooled, flattened or sequence-first: see :meth:`Capture.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 import weakref
 from typing import Callable, Dict, List, Optional
@@ -185,16 +186,16 @@ class Capture:
 
     Call :meth:`begin_batch` before each forward with the batch's mask ``[B, T]`` (or None)
     and the number of documents in it; after backward call :meth:`end_batch`, which raises
-    if the mask fitted no layer or a tracked gradient was NaN/Inf (naming module and batch).
+    if the mask fitted no layer, or the loss or a tracked gradient was NaN/Inf (naming module
+    and batch).
     """
 
     def __init__(self, model: nn.Module, modules: Dict[str, nn.Module], specs: Dict[str, ModuleSpec],
-                 consumer: Consumer, *, check_finite: bool = True):
+                 consumer: Consumer):
         self.model = model
         self.modules = modules
         self.specs = specs
         self.consumer = consumer
-        self.check_finite = check_finite
         self.sites = {name: _Site(self, specs[name]) for name in modules}
         by_name = dict(model.named_modules())
         self._batch_first = {name: _declared_batch_first(by_name, name) for name in modules}
@@ -207,7 +208,7 @@ class Capture:
         self._n_docs = 0
         self._experts = {n for n in modules if is_expert(n)}
         self._batch_index = -1
-        self._nonfinite: List[tuple] = []
+        self._grad_sums: List[tuple] = []  # (name, the sum of its output gradient) this batch
         self.anchor: Optional[torch.Tensor] = None
 
     # -- installation -------------------------------------------------------------------
@@ -273,7 +274,7 @@ class Capture:
             self._mask = None if mask is None else self._checked_mask(mask, "")
         self._mask_used.clear()
         self._mask_missed.clear()
-        self._nonfinite.clear()
+        self._grad_sums.clear()
         for site in self.sites.values():
             site.calls = 0
 
@@ -284,11 +285,13 @@ class Capture:
                                f"in batch {self._batch_index}, got {shape}")
         return mask != 0
 
-    def end_batch(self) -> None:
+    def end_batch(self, loss: Optional[torch.Tensor] = None) -> None:
         """Raises if the batch's mask fitted none of the layers that run per token (or, given
-        by module name, not its own layer): padding would otherwise count as real tokens. And
-        if a tracked output gradient held NaN or Inf: one device-to-host read for all layers
-        (the flags stay on the device until here)."""
+        by module name, not its own layer): padding would otherwise count as real tokens. Then
+        if the batch's `loss` (given) or a tracked output gradient held NaN or Inf, the loss
+        first (a NaN loss makes NaN gradients). The values checked stay on the device until
+        here and come to the host together: one device-to-host read (a wait for the GPU) per
+        batch, not one per layer or per check."""
         if self._mask_missed and (isinstance(self._mask, dict) or not self._mask_used):
             name, rows = self._mask_missed[0]
             mask = self._mask[name] if isinstance(self._mask, dict) else self._mask
@@ -297,13 +300,20 @@ class Capture:
                 f"{name!r} has {rows} token rows per document; a mask must be [B, T] with the T of the "
                 f"layers it applies to (give a dict of masks by module name when layers see different sequences)"
             )
-        if not self._nonfinite:
+        values = ([loss.detach().reshape(())] if loss is not None else []) + [s for _, s in self._grad_sums]
+        if not values:
             return
-        flags = torch.stack([flag for _, flag in self._nonfinite]).cpu()
-        for (name, _), bad in zip(self._nonfinite, flags.tolist()):
-            if bad:
+        device = values[0].device
+        host = torch.stack([v.to(device=device, dtype=torch.float64) for v in values]).cpu().tolist()
+        if loss is not None:
+            value = host.pop(0)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"the loss of batch {self._batch_index} is {value}")
+        for (name, _), total in zip(self._grad_sums, host):
+            if not math.isfinite(total):
                 raise FloatingPointError(
-                    f"NaN or Inf in the output gradient of module {name!r} in batch {self._batch_index}"
+                    f"NaN or Inf in the output gradient of module {name!r} in batch {self._batch_index} "
+                    f"(or finite values whose sum passes float32's range, 3.4e38)"
                 )
 
     def _as_tokens(self, name: str, t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -390,8 +400,12 @@ class Capture:
         if acts.shape[1] != grads.shape[1]:
             raise CaptureError(f"module {spec.name!r}: input has {acts.shape[1]} token rows but the output "
                                f"gradient has {grads.shape[1]}")
-        if self.check_finite:
-            self._nonfinite.append((spec.name, ~torch.isfinite(grads).all()))
+        # NaN or Inf anywhere makes the sum NaN or Inf: one reduction that reads the gradient
+        # once (torch.isfinite(grads).all() made ~5 full-size passes and temporaries). In fp32:
+        # on a GPU a bf16/fp16 -> fp32 sum is one pass, where an fp64 sum would first copy the
+        # whole tensor to fp64. Read on the host at end_batch.
+        acc = torch.float64 if grads.dtype == torch.float64 else torch.float32
+        self._grad_sums.append((spec.name, grads.sum(dtype=acc)))
         if spec.has_bias:
             acts = _append_ones(acts)
         if mask is not None:

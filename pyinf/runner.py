@@ -4,7 +4,6 @@ pass with their own objective and consumer."""
 from __future__ import annotations
 
 import contextlib
-import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, Iterator, Optional
 
@@ -135,10 +134,9 @@ def run_pass(model: nn.Module, task, modules: Dict[str, nn.Module], specs: Dict[
                 loss = objective(batch, model)
                 _check_loss(loss, batch_index, desc)
                 loss.backward()
-                # after backward, so that checking the loss does not stall the GPU between
-                # forward and backward (a NaN loss makes NaN gradients: reported as the loss)
-                _check_finite_loss(loss, batch_index, desc)
-                capture.end_batch()
+                # the loss is checked after backward, with the gradients, so that reading it
+                # does not stall the GPU between forward and backward
+                capture.end_batch(loss)
                 if on_batch_end is not None:
                     on_batch_end(batch_index, n_seen, n_docs, mask)
                 n_seen += n_docs
@@ -158,9 +156,3 @@ def _check_loss(loss, batch_index: int, desc: str) -> None:
         raise ValueError(f"{desc}: the task's loss must be a scalar tensor (summed over the batch), got {shape}")
     if not loss.requires_grad:
         raise RuntimeError(f"{desc}: the loss of batch {batch_index} does not depend on any tracked module")
-
-
-def _check_finite_loss(loss, batch_index: int, desc: str) -> None:
-    value = loss.detach().item()
-    if not math.isfinite(value):
-        raise FloatingPointError(f"{desc}: the loss of batch {batch_index} is {value}")

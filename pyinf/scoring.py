@@ -82,17 +82,17 @@ class _BatchScores:
         if self.total is None:  # no tracked layer received a gradient (the loss ignored them)
             self.total = torch.zeros((n_docs,) + tuple(shape_tail))
         lead = None if token_mask is None else _leading_padding(token_mask)  # once for every module
-
-        def done(value):
-            value = value.cpu()
-            return value if lead is None else _from_first_token(value, lead)
-
-        self.done_total.append(done(self.total))
-        if self.per_module:
-            for name in self.names:  # a layer the batch's loss never reached scores zero
-                value = self.modules.get(name)
-                value = torch.zeros_like(self.total) if value is None else value
-                self.done_modules.setdefault(name, []).append(done(value))
+        values = [self.total]
+        if self.per_module:  # a layer the batch's loss never reached scores zero
+            values += [self.modules[n] if n in self.modules else torch.zeros_like(self.total) for n in self.names]
+        # one device-to-host read (a wait for the GPU) for the batch, not one per layer
+        host = torch.stack([v.to(self.total.device) for v in values]).cpu() if len(values) > 1 else self.total.cpu()
+        host = [host] if len(values) == 1 else list(host.unbind(0))
+        if lead is not None:
+            host = [_from_first_token(h, lead) for h in host]
+        self.done_total.append(host[0])
+        for name, value in zip(self.names if self.per_module else (), host[1:]):
+            self.done_modules.setdefault(name, []).append(value)
         self.total, self.modules = None, {}
 
 

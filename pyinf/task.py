@@ -205,9 +205,12 @@ class CausalLMTask(Task):
             # positions that carry a loss.
             with torch.no_grad():
                 probs = torch.softmax(logits.detach(), dim=-1)
-                if not bool(torch.isfinite(probs).all()):  # multinomial would only say "probability tensor"
-                    raise FloatingPointError("the model's logits are not finite (NaN or infinite), so no label "
-                                             "can be drawn from them for the true Fisher")
+                # a row with NaN or Inf has no distribution to draw from: it draws from a uniform
+                # one instead, its loss is NaN all the same, and the pass stops on that loss after
+                # the backward. (Checking here would stall the GPU between forward and backward,
+                # and multinomial would fail on such a row, on a GPU with a device-side assert.)
+                finite = torch.isfinite(probs).all(-1, keepdim=True)
+                probs = torch.where(finite, probs, torch.ones((), dtype=probs.dtype, device=probs.device))
                 sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(labels.shape)
             labels = torch.where(labels == -100, labels, sampled)
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),

@@ -825,3 +825,60 @@ def test_measurements_follow_the_query_loaders_order():
     own = {round(s, 6): m for s, m in zip(in_order.self_influence.tolist(), in_order.measurements.tolist())}
     for s, m in zip(drawn.self_influence.tolist(), drawn.measurements.tolist()):
         assert own[round(s, 6)] == pytest.approx(m, rel=1e-9)
+
+
+def _host_reads(fn) -> int:
+    """How many times `fn` reads tensor values on the host from pyinf's own code in a pass
+    (.cpu(), .item(), bool(t), ...: on a GPU each waits for the queued work to finish), not
+    counting the per-pass weight fingerprint, nor reads of what .cpu() returned (on the CPU
+    every tensor is a host tensor: those copies are marked)."""
+    import sys
+
+    names = ("cpu", "item", "tolist", "numpy", "__bool__", "__int__", "__float__")
+    count = [0]
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counted(orig):
+        def call(self, *args, **kwargs):
+            where = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            if "/pyinf/" in where and not where.endswith("fingerprint.py") and not getattr(self, "_host_copy", False):
+                count[0] += 1
+            out = orig(self, *args, **kwargs)
+            if orig is saved["cpu"]:
+                out._host_copy = True
+            return out
+        return call
+
+    for name, orig in saved.items():
+        setattr(torch.Tensor, name, counted(orig))
+    try:
+        fn()
+    finally:
+        for name, orig in saved.items():
+            setattr(torch.Tensor, name, orig)
+    return count[0]
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_one_host_read_per_batch_and_check_not_per_layer(fisher):
+    """Per batch, each pass reads from the device once for its checks (the loss and every
+    tracked layer's NaN/Inf flag together) and once for the batch's scores (all layers' too,
+    with per_module): a read per layer or per check would stall a GPU every time. Counted
+    as the growth from 2 to 4 batches, with 2 and then 8 tracked layers."""
+    model = tiny_gpt2(seed=5)
+    conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
+    growth = {}
+    for layers in (conv1d[:2], conv1d):
+        engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(tracked_modules=layers), backend="torch",
+                                       progress=False)
+        factors = engine.fit_factors(TokenDataset(4, seed=6), batch_size=2)
+        queries = engine.prepare_queries(TokenDataset(2, seed=7, completion=2), factors, rank=4)
+        for what, run in dict(
+                fit=lambda data: engine.fit_factors(data, batch_size=2, fisher=fisher),
+                scores=lambda data: engine.pairwise_scores(data, queries, per_module=True, batch_size=2),
+                self_influence=lambda data: engine.self_influence(data, factors, batch_size=2)).items():
+            reads = [_host_reads(lambda: run(TokenDataset(n, seed=8))) for n in (4, 8)]
+            growth[what, len(layers)] = (reads[1] - reads[0]) / 2  # per added batch
+    # fit: two passes (covariances, Lambda), one read each; scoring: checks and scores
+    assert growth == {("fit", 2): 2, ("fit", 8): 2, ("scores", 2): 2, ("scores", 8): 2,
+                      ("self_influence", 2): 2, ("self_influence", 8): 2}
