@@ -194,10 +194,12 @@ def covariance_sums(model, task, modules, specs, loader, *, fisher: str, backend
 
     def add_covariance(spec, acts, grads, mask):
         acc = sums[spec.name]
-        a = ops.covariance(acts, mask=mask, backend=backend).double()
-        s = ops.covariance(grads, mask=mask, backend=backend).double()
-        acc[0] = a if acc[0] is None else acc[0].add_(a)
-        acc[1] = s if acc[1] is None else acc[1].add_(s)
+        a = ops.covariance(acts, mask=mask, backend=backend)
+        s = ops.covariance(grads, mask=mask, backend=backend)
+        # add_ widens fp32 to fp64 as it adds (exactly, as .double() would), without a float64
+        # temporary of the d x d sum per layer per batch
+        acc[0] = a.double() if acc[0] is None else acc[0].add_(a)
+        acc[1] = s.double() if acc[1] is None else acc[1].add_(s)
         acc[2] += acts.shape[0] * acts.shape[1] if mask is None else mask.sum()
 
     with _seeded(device, seed):
@@ -252,9 +254,9 @@ def lambda_sums(model, task, modules, specs, loader, eigen, *, fisher: str, back
 
     def add_lambda(spec, acts, grads, mask):
         e = on_device[spec.name]
-        lam = ops.eigen_correction(acts, grads, e["q_a"], e["q_s"], mask=mask, backend=backend).double()
+        lam = ops.eigen_correction(acts, grads, e["q_a"], e["q_s"], mask=mask, backend=backend)
         prev = sums[spec.name]
-        sums[spec.name] = lam if prev is None else prev.add_(lam)
+        sums[spec.name] = lam.double() if prev is None else prev.add_(lam)  # widened as it adds
 
     with _seeded(device, seed):
         n_docs = run_pass(model, task, modules, specs, loader, objective=objective, consumer=add_lambda,
