@@ -346,29 +346,36 @@ def _query_differences(queries, engine, factors, source: dict) -> List[str]:
                                 {k: v for k, v in source.items() if k not in _NOT_COMPARED})
 
 
-def _token_highlights(args, train, tokenizer, queries, documents, per_token, out: Path) -> dict:
-    """Saves the top documents' per-token scores to ``tokens.safetensors``; returns ``{(doc,
-    query): the doc's most influential tokens}`` for top.json."""
-    from . import storage
+def _token_highlights(args, train, tokenizer, documents, per_token, *, lowest: bool) -> dict:
+    """``{(doc, query): the doc's most influential tokens for the query}`` for top.json, from
+    :func:`pyinf.corpus.token_scores_of`'s ``per_token [Q, k, T]`` of ``documents [Q][k]``: the
+    highest positive scores, or with ``lowest`` the most negative."""
     from .scoring import display_token_scores, top_positive
 
-    storage.save(out / "tokens.safetensors", "token-scores",
-                 {"per_token": per_token, "documents": torch.tensor(documents, dtype=torch.int64)},
-                 dict(queries=queries.fingerprint, note="per_token[i, t, q]: document documents[i], the position "
-                      "t that predicts token t + 1"))
     highlights = {}
-    for row, n in enumerate(documents):
-        ids = train[n]["input_ids"].tolist()
-        for q in range(per_token.shape[2]):
-            shown = display_token_scores(per_token[row, :, q], len(ids))
-            highlights[n, q] = [dict(position=i, token=tokenizer.decode([ids[i]]), score=float(shown[i]))
-                                for i in top_positive(shown, args.top_tokens)]
+    for q, per_query in enumerate(documents):
+        for i, n in enumerate(per_query):
+            ids = train[n]["input_ids"].tolist()
+            shown = display_token_scores(per_token[q, i], len(ids))
+            picked = top_positive(-shown if lowest else shown, args.top_tokens)
+            highlights[n, q] = [dict(position=j, token=tokenizer.decode([ids[j]]), score=float(shown[j]))
+                                for j in picked]
     return highlights
+
+
+def _document_row(train, n: int, id_key: str, **values) -> dict:
+    """A document as top.json and top_self_influence.json list it: its index (the row of the
+    scores), its file line, its id field when the record has one, the values, its text."""
+    row = dict(index=n, line=train.line_number(n))
+    record = train.record(n)
+    if id_key in record:
+        row["id"] = record[id_key]
+    return dict(row, **values, text=train.text(n))
 
 
 def cmd_score(args) -> int:
     from . import Factors, Queries, storage
-    from .corpus import score_corpus, top_documents, top_token_scores
+    from .corpus import score_corpus, token_scores_of, top_documents
     from .textdata import JsonlTextDataset
 
     factors = Factors.load(args.factors)
@@ -385,36 +392,56 @@ def cmd_score(args) -> int:
                           run_meta=_run_meta(args))
     if scores is None:
         return _shard_pending(args.shard)
-    k = min(args.top_k, scores.shape[0])
+    k, k_low = min(args.top_k, scores.shape[0]), min(args.bottom_k, scores.shape[0])
+    ranked = {"top": top_documents(scores, k)}
+    if k_low:  # the documents that most oppose each query's completion
+        ranked["bottom"] = top_documents(scores, k_low, lowest=True)
     tokens = {}
     if args.per_token:
-        top_docs, documents, per_token = top_token_scores(engine, train, queries, scores, k,
-                                                          batch_size=args.batch_size,
-                                                          query_batch_size=args.query_batch_size)
-        tokens = _token_highlights(args, train, tokenizer, queries, documents, per_token, out)
+        # one pass over the union of every list's documents, each scored against its own query
+        both = [sum((ranked[side][q] for side in ranked), []) for q in range(scores.shape[1])]
+        per_token = token_scores_of(engine, train, queries, both, batch_size=args.batch_size,
+                                    query_batch_size=args.query_batch_size)
+        saved, start = {}, 0
+        for side, docs in ranked.items():
+            width = len(docs[0]) if docs else 0
+            part = per_token[:, start:start + width]
+            saved[f"{side}_per_token"] = part.contiguous()
+            saved[f"{side}_documents"] = torch.tensor(docs, dtype=torch.int64).reshape(len(docs), width)
+            tokens[side] = _token_highlights(args, train, tokenizer, docs, part, lowest=side == "bottom")
+            start += width
+        storage.save(out / "tokens.safetensors", "token-scores", saved,
+                     dict(queries=queries.fingerprint, note="top_per_token[q, i, t]: query q, document "
+                          "top_documents[q, i], the position t that predicts token t + 1 (bottom_*: the lowest)"))
     else:
-        top_docs = top_documents(scores, k)
         # an earlier run's token scores would no longer belong to this top.json
         (out / "tokens.safetensors").unlink(missing_ok=True)
     top = []
-    for q, docs in enumerate(top_docs):
-        rows = []
-        for n in docs:
-            row = dict(index=n, score=float(scores[n, q]), text=train.text(n))
-            if args.per_token:
-                row["tokens"] = tokens[n, q]
-            rows.append(row)
-        top.append(dict(query=query.text(q), top=rows))
+    for q in range(scores.shape[1]):
+        entry = dict(query=query.text(q))
+        for side, docs in ranked.items():
+            rows = []
+            for n in docs[q]:
+                row = _document_row(train, n, args.id_key, score=float(scores[n, q]))
+                if args.per_token:
+                    row["tokens"] = tokens[side][n, q]
+                rows.append(row)
+            entry[side] = rows
+        top.append(entry)
     storage.write_text_atomic(out / "top.json", json.dumps(top, indent=1))  # shards may write it at once
     for entry in top:
         print(f"\nquery: {entry['query'][:100]!r}")
-        for row in entry["top"][: min(5, k)]:
-            line = f"  {row['score']:+.4e}  #{row['index']:<6d} {row['text'][:90]!r}"
-            if row.get("tokens"):
-                line += "  tokens: " + ", ".join(repr(t["token"]) for t in row["tokens"][:3])
-            print(line)
-    print(f"\npyinf: scores {tuple(scores.shape)} -> {out / 'scores.safetensors'}, top {k} -> {out / 'top.json'}"
-          + (f", token scores of the top documents -> {out / 'tokens.safetensors'}" if args.per_token else ""))
+        for side in ranked:
+            for row in entry[side][: min(5, k if side == "top" else k_low)]:
+                line = f"  {row['score']:+.4e}  #{row['index']:<6d} {row['text'][:90]!r}"
+                if row.get("tokens"):
+                    line += "  tokens: " + ", ".join(repr(t["token"]) for t in row["tokens"][:3])
+                print(line)
+            if side == "top" and "bottom" in ranked:
+                print("  ...")
+    print(f"\npyinf: scores {tuple(scores.shape)} -> {out / 'scores.safetensors'}, top {k}"
+          + (f" and bottom {k_low}" if k_low else "") + f" -> {out / 'top.json'}"
+          + (f", token scores of those documents -> {out / 'tokens.safetensors'}" if args.per_token else ""))
     return 0
 
 
@@ -434,7 +461,7 @@ def cmd_self_influence(args) -> int:
         return _shard_pending(args.shard)
     k = min(args.top_k, values.shape[0])
     top, index = values.topk(k)
-    rows = [dict(index=int(i), self_influence=float(v), text=train.text(int(i))) for v, i in zip(top, index)]
+    rows = [_document_row(train, int(i), args.id_key, self_influence=float(v)) for v, i in zip(top, index)]
     storage.write_text_atomic(out / "top_self_influence.json", json.dumps(rows, indent=1))
     print("highest self-influence (the documents the model finds hardest to fit: outliers, mislabeled text):")
     for row in rows[:5]:
@@ -548,11 +575,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "(from 0) of the chunks; shards share --out, the last to finish joins the scores")
     score.add_argument("--query-batch-size", type=int, default=None, help="score the queries in groups of this "
                        "many, one pass each, when all their factors do not fit on the device at once")
-    score.add_argument("--top-k", type=_at_least(1), default=10)
-    score.add_argument("--per-token", action="store_true", help="per-token scores of each query's top documents "
-                       "(tokens.safetensors, and their most influential tokens in top.json)")
+    score.add_argument("--top-k", type=_at_least(1), default=10, help="documents listed per query in top.json, "
+                       "highest scores first")
+    score.add_argument("--bottom-k", type=_at_least(0), default=0, help="also list this many lowest-scoring "
+                       "documents per query (the most negative: they most oppose the completion)")
+    score.add_argument("--per-token", action="store_true", help="per-token scores of each query's listed "
+                       "documents (tokens.safetensors, and their most influential tokens in top.json)")
     score.add_argument("--top-tokens", type=_at_least(1), default=5,
-                       help="tokens listed per top document with --per-token")
+                       help="tokens listed per document with --per-token (the most negative for --bottom-k's)")
+    score.add_argument("--id-key", default="id", help="a training record's field that top.json copies as the "
+                       "document's id when the record has it (each row also gives its index and file line)")
     score.set_defaults(func=cmd_score)
 
     self_inf = sub.add_parser("self-influence", help="each training document's self-influence (resumable, "
@@ -567,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     self_inf.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="only shard K of N (from 0) of "
                           "the chunks; shards share --out, the last to finish joins the values")
     self_inf.add_argument("--top-k", type=_at_least(1), default=10)
+    self_inf.add_argument("--id-key", default="id", help="a training record's field copied as the document's id")
     self_inf.set_defaults(func=cmd_self_influence)
 
     info = sub.add_parser("info", help="what a saved pyinf file holds (kind, versions, settings, run "

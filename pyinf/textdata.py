@@ -169,6 +169,10 @@ class JsonlTextDataset(Dataset):
         """``path:line`` of document ``i``, for messages."""
         return f"{self.path}:{self._line_numbers[i]}"
 
+    def line_number(self, i: int) -> int:
+        """The file line (from 1) of document ``i``: documents count non-blank lines only."""
+        return self._line_numbers[i]
+
     def record(self, i: int) -> Dict:
         return self._parse(self._read(i), self.where(i))
 

@@ -30,29 +30,47 @@ def test_fit_then_score(workdir, capsys):
     factors = pyinf.Factors.load(workdir / "f.safetensors")
     assert factors.meta["eigh_workers"] == 2
     assert factors.module_names == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    # a blank line (documents count non-blank lines) and ids on some records: top.json names both
+    texts = [json.loads(line)["text"] for line in (workdir / "train.jsonl").read_text().splitlines()]
+    records = [dict(text=t, **({"doc_id": f"d{i}"} if i % 2 else {})) for i, t in enumerate(texts)]
+    (workdir / "train.jsonl").write_text(json.dumps(records[0]) + "\n\n" + "".join(json.dumps(r) + "\n"
+                                                                                    for r in records[1:]))
     assert run(["score", *common, "--factors", str(workdir / "f.safetensors"), "--train",
                 str(workdir / "train.jsonl"), "--queries", str(workdir / "queries.jsonl"), "--out",
-                str(workdir / "out"), "--rank", "4", "--top-k", "3", "--per-token"]) == 0
+                str(workdir / "out"), "--rank", "4", "--top-k", "3", "--bottom-k", "2", "--per-token",
+                "--id-key", "doc_id"]) == 0
     tensors, meta = pyinf.storage.load(workdir / "out" / "scores.safetensors", "scores")
     assert tensors["scores"].shape == (4, 2) and torch.isfinite(tensors["scores"]).all()
     top = json.loads((workdir / "out" / "top.json").read_text())
     assert [t["query"] for t in top] == ["where is paris? france", "2+3=5"]
     for entry, q in zip(top, range(2)):
-        scores = [row["score"] for row in entry["top"]]
-        assert scores == sorted(scores, reverse=True)
-        assert scores[0] == pytest.approx(float(tensors["scores"][:, q].max()), rel=1e-6)
-    # per-token scores of the top documents only: they sum to the documents' scores, and
-    # top.json names each one's most influential tokens (shown on the token they predict)
+        column = tensors["scores"][:, q]
+        assert [row["index"] for row in entry["top"]] == column.topk(3).indices.tolist()
+        assert [row["index"] for row in entry["bottom"]] == column.topk(2, largest=False).indices.tolist()
+        assert [row["score"] for row in entry["top"]] == pytest.approx(column.topk(3).values.tolist(), rel=1e-6)
+        for row in entry["top"] + entry["bottom"]:
+            n = row["index"]
+            assert row["line"] == (1 if n == 0 else n + 2) and row["text"] == texts[n]
+            assert row.get("id") == (f"d{n}" if n % 2 else None)
+    # per-token scores of the listed documents only, each for its own query: they sum to the
+    # documents' scores, and top.json names each one's most influential tokens (shown on the
+    # token they predict; the most negative for the bottom documents)
     tokens, _ = pyinf.storage.load(workdir / "out" / "tokens.safetensors", "token-scores")
-    docs = tokens["documents"].tolist()
-    assert docs == sorted({row["index"] for entry in top for row in entry["top"]})
-    assert torch.allclose(tokens["per_token"].sum(1), tensors["scores"][docs], rtol=1e-4, atol=1e-6)
+    for side, k in (("top", 3), ("bottom", 2)):
+        docs, per_token = tokens[f"{side}_documents"], tokens[f"{side}_per_token"]
+        assert docs.tolist() == [[row["index"] for row in entry[side]] for entry in top]
+        assert per_token.shape[:2] == (2, k)
+        for q in range(2):
+            assert torch.allclose(per_token[q].sum(1), tensors["scores"][docs[q], q], rtol=1e-4, atol=1e-6)
     row = top[0]["top"][0]
-    per_token = tokens["per_token"][docs.index(row["index"]), :, 0]
+    per_token = tokens["top_per_token"][0, 0]
     best = row["tokens"][0]
     assert best["score"] == pytest.approx(float(per_token.max()), rel=1e-6) and best["score"] > 0
     assert best["token"] == row["text"][best["position"]]  # byte tokens: position = character
     assert float(per_token[best["position"] - 1]) == pytest.approx(best["score"], rel=1e-6)
+    worst = top[0]["bottom"][0]["tokens"][0]
+    assert worst["score"] == pytest.approx(float(tokens["bottom_per_token"][0, 0].min()), rel=1e-6)
+    assert worst["score"] < 0
     assert "query: 'where is paris? france'" in capsys.readouterr().out
     # rerun without --per-token: the finished scores are reused, and the old token scores,
     # which this top.json no longer names, are gone
@@ -370,6 +388,7 @@ def test_self_influence_command(workdir, capsys):
     assert values.shape == (4,) and bool((values > 0).all())  # grad^T H^-1 grad of a positive-definite H
     top = json.loads((workdir / "self" / "top_self_influence.json").read_text())
     assert [row["index"] for row in top] == values.topk(2).indices.tolist()
+    assert [row["line"] for row in top] == [n + 1 for n in values.topk(2).indices.tolist()]
     assert "highest self-influence" in capsys.readouterr().out
     assert run(args) == 0 and "holds this run's self_influence, complete" in capsys.readouterr().err
     # pyinf info reads any saved file's header: kind, settings, run fingerprints, shapes

@@ -336,8 +336,9 @@ def test_a_dataloader_is_scored_as_its_dataset_with_its_collate(setup, tmp_path)
     torch.testing.assert_close(
         pyinf.self_influence_corpus(engine, loader, factors, tmp_path, chunk_size=3, log=lambda m: None),
         engine.self_influence(data, factors, batch_size=3), rtol=1e-10, atol=1e-12)
-    top, documents, per_token = corpus.top_token_scores(engine, loader, queries, got, 2)
-    torch.testing.assert_close(per_token.sum(1), want[documents], rtol=1e-10, atol=1e-12)
+    top, per_token = corpus.top_token_scores(engine, loader, queries, got, 2)
+    for q, docs in enumerate(top):
+        torch.testing.assert_close(per_token[q].sum(1), want[docs, q], rtol=1e-10, atol=1e-12)
     shuffled = torch.utils.data.DataLoader(wrapped, batch_size=2, collate_fn=collate, shuffle=True)
     with pytest.raises(ValueError, match="score_corpus indexes the documents.*or the Dataset itself"):
         pyinf.score_corpus(engine, shuffled, queries, tmp_path / "s", log=lambda m: None)
@@ -346,18 +347,43 @@ def test_a_dataloader_is_scored_as_its_dataset_with_its_collate(setup, tmp_path)
 def test_token_scores_of_the_top_documents_only(setup):
     engine, train, queries, scores = setup
     reads = CountingDataset(train)
-    top, documents, per_token = corpus.top_token_scores(engine, reads, queries, scores, 2, batch_size=3)
+    top, per_token = corpus.top_token_scores(engine, reads, queries, scores, 2, batch_size=3)
     assert top == [scores[:, q].topk(2).indices.tolist() for q in range(3)]
-    assert documents == sorted(set(sum(top, []))) and sorted(reads.reads) == documents  # those, nothing else
-    assert per_token.shape == (len(documents), 1, 3)  # the MLP's "documents" are single rows
-    torch.testing.assert_close(per_token.sum(1), scores[documents], rtol=1e-10, atol=1e-12)
-    assert corpus.top_documents(scores, 50) == [scores[:, q].argsort(descending=True).tolist() for q in range(3)]
-    # ties in document order, NaN last; k checked
+    documents = sorted(set(sum(top, [])))
+    assert sorted(reads.reads) == documents  # those, once each, nothing else
+    assert per_token.shape == (3, 2, 1)  # [queries, k, T]: the MLP's "documents" are single rows
+    for q in range(3):
+        torch.testing.assert_close(per_token[q].sum(1), scores[top[q], q], rtol=1e-10, atol=1e-12)
+    # the lowest, in passes of one document: the same values
+    low, per_token = corpus.top_token_scores(engine, train, queries, scores, 3, lowest=True, batch_size=3)
+    assert low == [scores[:, q].topk(3, largest=False).indices.tolist() for q in range(3)]
+    by_one = corpus.token_scores_of(engine, train, queries, low, docs_per_pass=1)
+    torch.testing.assert_close(by_one, per_token, rtol=0, atol=0)
+    for q in range(3):
+        torch.testing.assert_close(per_token[q].sum(1), scores[low[q], q], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="one list per query \\(3\\), all of one length"):
+        corpus.token_scores_of(engine, train, queries, [[0], [1, 2], [3]])
+    with pytest.raises(ValueError, match="docs_per_pass must be a positive integer, got 0"):
+        corpus.token_scores_of(engine, train, queries, low, docs_per_pass=0)
+
+
+def test_top_documents_order_ties_and_nan():
+    scores = torch.randn(500, 4, dtype=torch.float64)
+    assert corpus.top_documents(scores, 50) == [scores[:, q].argsort(descending=True)[:50].tolist() for q in range(4)]
+    assert corpus.top_documents(scores, 7, lowest=True) == [scores[:, q].argsort()[:7].tolist() for q in range(4)]
+    # ties in document order, NaN last (highest and lowest alike); k checked
     tied = torch.tensor([[0.0, 1.0], [float("nan"), 1.0], [0.0, 2.0], [0.0, float("nan")]])
     assert corpus.top_documents(tied, 3) == [[0, 2, 3], [2, 0, 1]]
+    assert corpus.top_documents(tied, 4, lowest=True) == [[0, 2, 3, 1], [0, 1, 2, 3]]
+    assert corpus.top_documents(tied, 9) == [[0, 2, 3, 1], [2, 0, 1, 3]]  # k capped at the documents
+    assert corpus.top_documents(tied.half(), 3) == [[0, 2, 3], [2, 0, 1]]
     assert corpus.top_documents(tied, 0) == [[], []]
+    # many ties at the k-th value: still k, in document order
+    assert corpus.top_documents(torch.zeros(6, 1), 2) == [[0, 1]]
     with pytest.raises(ValueError, match="k must be a non-negative integer, got -1"):
         corpus.top_documents(tied, -1)
+    with pytest.raises(ValueError, match="scores must be \\[documents, queries\\], got \\(4,\\)"):
+        corpus.top_documents(tied[:, 0], 1)
 
 
 def test_queries_fingerprint_follows_content(setup, tmp_path):
