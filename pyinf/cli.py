@@ -150,11 +150,47 @@ def _engine(args, factors=None, layers=None):
         tracked = list(layers)
     elif factors is not None:
         tracked = factors.module_names
+    if factors is not None:
+        _check_factor_weights(args, factors, model)
     task = CausalLMTask(tracked_modules=tracked, pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
                         fused_head=args.fused_head)
     engine = InfluenceEngine(model, task, backend=args.backend, progress=False if args.no_progress else None,
                              compile=args.compile, checkpoint=args.checkpoint)
     return engine, tokenizer
+
+
+def _check_factor_weights(args, factors, model) -> None:
+    """Factors fitted with other weights than --model's are refused (the Python API warns):
+    in a script of many runs a warning is easily lost, and the influence would mix two
+    models. --allow-other-weights takes them (a base model's factors for its fine-tune)."""
+    from .fingerprint import same_weights, weights_identity
+
+    theirs = factors.meta.get("model_fingerprint")
+    if theirs is None or getattr(args, "allow_other_weights", False):
+        return
+    ours = weights_identity(model)
+    if theirs == ours.fingerprint or same_weights(factors.meta.get("model_weights"), ours.record):
+        return
+    seed = factors.meta.get("seed")
+    hint = (f"; a config-only --model draws its weights from --seed ({args.seed} here, {seed} in the fit)"
+            if isinstance(seed, int) and seed != args.seed else "")
+    raise ValueError(f"{args.factors} was fitted with other weights than {args.model}'s (fingerprint {theirs[:12]} "
+                     f"there, {ours.fingerprint[:12]} here{hint}): influence from them would mix two models; pass "
+                     f"--allow-other-weights to use them anyway")
+
+
+def cmd_merge_factors(args) -> int:
+    from . import Factors
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists: give another --out, or --force to replace it")
+    parts = [Factors.load(p) for p in args.parts]
+    merged = Factors.merge(parts)
+    path = merged.save(out)
+    print(f"pyinf: merged the factors of {len(merged.modules)} modules from {len(parts)} fits -> {path} "
+          f"(id {merged.id[:12]})")
+    return 0
 
 
 def cmd_fit(args) -> int:
@@ -378,7 +414,9 @@ def cmd_score(args) -> int:
     from .corpus import score_corpus, token_scores_of, top_documents
     from .textdata import JsonlTextDataset
 
-    factors = Factors.load(args.factors)
+    # with --prepared queries only the factors' id, seed and layers are read: their header,
+    # not the ~120 GB of a 7B model's factors in every shard
+    factors = Factors.load_header(args.factors) if args.prepared else Factors.load(args.factors)
     # --prepared queries of some of the factors' layers (prepare --track): score those layers
     prepared = Queries.load(args.prepared, factors) if args.prepared else None
     engine, tokenizer = _engine(args, factors, layers=prepared.module_names if prepared is not None else None)
@@ -557,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--queries", required=True, help="JSONL, {'prompt': ..., 'completion': ...} per line")
     prepare.add_argument("--out", required=True, help="queries file to write (.safetensors)")
     _add_query_args(prepare)
+    prepare.add_argument("--allow-other-weights", action="store_true", help="use factors fitted with other "
+                       "weights than --model's (refused by default: the influence would mix two models)")
     prepare.set_defaults(func=cmd_prepare)
 
     score = sub.add_parser("score", help="score training documents against queries (resumable, shardable)")
@@ -585,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens listed per document with --per-token (the most negative for --bottom-k's)")
     score.add_argument("--id-key", default="id", help="a training record's field that top.json copies as the "
                        "document's id when the record has it (each row also gives its index and file line)")
+    score.add_argument("--allow-other-weights", action="store_true", help="use factors fitted with other "
+                       "weights than --model's (refused by default: the influence would mix two models)")
     score.set_defaults(func=cmd_score)
 
     self_inf = sub.add_parser("self-influence", help="each training document's self-influence (resumable, "
@@ -600,7 +642,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "the chunks; shards share --out, the last to finish joins the values")
     self_inf.add_argument("--top-k", type=_at_least(1), default=10)
     self_inf.add_argument("--id-key", default="id", help="a training record's field copied as the document's id")
+    self_inf.add_argument("--allow-other-weights", action="store_true", help="use factors fitted with other "
+                       "weights than --model's (refused by default: the influence would mix two models)")
     self_inf.set_defaults(func=cmd_self_influence)
+
+    merge = sub.add_parser("merge-factors", help="one factors file from fits of disjoint groups of layers "
+                           "(fit --track, a group per run, when one fit of every layer does not fit on the GPU)")
+    merge.add_argument("parts", nargs="+", help="factors files, fitted on the same data with the same settings")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--force", action="store_true", help="replace --out if it exists")
+    merge.set_defaults(func=cmd_merge_factors)
 
     info = sub.add_parser("info", help="what a saved pyinf file holds (kind, versions, settings, run "
                           "fingerprints, tensor shapes), from its header")

@@ -360,7 +360,8 @@ def self_influence_corpus(engine, train, factors, out_dir, *, damping: Optional[
                layers=_layers_key(engine.specs) if fewer_layers else None)
     train, batched = _documents(train, "self_influence_corpus")
     # once, not once per chunk; the tracked layers' only
-    on_device = factors.subset(engine.specs).to(next(engine.model.parameters()).device)
+    on_device = factors.subset(engine.specs).preconditioners_on(next(engine.model.parameters()).device,
+                                                               what="self_influence_corpus")
 
     def compute(subset):
         return engine.self_influence(batched(subset), on_device, damping=damping, batch_size=batch_size)

@@ -4,13 +4,14 @@ correction ``Lambda = E_n[(Q_S^T DW_n Q_A)^2]`` over documents (DESIGN.md sectio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import numbers
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -70,6 +71,8 @@ class ModuleFactors:
 
 
 _FIELDS = ("a_cov", "s_cov", "a_eigvals", "q_a", "s_eigvals", "q_s", "lambdas")
+# what preconditioning (prepare, self-influence) reads; the covariances only the fit does
+_PRECONDITIONER_FIELDS = ("a_eigvals", "q_a", "s_eigvals", "q_s", "lambdas")
 
 
 class Factors:
@@ -115,10 +118,86 @@ class Factors:
                  for n, m in self.modules.items()}
         return Factors(moved, dict(self.meta))
 
+    def preconditioner_bytes(self) -> int:
+        """Bytes of what preconditioning reads (eigenbases, eigenvalues, Lambda): what
+        :meth:`preconditioners_on` places on a device; the covariances are not counted."""
+        return sum(getattr(m, f).numel() * getattr(m, f).element_size() for m in self.modules.values()
+                   for f in _PRECONDITIONER_FIELDS)
+
+    def preconditioners_on(self, device, *, what: str) -> "Factors":
+        """These factors with the eigenbases, eigenvalues and Lambda on ``device`` (the
+        passes after a fit read nothing else; the covariances stay where they are). On a GPU
+        whose free memory they would take more than half of (a 7B model's MLPs: ~70 GB in
+        float32), they stay on the host and each batch copies each layer's over as it is used:
+        slower (PCIe), but the pass runs; ``what`` names the pass in the warning."""
+        device = torch.device(device)
+        need = self.preconditioner_bytes()
+        if device.type == "cuda" and any(getattr(m, f).device != device for m in self.modules.values()
+                                         for f in _PRECONDITIONER_FIELDS):
+            free, _ = torch.cuda.mem_get_info(device)
+            if need > free // 2:
+                warnings.warn(f"pyinf {what}: the factors' eigenbases and Lambda ({need / 2**30:.1f} GiB) would take "
+                              f"more than half of the GPU's free memory ({free / 2**30:.1f} GiB): they stay on the "
+                              f"host and every batch copies each layer's to the GPU (slow); track fewer layers per "
+                              f"run to keep them there", stacklevel=3)
+                return self
+        return Factors({n: dataclasses.replace(m, **{f: getattr(m, f).to(device) for f in _PRECONDITIONER_FIELDS})
+                        for n, m in self.modules.items()}, dict(self.meta))
+
+    @classmethod
+    def merge(cls, parts: Sequence["Factors"]) -> "Factors":
+        """One set of factors from fits of disjoint groups of layers (``fit --track``, one group
+        per run, when all the layers' covariance sums would not fit on the GPU at once: a 7B
+        model's MLPs need ~106 GB of float64 sums). EK-FAC's blocks are per layer, so the
+        merge is what one fit of every layer gives, if the parts were fitted on the same data
+        with the same settings: their fisher, seed, dtype, examples and model are checked (a
+        difference is an error naming it). The id is computed as a fit's, from the merged
+        layers and settings."""
+        parts = list(parts)
+        if not parts or not all(isinstance(p, Factors) for p in parts):
+            raise TypeError(f"Factors.merge: a non-empty sequence of Factors expected, got "
+                            f"{[type(p).__name__ for p in parts] or 'none'}")
+        modules: Dict[str, ModuleFactors] = {}
+        for i, part in enumerate(parts):
+            again = [n for n in part.modules if n in modules]
+            if again:
+                raise ValueError(f"Factors.merge: part {i} ({part.id[:12]}) holds layers an earlier part holds "
+                                 f"too: {again[:5]}; merge fits of disjoint layers")
+            modules.update(part.modules)
+        first = {k: v for k, v in parts[0].meta.items() if k not in _MERGE_FREE}
+        for i, part in enumerate(parts[1:], 1):
+            theirs = {k: v for k, v in part.meta.items() if k not in _MERGE_FREE}
+            diff = [f"{k}: {theirs.get(k)!r} in part {i}, {first.get(k)!r} in part 0"
+                    for k in sorted(set(first) | set(theirs)) if theirs.get(k) != first.get(k)]
+            if diff:
+                raise ValueError(f"Factors.merge: part {i} ({part.id[:12]}) was fitted otherwise than part 0 "
+                                 f"({'; '.join(diff)}); merge fits of the same data and settings")
+        meta = {k: v for k, v in parts[0].meta.items() if k not in storage.FILE_KEYS}  # save writes its own
+        meta["n_tokens"] = {n: t for p in parts for n, t in (p.meta.get("n_tokens") or {}).items()}
+        seconds: Dict[str, float] = {}
+        for p in parts:
+            for phase, t in (p.meta.get("seconds") or {}).items():
+                seconds[phase] = seconds.get(phase, 0.0) + t
+        meta["seconds"] = seconds
+        if len({json.dumps(p.meta.get("shards")) for p in parts}) > 1:
+            meta.pop("shards", None)  # each part's own: none for the whole
+        meta["merged_from"] = [p.id for p in parts]
+        meta.pop("id", None)
+        return cls(modules, dict(meta, id=content_id(modules, meta)))
+
     def save(self, path):
         tensors = {f"{n}::{f}": getattr(m, f) for n, m in self.modules.items() for f in _FIELDS}
         meta = dict(self.meta, modules=[m.spec.to_dict() for m in self.modules.values()])
         return storage.save(path, self.KIND, tensors, meta)
+
+    @staticmethod
+    def load_header(path) -> "FactorsHeader":
+        """What a factors file says of itself (id, settings, layers), from its header: no tensor
+        is read (a 7B model's factors are ~120 GB), so nothing is checksummed but the header.
+        Enough where only the id is checked, as for queries prepared from these factors."""
+        meta = storage.load_meta(path, Factors.KIND)
+        specs = {d["name"]: ModuleSpec(**d) for d in meta.pop("modules")}
+        return FactorsHeader(specs, meta)
 
     @classmethod
     def load(cls, path) -> "Factors":
@@ -137,6 +216,24 @@ class Factors:
             modules[spec.name] = mf
         meta.pop("modules")
         return cls(modules, meta)
+
+
+@dataclass
+class FactorsHeader:
+    """A factors file's id, settings and layers without its tensors (:meth:`Factors.load_header`)."""
+    specs: Dict[str, ModuleSpec]
+    meta: Dict
+
+    @property
+    def id(self) -> str:
+        return self.meta["id"]
+
+    @property
+    def module_names(self):
+        return list(self.specs)
+
+    def check_model(self, specs: Dict[str, ModuleSpec]) -> None:
+        check_same_modules({n: s for n, s in self.specs.items() if n in specs}, specs, what="these factors")
 
 
 def check_same_modules(have: Dict[str, ModuleSpec], want: Dict[str, ModuleSpec], *, what: str) -> None:
@@ -275,6 +372,10 @@ def assemble_factors(specs, eigen, lambda_totals, n_lambda: int, dtype: torch.dt
 
 # metadata that says how a fit went, not what it computed
 _VOLATILE_META = ("seconds", "eigh_workers", "id")
+# settings the parts of a merge may differ in: how each part's fit went, its own layers' token
+# counts, the weights' per-parameter record (their fingerprint is compared), the path the model
+# was read from, and what a file records of itself
+_MERGE_FREE = _VOLATILE_META + ("n_tokens", "shards", "model_weights", "model", "merged_from") + storage.FILE_KEYS
 
 
 def content_id(modules: Dict[str, ModuleFactors], meta: Dict) -> str:

@@ -293,7 +293,8 @@ def prepare_queries(model, task, modules, specs, loader, factors: Factors, *, ra
     damping_by_module = {n: factors[n].damping(damping) for n in modules}
     loader = _fixed_order(loader)  # the gradient pass and the measurements in one order
     device = next(model.parameters()).device
-    on_device = factors.subset(specs).to(device).modules  # the tracked layers' only
+    # the tracked layers' only; on the host if they would crowd the GPU (each call copies them)
+    on_device = factors.subset(specs).preconditioners_on(device, what="prepare_queries").modules
     parts: Dict[str, Dict[str, list]] = {n: {} for n in modules}
     self_terms: list = []  # per batch: grad_q^T H^-1 grad_q summed over modules, [B]
 

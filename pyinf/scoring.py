@@ -196,13 +196,15 @@ def self_influence(model, task, modules, specs, loader, factors: Factors, *, dam
                    backend: str, progress) -> torch.Tensor:
     factors.check_model(specs)
     device = next(model.parameters()).device
-    on_device = factors.subset(specs).to(device).modules  # the tracked layers' only
+    # the tracked layers' only; on the host if they would crowd the GPU (then copied per call)
+    on_device = factors.subset(specs).preconditioners_on(device, what="self_influence").modules
     damping_by_module = {n: factors[n].damping(damping) for n in modules}
     acc = _BatchScores(modules, per_module=False)
 
     def consume(spec, acts, grads, mask):
         f = on_device[spec.name]
-        acc.add(spec.name, ops.self_influence(acts, grads, f.q_a, f.q_s, f.lambdas, damping_by_module[spec.name],
+        q_a, q_s, lambdas = (t.to(acts.device, non_blocking=True) for t in (f.q_a, f.q_s, f.lambdas))
+        acc.add(spec.name, ops.self_influence(acts, grads, q_a, q_s, lambdas, damping_by_module[spec.name],
                                               mask=mask, backend=backend))
 
     run_pass(model, task, modules, specs, loader, objective=lambda b, m: task.compute_train_loss(b, m, sample=False),

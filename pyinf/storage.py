@@ -95,6 +95,10 @@ def _meta_crc(header: Dict) -> int:
     return zlib.crc32(json.dumps(body, sort_keys=True).encode())
 
 
+# what save adds to a file's metadata about the file itself (a loaded object's meta holds them)
+FILE_KEYS = ("format", "kind", "versions", "crc32", "layout", "meta_crc32")
+
+
 def save(path, kind: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Path:
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -138,14 +142,27 @@ def _check_meta(path: Path, meta: Dict) -> None:
         raise CorruptFileError(f"{path}: its metadata fails its checksum (the file was altered or damaged)")
 
 
-def load(path, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
-    path = Path(path)
-    tensors, meta = _read(path, f"pyinf {kind} file", lambda f: {k: f.get_tensor(k) for k in f.keys()})
+def _check_kind(path: Path, meta: Dict, kind: str) -> None:
     if meta.get("format") != FORMAT:
         raise CorruptFileError(f"{path}: format {meta.get('format')!r}, this pyinf reads {FORMAT!r}")
     if meta.get("kind") != kind:
         raise CorruptFileError(f"{path} holds pyinf {meta.get('kind')!r}, not {kind!r}")
     _check_meta(path, meta)
+
+
+def load_meta(path, kind: str) -> Dict:
+    """The metadata of a pyinf ``kind`` file, checked (format, kind, its checksum), without
+    reading any tensor."""
+    path = Path(path)
+    _, meta = _read(path, f"pyinf {kind} file", lambda f: None)
+    _check_kind(path, meta, kind)
+    return meta
+
+
+def load(path, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    path = Path(path)
+    tensors, meta = _read(path, f"pyinf {kind} file", lambda f: {k: f.get_tensor(k) for k in f.keys()})
+    _check_kind(path, meta, kind)
     for k, (dtype, shape) in (meta.get("layout") or {}).items():
         t = tensors.get(k)
         if t is not None and (str(t.dtype).replace("torch.", ""), list(t.shape)) != (dtype, shape):

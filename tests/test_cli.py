@@ -270,10 +270,18 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     with pytest.raises(SystemExit):
         run([*score, "--out", str(workdir / "bad"), "--shard", "2/2"])
     assert "shard 2/2" in capsys.readouterr().err
-    # another --seed draws other random weights: neither the prepared queries nor the ones a
-    # run saved in its directory are reused for it
-    with pytest.raises(ValueError, match=r"prepared with another model \(seed: 0 there, 1 here; weights: fingerprint"):
+    # another --seed draws other random weights: the factors are refused for them (the CLI does
+    # not mix two models), and with --allow-other-weights, the prepared queries still are
+    with pytest.raises(ValueError, match=r"f.safetensors was fitted with other weights than .*model's \(fingerprint "
+                                         r"\w+ there, \w+ here; a config-only --model draws its weights from --seed "
+                                         r"\(1 here, 0 in the fit\)\).*pass --allow-other-weights"):
         run([*score, "--seed", "1", "--out", str(workdir / "sharded"), "--prepared", prepared])
+    with pytest.raises(ValueError, match=r"prepared with another model \(seed: 0 there, 1 here; weights: fingerprint"):
+        run([*score, "--seed", "1", "--out", str(workdir / "sharded"), "--prepared", prepared,
+             "--allow-other-weights"])
+    with pytest.raises(ValueError, match=r"fitted with other weights"):
+        run(["self-influence", *common, "--seed", "1", "--factors", factors, "--train", str(workdir / "train.jsonl"),
+             "--out", str(workdir / "self")])
     # the same weights read from another path (another mount on another machine) are the same model
 
     shutil.copytree(workdir / "model", workdir / "model-elsewhere")
@@ -304,7 +312,7 @@ def test_score_resumes_and_shards_join(workdir, capsys):
     saved = (workdir / "whole" / "queries.safetensors").read_bytes()
     with pytest.raises(ValueError, match=r"whole holds scores of other queries \(.*weights: fingerprint .* "
                                          r"\(seed: 0 there, 1 now\)"):
-        run([*score, "--seed", "1", "--out", str(workdir / "whole")])
+        run([*score, "--seed", "1", "--out", str(workdir / "whole"), "--allow-other-weights"])
     assert "reusing the queries" not in capsys.readouterr().err
     assert (workdir / "whole" / "queries.safetensors").read_bytes() == saved
 

@@ -660,9 +660,10 @@ def test_factors_of_more_layers_serve_a_subset():
         assert queries.module_names == mlp
     assert all_factors.subset(mlp).module_names == mlp and all_factors.subset(mlp).id == all_factors.id
     moved = []  # only the tracked layers' factors go to the model's device
-    original_to = pyinf.Factors.to
+    original_to = pyinf.Factors.preconditioners_on
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(pyinf.Factors, "to", lambda self, device: moved.append(len(self.modules)) or original_to(self, device))
+        m.setattr(pyinf.Factors, "preconditioners_on",
+                  lambda self, device, what: moved.append(len(self.modules)) or original_to(self, device, what=what))
         subset.prepare_queries(query, all_factors, rank=2)
         subset.self_influence(train, all_factors)
     assert moved == [len(mlp), len(mlp)]
