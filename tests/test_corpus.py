@@ -3,6 +3,7 @@ chunked scores equal one pass's, an interrupted run resumes without rescoring wh
 saved, shards join into the same matrix, and a directory of another run is refused."""
 import json
 import pickle
+import random
 import shutil
 
 import numpy as np
@@ -458,3 +459,18 @@ def test_documents_hash_takes_mappings_and_sequences():
     assert _hash(UserDict(doc)) == _hash(doc)
     assert _hash(UserDict(doc)) != _hash(UserDict(dict(doc, input_ids=[5, 6, 8])))
     assert _hash({"input_ids": (5, 6)}) == _hash({"input_ids": [5, 6]}) != _hash({"input_ids": [5, 6, 0]})
+
+
+def test_lists_of_numbers_hash_as_element_by_element(monkeypatch):
+    """Token lists take a fast path (one join); it hashes the very bytes of the general path,
+    so chunks saved before it still belong to their run, and lists that differ in any value or
+    type (True against 1, 1.0 against 1, -0.0 against 0.0) still hash apart."""
+    rng = random.Random(seeds.offset(31))
+    docs = [[rng.randrange(-2**40, 2**40) for _ in range(rng.randrange(1, 300))],
+            [1.5, float("nan"), float("inf"), -0.0, 2, 10**30], [True, 1, 0], [[1, 2], [3]], [], (4, 5.0)]
+    fast = [_hash(d) for d in docs]
+    monkeypatch.setattr(corpus, "_PLAIN_NUMBERS", frozenset())  # the element-by-element path only
+    assert [_hash(d) for d in docs] == fast
+    monkeypatch.undo()
+    assert len({_hash([1, 0]), _hash([True, 0]), _hash([1.0, 0]), _hash([1, 0.0]), _hash([1, -0.0])}) == 5
+    assert _hash([12, 3]) != _hash([1, 23])
