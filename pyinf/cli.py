@@ -216,6 +216,10 @@ def cmd_fit(args) -> int:
 
     fit = StagedFit(engine, train, work_dir, shard=shard, fisher=args.fisher, batch_size=args.batch_size,
                     seed=args.seed, eigh_workers=args.eigh_workers, run_meta=_run_meta(args))
+    if not args.refit and fit.done_in(args.out):
+        print(f"pyinf: {args.out} already holds the factors of this fit (the same model, data and settings): "
+              f"not fitting again (--refit does)")
+        return 0
     factors = fit.run_stages(wait=not args.no_wait, save=save)
     if factors is None:
         # the staged fit has said why it stopped: done (shard 0 writes the factors), or, with
@@ -579,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="factors file to write (.safetensors)")
     fit.add_argument("--fisher", choices=["true", "empirical"], default="true")
     fit.add_argument("--max-examples", type=int, default=None)
+    fit.add_argument("--refit", action="store_true", help="fit even when --out holds the factors of this very fit "
+                     "(the same model, data and settings; by default a rerun then does nothing)")
     fit.add_argument("--eigh-workers", type=int, default=None, help="eigendecompositions run at once, each on "
                      "its own CUDA stream on a GPU (default $PYINF_EIGH_WORKERS, else the measured count on a GPU, else 1)")
     fit.add_argument("--work-dir", default=None, help="where the fit's stages are saved, so that a rerun resumes "

@@ -371,7 +371,8 @@ def assemble_factors(specs, eigen, lambda_totals, n_lambda: int, dtype: torch.dt
 
 
 # metadata that says how a fit went, not what it computed
-_VOLATILE_META = ("seconds", "eigh_workers", "id")
+_VOLATILE_META = ("seconds", "eigh_workers", "id", "fit_run")  # fit_run: the staged fit's record of its
+# inputs, which the content hashed already stands for (ids stay those of fits before it was kept)
 # settings the parts of a merge may differ in: how each part's fit went, its own layers' token
 # counts, the weights' per-parameter record (their fingerprint is compared), the path the model
 # was read from, and what a file records of itself

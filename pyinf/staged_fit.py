@@ -101,6 +101,25 @@ class StagedFit:
             self._docs_hash[j] = documents_hash(self.data, docs.start, docs.stop)
         return dict(self.run, documents=self._docs_hash[j])
 
+    def record(self) -> Dict:
+        """The whole fit as its factors record it (``fit_run``): the run and every shard's
+        documents hash, as it reads back from the file's JSON."""
+        return json.loads(json.dumps(dict(self.run, documents=[self._of_shard(j)["documents"]
+                                                               for j in range(self.shard[1])])))
+
+    def done_in(self, path) -> bool:
+        """Whether ``path`` holds the factors of this very fit (the same model, data, settings
+        and shards, by their record): a rerun of a ``fit; score`` script after a crash in the
+        scoring then has nothing to fit. A missing, damaged or other fit's file: False."""
+        path = Path(path)
+        if not path.is_file():
+            return False
+        try:
+            meta = Factors.load_header(path).meta
+        except (storage.CorruptFileError, KeyError, TypeError):
+            return False
+        return meta.get("fit_run") == self.record()
+
     def _wait_for(self, paths, what: str, wait: bool, timeout: Optional[float], poll: float) -> bool:
         start, said = time.monotonic(), False
         while True:
@@ -211,7 +230,8 @@ class StagedFit:
         m = eigen["meta"]
         meta = dict(fisher=self.fisher, n_examples=m["n_examples"], seed=self.seed, dtype=str(self.dtype),
                     n_tokens=m["n_tokens"], shards=n, eigh_workers=self.eigh_workers,
-                    model_fingerprint=self.run["model"], model_weights=self.engine.identity().record)
+                    model_fingerprint=self.run["model"], model_weights=self.engine.identity().record,
+                    fit_run=self.record())
         return assemble_factors(self.engine.specs, eigen["eigen"], totals, n_docs, self.dtype, meta)
 
     def run_stages(self, *, wait: bool = True, timeout: Optional[float] = None, poll_seconds: float = 10.0,

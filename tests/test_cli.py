@@ -490,3 +490,31 @@ def test_a_reader_that_goes_away_is_no_error(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_a_rerun_of_a_finished_fit_does_nothing(workdir, capsys):
+    """A `fit; score` script run again after a crash in the scoring does not fit again: the
+    factors record their fit (model, data, settings, shards); any change fits anew."""
+    common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress", "--track", "mlp"]
+    out = workdir / "f.safetensors"
+    fit = ["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", str(out), "--fisher", "empirical"]
+    assert run(fit) == 0
+    first, first_id = out.read_bytes(), pyinf.Factors.load(out).id
+    capsys.readouterr()
+    assert run(fit) == 0
+    assert "already holds the factors of this fit" in capsys.readouterr().out
+    assert out.read_bytes() == first  # untouched
+    assert run([*fit, "--refit"]) == 0 and "fitted EK-FAC factors" in capsys.readouterr().out
+    assert pyinf.Factors.load(out).id == first_id  # the same fit again: the same factors
+    # other data, another setting, or a damaged file: fitted again
+    with open(workdir / "train.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    for extra in ([], ["--max-length", "16"]):
+        assert run([*fit, *extra]) == 0
+        assert "fitted EK-FAC factors" in capsys.readouterr().out
+    raw = bytearray(out.read_bytes())
+    raw[10:20] = b"\0" * 10
+    out.write_bytes(bytes(raw))
+    assert run([*fit, "--max-length", "16"]) == 0
+    assert "fitted EK-FAC factors" in capsys.readouterr().out
+    pyinf.Factors.load(out)  # whole again
