@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from array import array
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -104,6 +105,9 @@ def load_model(path: str, *, seed: int = 0, dtype: Optional[torch.dtype] = None)
     return model.eval(), tokenizer
 
 
+_NAMED_ONE_TOKEN = 10  # per dataset (per worker process)
+
+
 class JsonlTextDataset(Dataset):
     """One document per line: ``{"text": ...}`` (every token carries the loss) or
     ``{"prompt": ..., "completion": ...}`` (only the completion does, as for queries).
@@ -133,6 +137,7 @@ class JsonlTextDataset(Dataset):
         if not offsets:
             raise ValueError(f"{path} holds no document")
         self._offsets, self._lengths, self._line_numbers = offsets, lengths, line_numbers
+        self._one_token = 0  # documents of one token seen (warned about, the first few by name)
         self._fd: Optional[int] = None
         self._fd_pid: Optional[int] = None
 
@@ -196,6 +201,11 @@ class JsonlTextDataset(Dataset):
                                  f"exceed max_length={max_length}: the completion would be cut, and its loss "
                                  f"measured on part of it; raise --max-length or shorten the record")
         ids, labels = ids[:max_length], labels[:max_length]
+        if "text" in rec and len(ids) == 1:
+            # a training document of one token predicts nothing: its gradient, and so its
+            # influence on every query, is exactly 0. Scored as such (a corpus of millions has
+            # such lines, and an error would stop the run at the same chunk on every rerun)
+            return {"input_ids": torch.tensor(ids), "labels": torch.tensor([-100])}
         if len(ids) < 2 or all(l == -100 for l in labels[1:]):
             raise ValueError(f"{where}: too short to carry a loss after tokenisation ({len(ids)} tokens)")
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
@@ -208,9 +218,16 @@ class JsonlTextDataset(Dataset):
             raise IndexError(f"document {i} of {self.path}, which holds {len(self)}")
         i %= len(self)
         try:
-            return self._encode(self.record(i), self.tokenizer, self.max_length, self.where(i))
+            item = self._encode(self.record(i), self.tokenizer, self.max_length, self.where(i))
         except (UnicodeError, TypeError) as exc:  # e.g. a lone surrogate ("\ud800") the tokenizer cannot encode
             raise ValueError(f"{self.where(i)}: cannot tokenise this record: {exc}") from exc
+        if len(item["input_ids"]) == 1:
+            self._one_token += 1
+            if self._one_token <= _NAMED_ONE_TOKEN:
+                more = " (further ones are not named)" if self._one_token == _NAMED_ONE_TOKEN else ""
+                warnings.warn(f"pyinf: {self.where(i)} is one token after tokenisation: it predicts nothing, so its "
+                              f"gradient and its influence are 0{more}", stacklevel=2)
+        return item
 
     def text(self, i: int) -> str:
         rec = self.record(i)

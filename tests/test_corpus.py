@@ -444,10 +444,41 @@ def test_a_bad_jsonl_line_is_named_before_any_compute(tmp_path, line, message):
 def test_an_empty_or_too_short_document_is_named(tmp_path):
     with pytest.raises(ValueError, match="holds no document"):
         JsonlTextDataset(_write(tmp_path / "e.jsonl", ["", "  "]), ByteTokenizer(300))
-    ds = JsonlTextDataset(_write(tmp_path / "s.jsonl", [json.dumps({"text": "ok!"}), json.dumps({"text": "x"})]),
-                          ByteTokenizer(300))
-    with pytest.raises(ValueError, match=r"s.jsonl:2: too short"):
-        ds[1]
+    # a query whose completion is cut away carries no measurement: refused
+    ds = JsonlTextDataset(_write(tmp_path / "q.jsonl", [json.dumps({"prompt": "abc", "completion": "d"})]),
+                          ByteTokenizer(300), max_length=3)
+    with pytest.raises(ValueError, match=r"q.jsonl:1: prompt \(3 tokens\) and completion \(1\) exceed max_length=3"):
+        ds[0]
+
+
+def test_a_one_token_document_scores_zero(tmp_path):
+    """A training document of one token predicts nothing: its influence is exactly 0, and it
+    is scored as such with a warning naming its line (an error stopped a corpus run at the
+    same chunk on every rerun); the other documents' scores are unchanged."""
+    from tests.models import tiny_gpt2
+
+    texts = ["the cat sat", "x", "two plus three", "y", "paris"]
+    ds = JsonlTextDataset(_write(tmp_path / "s.jsonl", [json.dumps({"text": t}) for t in texts]), ByteTokenizer(300))
+    with pytest.warns(UserWarning, match=r"s.jsonl:2 is one token after tokenisation: it predicts nothing"):
+        item = ds[1]
+    assert item["input_ids"].tolist() == [ord("x")] and item["labels"].tolist() == [-100]
+    kept = JsonlTextDataset(_write(tmp_path / "k.jsonl", [json.dumps({"text": t}) for t in texts[::2]]),
+                            ByteTokenizer(300))
+    queries_ds = JsonlTextDataset(_write(tmp_path / "q.jsonl", [json.dumps({"prompt": "where? ", "completion": "paris"})]),
+                                  ByteTokenizer(300))
+    model = tiny_gpt2(seed=3, dtype=torch.float64, vocab=300)
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False)
+    with pytest.warns(UserWarning, match="one token after tokenisation"):
+        factors = engine.fit_factors(ds, fisher="empirical", batch_size=2)
+        queries = engine.prepare_queries(queries_ds, factors, rank=2)
+        scores = engine.pairwise_scores(ds, queries, batch_size=2)
+    assert scores[1].tolist() == [0.0] and scores[3].tolist() == [0.0]
+    torch.testing.assert_close(scores[::2], engine.pairwise_scores(kept, queries, batch_size=2), rtol=1e-5, atol=1e-9)
+    warned = JsonlTextDataset(_write(tmp_path / "m.jsonl", [json.dumps({"text": "z"})] * 12), ByteTokenizer(300))
+    with pytest.warns(UserWarning) as record:
+        for i in range(12):
+            warned[i]
+    assert len(record) == 10 and "further ones are not named" in str(record[-1].message)
 
 
 def test_documents_hash_takes_mappings_and_sequences():
