@@ -680,6 +680,31 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"pyinf: warning: {str(message).removeprefix('pyinf: ')}\n"
 
 
+def _stop_on_sigterm():
+    """SIGTERM (how Slurm and Kubernetes preempt a job, before SIGKILL) stops the command as
+    Ctrl-C does, so the file being saved is removed rather than left as a hidden temporary of
+    up to the size of a corpus's scores; Python's default would end the process on the spot.
+    Returns what tells whether it came (``restore=True`` puts the previous handler back)."""
+    import signal
+
+    came = []
+
+    def on_sigterm(signum, frame):
+        came.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        before = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread (main() called from a thread): Python's default stays
+        before = None
+
+    def came_and_restore(restore: bool = False) -> bool:
+        if restore and before is not None:
+            signal.signal(signal.SIGTERM, before)
+        return bool(came)
+    return came_and_restore
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """The ``pyinf`` command: :func:`run`, with a user's mistake (a missing file, a bad record,
     a mismatched run, an unavailable backend) printed as one line and exit status 1 instead of
@@ -691,14 +716,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     python_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
+    terminated = _stop_on_sigterm()
     try:
         return run(argv)
     except KeyboardInterrupt:
         if os.environ.get("PYINF_TRACEBACK", "") not in ("", "0"):
             raise
-        # what was saved stays (stages, chunks, each written whole): the same command resumes
-        print("\npyinf: interrupted; rerun the same command to go on from what was saved", file=sys.stderr)
-        return 130  # 128 + SIGINT, as a shell reports it
+        # what was saved stays (stages, chunks, each written whole): the same command resumes,
+        # and the file being saved when the signal came is removed (storage.atomic_path)
+        how = "terminated (SIGTERM)" if terminated() else "interrupted"
+        print(f"\npyinf: {how}; rerun the same command to go on from what was saved", file=sys.stderr)
+        return 143 if terminated() else 130  # 128 + the signal, as a shell reports it
     except BrokenPipeError:
         # the reader went away (`pyinf info ... | head`): nothing left to print to, and no error
         # of pyinf's; stdout is pointed at /dev/null so that Python's own flush at exit is quiet
@@ -713,6 +741,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     finally:
         warnings.formatwarning = python_format
+        terminated(restore=True)
 
 
 if __name__ == "__main__":

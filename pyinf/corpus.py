@@ -298,8 +298,11 @@ class ChunkedRun:
             parts.append(values)
         values = torch.cat(parts)
         storage.save(self.final_path, self.kind, {self.kind: values}, dict(self.final_meta, run=self._final_run()))
-        # what processes killed while saving a chunk left (hidden, but never cleaned up otherwise)
+        # what processes killed while saving left (hidden, but never cleaned up otherwise): a
+        # chunk, or the joined file, top.json or token scores of a join killed before (as
+        # large as the result); another process's save in progress is recent, and stays
         storage.remove_stale_temporaries(_chunks_dir(self.out_dir, self.kind))
+        storage.remove_stale_temporaries(self.out_dir)
         return values
 
 

@@ -1,7 +1,10 @@
 """The CLI on user inputs: a transformers config with random weights (byte tokens) and
 JSONL files, fit then score, outputs checked against the Python API."""
 import json
+import os
+import signal
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,6 +184,24 @@ def test_the_command_says_what_is_wrong_in_one_line(workdir, capsys, monkeypatch
         assert main(["backends"]) == 130
     err = capsys.readouterr().err
     assert "pyinf: interrupted; rerun the same command" in err and "Traceback" not in err
+
+    def preempted(args):  # SIGTERM (Slurm's preemption) while a file is being saved
+        import signal
+        import time
+
+        with pyinf.storage.atomic_path(workdir / "big.safetensors") as tmp:
+            Path(tmp).write_bytes(b"x" * 1000)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode
+        raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        m.setattr("pyinf.cli.cmd_backends", preempted)
+        assert main(["backends"]) == 143
+    assert "pyinf: terminated (SIGTERM); rerun the same command" in capsys.readouterr().err
+    assert list(workdir.glob(".big.safetensors.*")) == [] and not (workdir / "big.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # put back
     monkeypatch.setenv("PYINF_TRACEBACK", "1")
     with pytest.raises(ValueError, match="a record needs 'text'"):
         main(bad)

@@ -187,8 +187,8 @@ def test_a_finished_run_answers_only_for_its_own_settings(setup, tmp_path):
 
 
 def test_the_join_removes_what_killed_saves_left(setup, tmp_path):
-    """A process killed while saving a chunk leaves its temporary file; the join removes
-    those not written to lately (a save in progress elsewhere keeps its own)."""
+    """A process killed while saving a chunk (or the joined result) leaves its temporary file;
+    the join removes those not written to lately (a save in progress elsewhere keeps its own)."""
     import os
     import time
 
@@ -196,13 +196,18 @@ def test_the_join_removes_what_killed_saves_left(setup, tmp_path):
     chunks = tmp_path / "scores-chunks"
     chunks.mkdir()
     stale, fresh = chunks / ".0000000000-0000000004.safetensors.abc123.tmp", chunks / ".x.safetensors.def.tmp"
+    # and in the output directory, a join killed while writing the joined scores or top.json
+    stale_join, fresh_join = tmp_path / ".scores.safetensors.q1w2.tmp", tmp_path / ".top.json.e3r4.tmp"
     stale.write_bytes(b"half a chunk")
+    stale_join.write_bytes(b"half the scores")
     fresh.write_bytes(b"being written")
+    fresh_join.write_bytes(b"being written")
     hour_ago = time.time() - 3600
-    os.utime(stale, (hour_ago, hour_ago))
+    for path in (stale, stale_join):
+        os.utime(path, (hour_ago, hour_ago))
     got = pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=4, log=lambda m: None)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    assert not stale.exists() and fresh.exists()
+    assert not stale.exists() and not stale_join.exists() and fresh.exists() and fresh_join.exists()
 
 
 def test_a_damaged_chunk_is_scored_again(setup, tmp_path):
