@@ -317,7 +317,12 @@ def covariance_sums(model, task, modules, specs, loader, *, fisher: str, backend
 
 def eigenbases(sums, dtype: torch.dtype, eigh_workers: int) -> Dict[str, Dict[str, torch.Tensor]]:
     """The covariances (summed ``[a_sum, s_sum, n_tokens]`` per module) and their float64
-    eigendecompositions, as the precision policy asks; several at once when eigh_workers > 1."""
+    eigendecompositions, as the precision policy asks; several at once when eigh_workers > 1.
+
+    The sums are divided in place (they become the covariances: no float64 copy of every
+    layer's beside them, ~106 GB for a 7B model's MLPs), and each layer's float64 results are
+    let go as soon as its ``dtype`` copies are made: the peak is the sums and the float64
+    eigenvectors, not also a copy of the sums."""
     def key(name, which):  # names the matrix in eigh's errors
         return f"module {name!r}, covariance {which}"
 
@@ -327,17 +332,19 @@ def eigenbases(sums, dtype: torch.dtype, eigh_workers: int) -> Dict[str, Dict[st
             warnings.warn(f"pyinf: module {name!r} received only zero output gradients while fitting factors (no "
                           f"token with a loss: every label -100, or documents of one token?); its Lambda will be 0, "
                           f"and scoring with it needs a positive damping")
-        covariances[key(name, "A")] = a_sum / n_tokens
-        covariances[key(name, "S")] = s_sum / n_tokens
+        covariances[key(name, "A")] = a_sum.div_(n_tokens)
+        covariances[key(name, "S")] = s_sum.div_(n_tokens)
     decomposed = eigendecompose(covariances, workers=eigh_workers)
     eigen = {}
     for name in sums:
-        (a_vals, q_a), (s_vals, q_s) = decomposed[key(name, "A")], decomposed[key(name, "S")]
+        (a_vals, q_a), (s_vals, q_s) = decomposed.pop(key(name, "A")), decomposed.pop(key(name, "S"))
         # contiguous: eigh returns column-major eigenvectors, and a GEMM's rounding may follow
         # the operand's layout (a reloaded, row-major copy would then give other bits)
-        eigen[name] = dict(a_cov=covariances[key(name, "A")].to(dtype), s_cov=covariances[key(name, "S")].to(dtype),
+        eigen[name] = dict(a_cov=covariances.pop(key(name, "A")).to(dtype),
+                           s_cov=covariances.pop(key(name, "S")).to(dtype),
                            a_eigvals=a_vals.to(dtype), q_a=q_a.to(dtype).contiguous(), s_eigvals=s_vals.to(dtype),
                            q_s=q_s.to(dtype).contiguous())
+        del a_vals, q_a, s_vals, q_s  # this layer's float64 results: free before the next layer's copies
     return eigen
 
 
