@@ -169,7 +169,15 @@ def _check_factor_weights(args, factors, model) -> None:
     if theirs is None or getattr(args, "allow_other_weights", False):
         return
     ours = weights_identity(model)
-    if theirs == ours.fingerprint or same_weights(factors.meta.get("model_weights"), ours.record):
+    if theirs == ours.fingerprint:
+        return
+    same = same_weights(factors.meta.get("model_weights"), ours.record)
+    if same:
+        return
+    if same is None:  # a file without the per-parameter record (older pyinf): another dtype looks different
+        warnings.warn(f"pyinf: {args.factors} records no per-parameter weights (an older pyinf wrote it), so "
+                      f"whether {args.model} has its weights in another dtype cannot be told: fingerprint "
+                      f"{theirs[:12]} there, {ours.fingerprint[:12]} here")
         return
     seed = factors.meta.get("seed")
     hint = (f"; a config-only --model draws its weights from --seed ({args.seed} here, {seed} in the fit)"
@@ -184,7 +192,16 @@ def cmd_merge_factors(args) -> int:
 
     out = Path(args.out)
     if out.exists() and not args.force:
-        raise ValueError(f"{out} exists: give another --out, or --force to replace it")
+        ids = [Factors.load_header(p).id for p in args.parts]
+        try:
+            done = Factors.load_header(out).meta.get("merged_from") == ids
+        except (ValueError, KeyError, TypeError):  # damaged, or not factors
+            done = False
+        if done:  # a `fit A; fit B; merge-factors; score` script run again
+            print(f"pyinf: {out} already holds the merge of these factors: nothing to do")
+            return 0
+        raise ValueError(f"{out} exists and is no merge of these factors: give another --out, or --force to "
+                         f"replace it")
     parts = [Factors.load(p) for p in args.parts]
     merged = Factors.merge(parts)
     path = merged.save(out)
@@ -276,7 +293,7 @@ def cmd_prepare(args) -> int:
     factors = Factors.load(args.factors)
     engine, tokenizer = _engine(args, factors)
     _query_settings(args)
-    query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length)
+    query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length, queries=True)
     path = _prepare(engine, args, factors, query).save(args.out)
     print(f"pyinf: prepared {len(query)} queries (rank {args.rank or 'full'}) -> {path}")
     return 0
@@ -425,9 +442,11 @@ def cmd_score(args) -> int:
     prepared = Queries.load(args.prepared, factors) if args.prepared else None
     engine, tokenizer = _engine(args, factors, layers=prepared.module_names if prepared is not None else None)
     train = JsonlTextDataset(args.train, tokenizer, max_length=args.max_length)
-    query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length)
+    query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length, queries=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # what a run killed while saving these left (the join cleans up after the scores' own)
+    storage.remove_stale_temporaries(out, names=["queries.safetensors", "top.json", "tokens.safetensors"])
     queries = _load_or_prepare(engine, args, factors, query, out, prepared)
     scores = score_corpus(engine, train, queries, out, chunk_size=args.chunk_size, shard=args.shard,
                           batch_size=args.batch_size, query_batch_size=args.query_batch_size,
@@ -452,7 +471,9 @@ def cmd_score(args) -> int:
             saved[f"{side}_documents"] = torch.tensor(docs, dtype=torch.int64).reshape(len(docs), width)
             tokens[side] = _token_highlights(args, train, tokenizer, docs, part, lowest=side == "bottom")
             start += width
-        storage.save(out / "tokens.safetensors", "token-scores", saved,
+        # kind "query-token-scores": [queries, k, T] per query ("token-scores", before, held
+        # [documents, T, queries] of the top documents' union: a reader of that is told)
+        storage.save(out / "tokens.safetensors", "query-token-scores", saved,
                      dict(queries=queries.fingerprint, note="top_per_token[q, i, t]: query q, document "
                           "top_documents[q, i], the position t that predicts token t + 1 (bottom_*: the lowest)"))
     else:
@@ -501,6 +522,7 @@ def cmd_self_influence(args) -> int:
                                    run_meta=_run_meta(args))
     if values is None:
         return _shard_pending(args.shard)
+    storage.remove_stale_temporaries(out, names=["top_self_influence.json"])  # a killed run's
     k = min(args.top_k, values.shape[0])
     top, index = values.topk(k)
     rows = [_document_row(train, int(i), args.id_key, self_influence=float(v)) for v, i in zip(top, index)]

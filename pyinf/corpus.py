@@ -299,10 +299,10 @@ class ChunkedRun:
         values = torch.cat(parts)
         storage.save(self.final_path, self.kind, {self.kind: values}, dict(self.final_meta, run=self._final_run()))
         # what processes killed while saving left (hidden, but never cleaned up otherwise): a
-        # chunk, or the joined file, top.json or token scores of a join killed before (as
-        # large as the result); another process's save in progress is recent, and stays
+        # chunk, or the joined file of a join killed before (as large as the result); another
+        # process's save in progress is recent, and stays
         storage.remove_stale_temporaries(_chunks_dir(self.out_dir, self.kind))
-        storage.remove_stale_temporaries(self.out_dir)
+        storage.remove_stale_temporaries(self.out_dir, names=[self.final_path.name])
         return values
 
 
@@ -399,17 +399,21 @@ def top_documents(scores: torch.Tensor, k: int, *, lowest: bool = False) -> List
     ranked = scores.detach().cpu()
     if not ranked.is_floating_point():
         ranked = ranked.double()
-    # highest first in both cases: the lowest are the highest of the negated scores
-    # one query per row (contiguous: each query's pass below reads one stretch of memory)
-    ranked = torch.nan_to_num((-ranked if lowest else ranked).T.contiguous(), nan=-float("inf"),
-                              posinf=float("inf"), neginf=-float("inf"))
-    kth = ranked.topk(k, dim=1).values[:, -1]  # [queries]
+    # highest first in both cases: the lowest are the highest of the negated scores; one
+    # query per row (contiguous: each query's pass below reads one stretch of memory)
+    ranked = (-ranked if lowest else ranked).T.contiguous()
     order = []
-    for q, column in enumerate(ranked):
+    for column in ranked:
+        nan = column.isnan()
+        # NaN below every value, -inf included (topk would rank it first)
+        keyed = column.masked_fill(nan, -float("inf"))
+        kth = keyed.topk(k).values[-1]
         # every document at or past the k-th value (ties included), in document order
-        candidates = (column >= kth[q]).nonzero().squeeze(1)
-        ranks = torch.sort(column[candidates], descending=True, stable=True).indices[:k]
-        order.append(candidates[ranks].tolist())
+        candidates = (keyed >= kth).nonzero().squeeze(1)
+        by_value = torch.sort(keyed[candidates], descending=True, stable=True).indices
+        # then the NaN after the rest (a stable sort keeps each group's order)
+        by_value = by_value[torch.sort(nan[candidates][by_value].to(torch.uint8), stable=True).indices]
+        order.append(candidates[by_value[:k]].tolist())
     return order
 
 

@@ -83,6 +83,7 @@ class Factors:
     def __init__(self, modules: Dict[str, ModuleFactors], meta: Dict):
         self.modules = modules
         self.meta = meta
+        self._placed_for: Optional[torch.device] = None  # set by preconditioners_on on what it returns
 
     @property
     def id(self) -> str:
@@ -131,18 +132,28 @@ class Factors:
         float32), they stay on the host and each batch copies each layer's over as it is used:
         slower (PCIe), but the pass runs; ``what`` names the pass in the warning."""
         device = torch.device(device)
-        need = self.preconditioner_bytes()
-        if device.type == "cuda" and any(getattr(m, f).device != device for m in self.modules.values()
-                                         for f in _PRECONDITIONER_FIELDS):
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())  # "cuda" is where "cuda:0" is
+        if self._placed_for == device:  # placed (or kept on the host) for this device already
+            return self
+        fields = [getattr(m, f) for m in self.modules.values() for f in _PRECONDITIONER_FIELDS]
+        if all(t.device == device for t in fields):
+            return self
+        if device.type == "cuda":
+            need = sum(t.numel() * t.element_size() for t in fields if t.device != device)
             free, _ = torch.cuda.mem_get_info(device)
             if need > free // 2:
                 warnings.warn(f"pyinf {what}: the factors' eigenbases and Lambda ({need / 2**30:.1f} GiB) would take "
                               f"more than half of the GPU's free memory ({free / 2**30:.1f} GiB): they stay on the "
                               f"host and every batch copies each layer's to the GPU (slow); track fewer layers per "
                               f"run to keep them there", stacklevel=3)
-                return self
-        return Factors({n: dataclasses.replace(m, **{f: getattr(m, f).to(device) for f in _PRECONDITIONER_FIELDS})
-                        for n, m in self.modules.items()}, dict(self.meta))
+                kept = Factors(dict(self.modules), dict(self.meta))
+                kept._placed_for = device  # a later pass over the same factors does not ask (or warn) again
+                return kept
+        placed = Factors({n: dataclasses.replace(m, **{f: getattr(m, f).to(device) for f in _PRECONDITIONER_FIELDS})
+                          for n, m in self.modules.items()}, dict(self.meta))
+        placed._placed_for = device
+        return placed
 
     @classmethod
     def merge(cls, parts: Sequence["Factors"]) -> "Factors":
@@ -150,9 +161,10 @@ class Factors:
         per run, when all the layers' covariance sums would not fit on the GPU at once: a 7B
         model's MLPs need ~106 GB of float64 sums). EK-FAC's blocks are per layer, so the
         merge is what one fit of every layer gives, if the parts were fitted on the same data
-        with the same settings: their fisher, seed, dtype, examples and model are checked (a
-        difference is an error naming it). The id is computed as a fit's, from the merged
-        layers and settings."""
+        with the same settings: their fisher, seed, dtype, examples and model are checked, and,
+        for fits that record their inputs (the CLI's and :func:`pyinf.fit_factors_staged`'s),
+        the data's hash, the tokenisation and the shards (a difference is an error naming it).
+        The id is computed as a fit's, from the merged layers and settings."""
         parts = list(parts)
         if not parts or not all(isinstance(p, Factors) for p in parts):
             raise TypeError(f"Factors.merge: a non-empty sequence of Factors expected, got "
@@ -164,15 +176,28 @@ class Factors:
                 raise ValueError(f"Factors.merge: part {i} ({part.id[:12]}) holds layers an earlier part holds "
                                  f"too: {again[:5]}; merge fits of disjoint layers")
             modules.update(part.modules)
-        first = {k: v for k, v in parts[0].meta.items() if k not in _MERGE_FREE}
+        def settings(part):
+            kept = {k: v for k, v in part.meta.items() if k not in _MERGE_FREE}
+            # a CLI or staged fit's record of its inputs: the data's hash per shard, the
+            # tokenisation, the shards; all but its layers must agree
+            run = part.meta.get("fit_run")
+            if isinstance(run, dict):
+                kept.update({f"fit_run.{k}": v for k, v in run.items() if k != "modules"})
+            return kept
+
+        first = settings(parts[0])
         for i, part in enumerate(parts[1:], 1):
-            theirs = {k: v for k, v in part.meta.items() if k not in _MERGE_FREE}
-            diff = [f"{k}: {theirs.get(k)!r} in part {i}, {first.get(k)!r} in part 0"
-                    for k in sorted(set(first) | set(theirs)) if theirs.get(k) != first.get(k)]
+            theirs = settings(part)
+            keys = sorted(set(first) | set(theirs))
+            if "fit_run.documents" not in keys:  # one part records no fit run (the Python API's fit)
+                keys = [k for k in keys if not k.startswith("fit_run.")]
+            diff = [f"{k}: {_short(theirs.get(k))} in part {i}, {_short(first.get(k))} in part 0"
+                    for k in keys if theirs.get(k) != first.get(k)]
             if diff:
                 raise ValueError(f"Factors.merge: part {i} ({part.id[:12]}) was fitted otherwise than part 0 "
                                  f"({'; '.join(diff)}); merge fits of the same data and settings")
         meta = {k: v for k, v in parts[0].meta.items() if k not in storage.FILE_KEYS}  # save writes its own
+        meta.pop("fit_run", None)  # part 0's, of its layers only: the merge is no fit to skip
         meta["n_tokens"] = {n: t for p in parts for n, t in (p.meta.get("n_tokens") or {}).items()}
         seconds: Dict[str, float] = {}
         for p in parts:
@@ -234,6 +259,12 @@ class FactorsHeader:
 
     def check_model(self, specs: Dict[str, ModuleSpec]) -> None:
         check_same_modules({n: s for n, s in self.specs.items() if n in specs}, specs, what="these factors")
+
+
+def _short(value) -> str:
+    """A setting in an error message: its repr, cut where long (a list of data hashes)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_same_modules(have: Dict[str, ModuleSpec], want: Dict[str, ModuleSpec], *, what: str) -> None:

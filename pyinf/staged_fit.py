@@ -109,16 +109,20 @@ class StagedFit:
 
     def done_in(self, path) -> bool:
         """Whether ``path`` holds the factors of this very fit (the same model, data, settings
-        and shards, by their record): a rerun of a ``fit; score`` script after a crash in the
-        scoring then has nothing to fit. A missing, damaged or other fit's file: False."""
+        and shards, by their record), whole (every tensor's checksum, read one at a time): a
+        rerun of a ``fit; score`` script after a crash in the scoring then has nothing to fit.
+        A missing, damaged or other fit's file: False (and fitted again)."""
         path = Path(path)
         if not path.is_file():
             return False
         try:
-            meta = Factors.load_header(path).meta
-        except (storage.CorruptFileError, KeyError, TypeError):
+            if Factors.load_header(path).meta.get("fit_run") != self.record():
+                return False
+            storage.verify(path, Factors.KIND)
+        except (storage.CorruptFileError, KeyError, TypeError) as exc:
+            self.log(f"pyinf: not reusing {path}: {exc}")
             return False
-        return meta.get("fit_run") == self.record()
+        return True
 
     def _wait_for(self, paths, what: str, wait: bool, timeout: Optional[float], poll: float) -> bool:
         start, said = time.monotonic(), False

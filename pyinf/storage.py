@@ -6,13 +6,14 @@ kind and every tensor's checksum, and names what is wrong."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -69,12 +70,14 @@ def atomic_path(path: Path) -> Iterator[str]:
         raise
 
 
-def remove_stale_temporaries(folder, older_than: float = 600.0) -> None:
+def remove_stale_temporaries(folder, older_than: float = 600.0, names: Optional[Iterable[str]] = None) -> None:
     """Removes the temporary files (:func:`atomic_path`'s) that processes killed while
-    saving left in ``folder``; those written to in the last ``older_than`` seconds may be
-    another process's save in progress, and stay."""
+    saving left in ``folder`` (those of files called ``names`` only, when given: a user's
+    folder may hold other programs' ``.*.tmp``); those written to in the last ``older_than``
+    seconds may be another process's save in progress, and stay."""
     now = time.time()
-    for tmp in Path(folder).glob(".*.tmp"):
+    patterns = [".*.tmp"] if names is None else [f".{glob.escape(name)}.*.tmp" for name in names]
+    for tmp in (t for pattern in patterns for t in Path(folder).glob(pattern)):
         try:
             if now - tmp.stat().st_mtime > older_than:
                 tmp.unlink()
@@ -163,19 +166,45 @@ def load(path, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
     path = Path(path)
     tensors, meta = _read(path, f"pyinf {kind} file", lambda f: {k: f.get_tensor(k) for k in f.keys()})
     _check_kind(path, meta, kind)
-    for k, (dtype, shape) in (meta.get("layout") or {}).items():
-        t = tensors.get(k)
-        if t is not None and (str(t.dtype).replace("torch.", ""), list(t.shape)) != (dtype, shape):
-            raise CorruptFileError(f"{path}: tensor {k!r} is {t.dtype} {tuple(t.shape)}, its metadata says "
-                                   f"{dtype} {tuple(shape)} (the file was altered or damaged)")
-    expected = meta.get("crc32", {})
-    if set(expected) != set(tensors):
-        missing = sorted(set(expected) ^ set(tensors))[:5]
-        raise CorruptFileError(f"{path}: tensors do not match its metadata (differences: {missing})")
+    _check_names(path, meta, tensors)
     for k, t in tensors.items():
-        if _crc(t) != expected[k]:
-            raise CorruptFileError(f"{path}: tensor {k!r} fails its checksum (the file was altered or damaged)")
+        _check_tensor(path, meta, k, t)
     return tensors, meta
+
+
+def verify(path, kind: str) -> Dict:
+    """:func:`load`'s checks of the whole file (its metadata, then every tensor's layout and
+    checksum) with one tensor in memory at a time: the file's metadata, or a CorruptFileError.
+    For files too large to load only to be told they are whole (a 7B model's factors)."""
+    path = Path(path)
+    meta = load_meta(path, kind)
+
+    def check_each(f):
+        _check_names(path, meta, f.keys())
+        for k in f.keys():
+            _check_tensor(path, meta, k, f.get_tensor(k))
+
+    try:
+        _read(path, f"pyinf {kind} file", check_each)
+    except CorruptFileError as exc:  # _read wraps what check_each raised: the inner message is the one
+        raise (exc.__cause__ if isinstance(exc.__cause__, CorruptFileError) else exc) from None
+    return meta
+
+
+def _check_names(path: Path, meta: Dict, names) -> None:
+    expected = meta.get("crc32", {})
+    if set(expected) != set(names):
+        missing = sorted(set(expected) ^ set(names))[:5]
+        raise CorruptFileError(f"{path}: tensors do not match its metadata (differences: {missing})")
+
+
+def _check_tensor(path: Path, meta: Dict, k: str, t: torch.Tensor) -> None:
+    layout = (meta.get("layout") or {}).get(k)
+    if layout is not None and (str(t.dtype).replace("torch.", ""), list(t.shape)) != (layout[0], layout[1]):
+        raise CorruptFileError(f"{path}: tensor {k!r} is {t.dtype} {tuple(t.shape)}, its metadata says "
+                               f"{layout[0]} {tuple(layout[1])} (the file was altered or damaged)")
+    if _crc(t) != meta.get("crc32", {})[k]:
+        raise CorruptFileError(f"{path}: tensor {k!r} fails its checksum (the file was altered or damaged)")
 
 
 def hash_tensor(h, t: torch.Tensor) -> None:

@@ -115,10 +115,15 @@ class JsonlTextDataset(Dataset):
     Built for corpora of millions of documents: opening the file checks every line's JSON
     and keys (so a bad line is named before any compute) but keeps only each line's byte
     offset; a document is read and tokenised when it is asked for (``os.pread``, so
-    DataLoader worker processes can share the dataset)."""
+    DataLoader worker processes can share the dataset).
 
-    def __init__(self, path: str, tokenizer, *, max_length: int = 512):
+    A text of one token predicts nothing: as a training document it scores exactly 0 (with
+    a warning naming its line); with ``queries=True`` it is an error, as is any record too
+    short to carry a loss (a query's measurement needs one)."""
+
+    def __init__(self, path: str, tokenizer, *, max_length: int = 512, queries: bool = False):
         self.path = str(path)
+        self.queries = bool(queries)  # a query too short to carry a loss is an error, a document's scores 0
         self.tokenizer = tokenizer
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2 (a document needs two tokens to carry a "
@@ -137,7 +142,7 @@ class JsonlTextDataset(Dataset):
         if not offsets:
             raise ValueError(f"{path} holds no document")
         self._offsets, self._lengths, self._line_numbers = offsets, lengths, line_numbers
-        self._one_token = 0  # documents of one token seen (warned about, the first few by name)
+        self._one_token: set = set()  # the documents of one token named in a warning (the first few)
         self._fd: Optional[int] = None
         self._fd_pid: Optional[int] = None
 
@@ -186,7 +191,7 @@ class JsonlTextDataset(Dataset):
         return self._read(i)
 
     @staticmethod
-    def _encode(rec, tokenizer, max_length, where):
+    def _encode(rec, tokenizer, max_length, where, queries=False):
         if "text" in rec:
             ids = tokenizer.encode(rec["text"])
             labels = list(ids)
@@ -201,7 +206,7 @@ class JsonlTextDataset(Dataset):
                                  f"exceed max_length={max_length}: the completion would be cut, and its loss "
                                  f"measured on part of it; raise --max-length or shorten the record")
         ids, labels = ids[:max_length], labels[:max_length]
-        if "text" in rec and len(ids) == 1:
+        if "text" in rec and len(ids) == 1 and not queries:
             # a training document of one token predicts nothing: its gradient, and so its
             # influence on every query, is exactly 0. Scored as such (a corpus of millions has
             # such lines, and an error would stop the run at the same chunk on every rerun)
@@ -218,15 +223,14 @@ class JsonlTextDataset(Dataset):
             raise IndexError(f"document {i} of {self.path}, which holds {len(self)}")
         i %= len(self)
         try:
-            item = self._encode(self.record(i), self.tokenizer, self.max_length, self.where(i))
+            item = self._encode(self.record(i), self.tokenizer, self.max_length, self.where(i), self.queries)
         except (UnicodeError, TypeError) as exc:  # e.g. a lone surrogate ("\ud800") the tokenizer cannot encode
             raise ValueError(f"{self.where(i)}: cannot tokenise this record: {exc}") from exc
-        if len(item["input_ids"]) == 1:
-            self._one_token += 1
-            if self._one_token <= _NAMED_ONE_TOKEN:
-                more = " (further ones are not named)" if self._one_token == _NAMED_ONE_TOKEN else ""
-                warnings.warn(f"pyinf: {self.where(i)} is one token after tokenisation: it predicts nothing, so its "
-                              f"gradient and its influence are 0{more}", stacklevel=2)
+        if len(item["input_ids"]) == 1 and i not in self._one_token and len(self._one_token) < _NAMED_ONE_TOKEN:
+            self._one_token.add(i)  # named once, however many passes read it
+            more = " (further ones are not named)" if len(self._one_token) == _NAMED_ONE_TOKEN else ""
+            warnings.warn(f"pyinf: {self.where(i)} is one token after tokenisation: it predicts nothing, so its "
+                          f"gradient and its influence are 0{more}", stacklevel=2)
         return item
 
     def text(self, i: int) -> str:

@@ -58,7 +58,7 @@ def test_fit_then_score(workdir, capsys):
     # per-token scores of the listed documents only, each for its own query: they sum to the
     # documents' scores, and top.json names each one's most influential tokens (shown on the
     # token they predict; the most negative for the bottom documents)
-    tokens, _ = pyinf.storage.load(workdir / "out" / "tokens.safetensors", "token-scores")
+    tokens, _ = pyinf.storage.load(workdir / "out" / "tokens.safetensors", "query-token-scores")
     for side, k in (("top", 3), ("bottom", 2)):
         docs, per_token = tokens[f"{side}_documents"], tokens[f"{side}_per_token"]
         assert docs.tolist() == [[row["index"] for row in entry[side]] for entry in top]
@@ -75,12 +75,21 @@ def test_fit_then_score(workdir, capsys):
     assert worst["score"] == pytest.approx(float(tokens["bottom_per_token"][0, 0].min()), rel=1e-6)
     assert worst["score"] < 0
     assert "query: 'where is paris? france'" in capsys.readouterr().out
+    # a run killed while saving top.json left its temporary; the next run removes it once it
+    # is old (not other programs' temporaries)
+    import time
+
+    stale, foreign = workdir / "out" / ".top.json.k1.tmp", workdir / "out" / ".mine.txt.k2.tmp"
+    for path in (stale, foreign):
+        path.write_text("half")
+        os.utime(path, (time.time() - 3600,) * 2)
     # rerun without --per-token: the finished scores are reused, and the old token scores,
     # which this top.json no longer names, are gone
     assert run(["score", *common, "--factors", str(workdir / "f.safetensors"), "--train",
                 str(workdir / "train.jsonl"), "--queries", str(workdir / "queries.jsonl"), "--out",
                 str(workdir / "out"), "--rank", "4", "--top-k", "3"]) == 0
     assert not (workdir / "out" / "tokens.safetensors").exists()
+    assert not stale.exists() and foreign.exists()
     assert "tokens" not in json.loads((workdir / "out" / "top.json").read_text())[0]["top"][0]
     # the fused LM head gives the same scores
     assert run(["score", *common, "--fused-head", "--factors", str(workdir / "f.safetensors"), "--train",
@@ -533,9 +542,25 @@ def test_a_rerun_of_a_finished_fit_does_nothing(workdir, capsys):
     for extra in ([], ["--max-length", "16"]):
         assert run([*fit, *extra]) == 0
         assert "fitted EK-FAC factors" in capsys.readouterr().out
-    raw = bytearray(out.read_bytes())
-    raw[10:20] = b"\0" * 10
-    out.write_bytes(bytes(raw))
-    assert run([*fit, "--max-length", "16"]) == 0
-    assert "fitted EK-FAC factors" in capsys.readouterr().out
-    pyinf.Factors.load(out)  # whole again
+    for where in (slice(10, 20), slice(-10, None)):  # in the header; in the tensors' data
+        raw = bytearray(out.read_bytes())
+        raw[where] = b"\1" * 10
+        out.write_bytes(bytes(raw))
+        assert run([*fit, "--max-length", "16"]) == 0
+        captured = capsys.readouterr()
+        assert "fitted EK-FAC factors" in captured.out and "not reusing" in captured.err
+        pyinf.Factors.load(out)  # whole again
+
+
+def test_factors_without_a_weights_record_are_warned_about_not_refused(workdir):
+    """Factors of an older pyinf record no per-parameter weights: another dtype of the same
+    checkpoint cannot be told from other weights, so the CLI warns instead of refusing."""
+    common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress", "--track", "mlp"]
+    assert run(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", str(workdir / "f.safetensors"),
+                "--fisher", "empirical"]) == 0
+    old = pyinf.Factors.load(workdir / "f.safetensors")
+    old.meta.pop("model_weights")
+    old.save(workdir / "old.safetensors")
+    with pytest.warns(UserWarning, match="records no per-parameter weights .* cannot be told"):
+        assert run(["self-influence", *common, "--dtype", "bfloat16", "--factors", str(workdir / "old.safetensors"),
+                    "--train", str(workdir / "train.jsonl"), "--out", str(workdir / "si")]) == 0

@@ -196,8 +196,12 @@ def test_the_join_removes_what_killed_saves_left(setup, tmp_path):
     chunks = tmp_path / "scores-chunks"
     chunks.mkdir()
     stale, fresh = chunks / ".0000000000-0000000004.safetensors.abc123.tmp", chunks / ".x.safetensors.def.tmp"
-    # and in the output directory, a join killed while writing the joined scores or top.json
-    stale_join, fresh_join = tmp_path / ".scores.safetensors.q1w2.tmp", tmp_path / ".top.json.e3r4.tmp"
+    # and in the output directory, a join killed while writing the joined scores (another
+    # program's temporaries there are not pyinf's to remove)
+    stale_join, fresh_join = tmp_path / ".scores.safetensors.q1w2.tmp", tmp_path / ".scores.safetensors.e3r4.tmp"
+    foreign = tmp_path / ".notes.txt.x1.tmp"
+    foreign.write_bytes(b"someone else's")
+    os.utime(foreign, (time.time() - 3600,) * 2)
     stale.write_bytes(b"half a chunk")
     stale_join.write_bytes(b"half the scores")
     fresh.write_bytes(b"being written")
@@ -208,6 +212,7 @@ def test_the_join_removes_what_killed_saves_left(setup, tmp_path):
     got = pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=4, log=lambda m: None)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert not stale.exists() and not stale_join.exists() and fresh.exists() and fresh_join.exists()
+    assert foreign.exists()
 
 
 def test_a_damaged_chunk_is_scored_again(setup, tmp_path):
@@ -384,6 +389,12 @@ def test_top_documents_order_ties_and_nan():
     assert corpus.top_documents(tied, 9) == [[0, 2, 3, 1], [2, 0, 1, 3]]  # k capped at the documents
     assert corpus.top_documents(tied.half(), 3) == [[0, 2, 3], [2, 0, 1]]
     assert corpus.top_documents(tied, 0) == [[], []]
+    # NaN after -inf too (and after +inf for the lowest)
+    inf = float("inf")
+    odd = torch.tensor([[1.0], [float("nan")], [-inf], [inf], [2.0], [float("nan")]])
+    assert corpus.top_documents(odd, 6) == [[3, 4, 0, 2, 1, 5]]
+    assert corpus.top_documents(odd, 6, lowest=True) == [[2, 0, 4, 3, 1, 5]]
+    assert corpus.top_documents(odd, 5) == [[3, 4, 0, 2, 1]]
     # many ties at the k-th value: still k, in document order
     assert corpus.top_documents(torch.zeros(6, 1), 2) == [[0, 1]]
     with pytest.raises(ValueError, match="k must be a non-negative integer, got -1"):
@@ -449,7 +460,12 @@ def test_a_bad_jsonl_line_is_named_before_any_compute(tmp_path, line, message):
 def test_an_empty_or_too_short_document_is_named(tmp_path):
     with pytest.raises(ValueError, match="holds no document"):
         JsonlTextDataset(_write(tmp_path / "e.jsonl", ["", "  "]), ByteTokenizer(300))
-    # a query whose completion is cut away carries no measurement: refused
+    # a query of one token carries no measurement: refused, naming its line
+    ds = JsonlTextDataset(_write(tmp_path / "s.jsonl", [json.dumps({"text": "ok!"}), json.dumps({"text": "x"})]),
+                          ByteTokenizer(300), queries=True)
+    with pytest.raises(ValueError, match=r"s.jsonl:2: too short to carry a loss after tokenisation \(1 tokens\)"):
+        ds[1]
+    # nor does a query whose completion is cut away
     ds = JsonlTextDataset(_write(tmp_path / "q.jsonl", [json.dumps({"prompt": "abc", "completion": "d"})]),
                           ByteTokenizer(300), max_length=3)
     with pytest.raises(ValueError, match=r"q.jsonl:1: prompt \(3 tokens\) and completion \(1\) exceed max_length=3"):
@@ -479,11 +495,14 @@ def test_a_one_token_document_scores_zero(tmp_path):
         scores = engine.pairwise_scores(ds, queries, batch_size=2)
     assert scores[1].tolist() == [0.0] and scores[3].tolist() == [0.0]
     torch.testing.assert_close(scores[::2], engine.pairwise_scores(kept, queries, batch_size=2), rtol=1e-5, atol=1e-9)
+    # each named once (however many passes read it), the first ten
     warned = JsonlTextDataset(_write(tmp_path / "m.jsonl", [json.dumps({"text": "z"})] * 12), ByteTokenizer(300))
     with pytest.warns(UserWarning) as record:
-        for i in range(12):
+        for i in [0, 0, 1, 0, *range(12), *range(12)]:
             warned[i]
-    assert len(record) == 10 and "further ones are not named" in str(record[-1].message)
+    assert [str(r.message).split(" is one token")[0].rsplit(":", 1)[1] for r in record] == [str(n) for n in
+                                                                                            range(1, 11)]
+    assert "further ones are not named" in str(record[-1].message)
 
 
 def test_documents_hash_takes_mappings_and_sequences():

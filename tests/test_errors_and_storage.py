@@ -103,6 +103,17 @@ def test_corrupt_files_are_refused(fitted, tmp_path, damage):
         path = queries.save(tmp_path / "f.safetensors")
     with pytest.raises(storage.CorruptFileError):
         pyinf.Factors.load(path)
+    # verify (one tensor at a time) refuses it alike, and its message is load's
+    with pytest.raises(storage.CorruptFileError) as verified:
+        storage.verify(path, "factors")
+    if damage == "flip":
+        assert "fails its checksum" in str(verified.value)
+
+
+def test_verify_returns_the_metadata_of_a_whole_file(fitted, tmp_path):
+    _, factors, _, _ = fitted
+    path = factors.save(tmp_path / "f.safetensors")
+    assert storage.verify(path, "factors") == storage.load(path, "factors")[1]
 
 
 def test_failed_save_leaves_nothing(fitted, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ of every layer gives (Factors.merge, `pyinf merge-factors`), a factors file's he
 without its tensors, and the passes after a fit place only what preconditioning reads on the
 device."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -122,7 +123,11 @@ def test_preconditioners_that_would_crowd_the_gpu_stay_on_the_host(setup, monkey
     with pytest.warns(UserWarning, match=r"pyinf self_influence: the factors' eigenbases and Lambda \(.* GiB\) would "
                                          r"take more than half of the GPU's free memory.*track fewer layers"):
         kept = factors.preconditioners_on("cuda", what="self_influence")
-    assert kept is factors
+    assert kept.modules == factors.modules  # the same tensors, on the host
+    # a later pass over the kept factors (self_influence_corpus's chunks) does not warn again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kept.preconditioners_on("cuda", what="self_influence") is kept
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need, 10 * need))
     if torch.cuda.is_available():  # fits: moved
         assert factors.preconditioners_on("cuda", what="self_influence")["head"].q_a.is_cuda
@@ -147,8 +152,27 @@ def test_merge_factors_command(tmp_path, capsys, monkeypatch):
     assert run(["merge-factors", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
                 "--out", merged]) == 0
     assert "merged the factors of 4 modules from 2 fits" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="merged.safetensors exists: give another --out, or --force"):
+    # the merge records no fit of its own (a fit of part 0's layers into it is not skipped);
+    # run again (a script resumed after a crash) it has nothing to do; other parts: refused
+    assert "fit_run" not in pyinf.Factors.load_header(merged).meta
+    assert run(["merge-factors", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                "--out", merged]) == 0
+    assert "already holds the merge of these factors" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="merged.safetensors exists and is no merge of these factors: give another "
+                                         "--out, or --force"):
         run(["merge-factors", str(tmp_path / "a.safetensors"), "--out", merged])
+    # parts fitted on other data, or with other tokenisation settings, are refused by name
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[::-1]))
+    assert run(["fit", *common, "--train", str(tmp_path / "other.jsonl"), "--fisher", "true", "--track", r"h\.1\.mlp",
+                "--out", str(tmp_path / "b-other.safetensors")]) == 0
+    with pytest.raises(ValueError, match=r"part 1 \(\w+\) was fitted otherwise than part 0 \(fit_run.documents: "):
+        run(["merge-factors", str(tmp_path / "a.safetensors"), str(tmp_path / "b-other.safetensors"),
+             "--out", str(tmp_path / "x.safetensors")])
+    assert run([*fit, "--track", r"h\.1\.mlp", "--max-length", "16", "--out", str(tmp_path / "b16.safetensors")]) == 0
+    with pytest.raises(ValueError, match=r"fit_run.max_length: 16 in part 1, 64 in part 0"):
+        run(["merge-factors", str(tmp_path / "a.safetensors"), str(tmp_path / "b16.safetensors"),
+             "--out", str(tmp_path / "x.safetensors")])
+    assert not (tmp_path / "x.safetensors").exists()
     # the merged factors score as those of one fit of every layer
     score = ["score", *common, "--train", str(tmp_path / "train.jsonl"), "--queries",
              str(tmp_path / "queries.jsonl"), "--rank", "4"]
