@@ -15,7 +15,9 @@ silent mix of two runs; a chunk that fails its checksum is computed again. When 
 is present they are joined into ``scores.safetensors`` (float32 ``[n_docs, n_queries]``) or
 ``self_influence.safetensors`` (``[n_docs]``), which records the run and a hash of all the
 documents, and is returned by a later run only while both still match; a later run that
-does not match it (other queries, another corpus) is refused, as for a chunk."""
+does not match it (other queries, another corpus) is refused, as for a chunk. A document
+whose loss or gradients are not finite on its own gets NaN values, and the run goes on
+(:meth:`ChunkedRun._compute_isolating`)."""
 from __future__ import annotations
 
 import hashlib
@@ -168,12 +170,13 @@ class ChunkedRun:
     (``<kind>.safetensors``), so several kinds of run can share one directory."""
 
     def __init__(self, data, out_dir, *, kind: str, compute: Callable[[Subset], torch.Tensor], run: Dict,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, log: Optional[Callable[[str], None]] = None,
-                 final_meta: Optional[Dict] = None):
+                 row_shape: Tuple[int, ...] = (), chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 log: Optional[Callable[[str], None]] = None, final_meta: Optional[Dict] = None):
         self.data = data
         self.out_dir = Path(out_dir)
         self.kind = kind
         self.compute = compute
+        self.row_shape = tuple(row_shape)  # one document's values (NaN for one that cannot be computed)
         self.n_docs = len(data)
         self.ranges = chunk_ranges(self.n_docs, chunk_size)
         self.run = dict(run, n_docs=self.n_docs, chunk_size=chunk_size)
@@ -241,12 +244,35 @@ class ChunkedRun:
         for i, (start, end) in enumerate(todo):
             t0 = time.perf_counter()
             run = self._chunk_run(start, end)  # hashed before the compute, as the documents were then
-            values = self.compute(Subset(self.data, range(start, end)))
-            storage.save(self._chunk_path(start, end), f"{self.kind}-chunk", {"values": values}, run)
+            values, failed = self._compute_isolating(Subset(self.data, range(start, end)))
+            storage.save(self._chunk_path(start, end), f"{self.kind}-chunk", {"values": values},
+                         dict(run, nan_documents=failed))
             dt = time.perf_counter() - t0
             self.log(f"pyinf: {self.kind} chunk {i + 1}/{len(todo)} (documents {start}..{end - 1}) in {dt:.1f} s, "
                      f"{(end - start) / dt:.1f} docs/s")
         return self._join_chunks()
+
+    def _compute_isolating(self, subset: Subset) -> Tuple[torch.Tensor, List[int]]:
+        """``(compute(subset), [])``; where a batch's loss or a layer's gradient is not finite
+        (FloatingPointError: one document overflowing in bf16, say), the documents are halved
+        until the one that fails alone is found: its values are NaN, it is logged (with its
+        file line when the corpus knows it) and listed in the chunk's record, and the run goes
+        on (an error would stop it at this chunk on every rerun). Costs up to about twice the
+        chunk's compute where it happens, nothing elsewhere."""
+        try:
+            return self.compute(subset), []
+        except FloatingPointError as exc:
+            indices = list(subset.indices)
+            if len(indices) == 1:
+                n = indices[0]
+                where = f" ({self.data.where(n)})" if callable(getattr(self.data, "where", None)) else ""
+                self.log(f"pyinf: document {n}{where} gives a non-finite loss or gradient on its own ({exc}); its "
+                         f"{self.kind} are NaN")
+                return torch.full((1, *self.row_shape), float("nan")), [n]
+            half = len(indices) // 2
+            parts = [self._compute_isolating(Subset(subset.dataset, indices[:half])),
+                     self._compute_isolating(Subset(subset.dataset, indices[half:]))]
+        return torch.cat([p[0] for p in parts]), parts[0][1] + parts[1][1]
 
     def _check_grid(self) -> None:
         """Chunk files of another grid (another chunk size, or another corpus length) would
@@ -297,7 +323,14 @@ class ChunkedRun:
                 return None
             parts.append(values)
         values = torch.cat(parts)
-        storage.save(self.final_path, self.kind, {self.kind: values}, dict(self.final_meta, run=self._final_run()))
+        # documents that failed alone (_compute_isolating): said once more, and recorded
+        failed = values.reshape(values.shape[0], -1).isnan().all(1).nonzero().squeeze(1).tolist()
+        if failed:
+            self.log(f"pyinf: {len(failed)} document{'s' if len(failed) > 1 else ''} gave a non-finite loss or gradient "
+                     f"on their own and have NaN {self.kind} (ranked last): {failed[:10]}"
+                     f"{' ...' if len(failed) > 10 else ''}")
+        storage.save(self.final_path, self.kind, {self.kind: values},
+                     dict(self.final_meta, run=self._final_run(), nan_documents=len(failed)))
         # what processes killed while saving left (hidden, but never cleaned up otherwise): a
         # chunk, or the joined file of a join killed before (as large as the result); another
         # process's save in progress is recent, and stays
@@ -344,7 +377,8 @@ def score_corpus(engine, train, queries: Queries, out_dir, *, chunk_size: int = 
         return engine.pairwise_scores(batched(subset), queries, batch_size=batch_size,
                                       query_batch_size=query_batch_size)
 
-    return ChunkedRun(train, out_dir, kind=SCORES_KIND, compute=compute, run=run, chunk_size=chunk_size, log=log,
+    return ChunkedRun(train, out_dir, kind=SCORES_KIND, compute=compute, run=run, row_shape=(queries.n_queries,),
+                      chunk_size=chunk_size, log=log,
                       final_meta=dict(rank=queries.rank, damping=queries.damping,
                                       factors_id=queries.factors_id)).execute(shard)
 

@@ -64,6 +64,52 @@ def test_chunks_give_the_scores_of_one_pass(setup, tmp_path):
     assert sorted(again.reads) == list(range(11))
 
 
+class OverflowingDataset(torch.utils.data.Dataset):
+    """Documents ``bad`` hold an Inf: their loss is not finite (a document that overflows
+    in bf16, say)."""
+
+    def __init__(self, base, bad):
+        self.base, self.bad = base, set(bad)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return (torch.full_like(x, float("inf")), y) if i in self.bad else (x, y)
+
+    def where(self, i):
+        return f"corpus.jsonl:{i + 1}"
+
+
+def test_a_document_that_fails_alone_gets_nan_and_the_run_goes_on(setup, tmp_path):
+    """A non-finite loss or gradient stops a batch; the chunk is halved until the document
+    that fails alone is found: its scores (and self-influence) are NaN, it is named, and every
+    other document's values are those of a clean run."""
+    engine, train, queries, want = setup
+    data = OverflowingDataset(train, bad=[5, 6, 10])
+    log = []
+    got = pyinf.score_corpus(engine, data, queries, tmp_path, chunk_size=4, batch_size=3, log=log.append)
+    assert got.isnan().all(1).nonzero().squeeze(1).tolist() == [5, 6, 10]
+    keep = [n for n in range(11) if n not in (5, 6, 10)]
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-10, atol=1e-12)
+    named = [line for line in log if "on its own" in line]
+    assert [line.split(" gives")[0] for line in named] == [
+        "pyinf: document 5 (corpus.jsonl:6)", "pyinf: document 6 (corpus.jsonl:7)", "pyinf: document 10 (corpus.jsonl:11)"]
+    assert "loss of batch 0 is" in named[0] and named[0].endswith("its scores are NaN")
+    assert any("3 documents gave a non-finite loss or gradient on their own" in line for line in log)
+    _, meta = pyinf.storage.load(tmp_path / "scores.safetensors", "scores")
+    assert meta["nan_documents"] == 3
+    _, chunk = pyinf.storage.load(tmp_path / "scores-chunks" / "0000000004-0000000008.safetensors", "scores-chunk")
+    assert chunk["nan_documents"] == [5, 6]
+    assert corpus.top_documents(got, 11)[0][-3:] == [5, 6, 10]  # ranked last
+    factors = engine.fit_factors(train, batch_size=4)
+    values = pyinf.self_influence_corpus(engine, data, factors, tmp_path, chunk_size=4, log=lambda m: None)
+    assert values.isnan().nonzero().squeeze(1).tolist() == [5, 6, 10]
+    torch.testing.assert_close(values[keep], engine.self_influence(train, factors, batch_size=4)[keep],
+                               rtol=1e-10, atol=1e-12)
+
+
 def test_an_interrupted_run_resumes_where_it_stopped(setup, tmp_path):
     engine, train, queries, want = setup
     crashing = CountingDataset(train, fail_at=9)
