@@ -184,8 +184,10 @@ class StagedFit:
                 content.update(json.dumps([meta["documents"], meta["n_examples"], meta["crc32"]],
                                           sort_keys=True).encode())
                 for name in self.engine.modules:
-                    parts = [tensors[f"{name}::{f}"].to(self.device) for f in ("a_sum", "s_sum", "n_tokens")]
-                    total[name] = parts if name not in total else [a + b for a, b in zip(total[name], parts)]
+                    parts = [tensors.pop(f"{name}::{f}").to(self.device) for f in ("a_sum", "s_sum", "n_tokens")]
+                    # in place: the total and one shard's layer at a time, not a third copy
+                    total[name] = parts if name not in total else [a.add_(b) for a, b in zip(total[name], parts)]
+                    del parts
             eigen = eigenbases(total, self.dtype, self.eigh_workers)
             # the id follows the covariance sums' content: decomposed again (a damaged file), the
             # same sums give the same id, and the Lambda sums already saved against it still hold
@@ -229,8 +231,8 @@ class StagedFit:
             tensors, meta = loaded
             n_docs += meta["lambda_docs"]
             for name in self.engine.modules:
-                t = tensors[f"{name}::sum"].to(self.device)
-                totals[name] = t if name not in totals else totals[name] + t
+                t = tensors.pop(f"{name}::sum").to(self.device)
+                totals[name] = t if name not in totals else totals[name].add_(t)  # in place, as above
         m = eigen["meta"]
         meta = dict(fisher=self.fisher, n_examples=m["n_examples"], seed=self.seed, dtype=str(self.dtype),
                     n_tokens=m["n_tokens"], shards=n, eigh_workers=self.eigh_workers,
