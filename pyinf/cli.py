@@ -222,7 +222,14 @@ def cmd_fit(args) -> int:
         if args.max_examples < 1:
             raise ValueError(f"--max-examples must be positive, got {args.max_examples}")
 
-        train = Subset(train, range(min(args.max_examples, len(train))))
+        n = min(args.max_examples, len(train))
+        if args.sample_seed is None:
+            train = Subset(train, range(n))
+        else:  # a uniform sample, in file order (a sorted or concatenated corpus's first lines are one source)
+            g = torch.Generator().manual_seed(args.sample_seed)
+            train = Subset(train, sorted(torch.randperm(len(train), generator=g)[:n].tolist()))
+    elif args.sample_seed is not None:
+        raise ValueError("--sample-seed draws the --max-examples documents: give --max-examples too")
     shard = args.shard or (0, 1)
     work_dir = Path(args.work_dir or f"{args.out}.parts")
     saved = []
@@ -604,7 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--train", required=True, help="JSONL, one {'text': ...} per line")
     fit.add_argument("--out", required=True, help="factors file to write (.safetensors)")
     fit.add_argument("--fisher", choices=["true", "empirical"], default="true")
-    fit.add_argument("--max-examples", type=int, default=None)
+    fit.add_argument("--max-examples", type=int, default=None, help="fit on this many documents: the first ones, "
+                     "or with --sample-seed a uniform sample")
+    fit.add_argument("--sample-seed", type=int, default=None, help="draw the --max-examples documents at random "
+                     "(uniformly, kept in file order) with this seed")
     fit.add_argument("--refit", action="store_true", help="fit even when --out holds the factors of this very fit "
                      "(the same model, data and settings; by default a rerun then does nothing)")
     fit.add_argument("--eigh-workers", type=int, default=None, help="eigendecompositions run at once, each on "

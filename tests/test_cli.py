@@ -564,3 +564,30 @@ def test_factors_without_a_weights_record_are_warned_about_not_refused(workdir):
     with pytest.warns(UserWarning, match="records no per-parameter weights .* cannot be told"):
         assert run(["self-influence", *common, "--dtype", "bfloat16", "--factors", str(workdir / "old.safetensors"),
                     "--train", str(workdir / "train.jsonl"), "--out", str(workdir / "si")]) == 0
+
+
+def test_fit_on_a_uniform_sample(workdir, capsys):
+    """--max-examples N takes the first N documents; with --sample-seed a uniform sample of N,
+    in file order: the factors are those of the same documents fitted through the API."""
+    from pyinf.textdata import JsonlTextDataset, load_model
+
+    texts = [f"document {i}: " + "abcdefgh"[i % 8] * (3 + i % 5) for i in range(12)]
+    (workdir / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    common = ["--model", str(workdir / "model"), "--batch-size", "3", "--no-progress", "--track", "mlp"]
+    fit = ["fit", *common, "--train", str(workdir / "train.jsonl"), "--fisher", "empirical", "--max-examples", "5"]
+    assert run([*fit, "--sample-seed", "4", "--out", str(workdir / "s.safetensors")]) == 0
+    assert run([*fit, "--out", str(workdir / "first.safetensors")]) == 0
+    sampled, first = (pyinf.Factors.load(workdir / f"{n}.safetensors") for n in ("s", "first"))
+    assert sampled.meta["n_examples"] == first.meta["n_examples"] == 5 and sampled.id != first.id
+    chosen = sorted(torch.randperm(12, generator=torch.Generator().manual_seed(4))[:5].tolist())
+    model, tokenizer = load_model(str(workdir / "model"), seed=0)
+    names = [n for n in pyinf.modules.find_tracked_modules(model) if "mlp" in n]
+    engine = pyinf.InfluenceEngine(model, pyinf.CausalLMTask(tracked_modules=names), progress=False)
+    data = JsonlTextDataset(workdir / "train.jsonl", tokenizer, max_length=64)
+    for got, docs in ((sampled, chosen), (first, list(range(5)))):
+        want = engine.fit_factors(torch.utils.data.Subset(data, docs), fisher="empirical", batch_size=3)
+        for name in names:
+            torch.testing.assert_close(got[name].lambdas, want[name].lambdas, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="--sample-seed draws the --max-examples documents"):
+        run(["fit", *common, "--train", str(workdir / "train.jsonl"), "--sample-seed", "4", "--out",
+             str(workdir / "x.safetensors")])
