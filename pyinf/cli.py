@@ -29,7 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--track", default=None, help="regex over module names: track only the matching "
                    "Linear/Conv1D layers (default: those of --factors where given, else all but the output "
                    "embedding)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: the GPU of this process's local rank under a launcher "
+                   "(torchrun, srun, mpirun) that shows it several, else cuda, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the model (default: as stored)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "native"])
     p.add_argument("--batch-size", type=int, default=8)
@@ -105,6 +106,24 @@ def _shard(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def default_device(environ=None) -> str:
+    """cuda:LOCAL_RANK for a process of a launcher (torchrun, srun, mpirun) that sees several
+    GPUs, so that `--shard auto` processes on one machine each take their own; else cuda (a
+    launcher that gives each process one GPU, or none), else cpu."""
+    from .corpus import launcher_rank
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    found = launcher_rank(environ)
+    local = found[2] if found is not None else None
+    if local is not None and torch.cuda.device_count() > 1:
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"this process's local rank is {local}, but it sees {torch.cuda.device_count()} GPUs: "
+                             f"give --device")
+        return f"cuda:{local}"
+    return "cuda"
+
+
 def max_positions(model) -> Optional[int]:
     """The longest sequence the model's config allows (GPT-2's n_positions, most others'
     max_position_embeddings), or None when it names none."""
@@ -131,6 +150,8 @@ def _engine(args, factors=None, layers=None):
     args.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
     # the dtype the model runs in (--dtype float32 on a float32 checkpoint is no other setting)
     args.model_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    if args.device is None:
+        args.device = default_device()
     model = model.to(args.device)
     limit = max_positions(model)
     if args.max_length is None:  # the default: 512 tokens, or fewer if the model has fewer positions
@@ -622,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--work-dir", default=None, help="where the fit's stages are saved, so that a rerun resumes "
                      "(default: OUT.parts; removed once the factors are written)")
     fit.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="fit on shard K of N (from 0) of "
-                     "the documents; shards share --work-dir and shard 0 writes the factors")
+                     "the documents; shards share --work-dir and shard 0 writes the factors; auto: the rank and "
+                     "process count of the launcher (torchrun, srun, mpirun)")
     fit.add_argument("--no-wait", action="store_true", help="with --shard: exit instead of waiting when another "
                      f"shard's files are still missing, with status {EXIT_RUN_AGAIN} (rerun later to go on)")
     fit.set_defaults(func=cmd_fit)
@@ -650,7 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--chunk-size", type=_at_least(1), default=DEFAULT_CHUNK_SIZE, help="documents per saved chunk: "
                        "an interrupted run loses at most one chunk")
     score.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="score only shard K of N "
-                       "(from 0) of the chunks; shards share --out, the last to finish joins the scores")
+                       "(from 0) of the chunks; shards share --out, the last to finish joins the scores; auto: the "
+                       "rank and process count of the launcher (torchrun, srun, mpirun)")
     score.add_argument("--query-batch-size", type=int, default=None, help="score the queries in groups of this "
                        "many, one pass each, when all their factors do not fit on the device at once")
     score.add_argument("--top-k", type=_at_least(1), default=10, help="documents listed per query in top.json, "
@@ -677,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     self_inf.add_argument("--chunk-size", type=_at_least(1), default=DEFAULT_CHUNK_SIZE,
                           help="documents per saved chunk")
     self_inf.add_argument("--shard", type=_shard, default=None, metavar="K/N", help="only shard K of N (from 0) of "
-                          "the chunks; shards share --out, the last to finish joins the values")
+                          "the chunks; shards share --out, the last to finish joins the values; auto: the launcher's "
+                          "rank and process count")
     self_inf.add_argument("--top-k", type=_at_least(1), default=10)
     self_inf.add_argument("--id-key", default="id", help="a training record's field copied as the document's id")
     self_inf.add_argument("--allow-other-weights", action="store_true", help="use factors fitted with other "

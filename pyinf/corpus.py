@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -43,12 +44,39 @@ SELF_INFLUENCE_KIND = "self_influence"
 DEFAULT_CHUNK_SIZE = 4096
 
 
-def parse_shard(text: str) -> Tuple[int, int]:
-    """``"K/N"`` (shard K of N, counted from 0) as ``(K, N)``."""
+# (this process's rank, the number of processes, its rank on its machine) as launchers set them
+_LAUNCHER_ENV = (("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun, torch.distributed.launch
+                 ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),  # srun
+                 ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"))  # mpirun
+
+
+def launcher_rank(environ=None) -> Optional[Tuple[int, int, Optional[int]]]:
+    """``(rank, world size, local rank or None)`` from the environment a launcher (torchrun,
+    srun, mpirun) gives each process it starts; None outside one."""
+    environ = os.environ if environ is None else environ
+    for rank, size, local in _LAUNCHER_ENV:
+        if rank in environ and size in environ:
+            try:
+                return int(environ[rank]), int(environ[size]), int(environ[local]) if local in environ else None
+            except ValueError:
+                raise ValueError(f"{rank}={environ[rank]!r}, {size}={environ[size]!r}: not integers") from None
+    return None
+
+
+def parse_shard(text: str, environ=None) -> Tuple[int, int]:
+    """``"K/N"`` (shard K of N, counted from 0) as ``(K, N)``; ``"auto"``: this process's rank
+    and the number of processes of the launcher that started it (torchrun, srun, mpirun)."""
+    if text == "auto":
+        found = launcher_rank(environ)
+        if found is None:
+            raise ValueError("shard 'auto' takes K/N from a launcher's environment (RANK and WORLD_SIZE of torchrun, "
+                             "SLURM_PROCID and SLURM_NTASKS of srun, or mpirun's), and none is set: give K/N")
+        check_shard(found[:2])
+        return found[:2]
     try:
         k, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise ValueError(f"a shard is written K/N (shard K of N, counted from 0), got {text!r}") from None
+        raise ValueError(f"a shard is written K/N (shard K of N, counted from 0) or auto, got {text!r}") from None
     check_shard((k, n))
     return k, n
 

@@ -172,6 +172,37 @@ def test_shard_ranges_split_the_chunks_evenly():
         corpus.chunk_ranges(10, 0)
 
 
+def test_shard_auto_takes_the_launchers_rank():
+    """--shard auto: the rank and process count torchrun, srun or mpirun give a process; the
+    default device follows the local rank where the process sees several GPUs."""
+    from pyinf.cli import default_device
+
+    assert corpus.parse_shard("auto", {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}) == (3, 8)
+    assert corpus.parse_shard("auto", {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}) == (5, 16)
+    assert corpus.parse_shard("auto", {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}) == (0, 2)
+    # torchrun's variables win over the srun that started torchrun
+    assert corpus.parse_shard("auto", {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) \
+        == (1, 2)
+    with pytest.raises(ValueError, match="shard 'auto' takes K/N from a launcher's environment .* none is set"):
+        corpus.parse_shard("auto", {})
+    with pytest.raises(ValueError, match="shard 4/4"):
+        corpus.parse_shard("auto", {"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match="RANK='x', WORLD_SIZE='4': not integers"):
+        corpus.parse_shard("auto", {"RANK": "x", "WORLD_SIZE": "4"})
+    assert corpus.launcher_rank({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2"}) == (2, 4, 2)
+    launched = {"RANK": "6", "WORLD_SIZE": "8", "LOCAL_RANK": "2"}
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        assert default_device(launched) == "cpu"
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "device_count", lambda: 4)
+        assert default_device(launched) == "cuda:2" and default_device({}) == "cuda"
+        with pytest.raises(ValueError, match="local rank is 5, but it sees 4 GPUs: give --device"):
+            default_device(dict(launched, LOCAL_RANK="5"))
+        m.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1: its one GPU
+        assert default_device(dict(launched, LOCAL_RANK="5")) == "cuda"
+
+
 def test_a_directory_of_another_run_is_refused(setup, tmp_path):
     engine, train, queries, _ = setup
     pyinf.score_corpus(engine, train, queries, tmp_path, chunk_size=4, shard=(0, 3), log=lambda m: None)
