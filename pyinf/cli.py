@@ -318,7 +318,7 @@ def cmd_prepare(args) -> int:
     from . import Factors
     from .textdata import JsonlTextDataset
 
-    factors = Factors.load(args.factors)
+    factors = Factors.load(args.factors, covariances=False)  # only the fit reads them
     engine, tokenizer = _engine(args, factors)
     _query_settings(args)
     query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length, queries=True)
@@ -465,7 +465,8 @@ def cmd_score(args) -> int:
 
     # with --prepared queries only the factors' id, seed and layers are read: their header,
     # not the ~120 GB of a 7B model's factors in every shard
-    factors = Factors.load_header(args.factors) if args.prepared else Factors.load(args.factors)
+    factors = (Factors.load_header(args.factors) if args.prepared
+               else Factors.load(args.factors, covariances=False))  # covariances: only the fit reads them
     # --prepared queries of some of the factors' layers (prepare --track): score those layers
     prepared = Queries.load(args.prepared, factors) if args.prepared else None
     engine, tokenizer = _engine(args, factors, layers=prepared.module_names if prepared is not None else None)
@@ -541,7 +542,7 @@ def cmd_self_influence(args) -> int:
     from .corpus import self_influence_corpus
     from .textdata import JsonlTextDataset
 
-    factors = Factors.load(args.factors)
+    factors = Factors.load(args.factors, covariances=False)  # only the fit reads them
     engine, tokenizer = _engine(args, factors)
     train = JsonlTextDataset(args.train, tokenizer, max_length=args.max_length)
     out = Path(args.out)

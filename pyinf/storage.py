@@ -162,11 +162,19 @@ def load_meta(path, kind: str) -> Dict:
     return meta
 
 
-def load(path, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
+def load(path, kind: str, keys: Optional[Callable[[str], bool]] = None) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """A pyinf ``kind`` file's tensors and metadata, every tensor checked against the
+    metadata's layout and checksum. ``keys``: read only the tensors it says yes to (the file's
+    list of tensors is still checked whole)."""
     path = Path(path)
-    tensors, meta = _read(path, f"pyinf {kind} file", lambda f: {k: f.get_tensor(k) for k in f.keys()})
+
+    def read(f):
+        names = list(f.keys())
+        return names, {k: f.get_tensor(k) for k in names if keys is None or keys(k)}
+
+    (names, tensors), meta = _read(path, f"pyinf {kind} file", read)
     _check_kind(path, meta, kind)
-    _check_names(path, meta, tensors)
+    _check_names(path, meta, names)
     for k, t in tensors.items():
         _check_tensor(path, meta, k, t)
     return tensors, meta

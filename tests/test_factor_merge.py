@@ -194,3 +194,32 @@ def test_merge_factors_command(tmp_path, capsys, monkeypatch):
     assert run([*score, "--factors", merged, "--prepared", prepared, "--out", str(tmp_path / "p")]) == 0
     got, _ = pyinf.storage.load(tmp_path / "p" / "scores.safetensors", "scores")
     torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-5, atol=1e-8)
+
+
+def test_factors_load_without_covariances_or_other_layers(setup, tmp_path):
+    """Preparing queries and self-influence read no covariances: loading without them (and
+    with only some layers) gives the same results, and such factors cannot be saved as whole."""
+    model, data = setup
+    engine, factors = _fit(model, data, ["fc1", "fc2", "head"])
+    path = factors.save(tmp_path / "f.safetensors")
+    light = pyinf.Factors.load(path, covariances=False)
+    assert light.id == factors.id and all(light[n].a_cov is None and light[n].s_cov is None for n in light.modules)
+    queries = RegressionDataset(3, seed=6, dtype=torch.float64)
+    full = engine.prepare_queries(queries, factors, rank=2)
+    torch.testing.assert_close(engine.pairwise_scores(data, engine.prepare_queries(queries, light, rank=2)),
+                               engine.pairwise_scores(data, full), rtol=0, atol=0)
+    torch.testing.assert_close(engine.self_influence(data, light), engine.self_influence(data, factors), rtol=0, atol=0)
+    assert light.to("cpu")["fc1"].a_cov is None
+    with pytest.raises(ValueError, match="loaded without their covariances"):
+        light.save(tmp_path / "g.safetensors")
+    two = pyinf.Factors.load(path, modules=["head", "fc1"])
+    assert two.module_names == ["fc1", "head"] and torch.equal(two["head"].a_cov, factors["head"].a_cov)
+    with pytest.raises(ValueError, match=r"f.safetensors holds no factors for \['fc9'\]"):
+        pyinf.Factors.load(path, modules=["fc1", "fc9"])
+    # the tensors read are checked as ever
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # the last tensor's bytes
+    path.write_bytes(bytes(raw))
+    with pytest.raises(pyinf.storage.CorruptFileError, match="fails its checksum"):
+        pyinf.Factors.load(path)
+
