@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -235,6 +236,8 @@ def cmd_fit(args) -> int:
     from .staged_fit import StagedFit
     from .textdata import JsonlTextDataset
 
+    if args.sample_seed is not None and args.max_examples is None:  # before minutes of loading a model
+        raise ValueError("--sample-seed draws the --max-examples documents: give --max-examples too")
     engine, tokenizer = _engine(args)
     train = JsonlTextDataset(args.train, tokenizer, max_length=args.max_length)
     if args.max_examples is not None:
@@ -249,8 +252,6 @@ def cmd_fit(args) -> int:
         else:  # a uniform sample, in file order (a sorted or concatenated corpus's first lines are one source)
             g = torch.Generator().manual_seed(args.sample_seed)
             train = Subset(train, sorted(torch.randperm(len(train), generator=g)[:n].tolist()))
-    elif args.sample_seed is not None:
-        raise ValueError("--sample-seed draws the --max-examples documents: give --max-examples too")
     shard = args.shard or (0, 1)
     work_dir = Path(args.work_dir or f"{args.out}.parts")
     saved = []
@@ -448,6 +449,17 @@ def _token_highlights(args, train, tokenizer, documents, per_token, *, lowest: b
     return highlights
 
 
+def _json_number(value) -> Optional[float]:
+    """A value for top.json: a float, or None (JSON null) for a NaN, which JSON cannot hold
+    (a document that could not be scored alone)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _shown(value: Optional[float]) -> str:
+    return f"{value:+.4e}" if value is not None else "       nan"
+
+
 def _document_row(train, n: int, id_key: str, **values) -> dict:
     """A document as top.json and top_self_influence.json list it: its index (the row of the
     scores), its file line, its id field when the record has one, the values, its text."""
@@ -482,7 +494,10 @@ def cmd_score(args) -> int:
                           run_meta=_run_meta(args))
     if scores is None:
         return _shard_pending(args.shard)
-    k, k_low = min(args.top_k, scores.shape[0]), min(args.bottom_k, scores.shape[0])
+    # documents that failed alone have NaN rows (corpus.ChunkedRun): never listed, so never
+    # scored again per token, where they would fail again
+    scored = int((~scores.isnan().all(1)).sum())
+    k, k_low = min(args.top_k, scored), min(args.bottom_k, scored)
     ranked = {"top": top_documents(scores, k)}
     if k_low:  # the documents that most oppose each query's completion
         ranked["bottom"] = top_documents(scores, k_low, lowest=True)
@@ -514,7 +529,7 @@ def cmd_score(args) -> int:
         for side, docs in ranked.items():
             rows = []
             for n in docs[q]:
-                row = _document_row(train, n, args.id_key, score=float(scores[n, q]))
+                row = _document_row(train, n, args.id_key, score=_json_number(scores[n, q]))
                 if args.per_token:
                     row["tokens"] = tokens[side][n, q]
                 rows.append(row)
@@ -525,7 +540,7 @@ def cmd_score(args) -> int:
         print(f"\nquery: {entry['query'][:100]!r}")
         for side in ranked:
             for row in entry[side][: min(5, k if side == "top" else k_low)]:
-                line = f"  {row['score']:+.4e}  #{row['index']:<6d} {row['text'][:90]!r}"
+                line = f"  {_shown(row['score'])}  #{row['index']:<6d} {row['text'][:90]!r}"
                 if row.get("tokens"):
                     line += "  tokens: " + ", ".join(repr(t["token"]) for t in row["tokens"][:3])
                 print(line)
@@ -539,7 +554,7 @@ def cmd_score(args) -> int:
 
 def cmd_self_influence(args) -> int:
     from . import Factors, storage
-    from .corpus import self_influence_corpus
+    from .corpus import self_influence_corpus, top_documents
     from .textdata import JsonlTextDataset
 
     factors = Factors.load(args.factors, covariances=False)  # only the fit reads them
@@ -553,12 +568,13 @@ def cmd_self_influence(args) -> int:
         return _shard_pending(args.shard)
     storage.remove_stale_temporaries(out, names=["top_self_influence.json"])  # a killed run's
     k = min(args.top_k, values.shape[0])
-    top, index = values.topk(k)
-    rows = [_document_row(train, int(i), args.id_key, self_influence=float(v)) for v, i in zip(top, index)]
+    # NaN (a document that fails alone) last, not first as topk would have it
+    (index,) = top_documents(values[:, None], k)
+    rows = [_document_row(train, i, args.id_key, self_influence=_json_number(values[i])) for i in index]
     storage.write_text_atomic(out / "top_self_influence.json", json.dumps(rows, indent=1))
     print("highest self-influence (the documents the model finds hardest to fit: outliers, mislabeled text):")
     for row in rows[:5]:
-        print(f"  {row['self_influence']:+.4e}  #{row['index']:<6d} {row['text'][:90]!r}")
+        print(f"  {_shown(row['self_influence'])}  #{row['index']:<6d} {row['text'][:90]!r}")
     print(f"\npyinf: self-influence {tuple(values.shape)} -> {out / 'self_influence.safetensors'}, top {k} -> "
           f"{out / 'top_self_influence.json'}")
     return 0

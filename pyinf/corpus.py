@@ -46,8 +46,11 @@ DEFAULT_CHUNK_SIZE = 4096
 
 # (this process's rank, the number of processes, its rank on its machine) as launchers set them
 _LAUNCHER_ENV = (("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun, torch.distributed.launch
-                 ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),  # srun
-                 ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"))  # mpirun
+                 # srun: the step's task count (a batch script, not a step, has SLURM_NTASKS and
+                 # SLURM_PROCID=0 but no step: shard 0 of N alone would look done)
+                 ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
+                 ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+                 ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"))  # MPICH, Intel MPI
 
 
 def launcher_rank(environ=None) -> Optional[Tuple[int, int, Optional[int]]]:
@@ -56,10 +59,12 @@ def launcher_rank(environ=None) -> Optional[Tuple[int, int, Optional[int]]]:
     environ = os.environ if environ is None else environ
     for rank, size, local in _LAUNCHER_ENV:
         if rank in environ and size in environ:
+            named = [k for k in (rank, size, local) if k in environ]
             try:
-                return int(environ[rank]), int(environ[size]), int(environ[local]) if local in environ else None
+                values = [int(environ[k]) for k in named]
             except ValueError:
-                raise ValueError(f"{rank}={environ[rank]!r}, {size}={environ[size]!r}: not integers") from None
+                raise ValueError(", ".join(f"{k}={environ[k]!r}" for k in named) + ": not all integers") from None
+            return values[0], values[1], values[2] if len(values) == 3 else None
     return None
 
 
@@ -70,7 +75,8 @@ def parse_shard(text: str, environ=None) -> Tuple[int, int]:
         found = launcher_rank(environ)
         if found is None:
             raise ValueError("shard 'auto' takes K/N from a launcher's environment (RANK and WORLD_SIZE of torchrun, "
-                             "SLURM_PROCID and SLURM_NTASKS of srun, or mpirun's), and none is set: give K/N")
+                             "SLURM_PROCID and SLURM_STEP_NUM_TASKS of an srun step, or mpirun's), and none is set: "
+                             "give K/N")
         check_shard(found[:2])
         return found[:2]
     try:
@@ -285,22 +291,40 @@ class ChunkedRun:
         (FloatingPointError: one document overflowing in bf16, say), the documents are halved
         until the one that fails alone is found: its values are NaN, it is logged (with its
         file line when the corpus knows it) and listed in the chunk's record, and the run goes
-        on (an error would stop it at this chunk on every rerun). Costs up to about twice the
-        chunk's compute where it happens, nothing elsewhere."""
-        try:
-            return self.compute(subset), []
-        except FloatingPointError as exc:
-            indices = list(subset.indices)
-            if len(indices) == 1:
-                n = indices[0]
-                where = f" ({self.data.where(n)})" if callable(getattr(self.data, "where", None)) else ""
-                self.log(f"pyinf: document {n}{where} gives a non-finite loss or gradient on its own ({exc}); its "
-                         f"{self.kind} are NaN")
-                return torch.full((1, *self.row_shape), float("nan")), [n]
-            half = len(indices) // 2
-            parts = [self._compute_isolating(Subset(subset.dataset, indices[:half])),
-                     self._compute_isolating(Subset(subset.dataset, indices[half:]))]
-        return torch.cat([p[0] for p in parts]), parts[0][1] + parts[1][1]
+        on (an error would stop it at this chunk on every rerun). Nothing is spent where no
+        document fails; with b failing documents in a chunk of n, about
+        ``2 b log2(n / b)`` documents are computed again. More than ``max(8, n / 100)`` failing
+        alone in one chunk is no document's fault (NaN weights, a dtype too narrow for the
+        model): the first error is raised, as without isolation."""
+        limit = max(8, len(subset) // 100)
+        failed: List[int] = []
+
+        def isolate(part: Subset) -> torch.Tensor:
+            try:
+                return self.compute(part)
+            except FloatingPointError as exc:
+                # out of the handler before going on: its traceback holds the failed pass's
+                # frames (the batch on the device, the query tensors), which must be let go
+                error = exc
+            indices = list(part.indices)
+            if len(indices) > 1:
+                half = len(indices) // 2
+                del error
+                return torch.cat([isolate(Subset(part.dataset, indices[:half])),
+                                  isolate(Subset(part.dataset, indices[half:]))])
+            if len(failed) >= limit:
+                if hasattr(error, "add_note"):  # Python 3.11+
+                    error.add_note(f"more than {limit} documents of chunk {subset.indices[0]}..{subset.indices[-1]} "
+                                   f"fail on their own: the model or its dtype, not the documents (float32 weights?)")
+                raise error
+            n = indices[0]
+            failed.append(n)
+            where = f" ({self.data.where(n)})" if callable(getattr(self.data, "where", None)) else ""
+            self.log(f"pyinf: document {n}{where} gives a non-finite loss or gradient on its own ({error}); its "
+                     f"{self.kind} are NaN")
+            return torch.full((1, *self.row_shape), float("nan"), dtype=torch.float32)
+
+        return isolate(subset), failed
 
     def _check_grid(self) -> None:
         """Chunk files of another grid (another chunk size, or another corpus length) would
@@ -353,10 +377,13 @@ class ChunkedRun:
         values = torch.cat(parts)
         # documents that failed alone (_compute_isolating): said once more, and recorded
         failed = values.reshape(values.shape[0], -1).isnan().all(1).nonzero().squeeze(1).tolist()
+        if failed and len(failed) == values.shape[0]:
+            raise FloatingPointError(f"every document gave a non-finite loss or gradient on its own: the model or its "
+                                     f"dtype, not the documents; fix it and delete {_chunks_dir(self.out_dir, self.kind)}")
         if failed:
             self.log(f"pyinf: {len(failed)} document{'s' if len(failed) > 1 else ''} gave a non-finite loss or gradient "
                      f"on their own and have NaN {self.kind} (ranked last): {failed[:10]}"
-                     f"{' ...' if len(failed) > 10 else ''}")
+                     f"{' ...' if len(failed) > 10 else ''}; delete a chunk's file to compute it again")
         storage.save(self.final_path, self.kind, {self.kind: values},
                      dict(self.final_meta, run=self._final_run(), nan_documents=len(failed)))
         # what processes killed while saving left (hidden, but never cleaned up otherwise): a

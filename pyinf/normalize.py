@@ -33,9 +33,11 @@ def normalize(scores, how: str, *, queries: Optional[Queries] = None,
                          f"given Queries {queries.n_queries}")
     if train_self_influence is not None:
         train_self_influence = torch.as_tensor(train_self_influence)
-        if bool((train_self_influence < 0).any()) or not bool(torch.isfinite(train_self_influence).all()):
-            raise ValueError("normalize: train_self_influence must be finite and >= 0 (grad^T H^-1 grad), got "
-                             f"{train_self_influence.min().item()} at its smallest")
+        # NaN: a document that could not be computed alone (pyinf.corpus); its scores are NaN too
+        if bool((train_self_influence < 0).any()) or bool(train_self_influence.isinf().any()):
+            raise ValueError("normalize: train_self_influence must be finite (or NaN, for a document that could not "
+                             "be computed) and >= 0 (grad^T H^-1 grad), got "
+                             f"{train_self_influence.nan_to_num(nan=float('inf')).min().item()} at its smallest")
     if train_self_influence is not None and tuple(train_self_influence.shape) != (scores.shape[0],):
         raise ValueError(f"normalize: train_self_influence must be [n_train={scores.shape[0]}] for scores of shape "
                          f"{tuple(scores.shape)}, got shape {tuple(train_self_influence.shape)}")

@@ -591,3 +591,38 @@ def test_fit_on_a_uniform_sample(workdir, capsys):
     with pytest.raises(ValueError, match="--sample-seed draws the --max-examples documents"):
         run(["fit", *common, "--train", str(workdir / "train.jsonl"), "--sample-seed", "4", "--out",
              str(workdir / "x.safetensors")])
+
+
+def test_documents_that_failed_alone_are_listed_last_or_not_at_all(workdir, monkeypatch, capsys):
+    """A document whose scores are NaN (it failed alone, pyinf.corpus) is never among a query's
+    top or bottom documents (nor scored per token, where it would fail again); self-influence
+    lists it last, as JSON null."""
+    import pyinf.corpus as corpus_mod
+
+    common = ["--model", str(workdir / "model"), "--batch-size", "2", "--no-progress", "--track", "mlp"]
+    factors = str(workdir / "f.safetensors")
+    assert run(["fit", *common, "--train", str(workdir / "train.jsonl"), "--out", factors, "--fisher",
+                "empirical"]) == 0
+    real_scores, real_self = corpus_mod.score_corpus, corpus_mod.self_influence_corpus
+
+    def with_a_failure(real):
+        def run_(*args, **kwargs):
+            values = real(*args, **kwargs).clone()
+            values[2] = float("nan")
+            return values
+        return run_
+
+    monkeypatch.setattr(corpus_mod, "score_corpus", with_a_failure(real_scores))
+    monkeypatch.setattr(corpus_mod, "self_influence_corpus", with_a_failure(real_self))
+    assert run(["score", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"), "--queries",
+                str(workdir / "queries.jsonl"), "--out", str(workdir / "out"), "--rank", "4", "--top-k", "9",
+                "--bottom-k", "9", "--per-token"]) == 0
+    top = json.loads((workdir / "out" / "top.json").read_text())  # valid JSON: no bare NaN
+    for entry in top:
+        for side in ("top", "bottom"):
+            assert sorted(row["index"] for row in entry[side]) == [0, 1, 3]
+    assert run(["self-influence", *common, "--factors", factors, "--train", str(workdir / "train.jsonl"), "--out",
+                str(workdir / "si"), "--top-k", "4"]) == 0
+    rows = json.loads((workdir / "si" / "top_self_influence.json").read_text())
+    assert [row["index"] for row in rows][-1] == 2 and rows[-1]["self_influence"] is None
+    assert all(row["self_influence"] > 0 for row in rows[:-1])

@@ -108,6 +108,18 @@ def test_a_document_that_fails_alone_gets_nan_and_the_run_goes_on(setup, tmp_pat
     assert values.isnan().nonzero().squeeze(1).tolist() == [5, 6, 10]
     torch.testing.assert_close(values[keep], engine.self_influence(train, factors, batch_size=4)[keep],
                                rtol=1e-10, atol=1e-12)
+    # more than 8 failing alone in a chunk is the model's fault, not the documents': raised, and
+    # the chunk is not saved
+    with pytest.raises(FloatingPointError, match="loss of batch 0") as raised:
+        pyinf.score_corpus(engine, OverflowingDataset(train, bad=range(11)), queries, tmp_path / "all",
+                           chunk_size=11, log=lambda m: None)
+    assert "more than 8 documents of chunk 0..10 fail on their own" in "".join(raised.value.__notes__)
+    assert not list((tmp_path / "all").rglob("*.safetensors"))
+    # and so is a run where every document failed, in chunks too small to tell
+    with pytest.raises(FloatingPointError, match="every document gave a non-finite loss or gradient on its own"):
+        pyinf.score_corpus(engine, OverflowingDataset(train, bad=range(11)), queries, tmp_path / "small",
+                           chunk_size=4, log=lambda m: None)
+    assert not (tmp_path / "small" / "scores.safetensors").exists()
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(setup, tmp_path):
@@ -178,17 +190,21 @@ def test_shard_auto_takes_the_launchers_rank():
     from pyinf.cli import default_device
 
     assert corpus.parse_shard("auto", {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}) == (3, 8)
-    assert corpus.parse_shard("auto", {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}) == (5, 16)
+    srun = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}
+    assert corpus.parse_shard("auto", srun) == (5, 16)
     assert corpus.parse_shard("auto", {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}) == (0, 2)
+    assert corpus.parse_shard("auto", {"PMI_RANK": "1", "PMI_SIZE": "3"}) == (1, 3)
     # torchrun's variables win over the srun that started torchrun
-    assert corpus.parse_shard("auto", {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) \
-        == (1, 2)
+    assert corpus.parse_shard("auto", {"RANK": "1", "WORLD_SIZE": "2", **srun}) == (1, 2)
+    # a batch script is no srun step (SLURM_PROCID=0 of SLURM_NTASKS there): shard 0 of N alone would look done
+    with pytest.raises(ValueError, match="shard 'auto' takes K/N from a launcher's environment .* none is set"):
+        corpus.parse_shard("auto", {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0"})
     with pytest.raises(ValueError, match="shard 'auto' takes K/N from a launcher's environment .* none is set"):
         corpus.parse_shard("auto", {})
     with pytest.raises(ValueError, match="shard 4/4"):
         corpus.parse_shard("auto", {"RANK": "4", "WORLD_SIZE": "4"})
-    with pytest.raises(ValueError, match="RANK='x', WORLD_SIZE='4': not integers"):
-        corpus.parse_shard("auto", {"RANK": "x", "WORLD_SIZE": "4"})
+    with pytest.raises(ValueError, match="RANK='1', WORLD_SIZE='4', LOCAL_RANK='x': not all integers"):
+        corpus.parse_shard("auto", {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "x"})
     assert corpus.launcher_rank({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2"}) == (2, 4, 2)
     launched = {"RANK": "6", "WORLD_SIZE": "8", "LOCAL_RANK": "2"}
     with pytest.MonkeyPatch.context() as m:

@@ -216,10 +216,25 @@ def test_factors_load_without_covariances_or_other_layers(setup, tmp_path):
     assert two.module_names == ["fc1", "head"] and torch.equal(two["head"].a_cov, factors["head"].a_cov)
     with pytest.raises(ValueError, match=r"f.safetensors holds no factors for \['fc9'\]"):
         pyinf.Factors.load(path, modules=["fc1", "fc9"])
-    # the tensors read are checked as ever
-    raw = bytearray(path.read_bytes())
-    raw[-5] ^= 0xFF  # the last tensor's bytes
-    path.write_bytes(bytes(raw))
-    with pytest.raises(pyinf.storage.CorruptFileError, match="fails its checksum"):
+    # the tensors read are checked as ever; those not read are not read
+    _damage(path, "head::lambdas")
+    with pytest.raises(pyinf.storage.CorruptFileError, match="'head::lambdas' fails its checksum"):
+        pyinf.Factors.load(path, covariances=False)
+    assert pyinf.Factors.load(path, modules=["fc1"]).module_names == ["fc1"]
+    path = factors.save(tmp_path / "f2.safetensors")
+    _damage(path, "fc1::a_cov")
+    assert pyinf.Factors.load(path, covariances=False).id == factors.id
+    with pytest.raises(pyinf.storage.CorruptFileError, match="'fc1::a_cov' fails its checksum"):
         pyinf.Factors.load(path)
+
+
+def _damage(path, key):
+    """Flips a byte in the middle of tensor ``key``'s data in a safetensors file."""
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    (size,) = struct.unpack("<Q", raw[:8])
+    start, end = json.loads(raw[8:8 + size])[key]["data_offsets"]
+    raw[8 + size + (start + end) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
 

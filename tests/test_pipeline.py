@@ -343,8 +343,15 @@ def test_normalisations(gpt2_fp32):
     # a list of self-influences is taken; values no self-influence can have, and measurements
     # per_nat cannot divide by (0, negative: 1e30-scale scores, signs lost), are refused
     assert _rel(normalize(scores, "relative", train_self_influence=si.tolist()), rel) < 1e-6
-    with pytest.raises(ValueError, match="train_self_influence must be finite and >= 0"):
+    with pytest.raises(ValueError, match=r"train_self_influence must be finite \(or NaN, .*\) and >= 0"):
         normalize(scores, "relative", train_self_influence=-si)
+    with pytest.raises(ValueError, match=r"train_self_influence must be finite"):
+        normalize(scores, "relative", train_self_influence=torch.cat([si[:-1], torch.tensor([float("inf")])]))
+    # a document that could not be computed (NaN self-influence and scores) stays NaN, alone
+    gap = si.clone()
+    gap[1] = float("nan")
+    with_gap = normalize(scores, "relative", train_self_influence=gap)
+    assert bool(with_gap[1].isnan().all()) and _rel(with_gap[[0, *range(2, n)]], rel[[0, *range(2, n)]]) < 1e-6
     zeroed = queries.select(range(n))
     zeroed.meta["measurements"] = [0.0] + [-1.5] + list(zeroed.meta["measurements"][2:])
     with pytest.raises(ValueError, match=r"queries \[0, 1\] have \[0.0, -1.5\]: a measurement must be > 0"):
