@@ -28,7 +28,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import Subset
@@ -89,6 +89,47 @@ class StagedFit:
         return storage.load_if_same_run(
             path, kind, want, on_damaged=lambda why: self.log(f"pyinf: {why}; computing that stage again"),
             remedy=f"use a new work directory, or delete {self.work_dir} to start over")
+
+    def _header(self, path: Path, kind: str, want: Dict) -> Dict:
+        """A saved stage's metadata (CorruptFileError when damaged); a stage of another run raises."""
+        meta = storage.load_meta(path, kind)
+        diff = storage.differences(meta, want)
+        if diff:
+            raise ValueError(f"{path} belongs to another run ({'; '.join(diff)}); use a new work directory, or "
+                             f"delete {self.work_dir} to start over")
+        return meta
+
+    def _saved(self, path: Path, kind: str, want: Dict) -> Optional[Dict]:
+        """The metadata of a saved stage of this run when it is there and whole (every tensor's
+        checksum, read one tensor at a time: a 7B model's sums are ~100 GB, not to be held only
+        to learn that they are done), else None (computed again). A stage of another run raises."""
+        if not path.exists():
+            return None
+        try:
+            self._header(path, kind, want)
+            return storage.verify(path, kind)
+        except storage.CorruptFileError as exc:
+            self.log(f"pyinf: {exc}; computing that stage again")
+            return None
+
+    def _saved_or_rerun(self, path: Path, kind: str, want: Dict, shard: int) -> Dict:
+        """The header of another shard's saved stage, which must be there for this run (the
+        tensors are checked as :meth:`_layers` reads them)."""
+        try:
+            return self._header(path, kind, want)
+        except (storage.CorruptFileError, FileNotFoundError) as exc:
+            raise storage.CorruptFileError(f"{path} disappeared or is damaged ({exc}); rerun shard "
+                                           f"{shard}/{self.shard[1]}") from exc
+
+    def _layers(self, path: Path, kind: str, shard: int, fields) -> Iterator[Tuple[str, List[torch.Tensor]]]:
+        """Shard ``shard``'s saved sums of each tracked layer, ``fields`` of it, one layer read
+        from the file at a time (every tensor checked as it is read)."""
+        for name in self.engine.modules:
+            try:
+                tensors, _ = storage.load(path, kind, keys=lambda key, name=name: key.rpartition("::")[0] == name)
+            except (storage.CorruptFileError, FileNotFoundError) as exc:
+                raise storage.CorruptFileError(f"{exc}; rerun shard {shard}/{self.shard[1]}") from exc
+            yield name, [tensors[f"{name}::{f}"] for f in fields]
 
     def _mine(self) -> Dict:
         return self._of_shard(self.shard[0])
@@ -154,7 +195,7 @@ class StagedFit:
     def _covariance(self) -> None:
         k, n = self.shard
         path = self._path("covariance", k)
-        if self._load(path, COVARIANCE_KIND, self._mine()) is not None:
+        if self._saved(path, COVARIANCE_KIND, self._mine()) is not None:
             return
         t0 = time.perf_counter()
         with self.engine._stage_context():
@@ -175,17 +216,15 @@ class StagedFit:
             n_examples = 0
             content = hashlib.sha256()
             for j in range(self.shard[1]):  # in shard order: the same float64 sums on every rerun
-                loaded = self._load(self._path("covariance", j), COVARIANCE_KIND, self._of_shard(j))
-                if loaded is None:
-                    raise storage.CorruptFileError(f"{self._path('covariance', j)} disappeared or is damaged; rerun "
-                                                   f"shard {j}/{self.shard[1]}")
-                tensors, meta = loaded
+                path_j = self._path("covariance", j)
+                meta = self._saved_or_rerun(path_j, COVARIANCE_KIND, self._of_shard(j), j)
                 n_examples += meta["n_examples"]
                 content.update(json.dumps([meta["documents"], meta["n_examples"], meta["crc32"]],
                                           sort_keys=True).encode())
-                for name in self.engine.modules:
-                    parts = [tensors.pop(f"{name}::{f}").to(self.device) for f in ("a_sum", "s_sum", "n_tokens")]
-                    # in place: the total and one shard's layer at a time, not a third copy
+                # one layer at a time from the file, added in place: the total and one shard's
+                # layer, on the host and on the device, not a shard's whole file or a third copy
+                for name, parts in self._layers(path_j, COVARIANCE_KIND, j, ("a_sum", "s_sum", "n_tokens")):
+                    parts = [t.to(self.device) for t in parts]
                     total[name] = parts if name not in total else [a.add_(b) for a, b in zip(total[name], parts)]
                     del parts
             eigen = eigenbases(total, self.dtype, self.eigh_workers)
@@ -208,7 +247,7 @@ class StagedFit:
         k, n = self.shard
         path = self._path("lambda", k)
         want = dict(self._mine(), eigen_id=eigen["meta"]["eigen_id"])
-        if self._load(path, LAMBDA_KIND, want) is not None:
+        if self._saved(path, LAMBDA_KIND, want) is not None:
             return
         t0 = time.perf_counter()
         with self.engine._stage_context():
@@ -224,15 +263,12 @@ class StagedFit:
         n_docs = 0
         for j in range(n):
             want = dict(self._of_shard(j), eigen_id=eigen["meta"]["eigen_id"])
-            loaded = self._load(self._path("lambda", j), LAMBDA_KIND, want)
-            if loaded is None:
-                raise storage.CorruptFileError(f"{self._path('lambda', j)} disappeared or is damaged; rerun shard "
-                                               f"{j}/{n}")
-            tensors, meta = loaded
+            path_j = self._path("lambda", j)
+            meta = self._saved_or_rerun(path_j, LAMBDA_KIND, want, j)
             n_docs += meta["lambda_docs"]
-            for name in self.engine.modules:
-                t = tensors.pop(f"{name}::sum").to(self.device)
-                totals[name] = t if name not in totals else totals[name].add_(t)  # in place, as above
+            for name, (t,) in self._layers(path_j, LAMBDA_KIND, j, ("sum",)):  # as above
+                t = t.to(self.device)
+                totals[name] = t if name not in totals else totals[name].add_(t)
         m = eigen["meta"]
         meta = dict(fisher=self.fisher, n_examples=m["n_examples"], seed=self.seed, dtype=str(self.dtype),
                     n_tokens=m["n_tokens"], shards=n, eigh_workers=self.eigh_workers,

@@ -222,3 +222,29 @@ def test_damaged_eigenbases_are_decomposed_again_and_keep_the_lambda_sums(setup,
     assert any("computing that stage again" in line for line in log)
     assert not any("eigenvalue-correction sums of" in line for line in log) and resumed.reads == 13
     _assert_same_factors(got, engine.fit_factors(train, fisher="empirical", batch_size=4), exact=True)
+
+
+@pytest.mark.parametrize("stage", ["covariance-0-of-1", "lambda-0-of-1"])
+def test_a_damaged_sum_is_computed_again_and_a_whole_one_kept(setup, tmp_path, stage):
+    """A shard's saved sums count as done only when every tensor passes its checksum (read one
+    at a time); a damaged file is computed again, a whole one is not."""
+    engine, train = setup
+
+    def bad_save(factors):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        pyinf.fit_factors_staged(engine, train, tmp_path, fisher="empirical", batch_size=4, log=_quiet,
+                                 save=bad_save)
+    path = tmp_path / f"{stage}.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-20] ^= 0xFF  # a flipped byte in the tensors, not the header
+    path.write_bytes(bytes(raw))
+    resumed, log = CountingDataset(train), []
+    got = pyinf.fit_factors_staged(engine, resumed, tmp_path, fisher="empirical", batch_size=4, log=log.append)
+    assert any(f"{stage}.safetensors: tensor" in line and "computing that stage again" in line for line in log)
+    # only the damaged stage's pass ran again (the same sums: the later stages still count)
+    redone = "covariance sums of" if stage.startswith("covariance") else "eigenvalue-correction sums of"
+    kept = "eigenvalue-correction sums of" if stage.startswith("covariance") else "covariance sums of"
+    assert any(redone in line for line in log) and not any(kept in line for line in log)
+    _assert_same_factors(got, engine.fit_factors(train, fisher="empirical", batch_size=4), exact=True)
