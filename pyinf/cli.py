@@ -316,14 +316,27 @@ def _shard_pending(shard) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from . import Factors
+    from . import Factors, Queries
     from .textdata import JsonlTextDataset
 
     factors = Factors.load(args.factors, covariances=False)  # only the fit reads them
     engine, tokenizer = _engine(args, factors)
     _query_settings(args)
     query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length, queries=True)
-    path = _prepare(engine, args, factors, query).save(args.out)
+    out = Path(args.out)
+    if out.exists():  # a script run again: the same queries, not new bits (a GPU's SVD may differ in
+        try:          # the last place, and scores chunked against the saved ones would be refused)
+            saved = Queries.load(out)
+        except ValueError as exc:  # damaged, or not queries: prepared again
+            print(f"pyinf: not reusing {out}: {exc}", file=sys.stderr)
+        else:
+            differ = _query_differences(saved, engine, factors, _query_source(args, args.queries))
+            if not differ:
+                print(f"pyinf: {out} already holds these queries (the same factors, model, queries and settings): "
+                      f"nothing to do")
+                return 0
+            print(f"pyinf: replacing {out} ({'; '.join(differ)})", file=sys.stderr)
+    path = _prepare(engine, args, factors, query).save(out)
     print(f"pyinf: prepared {len(query)} queries (rank {args.rank or 'full'}) -> {path}")
     return 0
 

@@ -229,6 +229,15 @@ def test_later_commands_track_the_factors_layers(workdir):
                 "--out", str(workdir / "q.safetensors"), "--rank", "2"]) == 0
     assert sorted(pyinf.Queries.load(workdir / "q.safetensors").module_names) == sorted(
         pyinf.Factors.load(factors).module_names)
+    # run again (a script resumed after a crash): the saved queries stay, bit for bit (chunks
+    # scored against them record their fingerprint); other settings replace them
+    saved = (workdir / "q.safetensors").read_bytes()
+    prepare = ["prepare", *common, "--factors", factors, "--queries", str(workdir / "queries.jsonl"),
+               "--out", str(workdir / "q.safetensors")]
+    assert run([*prepare, "--rank", "2"]) == 0
+    assert (workdir / "q.safetensors").read_bytes() == saved
+    assert run([*prepare, "--rank", "3"]) == 0
+    assert pyinf.Queries.load(workdir / "q.safetensors").rank == 3
     # --track picks a subset of the fitted layers (EK-FAC's factors are per layer); a
     # self-influence directory then holds the values of one set of layers only
     one = sorted(pyinf.Factors.load(factors).module_names)[0]
