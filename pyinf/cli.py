@@ -263,6 +263,8 @@ def cmd_fit(args) -> int:
     fit = StagedFit(engine, train, work_dir, shard=shard, fisher=args.fisher, batch_size=args.batch_size,
                     seed=args.seed, eigh_workers=args.eigh_workers, run_meta=_run_meta(args))
     if not args.refit and fit.done_in(args.out):
+        if shard[0] == 0:  # what a fit killed between writing the factors and cleaning up left
+            fit.remove_work_files()
         print(f"pyinf: {args.out} already holds the factors of this fit (the same model, data and settings): "
               f"not fitting again (--refit does)")
         return 0
@@ -319,7 +321,7 @@ def cmd_prepare(args) -> int:
     from . import Factors, Queries
     from .textdata import JsonlTextDataset
 
-    factors = Factors.load(args.factors, covariances=False)  # only the fit reads them
+    factors = Factors.load_header(args.factors)  # enough to tell whether the saved queries are these
     engine, tokenizer = _engine(args, factors)
     _query_settings(args)
     query = JsonlTextDataset(args.queries, tokenizer, max_length=args.max_length, queries=True)
@@ -333,9 +335,10 @@ def cmd_prepare(args) -> int:
             differ = _query_differences(saved, engine, factors, _query_source(args, args.queries))
             if not differ:
                 print(f"pyinf: {out} already holds these queries (the same factors, model, queries and settings): "
-                      f"nothing to do")
+                      f"nothing to do (delete it to prepare them again)")
                 return 0
             print(f"pyinf: replacing {out} ({'; '.join(differ)})", file=sys.stderr)
+    factors = Factors.load(args.factors, covariances=False)  # only the fit reads the covariances
     path = _prepare(engine, args, factors, query).save(out)
     print(f"pyinf: prepared {len(query)} queries (rank {args.rank or 'full'}) -> {path}")
     return 0

@@ -295,7 +295,8 @@ class ChunkedRun:
         document fails; with b failing documents in a chunk of n, about
         ``2 b log2(n / b)`` documents are computed again. More than ``max(8, n / 100)`` failing
         alone in one chunk is no document's fault (NaN weights, a dtype too narrow for the
-        model): the first error is raised, as without isolation."""
+        model): the error of the document past that count is raised (and the chunk, its
+        documents named as NaN until then included, is not saved)."""
         limit = max(8, len(subset) // 100)
         failed: List[int] = []
 
@@ -315,12 +316,14 @@ class ChunkedRun:
             if len(failed) >= limit:
                 if hasattr(error, "add_note"):  # Python 3.11+
                     error.add_note(f"more than {limit} documents of chunk {subset.indices[0]}..{subset.indices[-1]} "
-                                   f"fail on their own: the model or its dtype, not the documents (float32 weights?)")
+                                   f"fail on their own: the model or its dtype, not the documents (float32 weights?); "
+                                   f"the chunk is not saved")
                 raise error
-            n = indices[0]
+            n, why = indices[0], str(error)
+            del error  # its traceback holds the failed pass (a reference cycle, freed only by the collector)
             failed.append(n)
             where = f" ({self.data.where(n)})" if callable(getattr(self.data, "where", None)) else ""
-            self.log(f"pyinf: document {n}{where} gives a non-finite loss or gradient on its own ({error}); its "
+            self.log(f"pyinf: document {n}{where} gives a non-finite loss or gradient on its own ({why}); its "
                      f"{self.kind} are NaN")
             return torch.full((1, *self.row_shape), float("nan"), dtype=torch.float32)
 

@@ -83,12 +83,19 @@ class StagedFit:
         n = self.shard[1]
         return self.work_dir / (f"{stage}.safetensors" if k is None else f"{stage}-{k}-of-{n}.safetensors")
 
-    def _load(self, path: Path, kind: str, want: Dict):
+    def _load(self, path: Path, kind: str, want: Dict, keys=None):
         """(tensors, meta) of a saved stage of this run, or None when absent or damaged
         (computed again). A stage of another run raises."""
         return storage.load_if_same_run(
             path, kind, want, on_damaged=lambda why: self.log(f"pyinf: {why}; computing that stage again"),
-            remedy=f"use a new work directory, or delete {self.work_dir} to start over")
+            remedy=f"use a new work directory, or delete {self.work_dir} to start over", keys=keys)
+
+    def _damaged_elsewhere(self, path: Path, why: str, owner: str) -> storage.CorruptFileError:
+        """Another shard's saved stage is damaged: removed, so that the owner computes it again
+        when the shards run again (shards only wait for files to be there: kept, it would stop
+        this shard at the same place on every rerun); the error says so."""
+        path.unlink(missing_ok=True)
+        return storage.CorruptFileError(f"{why}; removed it: run the shards again ({owner} computes it anew)")
 
     def _header(self, path: Path, kind: str, want: Dict) -> Dict:
         """A saved stage's metadata (CorruptFileError when damaged); a stage of another run raises."""
@@ -118,8 +125,8 @@ class StagedFit:
         try:
             return self._header(path, kind, want)
         except (storage.CorruptFileError, FileNotFoundError) as exc:
-            raise storage.CorruptFileError(f"{path} disappeared or is damaged ({exc}); rerun shard "
-                                           f"{shard}/{self.shard[1]}") from exc
+            raise self._damaged_elsewhere(path, f"{path} disappeared or is damaged ({exc})",
+                                          f"shard {shard}/{self.shard[1]}") from exc
 
     def _layers(self, path: Path, kind: str, shard: int, fields) -> Iterator[Tuple[str, List[torch.Tensor]]]:
         """Shard ``shard``'s saved sums of each tracked layer, ``fields`` of it, one layer read
@@ -128,7 +135,7 @@ class StagedFit:
             try:
                 tensors, _ = storage.load(path, kind, keys=lambda key, name=name: key.rpartition("::")[0] == name)
             except (storage.CorruptFileError, FileNotFoundError) as exc:
-                raise storage.CorruptFileError(f"{exc}; rerun shard {shard}/{self.shard[1]}") from exc
+                raise self._damaged_elsewhere(path, str(exc), f"shard {shard}/{self.shard[1]}") from exc
             yield name, [tensors[f"{name}::{f}"] for f in fields]
 
     def _mine(self) -> Dict:
@@ -209,7 +216,9 @@ class StagedFit:
     def _eigen(self) -> Optional[Dict]:
         """Shard 0 decomposes the summed covariances; every shard loads the result."""
         path = self._path("eigen")
-        found = self._load(path, EIGEN_KIND, self.run)
+        # the other shards' Lambda pass reads the eigenbases only (not the covariances: half the file)
+        fields = _EIGEN_FIELDS if self.shard[0] == 0 else ("q_a", "q_s")
+        found = self._load(path, EIGEN_KIND, self.run, keys=lambda key: key.rpartition("::")[2] in fields)
         if found is None and self.shard[0] == 0:
             t0 = time.perf_counter()
             total: Dict[str, list] = {}
@@ -239,8 +248,10 @@ class StagedFit:
         if found is None:
             return None
         tensors, meta = found
-        eigen = {name: {f: tensors[f"{name}::{f}"].to(self.device) for f in _EIGEN_FIELDS}
-                 for name in self.engine.modules}
+        # shard 0: on the device, as when it decomposes them (they go into its factors); the others'
+        # stay on the host, and their Lambda pass takes the bases over itself (factors.lambda_sums)
+        device = self.device if self.shard[0] == 0 else torch.device("cpu")
+        eigen = {name: {f: tensors[f"{name}::{f}"].to(device) for f in fields} for name in self.engine.modules}
         return dict(eigen=eigen, meta=meta)
 
     def _lambda(self, eigen: Dict) -> None:
@@ -294,7 +305,7 @@ class StagedFit:
             return None
         eigen = self._eigen()
         if eigen is None:  # shard 0 writes it; it was there a moment ago, so it is damaged
-            raise storage.CorruptFileError(f"{self._path('eigen')} is damaged: delete it and rerun shard 0/{n}")
+            raise self._damaged_elsewhere(self._path("eigen"), f"{self._path('eigen')} is damaged", f"shard 0/{n}")
         self._lambda(eigen)
         if k != 0:
             self.log(f"pyinf: shard {k}/{n} done; shard 0 writes the factors")
@@ -306,15 +317,22 @@ class StagedFit:
         if save is not None:
             save(factors)
         if not keep_parts:
-            for path in [*covs, self._path("eigen"), *lambdas]:
-                path.unlink(missing_ok=True)
-                # and what a process killed while saving it left (storage.atomic_path's temporary
-                # name): every shard has saved its last file by now
-                for stray in self.work_dir.glob(f".{path.name}.*.tmp"):
-                    stray.unlink(missing_ok=True)
-            if not any(self.work_dir.iterdir()):
-                self.work_dir.rmdir()
+            self.remove_work_files()
         return factors
+
+    def remove_work_files(self) -> None:
+        """Removes this fit's stage files (and what a process killed while saving one left:
+        storage.atomic_path's temporaries), and the work directory once it is empty. For
+        when the factors are written: every shard has saved its last file by then."""
+        n = self.shard[1]
+        stages = [*(self._path("covariance", j) for j in range(n)), self._path("eigen"),
+                  *(self._path("lambda", j) for j in range(n))]
+        for path in stages:
+            path.unlink(missing_ok=True)
+            for stray in self.work_dir.glob(f".{path.name}.*.tmp"):
+                stray.unlink(missing_ok=True)
+        if self.work_dir.is_dir() and not any(self.work_dir.iterdir()):
+            self.work_dir.rmdir()
 
 
 def fit_factors_staged(engine, data, work_dir, *, shard: Tuple[int, int] = (0, 1), fisher: str = "true",

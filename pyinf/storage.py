@@ -229,17 +229,18 @@ def differences(found: Dict, want: Dict) -> List[str]:
     return [f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in want.items() if found.get(k) != v]
 
 
-def load_if_same_run(path, kind: str, want: Dict, *, on_damaged: Callable[[str], None],
-                     remedy: str) -> Optional[Tuple[Dict[str, torch.Tensor], Dict]]:
+def load_if_same_run(path, kind: str, want: Dict, *, on_damaged: Callable[[str], None], remedy: str,
+                     keys: Optional[Callable[[str], bool]] = None) -> Optional[Tuple[Dict[str, torch.Tensor], Dict]]:
     """A saved piece of a resumable run: ``(tensors, meta)`` if the file at ``path`` records
-    every value of ``want`` in its metadata; None if it is absent, or damaged (``on_damaged``
+    every value of ``want`` in its metadata (``keys``: only the tensors it says yes to, as for
+    :func:`load`); None if it is absent, or damaged (``on_damaged``
     is told why, and the caller computes it again). A file of another run raises a
     ValueError naming each difference, then ``remedy``: never a silent mix of two runs."""
     path = Path(path)
     if not path.exists():
         return None
     try:
-        tensors, meta = load(path, kind)
+        tensors, meta = load(path, kind, keys=keys)
     except CorruptFileError as exc:
         on_damaged(str(exc))
         return None

@@ -248,3 +248,51 @@ def test_a_damaged_sum_is_computed_again_and_a_whole_one_kept(setup, tmp_path, s
     kept = "eigenvalue-correction sums of" if stage.startswith("covariance") else "covariance sums of"
     assert any(redone in line for line in log) and not any(kept in line for line in log)
     _assert_same_factors(got, engine.fit_factors(train, fisher="empirical", batch_size=4), exact=True)
+
+
+def _flip(path, key):
+    """Flips a byte in the middle of tensor ``key``'s data in a safetensors file."""
+    import json
+    import struct
+
+    raw = bytearray(path.read_bytes())
+    (size,) = struct.unpack("<Q", raw[:8])
+    start, end = json.loads(raw[8:8 + size])[key]["data_offsets"]
+    raw[8 + size + (start + end) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damaged", ["covariance-1-of-2", "lambda-1-of-2", "eigen"])
+def test_a_damaged_file_of_another_shard_is_removed_for_its_owner_to_redo(setup, tmp_path, damaged):
+    """Shards wait only for files to be there: a damaged file of another shard, kept, would stop
+    the reading shard at the same place on every rerun (torchrun stops them all). It is removed,
+    the error says so, and the shards run again give the plain fit; the other shards read only
+    the eigenbases of the eigen file."""
+    engine, train = setup
+    want = engine.fit_factors(train, fisher="empirical", batch_size=4)
+    kw = dict(fisher="empirical", batch_size=4, wait=False, log=_quiet)
+    assert pyinf.fit_factors_staged(engine, train, tmp_path, shard=(1, 2), **kw) is None  # its covariance sums
+    if damaged == "covariance-1-of-2":
+        _flip(tmp_path / f"{damaged}.safetensors", "fc2::s_sum")
+        reader = 0
+    else:
+        assert pyinf.fit_factors_staged(engine, train, tmp_path, shard=(0, 2), **kw) is None  # eigen, Lambda 0
+        assert pyinf.fit_factors_staged(engine, train, tmp_path, shard=(1, 2), **kw) is None  # Lambda 1
+        reader = 1 if damaged == "eigen" else 0
+        if damaged == "eigen":
+            # the other shards read only the eigenbases: damage elsewhere is not theirs to judge
+            _flip(tmp_path / "eigen.safetensors", "fc2::a_cov")
+            (tmp_path / "lambda-1-of-2.safetensors").unlink()  # (shard 1 reads the file again only then)
+            assert pyinf.fit_factors_staged(engine, train, tmp_path, shard=(1, 2), **kw) is None
+            (tmp_path / "lambda-1-of-2.safetensors").unlink()
+            _flip(tmp_path / "eigen.safetensors", "fc2::a_cov")  # flipped back
+        _flip(tmp_path / f"{damaged}.safetensors", "fc2::q_a" if damaged == "eigen" else "fc2::sum")
+    with pytest.raises(pyinf.storage.CorruptFileError, match=rf"{damaged}.safetensors.*removed it: run the shards "
+                                                               rf"again \(shard {1 if reader == 0 else 0}/2 computes"):
+        pyinf.fit_factors_staged(engine, train, tmp_path, shard=(reader, 2), **kw)
+    assert not (tmp_path / f"{damaged}.safetensors").exists()
+    got = None
+    for _ in range(3):  # the shards run again, in any order, until shard 0 writes the factors
+        for k in (1, 0):
+            got = pyinf.fit_factors_staged(engine, train, tmp_path, shard=(k, 2), **kw) or got
+    _assert_same_factors(got, want, exact=False)
