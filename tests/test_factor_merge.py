@@ -12,6 +12,7 @@ import pyinf
 from pyinf.cli import run
 from pyinf.factors import _FIELDS, FactorsHeader
 from tests import seeds
+from tests.files import flip_tensor_byte
 from tests.models import MLPTask, RegressionDataset, TinyMLP
 
 
@@ -217,24 +218,12 @@ def test_factors_load_without_covariances_or_other_layers(setup, tmp_path):
     with pytest.raises(ValueError, match=r"f.safetensors holds no factors for \['fc9'\]"):
         pyinf.Factors.load(path, modules=["fc1", "fc9"])
     # the tensors read are checked as ever; those not read are not read
-    _damage(path, "head::lambdas")
+    flip_tensor_byte(path, "head::lambdas")
     with pytest.raises(pyinf.storage.CorruptFileError, match="'head::lambdas' fails its checksum"):
         pyinf.Factors.load(path, covariances=False)
     assert pyinf.Factors.load(path, modules=["fc1"]).module_names == ["fc1"]
     path = factors.save(tmp_path / "f2.safetensors")
-    _damage(path, "fc1::a_cov")
+    flip_tensor_byte(path, "fc1::a_cov")
     assert pyinf.Factors.load(path, covariances=False).id == factors.id
     with pytest.raises(pyinf.storage.CorruptFileError, match="'fc1::a_cov' fails its checksum"):
         pyinf.Factors.load(path)
-
-
-def _damage(path, key):
-    """Flips a byte in the middle of tensor ``key``'s data in a safetensors file."""
-    import struct
-
-    raw = bytearray(path.read_bytes())
-    (size,) = struct.unpack("<Q", raw[:8])
-    start, end = json.loads(raw[8:8 + size])[key]["data_offsets"]
-    raw[8 + size + (start + end) // 2] ^= 0xFF
-    path.write_bytes(bytes(raw))
-

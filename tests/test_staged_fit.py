@@ -12,6 +12,7 @@ import torch
 import pyinf
 from pyinf.factors import _FIELDS
 from tests import seeds
+from tests.files import flip_tensor_byte
 from tests.models import MLPTask, RegressionDataset, TinyMLP
 
 
@@ -199,18 +200,22 @@ def test_a_shard_fitted_on_other_documents_is_refused(setup, tmp_path):
         pyinf.fit_factors_staged(engine, train, tmp_path / "b", shard=(0, 2), **kw)
 
 
+def _fit_until_the_save_fails(engine, train, work_dir):
+    """A one-shard fit whose save of the factors fails: every stage file stays in ``work_dir``."""
+    def bad_save(factors):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        pyinf.fit_factors_staged(engine, train, work_dir, fisher="empirical", batch_size=4, log=_quiet,
+                                 save=bad_save)
+
+
 def test_damaged_eigenbases_are_decomposed_again_and_keep_the_lambda_sums(setup, tmp_path):
     """The eigenbases' id follows the covariance sums: decomposed again after damage, they
     have the same id, so the Lambda sums already saved still count (no pass is repeated).
     The work directory goes at the end, with what a killed save left in it."""
     engine, train = setup
-
-    def bad_save(factors):
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        pyinf.fit_factors_staged(engine, train, tmp_path, fisher="empirical", batch_size=4, log=_quiet,
-                                 save=bad_save)
+    _fit_until_the_save_fails(engine, train, tmp_path)
     eigen = tmp_path / "eigen.safetensors"
     raw = bytearray(eigen.read_bytes())
     raw[-20] ^= 0xFF  # a flipped byte in the tensors
@@ -229,13 +234,7 @@ def test_a_damaged_sum_is_computed_again_and_a_whole_one_kept(setup, tmp_path, s
     """A shard's saved sums count as done only when every tensor passes its checksum (read one
     at a time); a damaged file is computed again, a whole one is not."""
     engine, train = setup
-
-    def bad_save(factors):
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        pyinf.fit_factors_staged(engine, train, tmp_path, fisher="empirical", batch_size=4, log=_quiet,
-                                 save=bad_save)
+    _fit_until_the_save_fails(engine, train, tmp_path)
     path = tmp_path / f"{stage}.safetensors"
     raw = bytearray(path.read_bytes())
     raw[-20] ^= 0xFF  # a flipped byte in the tensors, not the header
@@ -250,18 +249,6 @@ def test_a_damaged_sum_is_computed_again_and_a_whole_one_kept(setup, tmp_path, s
     _assert_same_factors(got, engine.fit_factors(train, fisher="empirical", batch_size=4), exact=True)
 
 
-def _flip(path, key):
-    """Flips a byte in the middle of tensor ``key``'s data in a safetensors file."""
-    import json
-    import struct
-
-    raw = bytearray(path.read_bytes())
-    (size,) = struct.unpack("<Q", raw[:8])
-    start, end = json.loads(raw[8:8 + size])[key]["data_offsets"]
-    raw[8 + size + (start + end) // 2] ^= 0xFF
-    path.write_bytes(bytes(raw))
-
-
 @pytest.mark.parametrize("damaged", ["covariance-1-of-2", "lambda-1-of-2", "eigen"])
 def test_a_damaged_file_of_another_shard_is_removed_for_its_owner_to_redo(setup, tmp_path, damaged):
     """Shards wait only for files to be there: a damaged file of another shard, kept, would stop
@@ -273,7 +260,7 @@ def test_a_damaged_file_of_another_shard_is_removed_for_its_owner_to_redo(setup,
     kw = dict(fisher="empirical", batch_size=4, wait=False, log=_quiet)
     assert pyinf.fit_factors_staged(engine, train, tmp_path, shard=(1, 2), **kw) is None  # its covariance sums
     if damaged == "covariance-1-of-2":
-        _flip(tmp_path / f"{damaged}.safetensors", "fc2::s_sum")
+        flip_tensor_byte(tmp_path / f"{damaged}.safetensors", "fc2::s_sum")
         reader = 0
     else:
         assert pyinf.fit_factors_staged(engine, train, tmp_path, shard=(0, 2), **kw) is None  # eigen, Lambda 0
@@ -281,12 +268,12 @@ def test_a_damaged_file_of_another_shard_is_removed_for_its_owner_to_redo(setup,
         reader = 1 if damaged == "eigen" else 0
         if damaged == "eigen":
             # the other shards read only the eigenbases: damage elsewhere is not theirs to judge
-            _flip(tmp_path / "eigen.safetensors", "fc2::a_cov")
+            flip_tensor_byte(tmp_path / "eigen.safetensors", "fc2::a_cov")
             (tmp_path / "lambda-1-of-2.safetensors").unlink()  # (shard 1 reads the file again only then)
             assert pyinf.fit_factors_staged(engine, train, tmp_path, shard=(1, 2), **kw) is None
             (tmp_path / "lambda-1-of-2.safetensors").unlink()
-            _flip(tmp_path / "eigen.safetensors", "fc2::a_cov")  # flipped back
-        _flip(tmp_path / f"{damaged}.safetensors", "fc2::q_a" if damaged == "eigen" else "fc2::sum")
+            flip_tensor_byte(tmp_path / "eigen.safetensors", "fc2::a_cov")  # flipped back
+        flip_tensor_byte(tmp_path / f"{damaged}.safetensors", "fc2::q_a" if damaged == "eigen" else "fc2::sum")
     with pytest.raises(pyinf.storage.CorruptFileError, match=rf"{damaged}.safetensors.*removed it: run the shards "
                                                                rf"again \(shard {1 if reader == 0 else 0}/2 computes"):
         pyinf.fit_factors_staged(engine, train, tmp_path, shard=(reader, 2), **kw)
