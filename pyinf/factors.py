@@ -368,14 +368,21 @@ def covariance_sums(model, task, modules, specs, loader, *, fisher: str, backend
     return sums, n_examples
 
 
+# float64 eigenvectors decomposed at once by eigenbases (a bound on its peak beyond the sums;
+# the e2e benchmark model's ~1.9 GB is one group, a 7B model's MLPs ~106 GB are ~14)
+_EIGH_GROUP_BYTES = 8 << 30
+
+
 def eigenbases(sums, dtype: torch.dtype, eigh_workers: int) -> Dict[str, Dict[str, torch.Tensor]]:
     """The covariances (summed ``[a_sum, s_sum, n_tokens]`` per module) and their float64
     eigendecompositions, as the precision policy asks; several at once when eigh_workers > 1.
 
     The sums are divided in place (they become the covariances: no float64 copy of every
-    layer's beside them, ~106 GB for a 7B model's MLPs), and each layer's float64 results are
-    let go as soon as its ``dtype`` copies are made: the peak is the sums and the float64
-    eigenvectors, not also a copy of the sums."""
+    layer's beside them, ~106 GB for a 7B model's MLPs), and the layers are decomposed in
+    groups of at most ``_EIGH_GROUP_BYTES`` of float64 eigenvectors, each group's results let
+    go once its ``dtype`` copies are made: the peak is the sums and one group's float64
+    eigenvectors, not every layer's (a model of the e2e benchmark's size is one group, as
+    before). The results are those of one call, bit for bit."""
     def key(name, which):  # names the matrix in eigh's errors
         return f"module {name!r}, covariance {which}"
 
@@ -387,17 +394,27 @@ def eigenbases(sums, dtype: torch.dtype, eigh_workers: int) -> Dict[str, Dict[st
                           f"and scoring with it needs a positive damping")
         covariances[key(name, "A")] = a_sum.div_(n_tokens)
         covariances[key(name, "S")] = s_sum.div_(n_tokens)
-    decomposed = eigendecompose(covariances, workers=eigh_workers)
+    groups, size = [[]], 0
+    for name in sums:  # in order; a group holds at least one layer
+        layer = sum(covariances[key(name, w)].numel() for w in "AS") * 8
+        if groups[-1] and size + layer > _EIGH_GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += layer
     eigen = {}
-    for name in sums:
-        (a_vals, q_a), (s_vals, q_s) = decomposed.pop(key(name, "A")), decomposed.pop(key(name, "S"))
-        # contiguous: eigh returns column-major eigenvectors, and a GEMM's rounding may follow
-        # the operand's layout (a reloaded, row-major copy would then give other bits)
-        eigen[name] = dict(a_cov=covariances.pop(key(name, "A")).to(dtype),
-                           s_cov=covariances.pop(key(name, "S")).to(dtype),
-                           a_eigvals=a_vals.to(dtype), q_a=q_a.to(dtype).contiguous(), s_eigvals=s_vals.to(dtype),
-                           q_s=q_s.to(dtype).contiguous())
-        del a_vals, q_a, s_vals, q_s  # this layer's float64 results: free before the next layer's copies
+    for group in groups:
+        decomposed = eigendecompose({key(n, w): covariances[key(n, w)] for n in group for w in "AS"},
+                                    workers=eigh_workers)
+        for name in group:
+            (a_vals, q_a), (s_vals, q_s) = decomposed.pop(key(name, "A")), decomposed.pop(key(name, "S"))
+            # contiguous: eigh returns column-major eigenvectors, and a GEMM's rounding may follow
+            # the operand's layout (a reloaded, row-major copy would then give other bits)
+            eigen[name] = dict(a_cov=covariances.pop(key(name, "A")).to(dtype),
+                               s_cov=covariances.pop(key(name, "S")).to(dtype),
+                               a_eigvals=a_vals.to(dtype), q_a=q_a.to(dtype).contiguous(),
+                               s_eigvals=s_vals.to(dtype), q_s=q_s.to(dtype).contiguous())
+            del a_vals, q_a, s_vals, q_s  # this layer's float64 results: free before the next layer's copies
     return eigen
 
 

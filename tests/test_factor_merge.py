@@ -227,3 +227,25 @@ def test_factors_load_without_covariances_or_other_layers(setup, tmp_path):
     assert pyinf.Factors.load(path, covariances=False).id == factors.id
     with pytest.raises(pyinf.storage.CorruptFileError, match="'fc1::a_cov' fails its checksum"):
         pyinf.Factors.load(path)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_eigendecompositions_in_groups_are_those_of_one_call(setup, monkeypatch, workers):
+    """The fit decomposes its layers in groups bounded by their float64 eigenvectors' bytes (its
+    peak memory beyond the sums): the factors are those of one call, bit for bit."""
+    import pyinf.factors as factors_mod
+
+    model, data = setup
+    engine = pyinf.InfluenceEngine(model, GroupTask(["fc1", "fc2", "head"]), progress=False)
+    whole = engine.fit_factors(data, fisher="empirical", batch_size=4, eigh_workers=workers)
+    calls = []
+    real = factors_mod.eigendecompose
+    monkeypatch.setattr(factors_mod, "eigendecompose",
+                        lambda matrices, workers: calls.append(len(matrices)) or real(matrices, workers=workers))
+    monkeypatch.setattr(factors_mod, "_EIGH_GROUP_BYTES", 8 * (6 * 6 + 7 * 7))  # fc1's A and S: one layer a group
+    grouped = engine.fit_factors(data, fisher="empirical", batch_size=4, eigh_workers=workers)
+    assert calls == [2, 2, 2]
+    assert grouped.id == whole.id
+    for name in whole.module_names:
+        for field in _FIELDS:
+            assert torch.equal(getattr(grouped[name], field), getattr(whole[name], field)), (name, field)
