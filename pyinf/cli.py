@@ -454,10 +454,12 @@ def _token_highlights(args, train, tokenizer, documents, per_token, *, lowest: b
     highest positive scores, or with ``lowest`` the most negative."""
     from .scoring import display_token_scores, top_positive
 
-    highlights = {}
+    highlights, token_ids = {}, {}
     for q, per_query in enumerate(documents):
         for i, n in enumerate(per_query):
-            ids = train[n]["input_ids"].tolist()
+            if n not in token_ids:  # a document listed for several queries is tokenised once
+                token_ids[n] = train[n]["input_ids"].tolist()
+            ids = token_ids[n]
             shown = display_token_scores(per_token[q, i], len(ids))
             picked = top_positive(-shown if lowest else shown, args.top_tokens)
             highlights[n, q] = [dict(position=j, token=tokenizer.decode([ids[j]]), score=float(shown[j]))

@@ -75,7 +75,29 @@ _FIELDS = ("a_cov", "s_cov", "a_eigvals", "q_a", "s_eigvals", "q_s", "lambdas")
 _PRECONDITIONER_FIELDS = ("a_eigvals", "q_a", "s_eigvals", "q_s", "lambdas")
 
 
-class Factors:
+class _FactorsIdentity:
+    """What factors are, without their tensors: an id, settings (``meta``) and layers (``specs``);
+    shared by :class:`Factors` and :class:`FactorsHeader`."""
+
+    meta: Dict
+    specs: Dict[str, ModuleSpec]
+
+    @property
+    def id(self) -> str:
+        return self.meta["id"]
+
+    @property
+    def module_names(self):
+        return list(self.specs)
+
+    def check_model(self, specs: Dict[str, ModuleSpec]) -> None:
+        """Raises unless these factors hold every tracked layer, with its shape. Factors of
+        more layers serve any subset of them: EK-FAC's blocks are per layer, so a layer's
+        factors (and its default damping) do not depend on which others were fitted."""
+        check_same_modules({n: s for n, s in self.specs.items() if n in specs}, specs, what="these factors")
+
+
+class Factors(_FactorsIdentity):
     """EK-FAC factors of every tracked layer, with ``save(path)`` / ``Factors.load(path)``."""
 
     KIND = "factors"
@@ -84,14 +106,6 @@ class Factors:
         self.modules = modules
         self.meta = meta
         self._placed_for: Optional[torch.device] = None  # set by preconditioners_on on what it returns
-
-    @property
-    def id(self) -> str:
-        return self.meta["id"]
-
-    @property
-    def module_names(self):
-        return list(self.modules)
 
     @property
     def specs(self) -> Dict[str, ModuleSpec]:
@@ -104,27 +118,18 @@ class Factors:
         return (f"Factors({len(self.modules)} modules, fisher={self.meta.get('fisher')}, "
                 f"examples={self.meta.get('n_examples')})")
 
-    def check_model(self, specs: Dict[str, ModuleSpec]) -> None:
-        """Raises unless these factors hold every tracked layer, with its shape. Factors of
-        more layers serve any subset of them: EK-FAC's blocks are per layer, so a layer's
-        factors (and its default damping) do not depend on which others were fitted."""
-        check_same_modules({n: s for n, s in self.specs.items() if n in specs}, specs, what="these factors")
-
     def subset(self, names) -> "Factors":
-        """The factors of these layers only (the same id: each layer's factors are its own)."""
-        return Factors({n: self.modules[n] for n in names}, dict(self.meta))
+        """The factors of these layers only (the same id: each layer's factors are its own),
+        placed where these are (:meth:`preconditioners_on`)."""
+        sub = Factors({n: self.modules[n] for n in names}, dict(self.meta))
+        sub._placed_for = self._placed_for
+        return sub
 
     def to(self, device) -> "Factors":
         moved = {n: ModuleFactors(m.spec, *[None if getattr(m, f) is None else getattr(m, f).to(device)
                                             for f in _FIELDS])
                  for n, m in self.modules.items()}
         return Factors(moved, dict(self.meta))
-
-    def preconditioner_bytes(self) -> int:
-        """Bytes of what preconditioning reads (eigenbases, eigenvalues, Lambda): what
-        :meth:`preconditioners_on` places on a device; the covariances are not counted."""
-        return sum(getattr(m, f).numel() * getattr(m, f).element_size() for m in self.modules.values()
-                   for f in _PRECONDITIONER_FIELDS)
 
     def preconditioners_on(self, device, *, what: str) -> "Factors":
         """These factors with the eigenbases, eigenvalues and Lambda on ``device`` (the
@@ -190,7 +195,8 @@ class Factors:
         for i, part in enumerate(parts[1:], 1):
             theirs = settings(part)
             keys = sorted(set(first) | set(theirs))
-            if "fit_run.documents" not in keys:  # one part records no fit run (the Python API's fit)
+            if "fit_run.documents" not in first or "fit_run.documents" not in theirs:
+                # a part records no fit run (the Python API's fit): its data cannot be compared
                 keys = [k for k in keys if not k.startswith("fit_run.")]
             diff = [f"{k}: {_short(theirs.get(k))} in part {i}, {_short(first.get(k))} in part 0"
                     for k in keys if theirs.get(k) != first.get(k)]
@@ -266,21 +272,10 @@ class Factors:
 
 
 @dataclass
-class FactorsHeader:
+class FactorsHeader(_FactorsIdentity):
     """A factors file's id, settings and layers without its tensors (:meth:`Factors.load_header`)."""
     specs: Dict[str, ModuleSpec]
     meta: Dict
-
-    @property
-    def id(self) -> str:
-        return self.meta["id"]
-
-    @property
-    def module_names(self):
-        return list(self.specs)
-
-    def check_model(self, specs: Dict[str, ModuleSpec]) -> None:
-        check_same_modules({n: s for n, s in self.specs.items() if n in specs}, specs, what="these factors")
 
 
 def _short(value) -> str:

@@ -78,6 +78,10 @@ def test_a_merge_of_other_fits_is_refused(setup):
         pyinf.Factors.merge([first, fewer])
     with pytest.raises(TypeError, match="a non-empty sequence of Factors expected"):
         pyinf.Factors.merge([])
+    # a part that records its fit's inputs (the CLI's) merges with one that does not (the API's):
+    # only the settings both record are compared
+    recorded = pyinf.Factors(dict(second.modules), dict(second.meta, fit_run={"documents": ["abc"], "modules": []}))
+    assert pyinf.Factors.merge([first, recorded]).module_names == ["fc2", "head"]
 
 
 def test_the_header_alone_names_the_factors(setup, tmp_path):
@@ -110,16 +114,15 @@ def test_preconditioners_move_without_the_covariances(setup):
             assert getattr(placed[name], field).device.type == "meta", field
         for field in ("a_cov", "s_cov"):  # only the fit reads them
             assert getattr(placed[name], field) is getattr(factors[name], field)
-    want = sum(t.numel() * 8 for n in factors.module_names
-               for t in (factors[n].q_a, factors[n].q_s, factors[n].lambdas, factors[n].a_eigvals,
-                         factors[n].s_eigvals))
-    assert factors.preconditioner_bytes() == want
+    assert placed.preconditioners_on("meta", what="test") is placed  # there already
 
 
 def test_preconditioners_that_would_crowd_the_gpu_stay_on_the_host(setup, monkeypatch):
     model, data = setup
     _, factors = _fit(model, data, ["fc1", "head"])
-    need = factors.preconditioner_bytes()
+    need = sum(t.numel() * 8 for n in factors.module_names  # float64: the eigenbases, eigenvalues, Lambda
+               for t in (factors[n].q_a, factors[n].q_s, factors[n].lambdas, factors[n].a_eigvals,
+                         factors[n].s_eigvals))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need - 2, 10 * need))
     with pytest.warns(UserWarning, match=r"pyinf self_influence: the factors' eigenbases and Lambda \(.* GiB\) would "
                                          r"take more than half of the GPU's free memory.*track fewer layers"):
@@ -129,6 +132,9 @@ def test_preconditioners_that_would_crowd_the_gpu_stay_on_the_host(setup, monkey
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert kept.preconditioners_on("cuda", what="self_influence") is kept
+        # nor one over a subset of its layers (scoring.self_influence takes the tracked ones)
+        assert kept.subset(["head"]).preconditioners_on("cuda", what="self_influence").modules == \
+            {"head": factors["head"]}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * need, 10 * need))
     if torch.cuda.is_available():  # fits: moved
         assert factors.preconditioners_on("cuda", what="self_influence")["head"].q_a.is_cuda
