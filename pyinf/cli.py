@@ -224,10 +224,8 @@ def cmd_merge_factors(args) -> int:
             return 0
         raise ValueError(f"{out} exists and is no merge of these factors: give another --out, or --force to "
                          f"replace it")
-    parts = [Factors.load(p) for p in args.parts]
-    merged = Factors.merge(parts)
-    path = merged.save(out)
-    print(f"pyinf: merged the factors of {len(merged.modules)} modules from {len(parts)} fits -> {path} "
+    merged = Factors.merge_files(args.parts, out)  # one tensor in memory at a time
+    print(f"pyinf: merged the factors of {len(merged.specs)} modules from {len(args.parts)} fits -> {out} "
           f"(id {merged.id[:12]})")
     return 0
 

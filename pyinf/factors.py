@@ -170,52 +170,52 @@ class Factors(_FactorsIdentity):
         with the same settings: their fisher, seed, dtype, examples and model are checked, and,
         for fits that record their inputs (the CLI's and :func:`pyinf.fit_factors_staged`'s),
         the data's hash, the tokenisation and the shards (a difference is an error naming it).
-        The id is computed as a fit's, from the merged layers and settings."""
+        The id is computed as a fit's, from the merged layers and settings. Saved parts too
+        large to hold at once merge file to file with :meth:`merge_files`."""
         parts = list(parts)
         if not parts or not all(isinstance(p, Factors) for p in parts):
             raise TypeError(f"Factors.merge: a non-empty sequence of Factors expected, got "
                             f"{[type(p).__name__ for p in parts] or 'none'}")
-        modules: Dict[str, ModuleFactors] = {}
-        for i, part in enumerate(parts):
-            again = [n for n in part.modules if n in modules]
-            if again:
-                raise ValueError(f"Factors.merge: part {i} ({part.id[:12]}) holds layers an earlier part holds "
-                                 f"too: {again[:5]}; merge fits of disjoint layers")
-            modules.update(part.modules)
-        def settings(part):
-            kept = {k: v for k, v in part.meta.items() if k not in _MERGE_FREE}
-            # a CLI or staged fit's record of its inputs: the data's hash per shard, the
-            # tokenisation, the shards; all but its layers must agree
-            run = part.meta.get("fit_run")
-            if isinstance(run, dict):
-                kept.update({f"fit_run.{k}": v for k, v in run.items() if k != "modules"})
-            return kept
-
-        first = settings(parts[0])
-        for i, part in enumerate(parts[1:], 1):
-            theirs = settings(part)
-            keys = sorted(set(first) | set(theirs))
-            if "fit_run.documents" not in first or "fit_run.documents" not in theirs:
-                # a part records no fit run (the Python API's fit): its data cannot be compared
-                keys = [k for k in keys if not k.startswith("fit_run.")]
-            diff = [f"{k}: {_short(theirs.get(k))} in part {i}, {_short(first.get(k))} in part 0"
-                    for k in keys if theirs.get(k) != first.get(k)]
-            if diff:
-                raise ValueError(f"Factors.merge: part {i} ({part.id[:12]}) was fitted otherwise than part 0 "
-                                 f"({'; '.join(diff)}); merge fits of the same data and settings")
-        meta = {k: v for k, v in parts[0].meta.items() if k not in storage.FILE_KEYS}  # save writes its own
-        meta.pop("fit_run", None)  # part 0's, of its layers only: the merge is no fit to skip
-        meta["n_tokens"] = {n: t for p in parts for n, t in (p.meta.get("n_tokens") or {}).items()}
-        seconds: Dict[str, float] = {}
-        for p in parts:
-            for phase, t in (p.meta.get("seconds") or {}).items():
-                seconds[phase] = seconds.get(phase, 0.0) + t
-        meta["seconds"] = seconds
-        if len({json.dumps(p.meta.get("shards")) for p in parts}) > 1:
-            meta.pop("shards", None)  # each part's own: none for the whole
-        meta["merged_from"] = [p.id for p in parts]
-        meta.pop("id", None)
+        meta = _merged_meta(parts, "Factors.merge")
+        modules = {n: m for part in parts for n, m in part.modules.items()}
         return cls(modules, dict(meta, id=content_id(modules, meta)))
+
+    @staticmethod
+    def merge_files(paths: Sequence, out) -> "FactorsHeader":
+        """:meth:`merge` of saved factors into the file ``out``, one tensor in memory at a time
+        (a 7B model's MLP factors are ~123 GB): the same checks, the same file, the same id as
+        ``Factors.merge([Factors.load(p) for p in paths]).save(out)``. Every tensor is checked
+        against its part's checksum as it is copied; a damaged part stops the merge and leaves
+        nothing at ``out``. Returns the merged factors' header."""
+        if not paths:
+            raise TypeError("Factors.merge_files: no factors files given")
+        with contextlib.ExitStack() as files:
+            opened = [files.enter_context(storage.reading(p, Factors.KIND)) for p in paths]
+            parts = [Factors._header(dict(meta)) for meta, _ in opened]
+            meta = _merged_meta(parts, "Factors.merge_files")
+            source = {f"{n}::{f}": i for i, part in enumerate(parts) for n in part.specs for f in _FIELDS}
+            missing = [k for k, i in source.items() if k not in opened[i][0]["crc32"]]
+            if missing:
+                raise storage.CorruptFileError(f"{paths[source[missing[0]]]}: missing tensor {missing[0]!r}")
+
+            def read(key: str) -> torch.Tensor:
+                return opened[source[key]][1](key)
+
+            specs = {n: s for part in parts for n, s in part.specs.items()}
+            meta["id"] = _content_hash(meta, ((f"{n}.{f}", host_samples([read(f"{n}::{f}")], _ID_SAMPLES)[0])
+                                              for n in specs for f in _ID_FIELDS))
+            layout = {}
+            for key, i in source.items():
+                if "layout" in opened[i][0]:
+                    dtype, shape = opened[i][0]["layout"][key]
+                    dtype = getattr(torch, dtype)
+                else:  # a file saved before pyinf recorded its tensors' layout
+                    t = read(key)
+                    dtype, shape = t.dtype, t.shape
+                layout[key] = (dtype, tuple(shape), opened[i][0]["crc32"][key])
+            storage.save_streamed(out, Factors.KIND, layout, read,
+                                  dict(meta, modules=[s.to_dict() for s in specs.values()]))
+        return FactorsHeader(specs, meta)
 
     def save(self, path):
         if any(m.a_cov is None or m.s_cov is None for m in self.modules.values()):
@@ -230,7 +230,10 @@ class Factors(_FactorsIdentity):
         """What a factors file says of itself (id, settings, layers), from its header: no tensor
         is read (a 7B model's factors are ~120 GB), so nothing is checksummed but the header.
         Enough where only the id is checked, as for queries prepared from these factors."""
-        meta = storage.load_meta(path, Factors.KIND)
+        return Factors._header(storage.load_meta(path, Factors.KIND))
+
+    @staticmethod
+    def _header(meta: Dict) -> "FactorsHeader":
         specs = {d["name"]: ModuleSpec(**d) for d in meta.pop("modules")}
         return FactorsHeader(specs, meta)
 
@@ -451,17 +454,74 @@ _VOLATILE_META = ("seconds", "eigh_workers", "id", "fit_run")  # fit_run: the st
 _MERGE_FREE = _VOLATILE_META + ("n_tokens", "shards", "model_weights", "model", "merged_from") + storage.FILE_KEYS
 
 
+def _merged_meta(parts: Sequence[_FactorsIdentity], what: str) -> Dict:
+    """The settings of the merge of ``parts`` (without its id), once they are checked to be
+    fits of disjoint layers on the same data with the same settings."""
+    seen = set()
+    for i, part in enumerate(parts):
+        again = [n for n in part.module_names if n in seen]
+        if again:
+            raise ValueError(f"{what}: part {i} ({part.id[:12]}) holds layers an earlier part holds "
+                             f"too: {again[:5]}; merge fits of disjoint layers")
+        seen.update(part.module_names)
+
+    def settings(part):
+        kept = {k: v for k, v in part.meta.items() if k not in _MERGE_FREE}
+        # a CLI or staged fit's record of its inputs: the data's hash per shard, the
+        # tokenisation, the shards; all but its layers must agree
+        run = part.meta.get("fit_run")
+        if isinstance(run, dict):
+            kept.update({f"fit_run.{k}": v for k, v in run.items() if k != "modules"})
+        return kept
+
+    first = settings(parts[0])
+    for i, part in enumerate(parts[1:], 1):
+        theirs = settings(part)
+        keys = sorted(set(first) | set(theirs))
+        if "fit_run.documents" not in first or "fit_run.documents" not in theirs:
+            # a part records no fit run (the Python API's fit): its data cannot be compared
+            keys = [k for k in keys if not k.startswith("fit_run.")]
+        diff = [f"{k}: {_short(theirs.get(k))} in part {i}, {_short(first.get(k))} in part 0"
+                for k in keys if theirs.get(k) != first.get(k)]
+        if diff:
+            raise ValueError(f"{what}: part {i} ({part.id[:12]}) was fitted otherwise than part 0 "
+                             f"({'; '.join(diff)}); merge fits of the same data and settings")
+    meta = {k: v for k, v in parts[0].meta.items() if k not in storage.FILE_KEYS}  # save writes its own
+    meta.pop("fit_run", None)  # part 0's, of its layers only: the merge is no fit to skip
+    meta["n_tokens"] = {n: t for p in parts for n, t in (p.meta.get("n_tokens") or {}).items()}
+    seconds: Dict[str, float] = {}
+    for p in parts:
+        for phase, t in (p.meta.get("seconds") or {}).items():
+            seconds[phase] = seconds.get(phase, 0.0) + t
+    meta["seconds"] = seconds
+    if len({json.dumps(p.meta.get("shards")) for p in parts}) > 1:
+        meta.pop("shards", None)  # each part's own: none for the whole
+    meta["merged_from"] = [p.id for p in parts]
+    meta.pop("id", None)
+    return meta
+
+
+# what a factors id samples of each layer, and how much of each tensor
+_ID_FIELDS = ("q_a", "q_s", "lambdas")
+_ID_SAMPLES = 4096
+
+
 def content_id(modules: Dict[str, ModuleFactors], meta: Dict) -> str:
     """The factors' id: a hash of their settings and of an evenly strided sample of each
     layer's eigenbases and Lambda (as :func:`pyinf.fingerprint.weights_identity` samples a
     model's weights), not a random one. A fit repeated bit for bit (a ``fit; score`` script
     run again after a crash) then keeps its id, and the query and score files prepared
     against the first one still count; a fit of other data or settings gets another."""
+    tensors = [getattr(m, field) for m in modules.values() for field in _ID_FIELDS]
+    names = [f"{n}.{f}" for n in modules for f in _ID_FIELDS]
+    return _content_hash(meta, zip(names, host_samples(tensors, _ID_SAMPLES)))
+
+
+def _content_hash(meta: Dict, samples) -> str:
+    """:func:`content_id` of the settings ``meta`` and the ``(name, sample)`` pairs."""
     h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k not in _VOLATILE_META}, sort_keys=True,
                                   default=str).encode())
-    tensors = [getattr(m, field) for m in modules.values() for field in ("q_a", "q_s", "lambdas")]
-    for name, sample in zip((f"{n}.{f}" for n in modules for f in ("q_a", "q_s", "lambdas")),
-                            host_samples(tensors, 4096)):
+    for name, sample in samples:
         h.update(name.encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:32]

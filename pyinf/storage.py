@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
+import struct
 import tempfile
 import time
 import zlib
@@ -38,12 +40,16 @@ def versions() -> Dict[str, str]:
     return {"pyinf": __version__, "torch": torch.__version__}
 
 
-def _crc(t: torch.Tensor) -> int:
-    # Checksum of the raw bytes; bf16/fp16 go through a same-size integer view.
+def _raw(t: torch.Tensor):
+    """A tensor's bytes as a numpy array (bf16/fp16 through a same-size integer view: numpy has no bf16)."""
     raw = t.detach().contiguous().cpu()
     if raw.dtype in (torch.bfloat16, torch.float16):
         raw = raw.view(torch.int16)
-    return zlib.crc32(raw.numpy().tobytes())
+    return raw.numpy()
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(_raw(t))  # checksum of the raw bytes
 
 
 @contextlib.contextmanager
@@ -120,6 +126,55 @@ def save(path, kind: str, tensors: Dict[str, torch.Tensor], meta: Dict) -> Path:
     return path
 
 
+# safetensors' names of the dtypes pyinf saves
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def save_streamed(path, kind: str, layout: Dict[str, Tuple[torch.dtype, Tuple[int, ...], int]],
+                  tensor: Callable[[str], torch.Tensor], meta: Dict) -> Path:
+    """:func:`save` of a file too large to hold in memory (a 7B model's merged factors, ~123
+    GB): ``layout`` gives each tensor's dtype, shape and CRC32 up front, and ``tensor(key)``
+    produces it when its bytes are written, one tensor in memory at a time. The file is the
+    one :func:`save` would write of the same tensors (safetensors, the same metadata), and
+    :func:`load` checks it the same way; a tensor that is not what ``layout`` says (dtype,
+    shape, checksum) stops the write, and nothing is left under ``path``."""
+    path = Path(path)
+    # safetensors' order: larger elements first, so every tensor's offset stays aligned to its size
+    keys = sorted(layout, key=lambda k: (-layout[k][0].itemsize, k))
+    header = dict(meta, format=FORMAT, kind=kind, versions=versions(),
+                  crc32={k: layout[k][2] for k in keys},
+                  layout={k: [str(layout[k][0]).replace("torch.", ""), list(layout[k][1])] for k in keys})
+    header = json.loads(json.dumps(header))
+    header["meta_crc32"] = _meta_crc(header)
+    entries, offset = {"__metadata__": {"pyinf": json.dumps(header)}}, 0
+    for k in keys:
+        dtype, shape, _ = layout[k]
+        size = dtype.itemsize * math.prod(shape)
+        entries[k] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(entries, separators=(",", ":")).encode()
+    head += b" " * (-(8 + len(head)) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(struct.pack("<Q", len(head)))
+                f.write(head)
+                for k in keys:
+                    t = tensor(k)
+                    dtype, shape, crc = layout[k]
+                    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                        raise ValueError(f"could not write {path}: tensor {k!r} is {t.dtype} {tuple(t.shape)}, its "
+                                         f"layout says {dtype} {tuple(shape)}")
+                    if _crc(t) != crc:
+                        raise ValueError(f"could not write {path}: tensor {k!r} does not match its given checksum")
+                    f.write(_raw(t).data)
+        except OSError as exc:  # a full disk: name the file
+            raise OSError(exc.errno, f"could not write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
 def _read(path: Path, what: str, read_tensors: Callable) -> Tuple[Dict, Dict]:
     """``(read_tensors(f), pyinf metadata)`` of a safetensors file, naming what is wrong."""
     if not path.is_file():
@@ -180,22 +235,38 @@ def load(path, kind: str, keys: Optional[Callable[[str], bool]] = None) -> Tuple
     return tensors, meta
 
 
+@contextlib.contextmanager
+def reading(path, kind: str) -> Iterator[Tuple[Dict, Callable[[str], torch.Tensor]]]:
+    """A pyinf ``kind`` file's metadata (checked) and a function that reads one of its tensors,
+    checked against the metadata's layout and checksum as it is read: for files too large to
+    load whole (a 7B model's factors), one tensor in memory at a time."""
+    path = Path(path)
+    meta = load_meta(path, kind)
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:
+        raise CorruptFileError(f"{path} is not a readable pyinf {kind} file (truncated or corrupt): {exc}") from exc
+    with handle as f:
+        _check_names(path, meta, f.keys())
+
+        def tensor(key: str) -> torch.Tensor:
+            try:
+                t = f.get_tensor(key)
+            except Exception as exc:
+                raise CorruptFileError(f"{path}: tensor {key!r} cannot be read (truncated or corrupt): {exc}") from exc
+            _check_tensor(path, meta, key, t)
+            return t
+
+        yield meta, tensor
+
+
 def verify(path, kind: str) -> Dict:
     """:func:`load`'s checks of the whole file (its metadata, then every tensor's layout and
     checksum) with one tensor in memory at a time: the file's metadata, or a CorruptFileError.
     For files too large to load only to be told they are whole (a 7B model's factors)."""
-    path = Path(path)
-    meta = load_meta(path, kind)
-
-    def check_each(f):
-        _check_names(path, meta, f.keys())
-        for k in f.keys():
-            _check_tensor(path, meta, k, f.get_tensor(k))
-
-    try:
-        _read(path, f"pyinf {kind} file", check_each)
-    except CorruptFileError as exc:  # _read wraps what check_each raised: the inner message is the one
-        raise (exc.__cause__ if isinstance(exc.__cause__, CorruptFileError) else exc) from None
+    with reading(path, kind) as (meta, tensor):
+        for key in meta.get("crc32", {}):
+            tensor(key)
     return meta
 
 

@@ -369,6 +369,35 @@ def test_a_failed_write_names_the_file_and_leaves_nothing(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_streamed_save_is_the_file_save_writes(tmp_path, monkeypatch):
+    """save_streamed (for files too large to hold: merged 7B factors) writes, one tensor at a
+    time, a file that load reads and checks as save's, with the same metadata, in every dtype
+    and shape (bf16 bytes, a scalar, an empty tensor); a tensor that is not what its layout
+    says, or a full disk, leaves nothing."""
+    tensors = {"a": torch.randn(3, 5, dtype=torch.float64), "b": torch.randn(7).bfloat16(), "c": torch.randn(2, 3),
+               "h": torch.randn(5).half(), "s": torch.tensor(3.0), "z": torch.zeros(0, 4), "i": torch.arange(5)}
+    layout = {k: (t.dtype, tuple(t.shape), storage._crc(t)) for k, t in tensors.items()}
+    asked = []
+    storage.save_streamed(tmp_path / "x.safetensors", "test", layout, lambda k: asked.append(k) or tensors[k], {"n": 1})
+    assert sorted(asked) == sorted(tensors)  # each produced once
+    got, meta = storage.load(tmp_path / "x.safetensors", "test")
+    assert all(torch.equal(got[k], t) for k, t in tensors.items())
+    storage.save(tmp_path / "y.safetensors", "test", tensors, {"n": 1})
+    assert meta == storage.load_meta(tmp_path / "y.safetensors", "test")
+    for wrong, why in ((lambda k: tensors[k] + (k == "c"), "tensor 'c' does not match its given checksum"),
+                       (lambda k: tensors[k].double() if k == "c" else tensors[k],
+                        r"tensor 'c' is torch.float64 \(2, 3\), its layout says torch.float32 \(2, 3\)")):
+        with pytest.raises(ValueError, match=rf"could not write .*w.safetensors: {why}"):
+            storage.save_streamed(tmp_path / "w.safetensors", "test", layout, wrong, {})
+
+    def full_disk(k):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=r"could not write .*w.safetensors: No space left on device"):
+        storage.save_streamed(tmp_path / "w.safetensors", "test", layout, full_disk, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors", "y.safetensors"]
+
+
 def test_run_meta_with_tuples_numpy_scalars_and_info_keys(fitted, tmp_path, capsys):
     """A run's settings are compared as they read back from JSON (a tuple is a list there),
     numpy seeds and dampings are saved as numbers, and `pyinf info` shows a file whose

@@ -203,6 +203,51 @@ def test_merge_factors_command(tmp_path, capsys, monkeypatch):
     torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-5, atol=1e-8)
 
 
+def test_merge_files_is_the_merge_saved(setup, tmp_path):
+    """Merging saved parts file to file (one tensor in memory at a time: a 7B model's MLP
+    factors are ~123 GB) writes the file Factors.merge(...).save would, with the same id; a
+    damaged part stops it and leaves nothing at the output."""
+    model, data = setup
+    _, first = _fit(model, data, ["fc2"])
+    _, second = _fit(model, data, ["fc1", "head"])
+    paths = [first.save(tmp_path / "a.safetensors"), second.save(tmp_path / "b.safetensors")]
+    header = pyinf.Factors.merge_files(paths, tmp_path / "streamed.safetensors")
+    want = pyinf.Factors.merge([first, second])
+    want.save(tmp_path / "saved.safetensors")
+    assert header.id == want.id and header.module_names == want.module_names
+    got = pyinf.Factors.load(tmp_path / "streamed.safetensors")
+    assert got.meta == pyinf.Factors.load(tmp_path / "saved.safetensors").meta
+    for name in want.module_names:
+        for field in _FIELDS:
+            assert torch.equal(getattr(got[name], field), getattr(want[name], field)), (name, field)
+    from safetensors.torch import load_file  # and safetensors itself reads it
+    assert torch.equal(load_file(tmp_path / "streamed.safetensors")["fc2::q_s"], want["fc2"].q_s)
+    # a part saved before pyinf recorded its tensors' layout (and the metadata's checksum) merges as well
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(paths[0]), framework="pt") as f:
+        header = json.loads(f.metadata()["pyinf"])
+        old = {k: f.get_tensor(k) for k in f.keys()}
+    for key in ("layout", "meta_crc32"):
+        header.pop(key)
+    save_file(old, str(tmp_path / "old.safetensors"), metadata={"pyinf": json.dumps(header)})
+    assert pyinf.Factors.merge_files([tmp_path / "old.safetensors", paths[1]], tmp_path / "o.safetensors").id == want.id
+    assert pyinf.Factors.load(tmp_path / "o.safetensors").meta == got.meta
+    for name in ("old.safetensors", "o.safetensors"):
+        (tmp_path / name).unlink()
+    # the same checks as Factors.merge
+    with pytest.raises(ValueError, match=r"Factors.merge_files: part 1 \(\w+\) holds layers an earlier part"):
+        pyinf.Factors.merge_files([paths[0], paths[0]], tmp_path / "x.safetensors")
+    # a part damaged in a tensor stops the merge, after the id's samples or during the copy
+    for key in ("fc1::lambdas", "head::a_cov"):
+        damaged = second.save(tmp_path / "d.safetensors")
+        flip_tensor_byte(damaged, key)
+        with pytest.raises(pyinf.storage.CorruptFileError, match=f"d.safetensors: tensor '{key}' fails its checksum"):
+            pyinf.Factors.merge_files([paths[0], damaged], tmp_path / "x.safetensors")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "d.safetensors",
+                                                                 "saved.safetensors", "streamed.safetensors"]
+
+
 def test_factors_load_without_covariances_or_other_layers(setup, tmp_path):
     """Preparing queries and self-influence read no covariances: loading without them (and
     with only some layers) gives the same results, and such factors cannot be saved as whole."""
