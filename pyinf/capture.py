@@ -5,19 +5,20 @@ While a :class:`Capture` is active:
 
 - every parameter of the model has ``requires_grad=False``, so autograd builds no weight
   gradient and does no backward work below the lowest tracked layer;
-- each tracked ``nn.Linear`` / ``Conv1D`` runs through :class:`_TrackedLinear`, whose output
+- each tracked stock ``nn.Linear`` / ``Conv1D`` runs through :class:`_TrackedLinear`, whose output
   requires grad through a shared zero-size "anchor" leaf, and whose backward computes only
   the input gradient (when something below needs it) and hands ``(acts, grads)`` of the
   layer to a consumer, then lets them go;
-- a Linear subclass with its own ``forward``, or a layer with a ``forward`` set on the
-  instance (accelerate's hooks, monkeypatched adapters), keeps it, and its output is wrapped
+- a convolution, a Linear subclass with its own ``forward``, or a layer with a ``forward``
+  set on the instance (accelerate's hooks, monkeypatched adapters), keeps it, and its output is wrapped
   in an identity function that does the same hand-off (like kronfluence, this relies on
   that forward's output being ``W x + b``, plus terms that do not depend on it).
 
 Activations reach the consumer as ``[B, T, d_in]`` (with a trailing ones column when the
 bias is tracked: then a strided view whose rows are padded to 16 elements, see
 :func:`_append_ones`) and gradients as ``[B, T, d_out]``, in the model's dtype, whatever
-the layer's own layout (pooled, flattened or sequence-first: see :meth:`Capture._as_tokens`).
+the layer's own layout (pooled, flattened or sequence-first: see :meth:`Capture._as_tokens`;
+a convolution's tokens are its output positions, its activations their input patches).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import conv
 from ._padding import padded_empty
 from .modules import ModuleSpec, is_expert
 
@@ -393,10 +395,24 @@ class Capture:
                           f"batch_first attribute on a module around it to say which", stacklevel=2)
         return False
 
+    def _conv_as_tokens(self, name: str, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
+        """A convolution's input patches ``[B, positions, d_in]`` and output gradient
+        ``[B, positions, d_out]`` (:mod:`pyinf.conv`): its tokens are its output positions."""
+        dims = 3 if isinstance(module, nn.Conv1d) else 4
+        if x.dim() != dims or x.shape[0] != self._n_docs:
+            raise CaptureError(f"module {name!r}: cannot split its input of shape {tuple(x.shape)} into the batch's "
+                               f"{self._n_docs} documents: a {type(module).__name__}'s input must be batched, "
+                               f"[B, channels, {'length' if dims == 3 else 'height, width'}]")
+        return conv.patches(module, x), conv.positions(grad_out)
+
     def _deliver(self, spec: ModuleSpec, x: torch.Tensor, grad_out: torch.Tensor) -> None:
         mask = self._mask.get(spec.name) if isinstance(self._mask, dict) else self._mask
-        acts = self._as_tokens(spec.name, x.detach(), mask)
-        grads = self._as_tokens(spec.name, grad_out.detach(), mask)
+        module = self.modules[spec.name]
+        if conv.is_patch_conv(module):
+            acts, grads = self._conv_as_tokens(spec.name, module, x.detach(), grad_out.detach())
+        else:
+            acts = self._as_tokens(spec.name, x.detach(), mask)
+            grads = self._as_tokens(spec.name, grad_out.detach(), mask)
         if acts.shape[1] != grads.shape[1]:
             raise CaptureError(f"module {spec.name!r}: input has {acts.shape[1]} token rows but the output "
                                f"gradient has {grads.shape[1]}")

@@ -28,7 +28,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local Hugging Face model directory, or a config JSON "
                    "(random weights)")
     p.add_argument("--track", default=None, help="regex over module names: track only the matching "
-                   "Linear/Conv1D layers (default: those of --factors where given, else all but the output "
+                   "Linear/Conv1D/convolution layers (default: those of --factors where given, else all but the output "
                    "embedding)")
     p.add_argument("--device", default=None, help="default: the GPU of this process's local rank under a launcher "
                    "(torchrun, srun, mpirun) that shows it several, else cuda, else cpu")
@@ -139,7 +139,7 @@ def max_positions(model) -> Optional[int]:
 def _engine(args, factors=None, layers=None):
     """The model and its tokenizer, tracking --track's layers, else ``layers`` (those of the
     --prepared queries), else those of ``factors`` (the layers they were fitted on), else every
-    Linear/Conv1D but the output embedding."""
+    trackable layer but the output embedding."""
     from . import CausalLMTask, InfluenceEngine
     from .modules import find_tracked_modules
     from .textdata import load_model, tokenizer_fingerprint
@@ -166,8 +166,8 @@ def _engine(args, factors=None, layers=None):
         pattern = re.compile(args.track)
         tracked = [n for n in find_tracked_modules(model) if pattern.search(n)]
         if not tracked:
-            raise ValueError(f"--track {args.track!r} matches no trackable module (every nn.Linear / Conv1D layer "
-                             f"but the output embedding, which is never tracked by default)")
+            raise ValueError(f"--track {args.track!r} matches no trackable module (every nn.Linear, Conv1D "
+                             f"and ungrouped convolution but the output embedding, which is never tracked by default)")
     elif layers is not None:
         tracked = list(layers)
     elif factors is not None:

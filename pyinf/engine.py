@@ -32,8 +32,8 @@ class InfluenceEngine:
     tracked layers, unnormalised and without a sign flip (kronfluence's convention).
 
     Args:
-        model: any ``nn.Module``; its ``nn.Linear`` (and subclasses) and Hugging Face
-            ``Conv1D`` layers can be tracked. It is not converted: pyinf installs and removes
+        model: any ``nn.Module``; its ``nn.Linear`` (and subclasses), Hugging Face
+            ``Conv1D``, and ``nn.Conv1d`` / ``nn.Conv2d`` layers with ``groups=1`` can be tracked. It is not converted: pyinf installs and removes
             its hooks around each pass.
         task: a :class:`pyinf.Task` (kronfluence's method names).
         backend: ``"auto"`` (fused kernels on CUDA, PyTorch elsewhere), ``"torch"``,

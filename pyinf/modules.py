@@ -1,8 +1,9 @@
 """Which layers pyinf tracks, and their shapes in pyinf's convention.
 
-A tracked layer is an ``nn.Linear`` (subclasses too) or a Hugging Face ``Conv1D`` (GPT-2),
-seen as ``y = W x (+ b)`` with ``W`` of shape ``d_out x d_in``. When the bias is tracked the
-activations get a trailing 1 (a homogeneous coordinate), so ``d_in`` counts it.
+A tracked layer is an ``nn.Linear`` (subclasses too), a Hugging Face ``Conv1D`` (GPT-2), or
+an ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` (a linear layer over its input patches,
+:mod:`pyinf.conv`), seen as ``y = W x (+ b)`` with ``W`` of shape ``d_out x d_in``. When the
+bias is tracked the activations get a trailing 1 (a homogeneous coordinate), so ``d_in`` counts it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Dict, List, Optional
 
 from torch import nn
 
+from . import conv
+
 
 def _is_conv1d(module: nn.Module) -> bool:
     # Hugging Face's GPT-2 Conv1D: y = x @ W + b with W of shape [d_in, d_out]. Matched by
@@ -21,13 +24,17 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def is_trackable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or _is_conv1d(module) or conv.is_patch_conv(module)
+
+
+_TRACKABLE = "nn.Linear, Conv1D and nn.Conv1d / nn.Conv2d with groups=1"
 
 
 @dataclass(frozen=True)
 class ModuleSpec:
     """A tracked layer: its name in the model, weight shape ``d_out x d_in`` (``d_in``
-    counts the bias column), and whether the weight is stored transposed (Conv1D)."""
+    counts the bias column), and whether the weight is stored transposed (Conv1D). A
+    convolution's ``d_in`` is its patch size, ``in_channels x kernel``."""
 
     name: str
     d_out: int
@@ -45,6 +52,9 @@ def spec_of(name: str, module: nn.Module) -> ModuleSpec:
     if _is_conv1d(module):
         d_in, d_out = module.weight.shape
         transposed = True
+    elif conv.is_convolution(module):
+        d_out, d_in = conv.weight_shape(module)
+        transposed = False
     else:
         d_out, d_in = module.weight.shape
         transposed = False
@@ -91,17 +101,16 @@ def _never_called(model: nn.Module) -> Dict[str, str]:
 
 def find_tracked_modules(model: nn.Module, names: Optional[List[str]] = None) -> Dict[str, nn.Module]:
     """The modules to track, in the model's own order. ``names=None`` means every
-    Linear/Conv1D layer except the output embedding and layers whose forward never runs
-    (``nn.MultiheadAttention.out_proj``)."""
+    trackable layer (:func:`is_trackable`) except the output embedding and layers whose
+    forward never runs (``nn.MultiheadAttention.out_proj``)."""
     by_name = dict(model.named_modules())
     never_called = _never_called(model)
     if names is None:
         skip = _output_embedding_names(model) | set(never_called)
         tracked = {n: m for n, m in by_name.items() if is_trackable(m) and n not in skip}
         if not tracked:
-            raise ValueError(
-                f"{type(model).__name__} has no trackable layer (nn.Linear or Conv1D, output embedding excluded)"
-            )
+            raise ValueError(f"{type(model).__name__} has no trackable layer ({_TRACKABLE}; the output "
+                             f"embedding excluded)")
         _warn_shared_weights(tracked)
         _warn_untrackable(model)
         return tracked
@@ -118,7 +127,10 @@ def find_tracked_modules(model: nn.Module, names: Optional[List[str]] = None) ->
             near = [k for k in by_name if k.endswith(n.split(".")[-1])][:5]
             raise ValueError(f"tracked module {n!r} is not in the model" + (f"; similar names: {near}" if near else ""))
         if not is_trackable(by_name[n]):
-            raise ValueError(f"tracked module {n!r} is a {type(by_name[n]).__name__}; pyinf tracks nn.Linear and Conv1D")
+            module = by_name[n]
+            why = (f" with groups={module.groups} (a grouped convolution's gradient is one block per group)"
+                   if conv.is_convolution(module) and getattr(module, "groups", 1) != 1 else "")
+            raise ValueError(f"tracked module {n!r} is a {type(module).__name__}{why}; pyinf tracks {_TRACKABLE}")
         if n in never_called:
             raise ValueError(f"tracked module {n!r} is never called: its {never_called[n]} uses its weight "
                              f"directly, so no input or output gradient of it can be captured")
@@ -140,16 +152,17 @@ def _warn_shared_weights(tracked: Dict[str, nn.Module]) -> None:
 
 def _warn_untrackable(model: nn.Module) -> None:
     """Weight layers that pyinf's default choice leaves out although a user (or kronfluence,
-    which tracks them) would count them: convolutions, and mixture-of-experts layers that keep
+    which tracks them) would count them: convolutions other than Conv1d / Conv2d with groups=1
+    (grouped, transposed, 3-D), and mixture-of-experts layers that keep
     all experts' weights in one 3-D parameter (transformers 5's Mixtral, Qwen2-MoE, ...), with
     no Linear layer per expert. A user should know that their share of the influence is missing."""
     def listed(names):
         return f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
 
-    convs = [name for name, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    convs = [name for name, m in model.named_modules() if conv.is_convolution(m) and not conv.is_patch_conv(m)]
     if convs:
         warnings.warn(f"pyinf: {len(convs)} convolution layers ({listed(convs)}) are not tracked (pyinf tracks "
-                      f"nn.Linear and Conv1D layers), so their influence is left out", stacklevel=4)
+                      f"{_TRACKABLE}), so their influence is left out", stacklevel=4)
     fused = [name for name, m in model.named_modules()
              if is_expert(name) and any(p.dim() >= 3 for p in m.parameters(recurse=False))]
     if fused:

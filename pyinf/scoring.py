@@ -147,7 +147,8 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
             token_counts[-1] = t  # no mask: the first layer sets the batch's token count
         if per_token and t != token_counts[-1]:
             raise ValueError(f"per-token scores need every tracked layer to run per token; module {spec.name!r} "
-                             f"has {t} rows per document, the batch has {token_counts[-1]}")
+                             f"has {t} rows per document (tokens, or a convolution's output positions), the batch "
+                             f"has {token_counts[-1]}: track the layers of one sequence, or score without per_token")
         dtype = acts.dtype
         dense = queries.is_dense(spec.name) or route == "dense" or (
             route == "auto" and prefer_dense(t, spec.d_in, spec.d_out, q, queries.rank))

@@ -49,8 +49,8 @@ class Task(ABC):
         return None
 
     def get_influence_tracked_modules(self) -> Optional[List[str]]:
-        """Names of the modules to track, or None for every Linear/Conv1D layer but the
-        output embedding."""
+        """Names of the modules to track, or None for every trackable layer (Linear, Conv1D,
+        ungrouped Conv1d / Conv2d) but the output embedding."""
         return None
 
     def get_attention_mask(self, batch: Any):

@@ -22,7 +22,7 @@ def doc_gradients(model, task, dataset, modules, specs, *, measurement=False):
             m = modules[name]
             # a layer the document never ran (an expert none of its tokens reached): zero gradient
             w = (m.weight.grad if m.weight.grad is not None else torch.zeros_like(m.weight)).double()
-            w = w.T if spec.transposed else w
+            w = w.T if spec.transposed else w.reshape(w.shape[0], -1)  # a convolution's kernel flattened
             if spec.has_bias:
                 b = m.bias.grad if m.bias.grad is not None else torch.zeros_like(m.bias)
                 w = torch.cat([w, b.double()[:, None]], dim=1)
@@ -40,10 +40,14 @@ def covariances(model, task, dataset, modules, specs):
     handles, store = [], {}
     for name, m in modules.items():
         def fwd(mod, args, out, name=name):
-            store[name] = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            conv = isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d))
+            x = args[0].detach().double()
+            store[name] = conv_patches(mod, x) if conv else x.reshape(-1, x.shape[-1])
 
-            def grad(g):
-                store[name + ":g"] = g.detach().double().reshape(-1, g.shape[-1])
+            def grad(g):  # a convolution's tokens are its output positions
+                g = g.detach().double()
+                store[name + ":g"] = g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1]) if conv else \
+                    g.reshape(-1, g.shape[-1])
             # a tensor hook, not a full backward hook: a model may modify the output in place
             # (full backward hooks forbid it); the hook still sees the gradient of the
             # layer's own output, the value before the in-place change
@@ -69,6 +73,24 @@ def covariances(model, task, dataset, modules, specs):
             h.remove()
         model.zero_grad(set_to_none=True)
     return {n: (a_sum[n] / count[n], s_sum[n] / count[n]) for n in specs}
+
+
+def conv_patches(conv, x):
+    """The input patches of a Conv1d / Conv2d, one row per output position, read off the
+    padded input position by position (not with F.unfold, which pyinf uses)."""
+    pad = conv._reversed_padding_repeated_twice
+    x = torch.nn.functional.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+    if isinstance(conv, torch.nn.Conv1d):  # [B, C, L] as one row of an image
+        x = x.unsqueeze(2)
+    kh, kw = (1, *conv.kernel_size) if x.dim() == 4 and len(conv.kernel_size) == 1 else conv.kernel_size
+    sh, sw = (1, *conv.stride) if len(conv.stride) == 1 else conv.stride
+    dh, dw = (1, *conv.dilation) if len(conv.dilation) == 1 else conv.dilation
+    rows = []
+    for b in range(x.shape[0]):
+        for i in range(0, x.shape[2] - dh * (kh - 1), sh):
+            for j in range(0, x.shape[3] - dw * (kw - 1), sw):
+                rows.append(x[b, :, i:i + dh * (kh - 1) + 1:dh, j:j + dw * (kw - 1) + 1:dw].reshape(-1))
+    return torch.stack(rows)
 
 
 def default_damping(lambdas) -> float:

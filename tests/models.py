@@ -85,3 +85,28 @@ def tiny_gpt2(seed=0, dtype=torch.float32, vocab=40):
     with torch.random.fork_rng():  # the weights from this seed; the test's own draws left as they were
         torch.manual_seed(seeds.offset(seed))
         return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+class TinyCNN(nn.Module):
+    """Convolutions of every kind pyinf tracks (Conv2d padded, strided and dilated, with and
+    without bias, padding "same" with reflection; Conv1d) before a Linear head."""
+
+    def __init__(self, d_out=3):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 4, (2, 3), stride=2, dilation=(1, 2), bias=False)
+        self.c3 = nn.Conv1d(4, 2, 2, padding="same", padding_mode="reflect")
+        self.head = nn.Linear(2, d_out)
+
+    def forward(self, x):
+        h = torch.tanh(self.c2(torch.tanh(self.c1(x))))
+        return self.head(torch.tanh(self.c3(h.flatten(2))).mean(-1))
+
+
+class ImageDataset(RegressionDataset):
+    """Random [2, 7, 9] images with regression targets (for MLPTask)."""
+
+    def __init__(self, n, d_out=3, seed=0, dtype=torch.float32):
+        g = torch.Generator().manual_seed(seeds.offset(seed))
+        self.x = torch.randn(n, 2, 7, 9, generator=g, dtype=torch.float64).to(dtype)
+        self.y = torch.randn(n, d_out, generator=g, dtype=torch.float64).to(dtype)

@@ -393,17 +393,39 @@ class _ConvThenLinear(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv1d(4, 4, 1)
+        self.depthwise = nn.Conv1d(4, 4, 3, padding=1, groups=4)
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
-        return self.fc(self.conv(x.transpose(1, 2)).transpose(1, 2))
+        return self.fc(self.depthwise(self.conv(x.transpose(1, 2))).transpose(1, 2))
 
 
-def test_convolutions_are_said_to_be_left_out():
-    """kronfluence tracks Conv2d layers too: a user comparing should know pyinf does not."""
-    with pytest.warns(UserWarning, match=r"1 convolution layers \(conv\) are not tracked"):
+def test_convolutions_of_groups_are_said_to_be_left_out():
+    """Conv1d / Conv2d with groups=1 are tracked (linear layers over patches); a grouped
+    convolution is not, and a user comparing with kronfluence should know it."""
+    with pytest.warns(UserWarning, match=r"1 convolution layers \(depthwise\) are not tracked"):
         engine = pyinf.InfluenceEngine(_ConvThenLinear(), _PairTask(), progress=False)
-    assert list(engine.modules) == ["fc"]
+    assert list(engine.modules) == ["conv", "fc"]
+    with pytest.raises(ValueError, match=r"tracked module 'depthwise' is a Conv1d with groups=4 \(a grouped "
+                                         r"convolution's gradient is one block per group\); pyinf tracks nn.Linear"):
+        pyinf.InfluenceEngine(_ConvThenLinear(), _PairTask(tracked=["depthwise"]), progress=False)
+
+
+def test_a_convolution_on_unbatched_input_is_named():
+    """A convolution's input must carry the batch's documents: [B, C, L] for Conv1d."""
+    model = nn.Sequential(nn.Conv1d(3, 2, 2), nn.Flatten(0), nn.Linear(8, 1))
+    data = [(torch.randn(3, 5), torch.randn(1)) for _ in range(2)]
+
+    class Unbatched(_PairTask):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            return ((model(x[0]) - y[0]) ** 2).sum()
+
+    engine = pyinf.InfluenceEngine(model, Unbatched(tracked=["0"]), progress=False)
+    with pytest.raises(pyinf.capture.CaptureError, match=r"module '0': cannot split its input of shape \(3, 5\) "
+                                                         r"into the batch's 1 documents: a Conv1d's input must be "
+                                                         r"batched, \[B, channels, length\]"):
+        engine.fit_factors(data, batch_size=1)
 
 
 def test_expert_names():

@@ -200,7 +200,7 @@ def test_empty_dataset_and_model_without_layers():
     with pytest.raises(ValueError, match="empty"):
         engine.fit_factors(RegressionDataset(0))
     with pytest.raises(ValueError, match="no trackable layer"):
-        pyinf.InfluenceEngine(nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU()), MLPTask())
+        pyinf.InfluenceEngine(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.ReLU()), MLPTask())
     with pytest.raises(ValueError, match="not in the model"):
         pyinf.InfluenceEngine(TinyMLP(), pyinf.CausalLMTask(tracked_modules=["fc9"]))
     with pytest.raises(ValueError, match="is a ReLU"):

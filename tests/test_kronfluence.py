@@ -1,4 +1,4 @@
-"""Agreement with kronfluence 1.0.1 on a tiny MLP and a tiny transformer (empirical
+"""Agreement with kronfluence 1.0.1 on a tiny MLP, a tiny CNN and a tiny transformer (empirical
 Fisher, the same damping): relative error <= 1e-4."""
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 import pyinf
 
 from . import seeds
-from .models import MLPTask, RegressionDataset, TinyMLP, TokenDataset
+from .models import ImageDataset, MLPTask, RegressionDataset, TinyCNN, TinyMLP, TokenDataset
 
 pytest.importorskip("kronfluence")
 from pyinf.kronfluence_compat import kronfluence_arguments, run_kronfluence  # noqa: E402
@@ -32,12 +32,23 @@ def _plain_mlp():
     return model
 
 
+def _conv2d_net():
+    # kronfluence tracks nn.Conv2d (not Conv1d): padded, strided, dilated, with and without bias
+    model = TinyCNN()
+    model.c3 = torch.nn.Identity()
+    model.head = torch.nn.Linear(4, 3)
+    return model
+
+
 @pytest.mark.parametrize("rank", [None, 2])
-@pytest.mark.parametrize("which", ["mlp", "transformer"])
+@pytest.mark.parametrize("which", ["mlp", "transformer", "cnn"])
 def test_matches_kronfluence(which, rank, tmp_path):
     if which == "mlp":
         model, task = _plain_mlp(), MLPTask()
         train, query = RegressionDataset(24, seed=1), RegressionDataset(4, seed=2)
+    elif which == "cnn":
+        model, task = _conv2d_net(), MLPTask()
+        train, query = ImageDataset(20, seed=1), ImageDataset(4, seed=2)
     else:
         model, task = tiny_neox(), pyinf.CausalLMTask()
         train, query = TokenDataset(12, seed=1, min_len=6), TokenDataset(3, seed=2, completion=3, min_len=6)

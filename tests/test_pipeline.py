@@ -11,7 +11,7 @@ from pyinf.queries import low_rank
 
 from . import brute_force as bf
 from . import seeds
-from .models import MLPTask, RegressionDataset, TinyMLP, TokenDataset, tiny_gpt2
+from .models import ImageDataset, MLPTask, RegressionDataset, TinyCNN, TinyMLP, TokenDataset, tiny_gpt2
 
 
 def _rel(a, b):
@@ -19,7 +19,7 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.fixture(params=["mlp", "gpt2"])
+@pytest.fixture(params=["mlp", "gpt2", "cnn"])
 def setup64(request):
     """A float64 model, its task, training set and query set."""
     if request.param == "mlp":
@@ -28,6 +28,12 @@ def setup64(request):
         task = MLPTask()
         train = RegressionDataset(13, seed=2, dtype=torch.float64)
         query = RegressionDataset(3, seed=3, dtype=torch.float64)
+    elif request.param == "cnn":
+        torch.manual_seed(seeds.offset(1))
+        model = TinyCNN().double()
+        task = MLPTask()
+        train = ImageDataset(11, seed=2, dtype=torch.float64)
+        query = ImageDataset(3, seed=3, dtype=torch.float64)
     else:
         model = tiny_gpt2(seed=1, dtype=torch.float64)
         task = pyinf.CausalLMTask()
