@@ -53,8 +53,11 @@ class _Site:
         self.calls = 0
 
     def on_forward(self) -> None:
-        if _in_backward():
-            return  # activation checkpointing recomputing the block (pyinf.checkpoint): not a new call
+        if _in_backward() or not torch.is_grad_enabled():
+            # activation checkpointing recomputing the block (pyinf.checkpoint), or a call under
+            # no_grad (a task's check, a target computed without gradient), which has no
+            # backward and so is not captured: not a call that counts
+            return
         self.calls += 1
         if self.calls > 1:
             raise CaptureError(
@@ -162,6 +165,7 @@ def _declared_batch_first(by_name: Dict[str, nn.Module], name: str) -> Optional[
 # fitted one reading only: a layout is the model's, so it holds for every later pass.
 _LAYOUT_SEEN: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 _ACTIVE_SITES: "weakref.WeakKeyDictionary[nn.Module, _Site]" = weakref.WeakKeyDictionary()
+_WARNED_PADDING: set = set()  # model classes whose loss was seen to reach padding
 _FORWARDS: "weakref.WeakKeyDictionary[nn.Module, functools.partial]" = weakref.WeakKeyDictionary()
 
 
@@ -211,6 +215,9 @@ class Capture:
         self._experts = {n for n in modules if is_expert(n)}
         self._batch_index = -1
         self._grad_sums: List[tuple] = []  # (name, the sum of its output gradient) this batch
+        # (name, squared norm of its output gradient on padding, and on every position): a
+        # pass's first batch only (_check_padding_has_no_gradient)
+        self._padding_norms: List[tuple] = []
         self.anchor: Optional[torch.Tensor] = None
 
     # -- installation -------------------------------------------------------------------
@@ -277,6 +284,7 @@ class Capture:
         self._mask_used.clear()
         self._mask_missed.clear()
         self._grad_sums.clear()
+        self._padding_norms.clear()
         for site in self.sites.values():
             site.calls = 0
 
@@ -303,10 +311,15 @@ class Capture:
                 f"layers it applies to (give a dict of masks by module name when layers see different sequences)"
             )
         values = ([loss.detach().reshape(())] if loss is not None else []) + [s for _, s in self._grad_sums]
+        values += [v for _, pad, total in self._padding_norms for v in (pad, total)]
         if not values:
             return
         device = values[0].device
         host = torch.stack([v.to(device=device, dtype=torch.float64) for v in values]).cpu().tolist()
+        if self._padding_norms:
+            norms = host[len(host) - 2 * len(self._padding_norms):]
+            del host[len(host) - 2 * len(self._padding_norms):]
+            self._check_padding_has_no_gradient(norms)
         if loss is not None:
             value = host.pop(0)
             if not math.isfinite(value):
@@ -317,6 +330,23 @@ class Capture:
                     f"NaN or Inf in the output gradient of module {name!r} in batch {self._batch_index} "
                     f"(or finite values whose sum passes float32's range, 3.4e38)"
                 )
+
+    def _check_padding_has_no_gradient(self, norms: List[float]) -> None:
+        """Warns (once per model class) when the loss reaches positions the mask marks as
+        padding: pyinf leaves them out of every gradient, covariance and score, so that a
+        document's scores do not depend on the padding its batch gave it; a task whose loss
+        counts them (labels on padding, a pooling over every position) then gets scores that
+        are not those of its own gradients (kronfluence's, which count them, differ)."""
+        for (name, _, _), pad, total in zip(self._padding_norms, norms[0::2], norms[1::2]):
+            if total > 0 and pad > 1e-8 * total and type(self.model) not in _WARNED_PADDING:
+                _WARNED_PADDING.add(type(self.model))
+                warnings.warn(f"pyinf: the task's loss depends on positions its attention mask marks as padding (module "
+                              f"{name!r}: {100 * math.sqrt(pad / total):.2g}% of its output gradient's norm in batch "
+                              f"{self._batch_index}): pyinf leaves padding out of every gradient, so a document's "
+                              f"scores do not depend on its batch's padding, but they are not those of the task's own "
+                              f"gradients (kronfluence's differ); give padding no loss (labels -100 there, a pooling "
+                              f"over real tokens only), or return no mask from get_attention_mask", stacklevel=2)
+                break  # one layer named is enough
 
     def _as_tokens(self, name: str, t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """[B, T, d] view of a layer's input or output gradient, B the batch's documents.
@@ -427,6 +457,9 @@ class Capture:
         if mask is not None:
             if tuple(mask.shape) == tuple(acts.shape[:2]):
                 self._mask_used.add(spec.name)
+                if self._batch_index == 0 and type(self.model) not in _WARNED_PADDING:
+                    squares = grads.float().square().sum(-1)  # [B, T]
+                    self._padding_norms.append((spec.name, squares.masked_fill(mask, 0).sum(), squares.sum()))
             else:
                 if acts.shape[1] > 1:  # one row per document (pooled features) has nothing to mask
                     self._mask_missed.append((spec.name, acts.shape[1]))

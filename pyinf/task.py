@@ -7,9 +7,11 @@ works unchanged; :class:`CausalLMTask` covers Hugging Face style causal language
 from __future__ import annotations
 
 import inspect
+import warnings
+import weakref
 from collections.abc import Mapping
 from abc import ABC, abstractmethod
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -73,22 +75,54 @@ def _model_inputs(model, batch) -> Dict[str, Any]:
     elif mask is not None and _takes_position_ids(model):
         # Positions count real tokens, as Hugging Face's generate() does: in a left-padded
         # batch GPT-2-style models (learned absolute positions) would otherwise place each
-        # row's tokens after its padding. Padding gets position 1; the mask hides it.
-        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        # row's tokens after its padding. They start where the model's own start (RoBERTa's
+        # after its padding_idx), and padding gets the model's padding position (else 1),
+        # which the mask hides.
+        first, pad = _position_start(model)
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1 + first).masked_fill(mask == 0, pad)
+    elif mask is not None and type(model) not in _WARNED_NO_POSITIONS and bool((mask[:, 0] == 0).any()):
+        _WARNED_NO_POSITIONS.add(type(model))
+        warnings.warn(f"pyinf: {type(model).__name__}.forward names no position_ids, and this batch is left-padded: "
+                      f"a model with absolute positions then places each row's tokens after its padding, and its "
+                      f"scores depend on the padding (pad on the right, or pass position_ids in the batch)",
+                      stacklevel=4)
     return kwargs
 
 
-_TAKES_POSITION_IDS: Dict[type, bool] = {}
+_TAKES_POSITION_IDS: Dict[Any, bool] = {}
+_POSITION_START: "weakref.WeakKeyDictionary[nn.Module, Tuple[int, int]]" = weakref.WeakKeyDictionary()
+_WARNED_NO_POSITIONS: set = set()
+
+
+def _position_start(model) -> Tuple[int, int]:
+    """``(first token's position, padding's position)``: ``(0, 1)``, or for models that number
+    positions after a padding index, as RoBERTa, XLM-R, CamemBERT, ESM do (their position
+    embedding has the ``padding_idx`` their embeddings keep, and their own positions are
+    ``padding_idx + 1, +2, ...`` with ``padding_idx`` on padding), ``(padding_idx + 1, padding_idx)``."""
+    if model not in _POSITION_START:
+        start = (0, 1)
+        for module in model.modules():
+            table = getattr(module, "position_embeddings", None)
+            # the family's embeddings keep the padding index themselves (LXMERT's table has a
+            # padding_idx of 0 and positions from 0: not one of them)
+            if isinstance(table, nn.Embedding) and table.padding_idx is not None and \
+                    getattr(module, "padding_idx", None) == table.padding_idx:
+                start = (table.padding_idx + 1, table.padding_idx)
+                break
+        _POSITION_START[model] = start
+    return _POSITION_START[model]
 
 
 def _takes_position_ids(model) -> bool:
-    cls = type(model)
-    if cls not in _TAKES_POSITION_IDS:
+    # per forward function, not per class: a forward set on one instance (a wrapper, a hook)
+    # has its own signature
+    forward = getattr(model.forward, "__func__", model.forward)
+    if forward not in _TAKES_POSITION_IDS:
         try:
-            _TAKES_POSITION_IDS[cls] = "position_ids" in inspect.signature(model.forward).parameters
+            _TAKES_POSITION_IDS[forward] = "position_ids" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
-            _TAKES_POSITION_IDS[cls] = False
-    return _TAKES_POSITION_IDS[cls]
+            _TAKES_POSITION_IDS[forward] = False
+    return _TAKES_POSITION_IDS[forward]
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -143,6 +177,10 @@ def pad_collate(examples: Sequence[Dict[str, Any]], pad_token_id: int = 0, side:
     return batch
 
 
+# models whose fused head gives their own loss (CausalLMTask._check_fused_head)
+_FUSED_HEAD_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
 class CausalLMTask(Task):
     """Next-token language modelling on dict batches with ``input_ids``, ``attention_mask``
     and ``labels`` (-100 marks tokens that carry no loss; labels are shifted inside, as in
@@ -190,12 +228,69 @@ class CausalLMTask(Task):
         """Cross-entropy of each next-token prediction, ``[B, T-1]``, zero where the label is
         -100; fp32 (fp64 for an fp64 model)."""
         if self.fused_head:
-            hidden, head = self._hidden_and_head(batch, model)
-            labels = self._labels(batch)
-            h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-            rows = linear_cross_entropy(h, head.weight, labels.reshape(-1), getattr(head, "bias", None),
-                                        sample=sample, reduction="none")
-            return rows.reshape(labels.shape)
+            if model not in _FUSED_HEAD_CHECKED:
+                self._check_fused_head(batch, model)
+            return self._fused_token_losses(batch, model, sample)
+        return self._logit_token_losses(batch, model, sample)
+
+    def _fused_token_losses(self, batch, model, sample: bool) -> torch.Tensor:
+        hidden, head = self._hidden_and_head(batch, model)
+        labels = self._labels(batch)
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        rows = linear_cross_entropy(h, head.weight, labels.reshape(-1), getattr(head, "bias", None),
+                                    sample=sample, reduction="none")
+        return rows.reshape(labels.shape)
+
+    def _check_fused_head(self, batch, model) -> None:
+        """The fused head takes the logits to be the output embedding applied to the base
+        model's last hidden state. A model that does more between the two (BERT's and RoBERTa's
+        LM head transform before it, a logit multiplier after it that no config attribute
+        names) would be scored on another loss, silently: the first document of the model's
+        first batch is run through the model (no gradient, once per model), and what reaches
+        the output embedding and what the model returns are compared with the base model's
+        last hidden state and the output embedding's own output. Both are the same computation
+        when nothing is in between, in any dtype."""
+        rows = batch["input_ids"].shape[0]
+        first = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
+                 for k, v in batch.items()}
+        seen: Dict[str, torch.Tensor] = {}
+        with torch.no_grad():  # a tracked layer's forward under no_grad is not captured
+            hidden, head = self._hidden_and_head(first, model)
+            hooks = [head.register_forward_pre_hook(lambda m, args: seen.setdefault("input", args[0])),
+                     head.register_forward_hook(lambda m, args, out: seen.setdefault("output", out))]
+            try:
+                logits = _logits(model(**_model_inputs(model, first)))
+            finally:
+                for h in hooks:
+                    h.remove()
+        tol = 1e-2 if hidden.dtype in (torch.float16, torch.bfloat16) else 1e-5
+
+        mask = first.get("attention_mask")
+
+        def differ(got: torch.Tensor, want: torch.Tensor) -> bool:
+            if got.shape != want.shape:
+                return True
+            got, want = got.double(), want.double()
+            if mask is not None and tuple(mask.shape) == tuple(want.shape[:2]):  # padding's values are no one's
+                got, want = got[mask != 0], want[mask != 0]
+            return bool((got - want).abs().max() > tol * want.abs().max() + 1e-12) if want.numel() else False
+
+        name = next((n for n, m in model.named_modules() if m is head), "the output embedding")
+        if "input" not in seen:
+            raise ValueError(f"CausalLMTask(fused_head=True): {type(model).__name__}'s forward never calls its output "
+                             f"embedding {name!r}, so the fused head cannot know it computes the model's logits; use "
+                             f"fused_head=False")
+        where = ("before it: what reaches it is not the base model's last hidden state (an LM head transform?)"
+                 if differ(seen["input"], hidden) else
+                 "after it: the model's logits are not its output (a scale or a cap?)"
+                 if differ(logits, seen["output"].to(logits.dtype)) else None)
+        if where is not None:
+            raise ValueError(f"CausalLMTask(fused_head=True) computes the loss from the base model's last hidden "
+                             f"state through the output embedding {name!r}, but {type(model).__name__} does more "
+                             f"{where}; the fused head would score another loss: use fused_head=False")
+        _FUSED_HEAD_CHECKED[model] = True
+
+    def _logit_token_losses(self, batch, model, sample: bool) -> torch.Tensor:
         logits = _logits(model(**_model_inputs(model, batch)))[:, :-1]
         if logits.dtype != torch.float64:
             logits = logits.float()

@@ -238,3 +238,37 @@ def test_an_unbuilt_backend_fails_only_where_the_head_needs_it(monkeypatch):
     native.prepare_queries(data, factors, rank=1)
     with fused_ce.backend_of_pass("native"), pytest.raises(ops.BackendUnavailable, match="'native' is not"):
         fused_ce.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([1, 2, 3]))
+
+
+def test_fused_head_refuses_what_lies_between_the_base_model_and_its_output_embedding():
+    """The fused head scores the loss of the output embedding applied to the base model's last
+    hidden state. A model that transforms the hidden state before its output embedding (BERT's
+    LM head) or its logits after it (a multiplier no config attribute names) is refused at its
+    first batch, naming the side, not scored on another loss."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    cfg = BertConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                     max_position_embeddings=32, is_decoder=True, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    bert = BertLMHeadModel(cfg).eval()
+    task = pyinf.CausalLMTask(fused_head=True, tracked_modules=["bert.encoder.layer.0.output.dense"])
+    with pytest.raises(ValueError, match=r"output embedding 'cls.predictions.decoder', but BertLMHeadModel does more "
+                                         r"before it: .*use fused_head=False"):
+        pyinf.InfluenceEngine(bert, task, progress=False).fit_factors(TokenDataset(3), batch_size=2)
+
+    gpt2 = tiny_gpt2(seed=1)
+    plain = gpt2.forward
+
+    def scaled(*args, **kwargs):  # logits * 3 after the output embedding
+        out = plain(*args, **kwargs)
+        out.logits = out.logits * 3
+        return out
+
+    gpt2.forward = scaled
+    with pytest.raises(ValueError, match=r"'lm_head', but GPT2LMHeadModel does more after it: the model's logits are "
+                                         r"not its output"):
+        pyinf.InfluenceEngine(gpt2, pyinf.CausalLMTask(fused_head=True), progress=False).fit_factors(
+            TokenDataset(3), batch_size=2)
+    del gpt2.forward  # the model's own forward again: checked once, and scored
+    engine = pyinf.InfluenceEngine(gpt2, pyinf.CausalLMTask(fused_head=True), progress=False)
+    engine.fit_factors(TokenDataset(3), batch_size=2)

@@ -800,6 +800,89 @@ def test_left_padding_gives_the_scores_of_right_padding():
     assert pyinf.CausalLMTask().compute_train_loss(pyinf.pad_collate([query[0]]), model).dtype == torch.float64
 
 
+def test_positions_follow_a_models_own_numbering():
+    """RoBERTa-family models number positions from padding_idx + 1: the positions pyinf passes
+    (counting real tokens, for left padding) start there too, so a document's loss is the
+    model's own, and left and right padding give the same scores."""
+    import functools
+
+    from transformers import RobertaConfig, RobertaForCausalLM
+
+    torch.manual_seed(seeds.offset(7))
+    cfg = RobertaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                        max_position_embeddings=40, is_decoder=True, pad_token_id=1, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = RobertaForCausalLM(cfg).double().eval()
+    ids = torch.tensor([5, 17, 22, 8, 23, 31, 9])
+    with torch.no_grad():
+        own = model(input_ids=ids[None], labels=ids[None]).loss.item() * (len(ids) - 1)  # HF's mean, summed
+    task = pyinf.CausalLMTask(pad_token_id=1)
+    loss = task.compute_train_loss(task.collate_fn([{"input_ids": ids}]), model).item()
+    assert loss == pytest.approx(own, rel=1e-6)  # (HF computes its loss in float32)
+    train, query = TokenDataset(5, seed=8), TokenDataset(2, seed=9, completion=2)
+    scores = {}
+    for side in ("right", "left"):
+        task = pyinf.CausalLMTask(pad_token_id=1)
+        task.collate_fn = functools.partial(pyinf.pad_collate, pad_token_id=1, side=side)
+        engine = pyinf.InfluenceEngine(model, task, progress=False)
+        factors = engine.fit_factors(train, fisher="empirical", batch_size=3)
+        scores[side] = engine.pairwise_scores(train, engine.prepare_queries(query, factors, rank=None), batch_size=3)
+    assert _rel(scores["left"], scores["right"]) < 1e-6
+
+
+def test_left_padding_for_a_model_that_takes_no_position_ids_is_warned_about():
+    """A model whose forward takes its inputs through **kwargs cannot be given positions that
+    count real tokens: a left-padded batch would place its rows' tokens after the padding."""
+    import functools
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    task = pyinf.CausalLMTask()
+    task.collate_fn = functools.partial(pyinf.pad_collate, side="left")
+    engine = pyinf.InfluenceEngine(Wrapper(tiny_gpt2(seed=3)), task, progress=False)
+    with pytest.warns(UserWarning, match=r"Wrapper.forward names no position_ids, and this batch is left-padded"):
+        engine.fit_factors(TokenDataset(4, seed=4), batch_size=4)
+
+
+def test_a_loss_on_padding_is_warned_about():
+    """pyinf leaves padded positions out of every gradient (a document's scores do not depend
+    on its batch's padding); a task whose loss reaches them (labels on padding, the habit of
+    `labels = input_ids` after padding) gets scores that are not those of its own gradients,
+    and is told so, once; CausalLMTask's loss never reaches padding."""
+    from pyinf import capture
+
+    class LabelsOnPadding(pyinf.CausalLMTask):
+        def _labels(self, batch):
+            return batch["input_ids"][:, 1:]  # padding labelled too
+
+    class Model(torch.nn.Module):  # a class of its own: the warning is once per model class
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_gpt2(seed=3)
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    model, train = Model(), TokenDataset(6, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False).fit_factors(train, batch_size=3)
+    engine = pyinf.InfluenceEngine(model, LabelsOnPadding(), progress=False)
+    with pytest.warns(UserWarning, match=r"the task's loss depends on positions its attention mask marks as padding "
+                                         r"\(module 'inner.transformer.h.1.mlp.c_proj': .*% of its output gradient's"):
+        engine.fit_factors(train, batch_size=3)
+    assert Model in capture._WARNED_PADDING
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        engine.fit_factors(train, batch_size=3)
+
+
 def test_a_non_finite_per_token_score_moved_to_the_front_leaves_zeros():
     from pyinf.scoring import _from_first_token, _leading_padding
 
