@@ -91,11 +91,12 @@ def _compile_all() -> List[Dict[str, object]]:
     for tdt, pt, tl_dt in [(torch.bfloat16, "*bf16", tl.bfloat16), (torch.float32, "*fp32", tl.float32)]:
         flags = _shared.dot_flags(tdt)
         i32 = lambda *names: {n: "i32" for n in names}
-        build(_shared._rotate_kernel, dict(x_ptr=pt, m_ptr="*u8", q_ptr=pt, out_ptr=pt, **i32(
+        # the rotated tokens are fp32 whatever the inputs (eigen_correction.rotated_dtype_of)
+        build(_shared._rotate_kernel, dict(x_ptr=pt, m_ptr="*u8", q_ptr=pt, out_ptr="*fp32", **i32(
             "T", "K", "C", "col0", "s_xn", "s_xt", "s_xk", "s_mn", "s_mt", "s_qk", "s_qc", "s_on", "s_ot")),
             dict(HAS_MASK=True, COMPUTE=tl_dt, SPLIT_K_TAIL=False, **flags), _shared.ROTATE_H100[tdt], f"rotate {tdt}")
         if tdt == torch.bfloat16:  # a biased layer's K = d + 1: whole slices, then the tail
-            build(_shared._rotate_kernel, dict(x_ptr=pt, m_ptr="*u8", q_ptr=pt, out_ptr=pt, **i32(
+            build(_shared._rotate_kernel, dict(x_ptr=pt, m_ptr="*u8", q_ptr=pt, out_ptr="*fp32", **i32(
                 "T", "K", "C", "col0", "s_xn", "s_xt", "s_xk", "s_mn", "s_mt", "s_qk", "s_qc", "s_on", "s_ot")),
                 dict(HAS_MASK=True, COMPUTE=tl_dt, SPLIT_K_TAIL=True, **flags), _shared.ROTATE_H100[tdt], f"rotate {tdt} bias column",
                 nodiv=("K",))  # K = 769: nothing known about it
@@ -107,27 +108,22 @@ def _compile_all() -> List[Dict[str, object]]:
                 "T", "D", "n_row_blocks", "blocks_per_split", "s_xn", "s_xt", "s_xd", "s_mn", "s_mt", "s_os")),
                 dict(HAS_MASK=True, EDGE=False, **flags), covariance.H100[tdt], f"covariance {tdt} inside odd D",
                 nodiv=("D", "s_os"))
-        # D_IN / SLAB unhinted (769 for a biased layer); the load widths and row strides are
-        # multiples of 16 (the rotated temporaries are padded).
-        build(eigen_correction._eigen_correction_kernel, dict(g_ptr=pt, a_ptr=pt, out_ptr="*fp32", **i32(
-            "n_docs", "T", "D_IN", "SLAB", "D_IN_LD", "SLAB_LD", "row0", "s_gn", "s_gt", "s_an", "s_at", "s_oi")),
-            dict(ACCUMULATE=True, **flags), eigen_correction.H100[tdt], f"eigen_correction {tdt}",
-            nodiv=("D_IN", "SLAB"))
-        build(self_influence._self_influence_kernel, dict(g_ptr=pt, a_ptr=pt, lam_ptr="*fp32", part_ptr="*fp32",
-            damping="fp32", **i32("T", "D_IN", "SLAB", "D_IN_LD", "SLAB_LD", "row0", "doc0", "n_tj", "s_gn", "s_gt",
-                                  "s_an", "s_at", "s_li", "s_lj", "s_pn")),
-            flags, eigen_correction.H100[tdt], f"self_influence {tdt}", nodiv=("D_IN", "SLAB", "s_li"))
-        if tdt == torch.float32:  # fp16 inputs: fp32 rotated temporaries through tf32 dots (rotated_dtype_of)
-            tf32 = eigen_correction.rotated_dot_flags(torch.float16)
-            build(eigen_correction._eigen_correction_kernel, dict(g_ptr=pt, a_ptr=pt, out_ptr="*fp32", **i32(
-                "n_docs", "T", "D_IN", "SLAB", "D_IN_LD", "SLAB_LD", "row0", "s_gn", "s_gt", "s_an", "s_at", "s_oi")),
-                dict(ACCUMULATE=True, **tf32), eigen_correction.H100[tdt], "eigen_correction float16 (fp32 rotated, tf32)",
-                nodiv=("D_IN", "SLAB"))
-            build(self_influence._self_influence_kernel, dict(g_ptr=pt, a_ptr=pt, lam_ptr="*fp32", part_ptr="*fp32",
-                damping="fp32", **i32("T", "D_IN", "SLAB", "D_IN_LD", "SLAB_LD", "row0", "doc0", "n_tj", "s_gn", "s_gt",
-                                      "s_an", "s_at", "s_li", "s_lj", "s_pn")),
-                tf32, eigen_correction.H100[tdt], "self_influence float16 (fp32 rotated, tf32)",
-                nodiv=("D_IN", "SLAB", "s_li"))
+        # The Gram kernels read fp32 rotated tokens for every input (rotated_dtype_of): IEEE dots
+        # for fp32 inputs, tf32 for bf16 / fp16 ones. D_IN / SLAB unhinted (769 for a biased
+        # layer); the load widths and row strides are multiples of 16 (the temporaries are padded).
+        if tdt == torch.float32:
+            for inputs in (torch.float32, torch.bfloat16):
+                dots = eigen_correction.rotated_dot_flags(inputs)
+                what = "float32" if inputs == torch.float32 else "bfloat16 / float16 (fp32 rotated, tf32)"
+                build(eigen_correction._eigen_correction_kernel, dict(g_ptr=pt, a_ptr=pt, out_ptr="*fp32", **i32(
+                    "n_docs", "T", "D_IN", "SLAB", "D_IN_LD", "SLAB_LD", "row0", "s_gn", "s_gt", "s_an", "s_at",
+                    "s_oi")), dict(ACCUMULATE=True, **dots), eigen_correction.H100[tdt], f"eigen_correction {what}",
+                    nodiv=("D_IN", "SLAB"))
+                build(self_influence._self_influence_kernel, dict(g_ptr=pt, a_ptr=pt, lam_ptr="*fp32",
+                    part_ptr="*fp32", damping="fp32", **i32("T", "D_IN", "SLAB", "D_IN_LD", "SLAB_LD", "row0", "doc0",
+                                                            "n_tj", "s_gn", "s_gt", "s_an", "s_at", "s_li", "s_lj",
+                                                            "s_pn")),
+                    dots, eigen_correction.H100[tdt], f"self_influence {what}", nodiv=("D_IN", "SLAB", "s_li"))
         for per_token in (False, True):
             build(factored_scores._factored_scores_kernel, dict(desc_ptr="*i64", **i32("N", "Q", "S", "n_cb")),
                   dict(ACT_T=tl_dt, GRAD_T=tl_dt, LEFT_T=tl_dt, RIGHT_T=tl_dt, COMPUTE=tl_dt, PER_TOKEN=per_token,

@@ -431,7 +431,8 @@ def test_fp16_tokens_with_bases_beyond_fp16_are_refused_by_triton():
         pytest.skip("triton cannot run here")
     acts, grads = torch.randn(2, 3, 4).half(), torch.randn(2, 3, 5).half()
     q_a = torch.eye(4) * 1e5
-    with pytest.raises(ValueError, match=r"eigenbasis of shape \(4, 4\).*beyond fp16's range"):
+    with pytest.raises(ValueError, match=r"pyinf.ops.eigen_correction: 'q_a' cannot run on the triton backend: its "
+                                         r"shape \(4, 4\) .*beyond fp16's range"):
         ops.eigen_correction(acts, grads, q_a, torch.eye(5), backend="triton")
 
 
@@ -488,6 +489,65 @@ def test_fp16_rotations_beyond_the_fp16_range(backend_device):
     assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s)) < 1e-3
     si = ops.self_influence(acts, grads, q_a, q_s, lambdas, 0.1, backend=backend)
     assert oracle.rel_err(si, oracle.self_influence(acts, grads, q_a, q_s, lambdas, 0.1)) < 1e-3
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_bf16_tokens_whose_products_cancel_over_the_tokens(backend_device):
+    """bf16 activations with a large component shared by the tokens and gradients whose sum
+    over the tokens nearly vanishes: a document's gradient is a small difference of large
+    per-token terms. A backend that rounds each token's rotated values to bf16 before the
+    sum loses it (Triton did: Lambda 15% off); each must keep the budget of rounding the
+    bases alone."""
+    backend, device = backend_device
+    n, t, d_in, d_out = 2, 64, 32, 24
+    shared = 4 * torch.randn(d_in)
+    acts = (shared + 0.05 * torch.randn(n, t, d_in)).bfloat16().to(device)
+    v = torch.randn(n, t, d_out)
+    grads = (v - v.mean(1, keepdim=True) + 1e-3 * torch.randn(n, 1, d_out)).bfloat16().to(device)
+    q_a, q_s = _orthonormal(d_in, device), _orthonormal(d_out, device)
+    lambdas = torch.rand(d_out, d_in, device=device) + 0.1
+    _skip_unless_runs(backend, device, "eigen_correction", [acts, grads, q_a, q_s])
+    # fp32 accumulation's own rounding is magnified by the cancellation too (1.2e-5 measured)
+    tol = max(1e-4, _tolerance(torch.bfloat16, backend, device, "eigen_correction"))
+    out = ops.eigen_correction(acts, grads, q_a, q_s, backend=backend)
+    assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s)) < tol
+    si = ops.self_influence(acts, grads, q_a, q_s, lambdas, 1e-3, backend=backend)
+    assert oracle.rel_err(si, oracle.self_influence(acts, grads, q_a, q_s, lambdas, 1e-3)) < tol
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_PARAMS)
+def test_grouped_problems_are_checked_for_unknown_keys_and_return_their_own_tensors(backend_device):
+    """A misspelled 'mask' would score padding silently: refused by name. Each problem's scores
+    are a tensor of their own (one layer's kept or saved does not hold every layer's)."""
+    backend, device = backend_device
+    acts, grads = torch.randn(2, 3, 4, device=device), torch.randn(2, 3, 5, device=device)
+    left, right = torch.randn(2, 5, 1, device=device), torch.randn(2, 4, 1, device=device)
+    _skip_unless_runs(backend, device, "factored_scores_grouped", [acts, grads, left, right])
+    problem = dict(acts=acts, grads=grads, left=left, right=right)
+    with pytest.raises(ValueError, match=r"problem 1 has unknown keys \['masks'\]; the keys are acts, grads, left, "
+                                         r"right and mask"):
+        ops.factored_scores_grouped([problem, dict(problem, masks=torch.ones(2, 3, dtype=torch.bool))],
+                                    backend=backend)
+    outs = ops.factored_scores_grouped([problem, problem], backend=backend)
+    assert all(o.untyped_storage().nbytes() == o.numel() * o.element_size() for o in outs)
+
+
+def test_a_damping_that_requires_a_gradient_is_refused():
+    """No op differentiates through the damping: float() of it would drop its gradient silently."""
+    acts, grads = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    q_a, q_s, lambdas = _orthonormal(4, "cpu"), _orthonormal(5, "cpu"), torch.rand(5, 4)
+    damping = torch.tensor(0.1, requires_grad=True)
+    with pytest.raises(ValueError, match="pyinf.ops.self_influence: 'damping' requires a gradient"):
+        ops.self_influence(acts, grads, q_a, q_s, lambdas, damping)
+    with torch.no_grad():
+        assert ops.self_influence(acts, grads, q_a, q_s, lambdas, damping).shape == (2,)
+
+
+def test_resolve_backend_names_an_unknown_op_and_a_call_without_tensors():
+    with pytest.raises(ValueError, match="unknown op 'no_such_op'"):
+        ops.resolve_backend("no_such_op", "auto", [torch.zeros(1)])
+    with pytest.raises(ValueError, match="no tensor given for 'covariance'"):
+        ops.resolve_backend("covariance", "auto", [])
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_PARAMS)

@@ -10,9 +10,8 @@ it and accumulates in registers, then writes the tile once (adding to the previo
 value). Every tile is owned by one program and chunks run in order, so the result is
 deterministic: there are no atomics and no split-over-documents variant.
 
-Precision: with bf16/fp16 inputs the eigenbases are rounded to that dtype; bf16 rotated
-tokens are stored in bf16 (about 0.3% relative error on Lambda against float64 for random
-data, inside the 1e-2 bf16 budget), fp16 ones in fp32 (fp16 could overflow: see
+Precision: with bf16/fp16 inputs the eigenbases are rounded to that dtype and the rotated
+tokens are stored in fp32, their Gram tiles taken on tf32 tensor cores (see
 rotated_dtype_of); fp32 inputs stay fp32 throughout with IEEE dots.
 """
 from __future__ import annotations
@@ -27,8 +26,7 @@ from . import _shared
 from ._shared import block_sizes, dot_flags, launch, launch_options, mma, pick_config, rotate, rotation_plan
 
 # H100 configs (reasoned, not measured). BLOCK_T is the reduction (token) dimension.
-H100 = {
-    torch.bfloat16: dict(BLOCK_I=128, BLOCK_J=128, BLOCK_T=64, num_warps=8, num_stages=4),
+H100 = {  # keyed by the rotated tokens' dtype: fp32 for every input (rotated_dtype_of)
     torch.float32: dict(BLOCK_I=64, BLOCK_J=64, BLOCK_T=32, num_warps=8, num_stages=3),
 }
 INTERPRETER = dict(BLOCK_I=16, BLOCK_J=16, BLOCK_T=16)
@@ -88,18 +86,22 @@ def compute_dtype_of(acts: torch.Tensor, grads: torch.Tensor) -> torch.dtype:
 
 
 def rotated_dtype_of(compute: torch.dtype) -> torch.dtype:
-    """The rotated temporaries' dtype (and so the Gram kernels' operand dtype). fp16 operands
-    keep their rotations in fp32: a rotation can gather a token's whole norm into one
-    coordinate, and ||a||_2 can pass fp16's 65504 where no single entry of `a` does. bf16 has
-    fp32's range. (fp32 Gram operands go through tf32 tensor cores on a GPU, the precision of
-    fp16's 10-bit mantissa.)"""
-    return torch.float32 if compute == torch.float16 else compute
+    """The rotated temporaries' dtype (and so the Gram kernels' operand dtype): fp32 for every
+    input. A document's gradient tile sums its tokens' rotated outer products, and where those
+    cancel (activations with a large component shared by the tokens, gradients whose sum over
+    the tokens nearly vanishes) a rounding of each token's rotated values is magnified by the
+    cancellation: bf16 rotated tokens gave Lambda 15% off float64 on such input (fp32: 3e-4),
+    where the unfused op, which rounds the summed gradient once, stays exact to bf16. fp16
+    would also overflow: a rotation can gather a token's whole norm into one coordinate, and
+    ||a||_2 can pass fp16's 65504 where no single entry of `a` does. (The fp32 Gram operands
+    go through tf32 tensor cores on a GPU: rotated_dot_flags.)"""
+    return torch.float32
 
 
 def rotated_dot_flags(compute: torch.dtype) -> dict:
-    """IEEE / INTERP_FIX of the Gram kernels. The fp32 operands of fp16 inputs go through tf32
-    (not IEEE): their products would have had fp16's 10 mantissa bits anyway."""
-    if compute == torch.float16:
+    """IEEE / INTERP_FIX of the Gram kernels. The fp32 operands of bf16 / fp16 inputs go through
+    tf32 (not IEEE): 10 mantissa bits, more than their inputs had."""
+    if compute in (torch.float16, torch.bfloat16):
         return dict(IEEE=False, INTERP_FIX=False)
     return dot_flags(compute)
 

@@ -284,7 +284,9 @@ def factored_scores_grouped(problems: Sequence[dict], per_token: bool = False,
         return outs
     if grid[0] == 0:
         return [torch.zeros(n, q, dtype=torch.float32, device=device) for _ in problems]
-    return list(partial.sum(2).unbind(0))
+    # one tensor per layer, each with its own storage (views of one buffer would keep every
+    # layer's scores alive, and torch.save of one would write them all)
+    return [t.clone() for t in partial.sum(2).unbind(0)]
 
 
 def _rank_slices(problems: Sequence[dict], per_token: bool, splits: Optional[int],

@@ -70,7 +70,11 @@ def resolve_backend(op: str, backend: str, tensors, shape=None) -> str:
             which = f" ('{', '.join(culprits)}')" if 0 < len(culprits) < len(named) else ""
             raise BackendUnavailable(f"pyinf.ops.{op}: backend {backend!r} cannot run this call{which}: {reason}")
         return backend
-    first = next(t for t in tensors if t is not None)
+    first = next((t for t in tensors if t is not None), None)
+    if first is None:
+        raise ValueError(f"pyinf.ops.resolve_backend: no tensor given for {op!r} to run on")
+    if not hasattr(_registry.load("torch"), op):  # every op has a reference: an unknown name is a typo
+        raise ValueError(f"pyinf.ops.resolve_backend: unknown op {op!r}")
     if first.device.type != "cuda" or any(t is not None and t.dtype == torch.float64 for t in tensors) \
             or _needs_autograd(tensors):
         return "torch"
@@ -195,6 +199,10 @@ def factored_scores_grouped(problems, *, per_token: bool = False, backend: str =
             acts, grads, left, right = p["acts"], p["grads"], p["left"], p["right"]
         except KeyError as exc:
             raise ValueError(f"pyinf.ops.{op}: problem {i} lacks key {exc}") from None
+        unknown = sorted(set(p) - {"acts", "grads", "left", "right", "mask"})
+        if unknown:  # a misspelled 'mask' would score the padding silently
+            raise ValueError(f"pyinf.ops.{op}: problem {i} has unknown keys {unknown}; the keys are acts, grads, "
+                             f"left, right and mask")
         _checks.check_tokens(f"{op}[{i}]", acts, grads)
         _checks.check_query_factors(f"{op}[{i}]", acts, grads, left, right)
         mask = _checks.check_mask(f"{op}[{i}]", p.get("mask"), acts.shape[0], acts.shape[1])

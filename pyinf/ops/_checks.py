@@ -137,6 +137,9 @@ def check_damping(where: str, damping) -> float:
         if isinstance(damping, torch.Tensor):
             if damping.numel() != 1:
                 raise ValueError(f"{where}'damping' must be a scalar, got {_describe(damping)}")
+            if damping.requires_grad and torch.is_grad_enabled():  # float() would drop its gradient silently
+                raise ValueError(f"{where}'damping' requires a gradient, which no op computes for it: pass a "
+                                 f"number or a detached tensor")
             damping = float(damping)
         if isinstance(damping, numbers.Real) and not isinstance(damping, bool):  # numpy scalars too
             damping = float(damping)

@@ -123,9 +123,10 @@ def _fp16_checked(src: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
     an orthonormal basis is (entries <= 1), a basis of other vectors may not be. Checked once
     per cached cast (one host sync)."""
     if cast.dtype == torch.float16 and not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(src).all()):
-        raise ValueError(f"an eigenbasis of shape {tuple(src.shape)} ({src.dtype}) has entries beyond fp16's range "
+        raise ValueError(f"its shape {tuple(src.shape)} ({src.dtype}) basis has entries beyond fp16's range "
                          f"(largest {float(src.abs().max()):.3g}): the triton backend rotates fp16 tokens with "
-                         f"fp16 bases; give orthonormal bases (entries <= 1), or fp32 tokens")
+                         f"fp16 bases; give orthonormal bases (entries <= 1), fp32 tokens, or backend='torch' "
+                         f"or 'native'")
     return cast
 
 
@@ -145,22 +146,28 @@ def release_caches() -> None:
     _casts.clear()
 
 
-def _eigenbases(acts, grads, q_a, q_s):
+def _eigenbases(op, acts, grads, q_a, q_s):
     compute = _eig.compute_dtype_of(acts, grads)
-    return _casts.get(q_a, compute), _casts.get(q_s, compute)
+    bases = []
+    for name, q in (("q_a", q_a), ("q_s", q_s)):
+        try:
+            bases.append(_casts.get(q, compute))
+        except ValueError as exc:  # _fp16_checked's: say which op and which argument
+            raise ValueError(f"pyinf.ops.{op}: '{name}' cannot run on the triton backend: {exc}") from None
+    return bases
 
 
 def eigen_correction(acts, grads, q_a, q_s, *, mask=None) -> torch.Tensor:
     acts, grads, mask = _int32_rows(acts), _int32_rows(grads), _int32_rows(mask)
     with _cuda_context(acts):
-        q_a, q_s = _eigenbases(acts, grads, q_a, q_s)
+        q_a, q_s = _eigenbases("eigen_correction", acts, grads, q_a, q_s)
         return _eig.eigen_correction(acts, grads, q_a, q_s, mask)
 
 
 def self_influence(acts, grads, q_a, q_s, lambdas, damping, *, mask=None) -> torch.Tensor:
     acts, grads, mask = _int32_rows(acts), _int32_rows(grads), _int32_rows(mask)
     with _cuda_context(acts):
-        q_a, q_s = _eigenbases(acts, grads, q_a, q_s)
+        q_a, q_s = _eigenbases("self_influence", acts, grads, q_a, q_s)
         return _si.self_influence(acts, grads, q_a, q_s, lambdas, float(damping), mask)
 
 
