@@ -340,12 +340,15 @@ class Capture:
         for (name, _, _), pad, total in zip(self._padding_norms, norms[0::2], norms[1::2]):
             if total > 0 and pad > 1e-8 * total and type(self.model) not in _WARNED_PADDING:
                 _WARNED_PADDING.add(type(self.model))
-                warnings.warn(f"pyinf: the task's loss depends on positions its attention mask marks as padding (module "
+                warnings.warn(f"pyinf: the loss reaches positions the attention mask marks as padding (module "
                               f"{name!r}: {100 * math.sqrt(pad / total):.2g}% of its output gradient's norm in batch "
-                              f"{self._batch_index}): pyinf leaves padding out of every gradient, so a document's "
-                              f"scores do not depend on its batch's padding, but they are not those of the task's own "
-                              f"gradients (kronfluence's differ); give padding no loss (labels -100 there, a pooling "
-                              f"over real tokens only), or return no mask from get_attention_mask", stacklevel=2)
+                              f"{self._batch_index}). pyinf leaves padding out of every gradient, so that a "
+                              f"document's scores do not depend on its batch's padding; where the task's loss is "
+                              f"meant to count those positions (labels on padding, a pooling over every position), "
+                              f"the scores are not those of its own gradients (kronfluence's count them): give "
+                              f"padding no loss, or return no mask from get_attention_mask. (A model whose padding "
+                              f"reaches its real tokens, as a left-padded Mamba scan, shows this too: pad on the "
+                              f"right.)", stacklevel=2)
                 break  # one layer named is enough
 
     def _as_tokens(self, name: str, t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -458,7 +461,9 @@ class Capture:
             if tuple(mask.shape) == tuple(acts.shape[:2]):
                 self._mask_used.add(spec.name)
                 if self._batch_index == 0 and type(self.model) not in _WARNED_PADDING:
-                    squares = grads.float().square().sum(-1)  # [B, T]
+                    # a document at a time: an fp32 copy of the whole batch's gradient would be
+                    # a 0.7 GB temporary at a 7B MLP's size (B=8, T=2048)
+                    squares = torch.stack([g.float().square().sum(-1) for g in grads])  # [B, T]
                     self._padding_norms.append((spec.name, squares.masked_fill(mask, 0).sum(), squares.sum()))
             else:
                 if acts.shape[1] > 1:  # one row per document (pooled features) has nothing to mask

@@ -213,14 +213,16 @@ class InfluenceEngine:
         return torch.cat(parts, dim=-1)
 
     def self_influence(self, train_data: Any, factors: Factors, *, damping: Optional[float] = None,
-                       batch_size: int = 8) -> torch.Tensor:
-        """float32 ``[n_train]``: ``grad(loss_n)^T (G + lambda I)^-1 grad(loss_n)``."""
+                       batch_size: int = 8, per_module: bool = False):
+        """float32 ``[n_train]``: ``grad(loss_n)^T (G + lambda I)^-1 grad(loss_n)``, summed over
+        the tracked layers; ``per_module=True``: ``{module: [n_train]}``, each layer's term."""
         check_instance("self_influence", "factors", factors, Factors)
+        per_module = check_flag("self_influence", "per_module", per_module)
         loader = self._loader(train_data, batch_size, "training data")
         self._check_weights(factors.meta, "these factors")
         with self._stage_context():
             return scoring.self_influence(**self._common(), loader=loader, factors=factors, damping=damping,
-                                          backend=self.backend, progress=self.progress)
+                                          per_module=per_module, backend=self.backend, progress=self.progress)
 
 
 def _weights_warning(what: str, theirs: str, ours: str) -> str:

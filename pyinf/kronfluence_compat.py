@@ -42,10 +42,16 @@ class _Timer:
         return False
 
 
-def as_kronfluence_task(task, tracked_modules: List[str]):
+def as_kronfluence_task(task, tracked_modules: Optional[List[str]] = None):
     """A kronfluence Task that delegates to a pyinf task (same method names) and tracks
-    exactly `tracked_modules`."""
+    `tracked_modules`; None: those the pyinf task names (``get_influence_tracked_modules``),
+    and where it names none, kronfluence's default (every Linear and Conv2d, the output
+    embedding included, unlike pyinf's default: pass ``list(engine.specs)`` for pyinf's)."""
     from kronfluence.task import Task as KTask
+
+    if tracked_modules is None:
+        tracked_modules = task.get_influence_tracked_modules()
+    tracked = None if tracked_modules is None else list(tracked_modules)
 
     class _Delegate(KTask):
         def compute_train_loss(self, batch, model, sample=False):
@@ -55,7 +61,7 @@ def as_kronfluence_task(task, tracked_modules: List[str]):
             return task.compute_measurement(batch, model)
 
         def get_influence_tracked_modules(self):
-            return list(tracked_modules)
+            return None if tracked is None else list(tracked)
 
         def get_attention_mask(self, batch):
             return task.get_attention_mask(batch)

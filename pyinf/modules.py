@@ -94,9 +94,19 @@ def _output_embedding_names(model: nn.Module) -> set:
 def _never_called(model: nn.Module) -> Dict[str, str]:
     """Linear layers whose owner uses their weight directly, never calling them: name -> owner.
     ``nn.MultiheadAttention`` reads ``out_proj.weight`` inside its functional forward, so
-    hooks and forward replacements on ``out_proj`` never run."""
-    return {f"{name}.out_proj" if name else "out_proj": type(m).__name__
-            for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    hooks and forward replacements on ``out_proj`` never run; Hugging Face's Mamba mixers
+    (Mamba, FalconMamba, Jamba) multiply by ``dt_proj.weight`` themselves (their fused scan
+    and their plain path alike, but for quantised models)."""
+    def prefixed(name, child):
+        return f"{name}.{child}" if name else child
+
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            found[prefixed(name, "out_proj")] = type(m).__name__
+        elif type(m).__name__.endswith("MambaMixer") and isinstance(getattr(m, "dt_proj", None), nn.Linear):
+            found[prefixed(name, "dt_proj")] = type(m).__name__
+    return found
 
 
 def find_tracked_modules(model: nn.Module, names: Optional[List[str]] = None) -> Dict[str, nn.Module]:
@@ -129,7 +139,10 @@ def find_tracked_modules(model: nn.Module, names: Optional[List[str]] = None) ->
         if not is_trackable(by_name[n]):
             module = by_name[n]
             why = (f" with groups={module.groups} (a grouped convolution's gradient is one block per group)"
-                   if conv.is_convolution(module) and getattr(module, "groups", 1) != 1 else "")
+                   if conv.is_convolution(module) and getattr(module, "groups", 1) != 1 else
+                   f" (kronfluence's wrapper: its prepare_model replaced the layer; give pyinf the model as it was "
+                   f"before, or name the wrapped layer, '{n}.original_module')"
+                   if type(module).__module__.startswith("kronfluence.") else "")
             raise ValueError(f"tracked module {n!r} is a {type(module).__name__}{why}; pyinf tracks {_TRACKABLE}")
         if n in never_called:
             raise ValueError(f"tracked module {n!r} is never called: its {never_called[n]} uses its weight "

@@ -148,7 +148,9 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
         if per_token and t != token_counts[-1]:
             raise ValueError(f"per-token scores need every tracked layer to run per token; module {spec.name!r} "
                              f"has {t} rows per document (tokens, or a convolution's output positions), the batch "
-                             f"has {token_counts[-1]}: track the layers of one sequence, or score without per_token")
+                             f"has {token_counts[-1]}: layers see sequences of other lengths (an encoder-decoder's "
+                             f"encoder and decoder, a convolution): track the layers of one sequence, or score "
+                             f"without per_token")
         dtype = acts.dtype
         dense = queries.is_dense(spec.name) or route == "dense" or (
             route == "auto" and prefer_dense(t, spec.d_in, spec.d_out, q, queries.rank))
@@ -194,13 +196,13 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
 
 
 def self_influence(model, task, modules, specs, loader, factors: Factors, *, damping: Optional[float],
-                   backend: str, progress) -> torch.Tensor:
+                   backend: str, progress, per_module: bool = False):
     factors.check_model(specs)
     device = next(model.parameters()).device
     # the tracked layers' only; on the host if they would crowd the GPU (then copied per call)
     on_device = factors.subset(specs).preconditioners_on(device, what="self_influence").modules
     damping_by_module = {n: factors[n].damping(damping) for n in modules}
-    acc = _BatchScores(modules, per_module=False)
+    acc = _BatchScores(modules, per_module=per_module)
 
     def consume(spec, acts, grads, mask):
         f = on_device[spec.name]
@@ -211,4 +213,6 @@ def self_influence(model, task, modules, specs, loader, factors: Factors, *, dam
     run_pass(model, task, modules, specs, loader, objective=lambda b, m: task.compute_train_loss(b, m, sample=False),
              consumer=consume, desc="pyinf: self-influence",
              on_batch_end=lambda i, first, n, mask: acc.finish_batch(n, ()), progress=progress)
+    if per_module:
+        return {name: torch.cat(chunks) for name, chunks in acc.done_modules.items()}
     return torch.cat(acc.done_total)

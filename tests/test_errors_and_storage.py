@@ -469,6 +469,14 @@ def test_layers_that_never_run_and_shared_weights():
     assert "self_attn.out_proj" not in find_tracked_modules(layer)
     with pytest.raises(ValueError, match="'self_attn.out_proj' is never called: its MultiheadAttention uses"):
         find_tracked_modules(layer, ["self_attn.out_proj"])
+    # Hugging Face's Mamba mixers multiply by dt_proj's weight themselves (a fit would fail
+    # only after its whole first pass)
+    from transformers import MambaConfig, MambaForCausalLM
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=20, hidden_size=8, state_size=2, num_hidden_layers=1, expand=2))
+    assert "backbone.layers.0.mixer.dt_proj" not in find_tracked_modules(mamba)
+    assert "backbone.layers.0.mixer.x_proj" in find_tracked_modules(mamba)
+    with pytest.raises(ValueError, match="'backbone.layers.0.mixer.dt_proj' is never called: its MambaMixer uses"):
+        find_tracked_modules(mamba, ["backbone.layers.0.mixer.dt_proj"])
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
     model[2].weight = model[0].weight
     with pytest.warns(UserWarning, match=r"tracked layers \['0', '2'\] share one weight"):

@@ -68,3 +68,29 @@ def test_matches_kronfluence(which, rank, tmp_path):
 def test_kronfluence_arguments_refuse_an_unknown_fisher():
     with pytest.raises(ValueError, match="fisher must be 'true' or 'empirical', got 'emprical'"):
         kronfluence_arguments(fisher="emprical")
+
+
+def test_a_pyinf_task_in_kronfluence_tracks_its_own_layers_by_default():
+    from pyinf.kronfluence_compat import as_kronfluence_task
+
+    assert as_kronfluence_task(pyinf.CausalLMTask(tracked_modules=["a", "b"])).get_influence_tracked_modules() == \
+        ["a", "b"]
+    assert as_kronfluence_task(pyinf.CausalLMTask()).get_influence_tracked_modules() is None  # kronfluence's default
+    assert as_kronfluence_task(MLPTask(), ["fc1"]).get_influence_tracked_modules() == ["fc1"]
+
+
+def test_a_model_kronfluence_prepared_is_named_as_such():
+    """kronfluence's prepare_model replaces the tracked layers in place: a migrant who hands
+    pyinf that model is told, by layer, what happened and what to do."""
+    from kronfluence.analyzer import prepare_model
+
+    class Named(MLPTask):
+        def get_influence_tracked_modules(self):
+            return ["fc1"]
+
+    from pyinf.kronfluence_compat import as_kronfluence_task
+
+    model = prepare_model(TinyMLP(), as_kronfluence_task(Named()))
+    with pytest.raises(ValueError, match=r"tracked module 'fc1' is a TrackedLinear \(kronfluence's wrapper: its "
+                                         r"prepare_model replaced the layer; .* 'fc1.original_module'\)"):
+        pyinf.InfluenceEngine(model, Named(), progress=False)

@@ -121,6 +121,27 @@ def test_self_influence_matches_brute_force(setup64):
     assert _rel(si, expected) < 1e-6
 
 
+def test_per_module_self_influence_sums_to_the_total(setup64):
+    model, task, train, _ = setup64
+    engine = pyinf.InfluenceEngine(model, task, progress=False)
+    factors = engine.fit_factors(train, fisher="empirical", batch_size=4)
+    total = engine.self_influence(train, factors, batch_size=3)
+    layers = engine.self_influence(train, factors, batch_size=3, per_module=True)
+    assert list(layers) == list(engine.specs) and all(v.shape == total.shape for v in layers.values())
+    assert _rel(sum(layers.values()), total) < 1e-6
+    one = pyinf.InfluenceEngine(model, _tracking(task, [factors.module_names[0]]), progress=False)
+    assert _rel(layers[factors.module_names[0]], one.self_influence(train, factors, batch_size=3)) < 1e-6
+
+
+def _tracking(task, names):
+    """``task`` tracking ``names`` only."""
+    import copy
+
+    tracked = copy.copy(task)
+    tracked.get_influence_tracked_modules = lambda: list(names)
+    return tracked
+
+
 @pytest.fixture(scope="module")
 def gpt2_fp32():
     model = tiny_gpt2(seed=4)
@@ -874,7 +895,7 @@ def test_a_loss_on_padding_is_warned_about():
         warnings.simplefilter("error")
         pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False).fit_factors(train, batch_size=3)
     engine = pyinf.InfluenceEngine(model, LabelsOnPadding(), progress=False)
-    with pytest.warns(UserWarning, match=r"the task's loss depends on positions its attention mask marks as padding "
+    with pytest.warns(UserWarning, match=r"the loss reaches positions the attention mask marks as padding "
                                          r"\(module 'inner.transformer.h.1.mlp.c_proj': .*% of its output gradient's"):
         engine.fit_factors(train, batch_size=3)
     assert Model in capture._WARNED_PADDING
