@@ -45,12 +45,19 @@ class CaptureError(RuntimeError):
 
 
 class _Site:
-    """Per tracked module state for one batch."""
+    """Per tracked module state for one batch.
+
+    A layer called several times in one forward (weights shared across depth, as ALBERT's,
+    or a recurrent cell) has one weight gradient, the sum over its calls of ``g a^T``: its
+    calls' inputs and output gradients are kept as their backwards run and handed over
+    together, their tokens joined (``[B, calls x T, d]``), once the last one has run (or at
+    the batch's end, for a call whose output did not reach the loss: its gradient is 0)."""
 
     def __init__(self, capture: "Capture", spec: ModuleSpec):
         self.capture = capture
         self.spec = spec
         self.calls = 0
+        self.pending: List[tuple] = []  # (input, output gradient) of this batch's calls, backward order
 
     def on_forward(self) -> None:
         if _in_backward() or not torch.is_grad_enabled():
@@ -59,14 +66,16 @@ class _Site:
             # backward and so is not captured: not a call that counts
             return
         self.calls += 1
-        if self.calls > 1:
-            raise CaptureError(
-                f"module {self.spec.name!r} ran {self.calls} times in one forward pass (shared or recurrent "
-                f"weights); pyinf needs each tracked layer to run once per batch"
-            )
 
     def on_backward(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-        self.capture._deliver(self.spec, x, grad_out)
+        self.pending.append((x, grad_out))
+        if len(self.pending) >= self.calls:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            calls, self.pending = self.pending[::-1], []  # in the forward's order
+            self.capture._deliver(self.spec, calls)
 
 
 def _append_ones(acts: torch.Tensor) -> torch.Tensor:
@@ -287,6 +296,7 @@ class Capture:
         self._padding_norms.clear()
         for site in self.sites.values():
             site.calls = 0
+            site.pending = []
 
     def _checked_mask(self, mask, where: str) -> torch.Tensor:
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != self._n_docs:
@@ -302,6 +312,8 @@ class Capture:
         first (a NaN loss makes NaN gradients). The values checked stay on the device until
         here and come to the host together: one device-to-host read (a wait for the GPU) per
         batch, not one per layer or per check."""
+        for site in self.sites.values():  # calls of shared layers whose output did not reach the loss
+            site.flush()
         if self._mask_missed and (isinstance(self._mask, dict) or not self._mask_used):
             name, rows = self._mask_missed[0]
             mask = self._mask[name] if isinstance(self._mask, dict) else self._mask
@@ -438,17 +450,28 @@ class Capture:
                                f"[B, channels, {'length' if dims == 3 else 'height, width'}]")
         return conv.patches(module, x), conv.positions(grad_out)
 
-    def _deliver(self, spec: ModuleSpec, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-        mask = self._mask.get(spec.name) if isinstance(self._mask, dict) else self._mask
-        module = self.modules[spec.name]
+    def _tokens_of(self, name: str, x: torch.Tensor, grad_out: torch.Tensor, mask):
+        """One call's ``(acts [B, T, d_in], grads [B, T, d_out])``."""
+        module = self.modules[name]
         if conv.is_patch_conv(module):
-            acts, grads = self._conv_as_tokens(spec.name, module, x.detach(), grad_out.detach())
+            acts, grads = self._conv_as_tokens(name, module, x.detach(), grad_out.detach())
         else:
-            acts = self._as_tokens(spec.name, x.detach(), mask)
-            grads = self._as_tokens(spec.name, grad_out.detach(), mask)
+            acts, grads = self._as_tokens(name, x.detach(), mask), self._as_tokens(name, grad_out.detach(), mask)
         if acts.shape[1] != grads.shape[1]:
-            raise CaptureError(f"module {spec.name!r}: input has {acts.shape[1]} token rows but the output "
+            raise CaptureError(f"module {name!r}: input has {acts.shape[1]} token rows but the output "
                                f"gradient has {grads.shape[1]}")
+        return acts, grads
+
+    def _deliver(self, spec: ModuleSpec, calls: List[tuple]) -> None:
+        """Hands the layer's ``(input, output gradient)`` of each of its calls in this batch (one
+        but for shared layers, :class:`_Site`) to the consumer, as tokens."""
+        mask = self._mask.get(spec.name) if isinstance(self._mask, dict) else self._mask
+        pairs = [self._tokens_of(spec.name, x, g, mask) for x, g in calls]
+        acts, grads = pairs[0]
+        if len(pairs) > 1:  # the calls' tokens side by side: the weight gradient sums over them all
+            acts, grads = torch.cat([a for a, _ in pairs], 1), torch.cat([g for _, g in pairs], 1)
+            if mask is not None and all(a.shape[1] == mask.shape[1] for a, _ in pairs):
+                mask = mask.repeat(1, len(pairs))  # each call's tokens are the batch's
         # NaN or Inf anywhere makes the sum NaN or Inf: one reduction that reads the gradient
         # once (torch.isfinite(grads).all() made ~5 full-size passes and temporaries). In fp32:
         # on a GPU a bf16/fp16 -> fp32 sum is one pass, where an fp64 sum would first copy the

@@ -133,7 +133,7 @@ def find_tracked_modules(model: nn.Module, names: Optional[List[str]] = None) ->
             if alias is not None:  # a module registered under several names: named_modules() gives its first
                 first = next(k for k, m in by_name.items() if m is alias)
                 raise ValueError(f"tracked module {n!r} is the module {first!r} under a second name: track it as "
-                                 f"{first!r} (a layer that runs twice in one forward cannot be tracked)")
+                                 f"{first!r} (once: its calls under every name are summed)")
             near = [k for k in by_name if k.endswith(n.split(".")[-1])][:5]
             raise ValueError(f"tracked module {n!r} is not in the model" + (f"; similar names: {near}" if near else ""))
         if not is_trackable(by_name[n]):

@@ -149,8 +149,9 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
             raise ValueError(f"per-token scores need every tracked layer to run per token; module {spec.name!r} "
                              f"has {t} rows per document (tokens, or a convolution's output positions), the batch "
                              f"has {token_counts[-1]}: layers see sequences of other lengths (an encoder-decoder's "
-                             f"encoder and decoder, a convolution): track the layers of one sequence, or score "
-                             f"without per_token")
+                             f"encoder and decoder, a convolution, a layer called several times per forward, whose "
+                             f"calls' tokens are joined): track the layers of one sequence, or score without "
+                             f"per_token")
         dtype = acts.dtype
         dense = queries.is_dense(spec.name) or route == "dense" or (
             route == "auto" and prefer_dense(t, spec.d_in, spec.d_out, q, queries.rank))

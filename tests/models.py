@@ -110,3 +110,20 @@ class ImageDataset(RegressionDataset):
         g = torch.Generator().manual_seed(seeds.offset(seed))
         self.x = torch.randn(n, 2, 7, 9, generator=g, dtype=torch.float64).to(dtype)
         self.y = torch.randn(n, d_out, generator=g, dtype=torch.float64).to(dtype)
+
+
+class SharedLayers(nn.Module):
+    """Weights shared across depth (ALBERT's layers, a recurrent cell): ``cell`` runs three
+    times per forward, ``fc`` twice, ``head`` once."""
+
+    def __init__(self, d=5, d_out=3):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.cell = nn.Linear(d, d, bias=False)
+        self.head = nn.Linear(d, d_out)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        for _ in range(3):
+            h = torch.tanh(self.cell(h) + h)
+        return self.head(torch.tanh(self.fc(h)))

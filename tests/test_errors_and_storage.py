@@ -284,22 +284,6 @@ def test_loss_that_ignores_tracked_layers():
         engine.fit_factors(RegressionDataset(3))
 
 
-def test_shared_module_called_twice_is_refused():
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(3, 3)
-
-        def forward(self, x):
-            return self.fc(self.fc(x))
-
-    data = torch.utils.data.TensorDataset(torch.randn(4, 3), torch.randn(4, 3))
-    engine = pyinf.InfluenceEngine(Twice(), _RegressionTask(), progress=False)
-    with pytest.raises(RuntimeError, match="ran 2 times"):
-        engine.fit_factors(data)
-    assert "forward" not in engine.modules["fc"].__dict__  # hooks removed after the error
-
-
 def _alter_first_measurement(raw: bytes) -> bytes:
     """A saved queries file with one digit of its first measurement changed in the header."""
     key = b'measurements\\": ['  # the pyinf metadata is a JSON string inside safetensors' JSON header

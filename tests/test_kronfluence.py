@@ -94,3 +94,40 @@ def test_a_model_kronfluence_prepared_is_named_as_such():
     with pytest.raises(ValueError, match=r"tracked module 'fc1' is a TrackedLinear \(kronfluence's wrapper: its "
                                          r"prepare_model replaced the layer; .* 'fc1.original_module'\)"):
         pyinf.InfluenceEngine(model, Named(), progress=False)
+
+
+def test_layers_called_several_times_fit_kronfluences_shared_parameter_factors(tmp_path):
+    """A layer called several times per forward: pyinf's factors are kronfluence's with
+    has_shared_parameters=True (covariances over every call's tokens, Lambda of the summed
+    gradients). Its pairwise scores are not compared: kronfluence 1.0.1's pairwise-score hook
+    removes the hooks of a layer's other calls after the first backward (module/tracker/
+    pairwise_score.py, clear_all_cache), so it keeps one call's term (49% off the exact
+    EK-FAC scores of the same factors; pyinf's agree with them, test_pipeline.py)."""
+    import copy
+    import logging
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+
+    from pyinf.kronfluence_compat import as_kronfluence_task
+
+    from .models import SharedLayers
+
+    torch.manual_seed(seeds.offset(5))
+    model, task = SharedLayers().double(), MLPTask()
+    train = RegressionDataset(12, seed=1, dtype=torch.float64)
+    engine = pyinf.InfluenceEngine(model, task, backend="torch", progress=False)
+    factors = engine.fit_factors(train, fisher="empirical", batch_size=4)
+    fa, _ = kronfluence_arguments(fisher="empirical")
+    fa.has_shared_parameters = True
+    for name in ("activation_covariance_dtype", "gradient_covariance_dtype", "lambda_dtype"):
+        setattr(fa, name, torch.float64)
+    ktask = as_kronfluence_task(task, list(engine.specs))
+    analyzer = Analyzer("shared", prepare_model(copy.deepcopy(model), ktask), ktask, cpu=True, disable_tqdm=True,
+                        output_dir=str(tmp_path), log_level=logging.WARNING)
+    analyzer.fit_all_factors("factors", train, per_device_batch_size=4, factor_args=fa, overwrite_output_dir=True)
+    theirs = {**analyzer.load_all_factors("factors"), **analyzer.load_covariance_matrices("factors")}
+    for name, f in factors.modules.items():
+        for ours, total, count in ((f.a_cov, "activation_covariance", "num_activation_covariance_processed"),
+                                   (f.s_cov, "gradient_covariance", "num_gradient_covariance_processed"),
+                                   (f.lambdas, "lambda_matrix", "num_lambda_processed")):
+            assert _rel(ours, theirs[total][name].double() / theirs[count][name]) < 1e-6, (name, total)

@@ -121,6 +121,60 @@ def test_self_influence_matches_brute_force(setup64):
     assert _rel(si, expected) < 1e-6
 
 
+def test_layers_called_several_times_are_the_sum_over_their_calls():
+    """A layer called k times per forward (weights shared across depth) has one weight
+    gradient, the sum over its calls: its covariances count every call's tokens, Lambda,
+    scores and self-influence follow the summed per-document gradients of plain autograd
+    (kronfluence's has_shared_parameters=True: tests/test_kronfluence.py); per-token scores,
+    whose tokens would be counted k times, are refused."""
+    from .models import SharedLayers
+
+    torch.manual_seed(seeds.offset(11))
+    model, task = SharedLayers().double(), MLPTask()
+    train, query = RegressionDataset(9, seed=12, dtype=torch.float64), RegressionDataset(3, seed=13, dtype=torch.float64)
+    engine = pyinf.InfluenceEngine(model, task, progress=False)
+    factors = engine.fit_factors(train, fisher="empirical", batch_size=4)
+    # covariances: every call's inputs and output gradients, one document at a time
+    seen = {n: [] for n in engine.modules}
+    hooks = []
+    for name, m in engine.modules.items():
+        def fwd(mod, args, out, name=name):
+            a = args[0].detach()
+            if engine.specs[name].has_bias:
+                a = torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype)], -1)
+            out.register_hook(lambda g, a=a, name=name: seen[name].append((a.reshape(-1, a.shape[-1]),
+                                                                          g.reshape(-1, g.shape[-1]))))
+        hooks.append(m.register_forward_hook(fwd))
+    try:
+        for i in range(len(train)):
+            task.compute_train_loss(bf.collate(task, [train[i]]), model).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    for name, f in factors.modules.items():
+        a = torch.cat([a for a, _ in seen[name]])
+        g = torch.cat([g for _, g in seen[name]])
+        assert _rel(f.a_cov, a.T @ a / len(a)) < 1e-10 and _rel(f.s_cov, g.T @ g / len(g)) < 1e-10, name
+    assert factors.meta["n_tokens"] == {"fc": 18, "cell": 27, "head": 9}
+    grads = bf.doc_gradients(model, task, train, engine.modules, engine.specs)
+    for name, f in factors.modules.items():
+        lam = torch.stack([(f.q_s.T @ g[name] @ f.q_a) ** 2 for g in grads]).mean(0)
+        assert _rel(f.lambdas, lam) < 1e-10, name
+    queries = engine.prepare_queries(query, factors, rank=None)
+    expected = _brute_scores(factors, grads, bf.doc_gradients(model, task, query, engine.modules, engine.specs,
+                                                               measurement=True))
+    assert _rel(engine.pairwise_scores(train, queries, batch_size=4), expected) < 1e-6
+    si = engine.self_influence(train, factors, damping=0.05, batch_size=4)
+    want = torch.zeros(len(train), dtype=torch.float64)
+    for name, f in factors.modules.items():
+        dense = bf.dense_inverse(f.q_a, f.q_s, f.lambdas, 0.05)
+        want += torch.stack([bf.vec(g[name]) @ dense @ bf.vec(g[name]) for g in grads])
+    assert _rel(si, want) < 1e-6
+    with pytest.raises(ValueError, match="per-token scores need every tracked layer to run per token"):
+        engine.pairwise_scores(train, queries, per_token=True)
+
+
 def test_per_module_self_influence_sums_to_the_total(setup64):
     model, task, train, _ = setup64
     engine = pyinf.InfluenceEngine(model, task, progress=False)
