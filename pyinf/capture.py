@@ -175,6 +175,7 @@ def _declared_batch_first(by_name: Dict[str, nn.Module], name: str) -> Optional[
 _LAYOUT_SEEN: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 _ACTIVE_SITES: "weakref.WeakKeyDictionary[nn.Module, _Site]" = weakref.WeakKeyDictionary()
 _WARNED_PADDING: set = set()  # model classes whose loss was seen to reach padding
+_WARNED_UNCALLED: set = set()  # (model class, layers) a first batch did not call
 _FORWARDS: "weakref.WeakKeyDictionary[nn.Module, functools.partial]" = weakref.WeakKeyDictionary()
 
 
@@ -314,6 +315,8 @@ class Capture:
         batch, not one per layer or per check."""
         for site in self.sites.values():  # calls of shared layers whose output did not reach the loss
             site.flush()
+        if self._batch_index == 0:
+            self._warn_uncalled()
         if self._mask_missed and (isinstance(self._mask, dict) or not self._mask_used):
             name, rows = self._mask_missed[0]
             mask = self._mask[name] if isinstance(self._mask, dict) else self._mask
@@ -342,6 +345,18 @@ class Capture:
                     f"NaN or Inf in the output gradient of module {name!r} in batch {self._batch_index} "
                     f"(or finite values whose sum passes float32's range, 3.4e38)"
                 )
+
+    def _warn_uncalled(self) -> None:
+        """A tracked layer the first batch never called (not an expert, which a batch's tokens
+        may skip) is likely never called (its owner reads its weight directly) or a spare one:
+        said now, where the fit would otherwise stop on it only after its whole first pass."""
+        uncalled = [n for n, site in self.sites.items() if site.calls == 0 and n not in self._experts]
+        if uncalled and (type(self.model), tuple(uncalled)) not in _WARNED_UNCALLED:
+            _WARNED_UNCALLED.add((type(self.model), tuple(uncalled)))
+            warnings.warn(f"pyinf: tracked modules {uncalled[:5]}{' ...' if len(uncalled) > 5 else ''} were not called "
+                          f"in the first batch: a layer its owner reads the weight of directly (F.linear(x, "
+                          f"m.weight)), or a spare one, has no gradient to capture, and a fit stops on it after its "
+                          f"pass; leave such layers out of the tracked modules", stacklevel=2)
 
     def _check_padding_has_no_gradient(self, norms: List[float]) -> None:
         """Warns (once per model class) when the loss reaches positions the mask marks as
@@ -444,11 +459,16 @@ class Capture:
         """A convolution's input patches ``[B, positions, d_in]`` and output gradient
         ``[B, positions, d_out]`` (:mod:`pyinf.conv`): its tokens are its output positions."""
         dims = 3 if isinstance(module, nn.Conv1d) else 4
-        if x.dim() != dims or x.shape[0] != self._n_docs:
+        b = self._n_docs
+        if x.dim() != dims or x.shape[0] % b:
             raise CaptureError(f"module {name!r}: cannot split its input of shape {tuple(x.shape)} into the batch's "
-                               f"{self._n_docs} documents: a {type(module).__name__}'s input must be batched, "
-                               f"[B, channels, {'length' if dims == 3 else 'height, width'}]")
-        return conv.patches(module, x), conv.positions(grad_out)
+                               f"{b} documents: a {type(module).__name__}'s input must be batched, [B, channels, "
+                               f"{'length' if dims == 3 else 'height, width'}], or hold k inputs per document "
+                               f"batch-major ([B*k, ...]: video frames); leave it out of the tracked modules where "
+                               f"documents have different numbers of inputs (images per document)")
+        # k inputs per document (batch-major): its positions are all of theirs
+        acts, grads = conv.patches(module, x), conv.positions(grad_out)
+        return acts.reshape(b, -1, acts.shape[-1]), grads.reshape(b, -1, grads.shape[-1])
 
     def _tokens_of(self, name: str, x: torch.Tensor, grad_out: torch.Tensor, mask):
         """One call's ``(acts [B, T, d_in], grads [B, T, d_out])``."""

@@ -7,6 +7,7 @@ bias is tracked the activations get a trailing 1 (a homogeneous coordinate), so 
 """
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from dataclasses import dataclass
@@ -94,9 +95,10 @@ def _output_embedding_names(model: nn.Module) -> set:
 def _never_called(model: nn.Module) -> Dict[str, str]:
     """Linear layers whose owner uses their weight directly, never calling them: name -> owner.
     ``nn.MultiheadAttention`` reads ``out_proj.weight`` inside its functional forward, so
-    hooks and forward replacements on ``out_proj`` never run; Hugging Face's Mamba mixers
-    (Mamba, FalconMamba, Jamba) multiply by ``dt_proj.weight`` themselves (their fused scan
-    and their plain path alike, but for quantised models)."""
+    hooks and forward replacements on ``out_proj`` never run; Hugging Face's Mamba mixer
+    multiplies by ``dt_proj.weight`` itself on every path in transformers 5 (a mixer whose
+    source calls ``self.dt_proj(`` somewhere, as transformers 4's plain path did, is left to
+    the first batch to tell: :meth:`pyinf.capture.Capture._warn_uncalled`)."""
     def prefixed(name, child):
         return f"{name}.{child}" if name else child
 
@@ -104,9 +106,18 @@ def _never_called(model: nn.Module) -> Dict[str, str]:
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
             found[prefixed(name, "out_proj")] = type(m).__name__
-        elif type(m).__name__.endswith("MambaMixer") and isinstance(getattr(m, "dt_proj", None), nn.Linear):
+        elif type(m).__name__.endswith("MambaMixer") and isinstance(getattr(m, "dt_proj", None), nn.Linear) \
+                and not _source_calls(type(m), "self.dt_proj("):
             found[prefixed(name, "dt_proj")] = type(m).__name__
     return found
+
+
+def _source_calls(cls: type, call: str) -> bool:
+    """Whether ``cls``'s source holds ``call``; True when its source cannot be read."""
+    try:
+        return call in inspect.getsource(cls)
+    except (OSError, TypeError):
+        return True
 
 
 def find_tracked_modules(model: nn.Module, names: Optional[List[str]] = None) -> Dict[str, nn.Module]:

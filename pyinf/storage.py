@@ -133,13 +133,15 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat1
 
 
 def save_streamed(path, kind: str, layout: Dict[str, Tuple[torch.dtype, Tuple[int, ...], int]],
-                  tensor: Callable[[str], torch.Tensor], meta: Dict) -> Path:
+                  tensor: Callable[[str], torch.Tensor], meta: Dict, *, checked: bool = False) -> Path:
     """:func:`save` of a file too large to hold in memory (a 7B model's merged factors, ~123
     GB): ``layout`` gives each tensor's dtype, shape and CRC32 up front, and ``tensor(key)``
-    produces it when its bytes are written, one tensor in memory at a time. The file is the
-    one :func:`save` would write of the same tensors (safetensors, the same metadata), and
-    :func:`load` checks it the same way; a tensor that is not what ``layout`` says (dtype,
-    shape, checksum) stops the write, and nothing is left under ``path``."""
+    produces it when its bytes are written, one tensor in memory at a time. :func:`load`
+    reads the file as one :func:`save` wrote of the same tensors (the same tensors and
+    metadata; the header's key order may differ). A tensor that is not what ``layout`` says
+    (dtype, shape; and checksum, unless ``checked``: ``tensor`` gives tensors already checked
+    against these very checksums, as :func:`reading` does) stops the write, and nothing is
+    left under ``path``."""
     path = Path(path)
     # safetensors' order: larger elements first, so every tensor's offset stays aligned to its size
     keys = sorted(layout, key=lambda k: (-layout[k][0].itemsize, k))
@@ -167,7 +169,7 @@ def save_streamed(path, kind: str, layout: Dict[str, Tuple[torch.dtype, Tuple[in
                     if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                         raise ValueError(f"could not write {path}: tensor {k!r} is {t.dtype} {tuple(t.shape)}, its "
                                          f"layout says {dtype} {tuple(shape)}")
-                    if _crc(t) != crc:
+                    if not checked and _crc(t) != crc:
                         raise ValueError(f"could not write {path}: tensor {k!r} does not match its given checksum")
                     f.write(_raw(t).data)
         except OSError as exc:  # a full disk: name the file

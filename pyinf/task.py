@@ -82,13 +82,14 @@ def _model_inputs(model, batch) -> Dict[str, Any]:
         # which the mask hides.
         first, pad = _position_start(model)
         kwargs["position_ids"] = (mask.long().cumsum(-1) - 1 + first).masked_fill(mask == 0, pad)
-    elif mask is not None and type(model) not in _WARNED_NO_POSITIONS and _position_table(model) is not None \
-            and bool((mask[:, 0] == 0).any()):
-        _WARNED_NO_POSITIONS.add(type(model))
-        warnings.warn(f"pyinf: {type(model).__name__}.forward names no position_ids, and this batch is left-padded: "
-                      f"its position table ({_position_table(model)!r}) then places each row's tokens after its "
-                      f"padding, and the scores depend on the padding (pad on the right, or pass position_ids in "
-                      f"the batch)", stacklevel=4)
+    elif mask is not None and type(model) not in _CHECKED_NO_POSITIONS and _position_table(model) is not None:
+        # the collate pads every batch the same way: its first batch says (one host read)
+        _CHECKED_NO_POSITIONS.add(type(model))
+        if bool((mask[:, 0] == 0).any()):
+            warnings.warn(f"pyinf: {type(model).__name__}.forward names no position_ids, and this batch is left-padded: "
+                          f"its position table ({_position_table(model)!r}) then places each row's tokens after "
+                          f"its padding, and the scores depend on the padding (pad on the right, or pass "
+                          f"position_ids in the batch)", stacklevel=4)
     return kwargs
 
 
@@ -108,7 +109,7 @@ def _position_table(model) -> Optional[str]:
 
 _TAKES_POSITION_IDS: Dict[Any, bool] = {}
 _POSITION_START: "weakref.WeakKeyDictionary[nn.Module, Tuple[int, int]]" = weakref.WeakKeyDictionary()
-_WARNED_NO_POSITIONS: set = set()
+_CHECKED_NO_POSITIONS: set = set()  # model classes whose first batch was looked at
 
 
 def _position_start(model) -> Tuple[int, int]:
@@ -131,15 +132,18 @@ def _position_start(model) -> Tuple[int, int]:
 
 
 def _takes_position_ids(model) -> bool:
-    # per forward function, not per class: a forward set on one instance (a wrapper, a hook)
-    # has its own signature
-    forward = getattr(model.forward, "__func__", model.forward)
-    if forward not in _TAKES_POSITION_IDS:
-        try:
-            _TAKES_POSITION_IDS[forward] = "position_ids" in inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            _TAKES_POSITION_IDS[forward] = False
-    return _TAKES_POSITION_IDS[forward]
+    forward = getattr(model.forward, "__func__", None)  # the class's function, for a method
+    if forward is not None and forward in _TAKES_POSITION_IDS:
+        return _TAKES_POSITION_IDS[forward]
+    try:
+        takes = "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    # cached per class function; a forward set on the instance (a wrapper, accelerate's hook:
+    # it holds the model) has its own signature and is read each time, not kept alive here
+    if forward is not None:
+        _TAKES_POSITION_IDS[forward] = takes
+    return takes
 
 
 def _logits(output: Any) -> torch.Tensor:

@@ -496,8 +496,9 @@ def test_bf16_tokens_whose_products_cancel_over_the_tokens(backend_device):
     """bf16 activations with a large component shared by the tokens and gradients whose sum
     over the tokens nearly vanishes: a document's gradient is a small difference of large
     per-token terms. A backend that rounds each token's rotated values to bf16 before the
-    sum loses it (Triton did: Lambda 15% off); each must keep the budget of rounding the
-    bases alone."""
+    sum loses it (Triton did: Lambda 15% off). Triton's fp32 rotated tokens keep 2.7e-3 with
+    fp32 dots (the interpreter); on a GPU its tf32 Gram tiles (and the native CUDA kernels'
+    TF32) were emulated at 2.3e-2: held to 5e-2 there, which still fails bf16 storage."""
     backend, device = backend_device
     n, t, d_in, d_out = 2, 64, 32, 24
     shared = 4 * torch.randn(d_in)
@@ -509,6 +510,8 @@ def test_bf16_tokens_whose_products_cancel_over_the_tokens(backend_device):
     _skip_unless_runs(backend, device, "eigen_correction", [acts, grads, q_a, q_s])
     # fp32 accumulation's own rounding is magnified by the cancellation too (1.2e-5 measured)
     tol = max(1e-4, _tolerance(torch.bfloat16, backend, device, "eigen_correction"))
+    if device == "cuda" and backend != "torch":
+        tol = 5e-2  # tf32 Gram tiles (emulated: 2.3e-2)
     out = ops.eigen_correction(acts, grads, q_a, q_s, backend=backend)
     assert oracle.rel_err(out, oracle.eigen_correction(acts, grads, q_a, q_s)) < tol
     si = ops.self_influence(acts, grads, q_a, q_s, lambdas, 1e-3, backend=backend)

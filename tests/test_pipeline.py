@@ -175,6 +175,56 @@ def test_layers_called_several_times_are_the_sum_over_their_calls():
         engine.pairwise_scores(train, queries, per_token=True)
 
 
+def test_a_convolution_over_several_frames_per_document():
+    """A Conv2d on [B*F, C, H, W] (F frames per document, batch-major, as a video encoder runs
+    its frames): each document's positions are those of its F frames; self-influence follows
+    the per-document gradients of plain autograd."""
+    class Frames(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = torch.nn.Conv2d(2, 3, 2, stride=2)
+            self.head = torch.nn.Linear(3, 3)
+
+        def forward(self, x):  # [B, F, C, H, W]
+            b, f = x.shape[:2]
+            h = torch.tanh(self.patch(x.flatten(0, 1)))  # [B*F, 3, H/2, W/2]
+            return self.head(h.reshape(b, f, 3, -1).mean((1, 3)))
+
+    torch.manual_seed(seeds.offset(14))
+    model, task = Frames().double(), MLPTask()
+    g = torch.Generator().manual_seed(seeds.offset(15))
+    data = [(torch.randn(3, 2, 4, 6, generator=g, dtype=torch.float64),
+             torch.randn(3, generator=g, dtype=torch.float64)) for _ in range(7)]
+    engine = pyinf.InfluenceEngine(model, task, progress=False)
+    factors = engine.fit_factors(data, fisher="empirical", batch_size=3)
+    assert factors.meta["n_tokens"]["patch"] == 7 * 3 * 2 * 3  # documents x frames x positions
+    si = engine.self_influence(data, factors, damping=0.05, batch_size=3)
+    grads = bf.doc_gradients(model, task, data, engine.modules, engine.specs)
+    want = torch.zeros(len(data), dtype=torch.float64)
+    for name, f in factors.modules.items():
+        dense = bf.dense_inverse(f.q_a, f.q_s, f.lambdas, 0.05)
+        want += torch.stack([bf.vec(d[name]) @ dense @ bf.vec(d[name]) for d in grads])
+    assert _rel(si, want) < 1e-6
+
+
+def test_a_tracked_layer_the_first_batch_never_calls_is_said_at_once():
+    """A layer whose owner reads its weight directly has nothing to capture; the fit stops on
+    it after its pass, and the first batch already warns, naming it."""
+    class Direct(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(5, 5)
+            self.head = torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(torch.nn.functional.linear(x, self.fc.weight, self.fc.bias)))
+
+    engine = pyinf.InfluenceEngine(Direct(), MLPTask(), progress=False)
+    with pytest.warns(UserWarning, match=r"tracked modules \['fc'\] were not called in the first batch"):
+        with pytest.raises(RuntimeError, match="module 'fc' received no gradient"):
+            engine.fit_factors(RegressionDataset(6), batch_size=3)
+
+
 def test_per_module_self_influence_sums_to_the_total(setup64):
     model, task, train, _ = setup64
     engine = pyinf.InfluenceEngine(model, task, progress=False)
@@ -923,6 +973,27 @@ def test_left_padding_for_a_model_that_takes_no_position_ids_is_warned_about():
     engine = pyinf.InfluenceEngine(Wrapper(tiny_gpt2(seed=3)), task, progress=False)
     with pytest.warns(UserWarning, match=r"Wrapper.forward names no position_ids, and this batch is left-padded"):
         engine.fit_factors(TokenDataset(4, seed=4), batch_size=4)
+
+
+def test_a_model_with_an_instance_forward_is_not_kept_alive():
+    """accelerate's hooks set a forward on the instance that holds the model: pyinf's cache of
+    which forwards take position_ids must not keep such a model (and its GPU memory) alive."""
+    import functools
+    import gc
+    import weakref
+
+    def load():
+        model = tiny_gpt2(seed=1)
+        plain = model.forward
+        model.forward = functools.update_wrapper(functools.partial(lambda m, *a, **k: plain(*a, **k), model), plain)
+        return model
+
+    model = load()
+    pyinf.CausalLMTask().compute_train_loss(pyinf.pad_collate([{"input_ids": torch.tensor([5, 6, 7])}]), model)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_a_loss_on_padding_is_warned_about():

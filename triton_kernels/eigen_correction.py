@@ -90,8 +90,11 @@ def rotated_dtype_of(compute: torch.dtype) -> torch.dtype:
     input. A document's gradient tile sums its tokens' rotated outer products, and where those
     cancel (activations with a large component shared by the tokens, gradients whose sum over
     the tokens nearly vanishes) a rounding of each token's rotated values is magnified by the
-    cancellation: bf16 rotated tokens gave Lambda 15% off float64 on such input (fp32: 3e-4),
-    where the unfused op, which rounds the summed gradient once, stays exact to bf16. fp16
+    cancellation: bf16 rotated tokens gave Lambda 15% off float64 on such input, fp32 ones
+    2.7e-3 with fp32 dots (the interpreter) and, emulated, 2.3e-2 with the tf32 dots a GPU
+    takes (tests/test_ops.py), where the unfused op, which rounds the summed gradient once,
+    stays exact to bf16 (centring each document's activations would remove the magnification:
+    benchmarks/RESULTS.md row 34). fp16
     would also overflow: a rotation can gather a token's whole norm into one coordinate, and
     ||a||_2 can pass fp16's 65504 where no single entry of `a` does. (The fp32 Gram operands
     go through tf32 tensor cores on a GPU: rotated_dot_flags.)"""
@@ -100,7 +103,8 @@ def rotated_dtype_of(compute: torch.dtype) -> torch.dtype:
 
 def rotated_dot_flags(compute: torch.dtype) -> dict:
     """IEEE / INTERP_FIX of the Gram kernels. The fp32 operands of bf16 / fp16 inputs go through
-    tf32 (not IEEE): 10 mantissa bits, more than their inputs had."""
+    tf32 (not IEEE): 10 mantissa bits, 8x finer than bf16's rounding of the rotated tokens,
+    though still magnified where tokens' products cancel (rotated_dtype_of)."""
     if compute in (torch.float16, torch.bfloat16):
         return dict(IEEE=False, INTERP_FIX=False)
     return dot_flags(compute)
