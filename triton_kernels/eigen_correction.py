@@ -92,7 +92,7 @@ def rotated_dtype_of(compute: torch.dtype) -> torch.dtype:
     the tokens nearly vanishes) a rounding of each token's rotated values is magnified by the
     cancellation: bf16 rotated tokens gave Lambda 15% off float64 on such input, fp32 ones
     2.7e-3 with fp32 dots (the interpreter) and, emulated, 2.3e-2 with the tf32 dots a GPU
-    takes (tests/test_ops.py), where the unfused op, which rounds the summed gradient once,
+    takes (benchmarks/eigen_numerics.py), where the unfused op, which rounds the summed gradient once,
     stays exact to bf16 (centring each document's activations would remove the magnification:
     benchmarks/RESULTS.md row 34). fp16
     would also overflow: a rotation can gather a token's whole norm into one coordinate, and
