@@ -109,12 +109,25 @@ def block_sizes(cfg: dict) -> dict:
 
 
 @triton.jit
+def round_tf32(x):
+    """fp32 -> the nearest tf32 value (10 mantissa bits, ties to even), kept in fp32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0xFFF + ((bits >> 13) & 1)
+    return ((bits >> 13) << 13).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def mma(a, b, acc, IEEE: tl.constexpr, INTERP_FIX: tl.constexpr):
-    """acc + a @ b, fp32 accumulate (see module docstring for IEEE / INTERP_FIX)."""
+    """acc + a @ b, fp32 accumulate (see module docstring for IEEE / INTERP_FIX). INTERP_FIX
+    without IEEE (the interpreter only): a tf32 dot as a GPU computes it, emulated, the
+    operands rounded to tf32 (the interpreter's own tl.dot is an fp32 product)."""
     if INTERP_FIX:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    if IEEE:
+        if not IEEE:
+            a = round_tf32(a)
+            b = round_tf32(b)
+    if IEEE or INTERP_FIX:
         out = tl.dot(a, b, acc, input_precision="ieee")
     else:
         out = tl.dot(a, b, acc)

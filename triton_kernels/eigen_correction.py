@@ -3,7 +3,8 @@
     Lambda[i, j] = sum_n ( sum_t g~[n,t,i] a~[n,t,j] )^2,  a~ = mask(a) Q_A,  g~ = mask(g) Q_S
 
 Kernel 1 (triton_kernels._shared.rotate) rotates the tokens of a chunk of documents into
-the eigenbases (plain masked GEMMs into a bounded temporary, see rotation_plan). Kernel 2
+the eigenbases (plain masked GEMMs into a bounded temporary, see rotation_plan), and each
+document's rotated activations are centred, their mean one more row (rotated_chunks). Kernel 2
 (below) owns one [BLOCK_I, BLOCK_J] tile of Lambda: for each document of the chunk it
 computes that tile of g~_n^T a~_n with tl.dot over token blocks (fp32 accumulate), squares
 it and accumulates in registers, then writes the tile once (adding to the previous chunk's
@@ -105,8 +106,8 @@ def rotated_dot_flags(compute: torch.dtype) -> dict:
     """IEEE / INTERP_FIX of the Gram kernels. The fp32 operands of bf16 / fp16 inputs go through
     tf32 (not IEEE): 10 mantissa bits, 8x finer than bf16's rounding of the rotated tokens,
     though still magnified where tokens' products cancel (rotated_dtype_of)."""
-    if compute in (torch.float16, torch.bfloat16):
-        return dict(IEEE=False, INTERP_FIX=False)
+    if compute in (torch.float16, torch.bfloat16):  # under the interpreter: tf32 emulated (_shared.mma)
+        return dict(IEEE=False, INTERP_FIX=_shared.INTERPRETING)
     return dot_flags(compute)
 
 
@@ -117,25 +118,40 @@ def load_width(width: int) -> int:
 
 
 def rotated_chunks(acts, grads, q_a, q_s, mask, block_i: int):
-    """Yields (docs slice, a~ [docs, T, d_in], g~ slab [docs, T, width], first row of the
-    slab) with the rotated temporaries bounded by _shared.ROTATED_TEMP_BYTES."""
+    """Yields (docs slice, a~ [docs, T + 1, d_in], g~ slab [docs, T + 1, width], first row of
+    the slab) with the rotated temporaries bounded by _shared.ROTATED_TEMP_BYTES.
+
+    Each document's rotated activations are centred on their mean over its tokens, and the
+    mean is one more row, against the sum of the rotated output gradients:
+    ``sum_t g~_t a~_t^T = sum_t g~_t (a~_t - mean)^T + (sum_t g~_t) mean^T``. The same
+    gradient, but the per-token products the Gram tiles round (tf32 on a GPU) no longer
+    carry a component the tokens share, which the sum would cancel and their rounding not:
+    on such input Lambda's error fell from 2.3e-2 to 2.7e-3 (benchmarks/eigen_numerics.py,
+    emulated). Padding rows are 0 in g~, so whatever a~ holds there adds nothing."""
     n, t, d_in = acts.shape
     d_out = grads.shape[2]
     rotated = rotated_dtype_of(q_a.dtype)
     elsize = torch.finfo(rotated).bits // 8
-    docs, slab = rotation_plan(n, t, d_in, d_out, elsize, block_i, _shared.ROTATED_TEMP_BYTES)
+    docs, slab = rotation_plan(n, t + 1, d_in, d_out, elsize, block_i, _shared.ROTATED_TEMP_BYTES)
     # Rows padded to 16 elements (zeros): a biased layer's d_in = 769 keeps aligned rows, and
     # the Gram kernels load whole padded rows (load_width).
-    a_buf = torch.zeros(docs, t, load_width(d_in), dtype=rotated, device=acts.device)[..., :d_in]
-    g_buf = torch.zeros(docs, t, load_width(slab), dtype=rotated, device=acts.device)[..., :slab]
+    a_buf = torch.zeros(docs, t + 1, load_width(d_in), dtype=rotated, device=acts.device)[..., :d_in]
+    g_buf = torch.zeros(docs, t + 1, load_width(slab), dtype=rotated, device=acts.device)[..., :slab]
     for start in range(0, n, docs):
         sl = slice(start, min(n, start + docs))
         m = None if mask is None else mask[sl]
         k = sl.stop - sl.start
-        a_rot = rotate(acts[sl], m, q_a, 0, d_in, a_buf[:k])
+        a_rot = a_buf[:k]
+        rotate(acts[sl], m, q_a, 0, d_in, a_rot[:, :t])
+        tokens = m.sum(1, dtype=rotated) if m is not None else torch.full((k,), t, dtype=rotated, device=acts.device)
+        mean = a_rot[:, :t].sum(1) / tokens.clamp(min=1)[:, None]  # padding rows are 0 in a~
+        a_rot[:, :t] -= mean[:, None]
+        a_rot[:, t] = mean
         for row0 in range(0, d_out, slab):
             width = min(slab, d_out - row0)
-            g_rot = rotate(grads[sl], m, q_s, row0, width, g_buf[:k, :, :width])
+            g_rot = g_buf[:k, :, :width]
+            rotate(grads[sl], m, q_s, row0, width, g_rot[:, :t])
+            g_rot[:, t] = g_rot[:, :t].sum(1)
             yield sl, a_rot, g_rot, row0
 
 
@@ -155,8 +171,8 @@ def eigen_correction(acts, grads, q_a, q_s, mask: Optional[torch.Tensor] = None)
     for sl, a_rot, g_rot, row0 in rotated_chunks(acts, grads, q_a, q_s, mask, cfg["BLOCK_I"]):
         width = g_rot.shape[2]
         grid = (triton.cdiv(width, cfg["BLOCK_I"]), triton.cdiv(d_in, cfg["BLOCK_J"]))
-        launch(_eigen_correction_kernel, grid,
-            g_rot, a_rot, out, a_rot.shape[0], t, d_in, width, load_width(d_in), load_width(width), row0,
+        launch(_eigen_correction_kernel, grid,  # T + 1 rows: the tokens and their centre (rotated_chunks)
+            g_rot, a_rot, out, a_rot.shape[0], a_rot.shape[1], d_in, width, load_width(d_in), load_width(width), row0,
             g_rot.stride(0), g_rot.stride(1), a_rot.stride(0), a_rot.stride(1), out.stride(0),
             ACCUMULATE=row0 in seen_rows, **block_sizes(cfg), **rotated_dot_flags(compute), **launch_options(cfg))
         seen_rows.add(row0)

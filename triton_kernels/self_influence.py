@@ -62,8 +62,9 @@ def self_influence(acts, grads, q_a, q_s, lambdas, damping: float, mask: Optiona
     for sl, a_rot, g_rot, row0 in rotated_chunks(acts, grads, q_a, q_s, mask, cfg["BLOCK_I"]):
         width = g_rot.shape[2]
         grid = (triton.cdiv(width, cfg["BLOCK_I"]), n_tj, a_rot.shape[0])
-        launch(_self_influence_kernel, grid,
-            g_rot, a_rot, lambdas, partial, float(damping), t, d_in, width, load_width(d_in), load_width(width), row0,
+        launch(_self_influence_kernel, grid,  # T + 1 rows: the tokens and their centre (rotated_chunks)
+            g_rot, a_rot, lambdas, partial, float(damping), a_rot.shape[1], d_in, width, load_width(d_in),
+            load_width(width), row0,
             sl.start, n_tj,
             g_rot.stride(0), g_rot.stride(1), a_rot.stride(0), a_rot.stride(1),
             lambdas.stride(0), lambdas.stride(1), partial.stride(0),
