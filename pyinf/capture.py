@@ -176,6 +176,7 @@ _LAYOUT_SEEN: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDict
 _ACTIVE_SITES: "weakref.WeakKeyDictionary[nn.Module, _Site]" = weakref.WeakKeyDictionary()
 _WARNED_PADDING: set = set()  # model classes whose loss was seen to reach padding
 _WARNED_UNCALLED: set = set()  # (model class, layers) a first batch did not call
+_WARNED_ONCE: set = set()  # (model class, what) said once (Capture._warn_once)
 _FORWARDS: "weakref.WeakKeyDictionary[nn.Module, functools.partial]" = weakref.WeakKeyDictionary()
 
 
@@ -325,6 +326,12 @@ class Capture:
                 f"{name!r} has {rows} token rows per document; a mask must be [B, T] with the T of the "
                 f"layers it applies to (give a dict of masks by module name when layers see different sequences)"
             )
+        if self._mask_missed and self._batch_index == 0:
+            name, rows = self._mask_missed[0]
+            self._warn_once("unmasked", f"pyinf: module {name!r} has {rows} rows per document where the attention "
+                            f"mask has {self._mask.shape[1]}: its positions take no mask, so padding counts in its "
+                            f"covariances and gradients (a 'valid' or strided convolution over the tokens); give "
+                            f"get_attention_mask a dict of masks by module name, one for its positions")
         values = ([loss.detach().reshape(())] if loss is not None else []) + [s for _, s in self._grad_sums]
         values += [v for _, pad, total in self._padding_norms for v in (pad, total)]
         if not values:
@@ -345,6 +352,19 @@ class Capture:
                     f"NaN or Inf in the output gradient of module {name!r} in batch {self._batch_index} "
                     f"(or finite values whose sum passes float32's range, 3.4e38)"
                 )
+
+    def _warn_once(self, what: str, message: str) -> None:
+        """``message`` as a warning, once per model class and ``what``."""
+        if (type(self.model), what) not in _WARNED_ONCE:
+            _WARNED_ONCE.add((type(self.model), what))
+            warnings.warn(message, stacklevel=3)
+
+    def _warn_batch_major(self, name: str, k: int) -> None:
+        self._warn_once("batch-major", f"pyinf: module {name!r} sees {k} inputs per document: they are read "
+                        f"batch-major (each document's {k} together, as multiple-choice models and frame-by-frame "
+                        f"encoders order them); inputs joined by torch.cat([a, b]) over the batch are ordered "
+                        f"view-major and would be split wrongly: interleave them (torch.stack([a, b], 1)"
+                        f".flatten(0, 1))")
 
     def _warn_uncalled(self) -> None:
         """A tracked layer the first batch never called (not an expert, which a batch's tokens
@@ -430,6 +450,8 @@ class Capture:
         elif batch_major or seq_first:
             _LAYOUT_SEEN.setdefault(self.modules[name], batch_major)
         if batch_major:
+            if t.shape[0] > b:
+                self._warn_batch_major(name, t.shape[0] // b)
             return t.reshape(b, -1, t.shape[-1])
         if seq_first:
             return t.transpose(0, 1).reshape(b, -1, t.shape[-1])
@@ -467,7 +489,10 @@ class Capture:
                                f"batch-major ([B*k, ...]: video frames); leave it out of the tracked modules where "
                                f"documents have different numbers of inputs (images per document)")
         # k inputs per document (batch-major): its positions are all of theirs
-        acts, grads = conv.patches(module, x), conv.positions(grad_out)
+        if x.shape[0] > b:
+            self._warn_batch_major(name, x.shape[0] // b)
+        acts = conv.patches(module, x, ones=self.specs[name].has_bias)  # with its bias's ones column
+        grads = conv.positions(grad_out)
         return acts.reshape(b, -1, acts.shape[-1]), grads.reshape(b, -1, grads.shape[-1])
 
     def _tokens_of(self, name: str, x: torch.Tensor, grad_out: torch.Tensor, mask):
@@ -498,7 +523,7 @@ class Capture:
         # whole tensor to fp64. Read on the host at end_batch.
         acc = torch.float64 if grads.dtype == torch.float64 else torch.float32
         self._grad_sums.append((spec.name, grads.sum(dtype=acc)))
-        if spec.has_bias:
+        if spec.has_bias and not conv.is_patch_conv(self.modules[spec.name]):  # a convolution's patches have it
             acts = _append_ones(acts)
         if mask is not None:
             if tuple(mask.shape) == tuple(acts.shape[:2]):

@@ -17,10 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._padding import padded_empty
+
 
 def is_patch_conv(module: nn.Module) -> bool:
-    """A convolution pyinf tracks as a linear layer over patches."""
-    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
+    """A convolution pyinf tracks as a linear layer over patches: a Conv1d / Conv2d with
+    groups=1 that computes what its attributes say (a subclass with a forward of its own,
+    as timm's Conv2dSame padding by itself, would be read with other patches than it uses)."""
+    return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
+            and type(module).forward in (nn.Conv1d.forward, nn.Conv2d.forward) and "forward" not in module.__dict__)
 
 
 def is_convolution(module: nn.Module) -> bool:
@@ -37,9 +42,11 @@ def weight_shape(module: nn.Module) -> Tuple[int, int]:
     return out_channels, in_channels * size
 
 
-def patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input patches of a batch, ``[B, positions, in_channels x kernel]``, contiguous, in
-    the order of the output positions (row-major, as the output flattens)."""
+def patches(module: nn.Module, x: torch.Tensor, ones: bool = False) -> torch.Tensor:
+    """The input patches of a batch, ``[B, positions, in_channels x kernel]``, in the order of
+    the output positions (row-major, as the output flattens); ``ones``: with the bias's ones
+    column, rows padded as :func:`pyinf.capture._append_ones` pads them (written once: the
+    patch matrix is kernel-size times the input, so a second copy is what costs)."""
     if module.padding_mode == "zeros" and not isinstance(module.padding, str):
         padding = module.padding  # symmetric: unfold pads, no padded copy of the input
     else:  # "same" (possibly one more on one side) or reflect / replicate / circular padding
@@ -51,7 +58,13 @@ def patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(2)
         kernel, stride, dilation, padding = ((1, *kernel), (1, *stride), (1, *dilation), (0, *padding))
     cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C x kernel, positions]
-    return cols.transpose(1, 2).contiguous()
+    if not ones:
+        return cols.transpose(1, 2).contiguous()
+    b, d, positions = cols.shape
+    out = padded_empty(b, positions, d + 1, dtype=cols.dtype, device=cols.device)
+    out[..., :d] = cols.transpose(1, 2)
+    out[..., d] = 1
+    return out
 
 
 def positions(grad_out: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ def is_trackable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module) or conv.is_patch_conv(module)
 
 
-_TRACKABLE = "nn.Linear, Conv1D and nn.Conv1d / nn.Conv2d with groups=1"
+_TRACKABLE = "nn.Linear, Conv1D and nn.Conv1d / nn.Conv2d with groups=1 and their own forward"
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,8 @@ def find_tracked_modules(model: nn.Module, names: Optional[List[str]] = None) ->
             module = by_name[n]
             why = (f" with groups={module.groups} (a grouped convolution's gradient is one block per group)"
                    if conv.is_convolution(module) and getattr(module, "groups", 1) != 1 else
+                   " with a forward of its own (its patches cannot be read from its attributes)"
+                   if isinstance(module, (nn.Conv1d, nn.Conv2d)) else
                    f" (kronfluence's wrapper: its prepare_model replaced the layer; give pyinf the model as it was "
                    f"before, or name the wrapped layer, '{n}.original_module')"
                    if type(module).__module__.startswith("kronfluence.") else "")
@@ -177,7 +179,7 @@ def _warn_shared_weights(tracked: Dict[str, nn.Module]) -> None:
 def _warn_untrackable(model: nn.Module) -> None:
     """Weight layers that pyinf's default choice leaves out although a user (or kronfluence,
     which tracks them) would count them: convolutions other than Conv1d / Conv2d with groups=1
-    (grouped, transposed, 3-D), and mixture-of-experts layers that keep
+    (grouped, transposed, 3-D, or with a forward of their own), and mixture-of-experts layers that keep
     all experts' weights in one 3-D parameter (transformers 5's Mixtral, Qwen2-MoE, ...), with
     no Linear layer per expert. A user should know that their share of the influence is missing."""
     def listed(names):

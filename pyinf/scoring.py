@@ -141,14 +141,18 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
 
     dense_backend = ops.backend_for("dense_scores", backend)  # the full-rank route (native has none)
 
+    set_by: List[str] = []  # the layer that set the batch's token count, where no mask did
+
     def consume(spec, acts, grads, mask):
         t = acts.shape[1]
         if per_token and token_counts[-1] is None:
             token_counts[-1] = t  # no mask: the first layer sets the batch's token count
+            set_by[:] = [spec.name]
         if per_token and t != token_counts[-1]:
+            by = f"module {set_by[0]!r}" if set_by else "the batch's mask"
             raise ValueError(f"per-token scores need every tracked layer to run per token; module {spec.name!r} "
-                             f"has {t} rows per document (tokens, or a convolution's output positions), the batch "
-                             f"has {token_counts[-1]}: layers see sequences of other lengths (an encoder-decoder's "
+                             f"has {t} rows per document (tokens, or a convolution's output positions), {by} "
+                             f"has {token_counts[-1]}: layers see sequences of other lengths (a pooled head, an encoder-decoder's "
                              f"encoder and decoder, a convolution, a layer called several times per forward, whose "
                              f"calls' tokens are joined): track the layers of one sequence, or score without "
                              f"per_token")
@@ -169,6 +173,7 @@ def pairwise_scores(model, task, modules, specs, loader, queries: Queries, *, pe
     def on_start(batch_index, first, n_docs, mask):
         if per_token:
             token_counts.append(mask.shape[1] if mask is not None else None)
+            set_by.clear()
 
     def on_end(batch_index, first, n_docs, mask):
         if pending:  # every layer of the batch in one grouped launch

@@ -627,3 +627,66 @@ def test_pooled_layers_take_no_mask(tracked):
     queries = engine.prepare_queries(TokenDataset(2, seed=2), factors, rank=None)
     one_by_one = engine.pairwise_scores(data, queries, batch_size=1)
     assert _rel(engine.pairwise_scores(data, queries, batch_size=3), one_by_one) < 1e-10
+
+
+class _MaskedPairTask(_PairTask):
+    """(x, y, mask) documents: the mask is [B, T]."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y, _ = batch
+        return 0.5 * ((model(x) - y) ** 2).sum()
+
+    def get_attention_mask(self, batch):
+        return batch[2]
+
+
+def test_a_layer_the_mask_does_not_fit_beside_one_it_fits_is_said():
+    """A text CNN: a per-token Linear (the [B, T] mask fits it) then a 'valid' Conv1d over the
+    tokens, whose T - 2 positions take no mask: padding counts there, and the user is told."""
+    class TextCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(4, 6)
+            self.conv = nn.Conv1d(6, 3, 3)
+
+        def forward(self, x):
+            return self.conv(self.embed(x).transpose(1, 2)).amax(-1)
+
+    data = [(torch.randn(7, 4), torch.randn(3), torch.ones(7, dtype=torch.bool)) for _ in range(4)]
+    engine = pyinf.InfluenceEngine(TextCNN(), _MaskedPairTask(), progress=False)
+    with pytest.warns(UserWarning, match=r"module 'conv' has 5 rows per document where the attention mask has 7: "
+                                         r"its positions take no mask"):
+        engine.fit_factors(data, batch_size=2)
+
+
+def test_several_inputs_per_document_are_said_to_be_read_batch_major():
+    """[B*k, ...] inputs are split as k per document, batch-major: said once, with how to order
+    inputs joined by torch.cat over the batch."""
+    class Pairs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(4, 4)
+
+        def forward(self, x):  # x: [B, 2, T, 4]
+            b = x.shape[0]
+            return self.enc(x.flatten(0, 1)).reshape(b, 2, -1, 4).sum(1)
+
+    data = [(torch.randn(2, 3, 4), torch.randn(3, 4)) for _ in range(4)]
+    engine = pyinf.InfluenceEngine(Pairs(), _PairTask(), progress=False)
+    with pytest.warns(UserWarning, match=r"module 'enc' sees 2 inputs per document: they are read batch-major"):
+        engine.fit_factors(data, batch_size=2)
+
+
+def test_a_convolution_with_a_forward_of_its_own_is_left_out():
+    """A Conv2d subclass that pads in its own forward (timm's Conv2dSame) computes with other
+    patches than its attributes give: left out by default (warned), refused by name."""
+    class Conv2dSame(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+    model = nn.Sequential(Conv2dSame(2, 3, 3), nn.Flatten(1), nn.Linear(3 * 4 * 4, 2))
+    with pytest.warns(UserWarning, match=r"1 convolution layers \(0\) are not tracked"):
+        engine = pyinf.InfluenceEngine(model, _PairTask(), progress=False)
+    assert list(engine.modules) == ["2"]
+    with pytest.raises(ValueError, match=r"tracked module '0' is a Conv2dSame with a forward of its own"):
+        pyinf.InfluenceEngine(model, _PairTask(tracked=["0"]), progress=False)
