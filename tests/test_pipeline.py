@@ -971,8 +971,9 @@ def test_left_padding_for_a_model_that_takes_no_position_ids_is_warned_about():
     task = pyinf.CausalLMTask()
     task.collate_fn = functools.partial(pyinf.pad_collate, side="left")
     engine = pyinf.InfluenceEngine(Wrapper(tiny_gpt2(seed=3)), task, progress=False)
+    docs = [{"input_ids": torch.arange(1, n + 1)} for n in (5, 3, 7, 4)]  # rows of other lengths: padded
     with pytest.warns(UserWarning, match=r"Wrapper.forward names no position_ids, and this batch is left-padded"):
-        engine.fit_factors(TokenDataset(4, seed=4), batch_size=4)
+        engine.fit_factors(docs, batch_size=4)
 
 
 def test_a_model_with_an_instance_forward_is_not_kept_alive():
@@ -1015,7 +1016,11 @@ def test_a_loss_on_padding_is_warned_about():
         def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
             return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
-    model, train = Model(), TokenDataset(6, seed=4)
+    # lengths that pad every batch by more than one token (a row padded by one has no padded
+    # position that predicts anything)
+    g = torch.Generator().manual_seed(seeds.offset(4))
+    train = [{"input_ids": torch.randint(1, 40, (n,), generator=g)} for n in (9, 3, 5, 8, 4, 9)]
+    model = Model()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pyinf.InfluenceEngine(model, pyinf.CausalLMTask(), progress=False).fit_factors(train, batch_size=3)
