@@ -326,8 +326,10 @@ class Capture:
                 f"{name!r} has {rows} token rows per document; a mask must be [B, T] with the T of the "
                 f"layers it applies to (give a dict of masks by module name when layers see different sequences)"
             )
-        if self._mask_missed and self._batch_index == 0:
-            name, rows = self._mask_missed[0]
+        # (an expert sees the tokens routed to it, not a sequence: no mask of its own is due)
+        unmasked = [(n, rows) for n, rows in self._mask_missed if n not in self._experts]
+        if unmasked and self._batch_index == 0:
+            name, rows = unmasked[0]
             self._warn_once("unmasked", f"pyinf: module {name!r} has {rows} rows per document where the attention "
                             f"mask has {self._mask.shape[1]}: its positions take no mask, so padding counts in its "
                             f"covariances and gradients (a 'valid' or strided convolution over the tokens); give "
