@@ -174,8 +174,6 @@ def _declared_batch_first(by_name: Dict[str, nn.Module], name: str) -> Optional[
 # fitted one reading only: a layout is the model's, so it holds for every later pass.
 _LAYOUT_SEEN: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 _ACTIVE_SITES: "weakref.WeakKeyDictionary[nn.Module, _Site]" = weakref.WeakKeyDictionary()
-_WARNED_PADDING: set = set()  # model classes whose loss was seen to reach padding
-_WARNED_UNCALLED: set = set()  # (model class, layers) a first batch did not call
 _WARNED_ONCE: set = set()  # (model class, what) said once (Capture._warn_once)
 _FORWARDS: "weakref.WeakKeyDictionary[nn.Module, functools.partial]" = weakref.WeakKeyDictionary()
 
@@ -373,12 +371,12 @@ class Capture:
         may skip) is likely never called (its owner reads its weight directly) or a spare one:
         said now, where the fit would otherwise stop on it only after its whole first pass."""
         uncalled = [n for n, site in self.sites.items() if site.calls == 0 and n not in self._experts]
-        if uncalled and (type(self.model), tuple(uncalled)) not in _WARNED_UNCALLED:
-            _WARNED_UNCALLED.add((type(self.model), tuple(uncalled)))
-            warnings.warn(f"pyinf: tracked modules {uncalled[:5]}{' ...' if len(uncalled) > 5 else ''} were not called "
-                          f"in the first batch: a layer its owner reads the weight of directly (F.linear(x, "
-                          f"m.weight)), or a spare one, has no gradient to capture, and a fit stops on it after its "
-                          f"pass; leave such layers out of the tracked modules", stacklevel=2)
+        if uncalled:
+            self._warn_once(f"uncalled {uncalled}", f"pyinf: tracked modules {uncalled[:5]}"
+                            f"{' ...' if len(uncalled) > 5 else ''} were not called in the first batch: a layer its "
+                            f"owner reads the weight of directly (F.linear(x, m.weight)), or a spare one, has no "
+                            f"gradient to capture, and a fit stops on it after its pass; leave such layers out of "
+                            f"the tracked modules")
 
     def _check_padding_has_no_gradient(self, norms: List[float]) -> None:
         """Warns (once per model class) when the loss reaches positions the mask marks as
@@ -387,9 +385,8 @@ class Capture:
         counts them (labels on padding, a pooling over every position) then gets scores that
         are not those of its own gradients (kronfluence's, which count them, differ)."""
         for (name, _, _), pad, total in zip(self._padding_norms, norms[0::2], norms[1::2]):
-            if total > 0 and pad > 1e-8 * total and type(self.model) not in _WARNED_PADDING:
-                _WARNED_PADDING.add(type(self.model))
-                warnings.warn(f"pyinf: the loss reaches positions the attention mask marks as padding (module "
+            if total > 0 and pad > 1e-8 * total:
+                self._warn_once("padding", f"pyinf: the loss reaches positions the attention mask marks as padding (module "
                               f"{name!r}: {100 * math.sqrt(pad / total):.2g}% of its output gradient's norm in batch "
                               f"{self._batch_index}). pyinf leaves padding out of every gradient, so that a "
                               f"document's scores do not depend on its batch's padding; where the task's loss is "
@@ -397,7 +394,7 @@ class Capture:
                               f"the scores are not those of its own gradients (kronfluence's count them): give "
                               f"padding no loss, or return no mask from get_attention_mask. (A model whose padding "
                               f"reaches its real tokens, as a left-padded Mamba scan, shows this too: pad on the "
-                              f"right.)", stacklevel=2)
+                              f"right.)")
                 break  # one layer named is enough
 
     def _as_tokens(self, name: str, t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -498,12 +495,14 @@ class Capture:
         return acts.reshape(b, -1, acts.shape[-1]), grads.reshape(b, -1, grads.shape[-1])
 
     def _tokens_of(self, name: str, x: torch.Tensor, grad_out: torch.Tensor, mask):
-        """One call's ``(acts [B, T, d_in], grads [B, T, d_out])``."""
+        """One call's ``(acts [B, T, d_in], grads [B, T, d_out])``, ``d_in`` with the bias's ones column."""
         module = self.modules[name]
-        if conv.is_patch_conv(module):
+        if conv.is_patch_conv(module):  # its patches come with the bias's ones column
             acts, grads = self._conv_as_tokens(name, module, x.detach(), grad_out.detach())
         else:
             acts, grads = self._as_tokens(name, x.detach(), mask), self._as_tokens(name, grad_out.detach(), mask)
+            if self.specs[name].has_bias:
+                acts = _append_ones(acts)
         if acts.shape[1] != grads.shape[1]:
             raise CaptureError(f"module {name!r}: input has {acts.shape[1]} token rows but the output "
                                f"gradient has {grads.shape[1]}")
@@ -525,12 +524,10 @@ class Capture:
         # whole tensor to fp64. Read on the host at end_batch.
         acc = torch.float64 if grads.dtype == torch.float64 else torch.float32
         self._grad_sums.append((spec.name, grads.sum(dtype=acc)))
-        if spec.has_bias and not conv.is_patch_conv(self.modules[spec.name]):  # a convolution's patches have it
-            acts = _append_ones(acts)
         if mask is not None:
             if tuple(mask.shape) == tuple(acts.shape[:2]):
                 self._mask_used.add(spec.name)
-                if self._batch_index == 0 and type(self.model) not in _WARNED_PADDING:
+                if self._batch_index == 0 and (type(self.model), "padding") not in _WARNED_ONCE:
                     # a document at a time: an fp32 copy of the whole batch's gradient would be
                     # a 0.7 GB temporary at a 7B MLP's size (B=8, T=2048)
                     squares = torch.stack([g.float().square().sum(-1) for g in grads])  # [B, T]
